@@ -1,0 +1,77 @@
+"""Checkpoint I/O: atomic output directories and orbax pytrees of numpy arrays.
+
+Every output directory is first written under a hidden temporary sibling and renamed into place
+only when complete, so an interrupted run never leaves something that looks like a finished
+checkpoint. Parameter trees are saved per part (one orbax item for the top-level weights, one per
+decoder layer) so that conversion and quantization can stream a layer at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+FORMAT_CONVERTED = "bitsmoe-jax/converted"
+META_FILE = "bitsmoe_model.json"
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out_dir` only if the block finishes without error."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: output directory already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _stringify(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _stringify(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def save_tree(path: str | Path, tree: dict[str, Any]) -> None:
+    """Save a nested dict of arrays (numpy or jax; keys made strings) as one orbax item."""
+    _checkpointer().save(Path(path).absolute(), _stringify(tree), force=True)
+
+
+def load_tree(path: str | Path) -> dict[str, Any]:
+    """Load an orbax item saved by `save_tree` as numpy arrays."""
+    p = Path(path).absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: checkpoint item is missing")
+    return jax.tree.map(np.asarray, _checkpointer().restore(p))
+
+
+def intify_layer_keys(tree: Any) -> Any:
+    """Orbax stores dict keys as strings; NNX lists are keyed by int. Convert digit keys back."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): intify_layer_keys(v) for k, v in tree.items()}
+    return tree

@@ -1,0 +1,76 @@
+"""`load_model(path)`: a Flax model from a Hugging Face directory or a converted checkpoint.
+
+Parameters are read a part at a time (top-level weights, then each layer) and cast to the requested
+dtype, then placed into an abstract model (`nnx.eval_shape`), so no random initialisation is ever
+computed and the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, intify_layer_keys, load_tree
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.transformer import MoETransformer, build_model
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """'converted', 'quantized' or 'hf' — or a clear error saying what the directory lacks."""
+    p = Path(path)
+    if (p / META_FILE).is_file():
+        meta = json.loads((p / META_FILE).read_text())
+        return "converted" if meta.get("format") == FORMAT_CONVERTED else str(meta.get("format"))
+    if (p / "quantized.json").is_file():
+        return "quantized"
+    if (p / "config.json").is_file():
+        return "hf"
+    raise FileNotFoundError(
+        f"{p}: not a model directory (expected {META_FILE} of a converted checkpoint, quantized.json, "
+        "or a Hugging Face config.json)"
+    )
+
+
+def model_from_parts(config: ModelConfig, parts: dict[Any, dict], dtype: Any) -> MoETransformer:
+    """Assemble a model from {'top': {...}, 0: layer0, ...} param trees of numpy arrays."""
+    model = build_model(config, dtype=dtype, abstract=True)
+    graphdef, state = nnx.split(model)
+    pure: dict[Any, Any] = dict(parts["top"])
+    pure["layers"] = {i: parts[i] for i in range(config.num_hidden_layers)}
+    pure = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(pure))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransformer, ModelConfig]:
+    """Load a model for inference: `logits = model(input_ids)` (int32 [B, T] -> float32 [B, T, V])."""
+    p = Path(path)
+    kind = checkpoint_kind(p)
+    if kind == "hf":
+        from conversion.convert import iter_parts
+
+        config = ModelConfig.from_hf_dir(p)
+        parts = {name: part for name, part in iter_parts(p, "float32", config)}
+        return model_from_parts(config, parts, dtype), config
+    if kind == "converted":
+        meta = json.loads((p / META_FILE).read_text())
+        config = ModelConfig.from_json(json.dumps(meta["config"]))
+        parts: dict[Any, dict] = {"top": load_tree(p / "params" / "top")}
+        for i in range(config.num_hidden_layers):
+            parts[i] = load_tree(p / "params" / f"layer_{i:03d}")
+        return model_from_parts(config, parts, dtype), config
+    if kind == "quantized":
+        from bitsmoe_jax.quant_loading import load_quantized  # noqa: F401  (added by the quantizer)
+
+        return load_quantized(p, dtype=dtype)
+    raise ValueError(f"{p}: unknown checkpoint format {kind!r}")
+
+
+def param_count(model: nnx.Module) -> int:
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -1,0 +1,121 @@
+"""The decoder-only MoE transformer used for every family.
+
+Family differences live in `ModelConfig` flags and in three places only: the attention module
+(GQA, or MLA for DeepSeek-V2), which layers are MoE (`ModelConfig.is_moe_layer`), and the MoE block's
+router / shared experts. Calling contract (relied on by evaluation, quantization and users):
+
+    logits = model(input_ids)                     # int32 [B, T] -> float32 [B, T, V]
+    cache = model.init_cache(B, max_len)
+    logits, cache = model(input_ids, cache=cache)  # prefill, then one token at a time
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.layers import Attention, DenseMLP, Linear, RMSNorm, _init, rope_cos_sin
+from bitsmoe_jax.models.moe import MoEBlock
+
+Cache = dict[str, Any]  # {"layers": [per-layer kv dict], "length": int32 scalar}
+
+
+def make_attention(config: ModelConfig, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
+    if config.is_mla:
+        from bitsmoe_jax.models.mla import MLAAttention
+
+        return MLAAttention(config, rngs=rngs, dtype=dtype)
+    return Attention(config, rngs=rngs, dtype=dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.self_attn = make_attention(c, rngs, dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.is_moe = c.is_moe_layer(layer)
+        if self.is_moe:
+            self.mlp: nnx.Module = MoEBlock(c, rngs=rngs, dtype=dtype)
+        else:
+            self.mlp = DenseMLP(c.hidden_size, c.intermediate_size, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, positions, cos_sin, cache):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, cos_sin, cache)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self.embedding = nnx.Param(_init(rngs, (vocab, dim), dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return x @ self.embedding[...].astype(x.dtype).T
+
+
+class MoETransformer(nnx.Module):
+    """A causal MoE language model (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2) in Flax NNX."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, dtype=dtype) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, rngs=rngs, dtype=dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any | None = None) -> Cache:
+        """An empty KV cache for `max_len` positions (prompt + generated tokens)."""
+        dt = dtype or self.dtype
+        return {
+            "layers": [layer.self_attn.init_cache(batch, max_len, dt) for layer in self.layers],
+            "length": jnp.zeros((), jnp.int32),
+        }
+
+    def hidden_states(self, input_ids: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+        """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
+        b, t = input_ids.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache["length"]
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos_sin = rope_cos_sin(self.config, positions, self.dtype)
+        x = self.embed_tokens(input_ids).astype(self.dtype)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            x, lc = layer(x, positions, cos_sin, None if cache is None else cache["layers"][i])
+            new_layers.append(lc)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, {"layers": new_layers, "length": start + t}
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        out = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, cache: Cache | None = None):
+        x, new_cache = self.hidden_states(input_ids, cache)
+        logits = self.logits(x)
+        return logits if cache is None else (logits, new_cache)
+
+
+def build_model(config: ModelConfig, *, dtype: Any = jnp.float32, seed: int = 0, abstract: bool = False) -> MoETransformer:
+    """A randomly initialised model, or with `abstract=True` one whose params are shape structs only."""
+    if abstract:
+        return nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype))
+    return MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameters (works on abstract models)."""
+    state = nnx.state(model, nnx.Param)
+    return int(sum(int(jnp.size(x)) if hasattr(x, "size") else int(jnp.prod(jnp.array(x.shape))) for x in jax.tree.leaves(state)))

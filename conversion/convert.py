@@ -1,0 +1,148 @@
+"""Hugging Face checkpoint -> Flax parameters, one part (top-level weights, then each layer) at a time.
+
+The expected parameter tree comes from the abstract model (`nnx.eval_shape`, no memory), so every
+tensor is checked against the shape the config implies before it is used, and a missing tensor,
+wrong shape or NaN is reported by name. Only one layer's tensors are alive at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory, save_tree
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.transformer import build_model
+from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
+from conversion.key_maps import TOP_LEVEL, read_param
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+def np_dtype(name: str) -> np.dtype:
+    if name not in NP_DTYPES:
+        raise ValueError(f"dtype {name!r} not supported; choose one of {sorted(NP_DTYPES)}")
+    return NP_DTYPES[name]
+
+
+def expected_tree(config: ModelConfig) -> dict[str, Any]:
+    """Our parameter tree as {path: ShapeDtypeStruct}, without allocating anything."""
+    abstract = build_model(config, abstract=True)
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
+def _leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+class _RecordingGetter:
+    """Remembers which HF tensors a parameter came from, so shape errors can name them and their file."""
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self.ckpt = ckpt
+        self.used: list[str] = []
+
+    def __call__(self, name: str) -> np.ndarray:
+        self.used.append(name)
+        return self.ckpt.get(name)
+
+    def where(self) -> str:
+        if not self.used:
+            return "checkpoint"
+        k = self.used[-1]
+        return f"tensor {k!r} in {self.ckpt.file_of(k).name}"
+
+
+def _read_part(ckpt: HFCheckpoint, config: ModelConfig, expected: dict, layer: int | None, dtype: np.dtype) -> dict:
+    keys = dict.fromkeys(ckpt.keys())
+    out: dict = {}
+    for path, spec in _leaves(expected):
+        getter = _RecordingGetter(ckpt)
+        if layer is None:
+            hf_key, transpose = TOP_LEVEL[path]
+            value = getter(hf_key) if hf_key in keys else None
+            if value is None:
+                raise CheckpointError(f"{ckpt.path}: tensor {hf_key!r} is missing from the checkpoint")
+            value = value.T if transpose else value
+        else:
+            value = read_param(path, f"model.layers.{layer}.", keys, getter, config.num_experts)
+        if tuple(value.shape) != tuple(spec.shape):
+            raise CheckpointError(
+                f"{getter.where()}: shape {tuple(value.shape)} does not match {tuple(spec.shape)} "
+                f"expected from config.json for {'.'.join(map(str, path))}"
+                + ("" if layer is None else f" of layer {layer}")
+            )
+        _set(out, path, np.ascontiguousarray(value.astype(dtype)))
+    return out
+
+
+def iter_parts(
+    hf_dir: str | Path, dtype: str = "float32", config: ModelConfig | None = None
+) -> Iterator[tuple[str | int, dict]]:
+    """Yield ("top", params) then (i, layer_params) for each layer, streamed from an HF directory."""
+    config = config or ModelConfig.from_hf_dir(hf_dir)
+    ckpt = HFCheckpoint(hf_dir)
+    expected = expected_tree(config)
+    dt = np_dtype(dtype)
+    layers = expected.pop("layers")
+    if config.tie_word_embeddings:
+        expected.pop("lm_head", None)
+    yield "top", _read_part(ckpt, config, expected, None, dt)
+    for i in range(config.num_hidden_layers):
+        yield i, _read_part(ckpt, config, layers[i], i, dt)
+        ckpt.release()
+
+
+def convert_checkpoint(
+    hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Write a converted checkpoint (orbax params per part + metadata) atomically; return its path."""
+    from tqdm.auto import tqdm
+
+    hf_dir = Path(hf_dir)
+    config = ModelConfig.from_hf_dir(hf_dir)
+    t0 = time.time()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        bar = tqdm(total=config.num_hidden_layers + 1, desc="convert", unit="part", disable=not progress)
+        for name, part in iter_parts(hf_dir, dtype, config):
+            save_tree(tmp / "params" / ("top" if name == "top" else f"layer_{name:03d}"), part)
+            bar.update(1)
+        bar.close()
+        shutil.copy(hf_dir / "config.json", tmp / "config.json")
+        for f in TOKENIZER_FILES:
+            if (hf_dir / f).is_file():
+                shutil.copy(hf_dir / f, tmp / f)
+        meta = {
+            "format": FORMAT_CONVERTED,
+            "version": 1,
+            "dtype": dtype,
+            "config": json.loads(config.to_json()),
+            "source": str(hf_dir.absolute()),
+            "convert_time_s": round(time.time() - t0, 3),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    return Path(out_dir)
+
+
+def abstract_shapes(config: ModelConfig) -> dict:
+    """Param shapes per path (for tests and the real-size parameter count)."""
+    return jax.tree.map(lambda s: tuple(s.shape), expected_tree(config))

@@ -1,0 +1,117 @@
+"""Where each Flax parameter lives in a Hugging Face checkpoint, for every family and layout.
+
+Our modules are named after transformers' (`self_attn.q_proj`, `input_layernorm`, ...), so most keys
+map by rule: a 2-D `X.weight` is our `X.kernel` transposed, 1-D weights and biases keep their names.
+The exceptions are the MoE pieces, handled explicitly:
+
+- MoE prefix: `mlp.` (Qwen, DeepSeek, transformers-5 Mixtral in memory) or `block_sparse_moe.`
+  (Mixtral files).
+- router: HF `{moe}.gate.weight` [E, D] -> our `mlp.router.kernel` [D, E].
+- routed experts, per-expert files: `{moe}.experts.{e}.{w1|gate_proj}` (gate), `{w3|up_proj}` (up),
+  `{w2|down_proj}` (down); fused files: `{moe}.experts.gate_up_proj` [E, 2F, D] (gate rows first) and
+  `{moe}.experts.down_proj` [E, D, F]. Ours: gate/up [E, D, F], down [E, F, D].
+- shared experts: Qwen2 `mlp.shared_expert.*`, DeepSeek `mlp.shared_experts.*` -> our `mlp.shared_expert.*`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from conversion.hf_checkpoint import CheckpointError
+
+Path = tuple[str, ...]
+Getter = Callable[[str], np.ndarray]
+MOE_PREFIXES = ("mlp", "block_sparse_moe")
+PER_EXPERT_NAMES = {"gate": ("w1", "gate_proj"), "up": ("w3", "up_proj"), "down": ("w2", "down_proj")}
+
+
+def _hf_generic(path: Path) -> tuple[str, bool]:
+    """Our path -> (HF key suffix, transpose?) for parameters that map by rule."""
+    if path[-1] == "kernel":
+        return ".".join(path[:-1]) + ".weight", True
+    return ".".join(path), False
+
+
+def _shared_names(path: Path) -> list[str]:
+    rest = ".".join(path[2:])
+    return [f"mlp.shared_expert.{rest}", f"mlp.shared_experts.{rest}"]
+
+
+def _expert_stack(
+    layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, num_experts: int
+) -> np.ndarray:
+    """Stack one projection of all experts into our [E, D, F] / [E, F, D] layout, either source layout."""
+    for moe in MOE_PREFIXES:
+        base = f"{layer_prefix}{moe}.experts"
+        fused = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"
+        if fused in keys:
+            t = get(fused)
+            if t.ndim != 3 or t.shape[0] != num_experts:
+                raise CheckpointError(f"tensor {fused!r}: expected [E={num_experts}, ...] 3-D, got {t.shape}")
+            if which == "down":
+                return np.ascontiguousarray(np.swapaxes(t, 1, 2))
+            f2 = t.shape[1]
+            half = t[:, : f2 // 2] if which == "gate" else t[:, f2 // 2 :]
+            return np.ascontiguousarray(np.swapaxes(half, 1, 2))
+        for name in PER_EXPERT_NAMES[which]:
+            first = f"{base}.0.{name}.weight"
+            if first in keys:
+                mats = []
+                for e in range(num_experts):
+                    k = f"{base}.{e}.{name}.weight"
+                    if k not in keys:
+                        raise CheckpointError(f"tensor {k!r} is missing from the checkpoint")
+                    mats.append(get(k).T)
+                return np.ascontiguousarray(np.stack(mats))
+    raise CheckpointError(
+        f"no {which} weights for the experts of {layer_prefix.rstrip('.')}: expected "
+        f"{layer_prefix}mlp.experts.0.{PER_EXPERT_NAMES[which][1]}.weight, "
+        f"{layer_prefix}block_sparse_moe.experts.0.{PER_EXPERT_NAMES[which][0]}.weight or "
+        f"{layer_prefix}mlp.experts.gate_up_proj / down_proj"
+    )
+
+
+def read_param(
+    path: Path, layer_prefix: str, keys: Mapping[str, object], get: Getter, num_experts: int
+) -> np.ndarray:
+    """Read the HF tensor(s) behind our parameter `path` (relative to a layer or the model root)."""
+    if len(path) == 3 and path[:2] == ("mlp", "experts"):
+        return _expert_stack(layer_prefix, path[2], keys, get, num_experts)
+    if path == ("mlp", "router", "kernel"):
+        candidates = [f"{layer_prefix}{moe}.gate.weight" for moe in MOE_PREFIXES]
+        transpose = True
+    elif len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
+        suffix, transpose = _hf_generic(path)
+        candidates = [layer_prefix + c for c in _shared_names(suffix.split("."))]
+    else:
+        suffix, transpose = _hf_generic(path)
+        candidates = [layer_prefix + suffix]
+    for k in candidates:
+        if k in keys:
+            t = get(k)
+            return np.ascontiguousarray(t.T) if transpose else t
+    raise CheckpointError(f"tensor {candidates[0]!r} is missing from the checkpoint")
+
+
+def write_param(path: Path, layer_prefix: str, value: np.ndarray, family: str) -> dict[str, np.ndarray]:
+    """Our parameter -> HF tensors in the per-expert layout transformers writes (for export)."""
+    if len(path) == 3 and path[:2] == ("mlp", "experts"):
+        moe, names = ("block_sparse_moe", 0) if family == "mixtral" else ("mlp", 1)
+        name = PER_EXPERT_NAMES[path[2]][names]
+        return {f"{layer_prefix}{moe}.experts.{e}.{name}.weight": np.ascontiguousarray(value[e].T) for e in range(value.shape[0])}
+    if path == ("mlp", "router", "kernel"):
+        moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+        return {f"{layer_prefix}{moe}.gate.weight": np.ascontiguousarray(value.T)}
+    suffix, transpose = _hf_generic(path)
+    if len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
+        suffix = _shared_names(suffix.split("."))[0 if family == "qwen2_moe" else 1]
+    return {layer_prefix + suffix: np.ascontiguousarray(value.T) if transpose else value}
+
+
+TOP_LEVEL = {
+    ("embed_tokens", "embedding"): ("model.embed_tokens.weight", False),
+    ("norm", "weight"): ("model.norm.weight", False),
+    ("lm_head", "kernel"): ("lm_head.weight", True),
+}
