@@ -71,6 +71,3 @@ def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransform
         return load_quantized(p, dtype=dtype)
     raise ValueError(f"{p}: unknown checkpoint format {kind!r}")
 
-
-def param_count(model: nnx.Module) -> int:
-    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import re
 
 import numpy as np
 import pytest
@@ -46,7 +45,10 @@ def train_sample() -> str:
 
 @pytest.fixture(scope="module")
 def small_tokenizer(train_sample: str) -> tokenizers.Tokenizer:
-    return train_bpe_tokenizer(train_sample, vocab_size=512)
+    tok = train_bpe_tokenizer(train_sample, vocab_size=1024)
+    # Merged whitespace runs are what a wrong cut would split differently; make sure they exist.
+    assert tok.token_to_id("\u010a\u010a") is not None  # "\n\n" in byte-level symbols
+    return tok
 
 
 # --------------------------------------------------------------------------- shipped texts
@@ -130,11 +132,16 @@ def test_tokenize_text_equals_whole_string_encode(
     train_sample: str, small_tokenizer: tokenizers.Tokenizer
 ) -> None:
     text = EDGE_CASES + train_sample[:50_000] + EDGE_CASES + read_text("milton")[:20_000] + EDGE_CASES
-    # Many small chunks so that hundreds of cut points are exercised.
-    pieces = data._chunks(text, 97)
-    assert len(pieces) > 500 and "".join(pieces) == text
+    # chunk_chars=1 cuts at every safe newline, so thousands of cut points are exercised.
+    pieces = data._chunks(text, 1)
+    assert len(pieces) > 1000 and "".join(pieces) == text
+    # Vocabulary-independent check: the cuts are pre-token boundaries.
+    pre = small_tokenizer.pre_tokenizer
+    assert [p for piece in pieces for p, _ in pre.pre_tokenize_str(piece)] == [
+        p for p, _ in pre.pre_tokenize_str(text)
+    ]
     expected = small_tokenizer.encode(text, add_special_tokens=False).ids
-    got = tokenize_text(small_tokenizer, text, chunk_chars=97)
+    got = tokenize_text(small_tokenizer, text, chunk_chars=1)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.asarray(expected))
     # Default chunk size on the full sample, and decoding restores the text exactly.
@@ -147,13 +154,21 @@ def test_tokenize_text_equals_whole_string_encode(
 
 
 def test_naive_line_splitting_would_differ(small_tokenizer: tokenizers.Tokenizer) -> None:
-    """Guards the premise of the careful cut: cutting after newlines changes the ids."""
+    """Guards the premise of the careful cut: cutting after a newline changes the pre-tokens
+    (a chunk ending in blank lines keeps its whitespace run whole), cutting before one does not."""
+    pre = small_tokenizer.pre_tokenizer
     text = "Farewell.\n\nEnter HAMLET.\n"
-    whole = small_tokenizer.encode(text, add_special_tokens=False).ids
-    naive_pieces = re.split(r"(?<=\n)(?=\S)", text)
-    naive = [i for p in naive_pieces for i in small_tokenizer.encode(p, add_special_tokens=False).ids]
-    assert naive != whole
-    np.testing.assert_array_equal(tokenize_text(small_tokenizer, text, chunk_chars=1), whole)
+
+    def pieces(parts: list[str]) -> list[str]:
+        return [p for part in parts for p, _ in pre.pre_tokenize_str(part)]
+
+    whole = pieces([text])
+    assert pieces(["Farewell.\n\n", "Enter HAMLET.\n"]) != whole
+    assert pieces(["Farewell.", "\n\nEnter HAMLET.", "\n"]) == whole
+    np.testing.assert_array_equal(
+        tokenize_text(small_tokenizer, text, chunk_chars=1),
+        small_tokenizer.encode(text, add_special_tokens=False).ids,
+    )
 
 
 def test_tokenize_text_other_tokenizers_fall_back(train_sample: str) -> None:

@@ -194,6 +194,8 @@ class ModelConfig:
                 **extra,
             )
         # deepseek_v2
+        if hf.get("mlp_bias"):
+            raise ConfigError(f"{source}: mlp_bias=true is unsupported for deepseek_v2 (MLP biases would be ignored)")
         q_lora = hf.get("q_lora_rank")
         common["head_dim"] = int(need("qk_rope_head_dim"))  # HF's head_dim for V2 is the rope dim
         topk_method = str(opt("topk_method", "greedy"))

@@ -82,8 +82,9 @@ def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
     if kind == "linear":
         return (inv / float(scaling["factor"])).astype(np.float32), 1.0
     if kind == "yarn":
-        factor = float(scaling["factor"])
         orig = int(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+        # transformers: no `factor` means max_position_embeddings / original_max_position_embeddings
+        factor = float(scaling["factor"]) if scaling.get("factor") is not None else config.max_position_embeddings / orig
         attn = scaling.get("attention_factor")
         mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
 

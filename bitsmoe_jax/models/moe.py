@@ -1,7 +1,7 @@
 """Router, grouped (ragged) SwiGLU experts and the MoE block shared by all families.
 
 Experts run as one grouped product over the (token, expert) assignments sorted by expert
-(`jax.lax.ragged_dot`), never as a dense loop over all experts for every token. The routing
+(`grouped_matmul`: `jax.lax.ragged_dot` on GPU/TPU, an exact tiled form on CPU), never as a dense loop over all experts for every token. The routing
 plan (`RoutingPlan`) is computed once and reused by every projection, and by the quantized block.
 Expert weights are stored [E, D, F] for gate/up and [E, F, D] for down so that `ragged_dot`'s
 right-hand side is [groups, K, N] with no transposes.
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.models.layers import DenseMLP, Linear, _init
 
 
@@ -96,10 +97,10 @@ def grouped_swiglu(
     xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array
 ) -> jax.Array:
     """Expert SwiGLU over sorted tokens xs [M, D] with weights gate/up [E, D, F], down [E, F, D]."""
-    g = jax.lax.ragged_dot(xs, gate.astype(xs.dtype), group_sizes)
-    u = jax.lax.ragged_dot(xs, up.astype(xs.dtype), group_sizes)
+    g = grouped_matmul(xs, gate, group_sizes)
+    u = grouped_matmul(xs, up, group_sizes)
     h = jax.nn.silu(g) * u
-    return jax.lax.ragged_dot(h, down.astype(xs.dtype), group_sizes)
+    return grouped_matmul(h, down, group_sizes)
 
 
 class Experts(nnx.Module):

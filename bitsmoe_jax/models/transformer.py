@@ -11,6 +11,8 @@ router / shared experts. Calling contract (relied on by evaluation, quantization
 
 from __future__ import annotations
 
+import math
+import math
 from typing import Any
 
 import jax
@@ -115,7 +117,7 @@ def build_model(config: ModelConfig, *, dtype: Any = jnp.float32, seed: int = 0,
     return MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype)
 
 
+
 def count_params(model: nnx.Module) -> int:
-    """Number of parameters (works on abstract models)."""
-    state = nnx.state(model, nnx.Param)
-    return int(sum(int(jnp.size(x)) if hasattr(x, "size") else int(jnp.prod(jnp.array(x.shape))) for x in jax.tree.leaves(state)))
+    """Number of parameters; works on abstract (`nnx.eval_shape`) models without allocating."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
