@@ -9,6 +9,7 @@ decoder layer) so that conversion and quantization can stream a layer at a time.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -20,6 +21,7 @@ import numpy as np
 
 FORMAT_CONVERTED = "bitsmoe-jax/converted"
 META_FILE = "bitsmoe_model.json"
+EMPTY_ARRAYS_FILE = "empty_arrays.json"
 
 
 @contextlib.contextmanager
@@ -57,9 +59,28 @@ def _checkpointer():
     return ocp.PyTreeCheckpointer()
 
 
+def _split_empty(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Any]]:
+    """Orbax refuses zero-size arrays: take them out (recording shape/dtype) so they can be restored."""
+    if isinstance(tree, dict):
+        kept, empty = {}, {}
+        for k, v in tree.items():
+            sub, e = _split_empty(v, f"{prefix}{k}/")
+            empty.update(e)
+            if sub is not None:
+                kept[k] = sub
+        return kept, empty
+    if tree.size == 0:
+        return None, {prefix.rstrip("/"): {"shape": list(tree.shape), "dtype": str(tree.dtype)}}
+    return tree, {}
+
+
 def save_tree(path: str | Path, tree: dict[str, Any]) -> None:
     """Save a nested dict of arrays (numpy or jax; keys made strings) as one orbax item."""
-    _checkpointer().save(Path(path).absolute(), _stringify(tree), force=True)
+    p = Path(path).absolute()
+    kept, empty = _split_empty(_stringify(tree))
+    _checkpointer().save(p, kept, force=True)
+    if empty:
+        (p / EMPTY_ARRAYS_FILE).write_text(json.dumps(empty))
 
 
 def load_tree(path: str | Path) -> dict[str, Any]:
@@ -67,7 +88,15 @@ def load_tree(path: str | Path) -> dict[str, Any]:
     p = Path(path).absolute()
     if not p.exists():
         raise FileNotFoundError(f"{p}: checkpoint item is missing")
-    return jax.tree.map(np.asarray, _checkpointer().restore(p))
+    tree = jax.tree.map(np.asarray, _checkpointer().restore(p))
+    if (p / EMPTY_ARRAYS_FILE).is_file():
+        for key, spec in json.loads((p / EMPTY_ARRAYS_FILE).read_text()).items():
+            node = tree
+            *parents, leaf = key.split("/")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[leaf] = np.zeros(spec["shape"], np.dtype(spec["dtype"]))
+    return tree
 
 
 def intify_layer_keys(tree: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from flax import nnx
 
 from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, intify_layer_keys, load_tree
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.models.transformer import MoETransformer, build_model
+from bitsmoe_jax.models.transformer import DecoderLayer, MoETransformer, build_model
 
 
 def checkpoint_kind(path: str | Path) -> str:
@@ -37,15 +37,62 @@ def checkpoint_kind(path: str | Path) -> str:
     )
 
 
-def model_from_parts(config: ModelConfig, parts: dict[Any, dict], dtype: Any) -> MoETransformer:
-    """Assemble a model from {'top': {...}, 0: layer0, ...} param trees of numpy arrays."""
+def model_from_parts(
+    config: ModelConfig, parts: dict[Any, dict], dtype: Any, experts: dict[int, nnx.Module] | None = None
+) -> MoETransformer:
+    """Assemble a model from {'top': {...}, 0: layer0, ...} param trees of numpy arrays.
+
+    `experts` replaces the routed-expert module of the given MoE layers (the quantized checkpoint's
+    `QuantizedExperts`); their layer trees then carry no `mlp.experts` entry.
+    """
     model = build_model(config, dtype=dtype, abstract=True)
+    for i, module in (experts or {}).items():
+        model.layers[i].mlp.experts = module
     graphdef, state = nnx.split(model)
     pure: dict[Any, Any] = dict(parts["top"])
     pure["layers"] = {i: parts[i] for i in range(config.num_hidden_layers)}
     pure = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(pure))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+def build_layer(config: ModelConfig, index: int, params: dict, dtype: Any = jnp.float32) -> DecoderLayer:
+    """One decoder layer with the given params (used by layer-by-layer calibration)."""
+    layer = nnx.eval_shape(lambda: DecoderLayer(config, index, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(layer)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(params)))
+    return nnx.merge(graphdef, state)
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF, converted or quantized directory, without reading weights."""
+    p = Path(path)
+    kind = checkpoint_kind(p)
+    if kind == "hf":
+        return ModelConfig.from_hf_dir(p)
+    meta_file = p / (META_FILE if kind == "converted" else "quantized.json")
+    return ModelConfig.from_json(json.dumps(json.loads(meta_file.read_text())["config"]))
+
+
+def iter_model_parts(path: str | Path) -> Iterator[tuple[str | int, dict]]:
+    """Stream ("top", params), then (i, layer_params) for every layer, from an HF or converted directory.
+
+    Only one part is in memory at a time (float32 numpy), which is what layer-by-layer
+    quantization of models larger than RAM relies on.
+    """
+    p = Path(path)
+    kind = checkpoint_kind(p)
+    if kind == "hf":
+        from conversion.convert import iter_parts
+
+        yield from iter_parts(p, "float32")
+    elif kind == "converted":
+        config = model_config(p)
+        yield "top", jax.tree.map(lambda a: np.asarray(a, np.float32), load_tree(p / "params" / "top"))
+        for i in range(config.num_hidden_layers):
+            yield i, intify_layer_keys(jax.tree.map(lambda a: np.asarray(a, np.float32), load_tree(p / "params" / f"layer_{i:03d}")))
+    else:
+        raise ValueError(f"{p}: expected a Hugging Face or converted checkpoint to quantize, found {kind!r}")
 
 
 def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransformer, ModelConfig]:
@@ -66,7 +113,7 @@ def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransform
             parts[i] = load_tree(p / "params" / f"layer_{i:03d}")
         return model_from_parts(config, parts, dtype), config
     if kind == "quantized":
-        from bitsmoe_jax.quant_loading import load_quantized  # noqa: F401  (added by the quantizer)
+        from bitsmoe_jax.quant.checkpoint_io import load_quantized
 
         return load_quantized(p, dtype=dtype)
     raise ValueError(f"{p}: unknown checkpoint format {kind!r}")

@@ -1,0 +1,106 @@
+"""Units of one MoE layer and their loss coefficients L(e, k, b).
+
+Layout (ours: gate/up [E, D, F] used as x @ W, down [E, F, D] used as h @ W). With shared bases
+Vg, Vu, U ([D, r], stored quantized, used dequantized as Ṽ):
+
+    gate[e] ≈ Ṽg @ Ag[e]        Ag[e] = pinv(Ṽg) @ gate[e]          [r, F]
+    down[e] ≈ Bd[e]ᵀ @ Ũᵀ       Bd[e] = pinv(Ũ) @ down[e]ᵀ          [r, F]
+
+so every projection's units are rows of an [E, r, F] array (unit (e, k) = row k, length F).
+Factors are fitted to the *dequantized* bases (least squares), so 8-bit bases cost nothing at full
+rank: Ṽ is square and invertible and the fit is exact.
+
+Per-element loss weights (see calibration.py for S and c):
+    gate:  W[e, k, f] = S_gate[e][f, k] · ‖down[e][f, :]‖²
+    up:    W[e, k, f] = S_up[e][f, k]   · ‖down[e][f, :]‖²
+    down:  W[e, k, f] = c_down[e][f]
+then each expert's weights are multiplied by max(1, floor · mean(mass) / mass_e) — the
+`expert_mass_floor` that keeps experts rarely routed on the calibration text from being zeroed.
+L(e, k, b) = Σ_f W[e, k, f] (unit_f − Q_b(unit)_f)², exactly (every unit at every b) or sampled
+(κ_b · ‖unit‖²_W with κ_b measured on a random sample of units).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from bitsmoe_jax.quant.calibration import ExpertStats
+from bitsmoe_jax.quant.quantizers import estimated_errors, kappa_estimates, stored_bits, unit_errors
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+def fit_factors(basis_deq: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Least-squares factors F with basis_deq @ F[e] ≈ w[e]; basis [D, r], w [E, D, F] -> [E, r, F]."""
+    b = np.asarray(basis_deq, np.float64)
+    gram = b.T @ b
+    rhs = np.einsum("dr,edf->erf", b, np.asarray(w, np.float64))
+    return np.linalg.solve(gram[None], rhs).astype(np.float32)
+
+
+def layer_units(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bases_deq: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The three [E, r, F] unit arrays of a layer, fitted to the dequantized bases."""
+    return {
+        "gate": fit_factors(bases_deq["gate"], gate),
+        "up": fit_factors(bases_deq["up"], up),
+        "down": fit_factors(bases_deq["down"], np.swapaxes(down, 1, 2)),
+    }
+
+
+def mass_scale(mass: np.ndarray, floor: float) -> np.ndarray:
+    """Per-expert multiplier raising each expert's routed mass to at least floor·mean."""
+    mean = float(np.mean(mass))
+    if floor <= 0 or mean <= 0:
+        return np.ones_like(mass)
+    return np.maximum(1.0, floor * mean / np.maximum(mass, 1e-30 * mean))
+
+
+def loss_weights(stats: ExpertStats, down: np.ndarray, r: dict[str, int], expert_mass_floor: float) -> dict[str, np.ndarray]:
+    """Per-element weights W[e, k, f] for the three projections (float32 [E, r, F])."""
+    dn = np.sum(np.asarray(down, np.float64) ** 2, axis=-1)  # [E, F] = ‖down[e][f, :]‖²
+    scale = mass_scale(stats.mass, expert_mass_floor)[:, None, None]
+    w_gate = np.swapaxes(stats.s_gate, 1, 2) * dn[:, None, :]
+    w_up = np.swapaxes(stats.s_up, 1, 2) * dn[:, None, :]
+    w_down = np.broadcast_to(stats.c_down[:, None, :], (down.shape[0], r["down"], down.shape[1]))
+    out = {"gate": w_gate * scale, "up": w_up * scale, "down": w_down * scale}
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class Coefficients:
+    loss: dict[str, np.ndarray]  # per projection [E, r, C]
+    cost: np.ndarray  # [C] stored bits of one unit (length F) at each candidate
+    candidates: tuple[int, ...]
+    mode: str
+    kappa: dict[str, np.ndarray] | None = None
+
+
+def loss_coefficients(
+    units: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+    candidates: Sequence[int],
+    group_size: int,
+    mode: str = "exact",
+    num_samples: int = 1024,
+    seed: int = 0,
+) -> Coefficients:
+    """L(e, k, b) for every unit and candidate bit-width, exact or sampled (κ_b)."""
+    cands = tuple(int(b) for b in candidates)
+    n = next(iter(units.values())).shape[-1]
+    loss, kappas = {}, {}
+    for name in PROJECTIONS:
+        x, w = jnp.asarray(units[name]), jnp.asarray(weights[name])
+        if mode == "exact":
+            loss[name] = np.asarray(unit_errors(x, cands, group_size, w), np.float64)
+        elif mode == "sampled":
+            kappa = kappa_estimates(x, cands, group_size, w, num_samples=num_samples, seed=seed)
+            kappas[name] = np.asarray(kappa)
+            loss[name] = np.asarray(estimated_errors(x, kappa, w), np.float64)
+        else:
+            raise ValueError(f"loss coefficient mode {mode!r}: choose 'exact' or 'sampled'")
+    cost = np.array([stored_bits(n, b, group_size) for b in cands], np.int64)
+    return Coefficients(loss=loss, cost=cost, candidates=cands, mode=mode, kappa=kappas or None)

@@ -1,0 +1,99 @@
+"""The quantization config: every field, its default, and the values it may take.
+
+Config files (`configs/*.py`) define `get_config()` returning `default_config()` with their model's
+settings; the CLI applies `--config.field=value` overrides on top and `validate` rejects anything
+unknown or out of range with the allowed values in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+METHODS = ("bitsmoe",)
+ALLOCATORS = ("auto", "milp", "greedy")
+SCOPES = ("layer", "model")
+COEFF_MODES = ("exact", "sampled")
+DENSE_DTYPES = ("bfloat16", "float16", "float32")
+VALID_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model_path = ""  # HF directory or converted checkpoint
+    c.output_dir = ""
+    c.overwrite = False
+    c.method = "bitsmoe"
+    c.budget_bits = (2.0,)  # bits per original expert weight, everything stored counted; several -> one output each
+    c.budget_scope = "layer"  # layer | model
+    c.calib_text = "shakespeare_train"  # shipped name or path
+    c.num_calib_tokens = 16384
+    c.seq_len = 256
+    c.sequential = True  # inputs of layer i come from layers < i already quantized
+    c.min_tokens = 16  # experts routed fewer calibration tokens use the documented fallback
+    c.expert_mass_floor = 0.25
+    c.candidate_bits = (0, 1, 2, 3, 4, 5, 6, 8)
+    c.group_size = 128
+    c.basis_bits = 8  # 8 (int8 per row + bf16 scale) or 16 (bf16)
+    c.rank = ml_collections.FieldReference(None, field_type=int)  # None = full rank
+    c.coefficient_mode = "exact"  # exact | sampled (kappa_b * ||unit||^2)
+    c.allocator = "auto"
+    c.milp_max_units = 10000
+    c.milp_time_limit = 60.0
+    c.super_experts = ()  # expert indices kept at super_expert_bits in every MoE layer, or "auto"
+    c.super_expert_bits = 8
+    c.super_expert_threshold = 8.0  # "auto": peak |output| above this x the median expert's
+    c.dense_dtype = "bfloat16"  # storage of non-expert weights
+    c.eval_text = "shakespeare_test"  # "" to skip evaluation
+    c.eval_max_tokens = ml_collections.FieldReference(None, field_type=int)
+    c.eval_batch_size = 8
+    c.seed = 0
+    return c
+
+
+def _is_bits_tuple(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) > 0 and all(int(b) == b and int(b) in VALID_BITS for b in v)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the field and the allowed values."""
+
+    def bad(field: str, allowed: str) -> None:
+        raise ValueError(f"config.{field}={c[field]!r} is invalid; allowed: {allowed}")
+
+    if not c.model_path:
+        bad("model_path", "a Hugging Face or converted checkpoint directory")
+    if not c.output_dir:
+        bad("output_dir", "a directory path for the quantized checkpoint")
+    if c.method not in METHODS:
+        bad("method", ", ".join(METHODS))
+    budgets = c.budget_bits if isinstance(c.budget_bits, (tuple, list)) else (c.budget_bits,)
+    if not budgets or any(not isinstance(b, (int, float)) or b <= 0 for b in budgets):
+        bad("budget_bits", "positive numbers, e.g. 2.0 or (2.0, 2.5, 3.0)")
+    if c.budget_scope not in SCOPES:
+        bad("budget_scope", ", ".join(SCOPES))
+    if c.allocator not in ALLOCATORS:
+        bad("allocator", ", ".join(ALLOCATORS))
+    if c.coefficient_mode not in COEFF_MODES:
+        bad("coefficient_mode", ", ".join(COEFF_MODES))
+    if c.dense_dtype not in DENSE_DTYPES:
+        bad("dense_dtype", ", ".join(DENSE_DTYPES))
+    if c.basis_bits not in (8, 16):
+        bad("basis_bits", "8 or 16")
+    if not _is_bits_tuple(c.candidate_bits) or 0 not in c.candidate_bits:
+        bad("candidate_bits", f"a tuple from {VALID_BITS} that includes 0")
+    if c.super_expert_bits not in (8, 16):
+        bad("super_expert_bits", "8 or 16")
+    if not (c.super_experts == "auto" or isinstance(c.super_experts, (tuple, list))):
+        bad("super_experts", '"auto" or a tuple of expert indices')
+    if c.group_size < 1:
+        bad("group_size", "a positive integer")
+    if c.seq_len < 2:
+        bad("seq_len", "an integer >= 2")
+    if c.num_calib_tokens < c.seq_len:
+        bad("num_calib_tokens", f">= seq_len ({c.seq_len})")
+    if not 0 <= c.expert_mass_floor:
+        bad("expert_mass_floor", "a number >= 0 (fraction of the mean expert mass)")
+    if c.rank is not None and c.rank < 1:
+        bad("rank", "None (full) or a positive integer")

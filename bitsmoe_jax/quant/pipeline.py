@@ -1,0 +1,288 @@
+"""The BitsMoE pipeline, stage by stage, layer by layer.
+
+    calibration tokens → embeddings
+    for each decoder layer (streamed from the checkpoint, one in memory at a time):
+        attention (+ residual) → MoE input x
+        if MoE:  shared bases (Gram → eigh) → 8-bit bases → factors → routing statistics
+                 → loss coefficients L(e,k,b) → bit allocation → quantize + pack
+        next layer's input from the *quantized* layer (sequential=True) or the original one
+    write the quantized checkpoint (atomically), evaluate, report
+
+Budget accounting is in bits per original expert weight and covers every stored bit of the expert
+path: integer codes, group scales, permutations and the shared bases. Components that receive 0 bits
+in every expert are removed from the bases, and the bits this frees are offered back to the
+allocation (a short fixed-point loop that never exceeds the budget).
+
+Several budgets from one calibration (`budget_bits=(2.0, 2.5, 3.0)`) keep each layer's problem
+(units, weights, coefficients) and only re-solve the allocation; the calibration inputs of later layers
+then come from the first budget's quantized layers. `budget_scope="model"` also keeps every layer's
+problem and solves one allocation over all MoE layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.layers import rope_cos_sin
+from bitsmoe_jax.models.moe import MoEBlock
+from bitsmoe_jax.quant import basis as basis_lib
+from bitsmoe_jax.quant.allocate import Allocation, BudgetError, allocate
+from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
+from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients, layer_units, loss_coefficients, loss_weights
+from bitsmoe_jax.quant.packing import pack_segments, permutation_bits
+from bitsmoe_jax.quant.qmoe import QuantizedExperts
+from bitsmoe_jax.quant.quantizers import stored_bits
+
+
+@dataclasses.dataclass
+class LayerProblem:
+    """Everything needed to (re-)allocate and pack one MoE layer."""
+
+    index: int
+    num_experts: int
+    hidden: int
+    inter: int
+    units: dict[str, np.ndarray]  # [E, r, F]
+    weights: dict[str, np.ndarray]  # [E, r, F]
+    coeffs: Coefficients
+    bases: dict[str, dict[str, np.ndarray]]  # stored: {"q": ..., "scale": ...}
+    basis_bits: int
+    stats: ExpertStats
+    super_experts: list[int]
+    super_bits: int
+    group_size: int
+
+    @property
+    def num_weights(self) -> int:
+        return 3 * self.num_experts * self.hidden * self.inter
+
+    def rank(self, p: str) -> int:
+        return self.units[p].shape[1]
+
+    def unit_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """loss [U, C], cost [U, C] over all units (gate, up, down; expert-major), and a fixed mask [U]."""
+        c = len(self.coeffs.candidates)
+        loss = np.concatenate([self.coeffs.loss[p].reshape(-1, c) for p in PROJECTIONS])
+        cost = np.broadcast_to(self.coeffs.cost, loss.shape).astype(np.float64)
+        fixed = np.zeros(loss.shape[0], bool)
+        if self.super_experts:
+            off = 0
+            for p in PROJECTIONS:
+                r = self.rank(p)
+                for e in self.super_experts:
+                    fixed[off + e * r : off + (e + 1) * r] = True
+                off += self.num_experts * r
+        return loss, cost, fixed
+
+    def split(self, flat_bits: np.ndarray) -> dict[str, np.ndarray]:
+        out, off = {}, 0
+        for p in PROJECTIONS:
+            n = self.num_experts * self.rank(p)
+            out[p] = flat_bits[off : off + n].reshape(self.num_experts, self.rank(p))
+            off += n
+        return out
+
+    def overhead_bits(self, bits: dict[str, np.ndarray]) -> int:
+        """Bases (kept components only) + permutations for an allocation."""
+        total = 0
+        for p in PROJECTIONS:
+            kept = int(np.any(bits[p] > 0, axis=0).sum())
+            total += basis_lib.basis_stored_bits(self.hidden, kept, self.basis_bits) + permutation_bits(self.num_experts * kept)
+        return total
+
+    def full_overhead_bits(self) -> int:
+        return sum(
+            basis_lib.basis_stored_bits(self.hidden, self.rank(p), self.basis_bits) + permutation_bits(self.num_experts * self.rank(p))
+            for p in PROJECTIONS
+        )
+
+
+def solve_units(
+    loss: np.ndarray, cost: np.ndarray, fixed: np.ndarray, candidates: Sequence[int], super_bits: int, budget: float, **kw: Any
+) -> tuple[np.ndarray, Allocation | None]:
+    """Allocate bits to the free units under `budget`; fixed (super-expert) units get `super_bits`."""
+    cands = list(candidates)
+    bits = np.zeros(loss.shape[0], np.int64)
+    fixed_cost = 0.0
+    if fixed.any():
+        if super_bits not in cands:
+            raise ValueError(f"super_expert_bits={super_bits} must be one of the candidates {cands}")
+        ci = cands.index(super_bits)
+        bits[fixed] = super_bits
+        fixed_cost = float(cost[fixed, ci].sum())
+    free = ~fixed
+    if not free.any():
+        return bits, None
+    alloc = allocate(loss[free], cost[free], budget - fixed_cost, **kw)
+    bits[free] = np.asarray(cands)[alloc.choice]
+    return bits, alloc
+
+
+def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str, alloc_kw: dict) -> dict[int, tuple[dict, list[Allocation]]]:
+    """Bits per unit for each layer under a per-layer or whole-model budget (fixed point on the bases)."""
+    groups = [[p] for p in problems] if scope == "layer" else [problems]
+    out: dict[int, tuple[dict, list[Allocation]]] = {}
+    for group in groups:
+        arrays = [p.unit_arrays() for p in group]
+        loss = np.concatenate([a[0] for a in arrays])
+        cost = np.concatenate([a[1] for a in arrays])
+        fixed = np.concatenate([a[2] for a in arrays])
+        total = budget_bits * sum(p.num_weights for p in group)
+        overhead = sum(p.full_overhead_bits() for p in group)
+        cands, sb = group[0].coeffs.candidates, group[0].super_bits
+        best = None
+        for _ in range(4):
+            try:
+                flat, alloc = solve_units(loss, cost, fixed, cands, sb, total - overhead, **alloc_kw)
+            except BudgetError as e:
+                if best is not None:
+                    break
+                raise BudgetError(
+                    f"budget {budget_bits} bits per expert weight is below what layers "
+                    f"{[p.index for p in group]} can store: {e}"
+                ) from e
+            per_layer, off = [], 0
+            for p in group:
+                n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
+                per_layer.append(p.split(flat[off : off + n]))
+                off += n
+            spent = sum(float(cost[i, list(cands).index(b)]) for i, b in enumerate(flat)) + sum(
+                p.overhead_bits(b) for p, b in zip(group, per_layer)
+            )
+            if spent > total + 1e-6:
+                break
+            best = (per_layer, alloc)
+            new_overhead = sum(p.overhead_bits(b) for p, b in zip(group, per_layer))
+            if new_overhead >= overhead:
+                break
+            overhead = new_overhead
+        assert best is not None
+        for p, b in zip(group, best[0]):
+            out[p.index] = (b, [best[1]] if best[1] is not None else [])
+    return out
+
+
+def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray]) -> QuantizedExperts:
+    """Quantize and pack a layer's units at the allocated bits, dropping all-zero components."""
+    bases, packed = {}, {}
+    for p in PROJECTIONS:
+        keep = np.flatnonzero(np.any(bits[p] > 0, axis=0))
+        if keep.size == 0:
+            keep = np.array([0])  # keep one (all-zero) component so shapes stay valid
+        e, _, f = problem.units[p].shape
+        units = problem.units[p][:, keep].reshape(-1, f)
+        w = problem.weights[p][:, keep].reshape(-1, f)
+        packed[p] = pack_segments(units, bits[p][:, keep].reshape(-1), problem.group_size, w)
+        bases[p] = {k: (v[:, keep] if k == "q" else v) for k, v in problem.bases[p].items()}
+    return QuantizedExperts(problem.num_experts, bases, packed)
+
+
+# ------------------------------------------------------------------------------------ layer stages
+def make_bases(gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | None, basis_bits: int):
+    """Shared bases from the expert-summed Gram matrices; returns (stored, dequantized) per projection."""
+    grams = {
+        "gate": basis_lib.gram_rows(jnp.swapaxes(jnp.asarray(gate), 1, 2)),
+        "up": basis_lib.gram_rows(jnp.swapaxes(jnp.asarray(up), 1, 2)),
+        "down": basis_lib.gram_cols(jnp.swapaxes(jnp.asarray(down), 1, 2)),
+    }
+    stored, deq = {}, {}
+    for p in PROJECTIONS:
+        v, _ = basis_lib.basis_from_gram(grams[p], rank)
+        st, dq = basis_lib.quantize_basis(v, basis_bits)
+        stored[p] = {"q": np.asarray(st.values)} | ({"scale": np.asarray(st.scales)} if st.scales is not None else {})
+        deq[p] = np.asarray(dq, np.float32)
+    return stored, deq
+
+
+def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> list[int]:
+    """Experts whose routed outputs carry extreme outliers: max|y| above `threshold` × the median expert's."""
+    plan = block.plan(x)
+    from bitsmoe_jax.models.moe import grouped_swiglu
+
+    y = np.abs(np.asarray(grouped_swiglu(x[plan.token], plan.group_sizes, block.experts.gate[...], block.experts.up[...], block.experts.down[...])))
+    sizes = np.asarray(plan.group_sizes)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    peaks = np.array([y[offs[e] : offs[e + 1]].max() if sizes[e] else 0.0 for e in range(len(sizes))])
+    med = np.median(peaks[peaks > 0]) if (peaks > 0).any() else 0.0
+    return [int(e) for e in np.flatnonzero(peaks > threshold * med)] if med > 0 else []
+
+
+def build_problem(index: int, block: MoEBlock, x: jax.Array, cfg: Any, config: ModelConfig, timings: dict) -> LayerProblem:
+    """Bases, statistics, weights and coefficients for one MoE layer (x: MoE input [N, D])."""
+    gate, up, down = (np.asarray(block.experts.__getattribute__(n)[...], np.float32) for n in ("gate", "up", "down"))
+    t = time.time()
+    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits)
+    units = layer_units(gate, up, down, deq)
+    timings["basis"] += time.time() - t
+    t = time.time()
+    logits, w, idx = block.router(x)
+    stats = collect_expert_stats(x, logits, idx, w, jnp.asarray(gate), jnp.asarray(up), jnp.asarray(deq["gate"]), jnp.asarray(deq["up"]), cfg.min_tokens)
+    timings["calibration"] += time.time() - t
+    t = time.time()
+    weights = loss_weights(stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, cfg.expert_mass_floor)
+    coeffs = loss_coefficients(units, weights, cfg.candidate_bits, cfg.group_size, cfg.coefficient_mode, seed=cfg.seed)
+    timings["coefficients"] += time.time() - t
+    if cfg.super_experts == "auto":
+        supers = detect_super_experts(x, block, cfg.super_expert_threshold)
+    else:
+        supers = [int(e) for e in (cfg.super_experts.get(str(index), []) if isinstance(cfg.super_experts, dict) else cfg.super_experts)]
+    return LayerProblem(
+        index=index,
+        num_experts=config.num_experts,
+        hidden=config.hidden_size,
+        inter=config.moe_intermediate_size,
+        units=units,
+        weights=weights,
+        coeffs=coeffs,
+        bases=stored,
+        basis_bits=cfg.basis_bits,
+        stats=stats,
+        super_experts=supers,
+        super_bits=cfg.super_expert_bits,
+        group_size=cfg.group_size,
+    )
+
+
+def bits_histogram(bits: dict[str, np.ndarray], candidates: Sequence[int]) -> dict[str, int]:
+    allb = np.concatenate([b.reshape(-1) for b in bits.values()])
+    return {str(b): int((allb == b).sum()) for b in candidates}
+
+
+def unit_cost_table(inter: int, candidates: Sequence[int], group_size: int) -> dict[int, int]:
+    return {b: stored_bits(inter, b, group_size) for b in candidates}
+
+
+def layer_positions(batch: int, seq: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+def attention_part(layer, x: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(residual after attention, MoE/MLP input) for hidden states x [B, T, D]."""
+    b, t, _ = x.shape
+    pos = layer_positions(b, t)
+    h, _ = layer.self_attn(layer.input_layernorm(x), pos, rope_cos_sin(config, pos, x.dtype), None)
+    r = x + h
+    return r, layer.post_attention_layernorm(r)
+
+
+def finite_or_raise(a: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(a)):
+        raise FloatingPointError(f"{what} contains NaN/Inf (check the checkpoint and calibration text)")
+
+
+def mean_or_nan(xs: list[float]) -> float:
+    return float(np.mean(xs)) if xs else math.nan
+
+
+def stage_timer() -> defaultdict:
+    return defaultdict(float)

@@ -1,0 +1,167 @@
+"""The quantized routed-expert block: shared bases + packed expert factors, served from packed words.
+
+Drop-in for `models.moe.Experts` (same call: (x [N, D], plan) -> float32 [N, D]). Dataflow per token:
+
+    zg = Ṽgᵀx, zu = Ṽuᵀx                 dense, once per token, before routing
+    g = zg·Ag[e], u = zu·Au[e]           grouped over the routed experts (factors [E, r, F])
+    h = silu(g) ⊙ u
+    acc = Σ_e w_e · h·Bd[e]ᵀ             grouped, accumulated in rank space (r_d)
+    y = Ũ·acc                           dense, once per token
+
+Bases are held as stored (int8 codes + bf16 row scales, or bf16) and the factors as packed
+bit-plane words (`packing.PackedMatrix`, one per projection holding all E·r units of the layer);
+this pure-jnp path dequantizes inside the jitted forward. The Pallas kernels plug in behind the same
+interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bitsmoe_jax.models.grouped_matmul import grouped_matmul
+from bitsmoe_jax.models.moe import RoutingPlan, combine
+from bitsmoe_jax.quant.coefficients import PROJECTIONS
+from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed
+
+
+class Packed(nnx.Variable):
+    """Stored (quantized) arrays: not trainable parameters, counted in the effective bits."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorMeta:
+    """Static (hashable) layout of one projection's PackedMatrix: part of the jit cache key."""
+
+    n: int
+    group_size: int
+    seg_bits: tuple[int, ...]
+    seg_sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, pm: PackedMatrix) -> "FactorMeta":
+        return cls(int(pm.n), int(pm.group_size), tuple(int(b) for b in pm.seg_bits), tuple(int(s) for s in pm.seg_sizes))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n": self.n, "group_size": self.group_size, "seg_bits": list(self.seg_bits), "seg_sizes": list(self.seg_sizes)}
+
+
+class QuantizedExperts(nnx.Module):
+    """E experts as shared bases ([D, r] per projection) and packed factors ([E, r, F] per projection)."""
+
+    def __init__(self, num_experts: int, bases: dict[str, dict[str, np.ndarray]], packed: dict[str, PackedMatrix]):
+        self.num_experts = num_experts
+        self.basis = nnx.Dict({p: nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in bases[p].items()}) for p in PROJECTIONS})
+        self.meta = tuple(FactorMeta.of(packed[p]) for p in PROJECTIONS)
+        self.factors = nnx.Dict(
+            {
+                p: nnx.Dict(
+                    {
+                        "perm": Packed(jnp.asarray(packed[p].perm)),
+                        "payload": nnx.List([Packed(jnp.asarray(a)) for a in packed[p].payload]),
+                        "scales": nnx.List([Packed(jnp.asarray(a)) for a in packed[p].scales]),
+                    }
+                )
+                for p in PROJECTIONS
+            }
+        )
+
+    # ------------------------------------------------------------------ stored -> float
+    def packed_matrix(self, p: str) -> PackedMatrix:
+        f = self.factors[p]
+        m = self.meta[PROJECTIONS.index(p)]
+        return PackedMatrix(
+            perm=f["perm"][...],
+            payload=tuple(a[...] for a in f["payload"]),
+            scales=tuple(a[...] for a in f["scales"]),
+            n=m.n,
+            group_size=m.group_size,
+            seg_bits=m.seg_bits,
+            seg_sizes=m.seg_sizes,
+        )
+
+    def basis_matrix(self, p: str) -> jax.Array:
+        b = self.basis[p]
+        if "scale" in b:
+            return b["q"][...].astype(jnp.float32) * b["scale"][...].astype(jnp.float32)[:, None]
+        return b["q"][...].astype(jnp.float32)
+
+    def factor_matrix(self, p: str) -> jax.Array:
+        """Dequantized factors [E, r, F]."""
+        flat = dequantize_packed(self.packed_matrix(p))
+        return flat.reshape(self.num_experts, -1, flat.shape[-1])
+
+    def dense_weights(self) -> dict[str, jax.Array]:
+        """The equivalent dense expert weights (gate/up [E, D, F], down [E, F, D]) — for tests and baselines."""
+        vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
+        ag, au, bd = (self.factor_matrix(p) for p in PROJECTIONS)
+        return {
+            "gate": jnp.einsum("dr,erf->edf", vg, ag),
+            "up": jnp.einsum("dr,erf->edf", vu, au),
+            "down": jnp.einsum("erf,dr->efd", bd, ud),
+        }
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+        dt = x.dtype
+        vg, vu, ud = (self.basis_matrix(p).astype(dt) for p in PROJECTIONS)
+        ag, au, bd = (self.factor_matrix(p).astype(dt) for p in PROJECTIONS)
+        zg = (x @ vg)[plan.token]
+        zu = (x @ vu)[plan.token]
+        g = grouped_matmul(zg, ag, plan.group_sizes)
+        u = grouped_matmul(zu, au, plan.group_sizes)
+        h = jax.nn.silu(g) * u
+        acc_sorted = grouped_matmul(h, jnp.swapaxes(bd, 1, 2), plan.group_sizes)
+        acc = combine(plan, acc_sorted, x.shape[0])
+        return acc @ ud.astype(jnp.float32).T
+
+    # ------------------------------------------------------------------ accounting / I/O
+    def stored_bits(self) -> int:
+        """Every stored bit: bases (codes + scales) and packed factors (words, scales, permutation)."""
+        total = 0
+        for p in PROJECTIONS:
+            b = self.basis[p]
+            total += int(np.prod(b["q"].shape)) * (8 if "scale" in b else 16)
+            if "scale" in b:
+                total += int(np.prod(b["scale"].shape)) * 16
+            total += self.packed_matrix(p).stored_bits()
+        return total
+
+    def to_tree(self) -> tuple[dict, dict]:
+        """(arrays for orbax, JSON metadata) — the inverse of `from_tree`."""
+        arrays = {
+            "basis": {p: {k: np.asarray(v[...]) for k, v in self.basis[p].items()} for p in PROJECTIONS},
+            "factors": {
+                p: {
+                    "perm": np.asarray(self.factors[p]["perm"][...]),
+                    "payload": {str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["payload"])},
+                    "scales": {str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["scales"])},
+                }
+                for p in PROJECTIONS
+            },
+        }
+        return arrays, {"num_experts": self.num_experts, "factors": {p: m.to_json() for p, m in zip(PROJECTIONS, self.meta)}}
+
+    @classmethod
+    def from_tree(cls, arrays: dict, meta: dict) -> "QuantizedExperts":
+        packed = {}
+        for p in PROJECTIONS:
+            m, f = meta["factors"][p], arrays["factors"][p]
+            nseg = len(m["seg_bits"])
+            packed[p] = PackedMatrix(
+                perm=np.asarray(f["perm"]),
+                payload=tuple(np.asarray(f["payload"][str(i)]) for i in range(nseg)),
+                scales=tuple(np.asarray(f["scales"][str(i)]) for i in range(nseg)),
+                n=int(m["n"]),
+                group_size=int(m["group_size"]),
+                seg_bits=tuple(int(b) for b in m["seg_bits"]),
+                seg_sizes=tuple(int(s) for s in m["seg_sizes"]),
+            )
+        bases = {p: {k: np.asarray(v) for k, v in arrays["basis"][p].items()} for p in PROJECTIONS}
+        return cls(int(meta["num_experts"]), bases, packed)

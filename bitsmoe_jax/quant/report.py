@@ -1,0 +1,63 @@
+"""report.json and a human-readable report.md for one quantized output."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{nd}f}"
+    return str(v)
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# BitsMoE quantization report — {r['model']}",
+        "",
+        f"Method `{r['method']}`, budget {r['budget_bits']} bits per expert weight (everything stored counted).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| effective bpw (experts, bases included) | {_fmt(r['effective_bpw_experts'])} |",
+        f"| effective bpw (whole model) | {_fmt(r['effective_bpw_model'])} |",
+    ]
+    for k, label in (
+        ("perplexity_fp", "perplexity, unquantized"),
+        ("perplexity_q", "perplexity, quantized"),
+        ("kl_divergence", "KL(unquantized ‖ quantized), nats/token"),
+        ("top1_agreement", "top-1 agreement"),
+        ("eval_tokens", "evaluation tokens"),
+    ):
+        if k in r:
+            lines.append(f"| {label} | {_fmt(r[k])} |")
+    lines += ["", "## Time (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["time_s"].items()]
+    lines += ["", "## Layers", "", "| layer | bpw | kept components (g/u/d) | bits histogram | starved experts | solver gap |", "|---|---|---|---|---|---|"]
+    for i, s in r["layers"].items():
+        kept = "/".join(str(s["kept_components"][p]) for p in ("gate", "up", "down"))
+        hist = ", ".join(f"{b}b:{n}" for b, n in s["bits_histogram"].items() if n)
+        gaps = ", ".join(f"{a['gap']:.1e}" for a in s["allocation"]) or "-"
+        lines.append(f"| {i} | {s['bpw']:.3f} | {kept} | {hist} | {s['starved_experts'] or '-'} | {gaps} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    (out_dir / "report.md").write_text(render_markdown(report))
+
+
+def write_pareto(output_dir: str | Path, reports: list[dict[str, Any]]) -> Path:
+    """One table over the budgets of a multi-budget run (`OUTPUT_DIR/pareto.md` and `.json`)."""
+    out = Path(output_dir)
+    keys = ("budget_bits", "effective_bpw_experts", "effective_bpw_model", "perplexity_q", "kl_divergence", "top1_agreement")
+    rows = [{k: r.get(k) for k in keys} for r in reports]
+    lines = ["| budget | bpw experts | bpw model | perplexity | KL | top-1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(" | ".join(["", *(_fmt(r[k]) if r[k] is not None else "-" for k in keys), ""]).strip())
+    (out / "pareto.md").write_text("\n".join(lines) + "\n")
+    (out / "pareto.json").write_text(json.dumps(rows, indent=1))
+    return out / "pareto.md"

@@ -1,0 +1,48 @@
+"""`python -m bitsmoe_jax.quantize --config configs/<model>.py [--config.field=value ...]`.
+
+Quantizes a Hugging Face (or converted) MoE checkpoint with BitsMoE and writes, per budget, a packed
+quantized checkpoint with `report.json` / `report.md`. See `bitsmoe_jax/quant/config_schema.py` for
+every field.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bitsmoe_jax.config_cli import parse_config_args
+from bitsmoe_jax.quant.config_schema import validate
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg, rest = parse_config_args(argv)
+        if rest:
+            raise ValueError(f"unexpected arguments {rest}; use --config.field=value")
+        validate(cfg)
+    except (ValueError, FileNotFoundError, AttributeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from bitsmoe_jax.quant.allocate import BudgetError
+    from bitsmoe_jax.quant.runner import print_summary, quantize
+
+    try:
+        reports = quantize(cfg)
+    except (BudgetError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in reports:
+        print(print_summary(r))
+    if len(reports) > 1:
+        from bitsmoe_jax.quant.report import write_pareto
+
+        path = write_pareto(cfg.output_dir, reports)
+        print(f"Pareto table: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
