@@ -94,17 +94,21 @@ class LayerProblem:
 
     def overhead_bits(self, bits: dict[str, np.ndarray]) -> int:
         """Bases (kept components only) + permutations for an allocation."""
-        total = 0
-        for p in PROJECTIONS:
-            kept = int(np.any(bits[p] > 0, axis=0).sum())
-            total += basis_lib.basis_stored_bits(self.hidden, kept, self.basis_bits) + permutation_bits(self.num_experts * kept)
-        return total
+        return sum(self._overhead(p, self.kept(p, bits[p]).size) for p in PROJECTIONS)
 
     def full_overhead_bits(self) -> int:
-        return sum(
-            basis_lib.basis_stored_bits(self.hidden, self.rank(p), self.basis_bits) + permutation_bits(self.num_experts * self.rank(p))
-            for p in PROJECTIONS
-        )
+        return sum(self._overhead(p, self.rank(p)) for p in PROJECTIONS)
+
+    def _overhead(self, p: str, kept: int) -> int:
+        basis = basis_lib.basis_stored_bits(self.hidden, kept, self.basis_bits) if self.bases[p] else 0
+        return basis + permutation_bits(self.num_experts * kept)
+
+    def kept(self, p: str, bits: np.ndarray) -> np.ndarray:
+        """Components stored: those with bits in some expert (all of them without a basis to shrink)."""
+        if not self.bases[p]:
+            return np.arange(self.rank(p))
+        keep = np.flatnonzero(np.any(bits > 0, axis=0))
+        return keep if keep.size else np.array([0])  # one all-zero component keeps shapes valid
 
 
 def solve_units(
@@ -176,9 +180,7 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray]) -> QuantizedE
     """Quantize and pack a layer's units at the allocated bits, dropping all-zero components."""
     bases, packed = {}, {}
     for p in PROJECTIONS:
-        keep = np.flatnonzero(np.any(bits[p] > 0, axis=0))
-        if keep.size == 0:
-            keep = np.array([0])  # keep one (all-zero) component so shapes stay valid
+        keep = problem.kept(p, bits[p])
         e, _, f = problem.units[p].shape
         units = problem.units[p][:, keep].reshape(-1, f)
         w = problem.weights[p][:, keep].reshape(-1, f)
@@ -188,8 +190,15 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray]) -> QuantizedE
 
 
 # ------------------------------------------------------------------------------------ layer stages
-def make_bases(gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | None, basis_bits: int):
-    """Shared bases from the expert-summed Gram matrices; returns (stored, dequantized) per projection."""
+def make_bases(gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | None, basis_bits: int, kind: str = "svd"):
+    """Shared bases from the expert-summed Gram matrices; returns (stored, dequantized) per projection.
+
+    kind="none" is the ablation without a basis: the identity, stored as nothing, so the units are the
+    original weight columns (gate/up) and rows (down).
+    """
+    if kind == "none":
+        eye = np.eye(gate.shape[1], dtype=np.float32)
+        return {p: {} for p in PROJECTIONS}, {p: eye for p in PROJECTIONS}
     grams = {
         "gate": basis_lib.gram_rows(jnp.swapaxes(jnp.asarray(gate), 1, 2)),
         "up": basis_lib.gram_rows(jnp.swapaxes(jnp.asarray(up), 1, 2)),
@@ -221,7 +230,7 @@ def build_problem(index: int, block: MoEBlock, x: jax.Array, cfg: Any, config: M
     """Bases, statistics, weights and coefficients for one MoE layer (x: MoE input [N, D])."""
     gate, up, down = (np.asarray(block.experts.__getattribute__(n)[...], np.float32) for n in ("gate", "up", "down"))
     t = time.time()
-    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits)
+    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis)
     units = layer_units(gate, up, down, deq)
     timings["basis"] += time.time() - t
     t = time.time()

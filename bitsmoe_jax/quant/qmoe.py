@@ -86,8 +86,11 @@ class QuantizedExperts(nnx.Module):
             seg_sizes=m.seg_sizes,
         )
 
-    def basis_matrix(self, p: str) -> jax.Array:
+    def basis_matrix(self, p: str) -> jax.Array | None:
+        """Dequantized basis [D, r], or None for the identity (the "no basis" ablation stores none)."""
         b = self.basis[p]
+        if "q" not in b:
+            return None
         if "scale" in b:
             return b["q"][...].astype(jnp.float32) * b["scale"][...].astype(jnp.float32)[:, None]
         return b["q"][...].astype(jnp.float32)
@@ -99,7 +102,7 @@ class QuantizedExperts(nnx.Module):
 
     def dense_weights(self) -> dict[str, jax.Array]:
         """The equivalent dense expert weights (gate/up [E, D, F], down [E, F, D]) — for tests and baselines."""
-        vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
+        vg, vu, ud = (self._basis_or_eye(p, self.factor_matrix(p).shape[1]) for p in PROJECTIONS)
         ag, au, bd = (self.factor_matrix(p) for p in PROJECTIONS)
         return {
             "gate": jnp.einsum("dr,erf->edf", vg, ag),
@@ -107,19 +110,23 @@ class QuantizedExperts(nnx.Module):
             "down": jnp.einsum("erf,dr->efd", bd, ud),
         }
 
+    def _basis_or_eye(self, p: str, r: int) -> jax.Array:
+        v = self.basis_matrix(p)
+        return jnp.eye(r, dtype=jnp.float32) if v is None else v
+
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
         dt = x.dtype
-        vg, vu, ud = (self.basis_matrix(p).astype(dt) for p in PROJECTIONS)
+        vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
         ag, au, bd = (self.factor_matrix(p).astype(dt) for p in PROJECTIONS)
-        zg = (x @ vg)[plan.token]
-        zu = (x @ vu)[plan.token]
+        zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
+        zu = (x if vu is None else x @ vu.astype(dt))[plan.token]
         g = grouped_matmul(zg, ag, plan.group_sizes)
         u = grouped_matmul(zu, au, plan.group_sizes)
         h = jax.nn.silu(g) * u
         acc_sorted = grouped_matmul(h, jnp.swapaxes(bd, 1, 2), plan.group_sizes)
         acc = combine(plan, acc_sorted, x.shape[0])
-        return acc @ ud.astype(jnp.float32).T
+        return acc if ud is None else acc @ ud.T
 
     # ------------------------------------------------------------------ accounting / I/O
     def stored_bits(self) -> int:
@@ -127,7 +134,8 @@ class QuantizedExperts(nnx.Module):
         total = 0
         for p in PROJECTIONS:
             b = self.basis[p]
-            total += int(np.prod(b["q"].shape)) * (8 if "scale" in b else 16)
+            if "q" in b:
+                total += int(np.prod(b["q"].shape)) * (8 if "scale" in b else 16)
             if "scale" in b:
                 total += int(np.prod(b["scale"].shape)) * 16
             total += self.packed_matrix(p).stored_bits()

@@ -192,7 +192,7 @@ def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, top, d
                     "stored_bits": sb,
                     "bpw": sb / info["problem"]["num_weights"],
                     "bits_histogram": bits_histogram(info["bits"], cfg.candidate_bits),
-                    "kept_components": {q: int(np.any(info["bits"][q] > 0, axis=0).sum()) for q in PROJECTIONS},
+                    "kept_components": {q: sum(m.seg_sizes) // qe.num_experts for q, m in zip(PROJECTIONS, qe.meta)},
                     "allocation": [
                         {"solver": a.solver, "objective": a.objective, "lower_bound": a.lower_bound, "gap": a.gap, "time_s": a.time_s}
                         for a in allocs
