@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "ModelConfig"]
+__all__ = ["load_model", "load_quantized", "ModelConfig"]
 
 
 def __getattr__(name: str):
@@ -12,6 +12,10 @@ def __getattr__(name: str):
         from bitsmoe_jax.loading import load_model
 
         return load_model
+    if name == "load_quantized":
+        from bitsmoe_jax.quant.checkpoint_io import load_quantized
+
+        return load_quantized
     if name == "ModelConfig":
         from bitsmoe_jax.models.config import ModelConfig
 

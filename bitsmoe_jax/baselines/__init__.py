@@ -1,0 +1,1 @@
+"""Baselines measured in the same framework as BitsMoE (same model, text, bit accounting)."""
