@@ -1,0 +1,284 @@
+"""Bit-plane packing of quantized units and the per-matrix packed format.
+
+Bit-plane layout
+----------------
+Signed codes ``q`` of bit-width ``b`` (1..8, the convention of :mod:`quantizers`:
+``q ∈ [-2**(b-1), 2**(b-1)-1]``, value ``(2q+1)·scale``) are first offset to unsigned
+``u = q + 2**(b-1) ∈ [0, 2**b)``. For ``b = 1`` that makes ``u`` the sign bit, 1 for
+``x >= 0`` and 0 for ``x < 0``. A unit of ``n`` values is zero-padded (in ``u``) to a multiple of
+32 and cut into blocks of 32 consecutive values; block ``k`` becomes ``b`` uint32 words, word
+``p`` holding bit ``p`` of the 32 values, value ``i`` of the block in bit ``i`` of the word.
+
+The packed array of a unit is the flat sequence ``[block 0: plane 0 … plane b-1, block 1: …]``,
+i.e. shape ``[..., ceil(n/32) * b]`` with word index ``k * b + p`` — reshape to
+``[..., ceil(n/32), b]`` to address (block, plane). Why bit-planes: every ``b`` (3, 5, 6, 7
+included) packs with no value straddling a word, and unpacking value ``i`` of plane ``p`` is one
+shift and mask, the same instruction stream for every bit-width — what a Pallas/XLA kernel wants.
+
+Packed matrix
+-------------
+:func:`pack_segments` stores the ``K`` units of one (expert, projection) factor: units are ordered
+by bit-width (stable), each run of equal bit-width is a *segment* with its packed words and its
+bf16 group scales (or bf16 values for 16-bit units; nothing for 0-bit units), and the permutation
+back to the original order is kept. :func:`dequantize_packed` is jnp and jittable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from bitsmoe_jax.quant import quantizers as qz
+
+WORD_BITS = 32
+
+
+def _check_pack_bits(bits: int) -> int:
+    bits = int(bits)
+    if bits not in qz.INT_BITS:
+        raise ValueError(f"bit-plane packing handles bits in {qz.INT_BITS}, got {bits}")
+    return bits
+
+
+def num_words(n: int, bits: int) -> int:
+    """Number of uint32 words holding ``n`` codes of ``bits`` bits: ``ceil(n/32) * bits``."""
+    return -(-int(n) // WORD_BITS) * _check_pack_bits(bits)
+
+
+def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack signed codes ``[..., n]`` into uint32 bit-plane words ``[..., ceil(n/32) * bits]``.
+
+    Raises ``ValueError`` when a code lies outside ``[-2**(b-1), 2**(b-1)-1]`` — packing would
+    otherwise silently wrap it.
+    """
+    bits = _check_pack_bits(bits)
+    codes = np.asarray(codes)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    lo, hi = qz.code_range(bits)
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(
+            f"codes outside [{lo}, {hi}] for bits={bits}: min {codes.min()}, max {codes.max()}"
+        )
+    lead, n = codes.shape[:-1], codes.shape[-1]
+    nb = -(-n // WORD_BITS)
+    u = (codes.astype(np.int64) - lo).astype(np.uint32)
+    if nb * WORD_BITS != n:
+        u = np.pad(u, [(0, 0)] * len(lead) + [(0, nb * WORD_BITS - n)])
+    u = u.reshape(*lead, nb, WORD_BITS, 1)
+    planes = (u >> np.arange(bits, dtype=np.uint32)) & np.uint32(1)  # [..., nb, 32, bits]
+    shifts = np.arange(WORD_BITS, dtype=np.uint32)[:, None]
+    words = np.bitwise_or.reduce(planes << shifts, axis=-2)  # [..., nb, bits]
+    return np.ascontiguousarray(words.reshape(*lead, nb * bits).astype(np.uint32))
+
+
+def unpack_bitplanes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_bitplanes` (numpy): signed int32 codes ``[..., n]``."""
+    bits = _check_pack_bits(bits)
+    words = np.asarray(words, dtype=np.uint32)
+    lead = words.shape[:-1]
+    nb = -(-int(n) // WORD_BITS)
+    if words.shape[-1] != nb * bits:
+        raise ValueError(f"expected {nb * bits} words for n={n}, bits={bits}; got {words.shape[-1]}")
+    w = words.reshape(*lead, nb, 1, bits)
+    shifts = np.arange(WORD_BITS, dtype=np.uint32)[:, None]
+    planes = (w >> shifts) & np.uint32(1)  # [..., nb, 32, bits]
+    u = np.sum(planes << np.arange(bits, dtype=np.uint32), axis=-1, dtype=np.uint32)
+    u = u.reshape(*lead, nb * WORD_BITS)[..., :n]
+    return u.astype(np.int32) + np.int32(qz.code_range(bits)[0])
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "n"))
+def unpack_bitplanes_jnp(words: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of :func:`pack_bitplanes` in jnp (jitted; ``bits`` and ``n`` are static)."""
+    bits = _check_pack_bits(bits)
+    words = jnp.asarray(words, dtype=jnp.uint32)
+    lead = words.shape[:-1]
+    nb = -(-int(n) // WORD_BITS)
+    if words.shape[-1] != nb * bits:
+        raise ValueError(f"expected {nb * bits} words for n={n}, bits={bits}; got {words.shape[-1]}")
+    w = words.reshape(*lead, nb, 1, bits)
+    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)[:, None]
+    planes = (w >> shifts) & jnp.uint32(1)
+    u = jnp.sum(planes << jnp.arange(bits, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+    u = u.reshape(*lead, nb * WORD_BITS)[..., :n]
+    return u.astype(jnp.int32) + jnp.int32(qz.code_range(bits)[0])
+
+
+def permutation_bits(k: int) -> int:
+    """Bits to store a permutation of ``k`` entries: ``k * ceil(log2 k)`` (0 for ``k <= 1``)."""
+    k = int(k)
+    return k * math.ceil(math.log2(k)) if k > 1 else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedMatrix:
+    """The ``K`` quantized units of one factor matrix, grouped into bit-width segments.
+
+    Array fields (pytree leaves; numpy on the host, jax arrays once moved to a device):
+
+    * ``perm [K] int32``: ``perm[i]`` is the original index of the ``i``-th stored unit
+      (stored order = segments concatenated in ``seg_bits`` order).
+    * ``payload``: one array per segment — uint32 bit-plane words ``[k_s, ceil(n/32)*b]`` for
+      ``b`` in 1..8, bfloat16 values ``[k_s, n]`` for ``b = 16``, an empty uint32 ``[k_s, 0]``
+      for ``b = 0``.
+    * ``scales``: one bfloat16 array per segment, ``[k_s, ceil(n/group_size)]`` for ``b`` in 1..8,
+      ``[k_s, 0]`` otherwise.
+
+    Static metadata (pytree aux data; part of the format, not of the bit count): ``n``,
+    ``group_size``, ``seg_bits`` (ascending) and ``seg_sizes``.
+
+    Registered as a JAX pytree, so a ``PackedMatrix`` can be passed through ``jax.jit``.
+    """
+
+    perm: np.ndarray | jax.Array
+    payload: tuple
+    scales: tuple
+    n: int
+    group_size: int
+    seg_bits: tuple[int, ...]
+    seg_sizes: tuple[int, ...]
+
+    @property
+    def num_units(self) -> int:
+        return int(sum(self.seg_sizes))
+
+    def bits_per_unit(self) -> np.ndarray:
+        """Bit-width of every unit, in the original order."""
+        stored = np.repeat(np.asarray(self.seg_bits, np.int64), np.asarray(self.seg_sizes, np.int64))
+        out = np.empty(self.num_units, np.int64)
+        out[np.asarray(self.perm)] = stored
+        return out
+
+    def stored_bits(self) -> int:
+        """Every stored bit, measured from the arrays themselves.
+
+        Payload words (32 bits each) or bf16 values (16 each), bf16 scales (16 each) and the
+        permutation at ``ceil(log2 K)`` bits per entry (its int32 container is an in-memory
+        convenience; the count is what a tight encoding needs). No per-component scalars exist in
+        this format. The static metadata (``n``, ``group_size``, at most 10 segment bit-widths and
+        sizes) is not counted. Equals ``Σ_units quantizers.stored_bits(n, b, group_size) +
+        permutation_bits(K)``.
+        """
+        total = 0
+        for arr in self.payload:
+            total += int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize * 8
+        for arr in self.scales:
+            total += int(np.prod(arr.shape)) * 16
+        return total + permutation_bits(self.num_units)
+
+
+jax.tree_util.register_dataclass(
+    PackedMatrix,
+    data_fields=["perm", "payload", "scales"],
+    meta_fields=["n", "group_size", "seg_bits", "seg_sizes"],
+)
+
+
+def pack_segments(
+    units: np.ndarray,
+    bits_per_unit: Sequence[int] | np.ndarray,
+    group_size: int = qz.DEFAULT_GROUP_SIZE,
+    weights: np.ndarray | None = None,
+) -> PackedMatrix:
+    """Quantize and pack ``units [K, n]`` with one bit-width each (``bits_per_unit [K]``).
+
+    ``weights`` (``[K, n]`` or broadcastable, ``>= 0``) must be the ones the loss coefficients
+    were computed with, so that the stored scales are the costed ones.
+    """
+    units = np.asarray(units, np.float32)
+    if units.ndim != 2:
+        raise ValueError(f"units must be [K, n], got shape {units.shape}")
+    k, n = units.shape
+    group_size = int(group_size)
+    bpu = np.asarray(bits_per_unit, np.int64).reshape(-1)
+    if bpu.shape[0] != k:
+        raise ValueError(f"bits_per_unit has {bpu.shape[0]} entries for {k} units")
+    bad = sorted(set(bpu.tolist()) - set(qz.SUPPORTED_BITS))
+    if bad:
+        raise ValueError(f"unsupported bit-widths {bad}; allowed {qz.SUPPORTED_BITS}")
+    w_full = None if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+
+    perm = np.argsort(bpu, kind="stable")
+    seg_bits, seg_sizes = np.unique(bpu[perm], return_counts=True)
+    # Quantize every integer-width unit in one program (bit-width per unit is a traced value),
+    # then cut the results into segments.
+    is_int = (bpu >= 1) & (bpu <= 8)
+    codes_all = scales_all = None
+    if is_int.any():
+        sel = np.flatnonzero(is_int)
+        w = None if w_full is None else w_full[sel]
+        c, sc = qz.quantize_codes_mixed(units[sel], bpu[sel], group_size, w)
+        codes_all = np.zeros((k, n), np.int32)
+        codes_all[sel] = np.asarray(c)
+        scales_all = np.zeros((k, sc.shape[-1]), np.float32)
+        scales_all[sel] = np.asarray(sc)
+    payload, scales = [], []
+    start = 0
+    for b, size in zip(seg_bits.tolist(), seg_sizes.tolist()):
+        idx = perm[start : start + size]
+        start += size
+        if b == 0:
+            payload.append(np.zeros((size, 0), np.uint32))
+            scales.append(np.zeros((size, 0), ml_dtypes.bfloat16))
+        elif b == 16:
+            codes, _ = qz.quantize_codes(units[idx], 16, group_size)
+            payload.append(np.asarray(codes).astype(np.uint16).view(ml_dtypes.bfloat16))
+            scales.append(np.zeros((size, 0), ml_dtypes.bfloat16))
+        else:
+            payload.append(pack_bitplanes(codes_all[idx], b))
+            # Scales are bf16-representable by construction; the cast is exact.
+            scales.append(scales_all[idx].astype(ml_dtypes.bfloat16))
+    return PackedMatrix(
+        perm=perm.astype(np.int32),
+        payload=tuple(payload),
+        scales=tuple(scales),
+        n=int(n),
+        group_size=group_size,
+        seg_bits=tuple(int(b) for b in seg_bits),
+        seg_sizes=tuple(int(c) for c in seg_sizes),
+    )
+
+
+def _dequantize_segment(pm: PackedMatrix, i: int) -> jax.Array:
+    b, size, n = pm.seg_bits[i], pm.seg_sizes[i], pm.n
+    if b == 0:
+        return jnp.zeros((size, n), jnp.float32)
+    if b == 16:
+        return jnp.asarray(pm.payload[i]).astype(jnp.float32)
+    codes = unpack_bitplanes_jnp(pm.payload[i], b, n)
+    return qz.dequantize_codes(codes, jnp.asarray(pm.scales[i]).astype(jnp.float32), b, pm.group_size)
+
+
+@jax.jit
+def dequantize_packed(pm: PackedMatrix) -> jax.Array:
+    """Float32 ``[K, n]`` reconstruction in the original unit order (0-bit units are zeros).
+
+    jnp only and jitted (the segment structure is static pytree metadata), so it also runs inside
+    an outer ``jax.jit`` — the pure-XLA reference path of the kernels.
+    """
+    parts = [_dequantize_segment(pm, i) for i in range(len(pm.seg_bits))]
+    if not parts:
+        return jnp.zeros((0, pm.n), jnp.float32)
+    stored = jnp.concatenate(parts, axis=0)
+    return jnp.zeros_like(stored).at[jnp.asarray(pm.perm)].set(stored)
+
+
+__all__ = [
+    "WORD_BITS",
+    "num_words",
+    "pack_bitplanes",
+    "unpack_bitplanes",
+    "unpack_bitplanes_jnp",
+    "permutation_bits",
+    "PackedMatrix",
+    "pack_segments",
+    "dequantize_packed",
+]
