@@ -56,18 +56,25 @@ class SafetensorsFile:
                 if n > size - 8 or n > 100_000_000:
                     raise CheckpointError(f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes)")
                 header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         data_start = 8 + n
         end_max = 0
         for name, e in header.items():
+            if not isinstance(e, dict):
+                raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
             dt = _ST_DTYPES.get(e.get("dtype"))
             if dt is None:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-            begin, end = e["data_offsets"]
-            shape = tuple(int(s) for s in e["shape"])
+            try:
+                begin, end = (int(o) for o in e["data_offsets"])
+                shape = tuple(int(s) for s in e["shape"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r} ({err!r})") from err
             if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
                 raise CheckpointError(f"{path}: tensor {name!r} byte range does not match its shape {shape}")
             self.entries[name] = (dt, shape, data_start + begin, data_start + end)

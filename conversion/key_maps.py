@@ -63,7 +63,13 @@ def _expert_stack(
                     k = f"{base}.{e}.{name}.weight"
                     if k not in keys:
                         raise CheckpointError(f"tensor {k!r} is missing from the checkpoint")
-                    mats.append(get(k).T)
+                    m = get(k).T
+                    if mats and m.shape != mats[0].shape:
+                        raise CheckpointError(
+                            f"tensor {k!r}: shape {tuple(m.shape[::-1])} differs from expert 0's "
+                            f"{tuple(mats[0].shape[::-1])}"
+                        )
+                    mats.append(m)
                 return np.ascontiguousarray(np.stack(mats))
     raise CheckpointError(
         f"no {which} weights for the experts of {layer_prefix.rstrip('.')}: expected "

@@ -163,6 +163,10 @@ class ModelConfig:
         )
         if common["hidden_act"] != "silu":
             raise ConfigError(f"{source}: hidden_act {common['hidden_act']!r} unsupported (only 'silu')")
+        if model_type == "qwen2_moe" and hf.get("use_sliding_window"):
+            # transformers windows only some Qwen2-MoE layers (layer_types / max_window_layers); refuse
+            # rather than silently window every layer.
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported for qwen2_moe")
         if hf.get("sliding_window") and (model_type == "mixtral" or hf.get("use_sliding_window")):
             common["sliding_window"] = int(hf["sliding_window"])
 

@@ -196,7 +196,9 @@ class Attention(nnx.Module):
         self.q_proj = Linear(c.hidden_size, c.num_attention_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype)
         self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype)
         self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype)
-        self.o_proj = Linear(c.num_attention_heads * hd, c.hidden_size, rngs=rngs, dtype=dtype)
+        # Qwen3-MoE's attention_bias also puts a bias on o_proj (Qwen2-MoE's qkv_bias does not).
+        o_bias = c.attention_bias and c.model_type == "qwen3_moe"
+        self.o_proj = Linear(c.num_attention_heads * hd, c.hidden_size, bias=o_bias, rngs=rngs, dtype=dtype)
         if c.qk_norm:
             self.q_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)

@@ -12,7 +12,6 @@ router / shared experts. Calling contract (relied on by evaluation, quantization
 from __future__ import annotations
 
 import math
-import math
 from typing import Any
 
 import jax
