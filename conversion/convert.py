@@ -72,7 +72,9 @@ class _RecordingGetter:
         return f"tensor {k!r} in {self.ckpt.file_of(k).name}"
 
 
-def _read_part(ckpt: HFCheckpoint, config: ModelConfig, expected: dict, layer: int | None, dtype: np.dtype) -> dict:
+def _read_part(
+    ckpt: HFCheckpoint, config: ModelConfig, expected: dict, layer: int | None, dtype: np.dtype, used: set[str]
+) -> dict:
     keys = dict.fromkeys(ckpt.keys())
     out: dict = {}
     for path, spec in _leaves(expected):
@@ -92,7 +94,24 @@ def _read_part(ckpt: HFCheckpoint, config: ModelConfig, expected: dict, layer: i
                 + ("" if layer is None else f" of layer {layer}")
             )
         _set(out, path, np.ascontiguousarray(value.astype(dtype)))
+        used.update(getter.used)
     return out
+
+
+# Non-persistent buffers some older exports still contain; they carry no weights.
+IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_all_used(ckpt: HFCheckpoint, used: set[str]) -> None:
+    """Refuse tensors the model does not use: they mean an architecture feature we would silently drop."""
+    unused = sorted(k for k in ckpt.keys() if k not in used and not k.endswith(IGNORABLE_SUFFIXES))
+    if unused:
+        more = f" (and {len(unused) - 5} more)" if len(unused) > 5 else ""
+        raise CheckpointError(
+            f"{ckpt.path}: {len(unused)} tensors are not used by the model: "
+            f"{', '.join(repr(k) for k in unused[:5])}{more} — the config.json may not describe this checkpoint "
+            "(e.g. a bias or layer this architecture setting does not have)"
+        )
 
 
 def iter_parts(
@@ -106,10 +125,12 @@ def iter_parts(
     layers = expected.pop("layers")
     if config.tie_word_embeddings:
         expected.pop("lm_head", None)
-    yield "top", _read_part(ckpt, config, expected, None, dt)
+    used: set[str] = set()
+    yield "top", _read_part(ckpt, config, expected, None, dt, used)
     for i in range(config.num_hidden_layers):
-        yield i, _read_part(ckpt, config, layers[i], i, dt)
+        yield i, _read_part(ckpt, config, layers[i], i, dt, used)
         ckpt.release()
+    check_all_used(ckpt, used)
 
 
 def convert_checkpoint(

@@ -42,7 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.allocator = "auto"
     c.milp_max_units = 10000
     c.milp_time_limit = 60.0
-    c.super_experts = ()  # expert indices kept at super_expert_bits in every MoE layer, or "auto"
+    # expert indices kept at super_expert_bits in every MoE layer, or "auto" (any type: a tuple or a string)
+    c.super_experts = ml_collections.FieldReference((), field_type=object)
     c.super_expert_bits = 8
     c.super_expert_threshold = 8.0  # "auto": peak |output| above this x the median expert's
     c.dense_dtype = "bfloat16"  # storage of non-expert weights
@@ -100,3 +101,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("expert_mass_floor", "a number >= 0 (fraction of the mean expert mass)")
     if c.rank is not None and c.rank < 1:
         bad("rank", "None (full) or a positive integer")
+
+
+def large_model_config(output_dir: str) -> ml_collections.ConfigDict:
+    """Settings for a published multi-billion-parameter MoE; `model_path` must be given by the user."""
+    c = default_config()
+    c.model_path = ""  # required: --config.model_path=/path/to/the/downloaded/checkpoint
+    c.output_dir = output_dir
+    # One budget keeps memory to the quantized model; several re-solve from one calibration but hold
+    # every layer's problem (units, weights, coefficients) until the end.
+    c.budget_bits = (2.0,)
+    c.num_calib_tokens = 65536
+    c.seq_len = 2048
+    c.eval_max_tokens = 65536
+    return c

@@ -135,7 +135,17 @@ def _truncated_bin(d: Path, hf) -> None:
 E_KEY = "model.layers.1.mlp.experts.3.up_proj.weight"
 
 # name -> (mutation(dir, hf_model), exception class, substrings the message must contain)
+def _add_unused(key: str) -> Callable[[dict], None]:
+    def edit(t: dict) -> None:
+        t[key] = torch.zeros(4)
+
+    return edit
+
+
 CASES: dict[str, tuple[Callable, type, list[str]]] = {
+    "unused_tensor": (  # e.g. an o_proj bias the config does not announce: never silently dropped
+        lambda d, hf: _edit_tensors(d, _add_unused("model.layers.1.self_attn.o_proj.bias")),
+        CheckpointError, ["model.layers.1.self_attn.o_proj.bias", "not used"]),
     "missing_expert_tensor": (
         lambda d, hf: _edit_tensors(d, _delete(E_KEY)), CheckpointError, [E_KEY, "missing"]),
     "missing_attention_bias": (
