@@ -214,12 +214,22 @@ def pack_segments(
     codes_all = scales_all = None
     if is_int.any():
         sel = np.flatnonzero(is_int)
-        w = None if w_full is None else w_full[sel]
-        c, sc = qz.quantize_codes_mixed(units[sel], bpu[sel], group_size, w)
+        # Pad the row count to a power of two: the jitted quantizer then compiles once per bucket,
+        # not once per layer (kept-unit counts differ from layer to layer). Padding rows are zeros.
+        rows = 1 << max(int(sel.size) - 1, 0).bit_length()
+        x = np.zeros((rows, n), np.float32)
+        x[: sel.size] = units[sel]
+        b = np.ones(rows, np.int64)
+        b[: sel.size] = bpu[sel]
+        w = None
+        if w_full is not None:
+            w = np.zeros((rows, n), np.float32)
+            w[: sel.size] = w_full[sel]
+        c, sc = qz.quantize_codes_mixed(x, b, group_size, w)
         codes_all = np.zeros((k, n), np.int32)
-        codes_all[sel] = np.asarray(c)
+        codes_all[sel] = np.asarray(c)[: sel.size]
         scales_all = np.zeros((k, sc.shape[-1]), np.float32)
-        scales_all[sel] = np.asarray(sc)
+        scales_all[sel] = np.asarray(sc)[: sel.size]
     payload, scales = [], []
     start = 0
     for b, size in zip(seg_bits.tolist(), seg_sizes.tolist()):
