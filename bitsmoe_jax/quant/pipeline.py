@@ -22,10 +22,8 @@ problem and solves one allocation over all MoE layers.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -41,7 +39,6 @@ from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
 from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients, layer_units, loss_coefficients, loss_weights
 from bitsmoe_jax.quant.packing import pack_segments, permutation_bits
 from bitsmoe_jax.quant.qmoe import QuantizedExperts
-from bitsmoe_jax.quant.quantizers import stored_bits
 
 
 @dataclasses.dataclass
@@ -151,18 +148,25 @@ def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str
             except BudgetError as e:
                 if best is not None:
                     break
+                nw = sum(p.num_weights for p in group)
+                cheapest = cost.min(axis=1)
+                if fixed.any():
+                    cheapest = np.where(fixed, cost[:, list(cands).index(sb)], cheapest)
+                minimum = (float(cheapest.sum()) + overhead) / nw
                 raise BudgetError(
-                    f"budget {budget_bits} bits per expert weight is below what layers "
-                    f"{[p.index for p in group]} can store: {e}"
+                    f"budget {budget_bits} bits per expert weight is below the minimum of {minimum:.4f} bits per "
+                    f"expert weight that layers {[p.index for p in group]} need (shared bases and permutations "
+                    f"{overhead / nw:.4f} + every unit at its cheapest bit-width {float(cheapest.sum()) / nw:.4f}); "
+                    f"allocator: {e}"
                 ) from e
             per_layer, off = [], 0
             for p in group:
                 n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
                 per_layer.append(p.split(flat[off : off + n]))
                 off += n
-            spent = sum(float(cost[i, list(cands).index(b)]) for i, b in enumerate(flat)) + sum(
-                p.overhead_bits(b) for p, b in zip(group, per_layer)
-            )
+            col = np.searchsorted(np.asarray(cands), flat, sorter=np.argsort(cands))
+            col = np.argsort(cands)[col]
+            spent = float(cost[np.arange(len(flat)), col].sum()) + sum(p.overhead_bits(b) for p, b in zip(group, per_layer))
             if spent > total + 1e-6:
                 break
             best = (per_layer, alloc)
@@ -267,10 +271,6 @@ def bits_histogram(bits: dict[str, np.ndarray], candidates: Sequence[int]) -> di
     return {str(b): int((allb == b).sum()) for b in candidates}
 
 
-def unit_cost_table(inter: int, candidates: Sequence[int], group_size: int) -> dict[int, int]:
-    return {b: stored_bits(inter, b, group_size) for b in candidates}
-
-
 def layer_positions(batch: int, seq: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
 
@@ -282,15 +282,6 @@ def attention_part(layer, x: jax.Array, config: ModelConfig) -> tuple[jax.Array,
     h, _ = layer.self_attn(layer.input_layernorm(x), pos, rope_cos_sin(config, pos, x.dtype), None)
     r = x + h
     return r, layer.post_attention_layernorm(r)
-
-
-def finite_or_raise(a: np.ndarray, what: str) -> None:
-    if not np.all(np.isfinite(a)):
-        raise FloatingPointError(f"{what} contains NaN/Inf (check the checkpoint and calibration text)")
-
-
-def mean_or_nan(xs: list[float]) -> float:
-    return float(np.mean(xs)) if xs else math.nan
 
 
 def stage_timer() -> defaultdict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -273,11 +271,3 @@ def print_summary(report: dict) -> str:
         )
     parts.append(f"{report['time_s']['total']:.1f} s")
     return " | ".join(parts)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-
-
-def finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)
