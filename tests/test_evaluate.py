@@ -27,12 +27,6 @@ from bitsmoe_jax.train_reference import REFERENCE_DIR
 
 MODEL_DIR = Path(os.environ.get("BITSMOE_TEST_MODEL") or REFERENCE_DIR)
 
-pytestmark = pytest.mark.skipif(
-    not (MODEL_DIR / "config.json").is_file(),
-    reason=f"no model at {MODEL_DIR} (train it with `python -m bitsmoe_jax.train_reference`, "
-    "or set BITSMOE_TEST_MODEL to an HF model directory)",
-)
-
 N_PARITY = 1500  # tokens of the test split used against the PyTorch reference
 REQUIRED_KEYS = {"perplexity", "tokens_scored", "model", "text", "seq_len", "stride", "time_s", "nll_sum"}
 REFERENCE_KEYS = {"kl_divergence", "top1_agreement", "reference_perplexity"}

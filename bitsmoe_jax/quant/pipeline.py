@@ -130,7 +130,14 @@ def solve_units(
 
 
 def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str, alloc_kw: dict) -> dict[int, tuple[dict, list[Allocation]]]:
-    """Bits per unit for each layer under a per-layer or whole-model budget (fixed point on the bases)."""
+    """Bits per unit for each layer under a per-layer or whole-model budget.
+
+    The bases' cost depends on the allocation (components with 0 bits in every expert are not
+    stored), so the budget left for the units is searched: start from the budget minus the full-rank
+    bases (always feasible), then bisect on the units' budget with the fast greedy for the largest
+    one whose units + kept bases + permutations still fit; the configured allocator then solves at
+    that budget (its answer is used only if it also fits).
+    """
     groups = [[p] for p in problems] if scope == "layer" else [problems]
     out: dict[int, tuple[dict, list[Allocation]]] = {}
     for group in groups:
@@ -138,45 +145,50 @@ def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str
         loss = np.concatenate([a[0] for a in arrays])
         cost = np.concatenate([a[1] for a in arrays])
         fixed = np.concatenate([a[2] for a in arrays])
-        total = budget_bits * sum(p.num_weights for p in group)
+        nw = sum(p.num_weights for p in group)
+        total = budget_bits * nw
         overhead = sum(p.full_overhead_bits() for p in group)
         cands, sb = group[0].coeffs.candidates, group[0].super_bits
-        best = None
-        for _ in range(4):
-            try:
-                flat, alloc = solve_units(loss, cost, fixed, cands, sb, total - overhead, **alloc_kw)
-            except BudgetError as e:
-                if best is not None:
-                    break
-                nw = sum(p.num_weights for p in group)
-                cheapest = cost.min(axis=1)
-                if fixed.any():
-                    cheapest = np.where(fixed, cost[:, list(cands).index(sb)], cheapest)
-                minimum = (float(cheapest.sum()) + overhead) / nw
-                raise BudgetError(
-                    f"budget {budget_bits} bits per expert weight is below the minimum of {minimum:.4f} bits per "
-                    f"expert weight that layers {[p.index for p in group]} need (shared bases and permutations "
-                    f"{overhead / nw:.4f} + every unit at its cheapest bit-width {float(cheapest.sum()) / nw:.4f}); "
-                    f"allocator: {e}"
-                ) from e
+        col_of = {b: i for i, b in enumerate(cands)}
+
+        def attempt(unit_budget: float, kw: dict) -> tuple[float, list[dict], Allocation | None]:
+            flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, **kw)
             per_layer, off = [], 0
             for p in group:
                 n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
                 per_layer.append(p.split(flat[off : off + n]))
                 off += n
-            col = np.searchsorted(np.asarray(cands), flat, sorter=np.argsort(cands))
-            col = np.argsort(cands)[col]
-            spent = float(cost[np.arange(len(flat)), col].sum()) + sum(p.overhead_bits(b) for p, b in zip(group, per_layer))
-            if spent > total + 1e-6:
-                break
-            best = (per_layer, alloc)
-            new_overhead = sum(p.overhead_bits(b) for p, b in zip(group, per_layer))
-            if new_overhead >= overhead:
-                break
-            overhead = new_overhead
-        assert best is not None
-        for p, b in zip(group, best[0]):
-            out[p.index] = (b, [best[1]] if best[1] is not None else [])
+            cols = np.fromiter((col_of[int(b)] for b in flat), np.int64, len(flat))
+            spent = float(cost[np.arange(len(flat)), cols].sum()) + sum(p.overhead_bits(b) for p, b in zip(group, per_layer))
+            return spent, per_layer, alloc
+
+        lo, hi = total - overhead, total
+        try:
+            _, best_bits, best_alloc = attempt(lo, {"allocator": "greedy"})
+        except BudgetError as e:
+            cheapest = cost.min(axis=1)
+            if fixed.any():
+                cheapest = np.where(fixed, cost[:, list(cands).index(sb)], cheapest)
+            minimum = (float(cheapest.sum()) + overhead) / nw
+            raise BudgetError(
+                f"budget {budget_bits} bits per expert weight is below the minimum of {minimum:.4f} bits per "
+                f"expert weight that layers {[p.index for p in group]} need (shared bases and permutations "
+                f"{overhead / nw:.4f} + every unit at its cheapest bit-width {float(cheapest.sum()) / nw:.4f}); "
+                f"allocator: {e}"
+            ) from e
+        for _ in range(14):
+            mid = 0.5 * (lo + hi)
+            spent, bits, alloc = attempt(mid, {"allocator": "greedy"})
+            if spent <= total:
+                lo, best_bits, best_alloc = mid, bits, alloc
+            else:
+                hi = mid
+        if alloc_kw.get("allocator", "auto") != "greedy":
+            spent, bits, alloc = attempt(lo, alloc_kw)
+            if spent <= total:
+                best_bits, best_alloc = bits, alloc
+        for p, b in zip(group, best_bits):
+            out[p.index] = (b, [best_alloc] if best_alloc is not None else [])
     return out
 
 
