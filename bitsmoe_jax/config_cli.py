@@ -55,8 +55,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_
         key, raw = item.split("=", 1)
         if key not in cfg:
             raise ValueError(f"unknown config field {key!r}; known fields: {', '.join(sorted(cfg.keys()))}")
-        with cfg.unlocked():
-            cfg[key] = _parse(raw, cfg[key], key)
+        value = _parse(raw, cfg[key], key)
+        try:
+            with cfg.unlocked():
+                cfg[key] = value
+        except TypeError as e:  # ml_collections refuses a value of another type than the field's
+            raise ValueError(f"--config.{key}={raw!r}: expected a value of type {type(cfg[key]).__name__} ({e})") from None
     return cfg
 
 

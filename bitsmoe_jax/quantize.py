@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         reports = quantize(cfg)
-    except (BudgetError, FileExistsError, FileNotFoundError) as e:
+    except (BudgetError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in reports:

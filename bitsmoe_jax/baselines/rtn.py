@@ -43,7 +43,6 @@ def apply_rtn(model: nnx.Module, bits: int, group_size: int = 128) -> float:
         experts = getattr(layer.mlp, "experts", None)
         if not isinstance(experts, Experts):
             continue
-        experts.gate.value = jnp.asarray(rtn_quantize(experts.gate[...], bits, group_size, axis=1), experts.gate.dtype)
-        experts.up.value = jnp.asarray(rtn_quantize(experts.up[...], bits, group_size, axis=1), experts.up.dtype)
-        experts.down.value = jnp.asarray(rtn_quantize(experts.down[...], bits, group_size, axis=1), experts.down.dtype)
+        for w in (experts.gate, experts.up, experts.down):
+            w[...] = jnp.asarray(rtn_quantize(w[...], bits, group_size, axis=1), w.dtype)
     return rtn_bpw(bits, group_size)

@@ -112,8 +112,12 @@ def collect_expert_stats(
         probs = np.asarray(jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1), np.float64)
         topk_sum = np.take_along_axis(probs, np.asarray(expert_idx), axis=1).sum(1)
         routed_mean = mass[mass > 0].mean() if (mass > 0).any() else 1.0
+        idx_np = np.asarray(expert_idx)
         for e in starved:
-            w_as_if = probs[:, e] / (topk_sum + probs[:, e])  # its weight had it been in the top-k
+            # its weight had it been in the top-k: renormalised over the top-k ∪ {e} (a token already
+            # routed to e keeps its own weight; its probability must not be counted twice)
+            in_topk = (idx_np == e).any(axis=1)
+            w_as_if = probs[:, e] / (topk_sum + np.where(in_topk, 0.0, probs[:, e]))
             ag, au, ad, g2, u2 = (np.asarray(a, np.float64) for a in _expert_features(x, jnp.asarray(w_as_if, jnp.float32), e, gate, up, vg, vu))
             fallback_mass = np.sum(w_as_if**2)
             target = mass[e] if mass[e] > 0 else 1e-6 * routed_mean

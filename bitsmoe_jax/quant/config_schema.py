@@ -73,6 +73,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     budgets = c.budget_bits if isinstance(c.budget_bits, (tuple, list)) else (c.budget_bits,)
     if not budgets or any(not isinstance(b, (int, float)) or b <= 0 for b in budgets):
         bad("budget_bits", "positive numbers, e.g. 2.0 or (2.0, 2.5, 3.0)")
+    if len({f"{float(b):.2f}" for b in budgets}) < len(budgets):  # each budget writes OUTPUT_DIR/bpw_<b:.2f>
+        bad("budget_bits", "distinct budgets (to 2 decimals: each one writes its own bpw_<budget> directory)")
     if c.budget_scope not in SCOPES:
         bad("budget_scope", ", ".join(SCOPES))
     if c.allocator not in ALLOCATORS:

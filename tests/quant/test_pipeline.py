@@ -1,0 +1,422 @@
+"""End to end: `python -m bitsmoe_jax.quantize` on a tiny Hugging Face Mixtral, checked from the files.
+
+The model: transformers' Mixtral (hidden 128, 2 layers, 8 experts, top-2, expert width 128, vocab 2048
+with the tokenizer of /tmp/ref_try), weights N(0, 0.05). Independent references:
+
+* bits per weight recounted from the stored arrays (orbax items read with `checkpoint.load_tree`);
+* the model's total parameter count from the PyTorch model;
+* perplexity / KL / top-1 recomputed in float64 numpy from the logits of `load_quantized` and of the
+  PyTorch reference model;
+* the calibration routing of layer 1 (the tokens per expert in the report) from PyTorch's router
+  logits (sequential=False: inputs from the original model) or from the original model with the
+  quantized layer-0 experts swapped in (sequential=True).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitsmoe_jax import evaluate, quantize
+from bitsmoe_jax.checkpoint import load_tree
+from bitsmoe_jax.quant.coefficients import PROJECTIONS
+
+import torch
+import transformers
+
+REF_TOKENIZER = Path("/tmp/ref_try")
+ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = str(ROOT / "configs" / "tiny.py")
+E, D, F, LAYERS, VOCAB = 8, 128, 128, 2, 2048
+SEQ = 64
+REPORT_KEYS = (
+    "method", "budget_bits", "effective_bpw_experts", "effective_bpw_model", "perplexity_fp", "perplexity_q",
+    "kl_divergence", "top1_agreement", "time_s", "layers", "starved_experts", "allocation_gaps",
+)
+STAGES = ("tokenize", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "write", "evaluate")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """(directory, torch model) of the tiny Mixtral, tokenizer files copied from /tmp/ref_try."""
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("hf_mixtral")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=2, max_position_embeddings=512,
+        tie_word_embeddings=False, sliding_window=None,
+    )
+    cfg._attn_implementation = "eager"
+    model = transformers.MixtralForCausalLM(cfg).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen) * 0.05
+            p.copy_(noise + 1.0 if ("norm" in name and p.ndim == 1) else noise)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(REF_TOKENIZER / f, out / f)
+    return out, model
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """A short calibration text (a slice of shakespeare_train) and a short evaluation text."""
+    from bitsmoe_jax.data import read_text
+
+    d = tmp_path_factory.mktemp("texts")
+    (d / "calib.txt").write_text(read_text("shakespeare_train")[:60_000])
+    (d / "eval.txt").write_text(read_text("shakespeare_test")[5_000:6_200])
+    return d / "calib.txt", d / "eval.txt"
+
+
+def base_args(model_dir, out_dir, calib, *extra):
+    return [
+        "--config", TINY_CONFIG,
+        f"--config.model_path={model_dir}",
+        f"--config.output_dir={out_dir}",
+        "--config.num_calib_tokens=1024",
+        f"--config.seq_len={SEQ}",
+        "--config.eval_max_tokens=1024",
+        "--config.group_size=64",
+        f"--config.calib_text={calib}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def main_run(hf, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "out"
+    code = quantize.main(base_args(hf[0], out, texts[0], "--config.budget_bits=(2.0,3.0)"))
+    assert code == 0
+    return out
+
+
+def read_report(d):
+    return json.loads((Path(d) / "report.json").read_text())
+
+
+# --------------------------------------------------------------------------- independent references
+def stored_expert_bits(qdir: Path) -> tuple[int, int]:
+    """(bits of every stored array of the expert path, bits of every stored dense array), from the files."""
+    meta = json.loads((qdir / "quantized.json").read_text())
+    expert_bits = 0
+    dense_bits = 0
+    for item in sorted((qdir / "params").iterdir()):
+        tree = load_tree(item)
+        dense = tree if item.name == "top" else tree["dense"]
+        dense_bits += sum(a.size * a.dtype.itemsize * 8 for a in jax.tree.leaves(dense))
+        if "experts_q" not in tree:
+            continue
+        q = tree["experts_q"]
+        for p in PROJECTIONS:
+            b = q["basis"][p]
+            expert_bits += b["q"].size * b["q"].dtype.itemsize * 8  # int8 codes (or bf16 values)
+            if "scale" in b:
+                assert b["scale"].dtype.itemsize == 2
+                expert_bits += b["scale"].size * 16
+            f = q["factors"][p]
+            for a in f["payload"].values():
+                assert a.dtype in (np.uint32, jnp.bfloat16), a.dtype
+                expert_bits += a.size * a.dtype.itemsize * 8  # uint32 words at 32, bf16 values at 16
+            for a in f["scales"].values():
+                assert a.dtype.itemsize == 2
+                expert_bits += a.size * 16
+            k = f["perm"].size
+            assert sorted(f["perm"].tolist()) == list(range(k))
+            expert_bits += k * math.ceil(math.log2(k)) if k > 1 else 0
+    assert len(meta["layers"]) == LAYERS
+    return expert_bits, dense_bits
+
+
+def windows(n, length=SEQ):
+    """Disjoint windows (stride = length): (start, end, first scored target)."""
+    out, start, prev_end = [], 0, 0
+    while True:
+        end = min(start + length, n)
+        out.append((start, end, max(start + 1, prev_end)))
+        if end == n:
+            return out
+        prev_end, start = end, start + length
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits.double().numpy()
+
+
+def metrics_from_logits(tokens, q_fn, ref_fn):
+    """Perplexities, KL(ref || q) and top-1 agreement in float64 over strided windows."""
+    tokens = np.asarray(tokens)
+    wins = windows(len(tokens))
+    ids = np.zeros((len(wins), SEQ), np.int64)
+    for r, (s, e, _) in enumerate(wins):
+        ids[r, : e - s] = tokens[s:e]
+    lq, lr = np.asarray(q_fn(ids), np.float64), np.asarray(ref_fn(ids), np.float64)
+    nll_q = nll_r = kl = agree = 0.0
+    n = 0
+    for r, (s, e, first) in enumerate(wins):
+        for t in range(first, e):
+            i = t - s - 1
+            lp = lq[r, i] - np.logaddexp.reduce(lq[r, i])
+            rp = lr[r, i] - np.logaddexp.reduce(lr[r, i])
+            nll_q -= lp[tokens[t]]
+            nll_r -= rp[tokens[t]]
+            kl += np.sum(np.exp(rp) * (rp - lp))
+            agree += float(np.argmax(lq[r, i]) == np.argmax(lr[r, i]))
+            n += 1
+    return {"perplexity_q": math.exp(nll_q / n), "perplexity_fp": math.exp(nll_r / n), "kl_divergence": kl / n,
+            "top1_agreement": agree / n, "tokens": n}
+
+
+def quantized_logits_fn(qdir):
+    from bitsmoe_jax.inference import jit_logits
+    from bitsmoe_jax.quant.checkpoint_io import load_quantized
+
+    model, _ = load_quantized(qdir)
+    return jit_logits(model)
+
+
+def counts_from_logits(router_logits, k=2):
+    top = np.argsort(-np.asarray(router_logits), axis=-1, kind="stable")[:, :k]
+    return np.bincount(top.reshape(-1), minlength=E)
+
+
+def hidden_dirs(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_outputs_reports_and_pareto(main_run):
+    dirs = sorted(p.name for p in main_run.iterdir())
+    assert dirs == ["bpw_2.00", "bpw_3.00", "pareto.json", "pareto.md"]
+    pareto = (main_run / "pareto.md").read_text()
+    assert "2.0000" in pareto and "3.0000" in pareto
+    reports = [read_report(main_run / d) for d in ("bpw_2.00", "bpw_3.00")]
+    for budget, r in zip((2.0, 3.0), reports):
+        for key in REPORT_KEYS:
+            assert key in r, key
+        assert r["method"] == "bitsmoe" and r["budget_bits"] == budget
+        for stage in STAGES:
+            assert r["time_s"][stage] >= 0, stage
+        assert r["time_s"]["total"] > 0
+        assert set(r["layers"]) == {str(i) for i in range(LAYERS)}
+        for i, layer in r["layers"].items():
+            hist = layer["bits_histogram"]
+            assert sum(hist.values()) == 3 * E * D  # every unit of the three projections
+            alloc = load_tree(main_run / f"bpw_{budget:.2f}" / "params" / f"layer_{int(i):03d}")["allocation"]
+            alloc_counts = np.bincount(np.concatenate([alloc[p].ravel() for p in PROJECTIONS]).astype(np.int64), minlength=17)
+            assert {b: int(alloc_counts[int(b)]) for b in hist} == {b: n for b, n in hist.items()}
+            assert layer["kept_components"] == {p: int(np.any(alloc[p] > 0, axis=0).sum()) for p in PROJECTIONS}
+            assert all(g >= 0 for g in r["allocation_gaps"][i])
+        assert isinstance(r["starved_experts"], dict)
+        assert (main_run / f"bpw_{budget:.2f}" / "report.md").is_file()
+        assert (main_run / f"bpw_{budget:.2f}" / "tokenizer.json").is_file()
+    assert reports[0]["perplexity_fp"] == reports[1]["perplexity_fp"]
+    # a higher budget gives a lower KL to the unquantized model
+    assert reports[1]["kl_divergence"] < reports[0]["kl_divergence"]
+    assert reports[1]["effective_bpw_experts"] > reports[0]["effective_bpw_experts"]
+    print("KL at 2.0 / 3.0 bpw:", reports[0]["kl_divergence"], reports[1]["kl_divergence"])
+
+
+@pytest.mark.parametrize("budget", [2.0, 3.0])
+def test_effective_bits_recounted_from_files(main_run, hf, budget):
+    qdir = main_run / f"bpw_{budget:.2f}"
+    r = read_report(qdir)
+    expert_bits, dense_bits = stored_expert_bits(qdir)
+    expert_weights = 3 * E * D * F * LAYERS
+    assert r["effective_bpw_experts"] <= budget + 1e-9
+    assert r["effective_bpw_experts"] == pytest.approx(expert_bits / expert_weights, rel=1e-12)
+    assert r["effective_bpw_experts"] > 0.9 * budget  # the budget is used, not wasted
+    total_params = sum(p.numel() for p in hf[1].parameters())
+    assert r["effective_bpw_model"] == pytest.approx((expert_bits + dense_bits) / total_params, rel=1e-12)
+    for i, layer in r["layers"].items():
+        assert layer["num_weights"] == 3 * E * D * F
+        assert layer["bpw"] <= budget + 1e-9  # layer scope: every layer within the budget
+
+
+def test_stored_allocation_matches_packed_factors(main_run):
+    from bitsmoe_jax.quant.checkpoint_io import load_quantized
+
+    qdir = main_run / "bpw_2.00"
+    model, _ = load_quantized(qdir)
+    for i in range(LAYERS):
+        alloc = load_tree(qdir / "params" / f"layer_{i:03d}")["allocation"]
+        qe = model.layers[i].mlp.experts
+        for p in PROJECTIONS:
+            kept = np.flatnonzero(np.any(alloc[p] > 0, axis=0))
+            got = qe.packed_matrix(p).bits_per_unit().reshape(E, -1)
+            np.testing.assert_array_equal(got, alloc[p][:, kept])
+
+
+def test_report_metrics_equal_independent_recomputation(main_run, hf):
+    from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
+
+    tokens = tokenize_text(load_tokenizer(hf[0]), read_text("shakespeare_test"))[:1024]
+    for budget in (2.0, 3.0):
+        qdir = main_run / f"bpw_{budget:.2f}"
+        r = read_report(qdir)
+        m = metrics_from_logits(tokens, quantized_logits_fn(qdir), lambda ids: torch_logits(hf[1], ids))
+        assert r["eval_tokens"] == m["tokens"] == 16 * (SEQ - 1)
+        assert r["perplexity_fp"] == pytest.approx(m["perplexity_fp"], rel=1e-4)
+        assert r["perplexity_q"] == pytest.approx(m["perplexity_q"], rel=1e-4)
+        assert r["kl_divergence"] == pytest.approx(m["kl_divergence"], rel=1e-3, abs=1e-6)
+        assert abs(r["top1_agreement"] - m["top1_agreement"]) <= 2 / m["tokens"]
+        assert r["kl_divergence"] > 0
+
+
+def test_evaluate_cli_on_quantized_dir(main_run, hf, texts, tmp_path, capsys):
+    from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
+
+    qdir = main_run / "bpw_2.00"
+    out = tmp_path / "eval.json"
+    common = ["--model", str(qdir), "--text", str(texts[1]), "--seq-len", str(SEQ), "--no-progress"]
+    assert evaluate.main([*common, "--reference", str(hf[0]), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    tokens = tokenize_text(load_tokenizer(qdir), read_text(texts[1]))
+    assert res["tokens_total"] == len(tokens) and len(tokens) % SEQ != 0  # a ragged last window
+    m = metrics_from_logits(tokens, quantized_logits_fn(qdir), lambda ids: torch_logits(hf[1], ids))
+    assert res["tokens_scored"] == m["tokens"]
+    assert res["perplexity"] == pytest.approx(m["perplexity_q"], rel=1e-4)
+    assert res["reference_perplexity"] == pytest.approx(m["perplexity_fp"], rel=1e-4)
+    assert res["kl_divergence"] == pytest.approx(m["kl_divergence"], rel=1e-3, abs=1e-6)
+    # the quantized model against itself: KL 0, full agreement
+    out2 = tmp_path / "self.json"
+    assert evaluate.main([*common, "--reference", str(qdir), "--json", str(out2)]) == 0
+    self_res = json.loads(out2.read_text())
+    assert abs(self_res["kl_divergence"]) < 1e-6 and self_res["top1_agreement"] == 1.0
+    assert self_res["perplexity"] == pytest.approx(self_res["reference_perplexity"], rel=1e-6)
+    assert self_res["perplexity"] == pytest.approx(res["perplexity"], rel=1e-6)
+    assert "perplexity" in capsys.readouterr().out
+
+
+def _layer1_moe_input_counts(model, calib):
+    """Tokens per expert routed by layer 1 of `model` (JAX) on the calibration windows."""
+    from bitsmoe_jax.models.layers import rope_cos_sin
+
+    b, t = calib.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos_sin = rope_cos_sin(model.config, pos, jnp.float32)
+    x = model.embed_tokens(jnp.asarray(calib))
+    x, _ = model.layers[0](x, pos, cos_sin, None)
+    layer = model.layers[1]
+    h, _ = layer.self_attn(layer.input_layernorm(x), pos, cos_sin, None)
+    moe_in = layer.post_attention_layernorm(x + h).reshape(-1, D)
+    logits, _, idx = layer.mlp.router(moe_in)
+    return np.bincount(np.asarray(idx).reshape(-1), minlength=E)
+
+
+def test_sequential_calibrates_later_layers_on_quantized_outputs(main_run, hf, texts):
+    """Layer 1's routing statistics in the report are those of the model with layer 0 quantized."""
+    from bitsmoe_jax.loading import load_model
+    from bitsmoe_jax.quant.checkpoint_io import load_quantized
+    from bitsmoe_jax.quant.runner import calibration_tokens
+
+    calib = calibration_tokens(str(hf[0]), str(texts[0]), 1024, SEQ)
+    model, _ = load_model(hf[0])
+    qmodel, _ = load_quantized(main_run / "bpw_2.00")
+    model.layers[0].mlp.experts = qmodel.layers[0].mlp.experts  # float32 attention, quantized layer-0 experts
+    expected = _layer1_moe_input_counts(model, calib)
+    with torch.no_grad():
+        out = hf[1](input_ids=torch.as_tensor(calib, dtype=torch.long), output_router_logits=True, use_cache=False)
+    original = counts_from_logits(out.router_logits[1].numpy())
+    print("layer-1 tokens per expert: quantized layer 0", expected.tolist(), "original", original.tolist())
+    for budget in (2.0, 3.0):  # later budgets reuse the first budget's calibration
+        got = np.array(read_report(main_run / f"bpw_{budget:.2f}")["layers"]["1"]["tokens_per_expert"])
+        assert np.abs(got - expected).sum() <= 2, (got, expected)
+    assert np.abs(original - expected).sum() > 4  # the two references are distinguishable
+
+
+@pytest.fixture(scope="module")
+def unsequential_run(hf, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q_nonseq") / "out"
+    code = quantize.main(base_args(hf[0], out, texts[0], "--config.budget_bits=2.5", "--config.sequential=False",
+                                   "--config.allocator=greedy", "--config.eval_text="))
+    assert code == 0
+    return out
+
+
+def test_sequential_false(unsequential_run, hf, texts):
+    from bitsmoe_jax.quant.runner import calibration_tokens
+
+    r = read_report(unsequential_run)
+    assert r["effective_bpw_experts"] <= 2.5 + 1e-9
+    expert_bits, _ = stored_expert_bits(unsequential_run)
+    assert r["effective_bpw_experts"] == pytest.approx(expert_bits / (3 * E * D * F * LAYERS), rel=1e-12)
+    assert "kl_divergence" not in r  # evaluation was switched off
+    # layer 1 was calibrated on the original model's activations: PyTorch's routing of the same windows
+    calib = calibration_tokens(str(hf[0]), str(texts[0]), 1024, SEQ)
+    with torch.no_grad():
+        out = hf[1](input_ids=torch.as_tensor(calib, dtype=torch.long), output_router_logits=True, use_cache=False)
+    for i in range(LAYERS):
+        got = np.array(r["layers"][str(i)]["tokens_per_expert"])
+        assert np.abs(got - counts_from_logits(out.router_logits[i].numpy())).sum() <= 2
+
+
+def test_budget_scope_model(hf, texts, tmp_path):
+    out = tmp_path / "out"
+    budget = 2.25
+    code = quantize.main(base_args(hf[0], out, texts[0], f"--config.budget_bits={budget}", "--config.budget_scope=model",
+                                   "--config.allocator=greedy", "--config.eval_text="))
+    assert code == 0
+    r = read_report(out)
+    expert_bits, _ = stored_expert_bits(out)
+    total_weights = 3 * E * D * F * LAYERS
+    assert expert_bits <= budget * total_weights
+    assert r["effective_bpw_experts"] == pytest.approx(expert_bits / total_weights, rel=1e-12)
+    assert r["effective_bpw_experts"] > 0.9 * budget
+    per_layer = {i: l["bpw"] for i, l in r["layers"].items()}
+    assert sum(per_layer.values()) / LAYERS == pytest.approx(r["effective_bpw_experts"], rel=1e-12)
+    print("model scope: per-layer bpw", per_layer)
+
+
+def test_impossible_budget_exits_2_and_leaves_nothing(hf, texts, tmp_path, capsys):
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    out = parent / "q"
+    code = quantize.main(base_args(hf[0], out, texts[0], "--config.budget_bits=0.01", "--config.allocator=greedy",
+                                   "--config.eval_text="))
+    assert code == 2
+    err = capsys.readouterr().err
+    # the minimum this layer needs: its three shared 8-bit bases (int8 codes + a bf16 scale per row) and
+    # permutations at full rank, every unit at 0 bits
+    minimum = 3 * (8 * D * D + 16 * D + E * D * math.ceil(math.log2(E * D))) / (3 * E * D * F)
+    assert "budget 0.01" in err and f"minimum of {minimum:.4f}" in err, err
+    assert list(parent.iterdir()) == []  # no output directory, no hidden temporary one
+
+
+def test_existing_output_without_overwrite_exits_2_unchanged(hf, texts, tmp_path, capsys):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code = quantize.main(base_args(hf[0], out, texts[0], "--config.budget_bits=2.0"))
+    assert code == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert hidden_dirs(tmp_path) == []
+
+
+def test_failure_while_writing_leaves_no_directory(hf, texts, tmp_path, monkeypatch):
+    """An exception after the output started being written removes the temporary directory."""
+    import bitsmoe_jax.quant.runner as runner
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(runner, "write_report", boom)
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize.main(base_args(hf[0], parent / "q", texts[0], "--config.budget_bits=2.0", "--config.allocator=greedy",
+                                "--config.eval_text="))
+    assert list(parent.iterdir()) == []
