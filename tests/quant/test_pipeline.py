@@ -1,7 +1,7 @@
 """End to end: `python -m bitsmoe_jax.quantize` on a tiny Hugging Face Mixtral, checked from the files.
 
 The model: transformers' Mixtral (hidden 128, 2 layers, 8 experts, top-2, expert width 128, vocab 2048
-with the tokenizer of /tmp/ref_try), weights N(0, 0.05). Independent references:
+with the tokenizer of the shipped reference model), weights N(0, 0.05). Independent references:
 
 * bits per weight recounted from the stored arrays (orbax items read with `checkpoint.load_tree`);
 * the model's total parameter count from the PyTorch model;
@@ -27,11 +27,12 @@ import pytest
 from bitsmoe_jax import evaluate, quantize
 from bitsmoe_jax.checkpoint import load_tree
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
+from bitsmoe_jax.train_reference import REFERENCE_DIR
 
 import torch
 import transformers
 
-REF_TOKENIZER = Path("/tmp/ref_try")
+REF_TOKENIZER = REFERENCE_DIR
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(ROOT / "configs" / "tiny.py")
 E, D, F, LAYERS, VOCAB = 8, 128, 128, 2, 2048
@@ -46,7 +47,7 @@ STAGES = ("tokenize", "forward", "basis", "calibration", "coefficients", "alloca
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    """(directory, torch model) of the tiny Mixtral, tokenizer files copied from /tmp/ref_try."""
+    """(directory, torch model) of the tiny Mixtral, tokenizer files copied from the shipped reference model."""
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("hf_mixtral")
     torch.manual_seed(0)
