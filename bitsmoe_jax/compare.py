@@ -12,126 +12,29 @@ Baselines are calibrated like BitsMoE: layer by layer, the inputs of layer i com
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.models.moe import Experts
-from bitsmoe_jax.quant.pipeline import attention_part
+from bitsmoe_jax.baselines.run import run_baseline
 
-BASELINE_BITS = (2, 3, 4, 5, 6, 8)
-BASELINE_GROUPS = (16, 32, 64, 128, 256)
 TOLERANCE = 0.05
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One uniform-bits setting of a baseline: `bits` per weight plus a bf16 scale per group."""
-
-    bits: int
-    group_size: int
-    bpw: float
-
-    def label(self) -> str:
-        return f"{self.bits}-bit g{self.group_size}"
-
-
-def uniform_settings(contraction: int) -> list[Setting]:
-    """All (bits, group) settings; a group never spans more than one row of `contraction` inputs."""
-    out = []
-    for b in BASELINE_BITS:
-        for g in BASELINE_GROUPS:
-            g_eff = min(g, contraction)
-            out.append(Setting(b, g_eff, b + 16.0 / g_eff))
-    return sorted(set(out), key=lambda s: (s.bpw, -s.bits))
-
-
-def nearest_setting(settings: list[Setting], target: float) -> Setting:
-    """Closest bpw to the target; ties go to more bits per weight (fewer scales)."""
-    return min(settings, key=lambda s: (abs(s.bpw - target), -s.bits))
-
-
-def sequential_quantize(model, calib: jnp.ndarray, quantize_layer: Callable[[int, Any, jnp.ndarray], None]) -> None:
-    """Run calibration layer by layer, letting `quantize_layer(i, moe_block, moe_input[N, D])` replace
-    the block's expert weights in place before the next layer's inputs are computed from it."""
-    x = model.embed_tokens(calib)
-    for i, layer in enumerate(model.layers):
-        resid, moe_in = attention_part(layer, x, model.config)
-        if layer.is_moe:
-            quantize_layer(i, layer.mlp, moe_in.reshape(-1, moe_in.shape[-1]))
-        x = resid + layer.mlp(moe_in)
-
-
-def _set_experts(block, gate, up, down) -> None:
-    ex: Experts = block.experts
-    for var, w in ((ex.gate, gate), (ex.up, up), (ex.down, down)):
-        var[...] = jnp.asarray(w, var.dtype)
-
-
-def run_rtn(model, calib, setting: Setting) -> dict:
-    from bitsmoe_jax.baselines.rtn import rtn_quantize
-
-    def q(i, block, x):
-        ex = block.experts
-        _set_experts(block, *(rtn_quantize(np.asarray(w[...]), setting.bits, setting.group_size, axis=1) for w in (ex.gate, ex.up, ex.down)))
-
-    sequential_quantize(model, calib, q)
-    return {"setting": setting.label(), "effective_bpw_experts": setting.bpw}
-
-
-def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
-    from bitsmoe_jax.baselines.gptq import gptq_quantize_experts
-
-    starved: dict[int, list[int]] = {}
-
-    def q(i, block, x):
-        _, w, idx = block.router(x)
-        ex = block.experts
-        out = gptq_quantize_experts(
-            np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]), x, idx, w,
-            setting.bits, setting.group_size, min_tokens=min_tokens,
-        )
-        starved[i] = list(out["starved"])
-        _set_experts(block, out["gate"], out["up"], out["down"])
-
-    sequential_quantize(model, calib, q)
-    return {"setting": setting.label(), "effective_bpw_experts": setting.bpw, "starved_experts": starved}
-
-
-def run_expertwise(model, calib, target: float, group_size: int) -> dict:
-    from bitsmoe_jax.baselines.expertwise import expertwise_quantize
-
-    bits, bpws = {}, []
-
-    def q(i, block, x):
-        ex = block.experts
-        out = expertwise_quantize(
-            np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]),
-            np.asarray(block.router.kernel[...]), target, group_size=group_size,
-        )
-        bits[i] = [int(b) for b in out["bits"]]
-        bpws.append(float(out["bpw"]))
-        _set_experts(block, out["gate"], out["up"], out["down"])
-
-    sequential_quantize(model, calib, q)
-    return {"setting": f"per-expert bits g{group_size}", "effective_bpw_experts": float(np.mean(bpws)), "expert_bits": bits}
 
 
 def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
     from bitsmoe_jax.quant.checkpoint_io import load_quantized
     from bitsmoe_jax.quant.runner import quantize
 
-    c = cfg.copy_and_resolve_references()
+    c = copy.deepcopy(cfg)
     c.budget_bits = (float(target),)
     c.output_dir = str(out_dir)
     c.eval_text = ""
@@ -149,8 +52,7 @@ def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress:
     if cfg.eval_max_tokens:
         eval_ids = eval_ids[: int(cfg.eval_max_tokens)]
     calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
-    reference, config = load_model(cfg.model_path)
-    settings = uniform_settings(min(config.hidden_size, config.moe_intermediate_size))
+    reference, _ = load_model(cfg.model_path)
     rows = []
     for target in targets:
         for method in methods:
@@ -159,14 +61,7 @@ def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress:
                 model, info = run_bitsmoe(cfg, target, Path(cfg.output_dir) / "bitsmoe" / f"bpw_{target:.2f}")
             else:
                 model, _ = load_model(cfg.model_path)
-                if method == "rtn":
-                    info = run_rtn(model, calib, nearest_setting(settings, target))
-                elif method == "gptq":
-                    info = run_gptq(model, calib, nearest_setting(settings, target), cfg.min_tokens)
-                elif method == "expertwise":
-                    info = run_expertwise(model, calib, target, cfg.group_size)
-                else:
-                    raise ValueError(f"unknown method {method!r}; choose from bitsmoe, rtn, gptq, expertwise")
+                info = run_baseline(method, model, calib, target, cfg.group_size, cfg.min_tokens)
             qtime = time.time() - t0
             res = evaluate_model(model, eval_ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=reference)
             row = {
@@ -195,6 +90,69 @@ def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress:
             if r["target_bpw"] == target:
                 r["time_ratio_to_gptq"] = (r["quantize_time_s"] / gptq[0]["quantize_time_s"]) if gptq else None
     return rows
+
+
+ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 8-bit bases)", {}),
+    ("activation-whitened basis", {"basis": "whitened"}),
+    ("no basis (original weight columns)", {"basis": "none"}),
+    ("per-expert means (no routing frequency)", {"loss_weighting": "expert_mean"}),
+    ("expert_mass_floor 0", {"expert_mass_floor": 0.0}),
+    ("expert_mass_floor 1", {"expert_mass_floor": 1.0}),
+    ("sampled coefficients (kappa_b)", {"coefficient_mode": "sampled"}),
+    ("whole-model budget", {"budget_scope": "model"}),
+    ("super experts (auto, 8 bits)", {"super_experts": "auto"}),
+    ("bf16 bases", {"basis_bits": 16}),
+    ("calibrated on Milton, floor 0.25", {"calib_text": "milton"}),
+    ("calibrated on Milton, floor 0", {"calib_text": "milton", "expert_mass_floor": 0.0}),
+    ("calibrated on Milton, floor 1", {"calib_text": "milton", "expert_mass_floor": 1.0}),
+)
+
+
+def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
+    """BitsMoE variants at one budget, all evaluated on the same tokens against the same reference."""
+    tok = load_tokenizer(cfg.model_path)
+    eval_ids = tokenize_text(tok, read_text(cfg.eval_text))
+    if cfg.eval_max_tokens:
+        eval_ids = eval_ids[: int(cfg.eval_max_tokens)]
+    reference, _ = load_model(cfg.model_path)
+    rows = []
+    for i, (name, overrides) in enumerate(ABLATIONS):
+        c = copy.deepcopy(cfg)
+        for k, v in overrides.items():
+            c[k] = v
+        t0 = time.time()
+        model, info = run_bitsmoe(c, target, Path(cfg.output_dir) / "ablations" / f"{i:02d}")
+        qtime = time.time() - t0
+        res = evaluate_model(model, eval_ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=reference)
+        row = {
+            "ablation": name, "overrides": overrides, "target_bpw": target, **info,
+            "perplexity": res["perplexity"], "perplexity_fp": res["reference_perplexity"],
+            "kl_divergence": res["kl_divergence"], "top1_agreement": res["top1_agreement"],
+            "quantize_time_s": qtime, "eval_tokens": res["tokens_scored"],
+        }
+        rows.append(row)
+        if progress:
+            print(f"{name:70s} bpw {row['effective_bpw_experts']:.3f} KL {row['kl_divergence']:.4f} ppl {row['perplexity']:.2f}", flush=True)
+    return rows
+
+
+def render_ablations(rows: list[dict], command: str, machine: str) -> str:
+    lines = [
+        "# BitsMoE ablations",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}",
+        "",
+        "| variant | effective bpw | perplexity | KL | top-1 | quantize time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ablation']} | {r['effective_bpw_experts']:.3f} | {r['perplexity']:.2f} | {r['kl_divergence']:.4f} | "
+            f"{100 * r['top1_agreement']:.1f}% | {r['quantize_time_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def render(rows: list[dict], command: str, machine: str) -> str:
@@ -227,24 +185,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, rest = parse_config_args(argv)
         methods, targets = ("bitsmoe", "rtn", "gptq", "expertwise"), (2.0, 2.5, 3.0, 4.0)
+        run_ablations = False
         for a in rest:
-            if a.startswith("--methods="):
+            if a == "--ablations":
+                run_ablations = True
+            elif a.startswith("--methods="):
                 methods = tuple(m for m in a.split("=", 1)[1].split(",") if m)
             elif a.startswith("--targets="):
                 targets = tuple(float(t) for t in a.split("=", 1)[1].split(",") if t)
             else:
-                raise ValueError(f"unexpected argument {a!r} (use --methods=a,b --targets=2.0,3.0 --config.x=y)")
+                raise ValueError(f"unexpected argument {a!r} (use --methods=a,b --targets=2.0,3.0 --ablations --config.x=y)")
         from bitsmoe_jax.quant.config_schema import validate
 
         validate(cfg)
     except (ValueError, FileNotFoundError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = compare(cfg, methods, targets)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bitsmoe_jax.compare " + " ".join(argv)
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, JAX {__import__('jax').__version__} ({__import__('jax').default_backend()})"
+    if run_ablations:
+        rows = ablations(cfg, targets[0])
+        (out / "ablations.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1, default=str))
+        (out / "ablations.md").write_text(render_ablations(rows, command, machine))
+        print(f"wrote {out / 'ablations.md'}")
+        return 0
+    rows = compare(cfg, methods, targets)
     (out / "compare.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1, default=str))
     (out / "compare.md").write_text(render(rows, command, machine))
     print(f"wrote {out / 'compare.md'}")

@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from bitsmoe_jax.quant.allocate import BudgetError
-    from bitsmoe_jax.quant.runner import print_summary, quantize
+    from bitsmoe_jax.quant.runner import print_summary, quantize, quantize_baseline
 
     try:
-        reports = quantize(cfg)
+        reports = quantize(cfg) if cfg.method == "bitsmoe" else quantize_baseline(cfg)
     except (BudgetError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,10 +36,10 @@ PROJECTIONS = ("gate", "up", "down")
 
 def fit_factors(basis_deq: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Least-squares factors F with basis_deq @ F[e] ≈ w[e]; basis [D, r], w [E, D, F] -> [E, r, F]."""
-    b = np.asarray(basis_deq, np.float64)
-    gram = b.T @ b
-    rhs = np.einsum("dr,edf->erf", b, np.asarray(w, np.float64))
-    return np.linalg.solve(gram[None], rhs).astype(np.float32)
+    # pinv, not a normal-equations solve: an 8-bit basis whose rows span a large dynamic range (the
+    # whitened ablation) can lose columns to rounding and be rank-deficient.
+    pinv = np.linalg.pinv(np.asarray(basis_deq, np.float64))
+    return np.einsum("rd,edf->erf", pinv, np.asarray(w, np.float64)).astype(np.float32)
 
 
 def layer_units(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bases_deq: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -59,9 +59,24 @@ def mass_scale(mass: np.ndarray, floor: float) -> np.ndarray:
     return np.maximum(1.0, floor * mean / np.maximum(mass, 1e-30 * mean))
 
 
-def loss_weights(stats: ExpertStats, down: np.ndarray, r: dict[str, int], expert_mass_floor: float) -> dict[str, np.ndarray]:
-    """Per-element weights W[e, k, f] for the three projections (float32 [E, r, F])."""
+def loss_weights(
+    stats: ExpertStats, down: np.ndarray, r: dict[str, int], expert_mass_floor: float, weighting: str = "token_sum"
+) -> dict[str, np.ndarray]:
+    """Per-element weights W[e, k, f] for the three projections (float32 [E, r, F]).
+
+    weighting="token_sum" (the method): statistics summed over tokens, so routing frequency counts.
+    weighting="expert_mean" (ablation): each expert's statistics divided by its routed-token count —
+    every expert then matters equally, whatever its traffic; the mass floor is not applied.
+    """
     dn = np.sum(np.asarray(down, np.float64) ** 2, axis=-1)  # [E, F] = ‖down[e][f, :]‖²
+    if weighting == "expert_mean":
+        per = 1.0 / np.maximum(stats.tokens.astype(np.float64), 1.0)
+        stats = dataclasses.replace(
+            stats, s_gate=stats.s_gate * per[:, None, None], s_up=stats.s_up * per[:, None, None],
+            c_down=stats.c_down * per[:, None], mass=np.ones_like(stats.mass),
+        )
+    elif weighting != "token_sum":
+        raise ValueError(f"loss weighting {weighting!r}: choose 'token_sum' or 'expert_mean'")
     scale = mass_scale(stats.mass, expert_mass_floor)[:, None, None]
     w_gate = np.swapaxes(stats.s_gate, 1, 2) * dn[:, None, :]
     w_up = np.swapaxes(stats.s_up, 1, 2) * dn[:, None, :]

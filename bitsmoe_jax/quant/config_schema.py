@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("bitsmoe",)
+METHODS = ("bitsmoe", "rtn", "gptq", "expertwise")
 ALLOCATORS = ("auto", "milp", "greedy")
 SCOPES = ("layer", "model")
 COEFF_MODES = ("exact", "sampled")
@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.expert_mass_floor = 0.25
     c.candidate_bits = (0, 1, 2, 3, 4, 5, 6, 8)
     c.group_size = 128
-    c.basis = "svd"  # svd | none (ablation: no shared basis, units are the original weight columns)
+    c.basis = "svd"  # svd | whitened | none (ablations: activation-whitened basis; no shared basis)
+    c.loss_weighting = "token_sum"  # token_sum | expert_mean (ablation: per-expert means drop routing frequency)
     c.basis_bits = 8  # 8 (int8 per row + bf16 scale) or 16 (bf16)
     c.rank = ml_collections.FieldReference(None, field_type=int)  # None = full rank
     c.coefficient_mode = "exact"  # exact | sampled (kappa_b * ||unit||^2)
@@ -83,8 +84,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("coefficient_mode", ", ".join(COEFF_MODES))
     if c.dense_dtype not in DENSE_DTYPES:
         bad("dense_dtype", ", ".join(DENSE_DTYPES))
-    if c.basis not in ("svd", "none"):
-        bad("basis", "svd, none")
+    if c.basis not in ("svd", "whitened", "none"):
+        bad("basis", "svd, whitened, none")
+    if c.loss_weighting not in ("token_sum", "expert_mean"):
+        bad("loss_weighting", "token_sum, expert_mean")
     if c.basis_bits not in (8, 16):
         bad("basis_bits", "8 or 16")
     if not _is_bits_tuple(c.candidate_bits) or 0 not in c.candidate_bits:

@@ -206,11 +206,28 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray]) -> QuantizedE
 
 
 # ------------------------------------------------------------------------------------ layer stages
-def make_bases(gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | None, basis_bits: int, kind: str = "svd"):
+def _whitening(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C^{1/2} and C^{-1/2} of the input second moment C = xᵀx/N (damped by 1e-4 of its mean diagonal)."""
+    x = np.asarray(x, np.float64)
+    c = x.T @ x / max(len(x), 1)
+    c += 1e-4 * max(float(np.mean(np.diag(c))), 1e-12) * np.eye(c.shape[0])
+    lam, q = np.linalg.eigh(c)
+    lam = np.maximum(lam, 1e-12)
+    return (q * np.sqrt(lam)) @ q.T, (q / np.sqrt(lam)) @ q.T
+
+
+def make_bases(
+    gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | None, basis_bits: int, kind: str = "svd",
+    x: np.ndarray | None = None,
+):
     """Shared bases from the expert-summed Gram matrices; returns (stored, dequantized) per projection.
 
-    kind="none" is the ablation without a basis: the identity, stored as nothing, so the units are the
-    original weight columns (gate/up) and rows (down).
+    kind="svd": eigenvectors of Σ_e W_eᵀW_e (the stacked-weight SVD).
+    kind="whitened" (ablation): gate/up bases from the SVD of the activation-whitened stack
+    [W_e C^{1/2}] with C = E[x xᵀ] over the calibration inputs `x`, mapped back as C^{-1/2}V (so that
+    z = basisᵀx keeps the dataflow); down keeps the weight SVD (its basis is on the output side).
+    kind="none" (ablation): no basis — the identity, stored as nothing, so the units are the original
+    weight columns (gate/up) and rows (down).
     """
     if kind == "none":
         eye = np.eye(gate.shape[1], dtype=np.float32)
@@ -220,9 +237,19 @@ def make_bases(gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | N
         "up": basis_lib.gram_rows(jnp.swapaxes(jnp.asarray(up), 1, 2)),
         "down": basis_lib.gram_cols(jnp.swapaxes(jnp.asarray(down), 1, 2)),
     }
+    c_half = c_inv_half = None
+    if kind == "whitened":
+        if x is None:
+            raise ValueError("the whitened basis needs the calibration inputs x")
+        c_half, c_inv_half = _whitening(x)
     stored, deq = {}, {}
     for p in PROJECTIONS:
-        v, _ = basis_lib.basis_from_gram(grams[p], rank)
+        if c_half is not None and p != "down":
+            g = c_half @ np.asarray(grams[p], np.float64) @ c_half
+            v, _ = basis_lib.basis_from_gram(jnp.asarray(g, jnp.float32), rank)
+            v = jnp.asarray(c_inv_half @ np.asarray(v, np.float64), jnp.float32)
+        else:
+            v, _ = basis_lib.basis_from_gram(grams[p], rank)
         st, dq = basis_lib.quantize_basis(v, basis_bits)
         stored[p] = {"q": np.asarray(st.values)} | ({"scale": np.asarray(st.scales)} if st.scales is not None else {})
         deq[p] = np.asarray(dq, np.float32)
@@ -246,7 +273,7 @@ def build_problem(index: int, block: MoEBlock, x: jax.Array, cfg: Any, config: M
     """Bases, statistics, weights and coefficients for one MoE layer (x: MoE input [N, D])."""
     gate, up, down = (np.asarray(block.experts.__getattribute__(n)[...], np.float32) for n in ("gate", "up", "down"))
     t = time.time()
-    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis)
+    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis, x=np.asarray(x))
     units = layer_units(gate, up, down, deq)
     timings["basis"] += time.time() - t
     t = time.time()
@@ -254,7 +281,9 @@ def build_problem(index: int, block: MoEBlock, x: jax.Array, cfg: Any, config: M
     stats = collect_expert_stats(x, logits, idx, w, jnp.asarray(gate), jnp.asarray(up), jnp.asarray(deq["gate"]), jnp.asarray(deq["up"]), cfg.min_tokens)
     timings["calibration"] += time.time() - t
     t = time.time()
-    weights = loss_weights(stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, cfg.expert_mass_floor)
+    weights = loss_weights(
+        stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, cfg.expert_mass_floor, cfg.loss_weighting
+    )
     coeffs = loss_coefficients(units, weights, cfg.candidate_bits, cfg.group_size, cfg.coefficient_mode, seed=cfg.seed)
     timings["coefficients"] += time.time() - t
     if cfg.super_experts == "auto":

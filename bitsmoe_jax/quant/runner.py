@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -271,3 +272,91 @@ def print_summary(report: dict) -> str:
         )
     parts.append(f"{report['time_s']['total']:.1f} s")
     return " | ".join(parts)
+
+
+def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
+    """RTN / GPTQ / expert-wise at each budget, calibrated like BitsMoE, written with the same report.
+
+    The checkpoint keeps the dequantized expert weights (float32, exact values of codes × scales) in
+    the converted format, so `load_model` and `evaluate` read it directly; its effective bpw counts
+    what the method stores (integer codes and bf16 group scales), not the float32 container.
+    """
+    import jax as _jax
+    from flax import nnx
+
+    from bitsmoe_jax.baselines.run import run_baseline
+    from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, save_tree
+
+    budgets = _budget_dirs(cfg)
+    for _, d in budgets:
+        if d.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{d}: output exists (set --config.overwrite=True to replace it)")
+    calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
+    config = model_config(cfg.model_path)
+    reports = []
+    for budget, out_dir in budgets:
+        t0 = time.time()
+        model, _ = load_model(cfg.model_path)
+        info = run_baseline(cfg.method, model, calib, budget, cfg.group_size, cfg.min_tokens)
+        qtime = time.time() - t0
+        pure = _jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        layers = pure.pop("layers")
+        expert_weights = 3 * config.num_experts * config.hidden_size * config.moe_intermediate_size * len(config.moe_layers)
+        with atomic_directory(out_dir, overwrite=cfg.overwrite) as tmp:
+            save_tree(tmp / "params" / "top", _to_dtype(pure, cfg.dense_dtype))
+            dense_params = 0
+            for i in range(config.num_hidden_layers):
+                part = layers[i]
+                dense = _to_dtype(_strip_experts(part), cfg.dense_dtype)
+                dense_params += int(sum(np.size(a) for a in _jax.tree.leaves(dense)))
+                if "mlp" in part and "experts" in part["mlp"]:
+                    dense.setdefault("mlp", {})["experts"] = _to_dtype(part["mlp"]["experts"], "float32")
+                save_tree(tmp / "params" / f"layer_{i:03d}", dense)
+            src = Path(cfg.model_path)
+            for f in TOKENIZER_FILES:
+                if (src / f).is_file():
+                    shutil.copy(src / f, tmp / f)
+            top_params = int(sum(np.size(a) for a in _jax.tree.leaves(pure)))
+            dense_bits = (top_params + dense_params) * (16 if cfg.dense_dtype in ("bfloat16", "float16") else 32)
+            bpw = float(info["effective_bpw_experts"])
+            summary = {
+                "budget_bits": budget,
+                "effective_bpw_experts": bpw,
+                "effective_bpw_model": (bpw * expert_weights + dense_bits) / (expert_weights + top_params + dense_params),
+                "expert_weights": expert_weights,
+            }
+            meta = {
+                "format": FORMAT_CONVERTED,
+                "version": 1,
+                "dtype": "float32",
+                "config": json.loads(config.to_json()),
+                "quantization": {"method": cfg.method, **{k: v for k, v in info.items()}, **summary},
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+            report: dict[str, Any] = {
+                "method": cfg.method, "model": str(cfg.model_path), **summary, "setting": info["setting"],
+                "layers": {}, "starved_experts": info.get("starved_experts", {}), "super_experts": {},
+                "allocation_gaps": {}, "calib_text": str(cfg.calib_text), "num_calib_tokens": int(cfg.num_calib_tokens),
+            }
+            timings = {"quantize_total": qtime}
+            if cfg.eval_text:
+                from bitsmoe_jax.evaluate import evaluate_model
+
+                t = time.time()
+                ids = tokenize_text(load_tokenizer(cfg.model_path), read_text(cfg.eval_text))
+                if cfg.eval_max_tokens:
+                    ids = ids[: int(cfg.eval_max_tokens)]
+                ref, _ = load_model(cfg.model_path)
+                stored, _ = load_model(tmp)  # evaluate what was written (dense weights at dense_dtype)
+                res = evaluate_model(stored, ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=ref)
+                timings["evaluate"] = time.time() - t
+                report.update(
+                    eval_text=str(cfg.eval_text), eval_tokens=int(res["tokens_scored"]),
+                    perplexity_fp=float(res["reference_perplexity"]), perplexity_q=float(res["perplexity"]),
+                    kl_divergence=float(res["kl_divergence"]), top1_agreement=float(res["top1_agreement"]),
+                )
+            report["time_s"] = {k: round(v, 3) for k, v in timings.items()}
+            report["time_s"]["total"] = round(sum(timings.values()), 3)
+            write_report(tmp, report)
+        reports.append(report)
+    return reports

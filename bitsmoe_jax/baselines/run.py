@@ -1,0 +1,128 @@
+"""Baselines run the way BitsMoE runs: layer by layer on the same calibration, at a matched budget.
+
+Uniform baselines (RTN, GPTQ) pick the (bits, group size) setting whose effective bits per weight
+(b + 16/group, a bf16 scale per group) is nearest to the target; expert-wise mixed precision takes
+the target as its budget. Calibration is sequential: the inputs of layer i come from layers 0..i−1
+already quantized, routing from the layer's own router.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from bitsmoe_jax.models.moe import Experts
+from bitsmoe_jax.quant.pipeline import attention_part
+
+BASELINE_BITS = (2, 3, 4, 5, 6, 8)
+BASELINE_GROUPS = (16, 32, 64, 128, 256)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One uniform-bits setting of a baseline: `bits` per weight plus a bf16 scale per group."""
+
+    bits: int
+    group_size: int
+    bpw: float
+
+    def label(self) -> str:
+        return f"{self.bits}-bit g{self.group_size}"
+
+
+def uniform_settings(contraction: int) -> list[Setting]:
+    """All (bits, group) settings; a group never spans more than one row of `contraction` inputs."""
+    out = []
+    for b in BASELINE_BITS:
+        for g in BASELINE_GROUPS:
+            g_eff = min(g, contraction)
+            out.append(Setting(b, g_eff, b + 16.0 / g_eff))
+    return sorted(set(out), key=lambda s: (s.bpw, -s.bits))
+
+
+def nearest_setting(settings: list[Setting], target: float) -> Setting:
+    """Closest bpw to the target; ties go to more bits per weight (fewer scales)."""
+    return min(settings, key=lambda s: (abs(s.bpw - target), -s.bits))
+
+
+def sequential_quantize(model, calib: jnp.ndarray, quantize_layer: Callable[[int, Any, jnp.ndarray], None]) -> None:
+    """Run calibration layer by layer, letting `quantize_layer(i, moe_block, moe_input[N, D])` replace
+    the block's expert weights in place before the next layer's inputs are computed from it."""
+    x = model.embed_tokens(calib)
+    for i, layer in enumerate(model.layers):
+        resid, moe_in = attention_part(layer, x, model.config)
+        if layer.is_moe:
+            quantize_layer(i, layer.mlp, moe_in.reshape(-1, moe_in.shape[-1]))
+        x = resid + layer.mlp(moe_in)
+
+
+def _set_experts(block, gate, up, down) -> None:
+    ex: Experts = block.experts
+    for var, w in ((ex.gate, gate), (ex.up, up), (ex.down, down)):
+        var[...] = jnp.asarray(w, var.dtype)
+
+
+def run_rtn(model, calib, setting: Setting) -> dict:
+    from bitsmoe_jax.baselines.rtn import rtn_quantize
+
+    def q(i, block, x):
+        ex = block.experts
+        _set_experts(block, *(rtn_quantize(np.asarray(w[...]), setting.bits, setting.group_size, axis=1) for w in (ex.gate, ex.up, ex.down)))
+
+    sequential_quantize(model, calib, q)
+    return {"setting": setting.label(), "effective_bpw_experts": setting.bpw}
+
+
+def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
+    from bitsmoe_jax.baselines.gptq import gptq_quantize_experts
+
+    starved: dict[int, list[int]] = {}
+
+    def q(i, block, x):
+        _, w, idx = block.router(x)
+        ex = block.experts
+        out = gptq_quantize_experts(
+            np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]), x, idx, w,
+            setting.bits, setting.group_size, min_tokens=min_tokens,
+        )
+        starved[i] = list(out["starved"])
+        _set_experts(block, out["gate"], out["up"], out["down"])
+
+    sequential_quantize(model, calib, q)
+    return {"setting": setting.label(), "effective_bpw_experts": setting.bpw, "starved_experts": starved}
+
+
+def run_expertwise(model, calib, target: float, group_size: int) -> dict:
+    from bitsmoe_jax.baselines.expertwise import expertwise_quantize
+
+    bits, bpws = {}, []
+
+    def q(i, block, x):
+        ex = block.experts
+        out = expertwise_quantize(
+            np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]),
+            np.asarray(block.router.kernel[...]), target, group_size=group_size,
+        )
+        bits[i] = [int(b) for b in out["bits"]]
+        bpws.append(float(out["bpw"]))
+        _set_experts(block, out["gate"], out["up"], out["down"])
+
+    sequential_quantize(model, calib, q)
+    return {"setting": f"per-expert bits g{group_size}", "effective_bpw_experts": float(np.mean(bpws)), "expert_bits": bits}
+
+
+def run_baseline(method: str, model, calib: jnp.ndarray, target: float, group_size: int, min_tokens: int) -> dict:
+    """Quantize `model`'s routed experts in place with a baseline at `target` bpw; returns its info."""
+    config = model.config
+    settings = uniform_settings(min(config.hidden_size, config.moe_intermediate_size))
+    if method == "rtn":
+        return run_rtn(model, calib, nearest_setting(settings, target))
+    if method == "gptq":
+        return run_gptq(model, calib, nearest_setting(settings, target), min_tokens)
+    if method == "expertwise":
+        return run_expertwise(model, calib, target, group_size)
+    raise ValueError(f"unknown baseline {method!r}; choose rtn, gptq or expertwise")
