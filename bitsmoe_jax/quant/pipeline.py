@@ -224,8 +224,9 @@ def make_bases(
 
     kind="svd": eigenvectors of Σ_e W_eᵀW_e (the stacked-weight SVD).
     kind="whitened" (ablation): gate/up bases from the SVD of the activation-whitened stack
-    [W_e C^{1/2}] with C = E[x xᵀ] over the calibration inputs `x`, mapped back as C^{-1/2}V (so that
-    z = basisᵀx keeps the dataflow); down keeps the weight SVD (its basis is on the output side).
+    [W_e C^{1/2}] with C = E[x xᵀ] over the calibration inputs `x`, mapped back as C^{-1/2}V and
+    orthonormalised by QR (same leading spans; z = basisᵀx keeps the dataflow); down keeps the weight
+    SVD (its basis is on the output side).
     kind="none" (ablation): no basis — the identity, stored as nothing, so the units are the original
     weight columns (gate/up) and rows (down).
     """
@@ -247,7 +248,11 @@ def make_bases(
         if c_half is not None and p != "down":
             g = c_half @ np.asarray(grams[p], np.float64) @ c_half
             v, _ = basis_lib.basis_from_gram(jnp.asarray(g, jnp.float32), rank)
-            v = jnp.asarray(c_inv_half @ np.asarray(v, np.float64), jnp.float32)
+            # C^{-1/2}V spans, prefix by prefix, the directions that matter most for the layer output;
+            # orthonormalise it (QR keeps every leading span) so that it stores at 8 bits like the SVD
+            # basis — unnormalised, its rows span a dynamic range int8 rows cannot hold.
+            q, r = np.linalg.qr(c_inv_half @ np.asarray(v, np.float64))
+            v = jnp.asarray(q * np.sign(np.diag(r))[None, :], jnp.float32)
         else:
             v, _ = basis_lib.basis_from_gram(grams[p], rank)
         st, dq = basis_lib.quantize_basis(v, basis_bits)
