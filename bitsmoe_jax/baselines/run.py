@@ -97,22 +97,29 @@ def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
 
 
 def run_expertwise(model, calib, target: float, group_size: int) -> dict:
+    """Expert-wise bits at the target; if even 2 bits + its scales exceed it at `group_size`, the
+    largest group that fits a row is used, and if that is still too much every expert gets 2 bits
+    (the report then shows the effective bpw above the target)."""
     from bitsmoe_jax.baselines.expertwise import expertwise_quantize
 
+    config = model.config
+    row = min(config.hidden_size, config.moe_intermediate_size)
+    g = group_size if 2 + 16.0 / group_size <= target else row
+    budget = max(target, 2 + 16.0 / g)
     bits, bpws = {}, []
 
     def q(i, block, x):
         ex = block.experts
         out = expertwise_quantize(
             np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]),
-            np.asarray(block.router.kernel[...]), target, group_size=group_size,
+            np.asarray(block.router.kernel[...]), budget, group_size=g,
         )
         bits[i] = [int(b) for b in out["bits"]]
         bpws.append(float(out["bpw"]))
         _set_experts(block, out["gate"], out["up"], out["down"])
 
     sequential_quantize(model, calib, q)
-    return {"setting": f"per-expert bits g{group_size}", "effective_bpw_experts": float(np.mean(bpws)), "expert_bits": bits}
+    return {"setting": f"per-expert bits g{g}", "effective_bpw_experts": float(np.mean(bpws)), "expert_bits": bits}
 
 
 def run_baseline(method: str, model, calib: jnp.ndarray, target: float, group_size: int, min_tokens: int) -> dict:

@@ -39,7 +39,7 @@ def fit_factors(basis_deq: np.ndarray, w: np.ndarray) -> np.ndarray:
     # pinv, not a normal-equations solve: an 8-bit basis whose rows span a large dynamic range (the
     # whitened ablation) can lose columns to rounding and be rank-deficient.
     pinv = np.linalg.pinv(np.asarray(basis_deq, np.float64))
-    return np.einsum("rd,edf->erf", pinv, np.asarray(w, np.float64)).astype(np.float32)
+    return np.matmul(pinv[None], np.asarray(w, np.float64)).astype(np.float32)
 
 
 def layer_units(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bases_deq: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
