@@ -118,7 +118,9 @@ def test_valid_config_passes():
 @pytest.mark.parametrize(
     "field, value, allowed",
     [
-        ("method", "gptq", ["bitsmoe"]),
+        ("method", "awq", ["bitsmoe", "rtn", "gptq", "expertwise"]),
+        ("basis", "pca", ["svd", "whitened", "none"]),
+        ("loss_weighting", "mean", ["token_sum", "expert_mean"]),
         ("allocator", "cplex", ["auto", "milp", "greedy"]),
         ("budget_scope", "expert", ["layer", "model"]),
         ("coefficient_mode", "fast", ["exact", "sampled"]),
@@ -161,7 +163,7 @@ def test_missing_paths_are_invalid():
     "args, needle",
     [
         (["--config.allocator=cplex"], "allocator"),
-        (["--config.method=gptq"], "method"),
+        (["--config.method=awq"], "method"),
         (["--config.budget_scope=expert"], "budget_scope"),
         (["--config.candidate_bits=(1,2)"], "candidate_bits"),
         (["--config.basis_bits=4"], "basis_bits"),

@@ -17,7 +17,6 @@ import functools
 import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
