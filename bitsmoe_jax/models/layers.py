@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.config import ConfigError, ModelConfig
 
 KVLayerCache = dict[str, jax.Array]  # {"k": [B, S, Hkv, dk], "v": [B, S, Hkv, dv]}
 
@@ -110,7 +110,7 @@ def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
         inv_interp = 1.0 / (factor * pos)
         inv = inv_interp * (1 - extrap) + inv * extrap
         return inv.astype(np.float32), float(attn)
-    raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, yarn are)")
+    raise ConfigError(f"rope_scaling.rope_type {kind!r} is not supported (default, linear and yarn are)")
 
 
 def rope_cos_sin(config: ModelConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
