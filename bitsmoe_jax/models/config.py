@@ -139,6 +139,11 @@ class ModelConfig:
                 scaling["rope_type"] = scaling.pop("type")
             if scaling.get("rope_type", "default") == "default":
                 scaling = None
+        if scaling and scaling.get("rope_type") not in ("linear", "yarn"):
+            raise ConfigError(
+                f"{source}: rope_scaling rope_type {scaling.get('rope_type')!r} is not supported "
+                "(default, linear and yarn are)"
+            )
         rope_scaling = tuple(sorted(scaling.items())) if scaling else None
 
         hidden = int(need("hidden_size"))
