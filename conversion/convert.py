@@ -40,10 +40,11 @@ def expected_tree(config: ModelConfig) -> dict[str, Any]:
     return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
-def _leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+def iter_leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(path, leaf) for every leaf of a nested dict."""
     for k, v in tree.items():
         if isinstance(v, dict):
-            yield from _leaves(v, prefix + (k,))
+            yield from iter_leaves(v, prefix + (k,))
         else:
             yield prefix + (k,), v
 
@@ -77,7 +78,7 @@ def _read_part(
 ) -> dict:
     keys = dict.fromkeys(ckpt.keys())
     out: dict = {}
-    for path, spec in _leaves(expected):
+    for path, spec in iter_leaves(expected):
         getter = _RecordingGetter(ckpt)
         if layer is None:
             hf_key, transpose = TOP_LEVEL[path]

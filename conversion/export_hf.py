@@ -17,17 +17,9 @@ from flax import nnx
 
 from bitsmoe_jax.checkpoint import atomic_directory
 from bitsmoe_jax.models.config import ModelConfig
-from conversion.convert import np_dtype
+from conversion.convert import iter_leaves, np_dtype
 from conversion.hf_checkpoint import write_safetensors
 from conversion.key_maps import TOP_LEVEL, write_param
-
-
-def _leaves(tree: dict, prefix: tuple = ()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def hf_state_dict(model: nnx.Module, config: ModelConfig, dtype: str = "bfloat16") -> dict[str, np.ndarray]:
@@ -36,11 +28,11 @@ def hf_state_dict(model: nnx.Module, config: ModelConfig, dtype: str = "bfloat16
     pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     layers = pure.pop("layers")
     out: dict[str, np.ndarray] = {}
-    for path, value in _leaves(pure):
+    for path, value in iter_leaves(pure):
         key, transpose = TOP_LEVEL[path]
         out[key] = value.T if transpose else value
     for i in range(config.num_hidden_layers):
-        for path, value in _leaves(layers[i]):
+        for path, value in iter_leaves(layers[i]):
             out.update(write_param(path, f"model.layers.{i}.", value, config.model_type))
     return {k: np.ascontiguousarray(v.astype(dt)) for k, v in out.items()}
 

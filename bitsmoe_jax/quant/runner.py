@@ -30,8 +30,8 @@ from bitsmoe_jax.quant.pipeline import (
 )
 from bitsmoe_jax.quant.qmoe import QuantizedExperts
 from bitsmoe_jax.quant.report import write_report
+from conversion.convert import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int) -> np.ndarray:
@@ -147,9 +147,10 @@ def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
 
     calib_time = time.time() - t_start
     reports = []
+    shared: dict = {}  # evaluation tokens and reference model, read once for all budgets
     for b, out_dir in budgets:
         reports.append(
-            _write_output(cfg, config, b, out_dir, top, dense_layers, packed[b], dict(timings), calib_time, progress)
+            _write_output(cfg, config, b, out_dir, top, dense_layers, packed[b], dict(timings), calib_time, shared)
         )
     return reports
 
@@ -169,7 +170,7 @@ def _problem_summary(p: LayerProblem) -> dict[str, Any]:
     }
 
 
-def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, top, dense_layers, layer_results, timings, calib_time, progress) -> dict:
+def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, top, dense_layers, layer_results, timings, calib_time, shared: dict) -> dict:
     t = time.time()
     expert_bits = 0
     expert_weights = 0
@@ -212,7 +213,7 @@ def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, top, d
         checkpoint_io.write_meta(tmp, config, cfg.to_dict(), layers_meta, summary)
         timings = dict(timings)
         timings["write"] = time.time() - t
-        report = _evaluate_into_report(cfg, tmp, budget, summary, layer_summary, timings, calib_time, progress)
+        report = _evaluate_into_report(cfg, tmp, budget, summary, layer_summary, timings, calib_time, shared)
         write_report(tmp, report)
     return report
 
@@ -224,7 +225,30 @@ def _dense_accounting(top: dict, dense_layers: dict, dtype: str) -> tuple[int, i
     return n, n * bits
 
 
-def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timings, calib_time, progress) -> dict:
+def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
+    """Report metrics of `model` against the unquantized model on `cfg.eval_text`.
+
+    `shared` carries the tokenized text and the reference model between the budgets of one run, so
+    they are read once, not once per output.
+    """
+    from bitsmoe_jax.evaluate import evaluate_model
+
+    if "ids" not in shared:
+        ids = tokenize_text(load_tokenizer(cfg.model_path), read_text(cfg.eval_text))
+        shared["ids"] = ids[: int(cfg.eval_max_tokens)] if cfg.eval_max_tokens else ids
+        shared["ref"] = load_model(cfg.model_path)[0]
+    res = evaluate_model(model, shared["ids"], cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=shared["ref"])
+    return {
+        "eval_text": str(cfg.eval_text),
+        "eval_tokens": int(res["tokens_scored"]),
+        "perplexity_fp": float(res["reference_perplexity"]),
+        "perplexity_q": float(res["perplexity"]),
+        "kl_divergence": float(res["kl_divergence"]),
+        "top1_agreement": float(res["top1_agreement"]),
+    }
+
+
+def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timings, calib_time, shared: dict) -> dict:
     report: dict[str, Any] = {
         "method": cfg.method,
         "model": str(cfg.model_path),
@@ -238,25 +262,9 @@ def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timin
         "num_calib_tokens": int(cfg.num_calib_tokens),
     }
     if cfg.eval_text:
-        from bitsmoe_jax.evaluate import evaluate_model
-
         t = time.time()
-        tok = load_tokenizer(cfg.model_path)
-        ids = tokenize_text(tok, read_text(cfg.eval_text))
-        if cfg.eval_max_tokens:
-            ids = ids[: int(cfg.eval_max_tokens)]
-        ref, _ = load_model(cfg.model_path)
-        qmodel, _ = checkpoint_io.load_quantized(qdir)
-        res = evaluate_model(qmodel, ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=ref)
+        report.update(_eval_metrics(cfg, checkpoint_io.load_quantized(qdir)[0], shared))
         timings["evaluate"] = time.time() - t
-        report.update(
-            eval_text=str(cfg.eval_text),
-            eval_tokens=int(res["tokens_scored"]),
-            perplexity_fp=float(res["reference_perplexity"]),
-            perplexity_q=float(res["perplexity"]),
-            kl_divergence=float(res["kl_divergence"]),
-            top1_agreement=float(res["top1_agreement"]),
-        )
     timings["quantize_total"] = calib_time
     report["time_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["time_s"]["total"] = round(sum(v for k, v in timings.items() if k in ("quantize_total", "write", "evaluate")), 3)
@@ -294,6 +302,7 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
     config = model_config(cfg.model_path)
     reports = []
+    shared: dict = {}
     for budget, out_dir in budgets:
         t0 = time.time()
         model, _ = load_model(cfg.model_path)
@@ -340,21 +349,10 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
             }
             timings = {"quantize_total": qtime}
             if cfg.eval_text:
-                from bitsmoe_jax.evaluate import evaluate_model
-
                 t = time.time()
-                ids = tokenize_text(load_tokenizer(cfg.model_path), read_text(cfg.eval_text))
-                if cfg.eval_max_tokens:
-                    ids = ids[: int(cfg.eval_max_tokens)]
-                ref, _ = load_model(cfg.model_path)
                 stored, _ = load_model(tmp)  # evaluate what was written (dense weights at dense_dtype)
-                res = evaluate_model(stored, ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=ref)
+                report.update(_eval_metrics(cfg, stored, shared))
                 timings["evaluate"] = time.time() - t
-                report.update(
-                    eval_text=str(cfg.eval_text), eval_tokens=int(res["tokens_scored"]),
-                    perplexity_fp=float(res["reference_perplexity"]), perplexity_q=float(res["perplexity"]),
-                    kl_divergence=float(res["kl_divergence"]), top1_agreement=float(res["top1_agreement"]),
-                )
             report["time_s"] = {k: round(v, 3) for k, v in timings.items()}
             report["time_s"]["total"] = round(sum(timings.values()), 3)
             write_report(tmp, report)
