@@ -52,7 +52,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_max_tokens = ml_collections.FieldReference(None, field_type=int)
     c.eval_batch_size = 8
     c.seed = 0
+    # Devices on the "expert" mesh axis that per-expert work is sharded over: () = every device.
+    c.mesh_shape = ml_collections.FieldReference((), field_type=object)
+    c.distributed = distributed_config()
     return c
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """`jax.distributed.initialize` settings (bitsmoe_jax/distributed.py); the defaults are one process."""
+    d = ml_collections.ConfigDict()
+    d.auto = False  # True on a TPU pod (or SLURM / Open MPI): JAX detects coordinator, count and id
+    d.coordinator_address = ""  # "host:port" of process 0, for explicit multi-process (GPU hosts)
+    d.num_processes = 1
+    d.process_id = 0
+    d.initialization_timeout = 300  # s to wait for every process to join before a clear error
+    d.heartbeat_timeout = 100  # s of silence after which a peer is declared dead and the run stops
+    d.barrier_timeout = 1800.0  # s a process waits at a barrier (process 0 writes a layer meanwhile)
+    return d
 
 
 def _is_bits_tuple(v: Any) -> bool:
@@ -106,6 +122,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("expert_mass_floor", "a number >= 0 (fraction of the mean expert mass)")
     if c.rank is not None and c.rank < 1:
         bad("rank", "None (full) or a positive integer")
+    ms = c.mesh_shape
+    if not (ms in ((), None) or (isinstance(ms, int) and not isinstance(ms, bool) and ms > 0)
+            or (isinstance(ms, (tuple, list)) and len(ms) == 1 and isinstance(ms[0], int) and ms[0] > 0)):
+        bad("mesh_shape", "() for every device, or (n,) with n > 0 devices on the expert axis")
+    _validate_distributed(c.distributed)
+
+
+def _validate_distributed(d: ml_collections.ConfigDict) -> None:
+    def bad(field: str, allowed: str) -> None:
+        raise ValueError(f"config.distributed.{field}={d[field]!r} is invalid; allowed: {allowed}")
+
+    if not isinstance(d.num_processes, int) or d.num_processes < 1:
+        bad("num_processes", "an integer >= 1")
+    if not isinstance(d.process_id, int) or not 0 <= d.process_id < d.num_processes:
+        bad("process_id", f"an integer in [0, num_processes={d.num_processes})")
+    if d.num_processes > 1 and not d.auto and ":" not in d.coordinator_address:
+        bad("coordinator_address", '"host:port" of process 0 (or distributed.auto=True on a TPU pod)')
+    for f in ("initialization_timeout", "heartbeat_timeout", "barrier_timeout"):
+        if not d[f] > 0:
+            bad(f, "a positive number of seconds")
 
 
 def large_model_config(output_dir: str) -> ml_collections.ConfigDict:
