@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, rest = parse_config_args(argv)
-        methods, targets = ("bitsmoe", "rtn", "gptq", "expertwise"), (2.0, 2.5, 3.0, 4.0)
+        methods, targets = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise"), (2.0, 2.5, 3.0, 4.0)
         run_ablations = False
         for a in rest:
             if a == "--ablations":

@@ -118,7 +118,7 @@ def test_valid_config_passes():
 @pytest.mark.parametrize(
     "field, value, allowed",
     [
-        ("method", "awq", ["bitsmoe", "rtn", "gptq", "expertwise"]),
+        ("method", "awq", ["bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise"]),
         ("basis", "pca", ["svd", "whitened", "none"]),
         ("loss_weighting", "mean", ["token_sum", "expert_mean"]),
         ("allocator", "cplex", ["auto", "milp", "greedy"]),

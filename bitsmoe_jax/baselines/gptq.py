@@ -13,9 +13,11 @@ rows are updated, and the block's accumulated errors reach all later rows with o
 of the block. This is the same arithmetic in a different order, so blocked and unblocked agree to
 float rounding.
 
-Grid. The same grid as our RTN (`bitsmoe_jax.baselines.rtn`): symmetric integers in
-[-2^(b-1), 2^(b-1)-1] times one bf16 scale per (group of ``group_size`` consecutive input rows,
-output column), scale = max|w| / (2^(b-1)-1) rounded to bf16. As in GPTQ with a group size, a
+Grid. The same grids as our RTN (`bitsmoe_jax.baselines.rtn`), one per (group of ``group_size``
+consecutive input rows, output column): symmetric integers in [-2^(b-1), 2^(b-1)-1] times a bf16
+scale max|w| / (2^(b-1)-1), or (``zero_point=True``, the GPTQ reference code's default) integers in
+[0, 2^b-1] minus a b-bit zero point, times a bf16 scale (max - min) / (2^b-1) over the group's range
+extended to contain 0. As in GPTQ with a group size, a
 group's scale is computed from the group's *current* weights (already updated by the errors of every
 earlier row) when its first row is reached. To make that well defined with lazy updates the block
 size is adjusted (statically) so that every group either lies inside one block or starts at a block
@@ -29,7 +31,7 @@ consecutive rows of the **permuted** order (GPTQ's default, not "static groups")
 shared by the inputs of one permuted group, so a storage format must also keep the permutation
 (here it is only a fake-quantization baseline; ``bpw`` counts the scales only, as for RTN).
 
-Effective bits per weight: ``bits + 16 / group_size``.
+Effective bits per weight: ``bits + 16 / group_size`` (``+ bits / group_size`` with a zero point).
 """
 
 from __future__ import annotations
@@ -59,13 +61,35 @@ def act_order_permutation(hessian: Any) -> np.ndarray:
     return np.argsort(-d, kind="stable")
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_size", "act_order"))
-def _gptq(w: jax.Array, h: jax.Array, damp: jax.Array, *, bits: int, group_size: int, block_size: int, act_order: bool) -> jax.Array:
+def _bf16(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _group_grid(gmin: jax.Array, gmax: jax.Array, bits: int, zero_point: bool) -> tuple[jax.Array, jax.Array]:
+    """(scale, zero) per output column from the group's current min / max (zero = 0 when symmetric)."""
+    if not zero_point:
+        return _bf16(jnp.maximum(gmax, -gmin) / (2 ** (bits - 1) - 1)), jnp.zeros_like(gmax)
+    lo, hi = jnp.minimum(gmin, 0.0), jnp.maximum(gmax, 0.0)
+    scale = _bf16((hi - lo) / (2**bits - 1))
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return scale, jnp.where(scale > 0, jnp.clip(jnp.round(-lo / safe), 0, 2**bits - 1), 0.0)
+
+
+def _grid_round(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, zero_point: bool) -> jax.Array:
+    safe = jnp.where(scale > 0, scale, 1.0)
+    if zero_point:
+        return (jnp.clip(jnp.round(w / safe) + zero, 0, 2**bits - 1) - zero) * scale
+    return jnp.clip(jnp.round(w / safe), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_size", "act_order", "zero_point"))
+def _gptq(
+    w: jax.Array, h: jax.Array, damp: jax.Array, *, bits: int, group_size: int, block_size: int, act_order: bool,
+    zero_point: bool = False,
+) -> jax.Array:
     k, n = w.shape
     w = w.astype(jnp.float32)
     h = h.astype(jnp.float32)
-    qmax = 2 ** (bits - 1) - 1
-    qmin = -(2 ** (bits - 1))
 
     diag = jnp.diagonal(h)
     dead = diag == 0
@@ -87,6 +111,7 @@ def _gptq(w: jax.Array, h: jax.Array, damp: jax.Array, *, bits: int, group_size:
     rows = np.arange(k)
     gid = rows // group_size
     scale = jnp.zeros((n,), jnp.float32)
+    zero = jnp.zeros((n,), jnp.float32)
     q_blocks = []
     for b0 in range(0, k, bs):
         b1 = min(b0 + bs, k)
@@ -96,29 +121,33 @@ def _gptq(w: jax.Array, h: jax.Array, damp: jax.Array, *, bits: int, group_size:
         gmask = jnp.asarray(gid[b0:b1, None] == gid[None, b0:b1])  # [nb, nb] same group
         # A group that starts here and runs past the block (only at a block start): the rest of its
         # rows have received every earlier block's update, so their current values are final inputs.
-        ext = jnp.zeros((nb, n), jnp.float32)
+        # Extremes of the group's rows past this block (0 is neutral: both grids' ranges contain 0).
+        ext_hi = jnp.zeros((nb, n), jnp.float32)
+        ext_lo = jnp.zeros((nb, n), jnp.float32)
         g_end = min((b0 // group_size + 1) * group_size, k)
         if b0 % group_size == 0 and g_end > b1:
-            ext = ext.at[0].set(jnp.max(jnp.abs(w[b1:g_end]), axis=0))
+            ext_hi = ext_hi.at[0].set(jnp.max(w[b1:g_end], axis=0))
+            ext_lo = ext_lo.at[0].set(jnp.min(w[b1:g_end], axis=0))
         u1 = u[b0:b1, b0:b1]
         idx = jnp.arange(nb)
 
-        def body(i, carry, u1=u1, gstart=gstart, gmask=gmask, ext=ext, idx=idx):
-            w1, q1, e1, sc = carry
+        def body(i, carry, u1=u1, gstart=gstart, gmask=gmask, ext_hi=ext_hi, ext_lo=ext_lo, idx=idx):
+            w1, q1, e1, sc, zp = carry
             wi = w1[i]
-            gmax = jnp.max(jnp.where(gmask[i][:, None], jnp.abs(w1), 0.0), axis=0)
-            gmax = jnp.maximum(gmax, ext[i])
-            new_sc = (gmax / qmax).astype(jnp.bfloat16).astype(jnp.float32)
+            in_group = gmask[i][:, None]
+            gmax = jnp.maximum(jnp.max(jnp.where(in_group, w1, 0.0), axis=0), ext_hi[i])
+            gmin = jnp.minimum(jnp.min(jnp.where(in_group, w1, 0.0), axis=0), ext_lo[i])
+            new_sc, new_zp = _group_grid(gmin, gmax, bits, zero_point)
             sc = jnp.where(gstart[i], new_sc, sc)
-            safe = jnp.where(sc > 0, sc, 1.0)
-            qi = jnp.clip(jnp.round(wi / safe), qmin, qmax) * sc
+            zp = jnp.where(gstart[i], new_zp, zp)
+            qi = _grid_round(wi, sc, zp, bits, zero_point)
             err = (wi - qi) / u1[i, i]
             coef = jnp.where(idx > i, u1[i], 0.0)
             w1 = w1 - coef[:, None] * err[None, :]
-            return w1, q1.at[i].set(qi), e1.at[i].set(err), sc
+            return w1, q1.at[i].set(qi), e1.at[i].set(err), sc, zp
 
-        init = (w[b0:b1], jnp.zeros((nb, n), jnp.float32), jnp.zeros((nb, n), jnp.float32), scale)
-        _, q1, e1, scale = jax.lax.fori_loop(0, nb, body, init)
+        init = (w[b0:b1], jnp.zeros((nb, n), jnp.float32), jnp.zeros((nb, n), jnp.float32), scale, zero)
+        _, q1, e1, scale, zero = jax.lax.fori_loop(0, nb, body, init)
         q_blocks.append(q1)
         if b1 < k:
             w = w.at[b1:].add(-jnp.matmul(u[b0:b1, b1:].T, e1, precision=HI))
@@ -136,17 +165,19 @@ def gptq_quantize_matrix(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    zero_point: bool = False,
 ) -> jax.Array:
     """GPTQ-quantize ``w`` [K, N] (``y = x @ w``) against ``hessian`` [K, K] = Σ x xᵀ; float32 [K, N].
 
     group_size: input rows per scale (None or ≤ 0: one group of all K rows). The result is
-    fake-quantized: every value is an integer in [-2^(b-1), 2^(b-1)-1] times its group's bf16 scale.
+    fake-quantized: every value is an integer in [-2^(b-1), 2^(b-1)-1] times its group's bf16 scale,
+    or with ``zero_point`` (q - zero) · scale with q in [0, 2^b-1].
     """
     k = np.shape(w)[0]
     gs = k if group_size is None or group_size <= 0 else int(group_size)
     return _gptq(
         jnp.asarray(w), jnp.asarray(hessian), jnp.float32(damp),
-        bits=int(bits), group_size=gs, block_size=int(block_size), act_order=bool(act_order),
+        bits=int(bits), group_size=gs, block_size=int(block_size), act_order=bool(act_order), zero_point=bool(zero_point),
     )
 
 
@@ -209,20 +240,21 @@ def gptq_quantize_experts(
     act_order: bool = False,
     min_tokens: int = 16,
     block_size: int = 128,
+    zero_point: bool = False,
 ) -> dict[str, Any]:
     """GPTQ every routed expert of one MoE layer: gate/up [E, D, F] against H_in, down [E, F, D] against H_down.
 
     Gate and up share H_in and GPTQ treats output columns independently, so they are quantized as
     one [D, 2F] matrix per expert (identical to quantizing them separately). Returns
     dict(gate, up, down (input dtypes), starved=[expert ids on the all-token fallback],
-    tokens=[E] routed-token counts, bpw=bits + 16/group_size).
+    tokens=[E] routed-token counts, bpw=bits + (16 [+ bits with a zero point])/group_size).
     """
     gate_a, up_a, down_a = jnp.asarray(gate), jnp.asarray(up), jnp.asarray(down)
     e, d, f = gate_a.shape
     h_in, h_down, tokens, starved = expert_hessians(x, expert_idx, expert_w, gate_a, up_a, e, min_tokens)
 
     def quant(w_stack: jax.Array, h_stack: jax.Array) -> jax.Array:
-        return jax.vmap(lambda w, h: gptq_quantize_matrix(w, h, bits, group_size, damp, act_order, block_size))(
+        return jax.vmap(lambda w, h: gptq_quantize_matrix(w, h, bits, group_size, damp, act_order, block_size, zero_point))(
             w_stack.astype(jnp.float32), h_stack
         )
 
@@ -236,5 +268,5 @@ def gptq_quantize_experts(
         down=dq.astype(down_a.dtype),
         starved=starved,
         tokens=tokens,
-        bpw=float(bits + 16.0 / group_size),
+        bpw=float(bits + (16.0 + (bits if zero_point else 0)) / group_size),
     )

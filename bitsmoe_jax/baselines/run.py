@@ -1,8 +1,10 @@
 """Baselines run the way BitsMoE runs: layer by layer on the same calibration, at a matched budget.
 
 Uniform baselines (RTN, GPTQ) pick the (bits, group size) setting whose effective bits per weight
-(b + 16/group, a bf16 scale per group) is nearest to the target; expert-wise mixed precision takes
-the target as its budget. Calibration is sequential: the inputs of layer i come from layers 0..i−1
+(b + 16/group for a bf16 scale per group; b + (16 + b)/group with a b-bit zero point as well) is
+nearest to the target; expert-wise mixed precision takes the target as its budget. `rtn` and `gptq`
+use the symmetric grid; `rtn_asym` and `gptq_asym` the zero-point grid (GPTQ's reference default),
+which uses all 2^b levels and is the stronger baseline at 2 bits. Calibration is sequential: the inputs of layer i come from layers 0..i−1
 already quantized, routing from the layer's own router.
 """
 
@@ -19,28 +21,33 @@ from bitsmoe_jax.quant.pipeline import attention_part
 
 BASELINE_BITS = (2, 3, 4, 5, 6, 8)
 BASELINE_GROUPS = (16, 32, 64, 128, 256)
+UNIFORM_BASELINES = ("rtn", "rtn_asym", "gptq", "gptq_asym")
 
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One uniform-bits setting of a baseline: `bits` per weight plus a bf16 scale per group."""
+    """One uniform-bits setting of a baseline: `bits` per weight plus a bf16 scale (and, with
+    `zero_point`, a b-bit zero) per group."""
 
     bits: int
     group_size: int
     bpw: float
+    zero_point: bool = False
 
     def label(self) -> str:
-        return f"{self.bits}-bit g{self.group_size}"
+        return f"{self.bits}-bit g{self.group_size}" + (" zero-point" if self.zero_point else "")
 
 
-def uniform_settings(contraction: int) -> list[Setting]:
+def uniform_settings(contraction: int, zero_point: bool = False) -> list[Setting]:
     """All (bits, group) settings; a group never spans more than one row of `contraction` inputs."""
+    from bitsmoe_jax.baselines.rtn import rtn_bpw
+
     out = []
     for b in BASELINE_BITS:
         for g in BASELINE_GROUPS:
             g_eff = min(g, contraction)
-            out.append(Setting(b, g_eff, b + 16.0 / g_eff))
+            out.append(Setting(b, g_eff, rtn_bpw(b, g_eff, zero_point), zero_point))
     return sorted(set(out), key=lambda s: (s.bpw, -s.bits))
 
 
@@ -71,7 +78,10 @@ def run_rtn(model, calib, setting: Setting) -> dict:
 
     def q(i, block, x):
         ex = block.experts
-        _set_experts(block, *(rtn_quantize(np.asarray(w[...]), setting.bits, setting.group_size, axis=1) for w in (ex.gate, ex.up, ex.down)))
+        _set_experts(
+            block,
+            *(rtn_quantize(np.asarray(w[...]), setting.bits, setting.group_size, axis=1, zero_point=setting.zero_point) for w in (ex.gate, ex.up, ex.down)),
+        )
 
     sequential_quantize(model, calib, q)
     return {"setting": setting.label(), "effective_bpw_experts": setting.bpw}
@@ -87,7 +97,7 @@ def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
         ex = block.experts
         out = gptq_quantize_experts(
             np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]), x, idx, w,
-            setting.bits, setting.group_size, min_tokens=min_tokens,
+            setting.bits, setting.group_size, min_tokens=min_tokens, zero_point=setting.zero_point,
         )
         starved[i] = list(out["starved"])
         _set_experts(block, out["gate"], out["up"], out["down"])
@@ -125,11 +135,12 @@ def run_expertwise(model, calib, target: float, group_size: int) -> dict:
 def run_baseline(method: str, model, calib: jnp.ndarray, target: float, group_size: int, min_tokens: int) -> dict:
     """Quantize `model`'s routed experts in place with a baseline at `target` bpw; returns its info."""
     config = model.config
-    settings = uniform_settings(min(config.hidden_size, config.moe_intermediate_size))
-    if method == "rtn":
-        return run_rtn(model, calib, nearest_setting(settings, target))
-    if method == "gptq":
-        return run_gptq(model, calib, nearest_setting(settings, target), min_tokens)
+    contraction = min(config.hidden_size, config.moe_intermediate_size)
+    if method in UNIFORM_BASELINES:
+        setting = nearest_setting(uniform_settings(contraction, zero_point=method.endswith("_asym")), target)
+        if method.startswith("rtn"):
+            return run_rtn(model, calib, setting)
+        return run_gptq(model, calib, setting, min_tokens)
     if method == "expertwise":
         return run_expertwise(model, calib, target, group_size)
-    raise ValueError(f"unknown baseline {method!r}; choose rtn, gptq or expertwise")
+    raise ValueError(f"unknown baseline {method!r}; choose {', '.join(UNIFORM_BASELINES)} or expertwise")

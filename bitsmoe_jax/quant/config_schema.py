@@ -7,11 +7,12 @@ unknown or out of range with the allowed values in the message.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-METHODS = ("bitsmoe", "rtn", "gptq", "expertwise")
+METHODS = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise")
 ALLOCATORS = ("auto", "milp", "greedy")
 SCOPES = ("layer", "model")
 COEFF_MODES = ("exact", "sampled")
@@ -24,6 +25,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model_path = ""  # HF directory or converted checkpoint
     c.output_dir = ""
     c.overwrite = False
+    # Finished layers are committed to work_dir ("" = OUTPUT_DIR.partial beside the output); a rerun of
+    # the same command resumes at the first unfinished layer. resume=False discards the work dir.
+    c.resume = True
+    c.work_dir = ""
     c.method = "bitsmoe"
     c.budget_bits = (2.0,)  # bits per original expert weight, everything stored counted; several -> one output each
     c.budget_scope = "layer"  # layer | model
@@ -85,6 +90,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("model_path", "a Hugging Face or converted checkpoint directory")
     if not c.output_dir:
         bad("output_dir", "a directory path for the quantized checkpoint")
+    if c.work_dir and Path(c.work_dir).absolute() in (Path(c.output_dir).absolute(), *Path(c.output_dir).absolute().parents):
+        bad("work_dir", "a directory outside output_dir (it is deleted when the run succeeds), or \"\" for OUTPUT_DIR.partial")
     if c.method not in METHODS:
         bad("method", ", ".join(METHODS))
     budgets = c.budget_bits if isinstance(c.budget_bits, (tuple, list)) else (c.budget_bits,)

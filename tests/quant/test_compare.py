@@ -32,11 +32,45 @@ def _rtn_loop(w: np.ndarray, bits: int, g: int) -> np.ndarray:
     return out
 
 
+def _rtn_zero_point_loop(w: np.ndarray, bits: int, g: int) -> np.ndarray:
+    """Textbook min/max RTN with a zero point (range extended to 0), one group at a time."""
+    out = np.zeros_like(w)
+    maxq = 2**bits - 1
+    for n in range(w.shape[1]):
+        for s in range(0, w.shape[0], g):
+            grp = w[s : s + g, n].astype(np.float64)
+            lo, hi = min(grp.min(), 0.0), max(grp.max(), 0.0)
+            scale = float(np.float32(ml_dtypes.bfloat16(np.float32((hi - lo) / maxq))))
+            if scale == 0:
+                continue
+            zero = min(max(round(-lo / scale), 0), maxq)
+            for j, v in enumerate(grp):
+                q = min(max(round(v / scale) + zero, 0), maxq)
+                out[s + j, n] = (q - zero) * scale
+    return out
+
+
 @pytest.mark.parametrize("bits,g", [(2, 16), (3, 128), (4, 64), (8, 100)])
 def test_rtn_matches_numpy_loop(bits, g):
     w = np.random.default_rng(bits).normal(size=(300, 7)).astype(np.float32)
     np.testing.assert_array_equal(rtn_quantize(w, bits, g, axis=0), _rtn_loop(w, bits, g))
     np.testing.assert_array_equal(rtn_quantize(w.T, bits, g, axis=1), _rtn_loop(w, bits, g).T)
+
+
+@pytest.mark.parametrize("bits,g", [(2, 16), (3, 128), (4, 64), (2, 100)])
+def test_rtn_zero_point_matches_numpy_loop(bits, g):
+    rng = np.random.default_rng(10 + bits)
+    w = rng.normal(size=(300, 7)).astype(np.float32)
+    w[:, 3] = np.abs(w[:, 3]) + 0.5  # an all-positive column: the range still contains 0
+    w[:100, 4] = 0.0  # all-zero groups
+    got = rtn_quantize(w, bits, g, axis=0, zero_point=True)
+    np.testing.assert_allclose(got, _rtn_zero_point_loop(w, bits, g), rtol=0, atol=1e-6)
+    assert np.all(got[:100, 4] == 0)
+    # 2^b levels are all used somewhere, and the zero-point grid beats the symmetric one at 2 bits.
+    if bits == 2:
+        err_zp = np.sum((got - w) ** 2)
+        err_sym = np.sum((rtn_quantize(w, bits, g, axis=0) - w) ** 2)
+        assert err_zp < err_sym
 
 
 def test_nearest_setting():
@@ -46,6 +80,11 @@ def test_nearest_setting():
     two = nearest_setting(s, 2.0)
     assert two.label() == "2-bit g256" and abs(two.bpw - 2.0625) < 1e-12  # per-row scale: 2 + 16/256
     assert all(x.group_size <= 256 for x in s)
+    z = uniform_settings(256, zero_point=True)
+    # A zero point costs b bits per group on top of the bf16 scale: 2 + (16 + 2)/32 = 2.5625.
+    assert all(abs(x.bpw - (x.bits + (16 + x.bits) / x.group_size)) < 1e-12 and x.zero_point for x in z)
+    assert nearest_setting(z, 2.5).label() == "2-bit g32 zero-point" and nearest_setting(z, 2.5).bpw == 2.5625
+    assert nearest_setting(z, 3.0).label() == "3-bit g256 zero-point" and nearest_setting(z, 3.0).bpw == 3 + 19 / 256
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +98,23 @@ def compare_run(hf, texts, tmp_path_factory):  # noqa: F811
 def test_compare_all_methods(compare_run):
     data, out = compare_run
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"bitsmoe", "rtn", "gptq", "expertwise"}
-    assert (out / "compare.md").read_text().count("| 3.00 |") == 4
+    assert set(rows) == {"bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise"}
+    assert (out / "compare.md").read_text().count("| 3.00 |") == 6
     assert rows["bitsmoe"]["effective_bpw_experts"] <= 3.0 + 1e-9
     assert rows["expertwise"]["effective_bpw_experts"] <= 3.0 + 1e-9
     for m in ("rtn", "gptq"):
         assert rows[m]["within_tolerance"] and rows[m]["setting"] == "2-bit g16", rows[m]
+    for m in ("rtn_asym", "gptq_asym"):
+        # The tiny model's rows are shorter than 256: the setting nearest 3.0 and its bpw follow them.
+        assert rows[m]["setting"].endswith("zero-point"), rows[m]
+        assert rows[m]["within_tolerance"] == (abs(rows[m]["effective_bpw_experts"] - 3.0) <= 0.05 + 1e-9)
     assert rows["gptq"]["time_ratio_to_gptq"] == 1.0
     assert all(np.isfinite(r["kl_divergence"]) and r["kl_divergence"] >= -1e-6 for r in rows.values())
     counts = {r["eval_tokens"] for r in rows.values()}
     assert len(counts) == 1  # every method on the same tokens
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "expertwise"])
+@pytest.mark.parametrize("method", ["rtn", "gptq_asym", "expertwise"])
 def test_quantize_cli_baselines(method, hf, texts, tmp_path):  # noqa: F811
     out = tmp_path / method
     code = quantize.main(base_args(hf[0], out, texts[0], f"--config.method={method}", "--config.budget_bits=3.0",
@@ -81,7 +124,10 @@ def test_quantize_cli_baselines(method, hf, texts, tmp_path):  # noqa: F811
     for k in ("method", "budget_bits", "effective_bpw_experts", "effective_bpw_model", "perplexity_fp",
               "perplexity_q", "kl_divergence", "top1_agreement", "time_s"):
         assert k in rep, k
-    assert rep["method"] == method and rep["effective_bpw_experts"] <= 3.0 + 1e-9
+    assert rep["method"] == method
+    # Symmetric settings land on 3.0 exactly; the zero-point grid's nearest is 2-bit g16 (2 + 18/16).
+    assert rep["effective_bpw_experts"] == (3.125 if method.endswith("_asym") else pytest.approx(rep["effective_bpw_experts"]))
+    assert method.endswith("_asym") or rep["effective_bpw_experts"] <= 3.0 + 1e-9
     js = tmp_path / "eval.json"
     assert evaluate.main(["--model", str(out), "--text", str(texts[1]), "--seq-len", "64", "--reference", str(hf[0]),
                           "--json", str(js), "--no-progress"]) == 0

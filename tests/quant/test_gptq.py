@@ -35,7 +35,17 @@ def _bf16(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
-def _textbook_gptq(w, h, bits, group_size, damp=0.01, act_order=False):
+def _textbook_grid(grp, bits, zero_point):
+    """(scale, zero) of one group's rows [g, N] (float64 loop reference of both grids)."""
+    if not zero_point:
+        return _bf16(np.abs(grp).max(0) / (2 ** (bits - 1) - 1)), np.zeros(grp.shape[1])
+    lo, hi = np.minimum(grp.min(0), 0.0), np.maximum(grp.max(0), 0.0)
+    scale = _bf16((hi - lo) / (2**bits - 1))
+    zero = np.array([np.clip(np.rint(-l / s), 0, 2**bits - 1) if s > 0 else 0.0 for l, s in zip(lo, scale)])
+    return scale, zero
+
+
+def _textbook_gptq(w, h, bits, group_size, damp=0.01, act_order=False, zero_point=False):
     """Plain float64 GPTQ, one row (PyTorch column) at a time, no blocking."""
     w = np.array(w, np.float64)
     h = np.array(h, np.float64)
@@ -50,12 +60,15 @@ def _textbook_gptq(w, h, bits, group_size, damp=0.01, act_order=False):
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     q = np.zeros_like(w)
-    scale = None
+    scale = zero = None
     for i in range(k):
         if i % group_size == 0:
-            scale = _bf16(np.abs(w[i : i + group_size]).max(0) / qmax)
+            scale, zero = _textbook_grid(w[i : i + group_size], bits, zero_point)
         safe = np.where(scale > 0, scale, 1.0)
-        q[i] = np.clip(np.rint(w[i] / safe), qmin, qmax) * scale
+        if zero_point:
+            q[i] = (np.clip(np.rint(w[i] / safe) + zero, 0, 2**bits - 1) - zero) * scale
+        else:
+            q[i] = np.clip(np.rint(w[i] / safe), qmin, qmax) * scale
         err = (w[i] - q[i]) / u[i, i]
         w[i + 1 :] -= np.outer(u[i, i + 1 :], err)
     out = np.empty_like(q)
@@ -68,14 +81,15 @@ def _out_err(x, w, wq) -> float:
     return float((d**2).sum())
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [16, K])
-def test_gptq_beats_rtn_on_layer_output(problem, group_size, act_order):
+def test_gptq_beats_rtn_on_layer_output(problem, group_size, act_order, zero_point):
     x, w, h = problem
     for bits in (2, 3, 4):
-        wq = np.asarray(gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order))
+        wq = np.asarray(gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, zero_point=zero_point))
         e_gptq = _out_err(x, w, wq)
-        e_rtn = _out_err(x, w, rtn_quantize(w, bits, group_size, axis=0))
+        e_rtn = _out_err(x, w, rtn_quantize(w, bits, group_size, axis=0, zero_point=zero_point))
         assert e_gptq < 0.8 * e_rtn, (bits, group_size, act_order, e_gptq, e_rtn)
 
 
@@ -108,12 +122,15 @@ def test_gptq_values_on_grid(problem, bits, group_size, act_order):
             assert ok, (g0, n, col)
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits,group_size", [(2, 16), (3, K), (4, 16)])
-def test_identity_hessian_equals_rtn(problem, bits, group_size, act_order):
+def test_identity_hessian_equals_rtn(problem, bits, group_size, act_order, zero_point):
     _, w, _ = problem
-    wq = np.asarray(gptq_quantize_matrix(w, np.eye(K, dtype=np.float32), bits, group_size, act_order=act_order))
-    np.testing.assert_array_equal(wq, rtn_quantize(w, bits, group_size, axis=0))
+    wq = np.asarray(
+        gptq_quantize_matrix(w, np.eye(K, dtype=np.float32), bits, group_size, act_order=act_order, zero_point=zero_point)
+    )
+    np.testing.assert_array_equal(wq, rtn_quantize(w, bits, group_size, axis=0, zero_point=zero_point))
 
 
 @pytest.mark.parametrize(
@@ -135,15 +152,21 @@ def test_blocked_equals_unblocked(problem, bits, group_size, act_order, block):
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,act_order,block",
-    [(3, 16, False, 128), (2, 16, True, 128), (2, K, True, 12), (4, 16, True, 48)],
+    "bits,group_size,act_order,block,zero_point",
+    [
+        (3, 16, False, 128, False), (2, 16, True, 128, False), (2, K, True, 12, False), (4, 16, True, 48, False),
+        (2, 16, False, 128, True), (3, K, True, 12, True), (2, 16, True, 48, True),
+    ],
 )
-def test_matches_float64_textbook(problem, bits, group_size, act_order, block):
+def test_matches_float64_textbook(problem, bits, group_size, act_order, block, zero_point):
     _, w, h = problem
     h = h.copy()
     h[5, :] = h[:, 5] = 0.0  # one dead input
-    got = np.asarray(gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, block_size=block), np.float64)
-    ref = _textbook_gptq(w, h, bits, group_size, act_order=act_order)
+    got = np.asarray(
+        gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, block_size=block, zero_point=zero_point),
+        np.float64,
+    )
+    ref = _textbook_gptq(w, h, bits, group_size, act_order=act_order, zero_point=zero_point)
     assert np.all(got[5] == 0)
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert rel < 1e-4, rel
