@@ -1,0 +1,42 @@
+"""In-kernel unpacking of t-major bit-plane blocks and the small matmul both kernel families share.
+
+Everything here is plain `jnp`/`lax` on values (no refs), so the same code runs inside Mosaic (TPU),
+Triton (GPU) and interpret-mode kernels. See `layout` for the word order it assumes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+WORD_BITS = 32
+
+
+def plane_signs(words: jax.Array, t0: int, count: int, dtype) -> jax.Array:
+    """±1 matrix of bits ``t0 … t0+count-1`` of ``words [R, L]`` (int32) -> ``[count·R, L]`` in ``dtype``.
+
+    Row ``t·R + j`` of the result is bit ``t0 + t`` of word row ``j`` — the t-major order of the
+    layout, so the result is a contiguous slice of values and the reshape only merges leading axes
+    (free on TPU when ``R`` is a multiple of 8, a register re-index on GPU).
+    """
+    r, lanes = words.shape
+    shifts = t0 + jax.lax.broadcasted_iota(jnp.int32, (count, 1, 1), 0)
+    bits = jax.lax.shift_right_logical(jnp.broadcast_to(words[None], (count, r, lanes)), shifts) & 1
+    return (bits * 2 - 1).astype(dtype).reshape(count * r, lanes)
+
+
+def plane_weight(p: jax.Array) -> jax.Array:
+    """``2^p`` as float32 for a traced integer plane index ``p``."""
+    return jnp.left_shift(jnp.int32(1), p).astype(jnp.float32)
+
+
+def small_matmul(a: jax.Array, b: jax.Array, use_dot: bool) -> jax.Array:
+    """``a [m, k] @ b [k, n]`` in float32.
+
+    ``use_dot`` (static) picks the MXU / tensor-core dot; otherwise a broadcast multiply and sum —
+    Triton's dot needs every dimension ≥ 16, and at decode ``m`` is 1..8 rows where a GEMV-style
+    reduction is what the hardware would do anyway.
+    """
+    if use_dot:
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+    return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[None, :, :], axis=1)
