@@ -24,7 +24,7 @@ import numpy as np
 
 from bitsmoe_jax.checkpoint import intify_layer_keys, load_tree, save_tree
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.quant.qmoe import QuantizedExperts
+from bitsmoe_jax.quant.qmoe import QuantizedExperts, set_implementation
 
 FORMAT_QUANTIZED = "bitsmoe-jax/quantized"
 QUANT_META = "quantized.json"
@@ -96,8 +96,12 @@ def load_allocation(path: str | Path, index: int) -> dict[str, np.ndarray]:
     return load_tree(Path(path) / "params" / f"layer_{index:03d}")["allocation"]
 
 
-def load_quantized(path: str | Path, dtype: Any = jnp.float32):
-    """A model with quantized experts, same call contract as `load_model`: returns (model, config)."""
+def load_quantized(path: str | Path, dtype: Any = jnp.float32, implementation: str | None = None):
+    """A model with quantized experts, same call contract as `load_model`: returns (model, config).
+
+    ``implementation`` selects the routed-expert path (`qmoe.QuantizedExperts`): ``"xla"``,
+    ``"pallas"`` or ``None`` (Pallas on GPU/TPU, XLA on CPU); the Pallas kernel layout is derived here.
+    """
     from bitsmoe_jax.loading import model_from_parts
 
     p = Path(path)
@@ -110,4 +114,6 @@ def load_quantized(path: str | Path, dtype: Any = jnp.float32):
         parts[i] = intify_layer_keys(tree["dense"])
         if "experts_q" in tree:
             experts[i] = QuantizedExperts.from_tree(tree["experts_q"], meta["layers"][str(i)])
-    return model_from_parts(config, parts, dtype, experts=experts), config
+    model = model_from_parts(config, parts, dtype, experts=experts)
+    set_implementation(model, implementation)
+    return model, config

@@ -9,9 +9,17 @@ Drop-in for `models.moe.Experts` (same call: (x [N, D], plan) -> float32 [N, D])
     y = Ũ·acc                           dense, once per token
 
 Bases are held as stored (int8 codes + bf16 row scales, or bf16) and the factors as packed
-bit-plane words (`packing.PackedMatrix`, one per projection holding all E·r units of the layer);
-this pure-jnp path dequantizes inside the jitted forward. The Pallas kernels plug in behind the same
-interface.
+bit-plane words (`packing.PackedMatrix`, one per projection holding all E·r units of the layer).
+
+Two implementations of the routed part, chosen by `implementation`:
+
+* ``"xla"``: dequantize the factors inside the jitted forward and run `grouped_matmul` — plain jnp,
+  every platform.
+* ``"pallas"``: the `pallas_kernels` grouped kernels read packed words and unpack them in registers
+  (Triton on GPU, Mosaic on TPU, interpret mode on CPU). They read a kernel layout derived from the
+  stored format by `set_implementation` (numpy, once, at load time); the stored arrays, the checkpoint
+  format and `stored_bits` are unchanged.
+* ``None`` (default): ``"pallas"`` on GPU/TPU when the kernel layout has been built, else ``"xla"``.
 """
 
 from __future__ import annotations
@@ -29,10 +37,16 @@ from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.models.moe import RoutingPlan, combine
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
 from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed
+from pallas_kernels import api as kernels_api
 
 
 class Packed(nnx.Variable):
     """Stored (quantized) arrays: not trainable parameters, counted in the effective bits."""
+
+
+class KernelLayout(nnx.Variable):
+    """Derived arrays the Pallas kernels read (`pallas_kernels.api.ExpertKernels`): rebuilt from the
+    `Packed` arrays at load time, never saved, not counted in the effective bits."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +69,18 @@ class FactorMeta:
 class QuantizedExperts(nnx.Module):
     """E experts as shared bases ([D, r] per projection) and packed factors ([E, r, F] per projection)."""
 
-    def __init__(self, num_experts: int, bases: dict[str, dict[str, np.ndarray]], packed: dict[str, PackedMatrix]):
+    def __init__(
+        self,
+        num_experts: int,
+        bases: dict[str, dict[str, np.ndarray]],
+        packed: dict[str, PackedMatrix],
+        implementation: str | None = None,
+    ):
+        kernels_api.resolve_implementation(implementation)  # validates the name
         self.num_experts = num_experts
+        self.implementation = implementation
+        self.kernel_backend: str | None = None
+        self.kernels: KernelLayout | None = nnx.data(None)  # a data slot: `set_implementation` fills it
         self.basis = nnx.Dict({p: nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in bases[p].items()}) for p in PROJECTIONS})
         self.meta = tuple(FactorMeta.of(packed[p]) for p in PROJECTIONS)
         self.factors = nnx.Dict(
@@ -114,13 +138,46 @@ class QuantizedExperts(nnx.Module):
         v = self.basis_matrix(p)
         return jnp.eye(r, dtype=jnp.float32) if v is None else v
 
+    # ------------------------------------------------------------------ implementation switch
+    def set_implementation(
+        self, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | None" = None
+    ) -> None:
+        """Select the forward path; builds the kernel layout (numpy, once) when Pallas may be used.
+
+        ``backend``: ``"triton"`` / ``"mosaic"`` kernel family (default: the platform's; on CPU the
+        kernels run in interpret mode). ``tiles``: layout tile sizes (default: the family's).
+        Call it eagerly (after loading), not under ``jax.jit``.
+        """
+        resolved = kernels_api.resolve_implementation(implementation)
+        self.implementation = implementation
+        if resolved == "pallas":
+            backend = backend or kernels_api.default_backend()
+            if self.kernels is None or self.kernel_backend != backend or tiles is not None:
+                packed = {p: jax.tree.map(np.asarray, self.packed_matrix(p)) for p in PROJECTIONS}
+                kern = kernels_api.build_expert_kernels(packed, self.num_experts, tiles, backend)
+                self.kernels = nnx.data(KernelLayout(jax.tree.map(jnp.asarray, kern)))
+            self.kernel_backend = backend
+
+    def resolved_implementation(self) -> str:
+        """The path `__call__` takes: ``None`` means Pallas only where it pays and its layout is built."""
+        resolved = kernels_api.resolve_implementation(self.implementation)
+        if resolved == "pallas" and self.kernels is None:
+            if self.implementation == "pallas":
+                raise ValueError("implementation='pallas' needs the kernel layout: call set_implementation('pallas') first")
+            return "xla"
+        return resolved
+
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
         dt = x.dtype
         vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
-        ag, au, bd = (self.factor_matrix(p).astype(dt) for p in PROJECTIONS)
         zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
         zu = (x if vu is None else x @ vu.astype(dt))[plan.token]
+        if self.resolved_implementation() == "pallas":
+            acc_sorted = kernels_api.swiglu_experts(zg, zu, plan.group_sizes, self.kernels.get_value(), backend=self.kernel_backend)
+            acc = combine(plan, acc_sorted, x.shape[0])
+            return acc if ud is None else acc @ ud.T
+        ag, au, bd = (self.factor_matrix(p).astype(dt) for p in PROJECTIONS)
         g = grouped_matmul(zg, ag, plan.group_sizes)
         u = grouped_matmul(zu, au, plan.group_sizes)
         h = jax.nn.silu(g) * u
@@ -157,7 +214,7 @@ class QuantizedExperts(nnx.Module):
         return arrays, {"num_experts": self.num_experts, "factors": {p: m.to_json() for p, m in zip(PROJECTIONS, self.meta)}}
 
     @classmethod
-    def from_tree(cls, arrays: dict, meta: dict) -> "QuantizedExperts":
+    def from_tree(cls, arrays: dict, meta: dict, implementation: str | None = None) -> "QuantizedExperts":
         packed = {}
         for p in PROJECTIONS:
             m, f = meta["factors"][p], arrays["factors"][p]
@@ -172,4 +229,16 @@ class QuantizedExperts(nnx.Module):
                 seg_sizes=tuple(int(s) for s in m["seg_sizes"]),
             )
         bases = {p: {k: np.asarray(v) for k, v in arrays["basis"][p].items()} for p in PROJECTIONS}
-        return cls(int(meta["num_experts"]), bases, packed)
+        return cls(int(meta["num_experts"]), bases, packed, implementation)
+
+
+def set_implementation(
+    model: nnx.Module, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | None" = None
+) -> int:
+    """`QuantizedExperts.set_implementation` on every quantized expert block of ``model``; returns how many."""
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, QuantizedExperts):
+            node.set_implementation(implementation, backend, tiles)
+            count += 1
+    return count

@@ -1,0 +1,44 @@
+"""Shared tiny quantized projections for the kernel tests.
+
+Eight experts so that every bit-width of {0, 1, 2, 3, 4, 8} owns a whole expert (uniform widths)
+and two experts mix all of them (boundary tiles are promoted); ``r`` and ``F`` are not multiples of
+the tile sizes (partial tiles, padded unit length) and ``F`` not of the group size (ragged group).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, pack_segments
+from pallas_kernels.layout import TileConfig
+
+E, R, F, GS = 8, 96, 200, 32
+BIT_SET = (0, 1, 2, 3, 4, 8)
+# small tiles: interpret mode does not enforce TPU tiling (the lowering tests use the real ones)
+TILES = TileConfig(tile_rows=64, tile_lanes=32, n_block=64, f_block=64, n_block_min=32, f_block_min=32)
+
+
+def allocation(rng: np.random.Generator) -> np.ndarray:
+    """[E, R] bits: experts 0..5 uniform at each width of BIT_SET (order shuffled), 6..7 random mixes."""
+    bits = np.empty((E, R), np.int64)
+    for e, b in enumerate(rng.permutation(BIT_SET)):
+        bits[e] = b
+    bits[6:] = rng.choice(BIT_SET, size=(2, R))
+    return bits
+
+
+@functools.lru_cache(maxsize=None)
+def projections(seed: int = 0, with16: bool = False) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray]]:
+    """Packed gate/up/down factors ([E·R, F] units) and their dequantized [E, R, F] float32 references."""
+    rng = np.random.default_rng(seed)
+    packed, dense = {}, {}
+    for p in ("gate", "up", "down"):
+        units = (rng.standard_normal((E * R, F)) * rng.uniform(0.2, 2.0, size=(E * R, 1))).astype(np.float32)
+        bits = allocation(rng).reshape(-1)
+        if with16:
+            bits[rng.choice(bits.size, size=7, replace=False)] = 16
+        packed[p] = pack_segments(units, bits, GS)
+        dense[p] = np.asarray(dequantize_packed(packed[p])).reshape(E, R, F)
+    return packed, dense

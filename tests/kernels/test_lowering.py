@@ -1,0 +1,52 @@
+"""The kernels lower for real hardware at full layer shapes (``jax.export``, nothing allocated).
+
+Interpret mode ignores TPU tiling rules (last two block dims divisible by 8 and 128 or equal to the
+array's) and Triton's; lowering enforces what JAX checks before handing the kernel to Mosaic /
+Triton. Shapes: Mixtral-8x7B (D = 4096, F = 14336, E = 8, top-2) and Qwen3-30B-A3B (D = 2048,
+F = 768, E = 128, top-8) layers at full rank (r = D), decode (1 token) and prefill (512 tokens),
+bf16 activations, each family with its default tiles; layouts are `jax.ShapeDtypeStruct`s with the
+index tables of a random 2.5-bit allocation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
+from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
+
+SHAPES = {"mixtral_8x7b": (8, 4096, 14336, 2), "qwen3_30b_a3b": (128, 2048, 768, 8)}
+PLATFORMS = {"mosaic": "tpu", "triton": "cuda"}
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_kernels(shape: str, backend: str) -> ExpertKernels:
+    e, d, f, _ = SHAPES[shape]
+    parts = [
+        synthetic_plane_tiles(random_allocation(e, d, 2.5, seed=i), f, o, DEFAULT_TILES[backend], abstract=True)
+        for i, o in enumerate(("rows", "rows", "lanes"))
+    ]
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ExpertKernels(*parts))
+
+
+@pytest.mark.parametrize("tokens", [1, 512])
+@pytest.mark.parametrize("backend", ["mosaic", "triton"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_exports_for_hardware(shape, backend, tokens):
+    e, d, _, top_k = SHAPES[shape]
+    m = tokens * top_k
+    fn = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=False))
+    z = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
+    exported = jax.export.export(
+        fn,
+        platforms=[PLATFORMS[backend]],
+        # the Triton custom call has no cross-version compatibility guarantee; we only check lowering
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend))
+    text = exported.mlir_module()
+    assert ("tpu_custom_call" if backend == "mosaic" else "xla.gpu.triton") in text
+    assert exported.out_avals[0].shape == (m, d)

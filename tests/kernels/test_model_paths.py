@@ -1,0 +1,77 @@
+"""The shipped reference model with quantized experts: same logits through ``"xla"`` and Pallas.
+
+Every MoE layer of the reference model (3 layers, D = F = 256, 16 experts, top-2) is replaced by a
+`QuantizedExperts` in the checkpoint format (8-bit orthonormal bases, factors packed at random
+widths from {0, 1, 2, 3, 4, 8, 16}, group 128) and passed through ``to_tree``/``from_tree``. The XLA
+path (dequantize, grouped matmul) is the reference for the Pallas path (interpret mode on CPU, the
+GPU family's default tile sizes). Also: the switch's validation and defaults.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitsmoe_jax.inference import jit_logits
+from bitsmoe_jax.loading import load_model
+from bitsmoe_jax.quant import basis as basis_lib
+from bitsmoe_jax.quant.coefficients import PROJECTIONS
+from bitsmoe_jax.quant.packing import pack_segments
+from bitsmoe_jax.quant.qmoe import QuantizedExperts, set_implementation
+from bitsmoe_jax.train_reference import REFERENCE_DIR
+from pallas_kernels.api import resolve_implementation
+
+
+def quantized_experts(experts, rng) -> QuantizedExperts:
+    """Dense experts (gate/up [E, D, F], down [E, F, D]) -> QuantizedExperts with full-rank 8-bit bases."""
+    gate, up, down = (np.asarray(experts.__getattribute__(p)[...], np.float32) for p in PROJECTIONS)
+    e, d, f = gate.shape
+    bases, packed = {}, {}
+    for p, w in (("gate", gate), ("up", up), ("down", np.swapaxes(down, 1, 2))):  # all [E, D, F]
+        v, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        stored, vq = basis_lib.quantize_basis(jnp.asarray(v, jnp.float32), 8)
+        bases[p] = {"q": np.asarray(stored.values), "scale": np.asarray(stored.scales)}
+        factors = np.einsum("dr,edf->erf", np.asarray(vq, np.float64), w)  # [E, r, F]
+        bits = rng.choice([0, 1, 2, 3, 4, 8, 16], p=[0.15, 0.15, 0.25, 0.2, 0.1, 0.1, 0.05], size=e * d)
+        packed[p] = pack_segments(factors.reshape(e * d, f).astype(np.float32), bits, 128)
+    return QuantizedExperts.from_tree(*QuantizedExperts(e, bases, packed).to_tree())
+
+
+@pytest.fixture(scope="module")
+def quantized_model():
+    model, config = load_model(REFERENCE_DIR)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        layer.mlp.experts = quantized_experts(layer.mlp.experts, rng)
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, size=(2, 9))
+    return model, ids
+
+
+@pytest.mark.parametrize("backend", ["triton"])  # the Mosaic family is checked against the reference in test_kernels
+def test_pallas_logits_equal_xla_logits(quantized_model, backend):
+    model, ids = quantized_model
+    assert set_implementation(model, "xla") == 3
+    want = np.asarray(jit_logits(model)(ids))
+    set_implementation(model, "pallas", backend=backend)
+    got = np.asarray(jit_logits(model)(ids))
+    set_implementation(model, "xla")
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_implementation_switch():
+    assert resolve_implementation(None, "cpu") == "xla"
+    assert resolve_implementation(None, "gpu") == resolve_implementation(None, "tpu") == "pallas"
+    assert resolve_implementation("xla", "gpu") == "xla"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        resolve_implementation("triton")
+    qe = QuantizedExperts(
+        2, {p: {} for p in PROJECTIONS}, {p: pack_segments(np.ones((8, 64), np.float32), [2] * 8, 32) for p in PROJECTIONS},
+        implementation="pallas",
+    )
+    with pytest.raises(ValueError, match="set_implementation"):
+        qe.resolved_implementation()
+    qe.set_implementation(None)  # CPU: XLA, no kernel layout built
+    assert qe.resolved_implementation() == "xla" and qe.kernels is None
