@@ -170,13 +170,14 @@ class QuantizedExperts(nnx.Module):
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
         dt = x.dtype
+        if self.resolved_implementation() == "pallas":
+            zg = self._basis_in(x, "gate")[plan.token]
+            zu = self._basis_in(x, "up")[plan.token]
+            acc_sorted = kernels_api.swiglu_experts(zg, zu, plan.group_sizes, self.kernels.get_value(), backend=self.kernel_backend)
+            return self._basis_out(combine(plan, acc_sorted, x.shape[0]), dt)
         vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
         zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
         zu = (x if vu is None else x @ vu.astype(dt))[plan.token]
-        if self.resolved_implementation() == "pallas":
-            acc_sorted = kernels_api.swiglu_experts(zg, zu, plan.group_sizes, self.kernels.get_value(), backend=self.kernel_backend)
-            acc = combine(plan, acc_sorted, x.shape[0])
-            return acc if ud is None else acc @ ud.T
         ag, au, bd = (self.factor_matrix(p).astype(dt) for p in PROJECTIONS)
         g = grouped_matmul(zg, ag, plan.group_sizes)
         u = grouped_matmul(zu, au, plan.group_sizes)
@@ -184,6 +185,24 @@ class QuantizedExperts(nnx.Module):
         acc_sorted = grouped_matmul(h, jnp.swapaxes(bd, 1, 2), plan.group_sizes)
         acc = combine(plan, acc_sorted, x.shape[0])
         return acc if ud is None else acc @ ud.T
+
+    def _basis_in(self, x: jax.Array, p: str) -> jax.Array:
+        """``x·V`` reading the stored codes: the per-row scale folds into ``x`` (``x·(Q⊙s) = (x⊙s)·Q``),
+        so no float copy of the ``[D, r]`` basis is made per call (decode reads it every token)."""
+        b = self.basis[p]
+        if "q" not in b:
+            return x
+        if "scale" in b:
+            x = x * b["scale"][...].astype(x.dtype)
+        return x @ b["q"][...].astype(x.dtype)
+
+    def _basis_out(self, acc: jax.Array, dt: Any) -> jax.Array:
+        """``acc·Ũᵀ`` (float32) with ``Ũ = Q⊙s`` applied as ``(acc·Qᵀ)⊙s``, operands in the activation dtype."""
+        b = self.basis["down"]
+        if "q" not in b:
+            return acc
+        y = jnp.matmul(acc.astype(dt), b["q"][...].astype(dt).T, preferred_element_type=jnp.float32)
+        return y * b["scale"][...].astype(jnp.float32) if "scale" in b else y
 
     # ------------------------------------------------------------------ accounting / I/O
     def stored_bits(self) -> int:

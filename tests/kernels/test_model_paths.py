@@ -9,34 +9,27 @@ GPU family's default tile sizes). Also: the switch's validation and defaults.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bitsmoe_jax.inference import jit_logits
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.quant import basis as basis_lib
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
 from bitsmoe_jax.quant.packing import pack_segments
 from bitsmoe_jax.quant.qmoe import QuantizedExperts, set_implementation
+from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
 from bitsmoe_jax.train_reference import REFERENCE_DIR
 from pallas_kernels.api import resolve_implementation
 
 
 def quantized_experts(experts, rng) -> QuantizedExperts:
-    """Dense experts (gate/up [E, D, F], down [E, F, D]) -> QuantizedExperts with full-rank 8-bit bases."""
-    gate, up, down = (np.asarray(experts.__getattribute__(p)[...], np.float32) for p in PROJECTIONS)
-    e, d, f = gate.shape
-    bases, packed = {}, {}
-    for p, w in (("gate", gate), ("up", up), ("down", np.swapaxes(down, 1, 2))):  # all [E, D, F]
-        v, _ = np.linalg.qr(rng.standard_normal((d, d)))
-        stored, vq = basis_lib.quantize_basis(jnp.asarray(v, jnp.float32), 8)
-        bases[p] = {"q": np.asarray(stored.values), "scale": np.asarray(stored.scales)}
-        factors = np.einsum("dr,edf->erf", np.asarray(vq, np.float64), w)  # [E, r, F]
-        bits = rng.choice([0, 1, 2, 3, 4, 8, 16], p=[0.15, 0.15, 0.25, 0.2, 0.1, 0.1, 0.05], size=e * d)
-        packed[p] = pack_segments(factors.reshape(e * d, f).astype(np.float32), bits, 128)
-    return QuantizedExperts.from_tree(*QuantizedExperts(e, bases, packed).to_tree())
+    """The layer's dense experts in the checkpoint format, random widths, through to_tree/from_tree."""
+    dense = [np.asarray(getattr(experts, p)[...], np.float32) for p in PROJECTIONS]
+    e, d, _ = dense[0].shape
+    p_bits = [0.15, 0.15, 0.25, 0.2, 0.1, 0.1, 0.05]
+    bits = {p: rng.choice([0, 1, 2, 3, 4, 8, 16], p=p_bits, size=(e, d)) for p in PROJECTIONS}
+    qe = quantized_from_dense(*dense, bits, rng)
+    return QuantizedExperts.from_tree(*qe.to_tree())
 
 
 @pytest.fixture(scope="module")

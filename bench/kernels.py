@@ -1,0 +1,296 @@
+"""Benchmark: the Pallas quantized expert kernels against bf16 ``ragged_dot`` and the XLA dequantize path.
+
+    python bench/kernels.py                 # on a GPU/TPU (~8 min on one H100, < 20 GB)
+    python bench/kernels.py --smoke         # CPU, interpret mode, tiny shapes: checks it runs end to end
+
+What is measured, all in the same process, each function jitted, compiled once, then timed as the mean
+of ``--iters`` back-to-back calls (after a warm-up call):
+
+* **copy bandwidth** of the device: ``y = x * 1.0001`` over a large float32 array (reads and writes
+  every byte; XLA cannot elide it), bytes moved / time.
+* per layer shape (Mixtral-8x7B: D=4096, F=14336, E=8, top-2; Qwen3-30B-A3B: D=2048, F=768, E=128,
+  top-8), full rank r = D, per budget (2.0 / 2.5 / 3.0 bits per weight) and per token count
+  (decode 1, 2, 4, 8; prefill 512), with random top-k routing and bf16 activations:
+  - ``pallas``: `pallas_kernels.api.swiglu_experts` (the routed experts: gate/up fused with SiLU, down);
+  - ``xla``: the XLA path of `QuantizedExperts` — `dequantize_packed` of every expert, then
+    `grouped_matmul` (``ragged_dot`` on GPU/TPU);
+  - ``bf16``: ``jax.lax.ragged_dot`` SwiGLU on dense bf16 experts (the unquantized model's experts);
+  - ``layer q`` / ``layer bf16``: the whole routed-expert layer including the shared 8-bit bases
+    (``x·Ṽ`` before, ``acc·Ũᵀ`` after; per-row scale folded into ``x`` / the output) vs bf16.
+  Achieved bandwidth = packed bytes of the *routed* experts (their plane words + scales, read once)
+  / pallas time; ``%copy`` relates it to the measured copy bandwidth.
+* **layout overhead**: bytes of the kernel layout (all experts) vs the stored format's bits
+  (`PackedMatrix.stored_bits`): boundary-tile promotion, tail padding, bf16 scales of dead rows.
+* **end to end**: greedy decode tokens/s of the shipped reference model (bf16) vs the same model
+  with its experts quantized at ~2.5 bits (random widths, `quantized_from_dense`), implementation
+  ``None`` (Pallas on GPU/TPU).
+
+The allocations are synthetic: per projection, random widths from {0,1,2,3,4,8} with integer-bit mean
+``bpw − 16/group_size`` (bf16 group scales add ``16/group_size`` bits per weight), the words random
+(any word is a valid code). Bytes read and work per tile are those of a real checkpoint with such an
+allocation; the values are noise. Prints a markdown table with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from bitsmoe_jax.inference import greedy_generate
+from bitsmoe_jax.loading import load_model
+from bitsmoe_jax.models.grouped_matmul import grouped_matmul
+from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, num_words, permutation_bits
+from bitsmoe_jax.quant.qmoe import set_implementation
+from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
+from bitsmoe_jax.train_reference import REFERENCE_DIR
+from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, default_backend, swiglu_experts
+from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
+
+GROUP = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    experts: int
+    hidden: int
+    inter: int
+    top_k: int
+
+
+FULL_SHAPES = (Shape("Mixtral-8x7B", 8, 4096, 14336, 2), Shape("Qwen3-30B-A3B", 128, 2048, 768, 8))
+SMOKE_SHAPES = (Shape("tiny-mixtral", 4, 128, 256, 2), Shape("tiny-qwen3", 16, 64, 128, 4))
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_fn(fn: Callable[..., Any], *args: Any, iters: int) -> float:
+    """Mean seconds per call over ``iters`` back-to-back calls, after one compiling warm-up call."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def copy_bandwidth(nbytes: int, iters: int) -> float:
+    """Device copy bandwidth in bytes/s: ``x * 1.0001`` reads and writes ``nbytes`` each."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    t = time_fn(jax.jit(lambda a: a * 1.0001), x, iters=iters)
+    return 2 * nbytes / t
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def synthetic_packed(bits: np.ndarray, n: int, rng: np.random.Generator) -> PackedMatrix:
+    """A stored-format PackedMatrix with the given widths ``[E, r]`` and random words / scales."""
+    flat = bits.reshape(-1)
+    perm = np.argsort(flat, kind="stable")
+    seg_bits, seg_sizes = np.unique(flat[perm], return_counts=True)
+    ng = -(-n // GROUP)
+    payload, scales = [], []
+    for b, size in zip(seg_bits.tolist(), seg_sizes.tolist()):
+        if b == 0:
+            payload.append(np.zeros((size, 0), np.uint32))
+            scales.append(np.zeros((size, 0), ml_dtypes.bfloat16))
+        else:
+            payload.append(rng.integers(0, 2**32, size=(size, num_words(n, b)), dtype=np.uint32))
+            scales.append((rng.uniform(0.5, 1.5, size=(size, ng)) * 1e-2).astype(ml_dtypes.bfloat16))
+    return PackedMatrix(perm.astype(np.int32), tuple(payload), tuple(scales), n, GROUP,
+                        tuple(int(b) for b in seg_bits), tuple(int(s) for s in seg_sizes))
+
+
+def routing(tokens: int, shape: Shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random distinct top-k experts per token -> (token of each sorted row, group sizes)."""
+    idx = np.stack([rng.choice(shape.experts, size=shape.top_k, replace=False) for _ in range(tokens)])
+    order = np.argsort(idx.reshape(-1), kind="stable")
+    sizes = np.bincount(idx.reshape(-1), minlength=shape.experts).astype(np.int32)
+    return (order // shape.top_k).astype(np.int32), sizes
+
+
+def routed_bytes(kern: ExpertKernels, sizes: np.ndarray) -> int:
+    """Packed bytes (plane words + scales) of the experts that received rows, each read once."""
+    total = 0
+    for pt in (kern.gate, kern.up, kern.down):
+        wbytes = int(np.prod(pt.words.shape[1:])) * 4
+        sbytes = int(pt.scales.shape[0]) * pt.tile * 2
+        bits = np.asarray(pt.tile_bits)
+        for e in np.flatnonzero(sizes):
+            tiles = np.asarray(pt.expert_tiles)[e, : int(pt.expert_ntiles[e])]
+            total += int(bits[tiles].sum()) * wbytes + tiles.size * sbytes
+    return total
+
+
+# ------------------------------------------------------------------------------------------ paths
+def bf16_experts(x, token, sizes, gate, up, down):
+    xs = x[token]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+    return jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
+
+
+def xla_experts(zg, zu, sizes, packed: dict[str, PackedMatrix], num_experts: int):
+    ag, au, bd = (dequantize_packed(packed[p]).reshape(num_experts, -1, packed[p].n).astype(zg.dtype) for p in ("gate", "up", "down"))
+    h = jax.nn.silu(grouped_matmul(zg, ag, sizes)) * grouped_matmul(zu, au, sizes)
+    return grouped_matmul(h, jnp.swapaxes(bd, 1, 2), sizes).astype(jnp.float32)
+
+
+def quantized_layer(x, token, sizes, bases, kern, backend, interpret):
+    """Bases (int8 codes ``q [D, r]`` + bf16 row scales ``s [D]``) around the kernels: the row scale
+    folds into ``x`` before ``x·Q`` and into the output after ``acc·Qᵀ``."""
+    (qg, sg), (qu, su), (qd, sd) = bases
+    dt = x.dtype
+    zg = ((x * sg.astype(dt)) @ qg.astype(dt))[token]
+    zu = ((x * su.astype(dt)) @ qu.astype(dt))[token]
+    acc = swiglu_experts(zg, zu, sizes, kern, backend=backend, interpret=interpret)
+    acc = jnp.zeros((x.shape[0], acc.shape[1]), jnp.float32).at[token].add(acc)
+    return (acc.astype(dt) @ qd.astype(dt).T) * sd.astype(dt)
+
+
+def bf16_layer(x, token, sizes, gate, up, down):
+    y = bf16_experts(x, token, sizes, gate, up, down)
+    return jnp.zeros((x.shape[0], y.shape[1]), jnp.float32).at[token].add(y)
+
+
+# ------------------------------------------------------------------------------------------ runs
+def bench_shape(shape: Shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, seed=0):
+    rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(seed)
+    e, d, f = shape.experts, shape.hidden, shape.inter
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    scale = 0.02
+    gate = (jax.random.normal(k1, (e, d, f), jnp.bfloat16) * scale).astype(jnp.bfloat16)
+    up = (jax.random.normal(k2, (e, d, f), jnp.bfloat16) * scale).astype(jnp.bfloat16)
+    down = (jax.random.normal(k3, (e, f, d), jnp.bfloat16) * scale).astype(jnp.bfloat16)
+    bases = tuple(
+        (jax.random.randint(kk, (d, d), -127, 128, jnp.int32).astype(jnp.int8), jnp.full((d,), 1e-2, jnp.bfloat16))
+        for kk in jax.random.split(k4, 3)
+    )
+    f_bf16 = jax.jit(bf16_experts)
+    f_bf16_layer = jax.jit(bf16_layer)
+    f_kernel = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=interpret))
+    f_layer = jax.jit(functools.partial(quantized_layer, backend=backend, interpret=interpret))
+    f_xla = jax.jit(xla_experts, static_argnums=4)
+    for bpw in bpws:
+        int_bits = bpw - 16 / GROUP
+        allocs = {p: random_allocation(e, d, int_bits, seed=seed + i) for i, p in enumerate(("gate", "up", "down"))}
+        kern = ExpertKernels(*(
+            synthetic_plane_tiles(allocs[p], f, o, tiles, GROUP, seed=seed + i)
+            for i, (p, o) in enumerate((("gate", "rows"), ("up", "rows"), ("down", "lanes")))
+        ))
+        packed = {p: synthetic_packed(allocs[p], f, rng) for p in allocs}
+        stored_bits = sum(pm.stored_bits() - permutation_bits(pm.num_units) for pm in packed.values())
+        eff_bpw = stored_bits / (3 * e * d * f)
+        overhead.append((shape.name, bpw, eff_bpw, kern.bytes_read(), stored_bits / 8))
+        kern_dev = jax.device_put(jax.tree.map(jnp.asarray, kern))
+        packed_dev = jax.device_put(packed)
+        for tokens in token_counts:
+            token, sizes = routing(tokens, shape, rng)
+            x = jax.random.normal(jax.random.PRNGKey(tokens), (tokens, d), jnp.bfloat16)
+            z = jax.random.normal(jax.random.PRNGKey(tokens + 1), (token.size, d), jnp.bfloat16)
+            tok_d, sizes_d = jnp.asarray(token), jnp.asarray(sizes)
+            t_k = time_fn(f_kernel, z, z, sizes_d, kern_dev, iters=iters)
+            t_x = time_fn(f_xla, z, z, sizes_d, packed_dev, e, iters=iters)
+            t_b = time_fn(f_bf16, x, tok_d, sizes_d, gate, up, down, iters=iters)
+            t_lq = time_fn(f_layer, x, tok_d, sizes_d, bases, kern_dev, iters=iters)
+            t_lb = time_fn(f_bf16_layer, x, tok_d, sizes_d, gate, up, down, iters=iters)
+            nbytes = routed_bytes(kern, sizes)
+            bw = nbytes / t_k
+            rows.append(dict(
+                shape=shape.name, bpw=bpw, tokens=tokens, pallas_us=t_k * 1e6, xla_us=t_x * 1e6, bf16_us=t_b * 1e6,
+                x_bf16=t_b / t_k, x_xla=t_x / t_k, layer_q_us=t_lq * 1e6, layer_bf16_us=t_lb * 1e6,
+                layer_x=t_lb / t_lq, routed_mb=nbytes / 1e6, gbps=bw / 1e9, pct_copy=100 * bw / copy_bw,
+            ))
+            print(_row_line(rows[-1]), flush=True)
+
+
+def end_to_end(new_tokens: int, prompt_len: int, smoke: bool) -> tuple[float, float]:
+    """Greedy decode tokens/s: reference model bf16 vs its experts quantized at ~2.5 bits (Pallas)."""
+    rng = np.random.default_rng(0)
+    model, config = load_model(REFERENCE_DIR, dtype=jnp.bfloat16)
+    prompt = jnp.asarray(rng.integers(0, config.vocab_size, size=(1, prompt_len)), jnp.int32)
+
+    def rate(m) -> float:
+        greedy_generate(m, prompt, new_tokens).block_until_ready()  # compile
+        t0 = time.perf_counter()
+        greedy_generate(m, prompt, new_tokens).block_until_ready()
+        return new_tokens / (time.perf_counter() - t0)
+
+    bf16_rate = rate(model)
+    for layer in model.layers:
+        ex = layer.mlp.experts
+        dense = [np.asarray(getattr(ex, p)[...], np.float32) for p in ("gate", "up", "down")]
+        e, d, _ = dense[0].shape
+        bits = {p: random_allocation(e, d, 2.5 - 16 / GROUP, seed=i) for i, p in enumerate(("gate", "up", "down"))}
+        layer.mlp.experts = quantized_from_dense(*dense, bits, rng, GROUP)
+    set_implementation(model, "pallas" if smoke else None)
+    return bf16_rate, rate(model)
+
+
+def _row_line(r: dict) -> str:
+    return (
+        f"| {r['shape']} | {r['bpw']:.1f} | {r['tokens']} | {r['pallas_us']:.1f} | {r['xla_us']:.1f} | {r['bf16_us']:.1f} "
+        f"| {r['x_bf16']:.2f}x | {r['x_xla']:.2f}x | {r['layer_q_us']:.1f} | {r['layer_bf16_us']:.1f} | {r['layer_x']:.2f}x "
+        f"| {r['routed_mb']:.2f} | {r['gbps']:.1f} | {r['pct_copy']:.0f}% |"
+    )
+
+
+HEADER = (
+    "| shape | bpw | tokens | pallas µs | xla dequant µs | bf16 ragged_dot µs | bf16/pallas | xla/pallas "
+    "| layer q µs | layer bf16 µs | layer bf16/q | routed packed MB | GB/s | % copy BW |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU interpret mode, tiny shapes")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--prefill", type=int, default=512, help="prefill tokens (>= 512 for the report)")
+    ap.add_argument("--shapes", default=None, help="comma-separated subset of shape names")
+    args = ap.parse_args(argv)
+    smoke = args.smoke
+    backend = default_backend()
+    interpret = jax.default_backend() == "cpu"
+    if interpret and not smoke:
+        print("no accelerator: run with --smoke (interpret mode) on CPU", file=sys.stderr)
+        return 2
+    shapes = SMOKE_SHAPES if smoke else FULL_SHAPES
+    if args.shapes:
+        wanted = set(args.shapes.split(","))
+        shapes = tuple(s for s in shapes if s.name in wanted)
+    tiles = DEFAULT_TILES[backend]
+    iters = args.iters or (2 if smoke else 20)
+    bpws = (2.5,) if smoke else (2.0, 2.5, 3.0)
+    token_counts = (1, 8, 64) if smoke else (1, 2, 4, 8, args.prefill)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, kernels: {backend}"
+          f"{' (interpret)' if interpret else ''}", flush=True)
+    copy_bw = copy_bandwidth((16 << 20) if smoke else (2 << 30), iters)
+    print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
+    rows: list[dict] = []
+    overhead: list[tuple] = []
+    print(HEADER, flush=True)
+    for shape in shapes:
+        bench_shape(shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead)
+    print("\nlayout overhead (all experts, 3 projections):\n")
+    print("| shape | bpw | stored bits/weight | stored MB | kernel layout MB | overhead |\n|---|---|---|---|---|---|")
+    for name, bpw, eff, kbytes, sbytes in overhead:
+        print(f"| {name} | {bpw:.1f} | {eff:.3f} | {sbytes / 1e6:.1f} | {kbytes / 1e6:.1f} | {100 * (kbytes / sbytes - 1):+.1f}% |")
+    bf16_rate, q_rate = end_to_end(new_tokens=4 if smoke else 64, prompt_len=8 if smoke else 32, smoke=smoke)
+    print(f"\nend-to-end greedy decode, reference model (3 layers, D=F=256, 16 experts), batch 1: "
+          f"bf16 {bf16_rate:.1f} tok/s, quantized ~2.5 bpw (Pallas) {q_rate:.1f} tok/s ({q_rate / bf16_rate:.2f}x)")
+    print(f"\ndevice: {device.device_kind}; copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
