@@ -87,10 +87,17 @@ def build_expert_kernels(
 
 
 def row_tile(m: int, num_experts: int, backend: str) -> int:
-    """Rows per tile: about the rows one expert gets, a power of two (≥ 16 on TPU, ≤ 64 / 128)."""
+    """Rows per tile: about the rows one expert gets, as a power of two.
+
+    TPU: 16..128 (bf16 sublane tiling). GPU: 1 or 2 rows take the GEMV-style reduction (decode: no
+    padded rows, nothing wasted on tensor cores); more rows are padded to 16..64 for the tensor-core
+    dot (a broadcast reduction over 4..8 rows would hold ``tm × tile × lanes`` values in registers).
+    """
     per_expert = max(1, -(-m // max(1, min(num_experts, m))))
     tm = 1 << (per_expert - 1).bit_length()
-    return max(16, min(128, tm)) if backend == "mosaic" else max(1, min(64, tm))
+    if backend == "mosaic":
+        return max(16, min(128, tm))
+    return tm if tm <= 2 else max(16, min(64, tm))
 
 
 def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:

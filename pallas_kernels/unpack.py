@@ -38,5 +38,8 @@ def small_matmul(a: jax.Array, b: jax.Array, use_dot: bool) -> jax.Array:
     reduction is what the hardware would do anyway.
     """
     if use_dot:
-        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+        # float32 operands: full precision (Triton would otherwise round them to tf32); the ±1 matrix
+        # is exact either way, bf16 operands are the production path.
+        precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+        return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
     return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[None, :, :], axis=1)
