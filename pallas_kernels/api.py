@@ -89,15 +89,14 @@ def build_expert_kernels(
 def row_tile(m: int, num_experts: int, backend: str) -> int:
     """Rows per tile: about the rows one expert gets, as a power of two.
 
-    TPU: 16..128 (bf16 sublane tiling). GPU: 1 or 2 rows take the GEMV-style reduction (decode: no
-    padded rows, nothing wasted on tensor cores); more rows are padded to 16..64 for the tensor-core
-    dot (a broadcast reduction over 4..8 rows would hold ``tm × tile × lanes`` values in registers).
+    TPU: 16..128 (bf16 sublane tiling). GPU: 16..64 — also at decode, where the rows past the
+    expert's are zero padding: the tensor-core dot (Triton needs 16 rows) takes the multiply-adds
+    off the ALUs, which the bit-plane unpack already keeps busy. A smaller explicit ``tm`` (1, 2)
+    takes the broadcast-reduce GEMV form instead (kept selectable for benchmarking).
     """
     per_expert = max(1, -(-m // max(1, min(num_experts, m))))
     tm = 1 << (per_expert - 1).bit_length()
-    if backend == "mosaic":
-        return max(16, min(128, tm))
-    return tm if tm <= 2 else max(16, min(64, tm))
+    return max(16, min(128 if backend == "mosaic" else 64, tm))
 
 
 def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:

@@ -3,7 +3,7 @@ reduction over an expert's plane blocks as the innermost ("arbitrary") grid axis
 
 A grid step fetches one plane block by `BlockSpec` index maps that read the prefetched tables, so
 the pipeline DMAs exactly the routed experts' words, double-buffered, while the previous block is
-unpacked in vregs (`unpack.plane_signs`: shifts, masks and a tile-aligned reshape) and fed to the
+unpacked in vregs (`unpack.signed_plane_product`: shifts, masks and a tile-aligned reshape) and fed to the
 MXU. Steps past an expert's item count and row tiles past the real count repeat the previous block
 indices (the tables are padded by repetition), so nothing new is fetched for them, and compute is
 skipped with `pl.when`. Each output block is owned by one row tile (see `routing`) and written once.
@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.compat import tpu_compiler_params, tpu_modules
 from pallas_kernels.routing import RowTiles
-from pallas_kernels.unpack import WORD_BITS, plane_signs, plane_weight, small_matmul
+from pallas_kernels.unpack import WORD_BITS, plane_weight, signed_plane_product
 
 
 def gate_up(
@@ -94,8 +94,8 @@ def gate_up(
                 z = z_ref[...].astype(jnp.float32) * plane_weight(p_ref[item(te, v, s, n_steps)])
                 for g in range(groups):
                     lanes = slice(g * group_size, (g + 1) * group_size)
-                    sign = plane_signs(w_ref[:, lanes], 0, WORD_BITS, dt)  # [tile, gs]
-                    acc[:, lanes] += small_matmul((z * s_ref[g].astype(jnp.float32)).astype(dt), sign, True)
+                    zs = (z * s_ref[g].astype(jnp.float32)).astype(dt)
+                    acc[:, lanes] += signed_plane_product(zs, w_ref[:, lanes], 0, WORD_BITS, True)
 
         @pl.when(active & (s == steps - 1))
         def _():
@@ -140,7 +140,6 @@ def down(
     f_blocks = fp // f_block
     e_count = step_tables[-1].shape[0]
     n_steps = step_tables[0].shape[0] // e_count
-    dt = h.dtype
 
     def item(te, v, s):
         return te[v] * n_steps + jnp.minimum(s, n_steps - 1)
@@ -176,8 +175,8 @@ def down(
             wp = plane_weight(p[i])
             total = acc[...]
             for g in range(groups):
-                sign = plane_signs(words, g * t_per_group, t_per_group, dt)  # [gs, tile]
-                part = small_matmul(h_ref[:, g * group_size : (g + 1) * group_size], sign, True)
+                hg = h_ref[:, g * group_size : (g + 1) * group_size]
+                part = signed_plane_product(hg, words, g * t_per_group, t_per_group, True)  # [tm, tile]
                 total = total + part * (s_ref[g].astype(jnp.float32) * wp)
             acc[...] = total
 

@@ -5,7 +5,7 @@ way it does on TPU. Each program owns one output block of one row tile (which ho
 rows, see `routing`) and loops over that expert's plane blocks itself (`fori_loop` with bounds read
 from the layout tables — experts hold different bit mixes). Operands are whole-array references in
 global memory; every load is one plane block ``[R, lanes]`` of int32 words, unpacked in registers
-(`unpack.plane_signs`), so no bf16 weight is ever written to memory: at decode the kernel reads each
+(`unpack.signed_plane_product`), so no bf16 weight is ever written to memory: at decode the kernel reads each
 routed expert's words once per row tile. Routing and layout tables are small int32 arrays in
 global memory (Triton has no scalar-prefetch memory space; reads of them are scalar loads).
 """
@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.compat import triton_compiler_params
 from pallas_kernels.routing import RowTiles
-from pallas_kernels.unpack import WORD_BITS, plane_signs, plane_weight, small_matmul
+from pallas_kernels.unpack import WORD_BITS, plane_weight, signed_plane_product
 
 
 def gate_up(
@@ -68,8 +68,8 @@ def gate_up(
                     out = []
                     for g in range(groups):
                         sc = s_ref[n_i * groups + g, :, pl.ds(tid * tile, tile)].astype(jnp.float32)  # [1, tile]
-                        sign = plane_signs(w_ref[q, :, lanes(g)], 0, WORD_BITS, dt)  # [tile, gs]
-                        out.append(accs[g] + small_matmul((z * sc).astype(dt), sign, use_dot))
+                        w = w_ref[q, :, lanes(g)]  # [R, gs]
+                        out.append(accs[g] + signed_plane_product((z * sc).astype(dt), w, 0, WORD_BITS, use_dot))
                     return tuple(out)
 
                 return jax.lax.fori_loop(0, n_ref[e], body, acc0)
@@ -104,7 +104,6 @@ def down(
     groups = f_block // group_size
     t_per_group = WORD_BITS // groups
     use_dot = tm >= 16 and group_size >= 16 and tile >= 16
-    dt = h.dtype
 
     def kernel(te, tc, et_ref, en_ref, q0_ref, b_ref, h_ref, w_ref, s_ref, o_ref):
         lc = pl.program_id(0)
@@ -125,8 +124,8 @@ def down(
                     words = w_ref[q0 + p, pl.ds(ft * rf, rf), :]  # [Rf, tile]
                     wp = plane_weight(p)
                     for g in range(groups):
-                        sign = plane_signs(words, g * t_per_group, t_per_group, dt)  # [gs, tile]
-                        acc = acc + small_matmul(hs[g], sign, use_dot) * (scs[g] * wp)
+                        part = signed_plane_product(hs[g], words, g * t_per_group, t_per_group, use_dot)  # [tm, tile]
+                        acc = acc + part * (scs[g] * wp)
                     return acc
 
                 return jax.lax.fori_loop(0, b_ref[tid], p_body, acc)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 WORD_BITS = 32
 
 
-def plane_signs(words: jax.Array, t0: int, count: int, dtype) -> jax.Array:
-    """±1 matrix of bits ``t0 … t0+count-1`` of ``words [R, L]`` (int32) -> ``[count·R, L]`` in ``dtype``.
+def plane_bits(words: jax.Array, t0: int, count: int, dtype) -> jax.Array:
+    """Bits ``t0 … t0+count-1`` of ``words [R, L]`` (int32) as 0/1 -> ``[count·R, L]`` in ``dtype``.
 
     Row ``t·R + j`` of the result is bit ``t0 + t`` of word row ``j`` — the t-major order of the
     layout, so the result is a contiguous slice of values and the reshape only merges leading axes
@@ -22,7 +22,17 @@ def plane_signs(words: jax.Array, t0: int, count: int, dtype) -> jax.Array:
     r, lanes = words.shape
     shifts = t0 + jax.lax.broadcasted_iota(jnp.int32, (count, 1, 1), 0)
     bits = jax.lax.shift_right_logical(jnp.broadcast_to(words[None], (count, r, lanes)), shifts) & 1
-    return (bits * 2 - 1).astype(dtype).reshape(count * r, lanes)
+    return bits.astype(dtype).reshape(count * r, lanes)
+
+
+def signed_plane_product(a: jax.Array, words: jax.Array, t0: int, count: int, use_dot: bool) -> jax.Array:
+    """``a [m, count·R] @ (2·bits − 1)`` in float32, for the bits of `plane_bits`.
+
+    Computed as ``2·(a @ bits) − Σ_k a[:, k]``: the ±1 matrix is never formed, which saves two integer
+    operations per unpacked weight bit (the unpack, not the bytes, is the cost of a bit-plane GEMV).
+    """
+    bits = plane_bits(words, t0, count, a.dtype)
+    return 2.0 * small_matmul(a, bits, use_dot) - jnp.sum(a.astype(jnp.float32), axis=1, keepdims=True)
 
 
 def plane_weight(p: jax.Array) -> jax.Array:

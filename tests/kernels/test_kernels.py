@@ -47,7 +47,9 @@ def inputs(dtype, seed=0):
     return tuple(jnp.asarray(rng.standard_normal((M, R)), dtype) for _ in range(2))
 
 
-def check(backend, sizes, dtype=jnp.float32, tm=None, with16=False, rtol=2e-5):
+# f32 tolerance: a plane product is computed as 2·(a @ bits) − Σa (no ±1 matrix, see unpack), which
+# cancels terms of size Σ|a|·2^p: ~1e-5 of the output scale at 8-bit planes, not 1e-7.
+def check(backend, sizes, dtype=jnp.float32, tm=None, with16=False, rtol=1e-4):
     kern, (ag, au, bd) = kernels(with16)
     zg, zu = inputs(dtype)
     gs = jnp.asarray(sizes, jnp.int32)
@@ -81,4 +83,4 @@ def test_16_bit_units_take_the_dense_side_path():
 
 def test_bf16_activations_accumulate_in_f32():
     # bf16 operands (z·scale·2^p and h rounded to bf16), f32 accumulation: bf16-level error only
-    check("triton", np.array([2, 4, 0, 6, 3, 3, 0, 6], np.int32), dtype=jnp.bfloat16, rtol=3e-2)
+    check("triton", np.array([2, 4, 0, 6, 3, 3, 0, 6], np.int32), dtype=jnp.bfloat16, rtol=1e-2)
