@@ -48,7 +48,7 @@ import numpy as np
 from bitsmoe_jax.inference import greedy_generate
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
-from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, num_words, permutation_bits
+from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, num_words
 from bitsmoe_jax.quant.qmoe import set_implementation
 from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
 from bitsmoe_jax.train_reference import REFERENCE_DIR
@@ -130,6 +130,35 @@ def routed_bytes(kern: ExpertKernels, sizes: np.ndarray) -> int:
     return total
 
 
+def synthetic_kernels(shape: Shape, bpw: float, tiles, seed: int = 0, abstract: bool = False):
+    """Random allocations (integer-bit mean ``bpw − 16/GROUP``) and their kernel layouts."""
+    e, d, f = shape.experts, shape.hidden, shape.inter
+    allocs = {p: random_allocation(e, d, bpw - 16 / GROUP, seed=seed + i) for i, p in enumerate(("gate", "up", "down"))}
+    kern = ExpertKernels(*(
+        synthetic_plane_tiles(allocs[p], f, o, tiles, GROUP, seed=seed + i, abstract=abstract)
+        for i, (p, o) in enumerate((("gate", "rows"), ("up", "rows"), ("down", "lanes")))
+    ))
+    return allocs, kern
+
+
+def layout_overhead(shape: Shape, bpw: float, allocs: dict[str, np.ndarray], kern: ExpertKernels) -> tuple:
+    """(name, bpw, stored bits per weight, kernel-layout bytes, stored bytes) — stored = what
+    `PackedMatrix.stored_bits` counts (words + bf16 group scales; the permutation is left out, the
+    kernel layout has its own index tables)."""
+    f = shape.inter
+    ng = -(-f // GROUP)
+    stored_bits = sum(int(a.sum()) * f + int((a > 0).sum()) * ng * 16 for a in allocs.values())
+    eff = stored_bits / (3 * shape.experts * shape.hidden * f)
+    return shape.name, bpw, eff, kern.bytes_read(), stored_bits / 8
+
+
+def print_overhead(overhead: list[tuple]) -> None:
+    print("\nlayout overhead (all experts, 3 projections):\n")
+    print("| shape | bpw | stored bits/weight | stored MB | kernel layout MB | overhead |\n|---|---|---|---|---|---|")
+    for name, bpw, eff, kbytes, sbytes in overhead:
+        print(f"| {name} | {bpw:.1f} | {eff:.3f} | {sbytes / 1e6:.1f} | {kbytes / 1e6:.1f} | {100 * (kbytes / sbytes - 1):+.1f}% |")
+
+
 # ------------------------------------------------------------------------------------------ paths
 def bf16_experts(x, token, sizes, gate, up, down):
     xs = x[token]
@@ -143,14 +172,14 @@ def xla_experts(zg, zu, sizes, packed: dict[str, PackedMatrix], num_experts: int
     return grouped_matmul(h, jnp.swapaxes(bd, 1, 2), sizes).astype(jnp.float32)
 
 
-def quantized_layer(x, token, sizes, bases, kern, backend, interpret):
+def quantized_layer(x, token, sizes, bases, kern, backend, interpret, tm=None):
     """Bases (int8 codes ``q [D, r]`` + bf16 row scales ``s [D]``) around the kernels: the row scale
     folds into ``x`` before ``x·Q`` and into the output after ``acc·Qᵀ``."""
     (qg, sg), (qu, su), (qd, sd) = bases
     dt = x.dtype
     zg = ((x * sg.astype(dt)) @ qg.astype(dt))[token]
     zu = ((x * su.astype(dt)) @ qu.astype(dt))[token]
-    acc = swiglu_experts(zg, zu, sizes, kern, backend=backend, interpret=interpret)
+    acc = swiglu_experts(zg, zu, sizes, kern, backend=backend, interpret=interpret, tm=tm)
     acc = jnp.zeros((x.shape[0], acc.shape[1]), jnp.float32).at[token].add(acc)
     return (acc.astype(dt) @ qd.astype(dt).T) * sd.astype(dt)
 
@@ -161,7 +190,7 @@ def bf16_layer(x, token, sizes, gate, up, down):
 
 
 # ------------------------------------------------------------------------------------------ runs
-def bench_shape(shape: Shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, seed=0):
+def bench_shape(shape: Shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=None, seed=0):
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
     e, d, f = shape.experts, shape.hidden, shape.inter
@@ -176,20 +205,13 @@ def bench_shape(shape: Shape, bpws, token_counts, tiles, backend, interpret, ite
     )
     f_bf16 = jax.jit(bf16_experts)
     f_bf16_layer = jax.jit(bf16_layer)
-    f_kernel = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=interpret))
-    f_layer = jax.jit(functools.partial(quantized_layer, backend=backend, interpret=interpret))
+    f_kernel = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=interpret, tm=tm))
+    f_layer = jax.jit(functools.partial(quantized_layer, backend=backend, interpret=interpret, tm=tm))
     f_xla = jax.jit(xla_experts, static_argnums=4)
     for bpw in bpws:
-        int_bits = bpw - 16 / GROUP
-        allocs = {p: random_allocation(e, d, int_bits, seed=seed + i) for i, p in enumerate(("gate", "up", "down"))}
-        kern = ExpertKernels(*(
-            synthetic_plane_tiles(allocs[p], f, o, tiles, GROUP, seed=seed + i)
-            for i, (p, o) in enumerate((("gate", "rows"), ("up", "rows"), ("down", "lanes")))
-        ))
+        allocs, kern = synthetic_kernels(shape, bpw, tiles, seed)
         packed = {p: synthetic_packed(allocs[p], f, rng) for p in allocs}
-        stored_bits = sum(pm.stored_bits() - permutation_bits(pm.num_units) for pm in packed.values())
-        eff_bpw = stored_bits / (3 * e * d * f)
-        overhead.append((shape.name, bpw, eff_bpw, kern.bytes_read(), stored_bits / 8))
+        overhead.append(layout_overhead(shape, bpw, allocs, kern))
         kern_dev = jax.device_put(jax.tree.map(jnp.asarray, kern))
         packed_dev = jax.device_put(packed)
         for tokens in token_counts:
@@ -256,8 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--prefill", type=int, default=512, help="prefill tokens (>= 512 for the report)")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of shape names")
+    ap.add_argument("--bpw", default=None, help="comma-separated budgets (default 2.0,2.5,3.0)")
+    ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,2,4,8,<prefill>)")
+    ap.add_argument("--tm", type=int, default=None, help="force the kernels' row tile (e.g. 1 or 2: GEMV form on GPU)")
+    ap.add_argument("--tile-rows", type=int, default=None, help="gate/up components per tile (layout)")
+    ap.add_argument("--tile-lanes", type=int, default=None, help="down components per tile (layout)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode measurement")
+    ap.add_argument("--layout-only", action="store_true", help="only the layout-overhead tables (CPU, full shapes)")
     args = ap.parse_args(argv)
     smoke = args.smoke
+    if args.layout_only:  # CPU, seconds: tables only, no words allocated, nothing timed
+        for backend in ("triton", "mosaic"):
+            print(f"\n{backend} tiles: {DEFAULT_TILES[backend]}")
+            print_overhead([
+                layout_overhead(shape, bpw, *synthetic_kernels(shape, bpw, DEFAULT_TILES[backend], abstract=True))
+                for shape in FULL_SHAPES for bpw in (2.0, 2.5, 3.0)
+            ])
+        return 0
     backend = default_backend()
     interpret = jax.default_backend() == "cpu"
     if interpret and not smoke:
@@ -268,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.shapes.split(","))
         shapes = tuple(s for s in shapes if s.name in wanted)
     tiles = DEFAULT_TILES[backend]
+    if args.tile_rows or args.tile_lanes:
+        tiles = dataclasses.replace(tiles, tile_rows=args.tile_rows or tiles.tile_rows, tile_lanes=args.tile_lanes or tiles.tile_lanes)
     iters = args.iters or (2 if smoke else 20)
-    bpws = (2.5,) if smoke else (2.0, 2.5, 3.0)
-    token_counts = (1, 8, 64) if smoke else (1, 2, 4, 8, args.prefill)
+    bpws = tuple(float(b) for b in args.bpw.split(",")) if args.bpw else ((2.5,) if smoke else (2.0, 2.5, 3.0))
+    token_counts = (
+        tuple(int(t) for t in args.tokens.split(",")) if args.tokens else ((1, 8, 64) if smoke else (1, 2, 4, 8, args.prefill))
+    )
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, kernels: {backend}"
           f"{' (interpret)' if interpret else ''}", flush=True)
@@ -280,14 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     overhead: list[tuple] = []
     print(HEADER, flush=True)
     for shape in shapes:
-        bench_shape(shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead)
-    print("\nlayout overhead (all experts, 3 projections):\n")
-    print("| shape | bpw | stored bits/weight | stored MB | kernel layout MB | overhead |\n|---|---|---|---|---|---|")
-    for name, bpw, eff, kbytes, sbytes in overhead:
-        print(f"| {name} | {bpw:.1f} | {eff:.3f} | {sbytes / 1e6:.1f} | {kbytes / 1e6:.1f} | {100 * (kbytes / sbytes - 1):+.1f}% |")
-    bf16_rate, q_rate = end_to_end(new_tokens=4 if smoke else 64, prompt_len=8 if smoke else 32, smoke=smoke)
-    print(f"\nend-to-end greedy decode, reference model (3 layers, D=F=256, 16 experts), batch 1: "
-          f"bf16 {bf16_rate:.1f} tok/s, quantized ~2.5 bpw (Pallas) {q_rate:.1f} tok/s ({q_rate / bf16_rate:.2f}x)")
+        bench_shape(shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=args.tm)
+    print_overhead(overhead)
+    if not args.no_e2e:
+        bf16_rate, q_rate = end_to_end(new_tokens=4 if smoke else 64, prompt_len=8 if smoke else 32, smoke=smoke)
+        print(f"\nend-to-end greedy decode, reference model (3 layers, D=F=256, 16 experts), batch 1: "
+              f"bf16 {bf16_rate:.1f} tok/s, quantized ~2.5 bpw (Pallas) {q_rate:.1f} tok/s ({q_rate / bf16_rate:.2f}x)")
     print(f"\ndevice: {device.device_kind}; copy bandwidth {copy_bw / 1e9:.1f} GB/s")
     return 0
 

@@ -19,7 +19,6 @@ scalar-prefetch grid with the reduction over grid steps), each also runnable in 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +124,7 @@ def swiglu_experts(
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     g_l, u_l, d_l = kern.gate, kern.up, kern.down
+    _check_inputs(zg, zu, group_sizes, kern)
     m = zg.shape[0]
     dt = zg.dtype
     e = g_l.num_experts
@@ -167,6 +167,19 @@ def swiglu_experts(
     return acc
 
 
+def _check_inputs(zg: jax.Array, zu: jax.Array, group_sizes: jax.Array, kern: ExpertKernels) -> None:
+    """One clear error per mismatch between the activations and the layouts (shapes are static)."""
+    for name, z, pt in (("zg", zg, kern.gate), ("zu", zu, kern.up)):
+        if z.ndim != 2 or z.shape[1] != pt.r:
+            raise ValueError(f"swiglu_experts: {name} must be [M, {pt.r}] for this layout, got {tuple(z.shape)}")
+    if zu.shape[0] != zg.shape[0]:
+        raise ValueError(f"swiglu_experts: zg and zu have different row counts ({zg.shape[0]} vs {zu.shape[0]})")
+    if group_sizes.shape != (kern.gate.num_experts,):
+        raise ValueError(f"swiglu_experts: group_sizes must be [{kern.gate.num_experts}], got {tuple(group_sizes.shape)}")
+    if zg.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"swiglu_experts: activations must be float32 or bfloat16, got {zg.dtype}")
+
+
 def _dense16_rows(z: jax.Array, pt: PlaneTiles, rows_e: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Contribution of a projection's 16-bit components, ``[M, Fp]`` float32 (zeros if it has none)."""
     if not pt.has_dense16:
@@ -175,4 +188,4 @@ def _dense16_rows(z: jax.Array, pt: PlaneTiles, rows_e: jax.Array, group_sizes: 
     return grouped_matmul(z16, jnp.asarray(pt.dense16).astype(jnp.float32), group_sizes).astype(jnp.float32)
 
 
-__all__: list[Any] = ["IMPLEMENTATIONS", "ExpertKernels", "build_expert_kernels", "swiglu_experts", "resolve_implementation"]
+__all__ = ["IMPLEMENTATIONS", "ExpertKernels", "build_expert_kernels", "swiglu_experts", "resolve_implementation"]

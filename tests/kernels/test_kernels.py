@@ -18,6 +18,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
 from pallas_kernels.api import ExpertKernels, build_expert_kernels, swiglu_experts
 from pallas_kernels.reference import swiglu_experts_reference
 from tests.kernels.conftest import E, R, TILES, projections
@@ -84,3 +85,39 @@ def test_16_bit_units_take_the_dense_side_path():
 def test_bf16_activations_accumulate_in_f32():
     # bf16 operands (z·scale·2^p and h rounded to bf16), f32 accumulation: bf16-level error only
     check("triton", np.array([2, 4, 0, 6, 3, 3, 0, 6], np.int32), dtype=jnp.bfloat16, rtol=1e-2)
+
+
+def test_mismatched_inputs_are_refused_by_name():
+    kern, _ = kernels(False)
+    zg, zu = inputs(jnp.float32)
+    gs = jnp.zeros((E,), jnp.int32).at[0].set(M)
+    with pytest.raises(ValueError, match="zg must be"):
+        swiglu_experts(zg[:, :-1], zu, gs, kern, interpret=True)
+    with pytest.raises(ValueError, match="group_sizes must be"):
+        swiglu_experts(zg, zu, gs[:-1], kern, interpret=True)
+
+
+def test_degenerate_layouts_all_zero_and_all_16_bit_projections():
+    # gate: every unit 16 bits (only the dense side path, no kernel tile); up: every unit 0 bits, so
+    # u = 0 and acc = 0; down: the second expert has no kernel tile (all 0 bits).
+    rng = np.random.default_rng(5)
+    e, r, f, gsz = 2, 32, 64, 32
+    units = {p: rng.standard_normal((e * r, f)).astype(np.float32) for p in ("gate", "up", "down")}
+    bits = {"gate": np.full(e * r, 16), "up": np.zeros(e * r, np.int64), "down": np.r_[np.full(r, 3), np.zeros(r, np.int64)]}
+    packed = {p: pack_segments(units[p], bits[p], gsz) for p in units}
+    dense = [np.asarray(dequantize_packed(packed[p])).reshape(e, r, f) for p in ("gate", "up", "down")]
+    kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, e, TILES))
+    z = jnp.asarray(rng.standard_normal((5, r)), jnp.float32)
+    gs = jnp.asarray([2, 3], jnp.int32)
+    got = swiglu_experts(z, z, gs, kern, backend="mosaic", interpret=True)
+    want = swiglu_experts_reference(z, z, gs, *dense)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert not np.any(np.asarray(got))  # u = 0 everywhere
+    # and with up at 2 bits, the all-16-bit gate and the tile-less down expert are exercised for real
+    packed["up"] = pack_segments(units["up"], np.full(e * r, 2), gsz)
+    dense[1] = np.asarray(dequantize_packed(packed["up"])).reshape(e, r, f)
+    kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, e, TILES))
+    got = swiglu_experts(z, z, gs, kern, backend="mosaic", interpret=True)
+    want = swiglu_experts_reference(z, z, gs, *dense)
+    assert float(jnp.max(jnp.abs(want))) > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * float(jnp.max(jnp.abs(want))))
