@@ -155,7 +155,7 @@ class QuantizedExperts(nnx.Module):
             if self.kernels is None or self.kernel_backend != backend or tiles is not None:
                 packed = {p: jax.tree.map(np.asarray, self.packed_matrix(p)) for p in PROJECTIONS}
                 kern = kernels_api.build_expert_kernels(packed, self.num_experts, tiles, backend)
-                self.kernels = nnx.data(KernelLayout(jax.tree.map(jnp.asarray, kern)))
+                self.kernels = nnx.data(KernelLayout(jax.device_put(kern)))
             self.kernel_backend = backend
 
     def resolved_implementation(self) -> str:
