@@ -124,6 +124,7 @@ def test_valid_config_passes():
         ("allocator", "cplex", ["auto", "milp", "greedy"]),
         ("budget_scope", "expert", ["layer", "model"]),
         ("coefficient_mode", "fast", ["exact", "sampled"]),
+        ("rounding", "stochastic", ["gptq", "nearest"]),
         ("candidate_bits", "(1,2,3)", ["includes 0"]),
         ("candidate_bits", "(0,2,9)", ["includes 0", "16"]),
         ("basis_bits", "4", ["8 or 16"]),

@@ -16,6 +16,7 @@ METHODS = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise")
 ALLOCATORS = ("auto", "milp", "greedy")
 SCOPES = ("layer", "model")
 COEFF_MODES = ("exact", "sampled")
+ROUNDINGS = ("gptq", "nearest")
 DENSE_DTYPES = ("bfloat16", "float16", "float32")
 VALID_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -45,6 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.basis_bits = 8  # 8 (int8 per row + bf16 scale) or 16 (bf16)
     c.rank = ml_collections.FieldReference(None, field_type=int)  # None = full rank
     c.coefficient_mode = "exact"  # exact | sampled (kappa_b * ||unit||^2)
+    # gptq: gate/up factor rows rounded with GPTQ error feedback in component space (same bits, same
+    # format; quant/error_feedback.py); nearest: every unit rounded on its own.
+    c.rounding = "gptq"
     c.allocator = "auto"
     c.milp_max_units = 10000
     c.milp_time_limit = 60.0
@@ -105,6 +109,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("allocator", ", ".join(ALLOCATORS))
     if c.coefficient_mode not in COEFF_MODES:
         bad("coefficient_mode", ", ".join(COEFF_MODES))
+    if c.rounding not in ROUNDINGS:
+        bad("rounding", ", ".join(ROUNDINGS))
     if c.dense_dtype not in DENSE_DTYPES:
         bad("dense_dtype", ", ".join(DENSE_DTYPES))
     if c.basis not in ("svd", "whitened", "none"):
