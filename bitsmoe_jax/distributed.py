@@ -205,3 +205,17 @@ def make_mesh(cfg: Any) -> jax.sharding.Mesh:
             return jax.make_mesh((n,), (EXPERT_AXIS,))
     return jax.sharding.Mesh(np.asarray(devices[:n]), (EXPERT_AXIS,), **kw)
 
+
+
+def broadcast_from_writer(tree: Any) -> Any:
+    """Process 0's value of a pytree of numpy arrays on every process (returned as is for one process).
+
+    Used for the allocation: a MILP with a time limit may stop at a different incumbent on each
+    host, and every process must pack exactly the bits process 0 writes.
+    """
+    if process_count() <= 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.broadcast_one_to_all(tree)
+    return jax.tree.map(lambda ref, a: np.asarray(a).astype(np.asarray(ref).dtype), tree, got)

@@ -18,8 +18,9 @@ expert and the token's top-k), then scaled so their mass equals the mass actuall
 (10⁻⁶ of the mean if none was: the fallback supplies the *shape* of the statistics, while how much an
 expert matters is left to the routed mass and `expert_mass_floor`). The report lists them.
 
-Per-assignment features are computed with jitted JAX; the per-expert reductions run on the host over
-contiguous slices of the expert-sorted assignments, so the work is Σ_e n_e·F·r (not E× that).
+Each expert's features and sums run in one jitted per-expert program over its routed tokens (padded to
+a common capacity), sharded over the experts of the mesh (`quant/sharded.py`), so the work is about
+Σ_e n_e·F·r (not E× that) and the result does not depend on how many devices share it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.models.moe import make_routing_plan
+from bitsmoe_jax.quant import sharded
+from bitsmoe_jax.quant.sharded import ExpertLayout
 
 
 @dataclasses.dataclass
@@ -46,29 +48,6 @@ class ExpertStats:
     starved: list[int]  # experts that used the fallback
 
 
-@jax.jit
-def _features(xs, w, gate, up, vg, vu, group_sizes):
-    """Per-assignment (sorted by expert) squared sensitivities and spectral coordinates."""
-    g = grouped_matmul(xs, gate, group_sizes).astype(jnp.float32)
-    u = grouped_matmul(xs, up, group_sizes).astype(jnp.float32)
-    sig = jax.nn.sigmoid(g)
-    silu = g * sig
-    dsilu = sig * (1 + g * (1 - sig))
-    w2 = (w.astype(jnp.float32) ** 2)[:, None]
-    a_gate = w2 * (dsilu * u) ** 2
-    a_up = w2 * silu**2
-    a_down = w2 * (silu * u) ** 2
-    zg2 = (xs.astype(jnp.float32) @ vg.astype(jnp.float32)) ** 2
-    zu2 = (xs.astype(jnp.float32) @ vu.astype(jnp.float32)) ** 2
-    return a_gate, a_up, a_down, zg2, zu2
-
-
-def _expert_features(x, w, e, gate, up, vg, vu):
-    """Features for all rows of x against the single expert e (used by the starved fallback)."""
-    sizes = jnp.zeros((gate.shape[0],), jnp.int32).at[e].set(x.shape[0])
-    return _features(x, w, gate, up, vg, vu, sizes)
-
-
 def collect_expert_stats(
     x: jax.Array,
     router_logits: jax.Array,
@@ -79,33 +58,29 @@ def collect_expert_stats(
     vg: jax.Array,
     vu: jax.Array,
     min_tokens: int = 16,
+    layout: "ExpertLayout | None" = None,
 ) -> ExpertStats:
     """Statistics for one MoE layer.
 
     x: MoE-block input [N, D]; router_logits [N, E]; expert_idx / expert_w [N, k] (as the model routes,
     routing weights after renormalisation and scaling); gate / up [E, D, F]; vg / vu [D, r] the (dequantized)
-    shared bases of gate and up.
+    shared bases of gate and up. `layout`: how experts are sharded over the mesh (default: one device);
+    the statistics are bit-identical for every layout (see `quant/sharded.py`).
     """
-    n, _ = x.shape
     num_experts = gate.shape[0]
+    if layout is None:
+        layout = sharded.expert_layout(sharded.single_device_mesh(), num_experts)
     plan = make_routing_plan(expert_idx, expert_w, num_experts)
-    xs = x[plan.token]
-    feats = [np.asarray(a, np.float64) for a in _features(xs, plan.weight, gate, up, vg, vu, plan.group_sizes)]
-    a_gate, a_up, a_down, zg2, zu2 = feats
     sizes = np.asarray(plan.group_sizes)
     offs = np.concatenate([[0], np.cumsum(sizes)])
-    f = gate.shape[-1]
-    s_gate = np.zeros((num_experts, f, vg.shape[1]))
-    s_up = np.zeros((num_experts, f, vu.shape[1]))
-    c_down = np.zeros((num_experts, f))
-    mass = np.zeros(num_experts)
-    wsorted = np.asarray(plan.weight, np.float64)
-    for e in range(num_experts):
-        sl = slice(offs[e], offs[e + 1])
-        s_gate[e] = a_gate[sl].T @ zg2[sl]
-        s_up[e] = a_up[sl].T @ zu2[sl]
-        c_down[e] = a_down[sl].sum(0)
-        mass[e] = np.sum(wsorted[sl] ** 2)
+    gate_np, up_np = np.asarray(gate, np.float32), np.asarray(up, np.float32)
+    x_np = np.asarray(x, np.float32)
+    s_gate, s_up, c_down, mass = sharded.routed_stats(
+        layout, x_np, np.asarray(plan.token), np.asarray(plan.weight, np.float32), offs,
+        sharded.expert_array(layout, lambda e: gate_np[e], gate_np.shape[1:], np.float32),
+        sharded.expert_array(layout, lambda e: up_np[e], up_np.shape[1:], np.float32),
+        np.asarray(vg), np.asarray(vu),
+    )
 
     starved = [e for e in range(num_experts) if sizes[e] < min_tokens]
     if starved:
@@ -113,17 +88,18 @@ def collect_expert_stats(
         topk_sum = np.take_along_axis(probs, np.asarray(expert_idx), axis=1).sum(1)
         routed_mean = mass[mass > 0].mean() if (mass > 0).any() else 1.0
         idx_np = np.asarray(expert_idx)
+        as_if = []
         for e in starved:
             # its weight had it been in the top-k: renormalised over the top-k ∪ {e} (a token already
             # routed to e keeps its own weight; its probability must not be counted twice)
             in_topk = (idx_np == e).any(axis=1)
-            w_as_if = probs[:, e] / (topk_sum + np.where(in_topk, 0.0, probs[:, e]))
-            ag, au, ad, g2, u2 = (np.asarray(a, np.float64) for a in _expert_features(x, jnp.asarray(w_as_if, jnp.float32), e, gate, up, vg, vu))
-            fallback_mass = np.sum(w_as_if**2)
+            as_if.append(probs[:, e] / (topk_sum + np.where(in_topk, 0.0, probs[:, e])))
+        fg, fu, fd, fmass = sharded.all_token_stats(x_np, np.stack(as_if), gate_np[starved], up_np[starved], np.asarray(vg), np.asarray(vu))
+        for i, e in enumerate(starved):
             target = mass[e] if mass[e] > 0 else 1e-6 * routed_mean
-            scale = target / max(fallback_mass, 1e-30)
-            s_gate[e] = scale * (ag.T @ g2)
-            s_up[e] = scale * (au.T @ u2)
-            c_down[e] = scale * ad.sum(0)
+            scale = target / max(float(fmass[i]), 1e-30)
+            s_gate[e] = scale * fg[i]
+            s_up[e] = scale * fu[i]
+            c_down[e] = scale * fd[i]
             mass[e] = target
     return ExpertStats(s_gate=s_gate, s_up=s_up, c_down=c_down, mass=mass, tokens=sizes.astype(np.int64), starved=starved)

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitsmoe_jax.quant.calibration import ExpertStats
-from bitsmoe_jax.quant.quantizers import estimated_errors, kappa_estimates, stored_bits, unit_errors
+from bitsmoe_jax.quant import sharded
+from bitsmoe_jax.quant.quantizers import estimated_errors, kappa_estimates, stored_bits
+from bitsmoe_jax.quant.sharded import ExpertLayout
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -102,16 +104,24 @@ def loss_coefficients(
     mode: str = "exact",
     num_samples: int = 1024,
     seed: int = 0,
+    layout: ExpertLayout | None = None,
 ) -> Coefficients:
-    """L(e, k, b) for every unit and candidate bit-width, exact or sampled (κ_b)."""
+    """L(e, k, b) for every unit and candidate bit-width, exact or sampled (κ_b).
+
+    Exact mode runs one expert at a time, sharded over the experts of `layout` (default: one
+    device), so the coefficients are bit-identical on every mesh. Sampled mode draws its sample
+    across all experts and stays one small unsharded program.
+    """
     cands = tuple(int(b) for b in candidates)
     n = next(iter(units.values())).shape[-1]
     loss, kappas = {}, {}
     for name in PROJECTIONS:
-        x, w = jnp.asarray(units[name]), jnp.asarray(weights[name])
         if mode == "exact":
-            loss[name] = np.asarray(unit_errors(x, cands, group_size, w), np.float64)
+            if layout is None:
+                layout = sharded.expert_layout(sharded.single_device_mesh(), units[name].shape[0])
+            loss[name] = sharded.unit_errors_sharded(layout, units[name], weights[name], cands, group_size).astype(np.float64)
         elif mode == "sampled":
+            x, w = jnp.asarray(units[name]), jnp.asarray(weights[name])
             kappa = kappa_estimates(x, cands, group_size, w, num_samples=num_samples, seed=seed)
             kappas[name] = np.asarray(kappa)
             loss[name] = np.asarray(estimated_errors(x, kappa, w), np.float64)

@@ -34,11 +34,13 @@ from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.layers import rope_cos_sin
 from bitsmoe_jax.models.moe import MoEBlock
 from bitsmoe_jax.quant import basis as basis_lib
+from bitsmoe_jax.quant import sharded
 from bitsmoe_jax.quant.allocate import Allocation, BudgetError, allocate
 from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
 from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients, layer_units, loss_coefficients, loss_weights
 from bitsmoe_jax.quant.packing import pack_segments, permutation_bits
 from bitsmoe_jax.quant.qmoe import QuantizedExperts
+from bitsmoe_jax.quant.sharded import ExpertLayout
 
 
 @dataclasses.dataclass
@@ -218,9 +220,13 @@ def _whitening(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def make_bases(
     gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | None, basis_bits: int, kind: str = "svd",
-    x: np.ndarray | None = None,
+    x: np.ndarray | None = None, layout: ExpertLayout | None = None,
 ):
     """Shared bases from the expert-summed Gram matrices; returns (stored, dequantized) per projection.
+
+    The Gram sums run sharded over the experts of `layout` (default: one device) in an order fixed by
+    the expert index, so the bases are bit-identical on every mesh (`quant/sharded.py`); the small
+    eigendecompositions then run on this process's first device.
 
     kind="svd": eigenvectors of Σ_e W_eᵀW_e (the stacked-weight SVD).
     kind="whitened" (ablation): gate/up bases from the SVD of the activation-whitened stack
@@ -233,10 +239,11 @@ def make_bases(
     if kind == "none":
         eye = np.eye(gate.shape[1], dtype=np.float32)
         return {p: {} for p in PROJECTIONS}, {p: eye for p in PROJECTIONS}
+    if layout is None:
+        layout = sharded.expert_layout(sharded.single_device_mesh(), gate.shape[0])
     grams = {
-        "gate": basis_lib.gram_rows(jnp.swapaxes(jnp.asarray(gate), 1, 2)),
-        "up": basis_lib.gram_rows(jnp.swapaxes(jnp.asarray(up), 1, 2)),
-        "down": basis_lib.gram_cols(jnp.swapaxes(jnp.asarray(down), 1, 2)),
+        p: jnp.asarray(sharded.gram_sum(layout, sharded.expert_array(layout, lambda e, w=w: w[e], w.shape[1:], np.float32), p == "down"))
+        for p, w in (("gate", gate), ("up", up), ("down", down))
     }
     c_half = c_inv_half = None
     if kind == "whitened":
@@ -274,22 +281,29 @@ def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> lis
     return [int(e) for e in np.flatnonzero(peaks > threshold * med)] if med > 0 else []
 
 
-def build_problem(index: int, block: MoEBlock, x: jax.Array, cfg: Any, config: ModelConfig, timings: dict) -> LayerProblem:
-    """Bases, statistics, weights and coefficients for one MoE layer (x: MoE input [N, D])."""
+def build_problem(
+    index: int, block: MoEBlock, x: jax.Array, cfg: Any, config: ModelConfig, timings: dict, mesh: jax.sharding.Mesh | None = None
+) -> LayerProblem:
+    """Bases, statistics, weights and coefficients for one MoE layer (x: MoE input [N, D]).
+
+    The per-expert stages run sharded over the experts of `mesh` (default: this process's first
+    device), with results bit-identical on every mesh (`quant/sharded.py`).
+    """
     gate, up, down = (np.asarray(block.experts.__getattribute__(n)[...], np.float32) for n in ("gate", "up", "down"))
+    layout = sharded.expert_layout(mesh if mesh is not None else sharded.single_device_mesh(), config.num_experts)
     t = time.time()
-    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis, x=np.asarray(x))
+    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis, x=np.asarray(x), layout=layout)
     units = layer_units(gate, up, down, deq)
     timings["basis"] += time.time() - t
     t = time.time()
     logits, w, idx = block.router(x)
-    stats = collect_expert_stats(x, logits, idx, w, jnp.asarray(gate), jnp.asarray(up), jnp.asarray(deq["gate"]), jnp.asarray(deq["up"]), cfg.min_tokens)
+    stats = collect_expert_stats(x, logits, idx, w, gate, up, deq["gate"], deq["up"], cfg.min_tokens, layout=layout)
     timings["calibration"] += time.time() - t
     t = time.time()
     weights = loss_weights(
         stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, cfg.expert_mass_floor, cfg.loss_weighting
     )
-    coeffs = loss_coefficients(units, weights, cfg.candidate_bits, cfg.group_size, cfg.coefficient_mode, seed=cfg.seed)
+    coeffs = loss_coefficients(units, weights, cfg.candidate_bits, cfg.group_size, cfg.coefficient_mode, seed=cfg.seed, layout=layout)
     timings["coefficients"] += time.time() - t
     if cfg.super_experts == "auto":
         supers = detect_super_experts(x, block, cfg.super_expert_threshold)
