@@ -98,6 +98,12 @@ def row_tile(m: int, num_experts: int, backend: str) -> int:
     return max(16, min(128 if backend == "mosaic" else 64, tm))
 
 
+def reduction_splits(programs: int, steps: int, target: int = 1024, min_steps: int = 4) -> int:
+    """Chunks to cut a per-program reduction of ``steps`` items into (Triton), so that about
+    ``target`` programs run (a few per SM on current GPUs) while each keeps ≥ ``min_steps`` items."""
+    return max(1, min(steps // min_steps, target // max(programs, 1)))
+
+
 def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
     """``out[m, j] = x[m, index[m, j]]`` with ``index == x.shape[1]`` reading zero."""
     xp = jnp.concatenate([x, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
@@ -111,12 +117,14 @@ def _step_tables(pt: PlaneTiles) -> tuple[jax.Array, ...]:
 
 def swiglu_experts(
     zg: jax.Array, zu: jax.Array, group_sizes: jax.Array, kern: ExpertKernels, *,
-    backend: str | None = None, interpret: bool | None = None, tm: int | None = None,
+    backend: str | None = None, interpret: bool | None = None, tm: int | None = None, splits: int | None = None,
 ) -> jax.Array:
     """Rows sorted by expert ``zg [M, r_g]``, ``zu [M, r_u]`` (bf16 or f32) -> ``acc [M, r_d]`` float32.
 
     Same result as `reference.swiglu_experts_reference` on the dequantized factors. ``interpret``
     defaults to True on CPU. ``h`` is kept in the activation dtype between the two kernels.
+    ``splits`` (Triton only): cut each program's reduction into this many chunks on an extra grid
+    axis (atomic adds; see `triton_gmm`); ``None`` picks it from the grid size, 1 disables it.
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:
@@ -142,19 +150,20 @@ def swiglu_experts(
     if g_l.has_dense16 or u_l.has_dense16:
         init_g, init_u = (to_tiles(_dense16_rows(z, pt, rows_e, group_sizes)) for z, pt in ((zg, g_l), (zu, u_l)))
     common = dict(tm=tm, interpret=interpret)
-    gu = triton_gmm.gate_up if backend == "triton" else tpu_gmm.gate_up
-    h = gu(
-        rt, _step_tables(g_l), _step_tables(u_l), zk_g, zk_u, g_l.words, u_l.words, g_l.scales, u_l.scales,
-        init_g, init_u, tile=g_l.tile, n_block=g_l.block, group_size=g_l.group_size, n_valid=g_l.n,
-        out_dtype=dt, **common,
-    )
+    gu_args = (rt, _step_tables(g_l), _step_tables(u_l), zk_g, zk_u, g_l.words, u_l.words, g_l.scales, u_l.scales, init_g, init_u)
+    gu_geometry = dict(tile=g_l.tile, n_block=g_l.block, group_size=g_l.group_size, n_valid=g_l.n, out_dtype=dt, **common)
     geometry = dict(tile=d_l.tile, f_block=d_l.block, group_size=d_l.group_size, **common)
+    t = rt.expert.shape[0]
     if backend == "triton":
+        gu_splits = splits or reduction_splits((g_l.n_padded // g_l.block) * t, max(g_l.max_steps, u_l.max_steps))
+        h = triton_gmm.gate_up(*gu_args, splits=gu_splits, **gu_geometry)
+        d_splits = splits or reduction_splits(d_l.max_tiles * t, d_l.n_padded // d_l.block)
         acc_k = triton_gmm.down(
             rt, jnp.asarray(d_l.expert_tiles), jnp.asarray(d_l.expert_ntiles), jnp.asarray(d_l.tile_q0),
-            jnp.asarray(d_l.tile_bits), h, d_l.words, d_l.scales, **geometry,
+            jnp.asarray(d_l.tile_bits), h, d_l.words, d_l.scales, splits=d_splits, **geometry,
         )
     else:
+        h = tpu_gmm.gate_up(*gu_args, **gu_geometry)
         tables = _step_tables(d_l)
         tables = tables[:4] + (jnp.asarray(d_l.step_fblock).reshape(-1),) + tables[4:]
         acc_k = tpu_gmm.down(rt, tables, jnp.asarray(d_l.tile_bits), d_l.max_tiles, h, d_l.words, d_l.scales, **geometry)

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowTiles:
-    """``expert [T]`` per row tile, ``count [1]`` real tiles, ``dest [M]`` padded row of each sorted row."""
+    """``expert [T]`` per row tile, ``count [1]`` real tiles, ``rows [T]`` real rows in each tile (the
+    rest is padding), ``dest [M]`` padded row of each sorted row."""
 
     expert: jax.Array
     count: jax.Array
+    rows: jax.Array
     dest: jax.Array
 
 
@@ -44,10 +46,12 @@ def make_row_tiles(group_sizes: jax.Array, m: int, tm: int) -> RowTiles:
     expert = jnp.minimum(jnp.searchsorted(cum, i, side="right"), e - 1).astype(jnp.int32)
     n = cum[-1]
     expert = jnp.where(i < n, expert, expert[jnp.maximum(n - 1, 0)])
+    first = cum - tiles  # first row tile of each expert
+    rows = jnp.where(i < n, jnp.clip(gs[expert] - (i - first[expert]) * tm, 0, tm), 0)
     rows_e = expert_of_rows(gs, m)
     starts = jnp.cumsum(gs) - gs
-    dest = (cum - tiles)[rows_e] * tm + jnp.arange(m, dtype=jnp.int32) - starts[rows_e]
-    return RowTiles(expert, n.reshape(1).astype(jnp.int32), dest.astype(jnp.int32))
+    dest = first[rows_e] * tm + jnp.arange(m, dtype=jnp.int32) - starts[rows_e]
+    return RowTiles(expert, n.reshape(1).astype(jnp.int32), rows.astype(jnp.int32), dest.astype(jnp.int32))
 
 
 def expert_of_rows(group_sizes: jax.Array, m: int) -> jax.Array:
