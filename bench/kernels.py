@@ -3,7 +3,8 @@
     python bench/kernels.py                 # on a GPU/TPU (~8 min on one H100, < 20 GB)
     python bench/kernels.py --smoke         # CPU, interpret mode, tiny shapes: checks it runs end to end
 
-What is measured, all in the same process, each function jitted, compiled once, then timed as the mean
+First a correctness check of the compiled kernels against the pure-jnp reference on a real packed
+layer (exit status 1 if it fails). What is measured, all in the same process, each function jitted, compiled once, then timed as the mean
 of ``--iters`` back-to-back calls (after a warm-up call):
 
 * **copy bandwidth** of the device: ``y = x * 1.0001`` over a large float32 array (reads and writes
@@ -48,12 +49,13 @@ import numpy as np
 from bitsmoe_jax.inference import greedy_generate
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
-from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, num_words
+from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, num_words, pack_segments
 from bitsmoe_jax.quant.qmoe import set_implementation
 from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
 from bitsmoe_jax.train_reference import REFERENCE_DIR
-from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, default_backend, swiglu_experts
+from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, build_expert_kernels, default_backend, swiglu_experts
 from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
+from pallas_kernels.reference import swiglu_experts_reference
 
 GROUP = 128
 
@@ -172,14 +174,14 @@ def xla_experts(zg, zu, sizes, packed: dict[str, PackedMatrix], num_experts: int
     return grouped_matmul(h, jnp.swapaxes(bd, 1, 2), sizes).astype(jnp.float32)
 
 
-def quantized_layer(x, token, sizes, bases, kern, backend, interpret, tm=None):
+def quantized_layer(x, token, sizes, bases, kern, backend, interpret, tm=None, splits=None):
     """Bases (int8 codes ``q [D, r]`` + bf16 row scales ``s [D]``) around the kernels: the row scale
     folds into ``x`` before ``x·Q`` and into the output after ``acc·Qᵀ``."""
     (qg, sg), (qu, su), (qd, sd) = bases
     dt = x.dtype
     zg = ((x * sg.astype(dt)) @ qg.astype(dt))[token]
     zu = ((x * su.astype(dt)) @ qu.astype(dt))[token]
-    acc = swiglu_experts(zg, zu, sizes, kern, backend=backend, interpret=interpret, tm=tm)
+    acc = swiglu_experts(zg, zu, sizes, kern, backend=backend, interpret=interpret, tm=tm, splits=splits)
     acc = jnp.zeros((x.shape[0], acc.shape[1]), jnp.float32).at[token].add(acc)
     return (acc.astype(dt) @ qd.astype(dt).T) * sd.astype(dt)
 
@@ -190,7 +192,9 @@ def bf16_layer(x, token, sizes, gate, up, down):
 
 
 # ------------------------------------------------------------------------------------------ runs
-def bench_shape(shape: Shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=None, seed=0):
+def bench_shape(
+    shape: Shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=None, splits=None, seed=0
+):
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
     e, d, f = shape.experts, shape.hidden, shape.inter
@@ -205,8 +209,9 @@ def bench_shape(shape: Shape, bpws, token_counts, tiles, backend, interpret, ite
     )
     f_bf16 = jax.jit(bf16_experts)
     f_bf16_layer = jax.jit(bf16_layer)
-    f_kernel = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=interpret, tm=tm))
-    f_layer = jax.jit(functools.partial(quantized_layer, backend=backend, interpret=interpret, tm=tm))
+    opts = dict(backend=backend, interpret=interpret, tm=tm, splits=splits)
+    f_kernel = jax.jit(functools.partial(swiglu_experts, **opts))
+    f_layer = jax.jit(functools.partial(quantized_layer, **opts))
     f_xla = jax.jit(xla_experts, static_argnums=4)
     for bpw in bpws:
         allocs, kern = synthetic_kernels(shape, bpw, tiles, seed)
@@ -232,6 +237,35 @@ def bench_shape(shape: Shape, bpws, token_counts, tiles, backend, interpret, ite
                 layer_x=t_lb / t_lq, routed_mb=nbytes / 1e6, gbps=bw / 1e9, pct_copy=100 * bw / copy_bw,
             ))
             print(_row_line(rows[-1]), flush=True)
+
+
+def correctness_check(backend: str, interpret: bool) -> bool:
+    """The compiled kernels against the pure-jnp reference on a real packed layer (E=8, r=256, F=512):
+    f32 and bf16, decode and prefill row counts, split and fused Triton paths. Printed; False on failure."""
+    rng = np.random.default_rng(7)
+    e, r, f = 8, 256, 512
+    packed, dense = {}, {}
+    for p in ("gate", "up", "down"):
+        units = (rng.standard_normal((e * r, f)) * 0.05).astype(np.float32)
+        packed[p] = pack_segments(units, rng.choice([0, 1, 2, 3, 4, 8], size=e * r), GROUP)
+        dense[p] = dequantize_packed(packed[p]).reshape(e, r, f)
+    kern = jax.device_put(build_expert_kernels(packed, e, backend=backend))
+    ok = True
+    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)):
+        for rows in (2, 128):
+            sizes = np.bincount(rng.integers(0, e, size=rows), minlength=e).astype(np.int32)
+            zg, zu = (jnp.asarray(rng.standard_normal((rows, r)), dtype) for _ in range(2))
+            want = swiglu_experts_reference(zg.astype(jnp.float32), zu.astype(jnp.float32), jnp.asarray(sizes),
+                                            dense["gate"], dense["up"], dense["down"])
+            for splits in ((None, 1) if backend == "triton" else (None,)):
+                fn = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=interpret, splits=splits))
+                got = fn(zg, zu, jnp.asarray(sizes), kern)
+                rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                good = bool(np.isfinite(rel) and rel <= tol)
+                ok &= good
+                print(f"correctness {jnp.dtype(dtype).name} rows={rows} splits={splits}: max rel err {rel:.2e} "
+                      f"(tol {tol:.0e}) {'ok' if good else 'FAILED'}", flush=True)
+    return ok
 
 
 def end_to_end(new_tokens: int, prompt_len: int, smoke: bool) -> tuple[float, float]:
@@ -281,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpw", default=None, help="comma-separated budgets (default 2.0,2.5,3.0)")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,2,4,8,<prefill>)")
     ap.add_argument("--tm", type=int, default=None, help="force the kernels' row tile (e.g. 1 or 2: GEMV form on GPU)")
+    ap.add_argument("--splits", type=int, default=None, help="force the Triton reduction split (1: fused, no atomics)")
     ap.add_argument("--tile-rows", type=int, default=None, help="gate/up components per tile (layout)")
     ap.add_argument("--tile-lanes", type=int, default=None, help="down components per tile (layout)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode measurement")
@@ -315,19 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, kernels: {backend}"
           f"{' (interpret)' if interpret else ''}", flush=True)
+    correct = correctness_check(backend, interpret)
     copy_bw = copy_bandwidth((16 << 20) if smoke else (2 << 30), iters)
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
     rows: list[dict] = []
     overhead: list[tuple] = []
     print(HEADER, flush=True)
     for shape in shapes:
-        bench_shape(shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=args.tm)
+        bench_shape(shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=args.tm,
+                    splits=args.splits)
     print_overhead(overhead)
     if not args.no_e2e:
         bf16_rate, q_rate = end_to_end(new_tokens=4 if smoke else 64, prompt_len=8 if smoke else 32, smoke=smoke)
         print(f"\nend-to-end greedy decode, reference model (3 layers, D=F=256, 16 experts), batch 1: "
               f"bf16 {bf16_rate:.1f} tok/s, quantized ~2.5 bpw (Pallas) {q_rate:.1f} tok/s ({q_rate / bf16_rate:.2f}x)")
     print(f"\ndevice: {device.device_kind}; copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    if not correct:
+        print("KERNEL CORRECTNESS CHECK FAILED (see the lines at the top): timings above are not valid", file=sys.stderr)
+        return 1
     return 0
 
 
