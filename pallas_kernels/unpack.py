@@ -22,7 +22,9 @@ def plane_bits(words: jax.Array, t0: int, count: int, dtype) -> jax.Array:
     r, lanes = words.shape
     shifts = t0 + jax.lax.broadcasted_iota(jnp.int32, (count, 1, 1), 0)
     bits = jax.lax.shift_right_logical(jnp.broadcast_to(words[None], (count, r, lanes)), shifts) & 1
-    return bits.astype(dtype).reshape(count * r, lanes)
+    # Reshape while 32-bit (TPU tiles 32-bit values (8, 128): merging leading axes is free; bf16 tiles
+    # are (16, 128)), and convert through float32 (Mosaic converts int32 to f32 on every TPU generation).
+    return bits.reshape(count * r, lanes).astype(jnp.float32).astype(dtype)
 
 
 def signed_plane_product(a: jax.Array, words: jax.Array, t0: int, count: int, use_dot: bool) -> jax.Array:
