@@ -57,11 +57,12 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from bitsmoe_jax.quant import quantizers as qz
-from bitsmoe_jax.quant.packing import WORD_BITS, PackedMatrix, unpack_bitplanes
+from bitsmoe_jax.quant.packing import WORD_BITS, PackedMatrix, unpack_bitplanes_jnp
 
 ORIENTATIONS = ("rows", "lanes")
 
@@ -216,7 +217,8 @@ def decode_packed(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         if b == 16:
             values16[idx] = np.asarray(pm.payload[i]).astype(np.float32)
         elif b > 0:
-            codes[idx] = unpack_bitplanes(np.asarray(pm.payload[i]), b, n).astype(np.int8)
+            # jnp (XLA, on the default device): several times faster than the numpy unpacker at model sizes
+            codes[idx] = np.asarray(unpack_bitplanes_jnp(jnp.asarray(pm.payload[i]), b, n)).astype(np.int8)
             scales[idx] = np.asarray(pm.scales[i]).astype(np.float32)
     return codes, bits, scales, values16
 
