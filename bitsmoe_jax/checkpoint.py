@@ -59,6 +59,20 @@ def _checkpointer():
     return ocp.PyTreeCheckpointer()
 
 
+def _writer():
+    """Orbax without OCDBT for writing: one zarr directory per array, named by its key.
+
+    OCDBT names its data files at random, so two runs writing the same arrays would differ byte for
+    byte; per-array zarr files are a function of the arrays alone (what makes a resumed quantization
+    run's output byte-identical to an uninterrupted one). Only orbax's own bookkeeping files
+    `_CHECKPOINT_METADATA` (timestamps) and `commit_success.txt` (the path written to) still differ.
+    `_checkpointer()` restores both layouts.
+    """
+    import orbax.checkpoint as ocp
+
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+
+
 def _split_empty(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Any]]:
     """Orbax refuses zero-size arrays: take them out (recording shape/dtype) so they can be restored."""
     if isinstance(tree, dict):
@@ -78,7 +92,9 @@ def save_tree(path: str | Path, tree: dict[str, Any]) -> None:
     """Save a nested dict of arrays (numpy or jax; keys made strings) as one orbax item."""
     p = Path(path).absolute()
     kept, empty = _split_empty(_stringify(tree))
-    _checkpointer().save(p, kept, force=True)
+    import orbax.checkpoint as ocp
+
+    _writer().save(p, args=ocp.args.PyTreeSave(kept), force=True)
     if empty:
         (p / EMPTY_ARRAYS_FILE).write_text(json.dumps(empty))
 

@@ -81,15 +81,17 @@ class QuantizedExperts(nnx.Module):
         self.implementation = implementation
         self.kernel_backend: str | None = None
         self.kernels: KernelLayout | None = nnx.data(None)  # a data slot: `set_implementation` fills it
-        self.basis = nnx.Dict({p: nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in bases[p].items()}) for p in PROJECTIONS})
+        # jax.device_put, not jnp.asarray: in JAX 0.10 the latter compiles an executable per array shape, and
+        # packed shapes differ in every layer, so a quantization run's jit caches would grow layer by layer.
+        self.basis = nnx.Dict({p: nnx.Dict({k: Packed(jax.device_put(v)) for k, v in bases[p].items()}) for p in PROJECTIONS})
         self.meta = tuple(FactorMeta.of(packed[p]) for p in PROJECTIONS)
         self.factors = nnx.Dict(
             {
                 p: nnx.Dict(
                     {
-                        "perm": Packed(jnp.asarray(packed[p].perm)),
-                        "payload": nnx.List([Packed(jnp.asarray(a)) for a in packed[p].payload]),
-                        "scales": nnx.List([Packed(jnp.asarray(a)) for a in packed[p].scales]),
+                        "perm": Packed(jax.device_put(packed[p].perm)),
+                        "payload": nnx.List([Packed(jax.device_put(a)) for a in packed[p].payload]),
+                        "scales": nnx.List([Packed(jax.device_put(a)) for a in packed[p].scales]),
                     }
                 )
                 for p in PROJECTIONS

@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+TIMINGS_FILE = "timings.json"
+TIMING_KEYS = ("time_s", "allocation_time_s")
+
 
 def _fmt(v: Any, nd: int = 4) -> str:
     if isinstance(v, float):
@@ -34,8 +37,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     ):
         if k in r:
             lines.append(f"| {label} | {_fmt(r[k])} |")
-    lines += ["", "## Time (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in r["time_s"].items()]
+    lines += ["", f"Stage timings (seconds) are in `{TIMINGS_FILE}`, apart from this report so that reruns compare equal.", ""]
     lines += ["", "## Layers", "", "| layer | bpw | kept components (g/u/d) | bits histogram | starved experts | solver gap |", "|---|---|---|---|---|---|"]
     for i, s in r["layers"].items():
         kept = "/".join(str(s["kept_components"][p]) for p in ("gate", "up", "down"))
@@ -46,8 +48,16 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    (out_dir / "report.md").write_text(render_markdown(report))
+    """report.json / report.md (deterministic) and timings.json (the run's `TIMING_KEYS`).
+
+    Timings vary from run to run; keeping them out of report.json makes two runs of the same command
+    (a resumed one included) produce byte-identical reports.
+    """
+    default = lambda o: o.item() if hasattr(o, "item") else str(o)  # noqa: E731
+    stable = {k: v for k, v in report.items() if k not in TIMING_KEYS}
+    (out_dir / "report.json").write_text(json.dumps(stable, indent=1, default=default))
+    (out_dir / "report.md").write_text(render_markdown(stable))
+    (out_dir / TIMINGS_FILE).write_text(json.dumps({k: report[k] for k in TIMING_KEYS if k in report}, indent=1, default=default))
 
 
 def write_pareto(output_dir: str | Path, reports: list[dict[str, Any]]) -> Path:

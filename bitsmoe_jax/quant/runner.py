@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitsmoe_jax import distributed
 from bitsmoe_jax.checkpoint import atomic_directory
 from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import build_layer, iter_model_parts, load_model, model_config
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import MoEBlock
-from bitsmoe_jax.quant import checkpoint_io
+from bitsmoe_jax.quant import checkpoint_io, faults, fingerprint
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
 from bitsmoe_jax.quant.pipeline import (
     LayerProblem,
@@ -28,8 +29,10 @@ from bitsmoe_jax.quant.pipeline import (
     pack_layer,
     stage_timer,
 )
-from bitsmoe_jax.quant.qmoe import QuantizedExperts
+from bitsmoe_jax.quant.packing import dequantize_packed
+from bitsmoe_jax.quant.progress import LayerProgress
 from bitsmoe_jax.quant.report import write_report
+from bitsmoe_jax.quant.workdir import WorkDir, allocation_records, default_work_dir
 from conversion.convert import TOKENIZER_FILES
 
 
@@ -66,92 +69,154 @@ def _budget_dirs(cfg: Any) -> list[tuple[float, Path]]:
     return [(float(b), out / f"bpw_{float(b):.2f}") for b in budgets]
 
 
-def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
-    """Quantize `cfg.model_path` at every budget of `cfg.budget_bits`; returns the reports."""
-    from tqdm.auto import tqdm
+STAGES = ("tokenize", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "commit", "write", "evaluate")
 
-    t_start = time.time()
+
+def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
+    """Quantize `cfg.model_path` at every budget of `cfg.budget_bits`; returns the reports.
+
+    Resumable and memory-bounded (see `workdir.py`): each finished layer is committed to the work
+    directory with everything needed to continue, and only one layer (plus the calibration
+    activations) is ever held in memory — the outputs are written by streaming the committed layers
+    back. A rerun of the same command after a kill resumes at the first unfinished layer; its output
+    is byte-identical to an uninterrupted run's (orbax's `_CHECKPOINT_METADATA` timestamps and
+    `commit_success.txt` aside; stage timings go to `timings.json`).
+    """
     config = model_config(cfg.model_path)
     if not config.moe_layers:
         raise ValueError(f"{cfg.model_path}: the model has no MoE layers to quantize")
     budgets = _budget_dirs(cfg)
-    for _, d in budgets:
-        if d.exists() and not cfg.overwrite:
-            raise FileExistsError(f"{d}: output exists (set --config.overwrite=True to replace it)")
-    timings = stage_timer()
-    t = time.time()
-    calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
-    timings["tokenize"] += time.time() - t
+    work = WorkDir(default_work_dir(cfg), writer=distributed.is_writer())
+    resuming = bool(cfg.resume) and work.root.exists()
+    if not resuming:
+        for _, d in budgets:
+            if d.exists() and not cfg.overwrite:
+                raise FileExistsError(f"{d}: output exists (set --config.overwrite=True to replace it)")
+    if distributed.is_writer():
+        resuming = work.open(fingerprint.compute(cfg, config), cfg.resume, fingerprint.describe_changes)
+    distributed.barrier("work_dir_opened")
+    try:
+        _quantize_layers(cfg, config, budgets, work, progress)
+        reports = _write_outputs(cfg, config, budgets, work, overwrite=bool(cfg.overwrite or resuming))
+    except BaseException:
+        if work.created_now and not work.committed_layers():
+            work.remove()  # nothing worth resuming: leave no trace of a run that failed at its start
+        raise
+    distributed.barrier("outputs_written")
+    work.remove()
+    return reports
 
+
+def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, progress: bool) -> None:
+    """Quantize and commit every layer from the first uncommitted one on (a no-op when all are done)."""
+    total = config.num_hidden_layers
+    start = work.next_layer()
+    if start >= total:
+        return
     keep_problems = len(budgets) > 1 or cfg.budget_scope == "model"
-    problems: list[LayerProblem] = []
-    dense_layers: dict[int, dict] = {}
-    packed: dict[float, dict[int, tuple[QuantizedExperts, dict]]] = {b: {} for b, _ in budgets}
     first_budget = budgets[0][0]
-    top = None
-    x = None
-    parts = iter_model_parts(cfg.model_path)
-    bar = tqdm(total=config.num_hidden_layers, desc="quantize", unit="layer", disable=not progress)
-    for name, part in parts:
+    bar = LayerProgress(total, start, enabled=progress)
+    x = jnp.asarray(work.load_x(start - 1)) if start > 0 else None
+    for name, part in iter_model_parts(cfg.model_path):
         if name == "top":
-            top = part
-            x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
+            if start == 0:
+                t = time.time()
+                calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
+                x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
+                if not work.has_top():
+                    work.commit_top(_to_dtype(part, cfg.dense_dtype), {"tokenize_s": time.time() - t})
             continue
         i = int(name)
-        t = time.time()
+        if i < start:
+            continue  # committed by an earlier run (streamed past: the checkpoint is read in order)
+        t0 = time.time()
+        stages = stage_timer()
         layer = build_layer(config, i, part)
         resid, moe_in = attention_part(layer, x, config)
-        timings["forward"] += time.time() - t
-        dense_layers[i] = _to_dtype(_strip_experts(part), cfg.dense_dtype)
-        if not layer.is_moe:
-            x = resid + layer.mlp(moe_in)
-            bar.update(1)
-            continue
-        block: MoEBlock = layer.mlp
-        flat = moe_in.reshape(-1, config.hidden_size)
-        problem = build_problem(i, block, flat, cfg, config, timings)
-        if cfg.budget_scope == "layer":
+        stages["forward"] += time.time() - t0
+        dense = _to_dtype(_strip_experts(part), cfg.dense_dtype)
+        del part
+        packed = problem = None
+        if layer.is_moe:
+            block: MoEBlock = layer.mlp
+            problem = build_problem(i, block, moe_in.reshape(-1, config.hidden_size), cfg, config, stages)
+            if cfg.budget_scope == "layer":
+                t = time.time()
+                bits, allocs = allocate_layers([problem], first_budget, "layer", _alloc_kw(cfg))[i]
+                stages["allocation"] += time.time() - t
+                t = time.time()
+                qe = pack_layer(problem, bits)
+                stages["pack"] += time.time() - t
+                packed = (qe, bits, allocs, _problem_summary(problem))
+                if cfg.sequential:
+                    block.experts = qe
+            # model scope: layers are only known together; later layers calibrate on the original outputs
             t = time.time()
-            bits, allocs = allocate_layers([problem], first_budget, "layer", _alloc_kw(cfg))[i]
-            timings["allocation"] += time.time() - t
-            t = time.time()
-            qe = pack_layer(problem, bits)
-            timings["pack"] += time.time() - t
-            packed[first_budget][i] = (qe, {"bits": bits, "allocations": allocs, "problem": _problem_summary(problem)})
-            propagate = qe if cfg.sequential else None
+            x = resid + block(moe_in)
         else:
-            propagate = None  # model scope: layers are only known together; calibrate on the original outputs
-        if keep_problems:
-            problems.append(problem)
-        if propagate is not None:
-            block.experts = propagate
+            t = time.time()
+            x = resid + layer.mlp(moe_in)
+        stages["forward"] += time.time() - t
+        faults.point("layer_computed")
         t = time.time()
-        x = resid + block(moe_in)
-        timings["forward"] += time.time() - t
-        bar.set_postfix({k: f"{v:.1f}s" for k, v in timings.items()})
-        bar.update(1)
+        info = {"index": i, "wall_s": t - t0, "stage_s": dict(stages)}
+        work.commit_layer(i, dense, np.asarray(x), info, packed, problem if keep_problems else None)
+        distributed.barrier(f"layer_{i}_committed")
+        stages["commit"] += time.time() - t
+        bar.layer_done(i, time.time() - t0, dict(stages))
+        layer = block = problem = packed = dense = resid = moe_in = None  # before the next layer is read
+        _release_layer_executables()
     bar.close()
 
-    # Other budgets / model scope: re-solve only the allocation.
-    for b, _ in budgets:
-        if cfg.budget_scope == "layer" and b == first_budget:
-            continue
-        t = time.time()
-        sol = allocate_layers(problems, b, cfg.budget_scope, _alloc_kw(cfg))
-        timings["allocation"] += time.time() - t
-        t = time.time()
-        for p in problems:
-            bits, allocs = sol[p.index]
-            packed[b][p.index] = (pack_layer(p, bits), {"bits": bits, "allocations": allocs, "problem": _problem_summary(p)})
-        timings["pack"] += time.time() - t
 
-    calib_time = time.time() - t_start
+def _release_layer_executables() -> None:
+    """Drop the compiled dequantization of the layer just finished: its packed segment shapes are the
+    layer's own (they depend on the allocation), so no later layer reuses it, and jit caches never
+    shrink — without this, memory grows by a few MB per layer (measured: ~30 MB per layer of a small
+    model, together with the per-shape `jnp.asarray` executables `QuantizedExperts` now avoids)."""
+    dequantize_packed.clear_cache()
+
+
+def _recorded_timings(work: WorkDir, config: ModelConfig) -> dict[str, float]:
+    """Stage seconds summed over every committed layer, whichever run (resumed or not) did them."""
+    timings = dict.fromkeys(STAGES, 0.0)
+    timings["tokenize"] = float(work.top_info()["tokenize_s"])
+    total = timings["tokenize"]
+    for i in range(config.num_hidden_layers):
+        info = work.layer_info(i)
+        for k, v in info["stage_s"].items():
+            timings[k] = timings.get(k, 0.0) + float(v)
+        total += float(info["wall_s"])
+    timings["quantize_total"] = total
+    return timings
+
+
+def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, overwrite: bool) -> list[dict[str, Any]]:
+    """Write every budget's output from the work directory (process 0); skip outputs already written."""
+    if not distributed.is_writer():
+        return []
     reports = []
     shared: dict = {}  # evaluation tokens and reference model, read once for all budgets
+    recorded = _recorded_timings(work, config)
     for b, out_dir in budgets:
-        reports.append(
-            _write_output(cfg, config, b, out_dir, top, dense_layers, packed[b], dict(timings), calib_time, shared)
-        )
+        done = work.output_report(b)
+        if done is not None:
+            reports.append(done)
+            continue
+        for stale in [*out_dir.parent.glob(f".{out_dir.name}.tmp-*"), *out_dir.parent.glob(f".{out_dir.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # `atomic_directory` leftovers of a killed run
+        timings = dict(recorded)
+        model_solution = None
+        if cfg.budget_scope == "model":
+            # one allocation over all layers: their loss tables only (the units stay on disk, memory-mapped)
+            t = time.time()
+            model_solution = allocate_layers([work.load_problem(i) for i in config.moe_layers], b, "model", _alloc_kw(cfg))
+            timings["allocation"] += time.time() - t
+        from_packed = cfg.budget_scope == "layer" and b == budgets[0][0]
+        report = _write_output(cfg, config, b, out_dir, work, from_packed, model_solution, timings, overwrite, shared)
+        faults.point("output_renamed")
+        work.mark_output_done(b, report)
+        reports.append(report)
     return reports
 
 
@@ -161,68 +226,88 @@ def _alloc_kw(cfg: Any) -> dict[str, Any]:
 
 def _problem_summary(p: LayerProblem) -> dict[str, Any]:
     return {
-        "starved_experts": list(p.stats.starved),
-        "tokens_per_expert": p.stats.tokens.tolist(),
-        "super_experts": list(p.super_experts),
+        "starved_experts": [int(e) for e in p.stats.starved],
+        "tokens_per_expert": np.asarray(p.stats.tokens).tolist(),
+        "super_experts": [int(e) for e in p.super_experts],
         "rank": {q: p.rank(q) for q in PROJECTIONS},
         "full_rank_units": {q: p.num_experts * p.rank(q) for q in PROJECTIONS},
         "num_weights": p.num_weights,
     }
 
 
-def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, top, dense_layers, layer_results, timings, calib_time, shared: dict) -> dict:
+def _layer_result(cfg: Any, work: WorkDir, i: int, budget: float, from_packed: bool, model_solution, timings: dict):
+    """(experts, bits, allocation records, problem summary) of MoE layer `i` at `budget`, from the work dir."""
+    if from_packed:
+        return work.load_packed(i)
+    problem = work.load_problem(i)
     t = time.time()
-    expert_bits = 0
-    expert_weights = 0
+    bits, allocs = (model_solution or allocate_layers([problem], budget, "layer", _alloc_kw(cfg)))[i]
+    timings["allocation"] += time.time() - t
+    t = time.time()
+    qe = pack_layer(problem, bits)
+    timings["pack"] += time.time() - t
+    return qe, bits, allocation_records(allocs), _problem_summary(problem)
+
+
+def _num_params(tree: Any) -> int:
+    return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
+
+
+def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, work: WorkDir, from_packed: bool,
+                  model_solution, timings: dict, overwrite: bool, shared: dict) -> dict:
+    """One budget's checkpoint, streamed a layer at a time from the work directory, then its report."""
+    t_write = time.time()
+    expert_bits = expert_weights = dense_params = 0
     layers_meta: dict[int, Any] = {}
-    layer_summary = {}
-    with atomic_directory(out_dir, overwrite=cfg.overwrite) as tmp:
-        checkpoint_io.save_top(tmp, _to_dtype(top, cfg.dense_dtype))
+    layer_summary: dict[str, Any] = {}
+    allocation_time: dict[str, list[float]] = {}
+    moe = set(config.moe_layers)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        top = work.load_top()
+        dense_params += _num_params(top)
+        checkpoint_io.save_top(tmp, top)
+        del top
         for i in range(config.num_hidden_layers):
-            qe, info = layer_results.get(i, (None, None))
-            meta = checkpoint_io.save_layer(tmp, i, dense_layers[i], qe, info["bits"] if info else None)
-            if qe is not None:
-                layers_meta[i] = meta
-                sb = qe.stored_bits()
-                expert_bits += sb
-                expert_weights += info["problem"]["num_weights"]
-                allocs = info["allocations"]
-                layer_summary[str(i)] = {
-                    **info["problem"],
-                    "stored_bits": sb,
-                    "bpw": sb / info["problem"]["num_weights"],
-                    "bits_histogram": bits_histogram(info["bits"], cfg.candidate_bits),
-                    "kept_components": {q: sum(m.seg_sizes) // qe.num_experts for q, m in zip(PROJECTIONS, qe.meta)},
-                    "allocation": [
-                        {"solver": a.solver, "objective": a.objective, "lower_bound": a.lower_bound, "gap": a.gap, "time_s": a.time_s}
-                        for a in allocs
-                    ],
-                }
+            dense = work.load_dense(i)
+            dense_params += _num_params(dense)
+            if i not in moe:
+                checkpoint_io.save_layer(tmp, i, dense, None, None)
+                continue
+            qe, bits, allocs, problem = _layer_result(cfg, work, i, budget, from_packed, model_solution, timings)
+            layers_meta[i] = checkpoint_io.save_layer(tmp, i, dense, qe, bits)
+            _release_layer_executables()
+            faults.point("output_write")
+            sb = qe.stored_bits()
+            expert_bits += sb
+            expert_weights += problem["num_weights"]
+            allocation_time[str(i)] = [a["time_s"] for a in allocs]
+            layer_summary[str(i)] = {
+                **problem,
+                "stored_bits": sb,
+                "bpw": sb / problem["num_weights"],
+                "bits_histogram": bits_histogram(bits, cfg.candidate_bits),
+                "kept_components": {q: sum(m.seg_sizes) // qe.num_experts for q, m in zip(PROJECTIONS, qe.meta)},
+                # solver times are run timings: they go to timings.json, not into the compared report
+                "allocation": [{k: v for k, v in a.items() if k != "time_s"} for a in allocs],
+            }
         src = Path(cfg.model_path)
         for f in TOKENIZER_FILES:
             if (src / f).is_file():
                 shutil.copy(src / f, tmp / f)
-        total_params, dense_bits = _dense_accounting(top, dense_layers, cfg.dense_dtype)
+        dense_bits = dense_params * (16 if cfg.dense_dtype in ("bfloat16", "float16") else 32)
         summary = {
             "budget_bits": budget,
             "effective_bpw_experts": expert_bits / max(expert_weights, 1),
-            "effective_bpw_model": (expert_bits + dense_bits) / (total_params + expert_weights),
+            "effective_bpw_model": (expert_bits + dense_bits) / (dense_params + expert_weights),
             "expert_stored_bits": expert_bits,
             "expert_weights": expert_weights,
         }
         checkpoint_io.write_meta(tmp, config, cfg.to_dict(), layers_meta, summary)
-        timings = dict(timings)
-        timings["write"] = time.time() - t
-        report = _evaluate_into_report(cfg, tmp, budget, summary, layer_summary, timings, calib_time, shared)
+        timings["write"] = time.time() - t_write
+        report = _evaluate_into_report(cfg, tmp, budget, summary, layer_summary, timings, shared)
+        report["allocation_time_s"] = allocation_time
         write_report(tmp, report)
     return report
-
-
-def _dense_accounting(top: dict, dense_layers: dict, dtype: str) -> tuple[int, int]:
-    leaves = jax.tree.leaves(top) + jax.tree.leaves(dense_layers)
-    n = int(sum(np.size(a) for a in leaves))
-    bits = 16 if dtype in ("bfloat16", "float16") else 32
-    return n, n * bits
 
 
 def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
@@ -248,7 +333,7 @@ def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
     }
 
 
-def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timings, calib_time, shared: dict) -> dict:
+def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timings, shared: dict) -> dict:
     report: dict[str, Any] = {
         "method": cfg.method,
         "model": str(cfg.model_path),
@@ -265,7 +350,6 @@ def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timin
         t = time.time()
         report.update(_eval_metrics(cfg, checkpoint_io.load_quantized(qdir)[0], shared))
         timings["evaluate"] = time.time() - t
-    timings["quantize_total"] = calib_time
     report["time_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["time_s"]["total"] = round(sum(v for k, v in timings.items() if k in ("quantize_total", "write", "evaluate")), 3)
     return report

@@ -1,0 +1,299 @@
+"""The resumable work directory of a quantization run: one atomic commit per finished layer.
+
+Layout (default `<output_dir>.partial`, config `work_dir`; removed after a successful run):
+
+    fingerprint.json        what the run depends on (`fingerprint.py`); a mismatch refuses to resume
+    top/                    top-level params at `dense_dtype`                   (committed first)
+    layer_003/              one per finished decoder layer, committed in order:
+        dense.{bin,json}    the layer's non-expert params at `dense_dtype`
+        x.{bin,json}        calibration activations after the layer (only the newest layer keeps it)
+        packed.{bin,json}   MoE, layer scope: the first budget's packed experts, bits and allocation
+        problem.{bin,json}  MoE, when later budgets or model scope need it: the `LayerProblem`
+        info.json           stage timings (never copied into a compared output file)
+    outputs/bpw_2.50.json   a budget whose output directory is complete (its report)
+
+A commit writes a hidden `.tmp-*` sibling, fsyncs every file and the directory, renames it into
+place and fsyncs the parent: after `kill -9` at any instant a layer directory is either complete or
+absent, and a stale `.tmp-*` is deleted on the next start. Layers are committed in order, so the
+committed layers are always a prefix and the run resumes at the first missing one.
+
+Everything the final output is built from (dense params, packed layers, problems) is read back from
+here by interrupted and uninterrupted runs alike, which is what makes their outputs byte-identical.
+
+Stored problems omit `stats.s_gate` / `stats.s_up` (the [E, F, r] float64 sums already folded into
+`weights`, nothing downstream reads them; they would be the largest item): a loaded problem carries
+them as empty [E, F, 0] arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bitsmoe_jax.quant import arrayfile, faults
+from bitsmoe_jax.quant.allocate import Allocation
+from bitsmoe_jax.quant.calibration import ExpertStats
+from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients
+from bitsmoe_jax.quant.pipeline import LayerProblem
+from bitsmoe_jax.quant.qmoe import QuantizedExperts
+
+FINGERPRINT_FILE = "fingerprint.json"
+TOP = "top"
+
+
+class ResumeError(ValueError):
+    """The work directory cannot be resumed (a fingerprint mismatch, or not a work directory)."""
+
+
+def default_work_dir(cfg: Any) -> Path:
+    """`cfg.work_dir`, or `<output_dir>.partial` beside the output."""
+    if cfg.work_dir:
+        return Path(cfg.work_dir)
+    out = Path(cfg.output_dir).absolute()
+    return out.parent / f"{out.name}.partial"
+
+
+def layer_name(i: int) -> str:
+    return f"layer_{i:03d}"
+
+
+def budget_name(budget: float) -> str:
+    return f"bpw_{float(budget):.2f}"
+
+
+class WorkDir:
+    """A run's work directory. `writer=False` (processes other than 0) never writes, only reads."""
+
+    def __init__(self, root: Path, writer: bool = True):
+        self.root = Path(root).absolute()
+        self.writer = writer
+        self.created_now = False
+
+    # ------------------------------------------------------------------------------ opening
+    def open(self, fingerprint: dict[str, Any], resume: bool, describe_mismatch: Callable[[dict, dict], list[str]]) -> bool:
+        """Create the directory, or check that an existing one belongs to this run; True if resuming."""
+        fp_path = self.root / FINGERPRINT_FILE
+        if self.root.exists() and not resume:
+            if self.writer:
+                shutil.rmtree(self.root)
+        elif self.root.exists():
+            if not fp_path.is_file():
+                raise ResumeError(
+                    f"{self.root} exists but is not a quantization work directory (no {FINGERPRINT_FILE}); "
+                    "delete it or set --config.work_dir to another path"
+                )
+            old = json.loads(fp_path.read_text())
+            changes = describe_mismatch(old, fingerprint)
+            if changes:
+                raise ResumeError(
+                    f"cannot resume from {self.root}: it was started with a different "
+                    + "; ".join(changes)
+                    + f". To start fresh, rerun with --config.resume=False (the work directory is then replaced) "
+                    f"or delete {self.root}."
+                )
+            if self.writer:
+                for stale in self.root.glob(".tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            return True
+        if self.writer:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.root.parent / f".{self.root.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            arrayfile.write_text_durable(tmp / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1, sort_keys=True))
+            arrayfile.fsync_path(tmp)
+            os.rename(tmp, self.root)
+            arrayfile.fsync_path(self.root.parent)
+            self.created_now = True
+        return False
+
+    def remove(self) -> None:
+        if self.writer:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------ commits
+    def _commit(self, name: str, fill: Callable[[Path], None]) -> None:
+        """Write a directory with `fill(tmp)` and make it appear as `name` atomically and durably."""
+        if not self.writer:
+            return
+        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        fill(tmp)
+        arrayfile.fsync_path(tmp)
+        faults.point("commit_before_rename")
+        os.rename(tmp, self.root / name)
+        arrayfile.fsync_path(self.root)
+
+    def committed_layers(self) -> list[int]:
+        return sorted(int(p.name[6:]) for p in self.root.glob("layer_[0-9][0-9][0-9]") if p.is_dir())
+
+    def next_layer(self) -> int:
+        """The first layer not committed (commits happen in order, so they form a prefix)."""
+        done = set(self.committed_layers())
+        i = 0
+        while i in done:
+            i += 1
+        return i
+
+    def has_top(self) -> bool:
+        return (self.root / TOP).is_dir()
+
+    def commit_top(self, top: dict, info: dict[str, Any]) -> None:
+        def fill(d: Path) -> None:
+            arrayfile.save(d, "params", top)
+            arrayfile.write_text_durable(d / "info.json", json.dumps(info, indent=1))
+
+        self._commit(TOP, fill)
+
+    def commit_layer(
+        self,
+        i: int,
+        dense: dict,
+        x: np.ndarray,
+        info: dict[str, Any],
+        packed: tuple[QuantizedExperts, dict[str, np.ndarray], list[Allocation], dict[str, Any]] | None = None,
+        problem: LayerProblem | None = None,
+    ) -> None:
+        """Commit everything layer `i` produced; then drop the previous layer's activations."""
+
+        def fill(d: Path) -> None:
+            arrayfile.save(d, "dense", dense)
+            arrayfile.save(d, "x", {"x": np.asarray(x)})
+            if packed is not None:
+                qe, bits, allocs, summary = packed
+                arrays, meta = qe.to_tree()
+                extra = {"meta": meta, "allocations": [_alloc_json(a) for a in allocs], "summary": summary}
+                arrayfile.save(d, "packed", {"experts_q": arrays, "bits": bits}, extra)
+            if problem is not None:
+                tree, extra = problem_to_tree(problem)
+                arrayfile.save(d, "problem", tree, extra)
+            arrayfile.write_text_durable(d / "info.json", json.dumps(info, indent=1))
+
+        self._commit(layer_name(i), fill)
+        faults.point("layer_committed")
+        if self.writer and i > 0:
+            prev = self.root / layer_name(i - 1)
+            for f in ("x.bin", "x.json"):
+                (prev / f).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------ reads
+    def load_top(self) -> dict:
+        return arrayfile.load(self.root / TOP, "params")[0]
+
+    def top_info(self) -> dict[str, Any]:
+        return json.loads((self.root / TOP / "info.json").read_text())
+
+    def load_dense(self, i: int) -> dict:
+        return arrayfile.load(self.root / layer_name(i), "dense")[0]
+
+    def load_x(self, i: int) -> np.ndarray:
+        return np.array(arrayfile.load(self.root / layer_name(i), "x")[0]["x"])
+
+    def layer_info(self, i: int) -> dict[str, Any]:
+        return json.loads((self.root / layer_name(i) / "info.json").read_text())
+
+    def has_packed(self, i: int) -> bool:
+        return (self.root / layer_name(i) / "packed.json").is_file()
+
+    def load_packed(self, i: int) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
+        """(experts, bits per unit, allocation records, problem summary) of the first budget."""
+        tree, extra = arrayfile.load(self.root / layer_name(i), "packed")
+        return QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]), tree["bits"], extra["allocations"], extra["summary"]
+
+    def has_problem(self, i: int) -> bool:
+        return (self.root / layer_name(i) / "problem.json").is_file()
+
+    def load_problem(self, i: int) -> LayerProblem:
+        """The stored problem, its large arrays memory-mapped (read only when used)."""
+        tree, extra = arrayfile.load(self.root / layer_name(i), "problem", mmap=True)
+        return problem_from_tree(tree, extra)
+
+    # ------------------------------------------------------------------------------ outputs
+    def output_report(self, budget: float) -> dict[str, Any] | None:
+        p = self.root / "outputs" / f"{budget_name(budget)}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def mark_output_done(self, budget: float, report: dict[str, Any]) -> None:
+        if not self.writer:
+            return
+        d = self.root / "outputs"
+        d.mkdir(exist_ok=True)
+        tmp = d / f".tmp-{uuid.uuid4().hex[:8]}.json"
+        arrayfile.write_text_durable(tmp, json.dumps(report, indent=1, default=_json_default))
+        os.rename(tmp, d / f"{budget_name(budget)}.json")
+        arrayfile.fsync_path(d)
+
+
+def _json_default(o: Any) -> Any:
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def _alloc_json(a: Allocation | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(a, dict):
+        return a
+    return {"solver": a.solver, "objective": float(a.objective), "lower_bound": float(a.lower_bound),
+            "gap": float(a.gap), "time_s": float(a.time_s)}
+
+
+def allocation_records(allocs: list[Allocation | dict[str, Any]]) -> list[dict[str, Any]]:
+    """Allocation results as JSON records (solver, objective, lower bound, gap, time)."""
+    return [_alloc_json(a) for a in allocs]
+
+
+# ------------------------------------------------------------------------------ problems
+_PROBLEM_SCALARS = ("index", "num_experts", "hidden", "inter", "basis_bits", "super_experts", "super_bits", "group_size")
+
+
+def problem_to_tree(p: LayerProblem) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arrays, JSON) of a LayerProblem; the inverse of `problem_from_tree`."""
+    tree = {
+        "units": p.units,
+        "weights": p.weights,
+        "loss": p.coeffs.loss,
+        "cost": p.coeffs.cost,
+        "bases": {q: p.bases[q] for q in PROJECTIONS if p.bases[q]},
+        "stats": {"c_down": p.stats.c_down, "mass": p.stats.mass, "tokens": p.stats.tokens},
+    }
+    if p.coeffs.kappa is not None:
+        tree["kappa"] = p.coeffs.kappa
+    calib = getattr(p, "calib", None)
+    if calib is not None:  # rounding="gptq": later budgets pack with the same error feedback
+        tree["calib"] = {"x": calib.x, "expert_idx": calib.expert_idx, "expert_w": calib.expert_w}
+    extra = {
+        **{k: getattr(p, k) for k in _PROBLEM_SCALARS},
+        "candidates": list(p.coeffs.candidates),
+        "mode": p.coeffs.mode,
+        "starved": list(p.stats.starved),
+        "min_tokens": int(calib.min_tokens) if calib is not None else 0,
+        "stats_fields": [f.name for f in dataclasses.fields(ExpertStats)],
+    }
+    extra["super_experts"] = [int(e) for e in extra["super_experts"]]
+    return tree, extra
+
+
+def problem_from_tree(tree: dict[str, Any], extra: dict[str, Any]) -> LayerProblem:
+    e, f = tree["stats"]["c_down"].shape
+    stats = ExpertStats(
+        s_gate=np.zeros((e, f, 0)), s_up=np.zeros((e, f, 0)), c_down=tree["stats"]["c_down"],
+        mass=tree["stats"]["mass"], tokens=tree["stats"]["tokens"], starved=[int(s) for s in extra["starved"]],
+    )
+    coeffs = Coefficients(
+        loss=dict(tree["loss"]), cost=tree["cost"], candidates=tuple(int(c) for c in extra["candidates"]),
+        mode=extra["mode"], kappa=dict(tree["kappa"]) if "kappa" in tree else None,
+    )
+    bases = {q: dict(tree.get("bases", {}).get(q, {})) for q in PROJECTIONS}
+    optional: dict[str, Any] = {}
+    if "calib" in tree:
+        from bitsmoe_jax.quant.error_feedback import CalibrationInputs
+
+        optional["calib"] = CalibrationInputs(**tree["calib"], min_tokens=int(extra["min_tokens"]))
+    return LayerProblem(
+        units=dict(tree["units"]), weights=dict(tree["weights"]), coeffs=coeffs, bases=bases, stats=stats,
+        **optional, **{k: extra[k] for k in _PROBLEM_SCALARS},
+    )
