@@ -1,36 +1,38 @@
-"""GPTQ-style error feedback for the spectral factors of gate and up ("rounding = gptq").
+"""GPTQ-style error feedback for the spectral factors ("rounding = gptq").
 
 BitsMoE's allocation decides how many bits each unit (one spectral component of one expert) gets;
-rounding each unit to its grid independently ("nearest") leaves the errors of different components
-uncorrelated, while the expert's pre-activations ``g = z · A[e]`` (``z = x Ṽ``, ``A[e]`` the
-``[r, F]`` factor, one row per component) see their *sum*. GPTQ's observation applies unchanged in
-the spectral domain: with the Hessian of the routed inputs in component coordinates,
+rounding every unit to its grid on its own ("nearest") leaves the errors of different components
+uncorrelated, while the expert's outputs see their *sum*. GPTQ's observation carries over to the
+spectral domain, with Hessians of the tokens routed to the expert (weighted by the routing weight
+squared, as the token-sum loss weighs them):
 
-    H[e] = Σ_{t→e} w_t² z_t z_tᵀ  (r × r; w_t the routing weight, as in the token-sum loss),
+* gate / up, ``g = z · A[e]`` with ``z = x Ṽ`` and the factor ``A[e]`` ``[r, F]``: the units are the
+  *rows* of A — the contraction dimension. With ``H = Σ_{t→e} w_t² z_t z_tᵀ`` (r × r), row k is
+  rounded and its error pushed onto the rows not yet rounded through the upper Cholesky factor U of
+  H⁻¹ (``err = (a_k − q(a_k)) / U[k,k]``, ``a_j −= U[k,j] · err``). Rows go in ascending bit-width:
+  dropped (0-bit) components first, so their content folds into the kept ones, and the most precise
+  rows last. Each row's group scales are searched on the row as it stands when its turn comes, so
+  packing the compensated rows reproduces the feedback's rounding exactly.
+* down, ``acc = h · Bd[e]ᵀ`` with ``Bd[e]`` ``[r, F]``: the units are rows along the contraction F,
+  so the feedback runs over the *columns* f with ``H = Σ_{t→e} w_t² h_t h_tᵀ`` (F × F), ``h_t`` the
+  expert's unquantized hidden activation. This is GPTQ with groups: a group's scales (one per row,
+  searched with the loss weights) are fixed when its first column is reached, its later columns
+  are then rounded on them after the earlier columns' errors have reached them; the scales are
+  returned and packing uses them as they are (`packing.pack_segments(..., scales=...)`).
 
-quantizing row k and pushing its error onto the rows not yet quantized through the upper Cholesky
-factor U of H⁻¹ (``err_k = (a_k − q(a_k)) / U[k,k]``, ``a_j −= U[k,j] · err_k`` for later j)
-minimises ``Σ_t w_t² ‖z_t (A − Â)‖²`` greedily, row by row. Rows are taken in ascending bit-width,
-so dropped (0-bit) components go first and their content is folded into the components that are
-kept, and the most precise rows come last and absorb the accumulated error.
+Dead directions (``H_kk = 0``) get ``H_kk = 1`` and ``damp · mean(diag H)`` is added to the diagonal,
+as in GPTQ. An expert routed fewer than ``min_tokens`` tokens uses every token of the layer, scaled to
+the mean routed mass of the others (the starved-expert fallback of the statistics).
 
-What this changes and what it does not:
-* the bits, the grid, the group scales' criterion and the stored format are those of "nearest": the
-  compensated rows are then packed exactly as before (`packing.pack_segments` with the same per-element
-  weights), so effective bits are unchanged;
-* the allocation still uses loss coefficients of independent rounding (an upper bound on what error
-  feedback then achieves);
-* only gate and up: their rows are the contraction dimension of a product with a shared per-expert
-  input, which is what GPTQ needs. Down's units run along the contraction (F), so its feedback would
-  be GPTQ over F with groups — left to the nearest rounding here.
-
-Dead components (``H_kk = 0``) get ``H_kk = 1``; ``damp · mean(diag H)`` is added to the diagonal, as
-in GPTQ. Experts routed fewer than ``min_tokens`` tokens use every token of the layer (the same
-starved-expert fallback as the statistics), so their Hessian is not dominated by damping.
+What does not change: the bits (the allocation still uses the loss coefficients of independent
+rounding — an upper bound of what the feedback achieves), the grid, the stored format and so the
+effective bits. Memory: Hessians are built one expert at a time from the layer's calibration inputs
+(``CalibrationInputs``), never all experts' at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,122 +44,228 @@ from bitsmoe_jax.quant import quantizers as qz
 HI = jax.lax.Precision.HIGHEST
 
 
-def expert_input_hessians(
-    x: jax.Array, expert_idx: jax.Array, expert_w: jax.Array, num_experts: int, min_tokens: int = 16
-) -> np.ndarray:
-    """``[E, D, D]`` float32: ``Σ_{t→e} w_t² x_t x_tᵀ`` over the tokens routed to each expert.
+@dataclasses.dataclass
+class CalibrationInputs:
+    """What the feedback needs of a layer's calibration: MoE inputs and the router's choices."""
 
-    x: MoE-block input ``[N, D]``; expert_idx / expert_w: ``[N, k]`` as the model routes. An expert
-    with fewer than ``min_tokens`` routed tokens gets ``Σ_t x_t x_tᵀ`` over all tokens, scaled to the
-    mean routed mass of the others (its direction information, at a typical weight).
-    """
-    x = jnp.asarray(x, jnp.float32)
-    idx = np.asarray(expert_idx)
-    w = np.asarray(expert_w, np.float32)
-    if idx.shape != w.shape or idx.ndim != 2 or idx.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_idx {idx.shape} / expert_w {w.shape} must both be [N={x.shape[0]}, k]")
-    # Routing weight of each token for each expert (0 when not routed there): [N, E].
-    weight = np.zeros((idx.shape[0], num_experts), np.float32)
-    np.put_along_axis(weight, idx, w, axis=1)
-    hess = np.array(_weighted_grams(x, jnp.asarray(weight**2)))  # a writable copy
-    counts = (weight > 0).sum(0)
-    starved = np.flatnonzero(counts < min_tokens)
-    if starved.size:
-        mass = (weight**2).sum(0)
-        routed = mass[counts >= min_tokens]
-        target = float(routed.mean()) if routed.size else 1.0
-        full = np.asarray(jnp.matmul(x.T, x, precision=HI))
-        for e in starved:
-            hess[e] = full * (target / max(float(x.shape[0]), 1.0))
-    return hess
+    x: np.ndarray  # [N, D] float32
+    expert_idx: np.ndarray  # [N, k] int32
+    expert_w: np.ndarray  # [N, k] float32
+    min_tokens: int = 16
 
+    def __post_init__(self) -> None:
+        idx, w = np.asarray(self.expert_idx), np.asarray(self.expert_w)
+        if idx.shape != w.shape or idx.ndim != 2 or idx.shape[0] != np.shape(self.x)[0]:
+            raise ValueError(f"expert_idx {idx.shape} / expert_w {w.shape} must both be [N={np.shape(self.x)[0]}, k]")
 
-@jax.jit
-def _weighted_grams(x: jax.Array, w2: jax.Array) -> jax.Array:
-    # One [D, D] Gram per expert; lax.map keeps memory at one expert's worth.
-    return jax.lax.map(lambda col: jnp.matmul((x * col[:, None]).T, x, precision=HI), w2.T)
-
-
-def component_hessian(input_hessian: np.ndarray, basis: np.ndarray | None) -> np.ndarray:
-    """``Ṽᵀ H Ṽ`` per expert (``[E, r, r]``); the identity basis (no shared basis) leaves H as is."""
-    h = np.asarray(input_hessian, np.float64)
-    if basis is None:
-        return h.astype(np.float32)
-    v = np.asarray(basis, np.float64)
-    return np.einsum("dr,edk,ks->ers", v, h, v, optimize=True).astype(np.float32)
+    def token_weights(self, expert: int) -> np.ndarray:
+        """Squared routing weight of every token for `expert` ([N], float64), with the starved fallback."""
+        idx, w = np.asarray(self.expert_idx), np.asarray(self.expert_w, np.float64)
+        routed = (idx == expert)
+        w2 = np.where(routed, w, 0.0).sum(1) ** 2
+        if routed.any(1).sum() >= self.min_tokens:
+            return w2
+        per_expert = [np.where(idx == e, w, 0.0).sum(1) ** 2 for e in np.unique(idx)]
+        masses = [float(m.sum()) for m in per_expert if (m > 0).sum() >= self.min_tokens]
+        target = float(np.mean(masses)) if masses else 1.0
+        return np.full(idx.shape[0], target / max(idx.shape[0], 1))
 
 
 def compensate_rows(
-    units: np.ndarray,
-    bits: np.ndarray,
-    hessian: np.ndarray,
-    group_size: int,
-    weights: np.ndarray | None = None,
-    damp: float = 0.01,
+    units: np.ndarray, bits: np.ndarray, hessian: np.ndarray, group_size: int, weights: np.ndarray | None = None, damp: float = 0.01
 ) -> np.ndarray:
-    """Rows to pack, after GPTQ error feedback: ``[E, r, F]`` float32.
+    """Rows of one factor ``[r, F]`` after error feedback along rows (gate / up); float32 ``[r, F]``.
 
-    units ``[E, r, F]`` (rows = components), bits ``[E, r]`` (any of `quantizers.SUPPORTED_BITS`),
-    hessian ``[E, r, r]`` in component coordinates, weights ``[E, r, F]`` the per-element loss weights
-    used for the group scales (as in packing). Row k of the result is row k of the factor as it stands
-    when it is quantized — already corrected for the errors of every row quantized before it — so
-    packing it with the same bits, weights and group size reproduces the feedback's rounding.
+    ``bits [r]`` (any of `quantizers.SUPPORTED_BITS`), ``hessian [r, r]`` in component coordinates,
+    ``weights [r, F]`` the per-element loss weights the group scales are searched with. Row k of the
+    result is row k as it stands when rounded; packing it with the same bits, weights and group size
+    reproduces the feedback's rounding.
     """
     units = np.asarray(units, np.float32)
-    e, r, f = units.shape
-    bits = np.asarray(bits, np.int32).reshape(e, r)
+    r, f = units.shape
+    bits = np.asarray(bits, np.int32).reshape(r)
     hessian = np.asarray(hessian, np.float32)
-    if hessian.shape != (e, r, r):
-        raise ValueError(f"hessian must be [E={e}, r={r}, r={r}], got {hessian.shape}")
+    if hessian.shape != (r, r):
+        raise ValueError(f"hessian must be [r={r}, r={r}], got {hessian.shape}")
     w = np.ones_like(units) if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
-    order = np.argsort(bits, axis=1, kind="stable")
-    inv = np.argsort(order, axis=1)
-    out = _compensate(
-        jnp.asarray(np.take_along_axis(units, order[..., None], axis=1)),
-        jnp.asarray(np.take_along_axis(bits, order, axis=1)),
-        jnp.asarray(hessian[np.arange(e)[:, None, None], order[:, :, None], order[:, None, :]]),
-        jnp.asarray(np.take_along_axis(w, order[..., None], axis=1)),
-        jnp.float32(damp),
-        group_size=int(group_size),
+    order = np.argsort(bits, kind="stable")
+    out = np.asarray(
+        _rows(jnp.asarray(units[order]), jnp.asarray(bits[order]), jnp.asarray(hessian[np.ix_(order, order)]),
+              jnp.asarray(w[order]), jnp.float32(damp), group_size=int(group_size))
     )
-    out = np.take_along_axis(np.asarray(out), inv[..., None], axis=1)
-    # A Hessian that damping cannot make positive definite gives NaNs: that expert keeps its rows
-    # (nearest rounding) rather than a corrupt factor.
-    bad = ~np.isfinite(out).all(axis=(1, 2))
-    out[bad] = units[bad]
-    return out
+    result = np.empty_like(out)
+    result[order] = out
+    # A Hessian that damping cannot make positive definite gives NaNs: keep nearest rounding then.
+    return result if np.isfinite(result).all() else units
 
 
-def _quantize_row(row: jax.Array, weight: jax.Array, bits: jax.Array, group_size: int) -> jax.Array:
-    """Reconstruction of one unit at a traced bit-width (0, 1..8 or 16), as packing would store it."""
-    b_int = jnp.clip(bits, 1, 8)
-    codes, scales = qz._quantize_int(row[None], weight[None], b_int, group_size)
-    deq = qz._dequantize_int(codes, scales, group_size)[0]
-    bf16 = row.astype(jnp.bfloat16).astype(jnp.float32)
-    return jnp.where(bits == 0, 0.0, jnp.where(bits >= 16, bf16, deq))
+def compensate_columns(
+    units: np.ndarray, bits: np.ndarray, hessian: np.ndarray, group_size: int, weights: np.ndarray | None = None, damp: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[r, F]`` after error feedback along columns (down), and the group scales they use.
+
+    Returns ``(values [r, F], scales [r, n_groups])``: packing ``values`` on ``scales`` (bits 1..8)
+    gives the feedback's codes; 0-bit rows are zeros and 16-bit rows bf16 either way (their scales
+    are 0). If the Hessian factor is not finite, the units come back unchanged with the scales the
+    nearest rounding would search — i.e. nearest rounding.
+    """
+    units = np.asarray(units, np.float32)
+    r, f = units.shape
+    bits = np.asarray(bits, np.int32).reshape(r)
+    hessian = np.asarray(hessian, np.float32)
+    if hessian.shape != (f, f):
+        raise ValueError(f"hessian must be [F={f}, F={f}], got {hessian.shape}")
+    w = np.ones_like(units) if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    args = (jnp.asarray(units), jnp.asarray(bits), jnp.asarray(w))
+    vals, scales = _columns(args[0], args[1], jnp.asarray(hessian), args[2], jnp.float32(damp), group_size=int(group_size))
+    vals, scales = np.asarray(vals), np.asarray(scales)
+    if np.isfinite(vals).all() and np.isfinite(scales).all():
+        return vals, scales
+    return units, np.asarray(_nearest_scales(*args, group_size=int(group_size)))
+
+
+# ---------------------------------------------------------------------------------------- kernels
+def _upper_inverse_factor(h: jax.Array, damp: jax.Array, real: jax.Array | None = None) -> jax.Array:
+    """U with H⁻¹ = UᵀU (upper), after the dead-direction fix and damping (mean over `real` entries)."""
+    n = h.shape[0]
+    diag = jnp.diagonal(h)
+    h = h + jnp.diag((diag <= 0).astype(jnp.float32))
+    d = jnp.diagonal(h)
+    mean = jnp.mean(d) if real is None else jnp.sum(jnp.where(real, d, 0.0)) / jnp.maximum(jnp.sum(real), 1)
+    h = h + damp * mean * jnp.eye(n, dtype=jnp.float32)
+    lh = jnp.linalg.cholesky(h)
+    hinv = jax.scipy.linalg.cho_solve((lh, True), jnp.eye(n, dtype=jnp.float32))
+    return jnp.linalg.cholesky(0.5 * (hinv + hinv.T)).T
+
+
+def _round_on(x: jax.Array, s: jax.Array, bits: jax.Array) -> jax.Array:
+    """Reconstruction of values ``x`` on scales ``s`` at traced bit-widths (0, 1..8, 16), elementwise."""
+    lo, hi, _ = qz._int_params(jnp.clip(bits, 1, 8))
+    deq = (2.0 * qz._nearest_codes(x, s, lo, hi) + 1.0) * s
+    deq = jnp.where(s > 0, deq, 0.0)
+    return jnp.where(bits == 0, 0.0, jnp.where(bits >= 16, x.astype(jnp.bfloat16).astype(jnp.float32), deq))
+
+
+def _search(xg: jax.Array, wg: jax.Array, bits: jax.Array) -> jax.Array:
+    """Group scales ``[..., ng]`` at traced bit-widths; 0 for 0- and 16-bit units (no scales)."""
+    s = qz._search_scales(xg, wg, jnp.clip(bits, 1, 8))
+    return jnp.where(((bits >= 1) & (bits <= 8))[..., None], s, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
-def _compensate(units, bits, hessian, weights, damp, *, group_size: int):
-    def one_expert(a, b, h, w):
-        r = a.shape[0]
-        diag = jnp.diagonal(h)
-        h = h + jnp.diag((diag <= 0).astype(jnp.float32))
-        h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(r, dtype=jnp.float32)
-        lh = jnp.linalg.cholesky(h)
-        hinv = jax.scipy.linalg.cho_solve((lh, True), jnp.eye(r, dtype=jnp.float32))
-        u = jnp.linalg.cholesky(0.5 * (hinv + hinv.T)).T
-        later = jnp.arange(r)
+def _rows(a, b, h, w, damp, *, group_size: int):
+    r = a.shape[0]
+    u = _upper_inverse_factor(h, damp)
+    later = jnp.arange(r)
 
-        def step(i, a):
-            q = _quantize_row(a[i], w[i], b[i], group_size)
-            err = (a[i] - q) / u[i, i]
-            coef = jnp.where(later > i, u[i], 0.0)
-            return a - coef[:, None] * err[None, :]
+    def step(i, a):
+        xg, wg, _ = qz._grouped(a[i][None], w[i][None], group_size)  # [1, ng, G]
+        s = _search(xg, wg, b[i])[0]  # [ng]
+        g = xg.shape[-1]
+        s_full = jnp.repeat(s, g)[: a.shape[1]]
+        q = _round_on(a[i], s_full, b[i])
+        err = (a[i] - q) / u[i, i]
+        return a - jnp.where(later > i, u[i], 0.0)[:, None] * err[None, :]
 
-        return jax.lax.fori_loop(0, r, step, a)
-
-    return jax.lax.map(lambda args: one_expert(*args), (units, bits, hessian, weights))
+    return jax.lax.fori_loop(0, r, step, a)
 
 
-__all__ = ["expert_input_hessians", "component_hessian", "compensate_rows"]
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _columns(a, b, h, w, damp, *, group_size: int):
+    r, f = a.shape
+    g = min(group_size, f)
+    ng = -(-f // g)
+    fp = ng * g
+    pad = fp - f
+    # Padded columns: zero values and weights, an identity Hessian block — rounded last, they reach
+    # no real column.
+    a = jnp.pad(a, ((0, 0), (0, pad)))
+    w = jnp.pad(w, ((0, 0), (0, pad)))
+    h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(f), jnp.ones(pad)]).astype(jnp.float32))
+    u = _upper_inverse_factor(h, damp, real=jnp.arange(fp) < f)
+    cols = jnp.arange(fp)
+    inner = jnp.arange(g)
+
+    def block(gi, carry):
+        a, vals, scales = carry
+        f0 = gi * g
+        blk = jax.lax.dynamic_slice(a, (0, f0), (r, g))
+        wb = jax.lax.dynamic_slice(w, (0, f0), (r, g))
+        s = _search(blk[:, None, :], wb[:, None, :], b)[:, 0]  # [r]
+        ub = jax.lax.dynamic_slice(u, (f0, f0), (g, g))
+
+        def col(j, c):
+            blk, errs = c
+            x = blk[:, j]
+            err = (x - _round_on(x, s, b)) / ub[j, j]
+            blk = blk - err[:, None] * jnp.where(inner > j, ub[j], 0.0)[None, :]
+            return blk, errs.at[:, j].set(err)
+
+        blk, errs = jax.lax.fori_loop(0, g, col, (blk, jnp.zeros((r, g), jnp.float32)))
+        vals = jax.lax.dynamic_update_slice(vals, blk, (0, f0))
+        urows = jax.lax.dynamic_slice(u, (f0, 0), (g, fp))
+        a = a - jnp.matmul(errs, jnp.where(cols[None, :] >= f0 + g, urows, 0.0), precision=HI)
+        return a, vals, scales.at[:, gi].set(s)
+
+    _, vals, scales = jax.lax.fori_loop(0, ng, block, (a, jnp.zeros_like(a), jnp.zeros((r, ng), jnp.float32)))
+    return vals[:, :f], scales
+
+
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _nearest_scales(a, b, w, *, group_size: int):
+    xg, wg, _ = qz._grouped(a, w, group_size)
+    return _search(xg, wg, b)
+
+
+@jax.jit
+def _weighted_gram(z: jax.Array, w2: jax.Array) -> jax.Array:
+    return jnp.matmul((z * w2[:, None]).T, z, precision=HI)
+
+
+@jax.jit
+def _hidden(zg: jax.Array, zu: jax.Array, ag: jax.Array, au: jax.Array) -> jax.Array:
+    return jax.nn.silu(jnp.matmul(zg, ag, precision=HI)) * jnp.matmul(zu, au, precision=HI)
+
+
+# ---------------------------------------------------------------------------------------- a layer
+def feedback_layer(
+    units: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+    bases: dict[str, np.ndarray | None],
+    calib: CalibrationInputs,
+    bits: dict[str, np.ndarray],
+    group_size: int,
+    damp: float = 0.01,
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Compensated units of a layer: ``{p: (values [E, r, F], down scales [E, r, ng] or None)}``.
+
+    units / weights ``[E, r, F]`` per projection (all r components, before dropping), bases the
+    dequantized ``[D, r]`` bases (None = identity), bits ``[E, r]``. One expert's Hessians at a time.
+    """
+    x = jnp.asarray(calib.x, jnp.float32)
+    z = {p: x if bases[p] is None else jnp.matmul(x, jnp.asarray(bases[p], jnp.float32), precision=HI) for p in ("gate", "up")}
+    e_count = units["gate"].shape[0]
+    out = {p: np.empty_like(np.asarray(units[p], np.float32)) for p in ("gate", "up", "down")}
+    down_scales = None
+    for e in range(e_count):
+        w2_all = calib.token_weights(e)
+        # Only the tokens that reach the expert (all, if starved), padded with zero-weight tokens to a
+        # power of two so the Gram programs compile once per size bucket, not once per expert.
+        keep = np.flatnonzero(w2_all > 0)
+        bucket = 1 << max(int(keep.size) - 1, 0).bit_length()
+        keep = np.concatenate([keep, np.zeros(bucket - keep.size, keep.dtype)])
+        w2k = jnp.asarray(np.where(np.arange(bucket) < np.count_nonzero(w2_all > 0), w2_all[keep], 0.0), jnp.float32)
+        for p in ("gate", "up"):
+            hz = np.asarray(_weighted_gram(z[p][keep], w2k))
+            out[p][e] = compensate_rows(units[p][e], bits[p][e], hz, group_size, weights[p][e], damp)
+        h = _hidden(z["gate"][keep], z["up"][keep], jnp.asarray(units["gate"][e]), jnp.asarray(units["up"][e]))
+        hd = np.asarray(_weighted_gram(h, w2k))
+        vals, sc = compensate_columns(units["down"][e], bits["down"][e], hd, group_size, weights["down"][e], damp)
+        out["down"][e] = vals
+        if down_scales is None:
+            down_scales = np.zeros((e_count, *sc.shape), np.float32)
+        down_scales[e] = sc
+    return {"gate": (out["gate"], None), "up": (out["up"], None), "down": (out["down"], down_scales)}
+
+
+__all__ = ["CalibrationInputs", "compensate_rows", "compensate_columns", "feedback_layer"]

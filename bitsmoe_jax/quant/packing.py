@@ -191,11 +191,14 @@ def pack_segments(
     bits_per_unit: Sequence[int] | np.ndarray,
     group_size: int = qz.DEFAULT_GROUP_SIZE,
     weights: np.ndarray | None = None,
+    scales: np.ndarray | None = None,
 ) -> PackedMatrix:
     """Quantize and pack ``units [K, n]`` with one bit-width each (``bits_per_unit [K]``).
 
     ``weights`` (``[K, n]`` or broadcastable, ``>= 0``) must be the ones the loss coefficients
-    were computed with, so that the stored scales are the costed ones.
+    were computed with, so that the stored scales are the costed ones. ``scales`` (``[K, n_groups]``,
+    bf16-representable; entries of 0/16-bit units ignored) skips the scale search: the codes are then
+    the nearest on those scales — for error feedback that fixed each group's scale earlier.
     """
     units = np.asarray(units, np.float32)
     if units.ndim != 2:
@@ -229,7 +232,12 @@ def pack_segments(
         if w_full is not None:
             w = np.zeros((rows, n), np.float32)
             w[: sel.size] = w_full[sel]
-        c, sc = qz.quantize_codes_mixed(x, b, group_size, w)
+        if scales is None:
+            c, sc = qz.quantize_codes_mixed(x, b, group_size, w)
+        else:
+            sc = np.zeros((rows, qz.num_groups(n, min(group_size, n))), np.float32)
+            sc[: sel.size] = np.asarray(scales, np.float32)[sel]
+            c = qz.codes_for_scales(x, sc, b, group_size)
         codes_all = np.zeros((k, n), np.int32)
         codes_all[sel] = np.asarray(c)[: sel.size]
         scales_all = np.zeros((k, sc.shape[-1]), np.float32)

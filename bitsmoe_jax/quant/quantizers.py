@@ -332,6 +332,28 @@ def quantize_codes(
     return _quantize_int_jit(x, weights, jnp.int32(bits), group_size=group_size)
 
 
+def codes_for_scales(x: jax.Array, scales: jax.Array, bits_per_unit: jax.Array, group_size: int = DEFAULT_GROUP_SIZE) -> jax.Array:
+    """Nearest codes of ``x [K, n]`` on given per-group scales ``[K, n_groups]`` (bits 1..8 per unit).
+
+    For rounding schemes that fix a group's scale before its values are final (GPTQ-style error
+    feedback): the codes of the final values on the scales chosen earlier.
+    """
+    group_size = _check_group_size(group_size)
+    bpu = np.asarray(bits_per_unit)
+    if bpu.size and (bpu.min() < 1 or bpu.max() > 8):
+        raise ValueError(f"codes_for_scales handles bits in {INT_BITS}")
+    return _codes_for_scales_jit(jnp.asarray(x, jnp.float32), jnp.asarray(scales, jnp.float32), jnp.asarray(bpu, jnp.int32), group_size=group_size)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _codes_for_scales_jit(x, scales, bits, *, group_size):
+    n = x.shape[-1]
+    xg, _, _ = _grouped(x, None, group_size)
+    lo, hi, _ = _int_params(bits[..., None, None])
+    q = _nearest_codes(xg, scales[..., None], lo, hi)
+    return q.reshape(*x.shape[:-1], -1)[..., :n].astype(jnp.int32)
+
+
 def quantize_codes_mixed(
     x: jax.Array,
     bits_per_unit: jax.Array,
