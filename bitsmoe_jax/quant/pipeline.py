@@ -37,6 +37,7 @@ from bitsmoe_jax.quant import basis as basis_lib
 from bitsmoe_jax.quant import sharded
 from bitsmoe_jax.quant.allocate import Allocation, BudgetError, allocate
 from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
+from bitsmoe_jax.quant.error_feedback import CalibrationInputs, feedback_layer
 from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients, layer_units, loss_coefficients, loss_weights
 from bitsmoe_jax.quant.packing import pack_segments, permutation_bits
 from bitsmoe_jax.quant.qmoe import QuantizedExperts
@@ -60,6 +61,8 @@ class LayerProblem:
     super_experts: list[int]
     super_bits: int
     group_size: int
+    # The layer's calibration inputs and routing, for GPTQ-style rounding (rounding="gptq"); None = nearest.
+    calib: CalibrationInputs | None = None
 
     @property
     def num_weights(self) -> int:
@@ -194,15 +197,30 @@ def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str
     return out
 
 
+def dequantized_basis(stored: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The basis as the quantized model uses it (int8 codes × row scales, or bf16); None = identity."""
+    if "q" not in stored:
+        return None
+    q = np.asarray(stored["q"], np.float32)
+    return q * np.asarray(stored["scale"], np.float32)[:, None] if "scale" in stored else q
+
+
 def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray]) -> QuantizedExperts:
     """Quantize and pack a layer's units at the allocated bits, dropping all-zero components."""
     bases, packed = {}, {}
+    rounded = {p: (problem.units[p], None) for p in PROJECTIONS}
+    if problem.calib is not None:
+        # Error feedback over all r components (dropped ones fold into the kept), then keep.
+        deq = {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}
+        rounded = feedback_layer(problem.units, problem.weights, deq, problem.calib, bits, problem.group_size)
     for p in PROJECTIONS:
         keep = problem.kept(p, bits[p])
         e, _, f = problem.units[p].shape
-        units = problem.units[p][:, keep].reshape(-1, f)
+        full, scales = rounded[p]
+        units = full[:, keep].reshape(-1, f)
         w = problem.weights[p][:, keep].reshape(-1, f)
-        packed[p] = pack_segments(units, bits[p][:, keep].reshape(-1), problem.group_size, w)
+        sc = None if scales is None else scales[:, keep].reshape(-1, scales.shape[-1])
+        packed[p] = pack_segments(units, bits[p][:, keep].reshape(-1), problem.group_size, w, scales=sc)
         bases[p] = {k: (v[:, keep] if k == "q" else v) for k, v in problem.bases[p].items()}
     return QuantizedExperts(problem.num_experts, bases, packed)
 
@@ -297,6 +315,7 @@ def build_problem(
     timings["basis"] += time.time() - t
     t = time.time()
     logits, w, idx = block.router(x)
+    calib = CalibrationInputs(np.asarray(x, np.float32), np.asarray(idx, np.int32), np.asarray(w, np.float32), cfg.min_tokens) if cfg.rounding == "gptq" else None
     stats = collect_expert_stats(x, logits, idx, w, gate, up, deq["gate"], deq["up"], cfg.min_tokens, layout=layout)
     timings["calibration"] += time.time() - t
     t = time.time()
@@ -323,6 +342,7 @@ def build_problem(
         super_experts=supers,
         super_bits=cfg.super_expert_bits,
         group_size=cfg.group_size,
+        calib=calib,
     )
 
 
