@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from bitsmoe_jax.distributed import DistributedError
     from bitsmoe_jax.quant.allocate import BudgetError
     from bitsmoe_jax.quant.runner import print_summary, quantize, quantize_baseline
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BudgetError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:  # a lost peer, an unreachable coordinator: say so, from every process
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     for r in reports:
         print(print_summary(r))
     if len(reports) > 1:
