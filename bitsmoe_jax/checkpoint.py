@@ -56,7 +56,19 @@ def _stringify(tree: Any) -> Any:
 def _checkpointer():
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointer()
+    mp = _this_process_only()
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
+
+
+def _this_process_only():
+    """Orbax options for I/O by this process alone: in a multi-process run only process 0 writes,
+    and orbax's default (every process joins each save/restore) would wait for peers that never come.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}")
 
 
 def _writer():
@@ -70,7 +82,8 @@ def _writer():
     """
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+    mp = _this_process_only()
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, multiprocessing_options=mp), multiprocessing_options=mp)
 
 
 def _split_empty(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Any]]:

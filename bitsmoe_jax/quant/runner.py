@@ -82,6 +82,7 @@ def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     is byte-identical to an uninterrupted run's (orbax's `_CHECKPOINT_METADATA` timestamps and
     `commit_success.txt` aside; stage timings go to `timings.json`).
     """
+    distributed.initialize(cfg)  # before anything touches a device (no-op for one process)
     config = model_config(cfg.model_path)
     if not config.moe_layers:
         raise ValueError(f"{cfg.model_path}: the model has no MoE layers to quantize")
@@ -116,6 +117,7 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
     keep_problems = len(budgets) > 1 or cfg.budget_scope == "model"
     first_budget = budgets[0][0]
     bar = LayerProgress(total, start, enabled=progress)
+    mesh = distributed.make_mesh(cfg)  # per-expert stages are sharded over its "expert" axis
     x = jnp.asarray(work.load_x(start - 1)) if start > 0 else None
     for name, part in iter_model_parts(cfg.model_path):
         if name == "top":
@@ -139,10 +141,11 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
         packed = problem = None
         if layer.is_moe:
             block: MoEBlock = layer.mlp
-            problem = build_problem(i, block, moe_in.reshape(-1, config.hidden_size), cfg, config, stages)
+            problem = build_problem(i, block, moe_in.reshape(-1, config.hidden_size), cfg, config, stages, mesh=mesh)
             if cfg.budget_scope == "layer":
                 t = time.time()
                 bits, allocs = allocate_layers([problem], first_budget, "layer", _alloc_kw(cfg))[i]
+                bits = distributed.broadcast_from_writer(bits)  # one allocation (process 0's) everywhere
                 stages["allocation"] += time.time() - t
                 t = time.time()
                 qe = pack_layer(problem, bits)
