@@ -29,9 +29,10 @@ import numpy as np
 EXPERT_AXIS = "expert"
 
 # Set by `initialize`: whether this module started the distributed runtime, and the default barrier
-# deadline taken from the config (a barrier follows every layer commit, and process 0 writes while the
-# others wait, so the default must cover one layer's write on a slow disk).
-_STATE: dict[str, Any] = {"initialized": False, "barrier_timeout_s": 1800.0, "barrier_count": 0}
+# deadline taken from the config (a barrier follows every layer commit, and the last one waits while
+# process 0 writes and evaluates every output, so the default is generous; a dead peer fails a barrier
+# sooner, once the coordination service misses its heartbeats).
+_STATE: dict[str, Any] = {"initialized": False, "barrier_timeout_s": 7200.0, "barrier_count": 0}
 
 
 class DistributedError(RuntimeError):

@@ -76,7 +76,9 @@ def distributed_config() -> ml_collections.ConfigDict:
     d.process_id = 0
     d.initialization_timeout = 300  # s to wait for every process to join before a clear error
     d.heartbeat_timeout = 100  # s of silence after which a peer is declared dead and the run stops
-    d.barrier_timeout = 1800.0  # s a process waits at a barrier (process 0 writes a layer meanwhile)
+    # s a process waits at a barrier for a peer that is alive but stuck (a dead one fails it after
+    # heartbeat_timeout); the last barrier waits while process 0 writes and evaluates every output
+    d.barrier_timeout = 7200.0
     return d
 
 
