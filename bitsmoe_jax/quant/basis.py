@@ -8,7 +8,9 @@ singular vectors are the eigenvectors of ``Σ_e W_e W_eᵀ``.
 Going through the D×D Gram matrix instead of an SVD of the E·F×D stack is what makes the basis
 shardable: the Gram matrix is a sum over experts, so with the expert axis sharded each device
 contracts its own experts and XLA inserts one all-reduce of a D×D matrix; only the small
-eigendecomposition runs replicated. The contraction is written as a single ``dot_general`` over
+eigendecomposition runs replicated. (The quantization pipeline uses the order-fixed variant in
+`quant/sharded.py`, whose sum over experts is bit-identical on every mesh; these functions are the
+plain-XLA form, whose all-reduce order is the collective's.) The contraction is written as a single ``dot_general`` over
 the expert and intermediate axes together rather than as per-expert products followed by a sum:
 the result is the same sum over experts (same all-reduce under sharding), but no ``[E, D, D]``
 intermediate is ever materialised (128 experts × 2048² floats would be 2 GiB).
