@@ -85,8 +85,8 @@ def test_triton_fused_unsplit_path(sizes):
 
 
 def test_16_bit_units_take_the_dense_side_path():
+    # (the Mosaic family meets 16-bit units in the degenerate-layout test below)
     check("triton", np.array([5, 0, 3, 3, 0, 6, 4, 3], np.int32), with16=True)
-    check("mosaic", np.array([5, 0, 3, 3, 0, 6, 4, 3], np.int32), with16=True)
 
 
 def test_bf16_activations_accumulate_in_f32():
