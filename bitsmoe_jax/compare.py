@@ -93,7 +93,7 @@ def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress:
 
 
 ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 8-bit bases, GPTQ rounding of gate/up)", {}),
+    ("BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 8-bit bases, GPTQ-style rounding)", {}),
     ("nearest rounding (no error feedback)", {"rounding": "nearest"}),
     ("activation-whitened basis", {"basis": "whitened"}),
     ("no basis (original weight columns)", {"basis": "none"}),
