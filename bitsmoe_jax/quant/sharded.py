@@ -125,9 +125,15 @@ def expert_array(layout: ExpertLayout, get: Callable[[int], np.ndarray], item_sh
     return jax.make_array_from_callback(shape, layout.sharding(), block)
 
 
+@functools.lru_cache(maxsize=None)
+def _replicate_fn(mesh: Mesh) -> Callable:
+    """An all-gather: the identity with a replicated output sharding (one jitted function per mesh)."""
+    return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))
+
+
 def gather_experts(layout: ExpertLayout, arr: jax.Array) -> np.ndarray:
     """All experts' rows of a sharded [E', ...] array on every process, as numpy [E, ...]."""
-    replicated = jax.jit(lambda a: a, out_shardings=NamedSharding(layout.mesh, P()))(arr)
+    replicated = _replicate_fn(layout.mesh)(arr)
     return np.asarray(replicated.addressable_data(0))[: layout.num_experts]
 
 
