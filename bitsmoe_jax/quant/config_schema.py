@@ -142,6 +142,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             or (isinstance(ms, (tuple, list)) and len(ms) == 1 and isinstance(ms[0], int) and ms[0] > 0)):
         bad("mesh_shape", "() for every device, or (n,) with n > 0 devices on the expert axis")
     _validate_distributed(c.distributed)
+    if c.method != "bitsmoe" and (c.distributed.auto or c.distributed.num_processes > 1):
+        bad("method", "bitsmoe for a multi-process run (the baselines run in one process)")
 
 
 def _validate_distributed(d: ml_collections.ConfigDict) -> None:

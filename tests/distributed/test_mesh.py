@@ -34,6 +34,8 @@ def test_nested_distributed_overrides_and_their_errors():
         validate(cfg(**{"distributed.num_processes": 2, "distributed.process_id": 2, "distributed.coordinator_address": "h:1"}))
     with pytest.raises(ValueError, match=r"config.mesh_shape=\(2, 2\) is invalid"):
         validate(cfg(mesh_shape="(2,2)"))
+    with pytest.raises(ValueError, match=r"config.method='gptq' is invalid; allowed: bitsmoe for a multi-process run"):
+        validate(cfg(method="gptq", **{"distributed.auto": True}))
 
 
 def test_single_process_defaults_touch_nothing():
