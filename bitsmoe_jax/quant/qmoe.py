@@ -249,7 +249,8 @@ class QuantizedExperts(nnx.Module):
                 seg_bits=tuple(int(b) for b in m["seg_bits"]),
                 seg_sizes=tuple(int(s) for s in m["seg_sizes"]),
             )
-        bases = {p: {k: np.asarray(v) for k, v in arrays["basis"][p].items()} for p in PROJECTIONS}
+        # A model without shared bases ("none") stores empty dicts, which some tree formats drop.
+        bases = {p: {k: np.asarray(v) for k, v in arrays.get("basis", {}).get(p, {}).items()} for p in PROJECTIONS}
         return cls(int(meta["num_experts"]), bases, packed, implementation)
 
 

@@ -251,3 +251,20 @@ def test_whole_quantized_model_under_jit():
     assert lq.shape == (2, 13, cfg.vocab_size)
     assert_close(lq, ld, rtol=1e-4)
     assert np.abs(lq - fp).max() > 1e-4  # quantization changed the logits: the swap is real
+
+
+def test_no_basis_experts_survive_the_work_dir_format(tmp_path):
+    """A model without shared bases (basis="none") stores empty basis dicts; the work dir's array
+    format keeps only arrays, so the round trip must not need the empty entries."""
+    from bitsmoe_jax.quant import arrayfile
+
+    qe, _, _, _ = build_case("mix0")
+    arrays, meta = qe.to_tree()
+    arrays["basis"] = {p: {} for p in PROJECTIONS}
+    no_basis = QuantizedExperts.from_tree(arrays, meta)
+    arrayfile.save(tmp_path, "packed", {"experts_q": arrays}, meta)
+    tree, meta2 = arrayfile.load(tmp_path, "packed")
+    back = QuantizedExperts.from_tree(tree["experts_q"], meta2)
+    assert all(back.basis_matrix(p) is None for p in PROJECTIONS)
+    for p in PROJECTIONS:
+        np.testing.assert_array_equal(np.asarray(back.factor_matrix(p)), np.asarray(no_basis.factor_matrix(p)))
