@@ -55,14 +55,23 @@ class ExpertKernels:
 jax.tree_util.register_dataclass(ExpertKernels, data_fields=["gate", "up", "down"], meta_fields=[])
 
 
+# Platforms on which the compiled kernels have passed `bench/kernels.py`'s correctness check on real
+# hardware. Until then `implementation=None` keeps the XLA path there: the kernels lower for GPU and
+# TPU (tested with jax.export) and match the reference in interpret mode, but a default must not be a
+# kernel nobody has run. A session with the device adds its platform after the bench passes.
+VERIFIED_PLATFORMS: frozenset[str] = frozenset()
+
+
 def resolve_implementation(implementation: str | None, platform: str | None = None) -> str:
-    """``None`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` on CPU (interpret mode is for tests, not speed)."""
+    """``None`` -> ``"pallas"`` on GPU/TPU once verified there (`VERIFIED_PLATFORMS`), else ``"xla"``
+    (always on CPU: interpret mode is for tests, not speed)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation is not None:
         return implementation
     platform = platform or jax.default_backend()
-    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "xla"
+    kind = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+    return "pallas" if kind in ("gpu", "tpu") and kind in VERIFIED_PLATFORMS else "xla"
 
 
 def default_backend(platform: str | None = None) -> str:

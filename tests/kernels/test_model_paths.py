@@ -54,9 +54,14 @@ def test_pallas_logits_equal_xla_logits(quantized_model, backend):
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
-def test_implementation_switch():
+def test_implementation_switch(monkeypatch):
+    from pallas_kernels import api
+
     assert resolve_implementation(None, "cpu") == "xla"
-    assert resolve_implementation(None, "gpu") == resolve_implementation(None, "tpu") == "pallas"
+    # Unverified on hardware: the default stays XLA; once a platform is verified it becomes Pallas.
+    assert resolve_implementation(None, "gpu") == resolve_implementation(None, "tpu") == "xla"
+    monkeypatch.setattr(api, "VERIFIED_PLATFORMS", frozenset({"gpu"}))
+    assert resolve_implementation(None, "cuda") == "pallas" and resolve_implementation(None, "tpu") == "xla"
     assert resolve_implementation("xla", "gpu") == "xla"
     with pytest.raises(ValueError, match="implementation must be one of"):
         resolve_implementation("triton")
