@@ -45,10 +45,11 @@ def quantize_cmd(out: Path, calib: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "bitsmoe_jax.quantize", "--config", str(ROOT / "configs" / "tiny.py"),
         f"--config.output_dir={out}", f"--config.calib_text={calib}", "--config.budget_bits=2.5",
         # 4 windows of 64 tokens: ~32 assignments per expert, so min_tokens=24 leaves some experts
-        # starved and the all-token fallback is compared too; rank 64 (of 256) and nearest rounding
-        # keep the run short (the Gram sums and eigendecompositions are still full D×D)
+        # starved and the all-token fallback is compared too (also in the GPTQ-style rounding, the
+        # default); rank 64 (of 256) keeps the run short (the Gram sums and eigendecompositions are
+        # still full D×D)
         "--config.num_calib_tokens=256", "--config.seq_len=64", "--config.eval_text=", "--config.min_tokens=24",
-        "--config.rank=64", "--config.allocator=greedy", "--config.rounding=nearest", *extra,
+        "--config.rank=64", "--config.allocator=greedy", *extra,
     ]
 
 
