@@ -8,7 +8,8 @@ process sends itself SIGKILL: no `finally`, no `atexit`, exactly what a preempti
 Points: `layer_computed` (a layer quantized, nothing of it committed), `commit_before_rename`
 (a commit's files written and fsynced, not yet renamed), `layer_committed` (right after a layer's
 commit), `output_write` (an output directory half written), `output_renamed` (an output in place,
-not yet recorded as done in the work directory).
+not yet recorded as done in the work directory), `cleanup` (the finished run's work directory
+partly deleted, one visit per deleted entry).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import signal
 
 ENV = "BITSMOE_FAULT"
-POINTS = ("layer_computed", "commit_before_rename", "layer_committed", "output_write", "output_renamed")
+POINTS = ("layer_computed", "commit_before_rename", "layer_committed", "output_write", "output_renamed", "cleanup")
 _seen: dict[str, int] = {}
 
 

@@ -97,7 +97,8 @@ def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         resuming = work.open(fingerprint.compute(cfg, config), cfg.resume, fingerprint.describe_changes)
     distributed.barrier("work_dir_opened")
     try:
-        _quantize_layers(cfg, config, budgets, work, progress)
+        if not (resuming and work.all_outputs_done([b for b, _ in budgets])):  # killed while cleaning up
+            _quantize_layers(cfg, config, budgets, work, progress)
         reports = _write_outputs(cfg, config, budgets, work, overwrite=bool(cfg.overwrite or resuming))
     except BaseException:
         if work.created_now and not work.committed_layers():
@@ -200,12 +201,14 @@ def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Pat
         return []
     reports = []
     shared: dict = {}  # evaluation tokens and reference model, read once for all budgets
-    recorded = _recorded_timings(work, config)
+    recorded = None  # read from the layers' records only when an output is still to be written
     for b, out_dir in budgets:
         done = work.output_report(b)
         if done is not None:
             reports.append(done)
             continue
+        if recorded is None:
+            recorded = _recorded_timings(work, config)
         for stale in [*out_dir.parent.glob(f".{out_dir.name}.tmp-*"), *out_dir.parent.glob(f".{out_dir.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # `atomic_directory` leftovers of a killed run
         timings = dict(recorded)

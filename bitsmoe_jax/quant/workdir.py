@@ -102,6 +102,9 @@ class WorkDir:
                 for stale in self.root.glob(".tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
             return True
+        if self.writer:  # tombstones of a cleanup that was killed
+            for stale in self.root.parent.glob(f".{self.root.name}.deleted-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         if self.writer:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.root.parent / f".{self.root.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -114,8 +117,29 @@ class WorkDir:
         return False
 
     def remove(self) -> None:
-        if self.writer:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Delete the work directory so that a kill at any instant leaves something a rerun handles.
+
+        Layers and the rest go first while the fingerprint and the finished-output records stay (a
+        rerun then sees every output done and only finishes the cleanup); the emptied directory is
+        then renamed away in one atomic step and deleted under its tombstone name.
+        """
+        if not self.writer or not self.root.exists():
+            return
+        for entry in sorted(self.root.iterdir()):
+            if entry.name in (FINGERPRINT_FILE, "outputs"):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            faults.point("cleanup")
+        tomb = self.root.parent / f".{self.root.name}.deleted-{uuid.uuid4().hex[:8]}"
+        os.rename(self.root, tomb)
+        arrayfile.fsync_path(self.root.parent)
+        shutil.rmtree(tomb, ignore_errors=True)
+
+    def all_outputs_done(self, budgets: list[float]) -> bool:
+        return all(self.output_report(b) is not None for b in budgets)
 
     # ------------------------------------------------------------------------------ commits
     def _commit(self, name: str, fill: Callable[[Path], None]) -> None:

@@ -111,6 +111,8 @@ def test_kill_at_named_points_then_resume(setup):
     assert list(out.glob(".bpw_2.00.tmp-*")), "the half-written output is left by the kill"
     run_killed(setup, "output_renamed:1")  # first output in place, not yet recorded as done
     assert (out / "bpw_2.00").is_dir() and not (out / "bpw_3.00").exists()
+    run_killed(setup, "cleanup:2")  # both outputs written and recorded; the work dir half deleted
+    assert (out / "bpw_3.00").is_dir() and (work / "outputs").is_dir() and committed(work) == ["layer_002"]
     assert quantize.main(args_for(setup["model"], out, setup["calib"])) == 0
     assert not work.exists()
     assert_identical(out, setup["ref"])
