@@ -71,6 +71,18 @@ class CalibrationInputs:
         return np.full(idx.shape[0], target / max(idx.shape[0], 1))
 
 
+def _checked(units, bits, hessian, weights, along: str):
+    """float32 units [r, F], int32 bits [r], float32 Hessian ([r, r] along rows, [F, F] along columns), weights."""
+    units = np.asarray(units, np.float32)
+    r, f = units.shape
+    n, name = (r, "r") if along == "rows" else (f, "F")
+    hessian = np.asarray(hessian, np.float32)
+    if hessian.shape != (n, n):
+        raise ValueError(f"hessian must be [{name}={n}, {name}={n}], got {hessian.shape}")
+    w = np.ones_like(units) if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    return units, np.asarray(bits, np.int32).reshape(r), hessian, w
+
+
 def compensate_rows(
     units: np.ndarray, bits: np.ndarray, hessian: np.ndarray, group_size: int, weights: np.ndarray | None = None, damp: float = 0.01
 ) -> np.ndarray:
@@ -81,13 +93,7 @@ def compensate_rows(
     result is row k as it stands when rounded; packing it with the same bits, weights and group size
     reproduces the feedback's rounding.
     """
-    units = np.asarray(units, np.float32)
-    r, f = units.shape
-    bits = np.asarray(bits, np.int32).reshape(r)
-    hessian = np.asarray(hessian, np.float32)
-    if hessian.shape != (r, r):
-        raise ValueError(f"hessian must be [r={r}, r={r}], got {hessian.shape}")
-    w = np.ones_like(units) if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    units, bits, hessian, w = _checked(units, bits, hessian, weights, along="rows")
     order = np.argsort(bits, kind="stable")
     out = np.asarray(
         _rows(jnp.asarray(units[order]), jnp.asarray(bits[order]), jnp.asarray(hessian[np.ix_(order, order)]),
@@ -109,13 +115,7 @@ def compensate_columns(
     are 0). If the Hessian factor is not finite, the units come back unchanged with the scales the
     nearest rounding would search — i.e. nearest rounding.
     """
-    units = np.asarray(units, np.float32)
-    r, f = units.shape
-    bits = np.asarray(bits, np.int32).reshape(r)
-    hessian = np.asarray(hessian, np.float32)
-    if hessian.shape != (f, f):
-        raise ValueError(f"hessian must be [F={f}, F={f}], got {hessian.shape}")
-    w = np.ones_like(units) if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    units, bits, hessian, w = _checked(units, bits, hessian, weights, along="columns")
     args = (jnp.asarray(units), jnp.asarray(bits), jnp.asarray(w))
     vals, scales = _columns(args[0], args[1], jnp.asarray(hessian), args[2], jnp.float32(damp), group_size=int(group_size))
     vals, scales = np.asarray(vals), np.asarray(scales)
