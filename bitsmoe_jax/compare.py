@@ -22,7 +22,6 @@ from typing import Any
 import jax.numpy as jnp
 
 from bitsmoe_jax.config_cli import parse_config_args
-from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.baselines.run import run_baseline
@@ -44,15 +43,21 @@ def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
     return model, {"setting": f"budget {target}", "effective_bpw_experts": report["effective_bpw_experts"]}
 
 
-def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress: bool = True) -> list[dict]:
-    from bitsmoe_jax.quant.runner import calibration_tokens
+def _measured(cfg, model, eval_ids, reference, quantize_time_s: float) -> dict[str, Any]:
+    """The columns every row shares: quality against the reference on the evaluation tokens, and time."""
+    res = evaluate_model(model, eval_ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=reference)
+    return {
+        "perplexity": res["perplexity"], "perplexity_fp": res["reference_perplexity"],
+        "kl_divergence": res["kl_divergence"], "top1_agreement": res["top1_agreement"],
+        "quantize_time_s": quantize_time_s, "eval_tokens": res["tokens_scored"],
+    }
 
-    tok = load_tokenizer(cfg.model_path)
-    eval_ids = tokenize_text(tok, read_text(cfg.eval_text))
-    if cfg.eval_max_tokens:
-        eval_ids = eval_ids[: int(cfg.eval_max_tokens)]
+
+def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress: bool = True) -> list[dict]:
+    from bitsmoe_jax.quant.runner import calibration_tokens, evaluation_inputs
+
+    eval_ids, reference = evaluation_inputs(cfg)
     calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
-    reference, _ = load_model(cfg.model_path)
     rows = []
     for target in targets:
         for method in methods:
@@ -62,26 +67,19 @@ def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress:
             else:
                 model, _ = load_model(cfg.model_path)
                 info = run_baseline(method, model, calib, target, cfg.group_size, cfg.min_tokens)
-            qtime = time.time() - t0
-            res = evaluate_model(model, eval_ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=reference)
             row = {
                 "target_bpw": target,
                 "method": method,
                 **info,
                 "within_tolerance": abs(info["effective_bpw_experts"] - target) <= TOLERANCE + 1e-9,
-                "perplexity": res["perplexity"],
-                "perplexity_fp": res["reference_perplexity"],
-                "kl_divergence": res["kl_divergence"],
-                "top1_agreement": res["top1_agreement"],
-                "quantize_time_s": qtime,
-                "eval_tokens": res["tokens_scored"],
+                **_measured(cfg, model, eval_ids, reference, time.time() - t0),
             }
             rows.append(row)
             if progress:
                 print(
                     f"target {target:.2f} {method:10s} {info['setting']:>22s} bpw {row['effective_bpw_experts']:.3f} "
                     f"ppl {row['perplexity']:.2f} KL {row['kl_divergence']:.4f} top-1 {100 * row['top1_agreement']:.1f}% "
-                    f"{qtime:.1f}s",
+                    f"{row['quantize_time_s']:.1f}s",
                     flush=True,
                 )
     for target in targets:
@@ -112,11 +110,9 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
     """BitsMoE variants at one budget, all evaluated on the same tokens against the same reference."""
-    tok = load_tokenizer(cfg.model_path)
-    eval_ids = tokenize_text(tok, read_text(cfg.eval_text))
-    if cfg.eval_max_tokens:
-        eval_ids = eval_ids[: int(cfg.eval_max_tokens)]
-    reference, _ = load_model(cfg.model_path)
+    from bitsmoe_jax.quant.runner import evaluation_inputs
+
+    eval_ids, reference = evaluation_inputs(cfg)
     rows = []
     for i, (name, overrides) in enumerate(ABLATIONS):
         c = copy.deepcopy(cfg)
@@ -124,13 +120,9 @@ def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
             c[k] = v
         t0 = time.time()
         model, info = run_bitsmoe(c, target, Path(cfg.output_dir) / "ablations" / f"{i:02d}")
-        qtime = time.time() - t0
-        res = evaluate_model(model, eval_ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=reference)
         row = {
             "ablation": name, "overrides": overrides, "target_bpw": target, **info,
-            "perplexity": res["perplexity"], "perplexity_fp": res["reference_perplexity"],
-            "kl_divergence": res["kl_divergence"], "top1_agreement": res["top1_agreement"],
-            "quantize_time_s": qtime, "eval_tokens": res["tokens_scored"],
+            **_measured(cfg, model, eval_ids, reference, time.time() - t0),
         }
         rows.append(row)
         if progress:
@@ -138,16 +130,14 @@ def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
     return rows
 
 
+def _table_head(title: str, command: str, machine: str, columns: list[str]) -> list[str]:
+    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine}", "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def render_ablations(rows: list[dict], command: str, machine: str) -> str:
-    lines = [
-        "# BitsMoE ablations",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine}",
-        "",
-        "| variant | effective bpw | perplexity | KL | top-1 | quantize time (s) |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = _table_head("BitsMoE ablations", command, machine,
+                        ["variant", "effective bpw", "perplexity", "KL", "top-1", "quantize time (s)"])
     for r in rows:
         lines.append(
             f"| {r['ablation']} | {r['effective_bpw_experts']:.3f} | {r['perplexity']:.2f} | {r['kl_divergence']:.4f} | "
@@ -157,15 +147,8 @@ def render_ablations(rows: list[dict], command: str, machine: str) -> str:
 
 
 def render(rows: list[dict], command: str, machine: str) -> str:
-    lines = [
-        "# Side-by-side comparison",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine}",
-        "",
-        "| target | method | setting | effective bpw | perplexity | KL | top-1 | quantize time (s) | time / GPTQ |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _table_head("Side-by-side comparison", command, machine, ["target", "method", "setting", "effective bpw",
+                        "perplexity", "KL", "top-1", "quantize time (s)", "time / GPTQ"])
     for r in rows:
         flag = "" if r["within_tolerance"] else " (outside ±0.05)"
         ratio = f"{r['time_ratio_to_gptq']:.2f}" if r.get("time_ratio_to_gptq") is not None else "-"

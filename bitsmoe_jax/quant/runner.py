@@ -316,6 +316,12 @@ def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, work: 
     return report
 
 
+def evaluation_inputs(cfg: Any) -> tuple[np.ndarray, Any]:
+    """(token ids of `cfg.eval_text`, cut to `eval_max_tokens`; the unquantized reference model)."""
+    ids = tokenize_text(load_tokenizer(cfg.model_path), read_text(cfg.eval_text))
+    return (ids[: int(cfg.eval_max_tokens)] if cfg.eval_max_tokens else ids), load_model(cfg.model_path)[0]
+
+
 def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
     """Report metrics of `model` against the unquantized model on `cfg.eval_text`.
 
@@ -325,9 +331,7 @@ def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
     from bitsmoe_jax.evaluate import evaluate_model
 
     if "ids" not in shared:
-        ids = tokenize_text(load_tokenizer(cfg.model_path), read_text(cfg.eval_text))
-        shared["ids"] = ids[: int(cfg.eval_max_tokens)] if cfg.eval_max_tokens else ids
-        shared["ref"] = load_model(cfg.model_path)[0]
+        shared["ids"], shared["ref"] = evaluation_inputs(cfg)
     res = evaluate_model(model, shared["ids"], cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=shared["ref"])
     return {
         "eval_text": str(cfg.eval_text),
