@@ -9,7 +9,8 @@ Points: `layer_computed` (a layer quantized, nothing of it committed), `commit_b
 (a commit's files written and fsynced, not yet renamed), `layer_committed` (right after a layer's
 commit), `output_write` (an output directory half written), `output_renamed` (an output in place,
 not yet recorded as done in the work directory), `cleanup` (the finished run's work directory
-partly deleted, one visit per deleted entry).
+partly deleted, one visit per deleted entry), `tombstone` (the emptied work directory renamed to its
+tombstone and not yet deleted; `pareto.md` not yet written).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import signal
 
 ENV = "BITSMOE_FAULT"
-POINTS = ("layer_computed", "commit_before_rename", "layer_committed", "output_write", "output_renamed", "cleanup")
+POINTS = ("layer_computed", "commit_before_rename", "layer_committed", "output_write", "output_renamed", "cleanup", "tombstone")
 _seen: dict[str, int] = {}
 
 

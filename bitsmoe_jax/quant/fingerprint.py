@@ -95,6 +95,20 @@ def compute(cfg: Any, config: ModelConfig) -> dict[str, Any]:
     }
 
 
+EVALUATION_FIELDS = ("eval_text", "eval_max_tokens", "eval_batch_size")
+
+
+def output_digest(fp: dict[str, Any], cfg: Any) -> str:
+    """SHA-256 naming everything a finished output depends on: the run's fingerprint and its evaluation.
+
+    Recorded in each output's report as `run_fingerprint`, so that rerunning a command whose outputs
+    are all written (say after a kill during the final cleanup) recognises them as its own and does
+    nothing, while outputs of any other run still need `--config.overwrite=True`.
+    """
+    evaluation = {k: _jsonable(cfg.get(k)) for k in EVALUATION_FIELDS}
+    return hashlib.sha256(json.dumps({"run": fp, "evaluation": evaluation}, sort_keys=True).encode()).hexdigest()
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v)
     return s if len(s) <= 60 else s[:57] + "..."

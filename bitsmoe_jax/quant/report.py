@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,13 @@ def write_pareto(output_dir: str | Path, reports: list[dict[str, Any]]) -> Path:
     lines = ["| budget | bpw experts | bpw model | perplexity | KL | top-1 |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(" | ".join(["", *(_fmt(r[k]) if r[k] is not None else "-" for k in keys), ""]).strip())
-    (out / "pareto.md").write_text("\n".join(lines) + "\n")
-    (out / "pareto.json").write_text(json.dumps(rows, indent=1))
+    _write_atomic(out / "pareto.json", json.dumps(rows, indent=1))
+    _write_atomic(out / "pareto.md", "\n".join(lines) + "\n")
     return out / "pareto.md"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so that a kill never leaves a half-written table."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -31,7 +31,7 @@ from bitsmoe_jax.quant.pipeline import (
 )
 from bitsmoe_jax.quant.packing import dequantize_packed
 from bitsmoe_jax.quant.progress import LayerProgress
-from bitsmoe_jax.quant.report import write_report
+from bitsmoe_jax.quant.report import TIMINGS_FILE, write_report
 from bitsmoe_jax.quant.workdir import WorkDir, allocation_records, default_work_dir
 from conversion.convert import TOKENIZER_FILES
 
@@ -89,10 +89,18 @@ def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     budgets = _budget_dirs(cfg)
     work = WorkDir(default_work_dir(cfg), writer=distributed.is_writer())
     resuming = bool(cfg.resume) and work.root.exists()
-    if not resuming:
-        for _, d in budgets:
-            if d.exists() and not cfg.overwrite:
-                raise FileExistsError(f"{d}: output exists (set --config.overwrite=True to replace it)")
+    if not resuming and not cfg.overwrite:
+        existing = [d for _, d in budgets if d.exists()]
+        if existing:
+            finished = _finished_reports(cfg, config, budgets) if cfg.resume else None
+            if finished is None:
+                raise FileExistsError(f"{existing[0]}: output exists (set --config.overwrite=True to replace it)")
+            work.clear_tombstones()  # the run was killed while deleting its work directory
+            distributed.log(
+                f"every output ({', '.join(str(d) for _, d in budgets)}) was already written by this same run "
+                "(same model files, config, calibration and evaluation text): nothing to do"
+            )
+            return finished
     if distributed.is_writer():
         resuming = work.open(fingerprint.compute(cfg, config), cfg.resume, fingerprint.describe_changes)
     distributed.barrier("work_dir_opened")
@@ -193,6 +201,22 @@ def _recorded_timings(work: WorkDir, config: ModelConfig) -> dict[str, float]:
         total += float(info["wall_s"])
     timings["quantize_total"] = total
     return timings
+
+
+def _finished_reports(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]]) -> list[dict[str, Any]] | None:
+    """The reports of outputs that all exist and were written by this exact run, else None."""
+    digest = fingerprint.output_digest(fingerprint.compute(cfg, config), cfg)
+    reports = []
+    for _, d in budgets:
+        try:
+            report = json.loads((d / "report.json").read_text())
+            timings = json.loads((d / TIMINGS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if report.get("run_fingerprint") != digest:
+            return None
+        reports.append({**report, **timings})
+    return reports
 
 
 def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, overwrite: bool) -> list[dict[str, Any]]:
@@ -312,6 +336,7 @@ def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, work: 
         timings["write"] = time.time() - t_write
         report = _evaluate_into_report(cfg, tmp, budget, summary, layer_summary, timings, shared)
         report["allocation_time_s"] = allocation_time
+        report["run_fingerprint"] = fingerprint.output_digest(work.fingerprint(), cfg)
         write_report(tmp, report)
     return report
 

@@ -102,9 +102,7 @@ class WorkDir:
                 for stale in self.root.glob(".tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
             return True
-        if self.writer:  # tombstones of a cleanup that was killed
-            for stale in self.root.parent.glob(f".{self.root.name}.deleted-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        self.clear_tombstones()
         if self.writer:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.root.parent / f".{self.root.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -115,6 +113,15 @@ class WorkDir:
             arrayfile.fsync_path(self.root.parent)
             self.created_now = True
         return False
+
+    def clear_tombstones(self) -> None:
+        """Delete what a cleanup killed after its final rename left (`.<name>.deleted-*`)."""
+        if self.writer:
+            for stale in self.root.parent.glob(f".{self.root.name}.deleted-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return json.loads((self.root / FINGERPRINT_FILE).read_text())
 
     def remove(self) -> None:
         """Delete the work directory so that a kill at any instant leaves something a rerun handles.
@@ -136,6 +143,7 @@ class WorkDir:
         tomb = self.root.parent / f".{self.root.name}.deleted-{uuid.uuid4().hex[:8]}"
         os.rename(self.root, tomb)
         arrayfile.fsync_path(self.root.parent)
+        faults.point("tombstone")
         shutil.rmtree(tomb, ignore_errors=True)
 
     def all_outputs_done(self, budgets: list[float]) -> bool:

@@ -33,6 +33,7 @@ from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.data import read_text
 from bitsmoe_jax.loading import model_config
 from bitsmoe_jax.quant import arrayfile, fingerprint
+from bitsmoe_jax.quant.runner import quantize as quantize_run
 from bitsmoe_jax.quant.progress import LayerProgress, format_duration
 from bitsmoe_jax.quant.workdir import WorkDir
 from conversion.synthetic import write_random_mixtral
@@ -113,9 +114,16 @@ def test_kill_at_named_points_then_resume(setup):
     assert (out / "bpw_2.00").is_dir() and not (out / "bpw_3.00").exists()
     run_killed(setup, "cleanup:2")  # both outputs written and recorded; the work dir half deleted
     assert (out / "bpw_3.00").is_dir() and (work / "outputs").is_dir() and committed(work) == ["layer_002"]
+    run_killed(setup, "tombstone:1")  # the work dir renamed to its tombstone; pareto.md not yet written
+    tombs = list(out.parent.glob(f".{work.name}.deleted-*"))
+    assert not work.exists() and len(tombs) == 1 and not (out / "pareto.md").exists()
+    # every output is in place and its own: the rerun only finishes the cleanup and the Pareto table
     assert quantize.main(args_for(setup["model"], out, setup["calib"])) == 0
-    assert not work.exists()
+    assert not work.exists() and not tombs[0].exists()
     assert_identical(out, setup["ref"])
+    # ... while outputs of another run (here another evaluation text) still need --config.overwrite
+    with pytest.raises(FileExistsError, match="bpw_2.00: output exists"):
+        quantize_run(parse_config_args(args_for(setup["model"], out, setup["calib"], "--config.eval_max_tokens=64"))[0], progress=False)
 
 
 def test_random_sigkill_then_resume(setup):
