@@ -40,8 +40,13 @@ def fit_factors(basis_deq: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Least-squares factors F with basis_deq @ F[e] ≈ w[e]; basis [D, r], w [E, D, F] -> [E, r, F]."""
     # pinv, not a normal-equations solve: an 8-bit basis whose rows span a large dynamic range (the
     # whitened ablation) can lose columns to rounding and be rank-deficient.
+    # One expert at a time: a float64 copy of the whole [E, D, F] stack (and of the result) would
+    # be the layer's largest transient allocation.
     pinv = np.linalg.pinv(np.asarray(basis_deq, np.float64))
-    return np.matmul(pinv[None], np.asarray(w, np.float64)).astype(np.float32)
+    out = np.empty((w.shape[0], pinv.shape[0], w.shape[2]), np.float32)
+    for e in range(w.shape[0]):
+        out[e] = pinv @ np.asarray(w[e], np.float64)
+    return out
 
 
 def layer_units(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bases_deq: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,12 +84,14 @@ def loss_weights(
         )
     elif weighting != "token_sum":
         raise ValueError(f"loss weighting {weighting!r}: choose 'token_sum' or 'expert_mean'")
-    scale = mass_scale(stats.mass, expert_mass_floor)[:, None, None]
-    w_gate = np.swapaxes(stats.s_gate, 1, 2) * dn[:, None, :]
-    w_up = np.swapaxes(stats.s_up, 1, 2) * dn[:, None, :]
-    w_down = np.broadcast_to(stats.c_down[:, None, :], (down.shape[0], r["down"], down.shape[1]))
-    out = {"gate": w_gate * scale, "up": w_up * scale, "down": w_down * scale}
-    return {k: v.astype(np.float32) for k, v in out.items()}
+    scale = mass_scale(stats.mass, expert_mass_floor)
+    e_count, f = dn.shape
+    out = {p: np.empty((e_count, r[p], f), np.float32) for p in PROJECTIONS}
+    for e in range(e_count):  # float64 products one expert at a time, stored as float32
+        out["gate"][e] = (stats.s_gate[e].T * dn[e][None, :]) * scale[e]
+        out["up"][e] = (stats.s_up[e].T * dn[e][None, :]) * scale[e]
+        out["down"][e] = stats.c_down[e][None, :] * scale[e]
+    return out
 
 
 @dataclasses.dataclass

@@ -69,7 +69,7 @@ def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
         )
     lead, n = codes.shape[:-1], codes.shape[-1]
     nb = -(-n // WORD_BITS)
-    u = (codes.astype(np.int64) - lo).astype(np.uint8)  # 0 .. 2**b - 1 fits a byte for b <= 8
+    u = (codes.astype(np.int16) - lo).astype(np.uint8)  # in range (checked): 0 .. 2**b - 1 fits a byte
     if nb * WORD_BITS != n:
         u = np.pad(u, [(0, 0)] * len(lead) + [(0, nb * WORD_BITS - n)])
     u = u.reshape(*lead, nb, WORD_BITS)
@@ -186,6 +186,41 @@ jax.tree_util.register_dataclass(
 )
 
 
+CHUNK_ELEMENTS = 1 << 17  # units quantized per jitted call: bounds the scale search's intermediates
+
+
+def _chunk_rows(count: int, n: int) -> int:
+    """Rows per quantization call: a power of two (one compiled program per bucket, not per layer —
+    kept-unit counts differ from layer to layer), at most `CHUNK_ELEMENTS` elements unless one row is
+    longer. Chunks never change the result: every row is quantized on its own."""
+    cap = max(1, CHUNK_ELEMENTS // max(n, 1))
+    cap = 1 << (cap.bit_length() - 1)
+    return min(1 << max(count - 1, 0).bit_length(), cap)
+
+
+def _quantize_rows(
+    units: np.ndarray, rows_sel: np.ndarray, bpu: np.ndarray, rows: int, group_size: int,
+    w_full: np.ndarray | None, scales: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scales) of the units `rows_sel`, quantized in one call padded to `rows` rows (zeros)."""
+    m, n = rows_sel.size, units.shape[1]
+    x = np.zeros((rows, n), np.float32)
+    x[:m] = units[rows_sel]
+    b = np.ones(rows, np.int64)
+    b[:m] = bpu[rows_sel]
+    if scales is None:
+        w = None
+        if w_full is not None:
+            w = np.zeros((rows, n), np.float32)
+            w[:m] = w_full[rows_sel]
+        c, sc = qz.quantize_codes_mixed(x, b, group_size, w)
+    else:
+        sc = np.zeros((rows, qz.num_groups(n, min(group_size, n))), np.float32)
+        sc[:m] = np.asarray(scales, np.float32)[rows_sel]
+        c = qz.codes_for_scales(x, sc, b, group_size)
+    return np.asarray(c)[:m], np.asarray(sc)[:m]
+
+
 def pack_segments(
     units: np.ndarray,
     bits_per_unit: Sequence[int] | np.ndarray,
@@ -215,33 +250,21 @@ def pack_segments(
 
     perm = np.argsort(bpu, kind="stable")
     seg_bits, seg_sizes = np.unique(bpu[perm], return_counts=True)
-    # Quantize every integer-width unit in one program (bit-width per unit is a traced value),
-    # then cut the results into segments.
+    # Quantize the integer-width units with one program (bit-width per unit is a traced value), in
+    # row chunks of bounded size, then cut the results into segments.
     is_int = (bpu >= 1) & (bpu <= 8)
     codes_all = scales_all = None
     if is_int.any():
         sel = np.flatnonzero(is_int)
-        # Pad the row count to a power of two: the jitted quantizer then compiles once per bucket,
-        # not once per layer (kept-unit counts differ from layer to layer). Padding rows are zeros.
-        rows = 1 << max(int(sel.size) - 1, 0).bit_length()
-        x = np.zeros((rows, n), np.float32)
-        x[: sel.size] = units[sel]
-        b = np.ones(rows, np.int64)
-        b[: sel.size] = bpu[sel]
-        w = None
-        if w_full is not None:
-            w = np.zeros((rows, n), np.float32)
-            w[: sel.size] = w_full[sel]
-        if scales is None:
-            c, sc = qz.quantize_codes_mixed(x, b, group_size, w)
-        else:
-            sc = np.zeros((rows, qz.num_groups(n, min(group_size, n))), np.float32)
-            sc[: sel.size] = np.asarray(scales, np.float32)[sel]
-            c = qz.codes_for_scales(x, sc, b, group_size)
-        codes_all = np.zeros((k, n), np.int32)
-        codes_all[sel] = np.asarray(c)[: sel.size]
-        scales_all = np.zeros((k, sc.shape[-1]), np.float32)
-        scales_all[sel] = np.asarray(sc)[: sel.size]
+        codes_all = np.zeros((k, n), np.int8)  # codes of 1..8 bits fit a byte
+        n_groups = qz.num_groups(n, min(group_size, n))
+        scales_all = np.zeros((k, n_groups), np.float32)
+        chunk = _chunk_rows(sel.size, n)
+        for lo in range(0, sel.size, chunk):
+            rows_sel = sel[lo : lo + chunk]
+            c, sc = _quantize_rows(units, rows_sel, bpu, chunk, group_size, w_full, scales)
+            codes_all[rows_sel] = c
+            scales_all[rows_sel] = sc
     payload, scales = [], []
     start = 0
     for b, size in zip(seg_bits.tolist(), seg_sizes.tolist()):

@@ -322,6 +322,10 @@ def build_problem(
     weights = loss_weights(
         stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, cfg.expert_mass_floor, cfg.loss_weighting
     )
+    # The [E, F, r] float64 sums are folded into the weights: drop them (2/3 of the layer's float32
+    # size) before the coefficients, the packing and the forward pass (the work dir never stores them).
+    stats = dataclasses.replace(stats, s_gate=np.zeros(stats.s_gate.shape[:2] + (0,)), s_up=np.zeros(stats.s_up.shape[:2] + (0,)))
+    del gate, up, down
     coeffs = loss_coefficients(units, weights, cfg.candidate_bits, cfg.group_size, cfg.coefficient_mode, seed=cfg.seed, layout=layout)
     timings["coefficients"] += time.time() - t
     if cfg.super_experts == "auto":

@@ -160,6 +160,8 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
                 qe = pack_layer(problem, bits)
                 stages["pack"] += time.time() - t
                 packed = (qe, bits, allocs, _problem_summary(problem))
+                if not keep_problems:
+                    problem = None  # units, weights, calibration copies: not needed past the packing
                 if cfg.sequential:
                     block.experts = qe
             # model scope: layers are only known together; later layers calibrate on the original outputs

@@ -108,8 +108,10 @@ def _units(k: int, n: int, seed: int) -> np.ndarray:
     return (rng.standard_normal((k, n)) * rng.lognormal(0, 1, (k, 1))).astype(np.float32)
 
 
+@pytest.mark.parametrize("chunk_elements", [pk.CHUNK_ELEMENTS, 500])  # 500: chunks of 2 rows, the last one padded
 @pytest.mark.parametrize("n,group_size", [(200, 64), (96, 128)])
-def test_packed_matrix_dequantizes_like_per_unit_quantizer(n, group_size):
+def test_packed_matrix_dequantizes_like_per_unit_quantizer(n, group_size, chunk_elements, monkeypatch):
+    monkeypatch.setattr(pk, "CHUNK_ELEMENTS", chunk_elements)
     k = 14
     x = _units(k, n, n)
     w = np.random.default_rng(5).gamma(0.7, size=(k, n)).astype(np.float32)
