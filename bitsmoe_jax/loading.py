@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +74,20 @@ def model_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_json(json.dumps(json.loads(meta_file.read_text())["config"]))
 
 
-def iter_model_parts(path: str | Path) -> Iterator[tuple[str | int, dict]]:
+def iter_model_parts(path: str | Path, experts: Sequence[int] | None = None) -> Iterator[tuple[str | int, dict]]:
     """Stream ("top", params), then (i, layer_params) for every layer, from an HF or converted directory.
 
     Only one part is in memory at a time (float32 numpy), which is what layer-by-layer
-    quantization of models larger than RAM relies on.
+    quantization of models larger than RAM relies on. `experts` (HF directories): read only these
+    routed experts' weights, the others' entries being zeros — a converted (orbax) directory is
+    read whole.
     """
     p = Path(path)
     kind = checkpoint_kind(p)
     if kind == "hf":
         from conversion.convert import iter_parts
 
-        yield from iter_parts(p, "float32")
+        yield from iter_parts(p, "float32", experts=experts)
     elif kind == "converted":
         config = model_config(p)
         yield "top", jax.tree.map(lambda a: np.asarray(a, np.float32), load_tree(p / "params" / "top"))

@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_dtypes
@@ -22,7 +22,7 @@ from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.transformer import build_model
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
-from conversion.key_maps import TOP_LEVEL, read_param
+from conversion.key_maps import TOP_LEVEL, read_expert_subset, read_param
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
@@ -66,6 +66,10 @@ class _RecordingGetter:
         self.used.append(name)
         return self.ckpt.get(name)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        self.used.append(name)
+        return self.ckpt.get_rows(name, start, stop)
+
     def where(self) -> str:
         if not self.used:
             return "checkpoint"
@@ -74,12 +78,19 @@ class _RecordingGetter:
 
 
 def _read_part(
-    ckpt: HFCheckpoint, config: ModelConfig, expected: dict, layer: int | None, dtype: np.dtype, used: set[str]
+    ckpt: HFCheckpoint, config: ModelConfig, expected: dict, layer: int | None, dtype: np.dtype, used: set[str],
+    experts: Sequence[int] | None = None,
 ) -> dict:
     keys = dict.fromkeys(ckpt.keys())
     out: dict = {}
     for path, spec in iter_leaves(expected):
         getter = _RecordingGetter(ckpt)
+        if layer is not None and experts is not None and path[:2] == ("mlp", "experts"):
+            prefix = f"model.layers.{layer}."
+            _set(out, path, read_expert_subset(prefix, path[2], keys, getter, getter.rows, spec.shape, dtype, experts))
+            # the other experts' tensors are other processes' to read (and to check)
+            used.update(k for k in keys if k.startswith(prefix) and ".experts." in k)
+            continue
         if layer is None:
             hf_key, transpose = TOP_LEVEL[path]
             value = getter(hf_key) if hf_key in keys else None
@@ -116,9 +127,13 @@ def check_all_used(ckpt: HFCheckpoint, used: set[str]) -> None:
 
 
 def iter_parts(
-    hf_dir: str | Path, dtype: str = "float32", config: ModelConfig | None = None
+    hf_dir: str | Path, dtype: str = "float32", config: ModelConfig | None = None, experts: Sequence[int] | None = None
 ) -> Iterator[tuple[str | int, dict]]:
-    """Yield ("top", params) then (i, layer_params) for each layer, streamed from an HF directory."""
+    """Yield ("top", params) then (i, layer_params) for each layer, streamed from an HF directory.
+
+    `experts`: read only these routed experts' weights (per-expert tensors, or rows of fused ones);
+    the others' entries are zeros. A multi-process quantization completes them by an all-gather.
+    """
     config = config or ModelConfig.from_hf_dir(hf_dir)
     ckpt = HFCheckpoint(hf_dir)
     expected = expected_tree(config)
@@ -129,7 +144,7 @@ def iter_parts(
     used: set[str] = set()
     yield "top", _read_part(ckpt, config, expected, None, dt, used)
     for i in range(config.num_hidden_layers):
-        yield i, _read_part(ckpt, config, layers[i], i, dt, used)
+        yield i, _read_part(ckpt, config, layers[i], i, dt, used, experts)
         ckpt.release()
     check_all_used(ckpt, used)
 

@@ -92,13 +92,25 @@ class SafetensorsFile:
         return self.entries[name][1]
 
     def get(self, name: str) -> np.ndarray:
+        return self.get_rows(name, 0, self.entries[name][1][0] if self.entries[name][1] else None)
+
+    def get_rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        """Rows [start, stop) of the tensor's first axis (the whole tensor for stop=None on a scalar),
+        read from those rows' bytes only: C order makes them one contiguous range."""
         dt, shape, begin, end = self.entries[name]
+        if stop is None:  # a 0-d tensor
+            rows, row_bytes, shape_out = 1, end - begin, shape
+        else:
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+            rows, shape_out = stop - start, (stop - start, *shape[1:])
+            begin += start * row_bytes
+        nbytes = rows * row_bytes
+        if nbytes == 0:
+            return np.zeros(shape_out, dt)
         if self._mm is None:
             with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if end > begin or begin > 0 else None
-        if end == begin:
-            return np.zeros(shape, dt)
-        return np.frombuffer(self._mm, dtype=dt, count=(end - begin) // dt.itemsize, offset=begin).reshape(shape).copy()
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(self._mm, dtype=dt, count=nbytes // dt.itemsize, offset=begin).reshape(shape_out).copy()
 
     def close(self) -> None:
         if self._mm is not None:
@@ -164,6 +176,9 @@ class _BinFile:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
         return t.numpy().copy()
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.get(name)[start:stop]  # a .bin shard is one pickle: no partial reads
+
     def close(self) -> None:
         self._sd = None
 
@@ -228,10 +243,27 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         f = self._where[name]
         a = self._open(f).get(name)
-        if check_finite and (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16):
-            if not np.isfinite(a.astype(np.float32)).all():
-                raise CheckpointError(f"{f}: tensor {name!r} contains NaN or Inf values")
+        if check_finite:
+            self._check_finite(f, name, a)
         return a
+
+    def get_rows(self, name: str, start: int, stop: int, check_finite: bool = True) -> np.ndarray:
+        """Rows [start, stop) of the tensor's first axis, reading only their bytes (safetensors)."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        f = self._where[name]
+        shape = self._open(f).shape(name)
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise CheckpointError(f"{f}: tensor {name!r} of shape {shape} has no rows [{start}, {stop})")
+        a = self._open(f).get_rows(name, start, stop)
+        if check_finite:
+            self._check_finite(f, name, a)
+        return a
+
+    @staticmethod
+    def _check_finite(f: Path, name: str, a: np.ndarray) -> None:
+        if (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16) and not np.isfinite(a.astype(np.float32)).all():
+            raise CheckpointError(f"{f}: tensor {name!r} contains NaN or Inf values")
 
     def release(self) -> None:
         """Drop memory maps / loaded .bin shards (called between layers to bound memory)."""

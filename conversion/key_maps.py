@@ -15,7 +15,7 @@ The exceptions are the MoE pieces, handled explicitly:
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from conversion.hf_checkpoint import CheckpointError
 
 Path = tuple[str, ...]
 Getter = Callable[[str], np.ndarray]
+RowGetter = Callable[[str, int, int], np.ndarray]  # rows [start, stop) of a tensor's first axis
 MOE_PREFIXES = ("mlp", "block_sparse_moe")
 PER_EXPERT_NAMES = {"gate": ("w1", "gate_proj"), "up": ("w3", "up_proj"), "down": ("w2", "down_proj")}
 
@@ -39,44 +40,97 @@ def _shared_names(path: Path) -> list[str]:
     return [f"mlp.shared_expert.{rest}", f"mlp.shared_experts.{rest}"]
 
 
-def _expert_stack(
-    layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, num_experts: int
-) -> np.ndarray:
-    """Stack one projection of all experts into our [E, D, F] / [E, F, D] layout, either source layout."""
+def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending expert ids as maximal [start, stop) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for e in sorted(experts):
+        if runs and runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+    return runs
+
+
+def _expert_mats(
+    layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, num_experts: int,
+    experts: Sequence[int], get_rows: RowGetter | None,
+) -> dict[int, np.ndarray]:
+    """One projection of the experts `experts`, each in our layout ([D, F] gate/up, [F, D] down).
+
+    Per-expert files: only those experts' tensors are read (all must still be listed). Fused files:
+    only those experts' rows when `get_rows` is given (safetensors reads just their bytes).
+    """
+    wanted = sorted(set(experts))
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
         fused = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"
         if fused in keys:
-            t = get(fused)
-            if t.ndim != 3 or t.shape[0] != num_experts:
-                raise CheckpointError(f"tensor {fused!r}: expected [E={num_experts}, ...] 3-D, got {t.shape}")
-            if which == "down":
-                return np.ascontiguousarray(np.swapaxes(t, 1, 2))
-            f2 = t.shape[1]
-            half = t[:, : f2 // 2] if which == "gate" else t[:, f2 // 2 :]
-            return np.ascontiguousarray(np.swapaxes(half, 1, 2))
+            out: dict[int, np.ndarray] = {}
+            blocks = [(a, get_rows(fused, a, b)) for a, b in _runs(wanted)] if get_rows else [(0, get(fused))]
+            for start, t in blocks:
+                if t.ndim != 3 or (get_rows is None and t.shape[0] != num_experts):
+                    raise CheckpointError(f"tensor {fused!r}: expected [E={num_experts}, ...] 3-D, got {t.shape}")
+                for j in range(t.shape[0]):
+                    e = start + j
+                    if e not in wanted:
+                        continue
+                    if which == "down":
+                        out[e] = t[j].T
+                    else:
+                        f2 = t.shape[1]
+                        out[e] = (t[j, : f2 // 2] if which == "gate" else t[j, f2 // 2 :]).T
+            return out
         for name in PER_EXPERT_NAMES[which]:
-            first = f"{base}.0.{name}.weight"
-            if first in keys:
-                mats = []
+            if f"{base}.0.{name}.weight" in keys:
+                out = {}
                 for e in range(num_experts):
                     k = f"{base}.{e}.{name}.weight"
                     if k not in keys:
                         raise CheckpointError(f"tensor {k!r} is missing from the checkpoint")
+                    if e not in wanted:
+                        continue
                     m = get(k).T
-                    if mats and m.shape != mats[0].shape:
-                        raise CheckpointError(
-                            f"tensor {k!r}: shape {tuple(m.shape[::-1])} differs from expert 0's "
-                            f"{tuple(mats[0].shape[::-1])}"
-                        )
-                    mats.append(m)
-                return np.ascontiguousarray(np.stack(mats))
+                    if out:
+                        first = min(out)
+                        if m.shape != out[first].shape:
+                            raise CheckpointError(
+                                f"tensor {k!r}: shape {tuple(m.shape[::-1])} differs from expert {first}'s "
+                                f"{tuple(out[first].shape[::-1])}"
+                            )
+                    out[e] = m
+                return out
     raise CheckpointError(
         f"no {which} weights for the experts of {layer_prefix.rstrip('.')}: expected "
         f"{layer_prefix}mlp.experts.0.{PER_EXPERT_NAMES[which][1]}.weight, "
         f"{layer_prefix}block_sparse_moe.experts.0.{PER_EXPERT_NAMES[which][0]}.weight or "
         f"{layer_prefix}mlp.experts.gate_up_proj / down_proj"
     )
+
+
+def _expert_stack(layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, num_experts: int) -> np.ndarray:
+    """One projection of all experts stacked in our [E, D, F] / [E, F, D] layout, either source layout."""
+    mats = _expert_mats(layer_prefix, which, keys, get, num_experts, range(num_experts), None)
+    return np.ascontiguousarray(np.stack([mats[e] for e in range(num_experts)]))
+
+
+def read_expert_subset(
+    layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, get_rows: RowGetter | None,
+    shape: Sequence[int], dtype: np.dtype, experts: Sequence[int],
+) -> np.ndarray:
+    """Our [E, ...] stack of `shape` with the experts `experts` read and every other entry zero.
+
+    For multi-process runs: each process reads only the experts its devices own and the layer is
+    completed by an all-gather, so the checkpoint is read once in total, not once per process.
+    """
+    out = np.zeros(tuple(shape), dtype)
+    for e, m in _expert_mats(layer_prefix, which, keys, get, int(shape[0]), experts, get_rows).items():
+        if m.shape != tuple(shape[1:]):
+            raise CheckpointError(
+                f"experts of {layer_prefix.rstrip('.')}: {which} of expert {e} has shape {m.shape} in our layout, "
+                f"expected {tuple(shape[1:])} from config.json"
+            )
+        out[e] = m
+    return out
 
 
 def read_param(

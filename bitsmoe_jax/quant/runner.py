@@ -18,7 +18,7 @@ from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import build_layer, iter_model_parts, load_model, model_config
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import MoEBlock
-from bitsmoe_jax.quant import checkpoint_io, faults, fingerprint
+from bitsmoe_jax.quant import checkpoint_io, faults, fingerprint, sharded
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
 from bitsmoe_jax.quant.pipeline import (
     LayerProblem,
@@ -69,7 +69,7 @@ def _budget_dirs(cfg: Any) -> list[tuple[float, Path]]:
     return [(float(b), out / f"bpw_{float(b):.2f}") for b in budgets]
 
 
-STAGES = ("tokenize", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "commit", "write", "evaluate")
+STAGES = ("tokenize", "gather", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "commit", "write", "evaluate")
 
 
 def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
@@ -127,8 +127,10 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
     first_budget = budgets[0][0]
     bar = LayerProgress(total, start, enabled=progress)
     mesh = distributed.make_mesh(cfg)  # per-expert stages are sharded over its "expert" axis
+    # Several processes: each reads only its devices' experts; an all-gather completes each layer.
+    layout = sharded.expert_layout(mesh, config.num_experts) if distributed.process_count() > 1 else None
     x = jnp.asarray(work.load_x(start - 1)) if start > 0 else None
-    for name, part in iter_model_parts(cfg.model_path):
+    for name, part in iter_model_parts(cfg.model_path, experts=layout.local_experts() if layout else None):
         if name == "top":
             if start == 0:
                 t = time.time()
@@ -142,6 +144,9 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
             continue  # committed by an earlier run (streamed past: the checkpoint is read in order)
         t0 = time.time()
         stages = stage_timer()
+        if layout is not None and "experts" in part.get("mlp", {}):
+            part["mlp"]["experts"] = sharded.allgather_expert_weights(layout, part["mlp"]["experts"])
+            stages["gather"] += time.time() - t0
         layer = build_layer(config, i, part)
         resid, moe_in = attention_part(layer, x, config)
         stages["forward"] += time.time() - t0

@@ -270,3 +270,42 @@ def test_conversion_streams_one_layer_at_a_time(tiny_family, tmp_path, monkeypat
     assert len(read_names) == len(set(read_names)), "a tensor was read twice"
     all_keys = set(_file_keys(hf_dir))
     assert set(read_names) == all_keys, f"tensors never read: {sorted(all_keys - set(read_names))[:5]}"
+
+
+# ------------------------------------------------------------------------------------------ expert subsets
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_expert_subset_reads_only_those_experts(fam, tmp_path, monkeypatch, layout):
+    """A multi-process run's reader: only the owned experts' tensors (per-expert files) or rows (fused
+    files) are read from disk; their values are the full read's, every other expert's are zeros."""
+    from conversion.convert import iter_parts
+
+    d = fam["hf_dir"]
+    if layout == "fused":
+        d = _copy_config(fam["hf_dir"], tmp_path / "fused")
+        save_file(_fused_state_dict(fam["hf"]), str(d / "model.safetensors"), metadata={"format": "pt"})
+    full = dict(iter_parts(d))
+    reads: list[tuple[str, int | None, int | None]] = []
+    get, get_rows = HFCheckpoint.get, HFCheckpoint.get_rows
+    monkeypatch.setattr(HFCheckpoint, "get", lambda self, name, *a, **k: (reads.append((name, None, None)), get(self, name, *a, **k))[1])
+    monkeypatch.setattr(HFCheckpoint, "get_rows", lambda self, name, s, e, *a, **k: (reads.append((name, s, e)), get_rows(self, name, s, e, *a, **k))[1])
+    owned = [1, 2, 5]
+    sub = dict(iter_parts(d, experts=owned))
+
+    expert_reads = [r for r in reads if ".experts." in r[0]]
+    assert expert_reads, "no expert tensor was read"
+    for name, start, stop in expert_reads:
+        if layout == "fused":
+            assert (start, stop) in {(1, 3), (5, 6)}, f"{name} read whole or outside the owned rows: {(start, stop)}"
+        else:
+            e = int(re.search(r"\.experts\.(\d+)\.", name).group(1))
+            assert e in owned and start is None, f"{name} read by a process that does not own expert {e}"
+    moe_layers = [i for i in range(len(full) - 1) if "experts" in full[i]["mlp"]]
+    assert moe_layers
+    for i in moe_layers:
+        for which, a in full[i]["mlp"]["experts"].items():
+            b = sub[i]["mlp"]["experts"][which]
+            assert b.shape == a.shape and b.dtype == a.dtype
+            np.testing.assert_array_equal(b[owned], a[owned], err_msg=f"layer {i} {which}")
+            others = [e for e in range(a.shape[0]) if e not in owned]
+            assert not b[others].any(), f"layer {i} {which}: unowned experts are not zero"
+        np.testing.assert_array_equal(sub[i]["mlp"]["router"]["kernel"], full[i]["mlp"]["router"]["kernel"])
