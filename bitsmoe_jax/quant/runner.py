@@ -194,6 +194,22 @@ def _release_layer_executables() -> None:
     shrink — without this, memory grows by a few MB per layer (measured: ~30 MB per layer of a small
     model, together with the per-shape `jnp.asarray` executables `QuantizedExperts` now avoids)."""
     dequantize_packed.clear_cache()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand the freed layer's memory back to the OS (glibc keeps freed blocks in its arenas).
+
+    Measured on a 2-layer synthetic Mixtral: without it the resident set starts the second layer
+    about 4× the layer's float32 size higher than the first, and every later layer peaks that much
+    higher. A no-op where there is no glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _recorded_timings(work: WorkDir, config: ModelConfig) -> dict[str, float]:
