@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,18 +237,22 @@ def feedback_layer(
     bits: dict[str, np.ndarray],
     group_size: int,
     damp: float = 0.01,
+    experts: Sequence[int] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Compensated units of a layer: ``{p: (values [E, r, F], down scales [E, r, ng] or None)}``.
 
     units / weights ``[E, r, F]`` per projection (all r components, before dropping), bases the
     dequantized ``[D, r]`` bases (None = identity), bits ``[E, r]``. One expert's Hessians at a time.
+    ``experts``: compensate only these (the others' entries are zeros) — a multi-process run gives
+    each process its own experts and all-gathers the results; every expert's result depends on that
+    expert's inputs only, so it is the same whichever process computes it.
     """
     x = jnp.asarray(calib.x, jnp.float32)
     z = {p: x if bases[p] is None else jnp.matmul(x, jnp.asarray(bases[p], jnp.float32), precision=HI) for p in ("gate", "up")}
     e_count = units["gate"].shape[0]
-    out = {p: np.empty_like(np.asarray(units[p], np.float32)) for p in ("gate", "up", "down")}
+    out = {p: np.zeros(np.shape(units[p]), np.float32) for p in ("gate", "up", "down")}
     down_scales = None
-    for e in range(e_count):
+    for e in (range(e_count) if experts is None else experts):
         w2_all = calib.token_weights(e)
         # Only the tokens that reach the expert (all, if starved), padded with zero-weight tokens to a
         # power of two so the Gram programs compile once per size bucket, not once per expert.
@@ -265,6 +270,9 @@ def feedback_layer(
         if down_scales is None:
             down_scales = np.zeros((e_count, *sc.shape), np.float32)
         down_scales[e] = sc
+    if down_scales is None:  # no expert to compensate here: the scales' shape, for the all-gather
+        r, f = np.shape(units["down"])[1:]
+        down_scales = np.zeros((e_count, r, qz.num_groups(f, min(group_size, f))), np.float32)
     return {"gate": (out["gate"], None), "up": (out["up"], None), "down": (out["down"], down_scales)}
 
 

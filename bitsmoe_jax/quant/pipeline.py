@@ -205,14 +205,24 @@ def dequantized_basis(stored: dict[str, np.ndarray]) -> np.ndarray | None:
     return q * np.asarray(stored["scale"], np.float32)[:, None] if "scale" in stored else q
 
 
-def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray]) -> QuantizedExperts:
-    """Quantize and pack a layer's units at the allocated bits, dropping all-zero components."""
+def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None) -> QuantizedExperts:
+    """Quantize and pack a layer's units at the allocated bits, dropping all-zero components.
+
+    `layout` (multi-process runs, called by every process): the error feedback runs sharded — each
+    process compensates the experts of its devices, and an all-gather assembles the layer.
+    """
     bases, packed = {}, {}
     rounded = {p: (problem.units[p], None) for p in PROJECTIONS}
     if problem.calib is not None:
         # Error feedback over all r components (dropped ones fold into the kept), then keep.
         deq = {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}
-        rounded = feedback_layer(problem.units, problem.weights, deq, problem.calib, bits, problem.group_size)
+        mine = layout.local_experts() if layout is not None else None
+        rounded = feedback_layer(problem.units, problem.weights, deq, problem.calib, bits, problem.group_size, experts=mine)
+        if layout is not None:
+            full = sharded.allgather_expert_weights(
+                layout, {"gate": rounded["gate"][0], "up": rounded["up"][0], "down": rounded["down"][0], "scales": rounded["down"][1]}
+            )
+            rounded = {"gate": (full["gate"], None), "up": (full["up"], None), "down": (full["down"], full["scales"])}
     for p in PROJECTIONS:
         keep = problem.kept(p, bits[p])
         e, _, f = problem.units[p].shape

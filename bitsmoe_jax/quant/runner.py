@@ -162,7 +162,7 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
                 bits = distributed.broadcast_from_writer(bits)  # one allocation (process 0's) everywhere
                 stages["allocation"] += time.time() - t
                 t = time.time()
-                qe = pack_layer(problem, bits)
+                qe = pack_layer(problem, bits, layout)
                 stages["pack"] += time.time() - t
                 packed = (qe, bits, allocs, _problem_summary(problem))
                 if not keep_problems:
