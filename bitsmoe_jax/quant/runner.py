@@ -107,6 +107,8 @@ def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     try:
         if not (resuming and work.all_outputs_done([b for b, _ in budgets])):  # killed while cleaning up
             _quantize_layers(cfg, config, budgets, work, progress)
+            if distributed.process_count() > 1:
+                _pack_later_budgets(cfg, config, budgets, work)
         reports = _write_outputs(cfg, config, budgets, work, overwrite=bool(cfg.overwrite or resuming))
     except BaseException:
         if work.created_now and not work.committed_layers():
@@ -242,6 +244,44 @@ def _finished_reports(cfg: Any, config: ModelConfig, budgets: list[tuple[float, 
     return reports
 
 
+def _pack_later_budgets(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir) -> None:
+    """Multi-process runs: the later budgets' layers, spread round-robin over the processes.
+
+    Once the layer pass is done, a layer-scope budget's layers are independent of each other (each
+    re-solves its own allocation from its stored problem), so process p packs MoE layers p, p+P, ...
+    of every budget after the first — allocation and error feedback, the expensive part of writing
+    an output — and commits them to the work directory; process 0 then streams them into the outputs
+    (and packs itself any layer it does not find there, e.g. with a work directory that is not on a
+    shared filesystem). Resumable like the layers. A model-scope budget (one allocation over all
+    layers) is packed by process 0 alone.
+    """
+    if cfg.budget_scope != "layer":
+        return
+    me, count = distributed.process_index(), distributed.process_count()
+    moe = list(config.moe_layers)
+    for b, _ in budgets[1:]:
+        if work.output_report(b) is not None:
+            continue
+        for j, i in enumerate(moe):
+            if j % count != me or work.has_budget_layer(b, i):
+                continue
+            t = time.time()
+            problem = work.load_problem(i)
+            bits, allocs = allocate_layers([problem], b, "layer", _alloc_kw(cfg))[i]
+            t_alloc = time.time() - t
+            t = time.time()
+            qe = pack_layer(problem, bits)
+            seconds = {"allocation": t_alloc, "pack": time.time() - t}
+            work.commit_budget_layer(b, i, (qe, bits, allocation_records(allocs), _problem_summary(problem)), seconds)
+            problem = qe = None
+            _release_layer_executables()
+        distributed.log(
+            f"budget {b:.2f}: MoE layers packed by {count} processes ("
+            + "; ".join(f"process {p}: layers {[i for j, i in enumerate(moe) if j % count == p]}" for p in range(count)) + ")"
+        )
+    distributed.barrier("later_budgets_packed")
+
+
 def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, overwrite: bool) -> list[dict[str, Any]]:
     """Write every budget's output from the work directory (process 0); skip outputs already written."""
     if not distributed.is_writer():
@@ -292,6 +332,11 @@ def _layer_result(cfg: Any, work: WorkDir, i: int, budget: float, from_packed: b
     """(experts, bits, allocation records, problem summary) of MoE layer `i` at `budget`, from the work dir."""
     if from_packed:
         return work.load_packed(i)
+    if work.has_budget_layer(budget, i):  # packed by the process that owns the layer
+        qe, bits, allocs, summary, seconds = work.load_budget_layer(budget, i)
+        timings["allocation"] += seconds["allocation"]
+        timings["pack"] += seconds["pack"]
+        return qe, bits, allocs, summary
     problem = work.load_problem(i)
     t = time.time()
     bits, allocs = (model_solution or allocate_layers([problem], budget, "layer", _alloc_kw(cfg)))[i]

@@ -150,9 +150,13 @@ class WorkDir:
         return all(self.output_report(b) is not None for b in budgets)
 
     # ------------------------------------------------------------------------------ commits
-    def _commit(self, name: str, fill: Callable[[Path], None]) -> None:
-        """Write a directory with `fill(tmp)` and make it appear as `name` atomically and durably."""
-        if not self.writer:
+    def _commit(self, name: str, fill: Callable[[Path], None], any_process: bool = False) -> None:
+        """Write a directory with `fill(tmp)` and make it appear as `name` atomically and durably.
+
+        Only process 0 commits, except `any_process` commits (each process's own layers of a later
+        budget, under names no other process writes; they reach process 0 where the work directory is
+        on a shared filesystem, and process 0 recomputes whatever it does not find)."""
+        if not (self.writer or any_process):
             return
         tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -235,8 +239,31 @@ class WorkDir:
 
     def load_packed(self, i: int) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
         """(experts, bits per unit, allocation records, problem summary) of the first budget."""
-        tree, extra = arrayfile.load(self.root / layer_name(i), "packed")
-        return QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]), tree["bits"], extra["allocations"], extra["summary"]
+        return _load_packed(self.root / layer_name(i))
+
+    # ------------------------------------------------------------- later budgets, spread over processes
+    def has_budget_layer(self, budget: float, i: int) -> bool:
+        return (self.root / budget_layer_name(budget, i) / "packed.json").is_file()
+
+    def commit_budget_layer(
+        self, budget: float, i: int, packed: tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]],
+        seconds: dict[str, float],
+    ) -> None:
+        """Layer `i` packed at a later budget (by whichever process owns it), with its stage seconds."""
+
+        def fill(d: Path) -> None:
+            qe, bits, allocs, summary = packed
+            arrays, meta = qe.to_tree()
+            extra = {"meta": meta, "allocations": allocs, "summary": summary, "seconds": seconds}
+            arrayfile.save(d, "packed", {"experts_q": arrays, "bits": bits}, extra)
+
+        self._commit(budget_layer_name(budget, i), fill, any_process=True)
+
+    def load_budget_layer(self, budget: float, i: int):
+        """(experts, bits, allocation records, problem summary, stage seconds) of a committed budget layer."""
+        tree, extra = arrayfile.load(self.root / budget_layer_name(budget, i), "packed")
+        qe = QuantizedExperts.from_tree(tree["experts_q"], extra["meta"])
+        return qe, tree["bits"], extra["allocations"], extra["summary"], extra["seconds"]
 
     def has_problem(self, i: int) -> bool:
         return (self.root / layer_name(i) / "problem.json").is_file()
@@ -260,6 +287,15 @@ class WorkDir:
         arrayfile.write_text_durable(tmp, json.dumps(report, indent=1, default=_json_default))
         os.rename(tmp, d / f"{budget_name(budget)}.json")
         arrayfile.fsync_path(d)
+
+
+def budget_layer_name(budget: float, i: int) -> str:
+    return f"{budget_name(budget)}_{layer_name(i)}"
+
+
+def _load_packed(d: Path) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
+    tree, extra = arrayfile.load(d, "packed")
+    return QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]), tree["bits"], extra["allocations"], extra["summary"]
 
 
 def _json_default(o: Any) -> Any:

@@ -43,14 +43,18 @@ def env_with_devices(n: int) -> dict[str, str]:
 def quantize_cmd(out: Path, calib: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "bitsmoe_jax.quantize", "--config", str(ROOT / "configs" / "tiny.py"),
-        f"--config.output_dir={out}", f"--config.calib_text={calib}", "--config.budget_bits=2.5",
+        f"--config.output_dir={out}", f"--config.calib_text={calib}", "--config.budget_bits=(2.5,3.0)",
         # 4 windows of 64 tokens: ~32 assignments per expert, so min_tokens=24 leaves some experts
         # starved and the all-token fallback is compared too (also in the GPTQ-style rounding, the
         # default); rank 64 (of 256) keeps the run short (the Gram sums and eigendecompositions are
-        # still full D×D)
+        # still full D×D); two budgets: the second one's layers are packed by every process in turn
         "--config.num_calib_tokens=256", "--config.seq_len=64", "--config.eval_text=", "--config.min_tokens=24",
         "--config.rank=64", "--config.allocator=greedy", *extra,
     ]
+
+
+LOGS: dict[tuple[str, int], str] = {}  # (run, process) -> its output
+BUDGETS = ("bpw_2.50", "bpw_3.00")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for (name, i), p in procs.items():
         try:
             out, _ = p.communicate(timeout=TIMEOUT_S)
+            LOGS[(name, i)] = out
         except subprocess.TimeoutExpired:
             for q in procs.values():
                 q.kill()
@@ -90,7 +95,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         if p.returncode != 0:
             failures.append(f"run {name} process {i} exited {p.returncode}:\n{out[-3000:]}")
     assert not failures, "\n\n".join(failures)
-    return {name: tmp / name for name in jobs}
+    return {f"{name}/{b}": tmp / name / b for name in jobs for b in BUDGETS}
 
 
 def array_files(out: Path) -> dict[str, bytes]:
@@ -119,15 +124,18 @@ def allocation_summary(out: Path) -> dict:
 def test_runs_write_one_checkpoint_each(runs):
     for name, out in runs.items():
         assert (out / "report.json").is_file(), name
-        assert not list(out.parent.glob(f"{name}.partial*")), f"{name}: work directory left behind"
-    layers = json.loads((runs["1x1"] / "report.json").read_text())["layers"]
+        assert not list(out.parent.parent.glob(f"{out.parent.name}.partial*")), f"{name}: work directory left behind"
+    layers = json.loads((runs["1x1/bpw_2.50"] / "report.json").read_text())["layers"]
     assert any(layer["starved_experts"] for layer in layers.values()), "the starved-expert fallback went untested"
+    # the second budget's layers were spread over both processes of the 2-process run
+    assert "budget 3.00: MoE layers packed by 2 processes (process 0: layers [0, 2]; process 1: layers [1])" in LOGS[("2x2", 0)]
 
 
+@pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("name", ["1x4", "2x2"])
-def test_sharded_runs_bit_identical_to_one_device(runs, name):
-    ref, got = array_files(runs["1x1"]), array_files(runs[name])
+def test_sharded_runs_bit_identical_to_one_device(runs, name, budget):
+    ref, got = array_files(runs[f"1x1/{budget}"]), array_files(runs[f"{name}/{budget}"])
     assert len(ref) > 50 and sorted(ref) == sorted(got)
     differ = [k for k in ref if ref[k] != got[k]]
     assert not differ, f"{name}: {len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
-    assert allocation_summary(runs[name]) == allocation_summary(runs["1x1"])
+    assert allocation_summary(runs[f"{name}/{budget}"]) == allocation_summary(runs[f"1x1/{budget}"])
