@@ -13,6 +13,8 @@ beyond x, w and the output is one tile's product per visit, never a per-visit co
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -34,8 +36,12 @@ def _tile_plan(group_sizes: jax.Array, m: int, tile: int) -> tuple[jax.Array, ja
     return grp, jnp.where(valid, block, 0), valid, jnp.stack([starts, ends], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("tile",))
 def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int = 128) -> jax.Array:
-    """x [M, K] (rows sorted by group), w [G, K, N], group_sizes [G] -> [M, N]; rows past sum(sizes) are 0."""
+    """x [M, K] (rows sorted by group), w [G, K, N], group_sizes [G] -> [M, N]; rows past sum(sizes) are 0.
+
+    Jitted as a whole: called eagerly (the layer-by-layer calibration does), the `lax.map` body
+    would otherwise be a new function each call, compiled and cached anew every layer."""
     m, k = x.shape
     tile = max(1, min(tile, 1 << (max(m, 1) - 1).bit_length()))
     grp, block, valid, bounds = _tile_plan(group_sizes.astype(jnp.int32), m, tile)
