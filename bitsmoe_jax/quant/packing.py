@@ -221,12 +221,61 @@ def _quantize_rows(
     return np.asarray(c)[:m], np.asarray(sc)[:m]
 
 
+def _checked_units(units: np.ndarray, bits_per_unit: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    units = np.asarray(units, np.float32)
+    if units.ndim != 2:
+        raise ValueError(f"units must be [K, n], got shape {units.shape}")
+    bpu = np.asarray(bits_per_unit, np.int64).reshape(-1)
+    if bpu.shape[0] != units.shape[0]:
+        raise ValueError(f"bits_per_unit has {bpu.shape[0]} entries for {units.shape[0]} units")
+    bad = sorted(set(bpu.tolist()) - set(qz.SUPPORTED_BITS))
+    if bad:
+        raise ValueError(f"unsupported bit-widths {bad}; allowed {qz.SUPPORTED_BITS}")
+    return units, bpu
+
+
+def quantize_units(
+    units: np.ndarray,
+    bits_per_unit: Sequence[int] | np.ndarray,
+    group_size: int = qz.DEFAULT_GROUP_SIZE,
+    weights: np.ndarray | None = None,
+    scales: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (int8 ``[K, n]``) and group scales (float32 ``[K, n_groups]``) of the 1..8-bit units.
+
+    The quantization half of `pack_segments` (same arguments); 0- and 16-bit units, and with ``rows``
+    every unit not listed, get zeros. Every unit is quantized on its own, so a multi-process run can
+    give each process its experts' rows and all-gather the results.
+    """
+    units, bpu = _checked_units(units, bits_per_unit)
+    k, n = units.shape
+    group_size = int(group_size)
+    w_full = None if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    codes_all = np.zeros((k, n), np.int8)  # codes of 1..8 bits fit a byte
+    scales_all = np.zeros((k, qz.num_groups(n, min(group_size, n)) if n else 0), np.float32)
+    is_int = (bpu >= 1) & (bpu <= 8)
+    if rows is not None:
+        is_int &= np.isin(np.arange(k), rows)
+    sel = np.flatnonzero(is_int)
+    if sel.size:
+        # One program for every width (bit-width per unit is a traced value), in row chunks of bounded size.
+        chunk = _chunk_rows(sel.size, n)
+        for lo in range(0, sel.size, chunk):
+            rows_sel = sel[lo : lo + chunk]
+            c, sc = _quantize_rows(units, rows_sel, bpu, chunk, group_size, w_full, scales)
+            codes_all[rows_sel] = c
+            scales_all[rows_sel] = sc
+    return codes_all, scales_all
+
+
 def pack_segments(
     units: np.ndarray,
     bits_per_unit: Sequence[int] | np.ndarray,
     group_size: int = qz.DEFAULT_GROUP_SIZE,
     weights: np.ndarray | None = None,
     scales: np.ndarray | None = None,
+    quantized: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PackedMatrix:
     """Quantize and pack ``units [K, n]`` with one bit-width each (``bits_per_unit [K]``).
 
@@ -234,37 +283,15 @@ def pack_segments(
     were computed with, so that the stored scales are the costed ones. ``scales`` (``[K, n_groups]``,
     bf16-representable; entries of 0/16-bit units ignored) skips the scale search: the codes are then
     the nearest on those scales — for error feedback that fixed each group's scale earlier.
+    ``quantized``: the (codes, scales) `quantize_units` returned for these arguments, computed
+    elsewhere (sharded over processes); only the packing is then done here.
     """
-    units = np.asarray(units, np.float32)
-    if units.ndim != 2:
-        raise ValueError(f"units must be [K, n], got shape {units.shape}")
-    k, n = units.shape
+    units, bpu = _checked_units(units, bits_per_unit)
+    n = units.shape[1]
     group_size = int(group_size)
-    bpu = np.asarray(bits_per_unit, np.int64).reshape(-1)
-    if bpu.shape[0] != k:
-        raise ValueError(f"bits_per_unit has {bpu.shape[0]} entries for {k} units")
-    bad = sorted(set(bpu.tolist()) - set(qz.SUPPORTED_BITS))
-    if bad:
-        raise ValueError(f"unsupported bit-widths {bad}; allowed {qz.SUPPORTED_BITS}")
-    w_full = None if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
-
     perm = np.argsort(bpu, kind="stable")
     seg_bits, seg_sizes = np.unique(bpu[perm], return_counts=True)
-    # Quantize the integer-width units with one program (bit-width per unit is a traced value), in
-    # row chunks of bounded size, then cut the results into segments.
-    is_int = (bpu >= 1) & (bpu <= 8)
-    codes_all = scales_all = None
-    if is_int.any():
-        sel = np.flatnonzero(is_int)
-        codes_all = np.zeros((k, n), np.int8)  # codes of 1..8 bits fit a byte
-        n_groups = qz.num_groups(n, min(group_size, n))
-        scales_all = np.zeros((k, n_groups), np.float32)
-        chunk = _chunk_rows(sel.size, n)
-        for lo in range(0, sel.size, chunk):
-            rows_sel = sel[lo : lo + chunk]
-            c, sc = _quantize_rows(units, rows_sel, bpu, chunk, group_size, w_full, scales)
-            codes_all[rows_sel] = c
-            scales_all[rows_sel] = sc
+    codes_all, scales_all = quantized if quantized is not None else quantize_units(units, bpu, group_size, weights, scales)
     payload, scales = [], []
     start = 0
     for b, size in zip(seg_bits.tolist(), seg_sizes.tolist()):

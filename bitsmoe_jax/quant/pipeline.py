@@ -39,7 +39,7 @@ from bitsmoe_jax.quant.allocate import Allocation, BudgetError, allocate
 from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
 from bitsmoe_jax.quant.error_feedback import CalibrationInputs, feedback_layer
 from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients, layer_units, loss_coefficients, loss_weights
-from bitsmoe_jax.quant.packing import pack_segments, permutation_bits
+from bitsmoe_jax.quant.packing import pack_segments, permutation_bits, quantize_units
 from bitsmoe_jax.quant.qmoe import QuantizedExperts
 from bitsmoe_jax.quant.sharded import ExpertLayout
 
@@ -208,8 +208,9 @@ def dequantized_basis(stored: dict[str, np.ndarray]) -> np.ndarray | None:
 def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None) -> QuantizedExperts:
     """Quantize and pack a layer's units at the allocated bits, dropping all-zero components.
 
-    `layout` (multi-process runs, called by every process): the error feedback runs sharded — each
-    process compensates the experts of its devices, and an all-gather assembles the layer.
+    `layout` (multi-process runs, called by every process): the error feedback and the units'
+    quantization (scale search and codes) run sharded — each process handles the experts of its
+    devices, and all-gathers assemble the layer; the bit-plane packing itself is cheap and replicated.
     """
     bases, packed = {}, {}
     rounded = {p: (problem.units[p], None) for p in PROJECTIONS}
@@ -230,7 +231,15 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: Exper
         units = full[:, keep].reshape(-1, f)
         w = problem.weights[p][:, keep].reshape(-1, f)
         sc = None if scales is None else scales[:, keep].reshape(-1, scales.shape[-1])
-        packed[p] = pack_segments(units, bits[p][:, keep].reshape(-1), problem.group_size, w, scales=sc)
+        bpu = bits[p][:, keep].reshape(-1)
+        quantized = None
+        if layout is not None:
+            k = keep.size  # units are expert-major: expert e owns rows [e·k, (e+1)·k)
+            mine = np.concatenate([np.arange(ex * k, (ex + 1) * k) for ex in layout.local_experts()] or [np.zeros(0, np.int64)])
+            codes, qscales = quantize_units(units, bpu, problem.group_size, w, sc, rows=mine)
+            full = sharded.allgather_expert_weights(layout, {"codes": codes.reshape(e, k, f), "scales": qscales.reshape(e, k, -1)})
+            quantized = (full["codes"].reshape(e * k, f), full["scales"].reshape(e * k, -1))
+        packed[p] = pack_segments(units, bpu, problem.group_size, w, scales=sc, quantized=quantized)
         bases[p] = {k: (v[:, keep] if k == "q" else v) for k, v in problem.bases[p].items()}
     return QuantizedExperts(problem.num_experts, bases, packed)
 

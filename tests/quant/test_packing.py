@@ -177,3 +177,19 @@ def test_pack_segments_single_width_and_validation():
         pk.pack_segments(x, [4] * 4, 16)
     with pytest.raises(ValueError):
         pk.pack_segments(x, [4, 4, 4, 4, 9], 16)
+
+
+def test_units_quantized_in_disjoint_row_sets_pack_like_one_call():
+    """What a multi-process run does: each process quantizes its experts' rows, the results are merged."""
+    k, n, gs = 12, 96, 32
+    x = _units(k, n, 7)
+    w = np.random.default_rng(8).gamma(0.7, size=(k, n)).astype(np.float32)
+    bits = np.array([3, 0, 16, 1, 2, 8, 3, 0, 5, 2, 4, 6])
+    whole = pk.pack_segments(x, bits, gs, w)
+    parts = [pk.quantize_units(x, bits, gs, w, rows=np.arange(lo, lo + 4)) for lo in (0, 4, 8)]
+    codes = sum(c.astype(np.int32) for c, _ in parts).astype(np.int8)  # disjoint rows: the others are zeros
+    scales = sum(s for _, s in parts)
+    merged = pk.pack_segments(x, bits, gs, w, quantized=(codes, scales))
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(merged)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert not parts[0][0][4:].any() and not parts[0][1][4:].any()
