@@ -36,25 +36,29 @@ from bitsmoe_jax.quant.sharded import ExpertLayout
 PROJECTIONS = ("gate", "up", "down")
 
 
-def fit_factors(basis_deq: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Least-squares factors F with basis_deq @ F[e] ≈ w[e]; basis [D, r], w [E, D, F] -> [E, r, F]."""
+def fit_factors(basis_deq: np.ndarray, w: np.ndarray, experts: Sequence[int] | None = None) -> np.ndarray:
+    """Least-squares factors F with basis_deq @ F[e] ≈ w[e]; basis [D, r], w [E, D, F] -> [E, r, F].
+
+    `experts`: fit only these (the others' factors are zeros), for runs sharded over processes."""
     # pinv, not a normal-equations solve: an 8-bit basis whose rows span a large dynamic range (the
     # whitened ablation) can lose columns to rounding and be rank-deficient.
     # One expert at a time: a float64 copy of the whole [E, D, F] stack (and of the result) would
     # be the layer's largest transient allocation.
     pinv = np.linalg.pinv(np.asarray(basis_deq, np.float64))
-    out = np.empty((w.shape[0], pinv.shape[0], w.shape[2]), np.float32)
-    for e in range(w.shape[0]):
+    out = np.zeros((w.shape[0], pinv.shape[0], w.shape[2]), np.float32)
+    for e in range(w.shape[0]) if experts is None else experts:
         out[e] = pinv @ np.asarray(w[e], np.float64)
     return out
 
 
-def layer_units(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bases_deq: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The three [E, r, F] unit arrays of a layer, fitted to the dequantized bases."""
+def layer_units(
+    gate: np.ndarray, up: np.ndarray, down: np.ndarray, bases_deq: dict[str, np.ndarray], experts: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
+    """The three [E, r, F] unit arrays of a layer, fitted to the dequantized bases (of `experts` only, if given)."""
     return {
-        "gate": fit_factors(bases_deq["gate"], gate),
-        "up": fit_factors(bases_deq["up"], up),
-        "down": fit_factors(bases_deq["down"], np.swapaxes(down, 1, 2)),
+        "gate": fit_factors(bases_deq["gate"], gate, experts),
+        "up": fit_factors(bases_deq["up"], up, experts),
+        "down": fit_factors(bases_deq["down"], np.swapaxes(down, 1, 2), experts),
     }
 
 

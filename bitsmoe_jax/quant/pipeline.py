@@ -330,7 +330,10 @@ def build_problem(
     layout = sharded.expert_layout(mesh if mesh is not None else sharded.single_device_mesh(), config.num_experts)
     t = time.time()
     stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis, x=np.asarray(x), layout=layout)
-    units = layer_units(gate, up, down, deq)
+    if jax.process_count() > 1:  # each process fits its devices' experts; an all-gather assembles the layer
+        units = sharded.allgather_expert_weights(layout, layer_units(gate, up, down, deq, layout.local_experts()))
+    else:
+        units = layer_units(gate, up, down, deq)
     timings["basis"] += time.time() - t
     t = time.time()
     logits, w, idx = block.router(x)
