@@ -69,7 +69,7 @@ def _budget_dirs(cfg: Any) -> list[tuple[float, Path]]:
     return [(float(b), out / f"bpw_{float(b):.2f}") for b in budgets]
 
 
-STAGES = ("tokenize", "gather", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "commit", "write", "evaluate")
+STAGES = ("tokenize", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "commit", "write", "evaluate")
 
 
 def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:

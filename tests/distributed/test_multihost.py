@@ -139,3 +139,54 @@ def test_sharded_runs_bit_identical_to_one_device(runs, name, budget):
     differ = [k for k in ref if ref[k] != got[k]]
     assert not differ, f"{name}: {len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
     assert allocation_summary(runs[f"{name}/{budget}"]) == allocation_summary(runs[f"1x1/{budget}"])
+
+
+def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
+    """kill -9 of process 1 during the layer pass, then again while it commits a later-budget layer of
+    its own; each time process 0 stops with an error instead of hanging. The third start of the same
+    two commands resumes and writes the 1-device run's arrays byte for byte."""
+    from bitsmoe_jax.data import read_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(read_text("shakespeare_train")[:20000])  # the fixture's text: same fingerprint
+    out, work = tmp_path / "2x2", tmp_path / "2x2.partial"
+
+    def start(faults: dict[int, str]) -> list[tuple[int, str]]:
+        port = free_port()
+        dist = [
+            "--config.distributed.num_processes=2", f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.initialization_timeout=60", "--config.distributed.heartbeat_timeout=10",
+            "--config.distributed.barrier_timeout=120",
+        ]
+        procs = []
+        for i in range(2):
+            env = env_with_devices(2) | ({"BITSMOE_FAULT": faults[i]} if i in faults else {})
+            cmd = quantize_cmd(out, calib, *dist, f"--config.distributed.process_id={i}")
+            procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        results = []
+        for p in procs:
+            try:
+                results.append((p.communicate(timeout=TIMEOUT_S)[0], p.returncode))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail(f"a process did not finish in {TIMEOUT_S} s (a hang)")
+        return [(rc, text) for text, rc in results]
+
+    (rc0, log0), (rc1, _) = start({1: "layer_computed:2"})  # process 1 dies after computing layer 1
+    assert rc1 == -9 and rc0 != 0, log0[-3000:]
+    assert "another process died" in log0 or "heartbeat" in log0.lower(), log0[-3000:]
+    assert (work / "layer_000").is_dir() and not out.exists()
+
+    (rc0, log0), (rc1, _) = start({1: "commit_before_rename:1"})  # dies committing its 3.00-budget layer
+    assert rc1 == -9 and rc0 != 0, log0[-3000:]
+    assert sorted(p.name for p in work.glob("layer_*")) == ["layer_000", "layer_001", "layer_002"]
+    assert list(work.glob(".tmp-bpw_3.00_layer_001-*")), "process 1 was killed before renaming its commit"
+
+    (rc0, log0), (rc1, log1) = start({})
+    assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
+    assert not work.exists()
+    for b in BUDGETS:
+        ref, got = array_files(runs[f"1x1/{b}"]), array_files(out / b)
+        assert sorted(ref) == sorted(got) and all(ref[k] == got[k] for k in ref), f"{b}: arrays differ after the resume"
+        assert allocation_summary(out / b) == allocation_summary(runs[f"1x1/{b}"])
