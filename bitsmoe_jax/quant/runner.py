@@ -94,7 +94,11 @@ def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         if existing:
             finished = _finished_reports(cfg, config, budgets) if cfg.resume else None
             if finished is None:
-                raise FileExistsError(f"{existing[0]}: output exists (set --config.overwrite=True to replace it)")
+                raise FileExistsError(
+                    f"{existing[0]}: output exists and was not written by this exact run (another model, config, "
+                    "calibration or evaluation setting, or another bitsmoe-jax/JAX version; set "
+                    "--config.overwrite=True to replace it, or choose another --config.output_dir)"
+                )
             work.clear_tombstones()  # the run was killed while deleting its work directory
             distributed.log(
                 f"every output ({', '.join(str(d) for _, d in budgets)}) was already written by this same run "
