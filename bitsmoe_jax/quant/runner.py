@@ -248,30 +248,57 @@ def _finished_reports(cfg: Any, config: ModelConfig, budgets: list[tuple[float, 
     return reports
 
 
-def _pack_later_budgets(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir) -> None:
-    """Multi-process runs: the later budgets' layers, spread round-robin over the processes.
+def _model_allocation(cfg: Any, config: ModelConfig, budget: float, work: WorkDir) -> tuple[dict, list[dict[str, Any]], float]:
+    """(bits per MoE layer, allocation records, seconds) of a model-scope budget: solved once by
+    process 0 over every layer's loss tables (the units stay on disk, memory-mapped) and committed, or
+    read back from the work directory."""
+    if not work.has_model_allocation(budget):
+        t = time.time()
+        solution = allocate_layers([work.load_problem(i) for i in config.moe_layers], budget, "model", _alloc_kw(cfg))
+        bits = {i: solution[i][0] for i in config.moe_layers}
+        records = allocation_records(solution[config.moe_layers[0]][1])
+        seconds = time.time() - t
+        work.commit_model_allocation(budget, bits, records, seconds)
+        return bits, records, seconds
+    return work.load_model_allocation(budget)
 
-    Once the layer pass is done, a layer-scope budget's layers are independent of each other (each
-    re-solves its own allocation from its stored problem), so process p packs MoE layers p, p+P, ...
-    of every budget after the first — allocation and error feedback, the expensive part of writing
-    an output — and commits them to the work directory; process 0 then streams them into the outputs
+
+def _pack_later_budgets(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir) -> None:
+    """Multi-process runs: the layers packed at output time, spread round-robin over the processes.
+
+    Once the layer pass is done, those layers are independent of each other: a layer-scope budget
+    after the first re-solves each layer's own allocation from its stored problem; a model-scope
+    budget's one allocation over all layers is solved by process 0, committed and broadcast. Process p
+    packs MoE layers p, p+P, ... — allocation and error feedback, the expensive part of writing an
+    output — and commits them to the work directory; process 0 then streams them into the outputs
     (and packs itself any layer it does not find there, e.g. with a work directory that is not on a
-    shared filesystem). Resumable like the layers. A model-scope budget (one allocation over all
-    layers) is packed by process 0 alone.
+    shared filesystem). Resumable like the layers.
     """
-    if cfg.budget_scope != "layer":
-        return
     me, count = distributed.process_index(), distributed.process_count()
     moe = list(config.moe_layers)
-    for b, _ in budgets[1:]:
+    todo = budgets[1:] if cfg.budget_scope == "layer" else budgets
+    for b, _ in todo:
         if work.output_report(b) is not None:
             continue
+        model_bits = None
+        if cfg.budget_scope == "model":
+            if distributed.is_writer():
+                bits, _, _ = _model_allocation(cfg, config, b, work)
+                tree = {str(i): bits[i] for i in moe}
+            else:  # the shapes of process 0's answer, for the broadcast
+                shapes = {i: work.load_problem(i) for i in moe}
+                tree = {str(i): {q: np.zeros((p.num_experts, p.rank(q)), np.int64) for q in PROJECTIONS} for i, p in shapes.items()}
+                shapes = None
+            model_bits = {int(i): v for i, v in distributed.broadcast_from_writer(tree).items()}
         for j, i in enumerate(moe):
             if j % count != me or work.has_budget_layer(b, i):
                 continue
             t = time.time()
             problem = work.load_problem(i)
-            bits, allocs = allocate_layers([problem], b, "layer", _alloc_kw(cfg))[i]
+            if model_bits is None:
+                bits, allocs = allocate_layers([problem], b, "layer", _alloc_kw(cfg))[i]
+            else:
+                bits, allocs = model_bits[i], []  # process 0 reports the model allocation's records
             t_alloc = time.time() - t
             t = time.time()
             qe = pack_layer(problem, bits)
@@ -305,10 +332,9 @@ def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Pat
         timings = dict(recorded)
         model_solution = None
         if cfg.budget_scope == "model":
-            # one allocation over all layers: their loss tables only (the units stay on disk, memory-mapped)
-            t = time.time()
-            model_solution = allocate_layers([work.load_problem(i) for i in config.moe_layers], b, "model", _alloc_kw(cfg))
-            timings["allocation"] += time.time() - t
+            bits, records, seconds = _model_allocation(cfg, config, b, work)
+            model_solution = {i: (bits[i], records) for i in config.moe_layers}
+            timings["allocation"] += seconds
         from_packed = cfg.budget_scope == "layer" and b == budgets[0][0]
         report = _write_output(cfg, config, b, out_dir, work, from_packed, model_solution, timings, overwrite, shared)
         faults.point("output_renamed")
@@ -340,7 +366,7 @@ def _layer_result(cfg: Any, work: WorkDir, i: int, budget: float, from_packed: b
         qe, bits, allocs, summary, seconds = work.load_budget_layer(budget, i)
         timings["allocation"] += seconds["allocation"]
         timings["pack"] += seconds["pack"]
-        return qe, bits, allocs, summary
+        return qe, bits, (model_solution[i][1] if model_solution else allocs), summary
     problem = work.load_problem(i)
     t = time.time()
     bits, allocs = (model_solution or allocate_layers([problem], budget, "layer", _alloc_kw(cfg)))[i]

@@ -241,6 +241,23 @@ class WorkDir:
         """(experts, bits per unit, allocation records, problem summary) of the first budget."""
         return _load_packed(self.root / layer_name(i))
 
+    # ------------------------------------------------------------- model-scope allocations
+    def has_model_allocation(self, budget: float) -> bool:
+        return (self.root / f"{budget_name(budget)}_model_allocation" / "bits.json").is_file()
+
+    def commit_model_allocation(self, budget: float, bits: dict[int, dict[str, np.ndarray]], records: list[dict[str, Any]], seconds: float) -> None:
+        """One `budget_scope="model"` allocation (bits of every MoE layer), so that every process and
+        every rerun packs the same bits (a time-limited MILP need not find the same incumbent twice)."""
+
+        def fill(d: Path) -> None:
+            arrayfile.save(d, "bits", {str(i): b for i, b in bits.items()}, {"allocations": records, "seconds": seconds})
+
+        self._commit(f"{budget_name(budget)}_model_allocation", fill)
+
+    def load_model_allocation(self, budget: float) -> tuple[dict[int, dict[str, np.ndarray]], list[dict[str, Any]], float]:
+        tree, extra = arrayfile.load(self.root / f"{budget_name(budget)}_model_allocation", "bits")
+        return {int(i): {q: np.array(v) for q, v in b.items()} for i, b in tree.items()}, extra["allocations"], float(extra["seconds"])
+
     # ------------------------------------------------------------- later budgets, spread over processes
     def has_budget_layer(self, budget: float, i: int) -> bool:
         return (self.root / budget_layer_name(budget, i) / "packed.json").is_file()

@@ -71,11 +71,21 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "--config.distributed.initialization_timeout=60", "--config.distributed.heartbeat_timeout=60",
         "--config.distributed.barrier_timeout=300",
     ]
+    port_m = free_port()
+    while port_m == port:
+        port_m = free_port()
+    dist_m = [a.replace(f"localhost:{port}", f"localhost:{port_m}") for a in dist]
     jobs = {
         "1x1": [(quantize_cmd(tmp / "1x1", calib), env_with_devices(1))],
         "1x4": [(quantize_cmd(tmp / "1x4", calib), env_with_devices(4))],
         "2x2": [
             (quantize_cmd(tmp / "2x2", calib, *dist, f"--config.distributed.process_id={i}"), env_with_devices(2))
+            for i in range(2)
+        ],
+        # one allocation over all layers (budget_scope="model"): solved by process 0, every layer packed at output time
+        "1x1m": [(quantize_cmd(tmp / "1x1m", calib, "--config.budget_scope=model"), env_with_devices(1))],
+        "2x2m": [
+            (quantize_cmd(tmp / "2x2m", calib, "--config.budget_scope=model", *dist_m, f"--config.distributed.process_id={i}"), env_with_devices(2))
             for i in range(2)
         ],
     }
@@ -129,16 +139,19 @@ def test_runs_write_one_checkpoint_each(runs):
     assert any(layer["starved_experts"] for layer in layers.values()), "the starved-expert fallback went untested"
     # the second budget's layers were spread over both processes of the 2-process run
     assert "budget 3.00: MoE layers packed by 2 processes (process 0: layers [0, 2]; process 1: layers [1])" in LOGS[("2x2", 0)]
+    for b in ("2.50", "3.00"):  # model scope: every budget's layers are packed at output time, spread
+        assert f"budget {b}: MoE layers packed by 2 processes" in LOGS[("2x2m", 0)]
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("name", ["1x4", "2x2"])
+@pytest.mark.parametrize("name", ["1x4", "2x2", "2x2m"])
 def test_sharded_runs_bit_identical_to_one_device(runs, name, budget):
-    ref, got = array_files(runs[f"1x1/{budget}"]), array_files(runs[f"{name}/{budget}"])
+    one = "1x1m" if name.endswith("m") else "1x1"
+    ref, got = array_files(runs[f"{one}/{budget}"]), array_files(runs[f"{name}/{budget}"])
     assert len(ref) > 50 and sorted(ref) == sorted(got)
     differ = [k for k in ref if ref[k] != got[k]]
     assert not differ, f"{name}: {len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
-    assert allocation_summary(runs[f"{name}/{budget}"]) == allocation_summary(runs[f"1x1/{budget}"])
+    assert allocation_summary(runs[f"{name}/{budget}"]) == allocation_summary(runs[f"{one}/{budget}"])
 
 
 def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
