@@ -239,31 +239,26 @@ class HFCheckpoint:
 
     def get(self, name: str, check_finite: bool = True) -> np.ndarray:
         """The tensor `name` as stored (bf16/fp16/fp32); NaN/Inf is an error naming tensor and file."""
-        if name not in self._where:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        f = self._where[name]
-        a = self._open(f).get(name)
-        if check_finite:
-            self._check_finite(f, name, a)
-        return a
+        return self._read(name, None, check_finite)
 
     def get_rows(self, name: str, start: int, stop: int, check_finite: bool = True) -> np.ndarray:
         """Rows [start, stop) of the tensor's first axis, reading only their bytes (safetensors)."""
+        return self._read(name, (start, stop), check_finite)
+
+    def _read(self, name: str, rows: tuple[int, int] | None, check_finite: bool) -> np.ndarray:
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         f = self._where[name]
-        shape = self._open(f).shape(name)
-        if not shape or not 0 <= start <= stop <= shape[0]:
-            raise CheckpointError(f"{f}: tensor {name!r} of shape {shape} has no rows [{start}, {stop})")
-        a = self._open(f).get_rows(name, start, stop)
-        if check_finite:
-            self._check_finite(f, name, a)
-        return a
-
-    @staticmethod
-    def _check_finite(f: Path, name: str, a: np.ndarray) -> None:
-        if (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16) and not np.isfinite(a.astype(np.float32)).all():
+        if rows is None:
+            a = self._open(f).get(name)
+        else:
+            shape = self._open(f).shape(name)
+            if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
+                raise CheckpointError(f"{f}: tensor {name!r} of shape {shape} has no rows [{rows[0]}, {rows[1]})")
+            a = self._open(f).get_rows(name, *rows)
+        if check_finite and (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16) and not np.isfinite(a.astype(np.float32)).all():
             raise CheckpointError(f"{f}: tensor {name!r} contains NaN or Inf values")
+        return a
 
     def release(self) -> None:
         """Drop memory maps / loaded .bin shards (called between layers to bound memory)."""

@@ -60,7 +60,7 @@ def _expert_mats(
     Per-expert files: only those experts' tensors are read (all must still be listed). Fused files:
     only those experts' rows when `get_rows` is given (safetensors reads just their bytes).
     """
-    wanted = sorted(set(experts))
+    wanted = set(experts)
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
         fused = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"

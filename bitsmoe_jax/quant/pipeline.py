@@ -213,11 +213,11 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: Exper
     devices, and all-gathers assemble the layer; the bit-plane packing itself is cheap and replicated.
     """
     bases, packed = {}, {}
+    mine = layout.local_experts() if layout is not None else None
     rounded = {p: (problem.units[p], None) for p in PROJECTIONS}
     if problem.calib is not None:
         # Error feedback over all r components (dropped ones fold into the kept), then keep.
         deq = {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}
-        mine = layout.local_experts() if layout is not None else None
         rounded = feedback_layer(problem.units, problem.weights, deq, problem.calib, bits, problem.group_size, experts=mine)
         if layout is not None:
             full = sharded.allgather_expert_weights(
@@ -234,11 +234,13 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: Exper
         bpu = bits[p][:, keep].reshape(-1)
         quantized = None
         if layout is not None:
-            k = keep.size  # units are expert-major: expert e owns rows [e·k, (e+1)·k)
-            mine = np.concatenate([np.arange(ex * k, (ex + 1) * k) for ex in layout.local_experts()] or [np.zeros(0, np.int64)])
-            codes, qscales = quantize_units(units, bpu, problem.group_size, w, sc, rows=mine)
-            full = sharded.allgather_expert_weights(layout, {"codes": codes.reshape(e, k, f), "scales": qscales.reshape(e, k, -1)})
-            quantized = (full["codes"].reshape(e * k, f), full["scales"].reshape(e * k, -1))
+            # units are expert-major: expert x owns rows [x·kept, (x+1)·kept)
+            rows = (np.asarray(mine, np.int64)[:, None] * keep.size + np.arange(keep.size)).reshape(-1)
+            codes, qscales = quantize_units(units, bpu, problem.group_size, w, sc, rows=rows)
+            gathered = sharded.allgather_expert_weights(
+                layout, {"codes": codes.reshape(e, keep.size, f), "scales": qscales.reshape(e, keep.size, -1)}
+            )
+            quantized = (gathered["codes"].reshape(e * keep.size, f), gathered["scales"].reshape(e * keep.size, -1))
         packed[p] = pack_segments(units, bpu, problem.group_size, w, scales=sc, quantized=quantized)
         bases[p] = {k: (v[:, keep] if k == "q" else v) for k, v in problem.bases[p].items()}
     return QuantizedExperts(problem.num_experts, bases, packed)

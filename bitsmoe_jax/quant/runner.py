@@ -280,31 +280,23 @@ def _pack_later_budgets(cfg: Any, config: ModelConfig, budgets: list[tuple[float
     for b, _ in todo:
         if work.output_report(b) is not None:
             continue
-        model_bits = None
+        model_solution = None
         if cfg.budget_scope == "model":
             if distributed.is_writer():
                 bits, _, _ = _model_allocation(cfg, config, b, work)
                 tree = {str(i): bits[i] for i in moe}
             else:  # the shapes of process 0's answer, for the broadcast
-                shapes = {i: work.load_problem(i) for i in moe}
-                tree = {str(i): {q: np.zeros((p.num_experts, p.rank(q)), np.int64) for q in PROJECTIONS} for i, p in shapes.items()}
-                shapes = None
-            model_bits = {int(i): v for i, v in distributed.broadcast_from_writer(tree).items()}
+                tree = {str(i): {q: np.zeros((p.num_experts, p.rank(q)), np.int64) for q in PROJECTIONS}
+                        for i, p in ((i, work.load_problem(i)) for i in moe)}
+            # process 0 reports the model allocation's records; the layers carry none
+            model_solution = {int(i): (v, []) for i, v in distributed.broadcast_from_writer(tree).items()}
         for j, i in enumerate(moe):
             if j % count != me or work.has_budget_layer(b, i):
                 continue
-            t = time.time()
-            problem = work.load_problem(i)
-            if model_bits is None:
-                bits, allocs = allocate_layers([problem], b, "layer", _alloc_kw(cfg))[i]
-            else:
-                bits, allocs = model_bits[i], []  # process 0 reports the model allocation's records
-            t_alloc = time.time() - t
-            t = time.time()
-            qe = pack_layer(problem, bits)
-            seconds = {"allocation": t_alloc, "pack": time.time() - t}
-            work.commit_budget_layer(b, i, (qe, bits, allocation_records(allocs), _problem_summary(problem)), seconds)
-            problem = qe = None
+            seconds = {"allocation": 0.0, "pack": 0.0}
+            packed = _pack_at_budget(cfg, work, i, b, model_solution, seconds)
+            work.commit_budget_layer(b, i, packed, seconds)
+            packed = None
             _release_layer_executables()
         distributed.log(
             f"budget {b:.2f}: MoE layers packed by {count} processes ("
@@ -367,6 +359,12 @@ def _layer_result(cfg: Any, work: WorkDir, i: int, budget: float, from_packed: b
         timings["allocation"] += seconds["allocation"]
         timings["pack"] += seconds["pack"]
         return qe, bits, (model_solution[i][1] if model_solution else allocs), summary
+    return _pack_at_budget(cfg, work, i, budget, model_solution, timings)
+
+
+def _pack_at_budget(cfg: Any, work: WorkDir, i: int, budget: float, model_solution, timings: dict):
+    """Allocate (unless `model_solution` has the layer's bits) and pack MoE layer `i` from its stored
+    problem; (experts, bits, allocation records, problem summary), stage seconds added to `timings`."""
     problem = work.load_problem(i)
     t = time.time()
     bits, allocs = (model_solution or allocate_layers([problem], budget, "layer", _alloc_kw(cfg)))[i]

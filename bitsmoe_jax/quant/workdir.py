@@ -202,10 +202,7 @@ class WorkDir:
             arrayfile.save(d, "dense", dense)
             arrayfile.save(d, "x", {"x": np.asarray(x)})
             if packed is not None:
-                qe, bits, allocs, summary = packed
-                arrays, meta = qe.to_tree()
-                extra = {"meta": meta, "allocations": [_alloc_json(a) for a in allocs], "summary": summary}
-                arrayfile.save(d, "packed", {"experts_q": arrays, "bits": bits}, extra)
+                _save_packed(d, packed)
             if problem is not None:
                 tree, extra = problem_to_tree(problem)
                 arrayfile.save(d, "problem", tree, extra)
@@ -239,7 +236,7 @@ class WorkDir:
 
     def load_packed(self, i: int) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
         """(experts, bits per unit, allocation records, problem summary) of the first budget."""
-        return _load_packed(self.root / layer_name(i))
+        return _load_packed(self.root / layer_name(i))[:4]
 
     # ------------------------------------------------------------- model-scope allocations
     def has_model_allocation(self, budget: float) -> bool:
@@ -268,19 +265,12 @@ class WorkDir:
     ) -> None:
         """Layer `i` packed at a later budget (by whichever process owns it), with its stage seconds."""
 
-        def fill(d: Path) -> None:
-            qe, bits, allocs, summary = packed
-            arrays, meta = qe.to_tree()
-            extra = {"meta": meta, "allocations": allocs, "summary": summary, "seconds": seconds}
-            arrayfile.save(d, "packed", {"experts_q": arrays, "bits": bits}, extra)
-
-        self._commit(budget_layer_name(budget, i), fill, any_process=True)
+        self._commit(budget_layer_name(budget, i), lambda d: _save_packed(d, packed, seconds=seconds), any_process=True)
 
     def load_budget_layer(self, budget: float, i: int):
         """(experts, bits, allocation records, problem summary, stage seconds) of a committed budget layer."""
-        tree, extra = arrayfile.load(self.root / budget_layer_name(budget, i), "packed")
-        qe = QuantizedExperts.from_tree(tree["experts_q"], extra["meta"])
-        return qe, tree["bits"], extra["allocations"], extra["summary"], extra["seconds"]
+        *result, extra = _load_packed(self.root / budget_layer_name(budget, i))
+        return (*result, extra["seconds"])
 
     def has_problem(self, i: int) -> bool:
         return (self.root / layer_name(i) / "problem.json").is_file()
@@ -310,9 +300,18 @@ def budget_layer_name(budget: float, i: int) -> str:
     return f"{budget_name(budget)}_{layer_name(i)}"
 
 
-def _load_packed(d: Path) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
+def _save_packed(d: Path, packed: tuple[QuantizedExperts, dict[str, np.ndarray], list, dict[str, Any]], **more: Any) -> None:
+    """A packed layer (experts, bits, allocations, problem summary) as `packed.bin/.json` in `d`."""
+    qe, bits, allocs, summary = packed
+    arrays, meta = qe.to_tree()
+    extra = {"meta": meta, "allocations": allocation_records(allocs), "summary": summary, **more}
+    arrayfile.save(d, "packed", {"experts_q": arrays, "bits": bits}, extra)
+
+
+def _load_packed(d: Path) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """What `_save_packed` wrote: (experts, bits, allocation records, problem summary, the whole extra)."""
     tree, extra = arrayfile.load(d, "packed")
-    return QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]), tree["bits"], extra["allocations"], extra["summary"]
+    return QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]), tree["bits"], extra["allocations"], extra["summary"], extra
 
 
 def _json_default(o: Any) -> Any:
