@@ -1,7 +1,14 @@
 """Benchmark: the Pallas quantized expert kernels against bf16 ``ragged_dot`` and the XLA dequantize path.
 
-    python bench/kernels.py                 # on a GPU/TPU (~8 min on one H100, < 20 GB)
+    python bench/kernels.py --quick --out results/kernels_gpu.md   # GPU/TPU: the bar first, ~6 min
+    python bench/kernels.py                 # on a GPU/TPU: every shape × budget × token count
     python bench/kernels.py --smoke         # CPU, interpret mode, tiny shapes: checks it runs end to end
+
+Each configuration compiles its own kernels (the layout's widths and tile counts are static): about
+half a minute per configuration on GPU, mostly the gate/up kernel. ``--quick`` runs the issue's bar
+(Mixtral-8x7B, 2.5 bpw, 1 token) first, then a few more; ``--budget-s`` stops starting new ones;
+``--cache DIR`` keeps compiled kernels for a rerun on the same machine; ``--out`` rewrites a
+markdown file after every row, so a run cut short still leaves its table.
 
 First a correctness check of the compiled kernels against the pure-jnp reference on a real packed
 layer (exit status 1 if it fails). What is measured, all in the same process, each function jitted, compiled once, then timed as the mean
@@ -54,6 +61,7 @@ from bitsmoe_jax.quant.qmoe import set_implementation
 from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
 from bitsmoe_jax.train_reference import REFERENCE_DIR
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, build_expert_kernels, default_backend, swiglu_experts
+from pallas_kernels.code_layout import CodeConfig, synthetic_code_tiles
 from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
 from pallas_kernels.reference import swiglu_experts_reference
 
@@ -120,27 +128,22 @@ def routing(tokens: int, shape: Shape, rng: np.random.Generator) -> tuple[np.nda
 
 
 def routed_bytes(kern: ExpertKernels, sizes: np.ndarray) -> int:
-    """Packed bytes (plane words + scales) of the experts that received rows, each read once."""
-    total = 0
-    for pt in (kern.gate, kern.up, kern.down):
-        wbytes = int(np.prod(pt.words.shape[1:])) * 4
-        sbytes = int(pt.scales.shape[0]) * pt.tile * 2
-        bits = np.asarray(pt.tile_bits)
-        for e in np.flatnonzero(sizes):
-            tiles = np.asarray(pt.expert_tiles)[e, : int(pt.expert_ntiles[e])]
-            total += int(bits[tiles].sum()) * wbytes + tiles.size * sbytes
-    return total
+    """Packed bytes (words + scales, kernel layout) of the experts that received rows, each read once."""
+    return sum(pt.expert_bytes(int(e)) for pt in (kern.gate, kern.up, kern.down) for e in np.flatnonzero(sizes))
 
 
 def synthetic_kernels(shape: Shape, bpw: float, tiles, seed: int = 0, abstract: bool = False):
-    """Random allocations (integer-bit mean ``bpw − 16/GROUP``) and their kernel layouts."""
+    """Random allocations (integer-bit mean ``bpw − 16/GROUP``) and their kernel layouts (the family
+    follows the type of ``tiles``: `CodeConfig` GPU, `TileConfig` TPU)."""
     e, d, f = shape.experts, shape.hidden, shape.inter
     allocs = {p: random_allocation(e, d, bpw - 16 / GROUP, seed=seed + i) for i, p in enumerate(("gate", "up", "down"))}
-    kern = ExpertKernels(*(
-        synthetic_plane_tiles(allocs[p], f, o, tiles, GROUP, seed=seed + i, abstract=abstract)
-        for i, (p, o) in enumerate((("gate", "rows"), ("up", "rows"), ("down", "lanes")))
-    ))
-    return allocs, kern
+    if isinstance(tiles, CodeConfig):
+        parts = (synthetic_code_tiles(allocs[p], f, GROUP, tiles.tile, seed=seed + i, abstract=abstract)
+                 for i, p in enumerate(("gate", "up", "down")))
+    else:
+        parts = (synthetic_plane_tiles(allocs[p], f, o, tiles, GROUP, seed=seed + i, abstract=abstract)
+                 for i, (p, o) in enumerate((("gate", "rows"), ("up", "rows"), ("down", "lanes"))))
+    return allocs, ExpertKernels(*parts)
 
 
 def layout_overhead(shape: Shape, bpw: float, allocs: dict[str, np.ndarray], kern: ExpertKernels) -> tuple:
@@ -192,56 +195,84 @@ def bf16_layer(x, token, sizes, gate, up, down):
 
 
 # ------------------------------------------------------------------------------------------ runs
-def bench_shape(
-    shape: Shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=None, splits=None, seed=0
-):
-    rng = np.random.default_rng(seed)
-    key = jax.random.PRNGKey(seed)
+@dataclasses.dataclass
+class ShapeBench:
+    """The dense bf16 experts, 8-bit bases and jitted paths of one layer shape (built once)."""
+
+    shape: Shape
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    bases: tuple
+    layouts: dict  # bpw -> (kern on device, packed on device, kern on host)
+
+    @classmethod
+    def build(cls, shape: Shape, seed: int = 0) -> "ShapeBench":
+        e, d, f = shape.experts, shape.hidden, shape.inter
+        k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
+        dense = lambda k, s: (jax.random.normal(k, s, jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+        bases = tuple(
+            (jax.random.randint(kk, (d, d), -127, 128, jnp.int32).astype(jnp.int8), jnp.full((d,), 1e-2, jnp.bfloat16))
+            for kk in jax.random.split(k4, 3)
+        )
+        return cls(shape, dense(k1, (e, d, f)), dense(k2, (e, d, f)), dense(k3, (e, f, d)), bases, {})
+
+
+def bench_config(
+    sb: ShapeBench, bpw: float, tokens: int, tiles, opts: dict, iters: int, copy_bw: float, overhead: list,
+    rng: np.random.Generator, layer: bool, seed: int = 0,
+) -> dict:
+    """One (shape, budget, token count): the Pallas kernels vs XLA dequantize-then-matmul vs bf16."""
+    shape = sb.shape
     e, d, f = shape.experts, shape.hidden, shape.inter
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    scale = 0.02
-    gate = (jax.random.normal(k1, (e, d, f), jnp.bfloat16) * scale).astype(jnp.bfloat16)
-    up = (jax.random.normal(k2, (e, d, f), jnp.bfloat16) * scale).astype(jnp.bfloat16)
-    down = (jax.random.normal(k3, (e, f, d), jnp.bfloat16) * scale).astype(jnp.bfloat16)
-    bases = tuple(
-        (jax.random.randint(kk, (d, d), -127, 128, jnp.int32).astype(jnp.int8), jnp.full((d,), 1e-2, jnp.bfloat16))
-        for kk in jax.random.split(k4, 3)
-    )
-    f_bf16 = jax.jit(bf16_experts)
-    f_bf16_layer = jax.jit(bf16_layer)
-    opts = dict(backend=backend, interpret=interpret, tm=tm, splits=splits)
-    f_kernel = jax.jit(functools.partial(swiglu_experts, **opts))
-    f_layer = jax.jit(functools.partial(quantized_layer, **opts))
-    f_xla = jax.jit(xla_experts, static_argnums=4)
-    for bpw in bpws:
+    if bpw not in sb.layouts:
         allocs, kern = synthetic_kernels(shape, bpw, tiles, seed)
         packed = {p: synthetic_packed(allocs[p], f, rng) for p in allocs}
         overhead.append(layout_overhead(shape, bpw, allocs, kern))
-        kern_dev = jax.device_put(jax.tree.map(jnp.asarray, kern))
-        packed_dev = jax.device_put(packed)
-        for tokens in token_counts:
-            token, sizes = routing(tokens, shape, rng)
-            x = jax.random.normal(jax.random.PRNGKey(tokens), (tokens, d), jnp.bfloat16)
-            z = jax.random.normal(jax.random.PRNGKey(tokens + 1), (token.size, d), jnp.bfloat16)
-            tok_d, sizes_d = jnp.asarray(token), jnp.asarray(sizes)
-            t_k = time_fn(f_kernel, z, z, sizes_d, kern_dev, iters=iters)
-            t_x = time_fn(f_xla, z, z, sizes_d, packed_dev, e, iters=iters)
-            t_b = time_fn(f_bf16, x, tok_d, sizes_d, gate, up, down, iters=iters)
-            t_lq = time_fn(f_layer, x, tok_d, sizes_d, bases, kern_dev, iters=iters)
-            t_lb = time_fn(f_bf16_layer, x, tok_d, sizes_d, gate, up, down, iters=iters)
-            nbytes = routed_bytes(kern, sizes)
-            bw = nbytes / t_k
-            rows.append(dict(
-                shape=shape.name, bpw=bpw, tokens=tokens, pallas_us=t_k * 1e6, xla_us=t_x * 1e6, bf16_us=t_b * 1e6,
-                x_bf16=t_b / t_k, x_xla=t_x / t_k, layer_q_us=t_lq * 1e6, layer_bf16_us=t_lb * 1e6,
-                layer_x=t_lb / t_lq, routed_mb=nbytes / 1e6, gbps=bw / 1e9, pct_copy=100 * bw / copy_bw,
-            ))
-            print(_row_line(rows[-1]), flush=True)
+        sb.layouts[bpw] = (jax.device_put(jax.tree.map(jnp.asarray, kern)), jax.device_put(packed), kern)
+    kern_dev, packed_dev, kern = sb.layouts[bpw]
+    token, sizes = routing(tokens, shape, rng)
+    x = jax.random.normal(jax.random.PRNGKey(tokens), (tokens, d), jnp.bfloat16)
+    z = jax.random.normal(jax.random.PRNGKey(tokens + 1), (token.size, d), jnp.bfloat16)
+    tok_d, sizes_d = jnp.asarray(token), jnp.asarray(sizes)
+    t0 = time.perf_counter()
+    f_kernel = jax.jit(functools.partial(swiglu_experts, **opts))
+    jax.block_until_ready(f_kernel(z, z, sizes_d, kern_dev))
+    compile_s = time.perf_counter() - t0
+    t_k = time_fn(f_kernel, z, z, sizes_d, kern_dev, iters=iters)
+    t_x = time_fn(jax.jit(xla_experts, static_argnums=4), z, z, sizes_d, packed_dev, e, iters=iters)
+    t_b = time_fn(jax.jit(bf16_experts), x, tok_d, sizes_d, sb.gate, sb.up, sb.down, iters=iters)
+    row = dict(shape=shape.name, bpw=bpw, tokens=tokens, pallas_us=t_k * 1e6, xla_us=t_x * 1e6, bf16_us=t_b * 1e6,
+               x_bf16=t_b / t_k, x_xla=t_x / t_k, layer_q_us=float("nan"), layer_bf16_us=float("nan"),
+               layer_x=float("nan"), compile_s=compile_s)
+    if layer:
+        t_lq = time_fn(jax.jit(functools.partial(quantized_layer, **opts)), x, tok_d, sizes_d, sb.bases, kern_dev, iters=iters)
+        t_lb = time_fn(jax.jit(bf16_layer), x, tok_d, sizes_d, sb.gate, sb.up, sb.down, iters=iters)
+        row.update(layer_q_us=t_lq * 1e6, layer_bf16_us=t_lb * 1e6, layer_x=t_lb / t_lq)
+    nbytes = routed_bytes(kern, sizes)
+    bw = nbytes / t_k
+    row.update(routed_mb=nbytes / 1e6, gbps=bw / 1e9, pct_copy=100 * bw / copy_bw)
+    return row
+
+
+def plan_configs(shapes, bpws, token_counts, quick: bool, prefill: int) -> list[tuple[Shape, float, int]]:
+    """The configurations in the order they run. ``quick``: the bar first (Mixtral-8x7B, 2.5 bpw, 1
+    token), then decode 8 and prefill at 2.5 bpw, the other shape, and the other budgets at 1 token."""
+    if not quick:
+        return [(s, b, t) for s in shapes for b in bpws for t in token_counts]
+    first, *rest = shapes
+    plan = [(first, 2.5, 1), (first, 2.5, 8), (first, 2.5, prefill)]
+    plan += [(s, 2.5, t) for s in rest for t in (1, prefill)]
+    plan += [(s, b, 1) for s in shapes for b in bpws if b != 2.5]
+    return plan
 
 
 def correctness_check(backend: str, interpret: bool) -> bool:
-    """The compiled kernels against the pure-jnp reference on a real packed layer (E=8, r=256, F=512):
-    f32 and bf16, decode and prefill row counts, split and fused Triton paths. Printed; False on failure."""
+    """The compiled kernels against the pure-jnp reference on a real packed layer (E=8, r=256, F=512).
+
+    GPU: the decode GEMVs with 1 row per tile (split grid, f32) and 4 rows (unsplit, bf16), and the
+    prefill path (f32 and bf16). Each case compiles its own kernels (about half a minute each), so
+    the list is short. Printed; False on failure."""
     rng = np.random.default_rng(7)
     e, r, f = 8, 256, 512
     packed, dense = {}, {}
@@ -250,25 +281,29 @@ def correctness_check(backend: str, interpret: bool) -> bool:
         packed[p] = pack_segments(units, rng.choice([0, 1, 2, 3, 4, 8], size=e * r), GROUP)
         dense[p] = dequantize_packed(packed[p]).reshape(e, r, f)
     kern = jax.device_put(build_expert_kernels(packed, e, backend=backend))
+    tols = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+    if backend == "triton":
+        cases = [(jnp.float32, 2, None), (jnp.bfloat16, 32, 1), (jnp.float32, 128, None), (jnp.bfloat16, 128, None)]
+    else:
+        cases = [(jnp.float32, 2, None), (jnp.bfloat16, 128, None)]
     ok = True
-    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)):
-        for rows in (2, 128):
-            sizes = np.bincount(rng.integers(0, e, size=rows), minlength=e).astype(np.int32)
-            zg, zu = (jnp.asarray(rng.standard_normal((rows, r)), dtype) for _ in range(2))
-            want = swiglu_experts_reference(zg.astype(jnp.float32), zu.astype(jnp.float32), jnp.asarray(sizes),
-                                            dense["gate"], dense["up"], dense["down"])
-            for splits in ((None, 1) if backend == "triton" else (None,)):
-                fn = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=interpret, splits=splits))
-                got = fn(zg, zu, jnp.asarray(sizes), kern)
-                rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-                good = bool(np.isfinite(rel) and rel <= tol)
-                ok &= good
-                print(f"correctness {jnp.dtype(dtype).name} rows={rows} splits={splits}: max rel err {rel:.2e} "
-                      f"(tol {tol:.0e}) {'ok' if good else 'FAILED'}", flush=True)
+    for dtype, rows, splits in cases:
+        sizes = np.full(e, rows // e, np.int32) if rows >= e else np.bincount(rng.choice(e, rows, replace=False), minlength=e).astype(np.int32)
+        zg, zu = (jnp.asarray(rng.standard_normal((rows, r)), dtype) for _ in range(2))
+        want = swiglu_experts_reference(zg.astype(jnp.float32), zu.astype(jnp.float32), jnp.asarray(sizes),
+                                        dense["gate"], dense["up"], dense["down"])
+        fn = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=interpret, splits=splits))
+        t0 = time.perf_counter()
+        got = jax.block_until_ready(fn(zg, zu, jnp.asarray(sizes), kern))
+        rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        good = bool(np.isfinite(rel) and rel <= tols[dtype])
+        ok &= good
+        print(f"correctness {jnp.dtype(dtype).name} rows={rows} splits={splits}: max rel err {rel:.2e} "
+              f"(tol {tols[dtype]:.0e}) {'ok' if good else 'FAILED'} ({time.perf_counter() - t0:.0f} s with compile)", flush=True)
     return ok
 
 
-def end_to_end(new_tokens: int, prompt_len: int, smoke: bool) -> tuple[float, float]:
+def end_to_end(new_tokens: int, prompt_len: int) -> tuple[float, float]:
     """Greedy decode tokens/s: reference model bf16 vs its experts quantized at ~2.5 bits (Pallas)."""
     rng = np.random.default_rng(0)
     model, config = load_model(REFERENCE_DIR, dtype=jnp.bfloat16)
@@ -287,23 +322,52 @@ def end_to_end(new_tokens: int, prompt_len: int, smoke: bool) -> tuple[float, fl
         e, d, _ = dense[0].shape
         bits = {p: random_allocation(e, d, 2.5 - 16 / GROUP, seed=i) for i, p in enumerate(("gate", "up", "down"))}
         layer.mlp.experts = quantized_from_dense(*dense, bits, rng, GROUP)
-    set_implementation(model, "pallas" if smoke else None)
+    set_implementation(model, "pallas")  # the kernels, also where `None` would still pick XLA
     return bf16_rate, rate(model)
 
 
 def _row_line(r: dict) -> str:
+    def num(v: float, fmt: str = ".1f", suffix: str = "") -> str:
+        return "–" if v != v else f"{v:{fmt}}{suffix}"  # NaN: not measured (--quick skips the layer columns)
+
     return (
         f"| {r['shape']} | {r['bpw']:.1f} | {r['tokens']} | {r['pallas_us']:.1f} | {r['xla_us']:.1f} | {r['bf16_us']:.1f} "
-        f"| {r['x_bf16']:.2f}x | {r['x_xla']:.2f}x | {r['layer_q_us']:.1f} | {r['layer_bf16_us']:.1f} | {r['layer_x']:.2f}x "
-        f"| {r['routed_mb']:.2f} | {r['gbps']:.1f} | {r['pct_copy']:.0f}% |"
+        f"| {r['x_bf16']:.2f}x | {r['x_xla']:.2f}x | {num(r['layer_q_us'])} | {num(r['layer_bf16_us'])} "
+        f"| {num(r['layer_x'], '.2f', 'x')} | {r['routed_mb']:.2f} | {r['gbps']:.1f} | {r['pct_copy']:.0f}% "
+        f"| {num(r.get('compile_s', float('nan')), '.0f')} |"
     )
 
 
 HEADER = (
     "| shape | bpw | tokens | pallas µs | xla dequant µs | bf16 ragged_dot µs | bf16/pallas | xla/pallas "
-    "| layer q µs | layer bf16 µs | layer bf16/q | routed packed MB | GB/s | % copy BW |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| layer q µs | layer bf16 µs | layer bf16/q | routed packed MB | GB/s | % copy BW | compile s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def write_report(path: str, title: str, copy_bw: float, correct: bool, rows: list[dict], overhead: list,
+                 extra: str = "") -> None:
+    """The table so far, as markdown (written whole each time: a run cut short keeps its rows)."""
+    import contextlib
+    import io
+    import os
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print(f"{title}\n\ncopy bandwidth {copy_bw / 1e9:.1f} GB/s; correctness check "
+              f"{'passed' if correct else 'FAILED (timings not valid)'}\n")
+        print(HEADER)
+        for r in rows:
+            print(_row_line(r))
+        if overhead:
+            print_overhead(overhead)
+        if extra:
+            print(f"\n{extra}")
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as fh:
+        fh.write(buf.getvalue())
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,10 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated subset of shape names")
     ap.add_argument("--bpw", default=None, help="comma-separated budgets (default 2.0,2.5,3.0)")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,2,4,8,<prefill>)")
-    ap.add_argument("--tm", type=int, default=None, help="force the kernels' row tile (e.g. 1 or 2: GEMV form on GPU)")
-    ap.add_argument("--splits", type=int, default=None, help="force the Triton reduction split (1: fused, no atomics)")
-    ap.add_argument("--tile-rows", type=int, default=None, help="gate/up components per tile (layout)")
-    ap.add_argument("--tile-lanes", type=int, default=None, help="down components per tile (layout)")
+    ap.add_argument("--tm", type=int, default=None, help="force the kernels' row tile (GPU: ≤ 4 GEMV, more: dequantize path)")
+    ap.add_argument("--splits", type=int, default=None, help="force the GPU reduction split (1: one program per block)")
+    ap.add_argument("--tile-rows", type=int, default=None, help="TPU: gate/up components per tile (layout)")
+    ap.add_argument("--tile-lanes", type=int, default=None, help="TPU: down components per tile (layout)")
+    ap.add_argument("--tile", type=int, default=None, help="GPU: components per tile of the code layout")
+    ap.add_argument("--quick", action="store_true", help="the bar first, then a short list (see plan_configs)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new configuration after this many seconds")
+    ap.add_argument("--cache", default=None, help="persistent compilation cache directory")
+    ap.add_argument("--out", default=None, help="markdown report, rewritten after every row")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode measurement")
     ap.add_argument("--layout-only", action="store_true", help="only the layout-overhead tables (CPU, full shapes)")
     args = ap.parse_args(argv)
@@ -340,30 +409,52 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.shapes.split(","))
         shapes = tuple(s for s in shapes if s.name in wanted)
     tiles = DEFAULT_TILES[backend]
-    if args.tile_rows or args.tile_lanes:
+    if backend == "triton" and args.tile:
+        tiles = CodeConfig(tile=args.tile)
+    elif args.tile_rows or args.tile_lanes:
         tiles = dataclasses.replace(tiles, tile_rows=args.tile_rows or tiles.tile_rows, tile_lanes=args.tile_lanes or tiles.tile_lanes)
     iters = args.iters or (2 if smoke else 20)
     bpws = tuple(float(b) for b in args.bpw.split(",")) if args.bpw else ((2.5,) if smoke else (2.0, 2.5, 3.0))
     token_counts = (
         tuple(int(t) for t in args.tokens.split(",")) if args.tokens else ((1, 8, 64) if smoke else (1, 2, 4, 8, args.prefill))
     )
+    if args.cache:  # compiled kernels survive a rerun on the same machine
+        jax.config.update("jax_compilation_cache_dir", args.cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, kernels: {backend}"
-          f"{' (interpret)' if interpret else ''}", flush=True)
+    title = (f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, kernels: {backend}"
+             f"{' (interpret)' if interpret else ''}")
+    print(title, flush=True)
     correct = correctness_check(backend, interpret)
     copy_bw = copy_bandwidth((16 << 20) if smoke else (2 << 30), iters)
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
     rows: list[dict] = []
     overhead: list[tuple] = []
     print(HEADER, flush=True)
-    for shape in shapes:
-        bench_shape(shape, bpws, token_counts, tiles, backend, interpret, iters, copy_bw, rows, overhead, tm=args.tm,
-                    splits=args.splits)
+    deadline = time.perf_counter() + (args.budget_s or float("inf"))
+    opts = dict(backend=backend, interpret=interpret, tm=args.tm, splits=args.splits)
+    rng = np.random.default_rng(0)
+    built: dict[str, ShapeBench] = {}
+    for shape, bpw, tokens in plan_configs(shapes, bpws, token_counts, args.quick, args.prefill):
+        if time.perf_counter() > deadline:
+            print(f"time budget reached: not started {shape.name} {bpw} bpw {tokens} tokens and later ones", flush=True)
+            break
+        if shape.name not in built:
+            built.clear()  # one shape's dense experts on the device at a time
+            built[shape.name] = ShapeBench.build(shape)
+        rows.append(bench_config(built[shape.name], bpw, tokens, tiles, opts, iters, copy_bw, overhead, rng,
+                                 layer=not args.quick))
+        print(_row_line(rows[-1]), flush=True)
+        if args.out:
+            write_report(args.out, title, copy_bw, correct, rows, overhead)
     print_overhead(overhead)
     if not args.no_e2e:
-        bf16_rate, q_rate = end_to_end(new_tokens=4 if smoke else 64, prompt_len=8 if smoke else 32, smoke=smoke)
-        print(f"\nend-to-end greedy decode, reference model (3 layers, D=F=256, 16 experts), batch 1: "
-              f"bf16 {bf16_rate:.1f} tok/s, quantized ~2.5 bpw (Pallas) {q_rate:.1f} tok/s ({q_rate / bf16_rate:.2f}x)")
+        bf16_rate, q_rate = end_to_end(new_tokens=4 if smoke else 64, prompt_len=8 if smoke else 32)
+        line = (f"end-to-end greedy decode, reference model (3 layers, D=F=256, 16 experts), batch 1: "
+                f"bf16 {bf16_rate:.1f} tok/s, quantized ~2.5 bpw (Pallas) {q_rate:.1f} tok/s ({q_rate / bf16_rate:.2f}x)")
+        print(f"\n{line}")
+        if args.out:
+            write_report(args.out, title, copy_bw, correct, rows, overhead, extra=line)
     print(f"\ndevice: {device.device_kind}; copy bandwidth {copy_bw / 1e9:.1f} GB/s")
     if not correct:
         print("KERNEL CORRECTNESS CHECK FAILED (see the lines at the top): timings above are not valid", file=sys.stderr)

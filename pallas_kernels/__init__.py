@@ -1,12 +1,15 @@
-"""Pallas kernels for the BitsMoE routed-expert product, reading packed bit-planes.
+"""Pallas kernels for the BitsMoE routed-expert product, decoding packed low-bit weights in registers.
 
-* `api` — `swiglu_experts` (the two kernels plus the gathers around them), `ExpertKernels`,
+* `api` — `swiglu_experts` (the kernels plus the gathers around them), `ExpertKernels`,
   `build_expert_kernels`, and the ``implementation = "pallas" | "xla" | None`` resolution.
-* `layout` — the kernel layout derived at load time from the stored `PackedMatrix` (and synthetic
-  layouts for benchmarks); its docstring defines the word order.
-* `unpack` — in-kernel unpacking shared by both kernel families.
+* `code_layout` — the GPU layout derived at load time from the stored `PackedMatrix`: b-bit integer
+  codes decoded by the float-exponent trick (its docstring defines the format and says why).
+* `triton_codes` (GPU) — decode GEMVs and the prefill dequantizer over `code_layout`.
+* `layout` — the TPU layout: ±1 bit-planes in t-major word order; `unpack` — their in-kernel unpacking.
+* `tpu_gmm` (TPU, scalar prefetch) — the Mosaic kernels over `layout`.
 * `routing` — row tiles holding one expert each (the static-grid bound, per-row destinations).
-* `triton_gmm` (GPU), `tpu_gmm` (TPU, scalar prefetch) — the kernels; both also run in interpret mode.
 * `reference` — a pure-jnp reference on the dequantized factors, for tests.
 * `compat` — Pallas API differences between JAX versions.
+
+Every kernel also runs in interpret mode (CPU tests).
 """

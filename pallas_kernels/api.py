@@ -1,7 +1,14 @@
 """The quantized routed-expert product behind one switch: ``implementation = "pallas" | "xla" | None``.
 
-`ExpertKernels` holds the three projections in kernel layout (`layout.PlaneTiles`), derived once at
-load time from the stored `PackedMatrix` format. `swiglu_experts` runs the two kernels —
+`ExpertKernels` holds the three projections in a kernel layout derived once at load time from the
+stored `PackedMatrix` format: bit-planes (`layout.PlaneTiles`) for the TPU family, integer codes
+(`code_layout.CodeTiles`) for the GPU family (see `code_layout` for why the two differ).
+
+GPU (``"triton"``): at decode (≤ `triton_codes.GEMV_MAX_ROWS` rows per expert) the decode GEMVs of
+`triton_codes` (gate/up, then down); with more rows per expert (prefill) the kernels dequantize each
+expert's factors once and XLA's grouped matmul does the compute-bound product.
+
+TPU (``"mosaic"``): `swiglu_experts` runs the two kernels —
 gate/up fused with the SiLU gating (one pass over the rows, ``h`` written once in the activation
 dtype) and down — on rows sorted by expert, and maps the kernel's component order back:
 
@@ -14,6 +21,7 @@ dtype) and down — on rows sorted by expert, and maps the kernel's component or
 
 Backends: ``"triton"`` (GPU: grid of independent programs, in-kernel loops), ``"mosaic"`` (TPU:
 scalar-prefetch grid with the reduction over grid steps), each also runnable in interpret mode.
+Both families map the kernel component order back the same way (``kernel_comp`` / ``comp_pos``).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import jax.numpy as jnp
 
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.quant.packing import PackedMatrix
-from pallas_kernels import tpu_gmm, triton_gmm
+from pallas_kernels import tpu_gmm, triton_codes
+from pallas_kernels.code_layout import CodeConfig, CodeTiles, code_tiles_from_packed
 from pallas_kernels.layout import PlaneTiles, TileConfig, plane_tiles_from_packed
 from pallas_kernels.routing import expert_of_rows, make_row_tiles
 
@@ -36,17 +45,22 @@ BACKENDS = ("triton", "mosaic")
 # tiles promote fewer boundary components (see layout) and give more programs at decode.
 DEFAULT_TILES = {
     "mosaic": TileConfig(tile_rows=256, tile_lanes=128, n_block=2048, f_block=2048, n_block_min=128, f_block_min=256),
-    "triton": TileConfig(tile_rows=128, tile_lanes=64, n_block=128, f_block=256, n_block_min=128, f_block_min=256),
+    "triton": CodeConfig(tile=128),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertKernels:
-    """Gate and up in ``"rows"`` layout, down in ``"lanes"`` layout (a pytree)."""
+    """The three projections in kernel layout (a pytree): `PlaneTiles` (gate and up in ``"rows"``,
+    down in ``"lanes"`` orientation) for the TPU family, `CodeTiles` for the GPU family."""
 
-    gate: PlaneTiles
-    up: PlaneTiles
-    down: PlaneTiles
+    gate: PlaneTiles | CodeTiles
+    up: PlaneTiles | CodeTiles
+    down: PlaneTiles | CodeTiles
+
+    @property
+    def family(self) -> str:
+        return "triton" if isinstance(self.down, CodeTiles) else "mosaic"
 
     def bytes_read(self) -> int:
         return sum(sum(p.bytes_read().values()) for p in (self.gate, self.up, self.down))
@@ -80,31 +94,43 @@ def default_backend(platform: str | None = None) -> str:
 
 
 def build_expert_kernels(
-    packed: dict[str, PackedMatrix], num_experts: int, cfg: TileConfig | None = None, backend: str | None = None
+    packed: dict[str, PackedMatrix], num_experts: int, cfg: TileConfig | CodeConfig | None = None, backend: str | None = None
 ) -> ExpertKernels:
-    """Kernel layouts of the three projections from their stored packed matrices (numpy, at load time)."""
-    cfg = cfg or DEFAULT_TILES[backend or default_backend()]
-    gate = plane_tiles_from_packed(packed["gate"], num_experts, "rows", cfg)
-    up = plane_tiles_from_packed(packed["up"], num_experts, "rows", cfg)
+    """Kernel layouts of the three projections from their stored packed matrices (numpy, at load time).
+
+    ``cfg``: a `TileConfig` (TPU family, bit-planes) or a `CodeConfig` (GPU family, integer codes);
+    its type picks the family when ``backend`` is None, else the platform's default family does.
+    """
+    if backend is None:
+        backend = {TileConfig: "mosaic", CodeConfig: "triton"}.get(type(cfg)) or default_backend()
+    cfg = cfg or DEFAULT_TILES[backend]
+    want = CodeConfig if backend == "triton" else TileConfig
+    if not isinstance(cfg, want):
+        raise ValueError(f"the {backend!r} kernels take a {want.__name__}, got {type(cfg).__name__}")
+    if backend == "triton":
+        gate, up, down = (code_tiles_from_packed(packed[p], num_experts, cfg.tile) for p in ("gate", "up", "down"))
+    else:
+        gate = plane_tiles_from_packed(packed["gate"], num_experts, "rows", cfg)
+        up = plane_tiles_from_packed(packed["up"], num_experts, "rows", cfg)
+        down = plane_tiles_from_packed(packed["down"], num_experts, "lanes", cfg)
     if gate.n != up.n:
         raise ValueError(f"gate and up factors have different unit lengths ({gate.n} vs {up.n})")
-    down = plane_tiles_from_packed(packed["down"], num_experts, "lanes", cfg)
     if down.n != gate.n:
         raise ValueError(f"down factor unit length {down.n} differs from gate/up {gate.n}")
+    if backend == "triton" and not (gate.group_size == up.group_size == down.group_size):
+        raise ValueError("the GPU kernels need one group size for gate, up and down")
     return ExpertKernels(gate, up, down)
 
 
 def row_tile(m: int, num_experts: int, backend: str) -> int:
     """Rows per tile: about the rows one expert gets, as a power of two.
 
-    TPU: 16..128 (bf16 sublane tiling). GPU: 16..64 — also at decode, where the rows past the
-    expert's are zero padding: the tensor-core dot (Triton needs 16 rows) takes the multiply-adds
-    off the ALUs, which the bit-plane unpack already keeps busy. A smaller explicit ``tm`` (1, 2)
-    takes the broadcast-reduce GEMV form instead (kept selectable for benchmarking).
+    TPU: 16..128 (bf16 sublane tiling). GPU: 1..`GEMV_MAX_ROWS` for the decode GEMVs (each row costs
+    one FFMA per code); more rows per expert take the dequantize-then-matmul path instead.
     """
     per_expert = max(1, -(-m // max(1, min(num_experts, m))))
     tm = 1 << (per_expert - 1).bit_length()
-    return max(16, min(128 if backend == "mosaic" else 64, tm))
+    return max(16, min(128, tm)) if backend == "mosaic" else tm
 
 
 def reduction_splits(programs: int, steps: int, target: int = 1024, min_steps: int = 4) -> int:
@@ -131,58 +157,133 @@ def swiglu_experts(
     """Rows sorted by expert ``zg [M, r_g]``, ``zu [M, r_u]`` (bf16 or f32) -> ``acc [M, r_d]`` float32.
 
     Same result as `reference.swiglu_experts_reference` on the dequantized factors. ``interpret``
-    defaults to True on CPU. ``h`` is kept in the activation dtype between the two kernels.
-    ``splits`` (Triton only): cut each program's reduction into this many chunks on an extra grid
-    axis (atomic adds; see `triton_gmm`); ``None`` picks it from the grid size, 1 disables it.
+    defaults to True on CPU. ``h`` is kept in the activation dtype between the two products.
+    ``backend`` must match the layout's family (default: the layout's). ``tm``: rows per row tile
+    (default: about the rows one expert gets; on GPU more than `triton_codes.GEMV_MAX_ROWS` selects
+    the dequantize-then-matmul path). ``splits`` (GPU decode): cut each program's reduction into this
+    many chunks on an extra grid axis (atomic adds); ``None`` picks it from the grid size, 1 disables it.
     """
-    backend = backend or default_backend()
+    family = kern.family
+    backend = backend or family
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != family:
+        raise ValueError(f"this layout was built for the {family!r} kernels, not {backend!r}: rebuild it with backend={backend!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    g_l, u_l, d_l = kern.gate, kern.up, kern.down
     _check_inputs(zg, zu, group_sizes, kern)
     m = zg.shape[0]
-    dt = zg.dtype
-    e = g_l.num_experts
-    tm = tm or row_tile(m, e, backend)
-    rt = make_row_tiles(group_sizes, m, tm)
-    mp = rt.expert.shape[0] * tm
+    tm = tm or row_tile(m, kern.gate.num_experts, backend)
     rows_e = expert_of_rows(group_sizes, m)
+    if backend == "mosaic":
+        acc_k, h, d_rows = _mosaic_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret)
+    elif tm <= triton_codes.GEMV_MAX_ROWS:
+        acc_k, h, d_rows = _gemv_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret, splits)
+    else:
+        acc_k, h, d_rows = _dequantized_experts(zg, zu, group_sizes, kern, rows_e, interpret)
+    d_l = kern.down
+    acc = _gather_rows(acc_k, jnp.asarray(d_l.comp_pos)[rows_e])
+    if d_l.has_dense16:
+        w16 = jnp.swapaxes(jnp.asarray(d_l.dense16), 1, 2).astype(jnp.float32)  # [E, Fp, n16]
+        a16 = grouped_matmul(d_rows(h).astype(jnp.float32), w16, group_sizes)
+        cols = jnp.asarray(d_l.comp16)[rows_e]
+        acc = acc.at[jnp.arange(m)[:, None], cols].add(a16.astype(jnp.float32), mode="drop")
+    return acc
+
+
+def _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes):
+    """Contributions of the 16-bit units of gate and up (``[M, Fp]`` float32 each), or ``(None, None)``."""
+    if not (g_l.has_dense16 or u_l.has_dense16):
+        return None, None
+    return tuple(_dense16_rows(z, pt, rows_e, group_sizes) for z, pt in ((zg, g_l), (zu, u_l)))
+
+
+def _mosaic_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret):
+    """TPU family: bit-plane kernels with scalar prefetch. -> (acc in kernel order [M, ·], h, rows of h)."""
+    g_l, u_l, d_l = kern.gate, kern.up, kern.down
+    m, dt = zg.shape[0], zg.dtype
+    rt = make_row_tiles(group_sizes, m, tm)
+    to_tiles = _to_tiles(rt, tm)
+    zk_g = to_tiles(_gather_rows(zg, jnp.asarray(g_l.kernel_comp)[rows_e]))
+    zk_u = to_tiles(_gather_rows(zu.astype(dt), jnp.asarray(u_l.kernel_comp)[rows_e]))
+    init_g, init_u = (None if x is None else to_tiles(x) for x in _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes))
+    gu_args = (rt, _step_tables(g_l), _step_tables(u_l), zk_g, zk_u, g_l.words, u_l.words, g_l.scales, u_l.scales, init_g, init_u)
+    h = tpu_gmm.gate_up(*gu_args, tile=g_l.tile, n_block=g_l.block, group_size=g_l.group_size, n_valid=g_l.n,
+                        out_dtype=dt, tm=tm, interpret=interpret)
+    tables = _step_tables(d_l)
+    tables = tables[:4] + (jnp.asarray(d_l.step_fblock).reshape(-1),) + tables[4:]
+    acc_k = tpu_gmm.down(rt, tables, jnp.asarray(d_l.tile_bits), d_l.max_tiles, h, d_l.words, d_l.scales,
+                         tile=d_l.tile, f_block=d_l.block, group_size=d_l.group_size, tm=tm, interpret=interpret)
+    return acc_k[rt.dest], h, lambda hh: hh[rt.dest]
+
+
+def _gemv_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret, splits):
+    """GPU decode: the code-layout GEMVs. -> (acc in kernel order [M, L·C], h [Mp, Fp], rows of h)."""
+    g_l, u_l, d_l = kern.gate, kern.up, kern.down
+    m, dt = zg.shape[0], zg.dtype
+    gs, c = g_l.group_size, g_l.tile
+    gp = g_l.n_padded // gs
+    rt = make_row_tiles(group_sizes, m, tm)
+    to_tiles = _to_tiles(rt, tm)
+    t = rt.expert.shape[0]
+    exps = triton_codes.exponent_table()
+    flat = lambda a: jnp.asarray(a).reshape(-1)
+    quad = lambda a: jnp.asarray(a).reshape(*a.shape[:-1], a.shape[-1] // 4, 4)  # a thread's 4 columns
+    z = [quad(to_tiles(_gather_rows(zz.astype(jnp.float32), jnp.asarray(pt.kernel_comp)[rows_e])))
+         for zz, pt in ((zg, g_l), (zu, u_l))]
+    tabs = [(flat(pt.expert_tiles), flat(pt.width_start), jnp.asarray(pt.tile_row0)) for pt in (g_l, u_l)]
+    gu_splits = splits or reduction_splits(gp * t, max(g_l.max_tiles, u_l.max_tiles), min_steps=2)
+    g, u = triton_codes.gate_up_gemv(
+        rt, *tabs, *z, quad(g_l.words), quad(u_l.words), quad(g_l.scales), quad(u_l.scales), exps,
+        tm=tm, tile=c, group_size=gs, widths=(g_l.widths, u_l.widths), max_tiles=(g_l.max_tiles, u_l.max_tiles),
+        interpret=interpret, splits=gu_splits,
+    )
+    fp = g_l.n_padded
+    g, u = g[:, :fp], u[:, :fp]
+    init_g, init_u = _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes)
+    if init_g is not None:
+        g, u = g + to_tiles(init_g), u + to_tiles(init_u)
+    h = jnp.where(jnp.arange(fp) < g_l.n, jax.nn.silu(g) * u, 0.0).astype(dt)
+    hsum = h.astype(jnp.float32).reshape(h.shape[0], gp, gs).sum(axis=2)
+    hp = jnp.pad(h.astype(jnp.float32), ((0, 0), (0, triton_codes.overrun(d_l.widths, gs))))
+    d_splits = splits or reduction_splits(d_l.max_tiles * t, gp)
+    acc_k = triton_codes.down_gemv(
+        rt, flat(d_l.expert_tiles), jnp.asarray(d_l.expert_ntiles), jnp.asarray(d_l.tile_bits),
+        jnp.asarray(d_l.tile_row0), hp, hsum, d_l.words, d_l.scales, exps, tm=tm, tile=d_l.tile,
+        group_size=gs, widths=d_l.widths, interpret=interpret, splits=d_splits,
+    )
+    return acc_k[rt.dest], h, lambda hh: hh[rt.dest]
+
+
+def _dequantized_experts(zg, zu, group_sizes, kern, rows_e, interpret):
+    """GPU prefill: each expert's factors dequantized by the kernels, then XLA's grouped matmul."""
+    g_l, u_l, d_l = kern.gate, kern.up, kern.down
+    dt = zg.dtype
+    exps = triton_codes.exponent_table()
+    deq = lambda pt, tr: triton_codes.dequantize_tiles(pt, exps, dtype=dt, transpose=tr, interpret=interpret)
+    g = _grouped_f32(_gather_rows(zg, jnp.asarray(g_l.kernel_comp)[rows_e]), deq(g_l, True), group_sizes)
+    u = _grouped_f32(_gather_rows(zu.astype(dt), jnp.asarray(u_l.kernel_comp)[rows_e]), deq(u_l, True), group_sizes)
+    init_g, init_u = _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes)
+    if init_g is not None:
+        g, u = g + init_g, u + init_u
+    h = jnp.where(jnp.arange(g_l.n_padded) < g_l.n, jax.nn.silu(g) * u, 0.0).astype(dt)
+    return _grouped_f32(h, deq(d_l, False), group_sizes), h, lambda hh: hh
+
+
+def _grouped_f32(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Grouped matmul accumulating in float32 (``ragged_dot`` on GPU/TPU, the tiled loop on CPU)."""
+    if jax.default_backend() == "cpu":
+        return grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), group_sizes)
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
+
+
+def _to_tiles(rt, tm: int):
+    mp = rt.expert.shape[0] * tm
 
     def to_tiles(x: jax.Array) -> jax.Array:  # sorted rows -> padded row-tile order
         return jnp.zeros((mp, x.shape[1]), x.dtype).at[rt.dest].set(x)
 
-    zk_g = to_tiles(_gather_rows(zg, jnp.asarray(g_l.kernel_comp)[rows_e]))
-    zk_u = to_tiles(_gather_rows(zu.astype(dt), jnp.asarray(u_l.kernel_comp)[rows_e]))
-    init_g = init_u = None
-    if g_l.has_dense16 or u_l.has_dense16:
-        init_g, init_u = (to_tiles(_dense16_rows(z, pt, rows_e, group_sizes)) for z, pt in ((zg, g_l), (zu, u_l)))
-    common = dict(tm=tm, interpret=interpret)
-    gu_args = (rt, _step_tables(g_l), _step_tables(u_l), zk_g, zk_u, g_l.words, u_l.words, g_l.scales, u_l.scales, init_g, init_u)
-    gu_geometry = dict(tile=g_l.tile, n_block=g_l.block, group_size=g_l.group_size, n_valid=g_l.n, out_dtype=dt, **common)
-    geometry = dict(tile=d_l.tile, f_block=d_l.block, group_size=d_l.group_size, **common)
-    t = rt.expert.shape[0]
-    if backend == "triton":
-        gu_splits = splits or reduction_splits((g_l.n_padded // g_l.block) * t, max(g_l.max_steps, u_l.max_steps))
-        h = triton_gmm.gate_up(*gu_args, splits=gu_splits, **gu_geometry)
-        d_splits = splits or reduction_splits(d_l.max_tiles * t, d_l.n_padded // d_l.block)
-        acc_k = triton_gmm.down(
-            rt, jnp.asarray(d_l.expert_tiles), jnp.asarray(d_l.expert_ntiles), jnp.asarray(d_l.tile_q0),
-            jnp.asarray(d_l.tile_bits), h, d_l.words, d_l.scales, splits=d_splits, **geometry,
-        )
-    else:
-        h = tpu_gmm.gate_up(*gu_args, **gu_geometry)
-        tables = _step_tables(d_l)
-        tables = tables[:4] + (jnp.asarray(d_l.step_fblock).reshape(-1),) + tables[4:]
-        acc_k = tpu_gmm.down(rt, tables, jnp.asarray(d_l.tile_bits), d_l.max_tiles, h, d_l.words, d_l.scales, **geometry)
-    acc = _gather_rows(acc_k[rt.dest], jnp.asarray(d_l.comp_pos)[rows_e])
-    if d_l.has_dense16:
-        w16 = jnp.swapaxes(jnp.asarray(d_l.dense16), 1, 2).astype(jnp.float32)  # [E, Fp, n16]
-        a16 = grouped_matmul(h[rt.dest].astype(jnp.float32), w16, group_sizes)
-        cols = jnp.asarray(d_l.comp16)[rows_e]
-        acc = acc.at[jnp.arange(m)[:, None], cols].add(a16.astype(jnp.float32), mode="drop")
-    return acc
+    return to_tiles
 
 
 def _check_inputs(zg: jax.Array, zu: jax.Array, group_sizes: jax.Array, kern: ExpertKernels) -> None:
@@ -198,7 +299,7 @@ def _check_inputs(zg: jax.Array, zu: jax.Array, group_sizes: jax.Array, kern: Ex
         raise ValueError(f"swiglu_experts: activations must be float32 or bfloat16, got {zg.dtype}")
 
 
-def _dense16_rows(z: jax.Array, pt: PlaneTiles, rows_e: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def _dense16_rows(z: jax.Array, pt: PlaneTiles | CodeTiles, rows_e: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Contribution of a projection's 16-bit components, ``[M, Fp]`` float32 (zeros if it has none)."""
     if not pt.has_dense16:
         return jnp.zeros((z.shape[0], pt.n_padded), jnp.float32)

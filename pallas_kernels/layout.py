@@ -10,8 +10,8 @@ must unpack without lane shuffles. So the stored format is unchanged and this mo
 per load, the layout the kernels read:
 
 * **Tiles per expert.** Expert ``e``'s components with 1..8 bits are sorted by bit-width (stable)
-  and cut into tiles of ``tile`` components; the last tile of an expert is padded with *dead*
-  components (scale 0, never gathered). 0-bit components are not stored at all (they contribute
+  and cut into tiles of ``tile`` components from the widest end; the first (narrowest) tile of an
+  expert is padded with *dead* components (scale 0, never gathered). 0-bit components are not stored at all (they contribute
   nothing); 16-bit components (bf16 values) go to a small dense side matrix ``dense16`` that the
   caller multiplies with XLA. Tiles of all experts are numbered globally (expert-major).
 * **Promotion instead of per-segment padding.** A tile's bit-width ``B`` is the largest bit-width of
@@ -67,8 +67,29 @@ from bitsmoe_jax.quant.packing import WORD_BITS, PackedMatrix, unpack_bitplanes_
 ORIENTATIONS = ("rows", "lanes")
 
 
+class ExpertTileTables:
+    """What both kernel layouts (`PlaneTiles` here, `code_layout.CodeTiles`) answer the same way."""
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.expert_ntiles.shape[0])
+
+    @property
+    def max_tiles(self) -> int:
+        return int(self.expert_tiles.shape[1])
+
+    @property
+    def has_dense16(self) -> bool:
+        return int(self.dense16.shape[1]) > 0
+
+    def bytes_read(self) -> dict[str, int]:
+        """Bytes a forward may read per projection, all experts: words, scales, 16-bit side matrix."""
+        size = lambda a: int(np.prod(a.shape))
+        return {"words": size(self.words) * 4, "scales": size(self.scales) * 2, "dense16": size(self.dense16) * 2}
+
+
 @dataclasses.dataclass(frozen=True)
-class PlaneTiles:
+class PlaneTiles(ExpertTileTables):
     """One projection (all experts) in kernel layout; see the module docstring.
 
     Array fields (pytree leaves):
@@ -122,28 +143,15 @@ class PlaneTiles:
     block: int
 
     @property
-    def num_experts(self) -> int:
-        return int(self.expert_ntiles.shape[0])
-
-    @property
-    def max_tiles(self) -> int:
-        return int(self.expert_tiles.shape[1])
-
-    @property
     def max_steps(self) -> int:
         return int(self.step_q.shape[1])
 
-    @property
-    def has_dense16(self) -> bool:
-        return int(self.dense16.shape[1]) > 0
-
-    def bytes_read(self) -> dict[str, int]:
-        """Bytes a forward may read per projection, all experts: words, scales, 16-bit side matrix."""
-        return {
-            "words": int(np.prod(self.words.shape)) * 4,
-            "scales": int(np.prod(self.scales.shape)) * 2,
-            "dense16": int(np.prod(self.dense16.shape)) * 2,
-        }
+    def expert_bytes(self, e: int) -> int:
+        """Bytes of expert ``e``'s tiles (plane words and scales): what routing a row to it reads."""
+        wbytes = int(np.prod(self.words.shape[1:])) * 4
+        sbytes = int(self.scales.shape[0]) * self.tile * 2
+        tiles = np.asarray(self.expert_tiles)[e, : int(np.asarray(self.expert_ntiles)[e])]
+        return int(np.asarray(self.tile_bits)[tiles].sum()) * wbytes + tiles.size * sbytes
 
 
 jax.tree_util.register_dataclass(
@@ -249,14 +257,21 @@ def _pack_tile(u: np.ndarray, bits: int, orientation: str, rows_per_block: int) 
 
 
 def _tile_assignment(bits: np.ndarray, tile: int) -> tuple[list[list[np.ndarray]], list[list[int]]]:
-    """Per expert: its tiles (component index arrays, ``-1`` = dead) and their bit-widths."""
+    """Per expert: its tiles (component index arrays, ``-1`` = dead) and their bit-widths.
+
+    Components sorted by width are cut into full tiles *from the widest end*, so the one partial
+    tile holds the narrowest components. That cut is optimal for any tile cost that grows with the
+    tile's width (here bits per position): the cheapest cover of the first ``i`` sorted components
+    never costs more than that of ``i + 1``, so the last tile is best taken full. Cutting from the
+    narrow end instead left a partial tile of the widest (often 8-bit) components, mostly dead slots:
+    +15.7 % vs +8.7 % bytes over stored for a 2.5-bit Mixtral layer with 128-component code tiles."""
     comps, tbits = [], []
     for b_e in bits:
         live = np.flatnonzero((b_e >= 1) & (b_e <= 8))
         order = live[np.argsort(b_e[live], kind="stable")]
         nt = -(-order.size // tile)
         padded = np.full(nt * tile, -1, np.int64)
-        padded[: order.size] = order
+        padded[nt * tile - order.size :] = order  # dead slots open the first (narrowest) tile
         tiles = [padded[i * tile : (i + 1) * tile] for i in range(nt)]
         comps.append(tiles)
         tbits.append([int(b_e[t[t >= 0]].max()) for t in tiles])
@@ -353,17 +368,9 @@ def plane_tiles_from_packed(pm: PackedMatrix, num_experts: int, orientation: str
             gi += 1
     wshape = (tile // WORD_BITS, fp) if orientation == "rows" else (fp // WORD_BITS, tile)
     words_arr = np.concatenate(words) if words else np.zeros((1, *wshape), np.int32)
-    is16 = bits == 16
-    n16 = int(is16.sum(axis=1).max()) if is16.any() else 0
-    dense16 = np.zeros((num_experts, n16, fp), np.float32)
-    comp16 = np.full((num_experts, n16), r, np.int32)
-    for e in range(num_experts):
-        idx = np.flatnonzero(is16[e])
-        comp16[e, : idx.size] = idx
-        dense16[e, : idx.size, :n] = values16[e * r + idx]
+    dense16, comp16 = dense16_side(bits, values16, fp)
     return PlaneTiles(
-        words=words_arr, scales=scale_arr.astype(ml_dtypes.bfloat16), dense16=dense16.astype(ml_dtypes.bfloat16),
-        comp16=comp16, orientation=orientation, r=r, n=n, n_padded=fp, group_size=gs, tile=tile,
+        words=words_arr, scales=scale_arr.astype(ml_dtypes.bfloat16), dense16=dense16, comp16=comp16, orientation=orientation, r=r, n=n, n_padded=fp, group_size=gs, tile=tile,
         rows_per_block=rpb, block=block, **tables,
     )
 
@@ -385,22 +392,41 @@ def synthetic_plane_tiles(
     tile, rpb, fp, block = _geometry(orientation, cfg, n, group_size)
     comps, tbits = _tile_assignment(bits, tile)
     tables = _tables(comps, tbits, r, tile, 1 if orientation == "rows" else fp // block)
-    rng = np.random.default_rng(seed)
     planes = int(tables["tile_bits"].sum()) if tables["expert_ntiles"].sum() else 1
     wshape = (planes, tile // WORD_BITS, fp) if orientation == "rows" else (planes, fp // WORD_BITS, tile)
     ntot = max(int(tables["expert_ntiles"].sum()), 1)
     sshape = (fp // group_size, 1, ntot * tile)
-    if abstract:
-        words = jax.ShapeDtypeStruct(wshape, np.int32)
-        scales = jax.ShapeDtypeStruct(sshape, ml_dtypes.bfloat16)
-    else:
-        words = rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, size=wshape, dtype=np.int32)
-        scales = (rng.uniform(0.5, 1.5, size=sshape) * 1e-2).astype(ml_dtypes.bfloat16)
+    words, scales = random_words_and_scales(wshape, sshape, seed, abstract)
     return PlaneTiles(
         words=words, scales=scales, dense16=np.zeros((e, 0, fp), ml_dtypes.bfloat16), comp16=np.zeros((e, 0), np.int32),
         orientation=orientation, r=r, n=int(n), n_padded=fp, group_size=int(group_size), tile=tile,
         rows_per_block=rpb, block=block, **tables,
     )
+
+
+def dense16_side(bits: np.ndarray, values16: np.ndarray | None, fp: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 16-bit components of every expert: ``dense16 [E, n16, Fp]`` bf16 (zeros where
+    ``values16`` is None: synthetic layouts) and ``comp16 [E, n16]`` (``r`` = none)."""
+    e_count, r = bits.shape
+    is16 = bits == 16
+    n16 = int(is16.sum(axis=1).max()) if is16.any() else 0
+    dense16 = np.zeros((e_count, n16, fp), np.float32)
+    comp16 = np.full((e_count, n16), r, np.int32)
+    for e in range(e_count):
+        idx = np.flatnonzero(is16[e])
+        comp16[e, : idx.size] = idx
+        if values16 is not None:
+            dense16[e, : idx.size, : values16.shape[1]] = values16[e * r + idx]
+    return dense16.astype(ml_dtypes.bfloat16), comp16
+
+
+def random_words_and_scales(wshape: tuple, sshape: tuple, seed: int, abstract: bool):
+    """Random int32 words and bf16 scales (~1e-2) of synthetic layouts, or their abstract shapes."""
+    if abstract:
+        return jax.ShapeDtypeStruct(wshape, np.int32), jax.ShapeDtypeStruct(sshape, ml_dtypes.bfloat16)
+    rng = np.random.default_rng(seed)
+    words = rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, size=wshape, dtype=np.int32)
+    return words, (rng.uniform(0.5, 1.5, size=sshape) * 1e-2).astype(ml_dtypes.bfloat16)
 
 
 def random_allocation(num_experts: int, r: int, mean_bits: float, seed: int = 0) -> np.ndarray:

@@ -142,12 +142,13 @@ class QuantizedExperts(nnx.Module):
 
     # ------------------------------------------------------------------ implementation switch
     def set_implementation(
-        self, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | None" = None
+        self, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None
     ) -> None:
         """Select the forward path; builds the kernel layout (numpy, once) when Pallas may be used.
 
         ``backend``: ``"triton"`` / ``"mosaic"`` kernel family (default: the platform's; on CPU the
-        kernels run in interpret mode). ``tiles``: layout tile sizes (default: the family's).
+        kernels run in interpret mode). ``tiles``: layout sizes, a `TileConfig` (TPU family) or a
+        `CodeConfig` (GPU family); default: the family's.
         Call it eagerly (after loading), not under ``jax.jit``.
         """
         resolved = kernels_api.resolve_implementation(implementation)
@@ -255,7 +256,7 @@ class QuantizedExperts(nnx.Module):
 
 
 def set_implementation(
-    model: nnx.Module, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | None" = None
+    model: nnx.Module, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None
 ) -> int:
     """`QuantizedExperts.set_implementation` on every quantized expert block of ``model``; returns how many."""
     count = 0

@@ -12,12 +12,14 @@ import functools
 import numpy as np
 
 from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, pack_segments
+from pallas_kernels.code_layout import CodeConfig
 from pallas_kernels.layout import TileConfig
 
 E, R, F, GS = 8, 96, 200, 32
 BIT_SET = (0, 1, 2, 3, 4, 8)
 # small tiles: interpret mode does not enforce TPU tiling (the lowering tests use the real ones)
 TILES = TileConfig(tile_rows=64, tile_lanes=32, n_block=64, f_block=64, n_block_min=32, f_block_min=32)
+CODES = CodeConfig(tile=32)  # GPU family: 3 tiles per uniform expert, promoted boundary tiles in the mixed ones
 
 
 def allocation(rng: np.random.Generator) -> np.ndarray:
@@ -42,3 +44,12 @@ def projections(seed: int = 0, with16: bool = False) -> tuple[dict[str, PackedMa
         packed[p] = pack_segments(units, bits, GS)
         dense[p] = np.asarray(dequantize_packed(packed[p])).reshape(E, R, F)
     return packed, dense
+
+
+def assert_position_maps(layout, bits: np.ndarray) -> None:
+    """Every 1..8-bit component has a kernel position that maps back to it; no other one has."""
+    kc, pos = np.asarray(layout.kernel_comp), np.asarray(layout.comp_pos)
+    for e in range(kc.shape[0]):
+        live = pos[e] < kc.shape[1]
+        np.testing.assert_array_equal(kc[e, pos[e, live]], np.flatnonzero(live))
+    np.testing.assert_array_equal(pos < kc.shape[1], (bits >= 1) & (bits <= 8))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.layout import TileConfig, plane_tiles_from_packed, random_allocation, synthetic_plane_tiles
-from tests.kernels.conftest import E, F, GS, R, TILES, projections
+from tests.kernels.conftest import E, F, GS, R, TILES, assert_position_maps, projections
 
 
 def signed_planes_value(planes: np.ndarray) -> np.ndarray:
@@ -56,13 +56,7 @@ def test_layout_decodes_to_stored_factors(orientation, with16):
     packed, dense = projections(0, with16)
     pt = plane_tiles_from_packed(packed["gate"], E, orientation, TILES)
     np.testing.assert_array_equal(decode_layout(pt), dense["gate"].astype(np.float64))
-    # every original non-zero, non-16-bit component has a kernel position and maps back to itself
-    kc, pos = np.asarray(pt.kernel_comp), np.asarray(pt.comp_pos)
-    for e in range(E):
-        live = pos[e] < kc.shape[1]
-        np.testing.assert_array_equal(kc[e, pos[e, live]], np.flatnonzero(live))
-    bits = packed["gate"].bits_per_unit().reshape(E, R)
-    np.testing.assert_array_equal(pos < kc.shape[1], (bits >= 1) & (bits <= 8))
+    assert_position_maps(pt, packed["gate"].bits_per_unit().reshape(E, R))
 
 
 def test_tile_bits_are_the_largest_member_width_and_planes_are_counted():

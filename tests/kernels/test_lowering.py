@@ -5,7 +5,8 @@ array's) and Triton's; lowering enforces what JAX checks before handing the kern
 Triton. Shapes: Mixtral-8x7B (D = 4096, F = 14336, E = 8, top-2) and Qwen3-30B-A3B (D = 2048,
 F = 768, E = 128, top-8) layers at full rank (r = D), decode (1 token) and prefill (512 tokens),
 bf16 activations, each family with its default tiles; layouts are `jax.ShapeDtypeStruct`s with the
-index tables of a random 2.5-bit allocation.
+index tables of a random 2.5-bit allocation. On GPU, 1 token lowers the decode GEMVs and 512 tokens
+the prefill path (the dequantizing kernel, then ``ragged_dot``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
+from pallas_kernels.code_layout import synthetic_code_tiles
 from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
 
 SHAPES = {"mixtral_8x7b": (8, 4096, 14336, 2), "qwen3_30b_a3b": (128, 2048, 768, 8)}
@@ -26,10 +28,11 @@ PLATFORMS = {"mosaic": "tpu", "triton": "cuda"}
 @functools.lru_cache(maxsize=None)
 def abstract_kernels(shape: str, backend: str) -> ExpertKernels:
     e, d, f, _ = SHAPES[shape]
-    parts = [
-        synthetic_plane_tiles(random_allocation(e, d, 2.5, seed=i), f, o, DEFAULT_TILES[backend], abstract=True)
-        for i, o in enumerate(("rows", "rows", "lanes"))
-    ]
+    bits = [random_allocation(e, d, 2.5, seed=i) for i in range(3)]
+    if backend == "triton":
+        parts = [synthetic_code_tiles(b, f, tile=DEFAULT_TILES[backend].tile, abstract=True) for b in bits]
+    else:
+        parts = [synthetic_plane_tiles(b, f, o, DEFAULT_TILES[backend], abstract=True) for b, o in zip(bits, ("rows", "rows", "lanes"))]
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ExpertKernels(*parts))
 
 
@@ -49,4 +52,7 @@ def test_exports_for_hardware(shape, backend, tokens):
     )(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend))
     text = exported.mlir_module()
     assert ("tpu_custom_call" if backend == "mosaic" else "xla.gpu.triton") in text
+    if backend == "triton":  # the decode GEMVs, or the prefill dequantizer
+        names = ("bitsmoe_gate_up_codes", "bitsmoe_down_codes") if tokens == 1 else ("bitsmoe_dequantize_tiles",)
+        assert all(n in text for n in names), names
     assert exported.out_avals[0].shape == (m, d)
