@@ -65,8 +65,8 @@ def decode_chunk(base: jax.Array, bits: int, j: int, exponent: jax.Array) -> jax
     return f - jnp.float32(2.0 ** (23 - s))
 
 
-def _halves(words: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-    del bits
+def _halves(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(low half, high half)`` of int32 words, each as the low 16 bits (one logical shift per word)."""
     return words, jax.lax.shift_right_logical(words, jnp.int32(16))
 
 
@@ -182,7 +182,7 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
         a = [z_ref[pl.ds(v * tm + t, 1), pl.ds(lt * c4, c4), :] * sc for t in range(tm)]
         new = [[list(x) for x in accs[t]] for t in range(tm)]
         for bi, (off, ws) in enumerate(blocks):
-            halves = _halves(w_ref[pl.ds(row0 + g * wb + off, ws), :, :], b)  # [ws, C/4, 4]
+            halves = _halves(w_ref[pl.ds(row0 + g * wb + off, ws), :, :])  # [ws, C/4, 4]
             for ki, k in enumerate(live[bi]):
                 hh, j = divmod(k, codes_per_half(b))
                 u = decode_chunk(halves[hh], b, j, exps[j])
@@ -248,7 +248,7 @@ def down_gemv(
                         f0 = g * gs
                         sc = s_ref[g, lanes].astype(jnp.float32)  # [C]
                         for bi, (off, ws) in enumerate(blocks):
-                            halves = _halves(w_ref[pl.ds(row0 + g * wb + off, ws), pl.ds(0, c)], b)
+                            halves = _halves(w_ref[pl.ds(row0 + g * wb + off, ws), pl.ds(0, c)])
                             part = [None] * tm
                             for k in range(codes_per_word(b)):
                                 if k * wb + off >= gs:
@@ -307,7 +307,7 @@ def dequantize_tiles(
                 def _(b=b):
                     wb = words_per_group(b, gs)
                     for off, ws in pow2_blocks(wb):
-                        halves = _halves(w_ref[pl.ds(tr0_ref[tid] + g * wb + off, ws), pl.ds(0, c)], b)
+                        halves = _halves(w_ref[pl.ds(tr0_ref[tid] + g * wb + off, ws), pl.ds(0, c)])
                         for k in range(codes_per_word(b)):
                             valid = min(ws, gs - k * wb - off)
                             if valid <= 0:
