@@ -39,6 +39,7 @@ import numpy as np
 
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
 from pallas_kernels.code_layout import codes_per_word, synthetic_code_tiles, words_per_group
+from pallas_kernels.compat import gpu_export_target
 from pallas_kernels.layout import random_allocation
 
 SHAPES = {"Mixtral-8x7B": (8, 4096, 14336, 2), "Qwen3-30B-A3B": (128, 2048, 768, 8)}
@@ -69,8 +70,9 @@ def capture_triton_ir(shape: str, tokens: int, bpw: float, tile: int) -> tuple[l
     fn = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=False))
     lowering.lower_jaxpr_to_triton_module = spy
     try:
-        jax.export.export(fn, platforms=["cuda"], disabled_checks=[
-            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract)
+        with gpu_export_target():
+            jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+                jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract)
     finally:
         lowering.lower_jaxpr_to_triton_module = original
     return modules, kern

@@ -44,3 +44,27 @@ def tpu_compiler_params(dimension_semantics: tuple[str, ...]) -> Any:
 
     cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
     return cls(dimension_semantics=dimension_semantics)
+
+
+def gpu_export_target(device_kind: str = "NVIDIA H100", num_cores: int = 132) -> Any:
+    """Context for lowering Pallas GPU kernels on a host without a GPU (``jax.export`` for ``cuda``).
+
+    JAX 0.11 reads the target GPU from the abstract mesh's device, and refuses to lower the Triton
+    backend without one. JAX 0.10 assumed sm_90 and needs nothing. This returns an abstract
+    one-device mesh with an H100 where that API exists, else a null context.
+    """
+    import contextlib
+
+    import jax
+
+    try:
+        from jax._src.mesh import AbstractDevice, AbstractMesh
+    except ImportError:
+        return contextlib.nullcontext()
+    use = getattr(jax.sharding, "use_abstract_mesh", None)
+    if use is None:
+        return contextlib.nullcontext()
+    device = AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+    # Auto axes: with the (default) Explicit ones, the kernel bodies' reductions pick up sharding types
+    auto = (jax.sharding.AxisType.Auto,)
+    return use(AbstractMesh((1,), ("gpu",), axis_types=auto, abstract_device=device))

@@ -11,6 +11,7 @@ the prefill path (the dequantizing kernel, then ``ragged_dot``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
+from pallas_kernels.compat import gpu_export_target
 from pallas_kernels.code_layout import synthetic_code_tiles
 from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
 
@@ -44,12 +46,14 @@ def test_exports_for_hardware(shape, backend, tokens):
     m = tokens * top_k
     fn = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=False))
     z = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
-    exported = jax.export.export(
-        fn,
-        platforms=[PLATFORMS[backend]],
-        # the Triton custom call has no cross-version compatibility guarantee; we only check lowering
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend))
+    target = gpu_export_target() if backend == "triton" else contextlib.nullcontext()
+    with target:  # JAX 0.11 lowers GPU kernels only for a named (abstract) GPU
+        exported = jax.export.export(
+            fn,
+            platforms=[PLATFORMS[backend]],
+            # the Triton custom call has no cross-version compatibility guarantee; we only check lowering
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend))
     text = exported.mlir_module()
     assert ("tpu_custom_call" if backend == "mosaic" else "xla.gpu.triton") in text
     if backend == "triton":  # the decode GEMVs, or the prefill dequantizer
