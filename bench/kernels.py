@@ -42,8 +42,11 @@ allocation; the values are noise. Prints a markdown table with the device name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import io
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -348,10 +351,6 @@ HEADER = (
 def write_report(path: str, title: str, copy_bw: float, correct: bool, rows: list[dict], overhead: list,
                  extra: str = "") -> None:
     """The table so far, as markdown (written whole each time: a run cut short keeps its rows)."""
-    import contextlib
-    import io
-    import os
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         print(f"{title}\n\ncopy bandwidth {copy_bw / 1e9:.1f} GB/s; correctness check "

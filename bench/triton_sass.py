@@ -37,12 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import FULL_SHAPES, synthetic_kernels  # bench/kernels.py: the same shapes and allocations
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
-from pallas_kernels.code_layout import codes_per_word, synthetic_code_tiles, words_per_group
+from pallas_kernels.code_layout import CodeConfig, codes_per_word, words_per_group
 from pallas_kernels.compat import gpu_export_target
-from pallas_kernels.layout import random_allocation
 
-SHAPES = {"Mixtral-8x7B": (8, 4096, 14336, 2), "Qwen3-30B-A3B": (128, 2048, 768, 8)}
+SHAPES = {s.name: s for s in FULL_SHAPES}
 H100_H200 = dict(sms=132, clock_hz=1.98e9)  # the same SM count and boost clock on both
 
 
@@ -62,11 +62,11 @@ def capture_triton_ir(shape: str, tokens: int, bpw: float, tile: int) -> tuple[l
         modules.append(result.module.operation.get_asm())
         return result
 
-    e, d, f, top_k = SHAPES[shape]
-    kern = ExpertKernels(*(synthetic_code_tiles(random_allocation(e, d, bpw - 0.125, seed=i), f, tile=tile, abstract=True)
-                           for i in range(3)))
+    sh = SHAPES[shape]
+    _, kern = synthetic_kernels(sh, bpw, CodeConfig(tile), abstract=True)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), kern)
-    z = jax.ShapeDtypeStruct((tokens * top_k, d), jnp.bfloat16)
+    e = sh.experts
+    z = jax.ShapeDtypeStruct((tokens * sh.top_k, sh.hidden), jnp.bfloat16)
     fn = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=False))
     lowering.lower_jaxpr_to_triton_module = spy
     try:

@@ -239,11 +239,8 @@ def _gemv_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret, splits):
         interpret=interpret, splits=gu_splits,
     )
     fp = g_l.n_padded
-    g, u = g[:, :fp], u[:, :fp]
-    init_g, init_u = _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes)
-    if init_g is not None:
-        g, u = g + to_tiles(init_g), u + to_tiles(init_u)
-    h = jnp.where(jnp.arange(fp) < g_l.n, jax.nn.silu(g) * u, 0.0).astype(dt)
+    inits = [None if x is None else to_tiles(x) for x in _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes)]
+    h = _gated(g[:, :fp], u[:, :fp], inits, g_l, dt)
     hsum = h.astype(jnp.float32).reshape(h.shape[0], gp, gs).sum(axis=2)
     hp = jnp.pad(h.astype(jnp.float32), ((0, 0), (0, triton_codes.overrun(d_l.widths, gs))))
     d_splits = splits or reduction_splits(d_l.max_tiles * t, gp)
@@ -263,11 +260,16 @@ def _dequantized_experts(zg, zu, group_sizes, kern, rows_e, interpret):
     deq = lambda pt, tr: triton_codes.dequantize_tiles(pt, exps, dtype=dt, transpose=tr, interpret=interpret)
     g = _grouped_f32(_gather_rows(zg, jnp.asarray(g_l.kernel_comp)[rows_e]), deq(g_l, True), group_sizes)
     u = _grouped_f32(_gather_rows(zu.astype(dt), jnp.asarray(u_l.kernel_comp)[rows_e]), deq(u_l, True), group_sizes)
-    init_g, init_u = _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes)
-    if init_g is not None:
-        g, u = g + init_g, u + init_u
-    h = jnp.where(jnp.arange(g_l.n_padded) < g_l.n, jax.nn.silu(g) * u, 0.0).astype(dt)
+    h = _gated(g, u, _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes), g_l, dt)
     return _grouped_f32(h, deq(d_l, False), group_sizes), h, lambda hh: hh
+
+
+def _gated(g: jax.Array, u: jax.Array, inits, pt: CodeTiles, dtype) -> jax.Array:
+    """``h = silu(g)·u`` in ``dtype``, zero past ``F``, after adding the 16-bit units' contributions
+    ``inits = (to g, to u)`` (or ``(None, None)``)."""
+    if inits[0] is not None:
+        g, u = g + inits[0], u + inits[1]
+    return jnp.where(jnp.arange(pt.n_padded) < pt.n, jax.nn.silu(g) * u, 0.0).astype(dtype)
 
 
 def _grouped_f32(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:

@@ -163,7 +163,7 @@ def _check(bits: np.ndarray, group_size: int, tile: int) -> None:
         raise ValueError(f"the GPU kernels need a power-of-two group_size, got {gs}")
     if tile < 4 or tile & (tile - 1):
         raise ValueError(f"code layout tile must be a power of two ≥ 4, got {tile}")
-    if bits.size and (bits.min() < 0 or (bits.max() > MAX_CODE_BITS and not np.all(np.isin(bits, [*range(9), 16])))):
+    if not np.all(np.isin(bits, [*range(MAX_CODE_BITS + 1), 16])):
         raise ValueError("unit bit-widths must be 0..8 or 16")
 
 

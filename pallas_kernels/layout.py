@@ -388,7 +388,7 @@ def synthetic_plane_tiles(
     bits = np.asarray(bits, np.int64)
     if bits.min() < 0 or bits.max() > 8:
         raise ValueError("synthetic_plane_tiles handles 0..8-bit units only")
-    e, r = bits.shape
+    r = bits.shape[1]
     tile, rpb, fp, block = _geometry(orientation, cfg, n, group_size)
     comps, tbits = _tile_assignment(bits, tile)
     tables = _tables(comps, tbits, r, tile, 1 if orientation == "rows" else fp // block)
@@ -397,9 +397,9 @@ def synthetic_plane_tiles(
     ntot = max(int(tables["expert_ntiles"].sum()), 1)
     sshape = (fp // group_size, 1, ntot * tile)
     words, scales = random_words_and_scales(wshape, sshape, seed, abstract)
+    dense16, comp16 = dense16_side(bits, None, fp)
     return PlaneTiles(
-        words=words, scales=scales, dense16=np.zeros((e, 0, fp), ml_dtypes.bfloat16), comp16=np.zeros((e, 0), np.int32),
-        orientation=orientation, r=r, n=int(n), n_padded=fp, group_size=int(group_size), tile=tile,
+        words=words, scales=scales, dense16=dense16, comp16=comp16, orientation=orientation, r=r, n=int(n), n_padded=fp, group_size=int(group_size), tile=tile,
         rows_per_block=rpb, block=block, **tables,
     )
 

@@ -70,6 +70,19 @@ def _halves(words: jax.Array) -> tuple[jax.Array, jax.Array]:
     return words, jax.lax.shift_right_logical(words, jnp.int32(16))
 
 
+def block_chunks(bits: int, group_size: int, off: int, ws: int) -> list[tuple[int, int, int, int]]:
+    """The chunks of a ``ws``-row block at word row ``off`` of a group that hold a live slot, as
+    ``(k, half, j, valid)``: chunk ``k`` is code ``j`` of half ``half``; its first ``valid`` rows are
+    group positions ``k·W_b + off + row < group_size``, the rest are dead slots (code 0)."""
+    wb = words_per_group(bits, group_size)
+    out = []
+    for k in range(codes_per_word(bits)):
+        valid = min(ws, group_size - k * wb - off)
+        if valid > 0:
+            out.append((k, *divmod(k, codes_per_half(bits)), valid))
+    return out
+
+
 def overrun(widths, group_size: int) -> int:
     """Columns past the last group that a block of dead slots reaches (reads of ``h``, adds of gate/up)."""
     return max([codes_per_word(b) * words_per_group(b, group_size) - group_size for b in widths] or [0])
@@ -167,7 +180,7 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
     nw = MAX_CODE_BITS + 1
     wb = words_per_group(b, gs)
     blocks = pow2_blocks(wb)
-    live = [[k for k in range(codes_per_word(b)) if k * wb + off < gs] for off, _ in blocks]
+    live = [block_chunks(b, gs, off, ws) for off, ws in blocks]
     exps = load_exponents(ex_ref, b)
     t_lo = jnp.maximum(lo, ws_ref[e * nw + b - 1])
     t_hi = jnp.minimum(hi, ws_ref[e * nw + b])
@@ -183,8 +196,7 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
         new = [[list(x) for x in accs[t]] for t in range(tm)]
         for bi, (off, ws) in enumerate(blocks):
             halves = _halves(w_ref[pl.ds(row0 + g * wb + off, ws), :, :])  # [ws, C/4, 4]
-            for ki, k in enumerate(live[bi]):
-                hh, j = divmod(k, codes_per_half(b))
+            for ki, (_, hh, j, _) in enumerate(live[bi]):
                 u = decode_chunk(halves[hh], b, j, exps[j])
                 for t in range(tm):
                     new[t][bi][ki] = new[t][bi][ki] + jnp.sum(u * a[t], axis=2)
@@ -196,7 +208,7 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
     accs, asum = jax.lax.fori_loop(t_lo, jnp.maximum(t_lo, t_hi), body, (acc0, asum0))
     for t in range(tm):
         for bi, (off, ws) in enumerate(blocks):
-            for ki, k in enumerate(live[bi]):
+            for ki, (k, _, _, _) in enumerate(live[bi]):
                 pos = k * wb + off
                 y = jnp.sum(accs[t][bi][ki], axis=1)  # [ws]: positions pos .. pos+ws−1 of the group
                 idx = (v * tm + t, pl.ds(g * gs + pos, ws))
@@ -250,10 +262,7 @@ def down_gemv(
                         for bi, (off, ws) in enumerate(blocks):
                             halves = _halves(w_ref[pl.ds(row0 + g * wb + off, ws), pl.ds(0, c)])
                             part = [None] * tm
-                            for k in range(codes_per_word(b)):
-                                if k * wb + off >= gs:
-                                    continue  # every slot of this block is dead for chunk k
-                                hh, j = divmod(k, codes_per_half(b))
+                            for k, hh, j, _ in block_chunks(b, gs, off, ws):
                                 u = decode_chunk(halves[hh], b, j, exps[j])  # [ws, C]
                                 for t in range(tm):
                                     hv = h_ref[v * tm + t, pl.ds(f0 + k * wb + off, ws)]
@@ -306,14 +315,11 @@ def dequantize_tiles(
                 @pl.when(tb_ref[tid] == b)
                 def _(b=b):
                     wb = words_per_group(b, gs)
+                    exps = load_exponents(ex_ref, b)
                     for off, ws in pow2_blocks(wb):
                         halves = _halves(w_ref[pl.ds(tr0_ref[tid] + g * wb + off, ws), pl.ds(0, c)])
-                        for k in range(codes_per_word(b)):
-                            valid = min(ws, gs - k * wb - off)
-                            if valid <= 0:
-                                continue
-                            hh, j = divmod(k, codes_per_half(b))
-                            val = _scaled(decode_chunk(halves[hh], b, j, ex_ref[b * j]), sc[None, :], b).astype(dtype)
+                        for k, hh, j, valid in block_chunks(b, gs, off, ws):
+                            val = _scaled(decode_chunk(halves[hh], b, j, exps[j]), sc[None, :], b).astype(dtype)
                             f_sl, c_sl = pl.ds(g * gs + k * wb + off, ws), pl.ds(lc * c, c)
                             dst = o_ref.at[e, c_sl, f_sl] if transpose else o_ref.at[e, f_sl, c_sl]
                             val = val.T if transpose else val
