@@ -27,15 +27,16 @@ Both families map the kernel component order back the same way (``kernel_comp`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.quant.packing import PackedMatrix
-from pallas_kernels import tpu_gmm, triton_codes
-from pallas_kernels.code_layout import CodeConfig, CodeTiles, code_tiles_from_packed
-from pallas_kernels.layout import PlaneTiles, TileConfig, plane_tiles_from_packed
+from pallas_kernels import shared_shapes, tpu_gmm, triton_codes
+from pallas_kernels.code_layout import CodeConfig, CodeTiles, code_tiles_from_packed, synthetic_code_tiles
+from pallas_kernels.layout import PlaneTiles, TileConfig, plane_tiles_from_packed, synthetic_plane_tiles
 from pallas_kernels.routing import expert_of_rows, make_row_tiles
 
 IMPLEMENTATIONS = ("pallas", "xla", None)
@@ -93,33 +94,74 @@ def default_backend(platform: str | None = None) -> str:
     return "mosaic" if (platform or jax.default_backend()) == "tpu" else "triton"
 
 
-def build_expert_kernels(
-    packed: dict[str, PackedMatrix], num_experts: int, cfg: TileConfig | CodeConfig | None = None, backend: str | None = None
-) -> ExpertKernels:
-    """Kernel layouts of the three projections from their stored packed matrices (numpy, at load time).
-
-    ``cfg``: a `TileConfig` (TPU family, bit-planes) or a `CodeConfig` (GPU family, integer codes);
-    its type picks the family when ``backend`` is None, else the platform's default family does.
-    """
+def _family(cfg: TileConfig | CodeConfig | None, backend: str | None) -> tuple[str, TileConfig | CodeConfig]:
+    """(backend, cfg) with the defaults filled in; ``cfg``'s type picks the family when ``backend`` is None."""
     if backend is None:
         backend = {TileConfig: "mosaic", CodeConfig: "triton"}.get(type(cfg)) or default_backend()
     cfg = cfg or DEFAULT_TILES[backend]
     want = CodeConfig if backend == "triton" else TileConfig
     if not isinstance(cfg, want):
         raise ValueError(f"the {backend!r} kernels take a {want.__name__}, got {type(cfg).__name__}")
+    return backend, cfg
+
+
+def build_expert_kernels(
+    packed: dict[str, PackedMatrix], num_experts: int, cfg: TileConfig | CodeConfig | None = None, backend: str | None = None,
+    target: ExpertKernels | None = None,
+) -> ExpertKernels:
+    """Kernel layouts of the three projections from their stored packed matrices (numpy, at load time).
+
+    ``cfg``: a `TileConfig` (TPU family, bit-planes) or a `CodeConfig` (GPU family, integer codes);
+    its type picks the family when ``backend`` is None, else the platform's default family does.
+    ``target``: an abstract layout (`expert_kernel_shapes`, merged over layers by
+    `shared_shapes.plan_groups`) to pad to, so that layers share compiled kernels.
+    """
+    backend, cfg = _family(cfg, backend)
     if backend == "triton":
         gate, up, down = (code_tiles_from_packed(packed[p], num_experts, cfg.tile) for p in ("gate", "up", "down"))
     else:
         gate = plane_tiles_from_packed(packed["gate"], num_experts, "rows", cfg)
         up = plane_tiles_from_packed(packed["up"], num_experts, "rows", cfg)
         down = plane_tiles_from_packed(packed["down"], num_experts, "lanes", cfg)
+    _check_projections(gate, up, down, backend)
+    kern = ExpertKernels(gate, up, down)
+    if target is not None:
+        kern = ExpertKernels(*(shared_shapes.pad_layout(p, t) for p, t in zip(_parts(kern), _parts(target))))
+    return kern
+
+
+def expert_kernel_shapes(
+    packed: dict[str, PackedMatrix], num_experts: int, cfg: TileConfig | CodeConfig | None = None, backend: str | None = None
+) -> ExpertKernels:
+    """The shapes and statics `build_expert_kernels` gives (arrays as `jax.ShapeDtypeStruct`), from the
+    bit-widths alone: nothing is decoded or packed, so planning shared shapes over a model is cheap."""
+    backend, cfg = _family(cfg, backend)
+    parts = []
+    for p, orientation in (("gate", "rows"), ("up", "rows"), ("down", "lanes")):
+        pm = packed[p]
+        if pm.num_units % num_experts:
+            raise ValueError(f"PackedMatrix {p!r} has {pm.num_units} units, not a multiple of num_experts={num_experts}")
+        bits = pm.bits_per_unit().reshape(num_experts, -1)
+        if backend == "triton":
+            lay = synthetic_code_tiles(bits, int(pm.n), int(pm.group_size), cfg.tile, abstract=True)
+        else:
+            lay = synthetic_plane_tiles(bits, int(pm.n), orientation, cfg, int(pm.group_size), abstract=True)
+        parts.append(shared_shapes.abstract(lay))
+    _check_projections(*parts, backend)
+    return ExpertKernels(*parts)
+
+
+def _parts(kern: ExpertKernels) -> tuple:
+    return (kern.gate, kern.up, kern.down)
+
+
+def _check_projections(gate, up, down, backend: str) -> None:
     if gate.n != up.n:
         raise ValueError(f"gate and up factors have different unit lengths ({gate.n} vs {up.n})")
     if down.n != gate.n:
         raise ValueError(f"down factor unit length {down.n} differs from gate/up {gate.n}")
     if backend == "triton" and not (gate.group_size == up.group_size == down.group_size):
         raise ValueError("the GPU kernels need one group size for gate, up and down")
-    return ExpertKernels(gate, up, down)
 
 
 def row_tile(m: int, num_experts: int, backend: str) -> int:
@@ -172,8 +214,15 @@ def swiglu_experts(
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     _check_inputs(zg, zu, group_sizes, kern)
+    tm = tm or row_tile(zg.shape[0], kern.gate.num_experts, backend)
+    return _swiglu_experts(zg, zu, group_sizes, kern, backend=backend, interpret=bool(interpret), tm=tm, splits=splits)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret", "tm", "splits"))
+def _swiglu_experts(zg, zu, group_sizes, kern: ExpertKernels, *, backend: str, interpret: bool, tm: int, splits: int | None):
+    """The body of `swiglu_experts`, jitted: layers whose layouts have one shape (`shared_shapes`)
+    reuse one trace, and an enclosing jit lowers it once (one Triton/Mosaic kernel per shape)."""
     m = zg.shape[0]
-    tm = tm or row_tile(m, kern.gate.num_experts, backend)
     rows_e = expert_of_rows(group_sizes, m)
     if backend == "mosaic":
         acc_k, h, d_rows = _mosaic_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret)
@@ -309,4 +358,4 @@ def _dense16_rows(z: jax.Array, pt: PlaneTiles | CodeTiles, rows_e: jax.Array, g
     return grouped_matmul(z16, jnp.asarray(pt.dense16).astype(jnp.float32), group_sizes).astype(jnp.float32)
 
 
-__all__ = ["IMPLEMENTATIONS", "ExpertKernels", "build_expert_kernels", "swiglu_experts", "resolve_implementation"]
+__all__ = ["IMPLEMENTATIONS", "ExpertKernels", "build_expert_kernels", "expert_kernel_shapes", "swiglu_experts", "resolve_implementation"]

@@ -379,15 +379,16 @@ def synthetic_plane_tiles(
     bits: np.ndarray, n: int, orientation: str, cfg: TileConfig, group_size: int = qz.DEFAULT_GROUP_SIZE,
     seed: int = 0, abstract: bool = False,
 ) -> PlaneTiles:
-    """A layout with the tables of a real bit allocation ``bits [E, r]`` (values 0..8) and random words.
+    """A layout with the tables of a real bit allocation ``bits [E, r]`` (0..8 or 16) and random words
+    (16-bit units get a zero side matrix).
 
     For benchmarks at shapes too large to quantize here: bytes read and work per tile are exactly
     those of a real checkpoint with this allocation; the values are noise (scales ~1e-2).
     ``abstract=True`` gives ``jax.ShapeDtypeStruct`` words and scales (lowering tests allocate nothing).
     """
     bits = np.asarray(bits, np.int64)
-    if bits.min() < 0 or bits.max() > 8:
-        raise ValueError("synthetic_plane_tiles handles 0..8-bit units only")
+    if not np.all(np.isin(bits, [*range(9), 16])):
+        raise ValueError("unit bit-widths must be 0..8 or 16")
     r = bits.shape[1]
     tile, rpb, fp, block = _geometry(orientation, cfg, n, group_size)
     comps, tbits = _tile_assignment(bits, tile)

@@ -12,7 +12,9 @@ a few rows × 4 columns of it.
 * `gate_up_gemv` (program = one scale group of output positions): the multiplier is per column,
   ``a_c = z_c·2s_{c,g}``. It costs a thread 4 products per block for about 128 codes. The sums run per
   chunk over the columns, and the chunk ``k`` of row ``w`` is output position ``k·W_b + w``. The
-  offset term ``−(2^b − 1)/2·Σ_c a_c`` is the same for every position and is added once.
+  offset term ``−(2^b − 1)/2·Σ_c a_c`` is the same for every position and is added once. A width
+  with no tiles in the program's chunk skips its atomic adds (layouts padded to a shared shape,
+  `shared_shapes`, carry the union of their layers' widths).
 * `down_gemv` (program = one tile of ``C`` output components): the tile's width picks one of the
   per-width branches. The multiplier ``h_f`` is per (chunk, row). Per scale group, ``Σ_f h_f·u_f``
   is accumulated and then scaled by the components' scales. The offset term uses the per-group sums
@@ -206,13 +208,17 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
                  for _ in range(tm))
     asum0 = tuple(jnp.zeros((1, c4, 4), jnp.float32) for _ in range(tm))
     accs, asum = jax.lax.fori_loop(t_lo, jnp.maximum(t_lo, t_hi), body, (acc0, asum0))
-    for t in range(tm):
-        for bi, (off, ws) in enumerate(blocks):
-            for ki, (k, _, _, _) in enumerate(live[bi]):
-                pos = k * wb + off
-                y = jnp.sum(accs[t][bi][ki], axis=1)  # [ws]: positions pos .. pos+ws−1 of the group
-                idx = (v * tm + t, pl.ds(g * gs + pos, ws))
-                _atomic_add(o_ref, idx, y)  # dead slots (past the group) add exact zeros to the next columns
+
+    @pl.when(t_hi > t_lo)  # a width without tiles in this chunk adds nothing: skip its atomics
+    def _():
+        for t in range(tm):
+            for bi, (off, ws) in enumerate(blocks):
+                for ki, (k, _, _, _) in enumerate(live[bi]):
+                    pos = k * wb + off
+                    y = jnp.sum(accs[t][bi][ki], axis=1)  # [ws]: positions pos .. pos+ws−1 of the group
+                    idx = (v * tm + t, pl.ds(g * gs + pos, ws))
+                    _atomic_add(o_ref, idx, y)  # dead slots (past the group) add exact zeros to the next columns
+
     return [corr[t] + _offset(b) * asum[t] for t in range(tm)]
 
 

@@ -25,7 +25,7 @@ Two implementations of the routed part, chosen by `implementation`:
 from __future__ import annotations
 
 import dataclasses
-
+import logging
 from typing import Any
 
 import jax
@@ -38,6 +38,9 @@ from bitsmoe_jax.models.moe import RoutingPlan, combine
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
 from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed
 from pallas_kernels import api as kernels_api
+from pallas_kernels import shared_shapes
+
+_log = logging.getLogger(__name__)
 
 
 class Packed(nnx.Variable):
@@ -80,6 +83,7 @@ class QuantizedExperts(nnx.Module):
         self.num_experts = num_experts
         self.implementation = implementation
         self.kernel_backend: str | None = None
+        self.kernel_interpret: bool | None = None
         self.kernels: KernelLayout | None = nnx.data(None)  # a data slot: `set_implementation` fills it
         # jax.device_put, not jnp.asarray: in JAX 0.10 the latter compiles an executable per array shape, and
         # packed shapes differ in every layer, so a quantization run's jit caches would grow layer by layer.
@@ -142,24 +146,39 @@ class QuantizedExperts(nnx.Module):
 
     # ------------------------------------------------------------------ implementation switch
     def set_implementation(
-        self, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None
+        self, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None,
+        target: "kernels_api.ExpertKernels | None" = None, interpret: bool | None = None,
     ) -> None:
         """Select the forward path; builds the kernel layout (numpy, once) when Pallas may be used.
 
         ``backend``: ``"triton"`` / ``"mosaic"`` kernel family (default: the platform's; on CPU the
         kernels run in interpret mode). ``tiles``: layout sizes, a `TileConfig` (TPU family) or a
-        `CodeConfig` (GPU family); default: the family's.
+        `CodeConfig` (GPU family); default: the family's. ``target``: an abstract layout to pad to
+        (the model-level `set_implementation` plans one per group of layers, so they share kernels).
+        ``interpret``: run the kernels in interpret mode (default: on CPU only); ``False`` on a CPU host
+        lowers the real kernels, e.g. to ``jax.export`` the model for a GPU.
         Call it eagerly (after loading), not under ``jax.jit``.
         """
         resolved = kernels_api.resolve_implementation(implementation)
         self.implementation = implementation
         if resolved == "pallas":
             backend = backend or kernels_api.default_backend()
-            if self.kernels is None or self.kernel_backend != backend or tiles is not None:
+            stale = self.kernels is None or self.kernel_backend != backend or tiles is not None
+            if stale or (target is not None and self._kernel_shapes() != target):
                 packed = {p: jax.tree.map(np.asarray, self.packed_matrix(p)) for p in PROJECTIONS}
-                kern = kernels_api.build_expert_kernels(packed, self.num_experts, tiles, backend)
+                kern = kernels_api.build_expert_kernels(packed, self.num_experts, tiles, backend, target)
                 self.kernels = nnx.data(KernelLayout(jax.device_put(kern)))
             self.kernel_backend = backend
+            self.kernel_interpret = interpret
+
+    def kernel_shapes(self, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None):
+        """The kernel layout's shapes and statics for this block (from the bit-widths; nothing is built)."""
+        packed = {p: self.packed_matrix(p) for p in PROJECTIONS}
+        return kernels_api.expert_kernel_shapes(packed, self.num_experts, tiles, backend or kernels_api.default_backend())
+
+    def _kernel_shapes(self):
+        kern = self.kernels.get_value()
+        return kernels_api.ExpertKernels(*(shared_shapes.abstract(p) for p in (kern.gate, kern.up, kern.down)))
 
     def resolved_implementation(self) -> str:
         """The path `__call__` takes: ``None`` means Pallas only where it pays and its layout is built."""
@@ -176,7 +195,9 @@ class QuantizedExperts(nnx.Module):
         if self.resolved_implementation() == "pallas":
             zg = self._basis_in(x, "gate")[plan.token]
             zu = self._basis_in(x, "up")[plan.token]
-            acc_sorted = kernels_api.swiglu_experts(zg, zu, plan.group_sizes, self.kernels.get_value(), backend=self.kernel_backend)
+            acc_sorted = kernels_api.swiglu_experts(
+                zg, zu, plan.group_sizes, self.kernels.get_value(), backend=self.kernel_backend, interpret=self.kernel_interpret
+            )
             return self._basis_out(combine(plan, acc_sorted, x.shape[0]), dt)
         vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
         zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
@@ -256,12 +277,33 @@ class QuantizedExperts(nnx.Module):
 
 
 def set_implementation(
-    model: nnx.Module, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None
+    model: nnx.Module, implementation: str | None, backend: str | None = None,
+    tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None, max_padding: float = 0.05,
+    interpret: bool | None = None,
 ) -> int:
-    """`QuantizedExperts.set_implementation` on every quantized expert block of ``model``; returns how many."""
-    count = 0
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, QuantizedExperts):
-            node.set_implementation(implementation, backend, tiles)
-            count += 1
-    return count
+    """`QuantizedExperts.set_implementation` on every quantized expert block of ``model``; returns how many.
+
+    On the Pallas path the blocks' kernel layouts are padded to shared shapes first
+    (`pallas_kernels.shared_shapes`), so that layers share compiled kernels: at most ``max_padding``
+    extra device memory per group of layers (0 shares identical shapes only). The grouping is
+    logged (`logging`, INFO); `plan_kernel_shapes` returns it.
+    """
+    blocks = [node for _, node in nnx.iter_graph(model) if isinstance(node, QuantizedExperts)]
+    targets: list = [None] * len(blocks)
+    if blocks and kernels_api.resolve_implementation(implementation) == "pallas":
+        backend = backend or kernels_api.default_backend()
+        plan = plan_kernel_shapes(blocks, backend, tiles, max_padding)
+        targets = [kernels_api.ExpertKernels(*plan.targets[g]) for g in plan.group_of]
+        _log.info(plan.summary())
+    for block, target in zip(blocks, targets):
+        block.set_implementation(implementation, backend, tiles, target, interpret)
+    return len(blocks)
+
+
+def plan_kernel_shapes(
+    blocks: list[QuantizedExperts], backend: str, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None,
+    max_padding: float = 0.05,
+) -> shared_shapes.SharedShapes:
+    """Which blocks share one kernel shape (from their bit-widths alone; see `shared_shapes.plan_groups`)."""
+    shapes = [block.kernel_shapes(backend, tiles) for block in blocks]
+    return shared_shapes.plan_groups([(k.gate, k.up, k.down) for k in shapes], max_padding)

@@ -9,8 +9,14 @@ GPU family's default tile sizes). Also: the switch's validation and defaults.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from bitsmoe_jax.inference import jit_logits
 from bitsmoe_jax.loading import load_model
@@ -20,14 +26,16 @@ from bitsmoe_jax.quant.qmoe import QuantizedExperts, set_implementation
 from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
 from bitsmoe_jax.train_reference import REFERENCE_DIR
 from pallas_kernels.api import resolve_implementation
+from pallas_kernels.compat import gpu_export_target
+from pallas_kernels.lowered import kernel_configs
 
 
-def quantized_experts(experts, rng) -> QuantizedExperts:
+def quantized_experts(experts, rng, widths=(0, 1, 2, 3, 4, 8, 16)) -> QuantizedExperts:
     """The layer's dense experts in the checkpoint format, random widths, through to_tree/from_tree."""
     dense = [np.asarray(getattr(experts, p)[...], np.float32) for p in PROJECTIONS]
     e, d, _ = dense[0].shape
-    p_bits = [0.15, 0.15, 0.25, 0.2, 0.1, 0.1, 0.05]
-    bits = {p: rng.choice([0, 1, 2, 3, 4, 8, 16], p=p_bits, size=(e, d)) for p in PROJECTIONS}
+    p_bits = np.array([{0: 0.15, 1: 0.15, 2: 0.25, 3: 0.2, 4: 0.1, 8: 0.1, 16: 0.05}[b] for b in widths])
+    bits = {p: rng.choice(widths, p=p_bits / p_bits.sum(), size=(e, d)) for p in PROJECTIONS}
     qe = quantized_from_dense(*dense, bits, rng)
     return QuantizedExperts.from_tree(*qe.to_tree())
 
@@ -40,6 +48,59 @@ def quantized_model():
         layer.mlp.experts = quantized_experts(layer.mlp.experts, rng)
     ids = np.random.default_rng(1).integers(0, config.vocab_size, size=(2, 9))
     return model, ids
+
+
+# per layer: other code widths (after promotion to a tile's widest member) and shapes, so unpadded
+# layouts lower to different kernels
+LAYER_WIDTHS = ((1,), (0, 2), (0, 1, 2, 3, 4, 8, 16))
+
+
+@pytest.fixture(scope="module")
+def mixed_model():
+    model, config = load_model(REFERENCE_DIR)
+    rng = np.random.default_rng(2)
+    for layer, widths in zip(model.layers, LAYER_WIDTHS):
+        layer.mlp.experts = quantized_experts(layer.mlp.experts, rng, widths)
+    return model, np.random.default_rng(1).integers(0, config.vocab_size, size=(2, 9))
+
+
+def kernel_calls(model, backend: str, max_padding: float) -> list[str]:
+    """The kernel custom calls of the model's one-token forward lowered for GPU / TPU, as their
+    backend configs (the kernel IR and grid): XLA compiles one kernel per distinct config."""
+    assert set_implementation(model, "pallas", backend=backend, max_padding=max_padding, interpret=False) == 3
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))
+    target, platform = (gpu_export_target(), "cuda") if backend == "triton" else (contextlib.nullcontext(), "tpu")
+    with target:
+        exported = jax.export.export(
+            forward, platforms=[platform], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        )(state, jnp.zeros((1, 1), jnp.int32))
+    return kernel_configs(exported.mlir_module(), backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_layers_share_one_compiled_kernel_each(mixed_model, backend):
+    model, _ = mixed_model
+    try:
+        shared = kernel_calls(model, backend, max_padding=math.inf)
+        alone = kernel_calls(model, backend, max_padding=0.0)
+    finally:
+        set_implementation(model, "xla")
+    # gate/up and down: lowered once for the three layers (one nested jit), so two kernels to compile
+    assert len(shared) == len(set(shared)) == 2
+    # unpadded, each layer has its own two kernels
+    assert len(alone) == 6 and len(set(alone)) == 6
+
+
+@pytest.mark.parametrize("max_padding", [0.0, math.inf])
+def test_shared_shape_logits_equal_xla_logits(mixed_model, max_padding):
+    model, ids = mixed_model
+    set_implementation(model, "xla")
+    want = np.asarray(jit_logits(model)(ids))
+    set_implementation(model, "pallas", backend="triton", max_padding=max_padding)
+    got = np.asarray(jit_logits(model)(ids))
+    set_implementation(model, "xla")
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["triton"])  # the Mosaic family is checked against the reference in test_kernels

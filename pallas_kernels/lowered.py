@@ -1,0 +1,38 @@
+"""What a lowered module asks XLA to compile: its kernel custom calls and their backend configs.
+
+XLA's GPU compiler keeps one compiled kernel per distinct Triton backend config (the serialized
+kernel IR, its grid and name) in an executable, so counting distinct configs in ``jax.export``'s
+text counts the kernels a GPU would compile, without a GPU. The TPU custom call carries its Mosaic
+module the same way. Used by the shared-shape tests and `bench/shared_kernels.py`.
+"""
+
+from __future__ import annotations
+
+CALL_TARGETS = {"triton": "__gpu$xla.gpu.triton", "mosaic": "tpu_custom_call"}
+
+
+def kernel_configs(mlir_text: str, backend: str) -> list[str]:
+    """The backend config of every kernel call of ``backend``'s family in a module's text, in order."""
+    call = f"custom_call @{CALL_TARGETS[backend]}"
+    return [attribute(line, "backend_config = ") for line in mlir_text.splitlines() if call in line]
+
+
+def attribute(line: str, key: str) -> str:
+    """The attribute value after ``key`` in one line of MLIR text: a quoted string or a ``{...}``
+    dict, quotes and escapes respected."""
+    i = j = line.index(key) + len(key)
+    depth, quoted = 0, False
+    while j < len(line):
+        ch = line[j]
+        j += 1
+        if quoted:
+            if ch == "\\":
+                j += 1
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        else:
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0 and not quoted:
+            return line[i:j]
+    raise ValueError(f"unterminated attribute {key!r} in {line[:200]}")
