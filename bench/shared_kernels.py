@@ -3,6 +3,7 @@
     python bench/shared_kernels.py                         # Mixtral-8x7B, 32 layers, GPU kernels
     python bench/shared_kernels.py --compile               # + time the Triton compiles (pip triton)
     python bench/shared_kernels.py --backend mosaic --layers 8
+    python bench/shared_kernels.py --layers 4 --xla-compile  # on a GPU: XLA's compile of the forward, timed
 
 Every MoE layer's bit allocation gives its kernel layout other static shapes, so without sharing
 each layer compiles its own kernels (`pallas_kernels.shared_shapes`). This script builds the
@@ -13,7 +14,9 @@ lowers the one-token forward of all layers for the target (``jax.export``, nothi
 the distinct kernel configs in the module: XLA compiles one kernel per distinct config. It prints,
 side by side in one run: shape groups, the device memory padding costs, kernels to compile, the
 lowering seconds (tracing the kernels; Python, this CPU) and, with ``--compile``, the seconds pip
-Triton takes to compile them for sm_90 on this CPU (XLA's own Triton differs in detail).
+Triton takes to compile them for sm_90 on this CPU (XLA's own Triton differs in detail). On a GPU,
+``--xla-compile`` also compiles each row's forward with XLA (``jit(...).lower(...).compile()``,
+caches cleared) and prints the seconds: the cold start a user waits for.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ def layer_layouts(shape, backend: str, bpws: list[float]) -> list[ExpertKernels]
     return out
 
 
-def lower_layers(shape, backend: str, layers: list[ExpertKernels], tokens: int) -> tuple[list[str], list[str], float]:
-    """Export the one-token forward of every layer -> (kernel configs, captured Triton IR, seconds)."""
+def lower_layers(
+    shape, backend: str, layers: list[ExpertKernels], tokens: int, xla_compile: bool = False
+) -> tuple[list[str], list[str], float, float | None]:
+    """Export the one-token forward of every layer -> (kernel configs, captured Triton IR, seconds,
+    and with ``xla_compile`` the seconds XLA takes to compile it on this machine's GPU)."""
     from jax._src.pallas.triton import pallas_call_registration as reg
 
     captured: list[str] = []
@@ -76,7 +82,14 @@ def lower_layers(shape, backend: str, layers: list[ExpertKernels], tokens: int) 
             )(z, sizes, layers)
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = original
-    return kernel_configs(exported.mlir_module(), backend), captured, time.perf_counter() - t0
+    lower_s = time.perf_counter() - t0
+    compile_s = None
+    if xla_compile:
+        jax.clear_caches()
+        t0 = time.perf_counter()
+        jax.jit(forward).lower(z, sizes, layers).compile()
+        compile_s = time.perf_counter() - t0
+    return kernel_configs(exported.mlir_module(), backend), captured, lower_s, compile_s
 
 
 def _null():
@@ -126,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paddings", default="0,0.02,0.05,inf", help="max_padding bounds to plan with")
     ap.add_argument("--compile", action="store_true", help="time the Triton compiles (needs pip triton)")
     ap.add_argument("--max-compiles", type=int, default=4, help="kernels compiled per row; the rest are estimated")
+    ap.add_argument("--xla-compile", action="store_true", help="on a GPU/TPU: time XLA's compile of each row's forward")
     args = ap.parse_args(argv)
     if args.compile and args.backend != "triton":
         ap.error("--compile times Triton kernels: use it with --backend triton")
+    if args.xla_compile and jax.default_backend() != {"triton": "gpu", "mosaic": "tpu"}[args.backend]:
+        ap.error(f"--xla-compile compiles for the device: this machine's JAX backend is {jax.default_backend()!r}")
     shape = SHAPES[args.shape]
     lo, hi = (float(x) for x in args.spread.split(","))
     allocations = {
@@ -138,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     bounds = [float(x) for x in args.paddings.split(",")]
     print(f"{args.shape}, {args.layers} layers, {args.backend} kernels, {args.tokens} token(s): "
           f"layout shapes planned with `shared_shapes.plan_groups`, forward lowered with jax.export\n")
-    print("| allocation | max_padding | shape groups | padding (device memory) | kernels to compile | lowering s |"
-          + (" Triton compile s |" if args.compile else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    extra = [c for c, on in ((" Triton compile s |", args.compile), (" XLA compile s |", args.xla_compile)) if on]
+    print("| allocation | max_padding | shape groups | padding (device memory) | kernels to compile | lowering s |" + "".join(extra))
+    print("|---|---|---|---|---|---|" + "---|" * len(extra))
     for name, bpws in allocations.items():
         layers = layer_layouts(shape, args.backend, bpws)
         rows = [("unshared", layers, None)]
@@ -148,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             plan = shared_shapes.plan_groups([(k.gate, k.up, k.down) for k in layers], bound)
             rows.append((bound, [ExpertKernels(*plan.targets[g]) for g in plan.group_of], plan))
         for bound, lay, plan in rows:
-            configs, modules, secs = lower_layers(shape, args.backend, lay, args.tokens)
+            configs, modules, secs, xla_s = lower_layers(shape, args.backend, lay, args.tokens, args.xla_compile)
             groups = plan.num_groups if plan else len({tuple(jax.tree.leaves(k)) for k in lay})
             pad = f"+{100 * plan.padding:.2f} % ({(plan.bytes_padded - plan.bytes_unpadded) / 2**20:.0f} MiB)" if plan else "0"
             label = bound if isinstance(bound, str) else ("∞" if math.isinf(bound) else f"{bound:g}")
             line = f"| {name} | {label} | {groups} | {pad} | {len(set(configs))} | {secs:.1f} |"
             if args.compile:
                 line += f" {compile_estimate(modules, args.max_compiles)} |"
+            if args.xla_compile:
+                line += f" {xla_s:.1f} |"
             print(line, flush=True)
     return 0
 
