@@ -4,9 +4,9 @@ Why
 ---
 A kernel layout's array shapes (tiles, word rows, work items, 16-bit units) and its code widths are
 static to the kernels, and every MoE layer's allocation gives different ones. Each layer would then
-compile its own kernels: with Triton about 20–30 s per layer and per row-tile size on this
-workplace's CPU (`bench/kernels.py`'s compile column), so about 15 minutes for Mixtral's 32 layers
-before the first token. Layers whose layouts are padded to one shape lower to identical kernels:
+compile its own kernels: pip Triton takes about 22 s for gate/up and 6 s for down on this
+workplace's CPU, so 8–17 minutes for Mixtral's 32 layers before the first token, per row-tile size
+(`bench/shared_kernels.py --compile`; 2 kernels instead of 49–64 once shared). Layers whose layouts are padded to one shape lower to identical kernels:
 `api.swiglu_experts` traces them once (a nested ``jax.jit`` reuses its jaxpr, and lowering reuses
 the function), and XLA's GPU compiler keys its kernel cache on the Triton call's text, so it builds
 each distinct kernel once per executable.
@@ -18,13 +18,14 @@ index-table columns that repeat an expert's last entry (the kernels stop at each
 zero 16-bit units, and empty code widths (a loop of zero trips). The bytes a token reads do not
 change. `plan_groups` puts layers into groups, padding each group to its members' elementwise
 largest shape, and starts a new group rather than let the padding pass ``max_padding`` of the
-group's own bytes. Layers whose unpaddable statics differ (rank, unit length, group size, tile
-sizes) never share.
+group's own bytes. Layers whose unpaddable statics differ (unit length, group size, tile sizes)
+never share. Ranks may differ (a checkpoint keeps the components with bits in each layer): the
+largest is taken, and the extra components are in no tile (zero activations in, dropped out).
 
 Padding rules per field (axis, fill): ``"zero"`` pads with 0; ``"edge"`` repeats the last column
-(the layouts' own convention for per-expert tables); ``"dead"`` pads with ``r`` (no component).
-``comp_pos`` is remapped: its marker for "not in the kernel" is ``L·tile`` (a zero column), and
-``L`` grows.
+(the layouts' own convention for per-expert tables); ``"dead"`` pads with ``r`` (no component);
+``"absent"`` with ``L·tile`` (the zero column of components not in the kernel). Both markers are
+also remapped where they already occur, since ``r`` and ``L`` grow.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ import numpy as np
 from pallas_kernels.code_layout import CodeTiles
 from pallas_kernels.layout import PlaneTiles
 
-# field -> (axis, fill); fields not listed keep their shape.
+# field -> (axis, fill); fields not listed keep their shape. Fills: "zero"; "edge" (repeat the last
+# column); "dead" (``r``, the marker of no component); "absent" (``L·tile``, the zero column of
+# components not in the kernel).
 _COMMON = {
     "scales": (-1, "zero"), "tile_bits": (0, "zero"), "expert_tiles": (1, "edge"), "kernel_comp": (1, "dead"),
-    "dense16": (1, "zero"), "comp16": (1, "dead"),
+    "comp_pos": (1, "absent"), "dense16": (1, "zero"), "comp16": (1, "dead"),
 }
 PAD_RULES: dict[type, dict[str, tuple[int, str]]] = {
     CodeTiles: {**_COMMON, "words": (0, "zero"), "tile_row0": (0, "zero")},
@@ -50,8 +53,8 @@ PAD_RULES: dict[type, dict[str, tuple[int, str]]] = {
         **{f"step_{k}": (1, "edge") for k in ("q", "tile", "local", "plane", "fblock")},
     },
 }
-# static fields that may differ within a group (merged, not required equal)
-_MERGED_META = {"widths"}
+# static fields that may differ within a group: merged (union of widths, largest rank), not required equal
+_MERGED_META = {"widths", "r"}
 
 
 def _data_fields(layout) -> list[str]:
@@ -85,7 +88,7 @@ def abstract(layout):
 def merged(a, b):
     """The smallest abstract layout both ``a`` and ``b`` pad to (elementwise largest shapes, union of widths)."""
     if static_key(a) != static_key(b):
-        raise ValueError("these layouts cannot share a shape: their rank, unit length, group size or tiles differ")
+        raise ValueError("these layouts cannot share a shape: their unit length, group size or tiles differ")
     out = {}
     for f, (axis, _) in PAD_RULES[type(a)].items():
         sa, sb = getattr(a, f).shape, getattr(b, f).shape
@@ -94,6 +97,7 @@ def merged(a, b):
         out[f] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(getattr(a, f).dtype))
     if "widths" in _meta_fields(a):
         out["widths"] = tuple(sorted(set(a.widths) | set(b.widths)))
+    out["r"] = max(a.r, b.r)
     return dataclasses.replace(abstract(a), **out)
 
 
@@ -102,7 +106,7 @@ def nbytes(layout) -> int:
     return sum(int(np.prod(getattr(layout, f).shape)) * np.dtype(getattr(layout, f).dtype).itemsize for f in _data_fields(layout))
 
 
-def _padded_array(a: np.ndarray, axis: int, size: int, fill: str, dead: int) -> np.ndarray:
+def _padded_array(a: np.ndarray, axis: int, size: int, fill: str, value: int) -> np.ndarray:
     a = np.asarray(a)
     axis = axis % a.ndim
     extra = size - a.shape[axis]
@@ -114,24 +118,32 @@ def _padded_array(a: np.ndarray, axis: int, size: int, fill: str, dead: int) -> 
     widths[axis] = (0, extra)
     if fill == "edge":
         return np.pad(a, widths, mode="edge")
-    return np.pad(a, widths, constant_values=dead if fill == "dead" else 0)
+    return np.pad(a, widths, constant_values=value)
 
 
 def pad_layout(layout, target):
     """``layout`` (numpy or device arrays) padded to the abstract ``target`` -> numpy arrays.
 
-    Same products as ``layout``: `tests/kernels/test_shared_shapes.py` checks the kernels on both
-    against the reference."""
+    A larger rank ``r`` (layers keep different numbers of components) adds components that are in
+    no tile: the caller pads ``zg``/``zu`` with zero columns and drops the extra ``acc`` columns
+    (`qmoe.QuantizedExperts` does). Same products as ``layout`` otherwise:
+    `tests/kernels/test_shared_shapes.py` checks the kernels on both against the reference."""
     if static_key(layout) != static_key(target):
-        raise ValueError("pad_layout: the target has other statics (rank, unit length, group size or tiles)")
+        raise ValueError("pad_layout: the target has other statics (unit length, group size or tiles)")
     if "widths" in _meta_fields(layout) and not set(layout.widths) <= set(target.widths):
         raise ValueError(f"pad_layout: target widths {target.widths} lack some of {layout.widths}")
-    r, tile = layout.r, layout.tile
+    if target.r < layout.r:
+        raise ValueError(f"pad_layout: cannot pad rank {layout.r} down to {target.r}")
+    tile = layout.tile
+    old_absent, absent = layout.max_tiles * tile, target_shape(target, "expert_tiles")[1] * tile
     out: dict[str, Any] = {f: np.asarray(getattr(layout, f)) for f in _data_fields(layout)}
+    # the markers move with the sizes they point past: r (no component) and L·tile (the zero column)
+    for f, old, new in (("kernel_comp", layout.r, target.r), ("comp16", layout.r, target.r), ("comp_pos", old_absent, absent)):
+        out[f] = np.where(out[f] == old, new, out[f]).astype(out[f].dtype)
+    values = {"zero": 0, "edge": 0, "dead": target.r, "absent": absent}
     for f, (axis, fill) in PAD_RULES[type(layout)].items():
-        out[f] = _padded_array(out[f], axis, target_shape(target, f)[axis], fill, r)
-    old_zero, new_zero = layout.max_tiles * tile, target_shape(target, "expert_tiles")[1] * tile
-    out["comp_pos"] = np.where(out["comp_pos"] == old_zero, new_zero, out["comp_pos"]).astype(np.int32)
+        out[f] = _padded_array(out[f], axis, target_shape(target, f)[axis], fill, values[fill])
+    out["r"] = target.r
     if "widths" in _meta_fields(layout):
         out["widths"] = tuple(target.widths)
     return dataclasses.replace(layout, **out)

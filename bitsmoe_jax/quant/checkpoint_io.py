@@ -96,11 +96,13 @@ def load_allocation(path: str | Path, index: int) -> dict[str, np.ndarray]:
     return load_tree(Path(path) / "params" / f"layer_{index:03d}")["allocation"]
 
 
-def load_quantized(path: str | Path, dtype: Any = jnp.float32, implementation: str | None = None):
+def load_quantized(path: str | Path, dtype: Any = jnp.float32, implementation: str | None = None, max_padding: float = 0.05):
     """A model with quantized experts, same call contract as `load_model`: returns (model, config).
 
     ``implementation`` selects the routed-expert path (`qmoe.QuantizedExperts`): ``"xla"``,
-    ``"pallas"`` or ``None`` (Pallas on GPU/TPU, XLA on CPU); the Pallas kernel layout is derived here.
+    ``"pallas"`` or ``None`` (Pallas on a GPU/TPU where the kernels are verified, else XLA); the
+    Pallas kernel layout is derived here, padded to shapes shared by the layers (at most
+    ``max_padding`` extra device memory per group: see `qmoe.set_implementation`).
     """
     from bitsmoe_jax.loading import model_from_parts
 
@@ -115,5 +117,5 @@ def load_quantized(path: str | Path, dtype: Any = jnp.float32, implementation: s
         if "experts_q" in tree:
             experts[i] = QuantizedExperts.from_tree(tree["experts_q"], meta["layers"][str(i)])
     model = model_from_parts(config, parts, dtype, experts=experts)
-    set_implementation(model, implementation)
+    set_implementation(model, implementation, max_padding=max_padding)
     return model, config

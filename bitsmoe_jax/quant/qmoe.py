@@ -116,6 +116,10 @@ class QuantizedExperts(nnx.Module):
             seg_sizes=m.seg_sizes,
         )
 
+    def rank(self, p: str) -> int:
+        """Components per expert of projection ``p`` (the stored factors' rows per expert)."""
+        return sum(self.meta[PROJECTIONS.index(p)].seg_sizes) // self.num_experts
+
     def basis_matrix(self, p: str) -> jax.Array | None:
         """Dequantized basis [D, r], or None for the identity (the "no basis" ablation stores none)."""
         b = self.basis[p]
@@ -193,11 +197,14 @@ class QuantizedExperts(nnx.Module):
     def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
         dt = x.dtype
         if self.resolved_implementation() == "pallas":
-            zg = self._basis_in(x, "gate")[plan.token]
-            zu = self._basis_in(x, "up")[plan.token]
+            kern = self.kernels.get_value()
+            # a layout padded to a shared shape may have a larger rank: zero columns in, extra columns out
+            zg = _pad_columns(self._basis_in(x, "gate")[plan.token], kern.gate.r)
+            zu = _pad_columns(self._basis_in(x, "up")[plan.token], kern.up.r)
             acc_sorted = kernels_api.swiglu_experts(
-                zg, zu, plan.group_sizes, self.kernels.get_value(), backend=self.kernel_backend, interpret=self.kernel_interpret
+                zg, zu, plan.group_sizes, kern, backend=self.kernel_backend, interpret=self.kernel_interpret
             )
+            acc_sorted = acc_sorted[:, : self.rank("down")]
             return self._basis_out(combine(plan, acc_sorted, x.shape[0]), dt)
         vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
         zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
@@ -274,6 +281,10 @@ class QuantizedExperts(nnx.Module):
         # A model without shared bases ("none") stores empty dicts, which some tree formats drop.
         bases = {p: {k: np.asarray(v) for k, v in arrays.get("basis", {}).get(p, {}).items()} for p in PROJECTIONS}
         return cls(int(meta["num_experts"]), bases, packed, implementation)
+
+
+def _pad_columns(z: jax.Array, width: int) -> jax.Array:
+    return z if z.shape[1] == width else jnp.pad(z, ((0, 0), (0, width - z.shape[1])))
 
 
 def set_implementation(

@@ -32,22 +32,25 @@ def allocation(rng: np.random.Generator) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def projections(seed: int = 0, with16: bool = False, sparse: bool = False) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray]]:
-    """Packed gate/up/down factors ([E·R, F] units) and their dequantized [E, R, F] float32 references.
+def projections(
+    seed: int = 0, with16: bool = False, sparse: bool = False, rank: int = R
+) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray]]:
+    """Packed gate/up/down factors ([E·rank, F] units) and their dequantized [E, rank, F] float32 references.
 
-    ``sparse``: half of every expert's units at 0 bits (fewer tiles per expert than the dense mix)."""
+    ``sparse``: half of every expert's units at 0 bits (fewer tiles per expert than the dense mix).
+    ``rank``: components per expert (a layer that kept fewer than ``R``)."""
     rng = np.random.default_rng(seed)
     packed, dense = {}, {}
     for p in ("gate", "up", "down"):
-        units = (rng.standard_normal((E * R, F)) * rng.uniform(0.2, 2.0, size=(E * R, 1))).astype(np.float32)
-        bits = allocation(rng)
+        units = (rng.standard_normal((E * rank, F)) * rng.uniform(0.2, 2.0, size=(E * rank, 1))).astype(np.float32)
+        bits = allocation(rng)[:, :rank]
         if sparse:
-            bits[:, rng.permutation(R)[: R // 2]] = 0
+            bits[:, rng.permutation(rank)[: rank // 2]] = 0
         bits = bits.reshape(-1)
         if with16:
             bits[rng.choice(bits.size, size=7, replace=False)] = 16
         packed[p] = pack_segments(units, bits, GS)
-        dense[p] = np.asarray(dequantize_packed(packed[p])).reshape(E, R, F)
+        dense[p] = np.asarray(dequantize_packed(packed[p])).reshape(E, rank, F)
     return packed, dense
 
 

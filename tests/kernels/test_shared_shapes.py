@@ -1,8 +1,8 @@
 """Layouts padded to a shared shape (`pallas_kernels.shared_shapes`) compute the same products.
 
 The products are checked against the pure-jnp reference on the *stored* factors (not against the
-unpadded layout): three projection sets with different bit mixes (one with 16-bit units, one with
-fewer tiles per expert) padded to their merged shape, both kernel families, decode and prefill paths. The shapes planned from the
+unpadded layout): four projection sets with different bit mixes (one with 16-bit units, one with
+fewer tiles per expert, one with fewer components) padded to their merged shape, both kernel families, decode and prefill paths. The shapes planned from the
 bit-widths alone (`expert_kernel_shapes`) must be exactly those the builders produce, or padding
 to them would fail; the grouping must respect its padding bound and never merge unlike statics.
 The model-level check (layers lowering to shared kernel calls) is in `test_model_paths.py`.
@@ -26,9 +26,10 @@ from pallas_kernels.reference import swiglu_experts_reference
 from tests.kernels.conftest import CODES, E, R, TILES, assert_position_maps, projections
 
 CFG = {"triton": CODES, "mosaic": TILES}
-# (seed, with 16-bit units, half the units at 0 bits): the third has fewer tiles per expert, so
-# padding it adds tiles (L) and moves the "not in the kernel" column of comp_pos
-CASES = ((0, False, False), (1, True, False), (2, False, True))
+# (seed, with 16-bit units, half the units at 0 bits, rank): the third has fewer tiles per expert, so
+# padding it adds tiles (L) and moves the "not in the kernel" column of comp_pos; the fourth kept
+# fewer components (a smaller rank, padded with components in no tile)
+CASES = ((0, False, False, R), (1, True, False, R), (2, False, True, R), (3, False, False, R - 16))
 
 
 def _abstract(kern: ExpertKernels) -> ExpertKernels:
@@ -46,7 +47,7 @@ def test_shapes_from_bit_widths_are_the_built_shapes(backend, case):
 @pytest.mark.parametrize("backend,tm", [("triton", None), ("triton", 16), ("mosaic", None)])
 def test_padded_layouts_give_the_reference_products(backend, tm):
     shapes = [expert_kernel_shapes(projections(*case)[0], E, CFG[backend], backend) for case in CASES]
-    assert len({k.down.max_tiles for k in shapes}) > 1
+    assert len({k.down.max_tiles for k in shapes}) > 1 and len({k.down.r for k in shapes}) > 1
     plan = shared_shapes.plan_groups([(k.gate, k.up, k.down) for k in shapes], max_padding=math.inf)
     assert plan.num_groups == 1 and plan.padding > 0  # unlike shapes, merged
     target = ExpertKernels(*plan.targets[0])
@@ -55,12 +56,16 @@ def test_padded_layouts_give_the_reference_products(backend, tm):
     sizes = jnp.asarray([5, 0, 3, 3, 0, 6, 4, 3], jnp.int32)
     for case in CASES:
         packed, dense = projections(*case)
+        rank = case[-1]
         kern = build_expert_kernels(packed, E, CFG[backend], backend, target=target)
         assert _abstract(kern) == target
         for p, layout in zip(("gate", "up", "down"), (kern.gate, kern.up, kern.down)):
-            assert_position_maps(layout, packed[p].bits_per_unit().reshape(E, R))
-        got = swiglu_experts(zg, zu, sizes, jax.tree.map(jnp.asarray, kern), backend=backend, interpret=True, tm=tm)
-        want = swiglu_experts_reference(zg, zu, sizes, *(dense[p] for p in ("gate", "up", "down")))
+            bits = np.pad(packed[p].bits_per_unit().reshape(E, rank), ((0, 0), (0, R - rank)))  # padded: 0 bits
+            assert_position_maps(layout, bits)
+        # a padded rank: zero activation columns in, the extra output columns dropped
+        zpad = [z.at[:, rank:].set(0.0) for z in (zg, zu)]
+        got = swiglu_experts(*zpad, sizes, jax.tree.map(jnp.asarray, kern), backend=backend, interpret=True, tm=tm)[:, :rank]
+        want = swiglu_experts_reference(zg[:, :rank], zu[:, :rank], sizes, *(dense[p] for p in ("gate", "up", "down")))
         scale = float(jnp.max(jnp.abs(want)))
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-4 * scale, (backend, case)
 

@@ -263,6 +263,29 @@ def test_stored_allocation_matches_packed_factors(main_run):
             np.testing.assert_array_equal(got, alloc[p][:, kept])
 
 
+@pytest.mark.parametrize("budget", [2.0, 3.0])
+def test_pallas_kernels_on_the_quantized_checkpoint(main_run, budget):
+    # real allocations (the MILP's, different per layer) through the GPU kernels in interpret mode,
+    # the layers' layouts padded to one shared shape: the XLA path's logits
+    import math as _math
+
+    from bitsmoe_jax.inference import jit_logits
+    from bitsmoe_jax.quant.checkpoint_io import load_quantized
+    from bitsmoe_jax.quant.qmoe import QuantizedExperts, plan_kernel_shapes, set_implementation
+
+    qdir = main_run / f"bpw_{budget:.2f}"
+    model, _ = load_quantized(qdir, implementation="xla")
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 7))
+    want = np.asarray(jit_logits(model)(ids))
+    blocks = [layer.mlp.experts for layer in model.layers if isinstance(layer.mlp.experts, QuantizedExperts)]
+    if budget == 2.0:  # the layers kept different numbers of components: the shared shape pads the rank too
+        assert len({tuple(b.rank(p) for p in PROJECTIONS) for b in blocks}) == 2
+    assert plan_kernel_shapes(blocks, "triton", max_padding=_math.inf).num_groups == 1
+    set_implementation(model, "pallas", backend="triton", max_padding=_math.inf)
+    got = np.asarray(jit_logits(model)(ids))
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+
+
 def test_report_metrics_equal_independent_recomputation(main_run, hf):
     from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 
