@@ -22,6 +22,7 @@ caches cleared) and prints the seconds: the cold start a user waits for.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -75,7 +76,7 @@ def lower_layers(
     reg.lowering.lower_jaxpr_to_triton_module = spy
     t0 = time.perf_counter()
     try:
-        with gpu_export_target() if backend == "triton" else _null():
+        with gpu_export_target() if backend == "triton" else contextlib.nullcontext():
             exported = jax.export.export(
                 jax.jit(forward), platforms=[PLATFORM[backend]],
                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(CALL_TARGETS["triton"])],
@@ -90,12 +91,6 @@ def lower_layers(
         jax.jit(forward).lower(z, sizes, layers).compile()
         compile_s = time.perf_counter() - t0
     return kernel_configs(exported.mlir_module(), backend), captured, lower_s, compile_s
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -86,7 +86,8 @@ def abstract(layout):
 
 
 def merged(a, b):
-    """The smallest abstract layout both ``a`` and ``b`` pad to (elementwise largest shapes, union of widths)."""
+    """The smallest abstract layout both ``a`` and ``b`` pad to (elementwise largest shapes, union of
+    widths, largest rank)."""
     if static_key(a) != static_key(b):
         raise ValueError("these layouts cannot share a shape: their unit length, group size or tiles differ")
     out = {}
