@@ -22,10 +22,10 @@ caches cleared) and prints the seconds: the cold start a user waits for.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
+import tempfile
 import time
 
 import jax
@@ -35,11 +35,10 @@ import numpy as np
 from kernels import FULL_SHAPES, synthetic_kernels  # bench/kernels.py: the same shapes and allocations
 from pallas_kernels import shared_shapes
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
-from pallas_kernels.compat import gpu_export_target
-from pallas_kernels.lowered import CALL_TARGETS, kernel_configs
+from pallas_kernels.lowered import PLATFORMS, export_for_hardware, kernel_configs
+from triton_sass import triton_compile, triton_ir_capture  # bench/triton_sass.py
 
 SHAPES = {s.name: s for s in FULL_SHAPES}
-PLATFORM = {"triton": "cuda", "mosaic": "tpu"}
 
 
 def layer_layouts(shape, backend: str, bpws: list[float]) -> list[ExpertKernels]:
@@ -48,7 +47,7 @@ def layer_layouts(shape, backend: str, bpws: list[float]) -> list[ExpertKernels]
     out = []
     for i, bpw in enumerate(bpws):
         _, kern = synthetic_kernels(shape, bpw, tiles, seed=10 * i, abstract=True)
-        out.append(ExpertKernels(*(shared_shapes.abstract(p) for p in (kern.gate, kern.up, kern.down))))
+        out.append(shared_shapes.abstract(kern))
     return out
 
 
@@ -57,15 +56,6 @@ def lower_layers(
 ) -> tuple[list[str], list[str], float, float | None]:
     """Export the one-token forward of every layer -> (kernel configs, captured Triton IR, seconds,
     and with ``xla_compile`` the seconds XLA takes to compile it on this machine's GPU)."""
-    from jax._src.pallas.triton import pallas_call_registration as reg
-
-    captured: list[str] = []
-    original = reg.lowering.lower_jaxpr_to_triton_module
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        captured.append(result.module.operation.get_asm())
-        return result
 
     def forward(z, sizes, kerns):
         return [swiglu_experts(z, z, sizes, k, backend=backend, interpret=False) for k in kerns]
@@ -73,16 +63,9 @@ def lower_layers(
     z = jax.ShapeDtypeStruct((tokens * shape.top_k, shape.hidden), jnp.bfloat16)
     sizes = jax.ShapeDtypeStruct((shape.experts,), jnp.int32)
     jax.clear_caches()  # each row traces from scratch, as a fresh process would
-    reg.lowering.lower_jaxpr_to_triton_module = spy
     t0 = time.perf_counter()
-    try:
-        with gpu_export_target() if backend == "triton" else contextlib.nullcontext():
-            exported = jax.export.export(
-                jax.jit(forward), platforms=[PLATFORM[backend]],
-                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(CALL_TARGETS["triton"])],
-            )(z, sizes, layers)
-    finally:
-        reg.lowering.lower_jaxpr_to_triton_module = original
+    with triton_ir_capture() as captured:
+        exported = export_for_hardware(jax.jit(forward), backend, z, sizes, layers)
     lower_s = time.perf_counter() - t0
     compile_s = None
     if xla_compile:
@@ -96,18 +79,9 @@ def lower_layers(
 @functools.lru_cache(maxsize=None)
 def compile_seconds(ttir: str) -> float:
     """Seconds pip Triton takes to compile one kernel's IR for sm_90 (this CPU)."""
-    import os
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ttir")
-        with open(path, "w") as fh:
-            fh.write(ttir)
         t0 = time.perf_counter()
-        triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+        triton_compile(ttir, 4, 2, tmp)
         return time.perf_counter() - t0
 
 
@@ -126,7 +100,7 @@ def compile_estimate(modules: list[str], max_compiles: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="Mixtral-8x7B", choices=list(SHAPES))
-    ap.add_argument("--backend", default="triton", choices=list(PLATFORM))
+    ap.add_argument("--backend", default="triton", choices=list(PLATFORMS))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--bpw", type=float, default=2.5)

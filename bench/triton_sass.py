@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import os
 import re
@@ -40,15 +41,17 @@ import numpy as np
 from kernels import FULL_SHAPES, synthetic_kernels  # bench/kernels.py: the same shapes and allocations
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
 from pallas_kernels.code_layout import CodeConfig, codes_per_word, words_per_group
-from pallas_kernels.compat import gpu_export_target
+from pallas_kernels import shared_shapes
+from pallas_kernels.lowered import export_for_hardware
 
 SHAPES = {s.name: s for s in FULL_SHAPES}
 H100_H200 = dict(sms=132, clock_hz=1.98e9)  # the same SM count and boost clock on both
 
 
-def capture_triton_ir(shape: str, tokens: int, bpw: float, tile: int) -> tuple[list[str], ExpertKernels]:
-    """Triton IR of every Pallas kernel in the GPU forward at this shape (decode GEMVs for ≤ 4 rows
-    per expert). Hooks the Pallas Triton lowering (a private JAX function; checked, not assumed)."""
+@contextlib.contextmanager
+def triton_ir_capture():
+    """Collects the Triton IR (text) of every Pallas kernel lowered inside the block, in order.
+    Hooks the Pallas Triton lowering (a private JAX function; checked, not assumed)."""
     from jax._src.pallas.triton import pallas_call_registration as reg
 
     lowering = reg.lowering
@@ -62,33 +65,43 @@ def capture_triton_ir(shape: str, tokens: int, bpw: float, tile: int) -> tuple[l
         modules.append(result.module.operation.get_asm())
         return result
 
-    sh = SHAPES[shape]
-    _, kern = synthetic_kernels(sh, bpw, CodeConfig(tile), abstract=True)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), kern)
-    e = sh.experts
-    z = jax.ShapeDtypeStruct((tokens * sh.top_k, sh.hidden), jnp.bfloat16)
-    fn = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=False))
     lowering.lower_jaxpr_to_triton_module = spy
     try:
-        with gpu_export_target():
-            jax.export.export(fn, platforms=["cuda"], disabled_checks=[
-                jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract)
+        yield modules
     finally:
         lowering.lower_jaxpr_to_triton_module = original
+
+
+def capture_triton_ir(shape: str, tokens: int, bpw: float, tile: int) -> tuple[list[str], ExpertKernels]:
+    """Triton IR of every Pallas kernel in the GPU forward at this shape (decode GEMVs for ≤ 4 rows
+    per expert)."""
+    sh = SHAPES[shape]
+    _, kern = synthetic_kernels(sh, bpw, CodeConfig(tile), abstract=True)
+    z = jax.ShapeDtypeStruct((tokens * sh.top_k, sh.hidden), jnp.bfloat16)
+    fn = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=False))
+    with triton_ir_capture() as modules:
+        export_for_hardware(fn, "triton", z, z, jax.ShapeDtypeStruct((sh.experts,), jnp.int32), shared_shapes.abstract(kern))
     return modules, kern
+
+
+def triton_compile(ttir: str, num_warps: int, num_stages: int, tmp: str):
+    """One Triton IR module compiled for sm_90 by pip Triton (its IR file written under ``tmp``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    path = os.path.join(tmp, "kernel.ttir")
+    with open(path, "w") as fh:
+        fh.write(ttir)
+    return triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def compile_sass(ttir: str, num_warps: int, num_stages: int) -> tuple[str, str]:
     """(SASS text, resource usage line) of one Triton IR module for sm_90."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ttir")
-        with open(path, "w") as fh:
-            fh.write(ttir)
-        compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+        compiled = triton_compile(ttir, num_warps, num_stages, tmp)
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as fh:
             fh.write(compiled.asm["cubin"])

@@ -146,9 +146,9 @@ def expert_kernel_shapes(
             lay = synthetic_code_tiles(bits, int(pm.n), int(pm.group_size), cfg.tile, abstract=True)
         else:
             lay = synthetic_plane_tiles(bits, int(pm.n), orientation, cfg, int(pm.group_size), abstract=True)
-        parts.append(shared_shapes.abstract(lay))
+        parts.append(lay)
     _check_projections(*parts, backend)
-    return ExpertKernels(*parts)
+    return shared_shapes.abstract(ExpertKernels(*parts))
 
 
 def _parts(kern: ExpertKernels) -> tuple:

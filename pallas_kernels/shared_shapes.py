@@ -76,13 +76,10 @@ def static_key(layout) -> tuple:
     return (type(layout).__name__, meta, fixed)
 
 
-def _shape_of(a) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(a.shape), np.dtype(a.dtype))
-
-
-def abstract(layout):
-    """The layout with every array replaced by its `jax.ShapeDtypeStruct` (a shape target)."""
-    return dataclasses.replace(layout, **{f: _shape_of(getattr(layout, f)) for f in _data_fields(layout)})
+def abstract(tree):
+    """A layout, or any pytree of them (`api.ExpertKernels`), with every array replaced by its
+    `jax.ShapeDtypeStruct`: a shape target, or the arguments `jax.export` needs."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), np.dtype(a.dtype)), tree)
 
 
 def merged(a, b):

@@ -168,7 +168,7 @@ class QuantizedExperts(nnx.Module):
         if resolved == "pallas":
             backend = backend or kernels_api.default_backend()
             stale = self.kernels is None or self.kernel_backend != backend or tiles is not None
-            if stale or (target is not None and self._kernel_shapes() != target):
+            if stale or (target is not None and shared_shapes.abstract(self.kernels.get_value()) != target):
                 packed = {p: jax.tree.map(np.asarray, self.packed_matrix(p)) for p in PROJECTIONS}
                 kern = kernels_api.build_expert_kernels(packed, self.num_experts, tiles, backend, target)
                 self.kernels = nnx.data(KernelLayout(jax.device_put(kern)))
@@ -179,10 +179,6 @@ class QuantizedExperts(nnx.Module):
         """The kernel layout's shapes and statics for this block (from the bit-widths; nothing is built)."""
         packed = {p: self.packed_matrix(p) for p in PROJECTIONS}
         return kernels_api.expert_kernel_shapes(packed, self.num_experts, tiles, backend or kernels_api.default_backend())
-
-    def _kernel_shapes(self):
-        kern = self.kernels.get_value()
-        return kernels_api.ExpertKernels(*(shared_shapes.abstract(p) for p in (kern.gate, kern.up, kern.down)))
 
     def resolved_implementation(self) -> str:
         """The path `__call__` takes: ``None`` means Pallas only where it pays and its layout is built."""

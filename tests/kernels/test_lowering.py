@@ -11,7 +11,6 @@ the prefill path (the dequantizing kernel, then ``ragged_dot``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -19,12 +18,12 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
-from pallas_kernels.compat import gpu_export_target
+from pallas_kernels import shared_shapes
 from pallas_kernels.code_layout import synthetic_code_tiles
 from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
+from pallas_kernels.lowered import export_for_hardware
 
 SHAPES = {"mixtral_8x7b": (8, 4096, 14336, 2), "qwen3_30b_a3b": (128, 2048, 768, 8)}
-PLATFORMS = {"mosaic": "tpu", "triton": "cuda"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +34,7 @@ def abstract_kernels(shape: str, backend: str) -> ExpertKernels:
         parts = [synthetic_code_tiles(b, f, tile=DEFAULT_TILES[backend].tile, abstract=True) for b in bits]
     else:
         parts = [synthetic_plane_tiles(b, f, o, DEFAULT_TILES[backend], abstract=True) for b, o in zip(bits, ("rows", "rows", "lanes"))]
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ExpertKernels(*parts))
+    return shared_shapes.abstract(ExpertKernels(*parts))
 
 
 @pytest.mark.parametrize("tokens", [1, 512])
@@ -46,14 +45,7 @@ def test_exports_for_hardware(shape, backend, tokens):
     m = tokens * top_k
     fn = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=False))
     z = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
-    target = gpu_export_target() if backend == "triton" else contextlib.nullcontext()
-    with target:  # JAX 0.11 lowers GPU kernels only for a named (abstract) GPU
-        exported = jax.export.export(
-            fn,
-            platforms=[PLATFORMS[backend]],
-            # the Triton custom call has no cross-version compatibility guarantee; we only check lowering
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend))
+    exported = export_for_hardware(fn, backend, z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend))
     text = exported.mlir_module()
     assert ("tpu_custom_call" if backend == "mosaic" else "xla.gpu.triton") in text
     if backend == "triton":  # the decode GEMVs, or the prefill dequantizer

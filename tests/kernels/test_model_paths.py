@@ -9,7 +9,6 @@ GPU family's default tile sizes). Also: the switch's validation and defaults.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
@@ -26,8 +25,7 @@ from bitsmoe_jax.quant.qmoe import QuantizedExperts, set_implementation
 from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
 from bitsmoe_jax.train_reference import REFERENCE_DIR
 from pallas_kernels.api import resolve_implementation
-from pallas_kernels.compat import gpu_export_target
-from pallas_kernels.lowered import kernel_configs
+from pallas_kernels.lowered import export_for_hardware, kernel_configs
 
 
 def quantized_experts(experts, rng, widths=(0, 1, 2, 3, 4, 8, 16)) -> QuantizedExperts:
@@ -70,11 +68,7 @@ def kernel_calls(model, backend: str, max_padding: float) -> list[str]:
     assert set_implementation(model, "pallas", backend=backend, max_padding=max_padding, interpret=False) == 3
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))
-    target, platform = (gpu_export_target(), "cuda") if backend == "triton" else (contextlib.nullcontext(), "tpu")
-    with target:
-        exported = jax.export.export(
-            forward, platforms=[platform], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-        )(state, jnp.zeros((1, 1), jnp.int32))
+    exported = export_for_hardware(forward, backend, state, jnp.zeros((1, 1), jnp.int32))
     return kernel_configs(exported.mlir_module(), backend)
 
 

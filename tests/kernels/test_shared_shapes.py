@@ -32,16 +32,12 @@ CFG = {"triton": CODES, "mosaic": TILES}
 CASES = ((0, False, False, R), (1, True, False, R), (2, False, True, R), (3, False, False, R - 16))
 
 
-def _abstract(kern: ExpertKernels) -> ExpertKernels:
-    return ExpertKernels(*(shared_shapes.abstract(p) for p in (kern.gate, kern.up, kern.down)))
-
-
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
 @pytest.mark.parametrize("case", CASES)
 def test_shapes_from_bit_widths_are_the_built_shapes(backend, case):
     packed, _ = projections(*case)
     built = build_expert_kernels(packed, E, CFG[backend], backend)
-    assert expert_kernel_shapes(packed, E, CFG[backend], backend) == _abstract(built)
+    assert expert_kernel_shapes(packed, E, CFG[backend], backend) == shared_shapes.abstract(built)
 
 
 @pytest.mark.parametrize("backend,tm", [("triton", None), ("triton", 16), ("mosaic", None)])
@@ -58,7 +54,7 @@ def test_padded_layouts_give_the_reference_products(backend, tm):
         packed, dense = projections(*case)
         rank = case[-1]
         kern = build_expert_kernels(packed, E, CFG[backend], backend, target=target)
-        assert _abstract(kern) == target
+        assert shared_shapes.abstract(kern) == target
         for p, layout in zip(("gate", "up", "down"), (kern.gate, kern.up, kern.down)):
             bits = np.pad(packed[p].bits_per_unit().reshape(E, rank), ((0, 0), (0, R - rank)))  # padded: 0 bits
             assert_position_maps(layout, bits)
