@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 import tempfile
 import time
@@ -78,11 +79,20 @@ def lower_layers(
 
 @functools.lru_cache(maxsize=None)
 def compile_seconds(ttir: str) -> float:
-    """Seconds pip Triton takes to compile one kernel's IR for sm_90 (this CPU)."""
+    """Seconds pip Triton takes to compile one kernel's IR for sm_90 (this CPU), cold: its on-disk
+    cache (``~/.triton/cache``) would return a kernel compiled by an earlier run in milliseconds."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        triton_compile(ttir, 4, 2, tmp)
-        return time.perf_counter() - t0
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+        try:
+            t0 = time.perf_counter()
+            triton_compile(ttir, 4, 2, tmp)
+            return time.perf_counter() - t0
+        finally:
+            if saved is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
 
 
 def compile_estimate(modules: list[str], max_compiles: int) -> str:
