@@ -5,8 +5,8 @@ Why
 A kernel layout's array shapes (tiles, word rows, work items, 16-bit units) and its code widths are
 static to the kernels, and every MoE layer's allocation gives different ones. Each layer would then
 compile its own kernels: pip Triton takes about 22 s for gate/up and 6 s for down on this
-workplace's CPU, so 8–17 minutes for Mixtral's 32 layers before the first token, per row-tile size
-(`bench/shared_kernels.py --compile`; 2 kernels instead of 49–64 once shared). Layers whose layouts are padded to one shape lower to identical kernels:
+workplace's CPU, so about 16 minutes for Mixtral's 32 layers before the first token, per row-tile
+size (`bench/shared_kernels.py --compile`; 2 kernels instead of 49–64 once shared). Layers whose layouts are padded to one shape lower to identical kernels:
 `api.swiglu_experts` traces them once (a nested ``jax.jit`` reuses its jaxpr, and lowering reuses
 the function), and XLA's GPU compiler keys its kernel cache on the Triton call's text, so it builds
 each distinct kernel once per executable.
