@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.quant.packing import PackedMatrix
@@ -194,12 +196,14 @@ def _step_tables(pt: PlaneTiles) -> tuple[jax.Array, ...]:
 
 def swiglu_experts(
     zg: jax.Array, zu: jax.Array, group_sizes: jax.Array, kern: ExpertKernels, *,
-    backend: str | None = None, interpret: bool | None = None, tm: int | None = None, splits: int | None = None,
+    backend: str | None = None, interpret: Any = None, tm: int | None = None, splits: int | None = None,
 ) -> jax.Array:
     """Rows sorted by expert ``zg [M, r_g]``, ``zu [M, r_u]`` (bf16 or f32) -> ``acc [M, r_d]`` float32.
 
     Same result as `reference.swiglu_experts_reference` on the dequantized factors. ``interpret``
-    defaults to True on CPU. ``h`` is kept in the activation dtype between the two products.
+    defaults to True on CPU; the Mosaic family also takes a `pltpu.InterpretParams` (the TPU
+    interpreter, which fills uninitialized VMEM with NaN, raises on out-of-bounds reads and runs the
+    "parallel" grid axes on several simulated cores). ``h`` is kept in the activation dtype between the two products.
     ``backend`` must match the layout's family (default: the layout's). ``tm``: rows per row tile
     (default: about the rows one expert gets; on GPU more than `triton_codes.GEMV_MAX_ROWS` selects
     the dequantize-then-matmul path). ``splits`` (GPU decode): cut each program's reduction into this
@@ -211,15 +215,30 @@ def swiglu_experts(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != family:
         raise ValueError(f"this layout was built for the {family!r} kernels, not {backend!r}: rebuild it with backend={backend!r}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    interpret = _interpret_mode(interpret, backend)
     _check_inputs(zg, zu, group_sizes, kern)
     tm = tm or row_tile(zg.shape[0], kern.gate.num_experts, backend)
-    return _swiglu_experts(zg, zu, group_sizes, kern, backend=backend, interpret=bool(interpret), tm=tm, splits=splits)
+    return _swiglu_experts(zg, zu, group_sizes, kern, backend=backend, interpret=interpret, tm=tm, splits=splits)
+
+
+def _interpret_mode(interpret: Any, backend: str) -> Any:
+    """``interpret`` as a bool (None: True on CPU), or the TPU interpreter's params (Mosaic family only)."""
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    if isinstance(interpret, (bool, np.bool_)):
+        return bool(interpret)
+    from jax.experimental.pallas import tpu as pltpu
+
+    if backend == "mosaic" and isinstance(interpret, pltpu.InterpretParams):
+        return interpret  # a frozen dataclass: hashable, so it can be a static argument of the jit below
+    raise TypeError(
+        f"interpret must be a bool{' or a pltpu.InterpretParams' if backend == 'mosaic' else ''} "
+        f"for the {backend!r} kernels, got {interpret!r}"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret", "tm", "splits"))
-def _swiglu_experts(zg, zu, group_sizes, kern: ExpertKernels, *, backend: str, interpret: bool, tm: int, splits: int | None):
+def _swiglu_experts(zg, zu, group_sizes, kern: ExpertKernels, *, backend: str, interpret: Any, tm: int, splits: int | None):
     """The body of `swiglu_experts`, jitted: layers whose layouts have one shape (`shared_shapes`)
     reuse one trace, and an enclosing jit lowers it once (one Triton/Mosaic kernel per shape)."""
     m = zg.shape[0]

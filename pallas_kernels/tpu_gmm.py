@@ -20,11 +20,31 @@ from pallas_kernels.routing import RowTiles
 from pallas_kernels.unpack import WORD_BITS, plane_weight, signed_plane_product
 
 
+def _pallas_call(kernel, out_shape, grid_spec, dimension_semantics: tuple[str, ...], interpret, name: str):
+    """``pl.pallas_call`` with Mosaic's compiler params, except under the generic interpreter
+    (``interpret=True``), which has no use for them. The TPU interpreter (`pltpu.InterpretParams`)
+    keeps them: it splits the "parallel" axes over its simulated cores, as a megacore chip does, and
+    reports blocks that two cores would both write."""
+    generic = interpret is True
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=interpret, name=name,
+        compiler_params=None if generic else tpu_compiler_params(dimension_semantics),
+    )
+
+
 def gate_up(
     row_tiles: RowTiles, gate_tables, up_tables, zg, zu, wg, wu, sg, su, init_g, init_u, *,
-    tm: int, tile: int, n_block: int, group_size: int, n_valid: int, out_dtype, interpret: bool,
+    tm: int, tile: int, n_block: int, group_size: int, n_valid: int, out_dtype, interpret,
 ):
-    """Same contract as `triton_gmm.gate_up` (tables flattened ``[E·S]``; see there)."""
+    """``h = silu(zg·A_g[e]) ⊙ (zu·A_u[e])`` per row tile -> ``[Mp, Fp]`` in ``out_dtype``.
+
+    ``*_tables``: each projection's ``(step_q, step_tile, step_local, step_plane)`` flattened ``[E·S]``
+    plus ``nsteps [E]`` (`layout.PlaneTiles`). ``zg``, ``zu``: rows gathered into kernel component
+    order, in row tiles of ``tm``; ``init_*``: the 16-bit units' contributions or None. The grid is
+    (output block, row tile, step); the steps of one (block, row tile) accumulate in VMEM scratch.
+    ``interpret``: False, True (the generic HLO interpreter) or a `pltpu.InterpretParams` (the TPU
+    interpreter: DMAs, uninitialized VMEM, several cores, see `_pallas_call`).
+    """
     pltpu, grid_spec_cls = tpu_modules()
     mp = zg.shape[0]
     fp = wg.shape[-1]
@@ -112,19 +132,13 @@ def gate_up(
     )
     args = [row_tiles.expert, row_tiles.count, *gate_tables, *up_tables, zg, zu, wg, wu, sg, su]
     args += [init_g, init_u] if has_init else []
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((mp, fp), out_dtype),
-        grid_spec=grid_spec,
-        compiler_params=None if interpret else tpu_compiler_params(("parallel", "arbitrary", "arbitrary")),
-        interpret=interpret,
-        name="bitsmoe_gate_up_mosaic",
-    )(*args)
+    return _pallas_call(kernel, jax.ShapeDtypeStruct((mp, fp), out_dtype), grid_spec,
+                        ("parallel", "arbitrary", "arbitrary"), interpret, "bitsmoe_gate_up_mosaic")(*args)
 
 
 def down(
     row_tiles: RowTiles, step_tables, tile_bits, lmax: int, h, w, s, *,
-    tm: int, tile: int, f_block: int, group_size: int, interpret: bool,
+    tm: int, tile: int, f_block: int, group_size: int, interpret,
 ):
     """``acc = h·B[e]ᵀ`` per row tile in kernel component order -> ``[Mp, lmax·tile]`` float32.
 
@@ -195,11 +209,5 @@ def down(
         out_specs=pl.BlockSpec((tm, tile), o_map),
         scratch_shapes=[pltpu.VMEM((tm, tile), jnp.float32)],
     )
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((mp, lmax * tile), jnp.float32),
-        grid_spec=grid_spec,
-        compiler_params=None if interpret else tpu_compiler_params(("parallel", "arbitrary")),
-        interpret=interpret,
-        name="bitsmoe_down_mosaic",
-    )(row_tiles.expert, row_tiles.count, *step_tables, tile_bits, h, w, s)
+    return _pallas_call(kernel, jax.ShapeDtypeStruct((mp, lmax * tile), jnp.float32), grid_spec,
+                        ("parallel", "arbitrary"), interpret, "bitsmoe_down_mosaic")(row_tiles.expert, row_tiles.count, *step_tables, tile_bits, h, w, s)
