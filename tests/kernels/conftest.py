@@ -33,12 +33,13 @@ def allocation(rng: np.random.Generator) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def projections(
-    seed: int = 0, with16: bool = False, sparse: bool = False, rank: int = R
+    seed: int = 0, with16: bool = False, sparse: bool = False, rank: int = R, group_size: int = GS
 ) -> tuple[dict[str, PackedMatrix], dict[str, np.ndarray]]:
     """Packed gate/up/down factors ([E·rank, F] units) and their dequantized [E, rank, F] float32 references.
 
     ``sparse``: half of every expert's units at 0 bits (fewer tiles per expert than the dense mix).
-    ``rank``: components per expert (a layer that kept fewer than ``R``)."""
+    ``rank``: components per expert (a layer that kept fewer than ``R``). ``group_size``: units per
+    scale group (at 128, the default of the quantizer, a 3-bit group's last word row has dead slots)."""
     rng = np.random.default_rng(seed)
     packed, dense = {}, {}
     for p in ("gate", "up", "down"):
@@ -49,7 +50,7 @@ def projections(
         bits = bits.reshape(-1)
         if with16:
             bits[rng.choice(bits.size, size=7, replace=False)] = 16
-        packed[p] = pack_segments(units, bits, GS)
+        packed[p] = pack_segments(units, bits, group_size)
         dense[p] = np.asarray(dequantize_packed(packed[p])).reshape(E, rank, F)
     return packed, dense
 

@@ -5,8 +5,8 @@ and knows nothing of TPU memory. The TPU interpreter (`pltpu.InterpretParams`) s
 copies into VMEM, uninitialized VMEM scratch and outputs filled with NaN (so a read before the first
 write poisons the result), out-of-bounds block reads raising, and the "parallel" grid axes run on
 two simulated cores (a megacore chip) with race detection and a check that no output block is
-visited by two cores. What it still cannot check, the real tiling rules, `test_lowering` checks by
-lowering for ``tpu``.
+visited by two cores. It runs once at the small test tiles and once at the real TPU tile sizes. The
+tiling rules themselves (block shapes a TPU accepts) `test_lowering` checks by lowering for ``tpu``.
 
 Checked by mutation while writing this test: marking the down kernel's reduction axis "parallel"
 makes the interpreter raise ("Revisited block … of output 0").
@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.api import swiglu_experts
+from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
+from pallas_kernels.api import DEFAULT_TILES, build_expert_kernels, swiglu_experts
 from pallas_kernels.reference import swiglu_experts_reference
 from tests.kernels.test_kernels import inputs, kernels
 
@@ -52,6 +53,40 @@ def test_mosaic_kernels_under_the_tpu_interpreter_match_the_reference():
     scale = float(jnp.max(jnp.abs(want)))
     assert bool(jnp.all(jnp.isfinite(got))), "NaN in the output: a kernel read VMEM before writing it"
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4 * scale)
+    assert not races_found()
+
+
+@functools.lru_cache(maxsize=None)
+def real_tile_layer():
+    """A small layer at the TPU kernels' real tile sizes (`DEFAULT_TILES`: 256-row gate/up tiles,
+    128-lane down tiles, 1024-wide blocks here) and the quantizer's group size 128: 4 experts, rank
+    512, F = 1024, every bit-width of {0, 1, 2, 3, 4, 8} mixed within each expert."""
+    e, r, f, gs = 4, 512, 1024, 128
+    rng = np.random.default_rng(0)
+    packed, dense = {}, {}
+    for p in ("gate", "up", "down"):
+        units = rng.standard_normal((e * r, f)).astype(np.float32)
+        packed[p] = pack_segments(units, rng.choice([0, 1, 2, 3, 4, 8], size=e * r), gs)
+        dense[p] = np.asarray(dequantize_packed(packed[p])).reshape(e, r, f)
+    kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, e, DEFAULT_TILES["mosaic"], "mosaic"))
+    return kern, tuple(dense[p] for p in ("gate", "up", "down"))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
+def test_mosaic_kernels_at_the_real_tpu_tiles_under_the_tpu_interpreter(dtype, rtol):
+    # the other tests use small tiles (the generic interpreter does not need TPU tiling); these are
+    # the block shapes and index maps a TPU runs
+    pltpu.reset_tpu_interpret_mode_state()
+    kern, (ag, au, bd) = real_tile_layer()
+    assert (kern.gate.tile, kern.down.tile, kern.gate.block, kern.down.block) == (256, 128, 1024, 1024)
+    rng = np.random.default_rng(1)
+    zg, zu = (jnp.asarray(rng.standard_normal((16, 512)), dtype) for _ in range(2))
+    sizes = jnp.asarray([0, 11, 5, 0], jnp.int32)
+    got = jax.jit(functools.partial(swiglu_experts, backend="mosaic", interpret=TPU_INTERPRETER))(zg, zu, sizes, kern)
+    want = swiglu_experts_reference(zg.astype(jnp.float32), zu.astype(jnp.float32), sizes, ag, au, bd)
+    scale = float(jnp.max(jnp.abs(want)))
+    assert bool(jnp.all(jnp.isfinite(got))), "NaN in the output: a kernel read VMEM before writing it"
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=rtol * scale)
     assert not races_found()
 
 
