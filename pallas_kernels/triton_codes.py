@@ -10,8 +10,10 @@ reaches memory. A program reads a ``[W_b, C]`` block of one scale group per tile
 a few rows × 4 columns of it.
 
 * `gate_up_gemv` (program = one scale group of output positions): the multiplier is per column,
-  ``a_c = z_c·2s_{c,g}``. It costs a thread 4 products per block for about 128 codes. The sums run per
-  chunk over the columns, and the chunk ``k`` of row ``w`` is output position ``k·W_b + w``. The
+  ``a_c = z_c·2s_{c,g}``. It costs a thread 4 products per block for about 128 codes. Each code is
+  one FFMA into its chunk's accumulator, column by column (a thread's 16-byte vector is cut into its
+  4 words after the load); the 4 columns are summed once, after the tile loop. The chunk ``k`` of
+  row ``w`` is output position ``k·W_b + w``. The
   offset term ``−(2^b − 1)/2·Σ_c a_c`` is the same for every position and is added once. A width
   with no tiles in the program's chunk skips its atomic adds (layouts padded to a shared shape,
   `shared_shapes`, carry the union of their layers' widths).
@@ -90,6 +92,11 @@ def overrun(widths, group_size: int) -> int:
     return max([codes_per_word(b) * words_per_group(b, group_size) - group_size for b in widths] or [0])
 
 
+def _columns(x: jax.Array) -> list[jax.Array]:
+    """The 4 columns of a thread's ``[..., 4]`` vector, each ``[..., 1]`` (register moves, no memory)."""
+    return jnp.split(x, 4, axis=-1)
+
+
 def _offset(bits: int) -> float:
     return (2**bits - 1) / 2
 
@@ -162,7 +169,7 @@ def gate_up_gemv(
                 corr = [jnp.zeros((1, c4, 4), jnp.float32) for _ in range(tm)]
                 for b in widths_p:
                     corr = _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_ref, o_ref,
-                                          corr, tm=tm, lmax=lmax, gs=gs, c4=c4)
+                                          corr, tm=tm, lmax=lmax, gs=gs, c4=c4, threads=32 * num_warps)
                 lanes = pl.ds(g * gs, gs)
                 for t in range(tm):  # the offset term, the same for every position of the group
                     _atomic_add(o_ref, (v * tm + t, lanes), jnp.broadcast_to(-jnp.sum(corr[t]), (gs,)))
@@ -175,7 +182,8 @@ def gate_up_gemv(
                  aliases={len(args) - 2: 0, len(args) - 1: 1})
 
 
-def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_ref, o_ref, corr, *, tm, lmax, gs, c4):
+def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_ref, o_ref, corr, *, tm, lmax, gs, c4,
+                   threads):
     """One width's tiles of gate or up in one program: accumulate, then add each chunk's positions.
 
     Returns ``corr`` plus this width's offset term ``(2^b − 1)/2·Σ a`` (per row, still per column)."""
@@ -188,23 +196,33 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
     t_hi = jnp.minimum(hi, ws_ref[e * nw + b])
 
     def body(lt, carry):
-        accs, asum = carry  # accs[t][bi][ki]: [ws, C/4]; asum[t]: [1, C/4, 4]
+        accs, asum = carry  # accs[t][bi][ki]: [ws, C/4, 1] (by column) or [ws, C/4]; asum[t]: [1, C/4, 4]
         tid = et[e * lmax + lt]
         row0 = tr0[tid]
         cols = pl.ds(tid * c4, c4)
         # [1, C/4, 4]: loaded in the words' 3-D shape so that broadcasting over rows needs no relayout
         sc = s_ref[pl.ds(g, 1), cols, :].astype(jnp.float32)
         a = [z_ref[pl.ds(v * tm + t, 1), pl.ds(lt * c4, c4), :] * sc for t in range(tm)]
+        a_cols = [_columns(a[t]) for t in range(tm)]  # 4 × [1, C/4, 1]
         new = [[list(x) for x in accs[t]] for t in range(tm)]
         for bi, (off, ws) in enumerate(blocks):
-            halves = _halves(w_ref[pl.ds(row0 + g * wb + off, ws), :, :])  # [ws, C/4, 4]
-            for ki, (_, hh, j, _) in enumerate(live[bi]):
-                u = decode_chunk(halves[hh], b, j, exps[j])
-                for t in range(tm):
-                    new[t][bi][ki] = new[t][bi][ki] + jnp.sum(u * a[t], axis=2)
+            words = w_ref[pl.ds(row0 + g * wb + off, ws), :, :]  # [ws, C/4, 4]: one 16-byte load per thread and row
+            # by column: each code is one FFMA into its chunk's accumulator. Summing the 4 columns first
+            # costs an FMUL and an FADD more per 4 codes, but a block too small for the program's threads
+            # (one word row) would be replicated 4 times over them once cut into columns.
+            by_column = ws * c4 >= threads
+            parts = enumerate(_columns(words)) if by_column else [(None, words)]
+            for col, part in parts:
+                halves = _halves(part)
+                for ki, (_, hh, j, _) in enumerate(live[bi]):
+                    u = decode_chunk(halves[hh], b, j, exps[j])
+                    for t in range(tm):
+                        term = u * a_cols[t][col] if by_column else jnp.sum(u * a[t], axis=2)
+                        new[t][bi][ki] = new[t][bi][ki] + term
         return tuple(tuple(tuple(x) for x in new[t]) for t in range(tm)), tuple(asum[t] + a[t] for t in range(tm))
 
-    acc0 = tuple(tuple(tuple(jnp.zeros((ws, c4), jnp.float32) for _ in live[bi]) for bi, (_, ws) in enumerate(blocks))
+    acc0 = tuple(tuple(tuple(jnp.zeros((ws, c4, 1) if ws * c4 >= threads else (ws, c4), jnp.float32) for _ in live[bi])
+                       for bi, (_, ws) in enumerate(blocks))
                  for _ in range(tm))
     asum0 = tuple(jnp.zeros((1, c4, 4), jnp.float32) for _ in range(tm))
     accs, asum = jax.lax.fori_loop(t_lo, jnp.maximum(t_lo, t_hi), body, (acc0, asum0))
@@ -215,7 +233,7 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
             for bi, (off, ws) in enumerate(blocks):
                 for ki, (k, _, _, _) in enumerate(live[bi]):
                     pos = k * wb + off
-                    y = jnp.sum(accs[t][bi][ki], axis=1)  # [ws]: positions pos .. pos+ws−1 of the group
+                    y = jnp.sum(accs[t][bi][ki].reshape(ws, c4), axis=1)  # [ws]: positions pos .. pos+ws−1 of the group
                     idx = (v * tm + t, pl.ds(g * gs + pos, ws))
                     _atomic_add(o_ref, idx, y)  # dead slots (past the group) add exact zeros to the next columns
 
