@@ -9,8 +9,9 @@ on CPU, before a GPU run.
 
 `checked_ref_bounds` wraps the state-discharge rules that the interpreter applies to ``ref[...]``
 reads and writes, to Pallas' masked ``load`` / ``store`` and to Triton's ``atomic_add``. Each
-access then also emits a host callback that records, per grid step, any index outside the shape
-the indexer refers to (for masked accesses, only the elements the mask keeps). These are JAX
+access then also computes, per grid step, whether any index lies outside the shape the indexer
+refers to (for masked accesses, only the elements the mask keeps), and on a violation calls back to
+the host to record it. These are JAX
 internals (checked on 0.10 and 0.11): when they move, the context manager fails loudly instead of
 checking nothing.
 """
@@ -102,11 +103,11 @@ def _wrap(kind: str, rule, violations: list[str]):
             bad = _out_of_bounds(indexer, mask if last else None)
             what = f"{kind} on a ref view of shape {tuple(indexer.shape)}, indexer {n}"
 
-            def report(bad, *starts, what=what):
-                if bool(bad):
-                    violations.append(f"{what}: starts {[int(s) for s in starts]}")
+            def report(*starts, what=what):
+                violations.append(f"{what}: starts {[int(s) for s in starts]}")
 
-            jax.debug.callback(report, bad, *_starts(indexer))
+            # the host callback only on a violation: a callback per access and grid step is most of the cost
+            jax.lax.cond(bad, lambda *s: jax.debug.callback(report, *s), lambda *s: None, *_starts(indexer))
         return rule(*args, **params)
 
     return checked

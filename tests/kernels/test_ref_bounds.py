@@ -47,7 +47,7 @@ def kernels_at_group_size_128():
     "tm,splits",
     [
         (1, 3),  # decode GEMVs, reductions split in 3 chunks (atomic adds)
-        (4, 1),  # decode GEMVs, one program per output block, 4 rows per row tile
+        (2, 1),  # decode GEMVs, one program per output block, 2 rows per row tile
         (16, None),  # prefill: the dequantizer writes each expert's factors, XLA multiplies
     ],
 )
