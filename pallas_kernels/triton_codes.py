@@ -13,8 +13,8 @@ a few rows × 4 columns of it.
   ``a_c = z_c·2s_{c,g}``. It costs a thread 4 products per block for about 128 codes. Each code is
   one FFMA into its chunk's accumulator, column by column (a thread's 16-byte vector is cut into its
   4 words after the load); the 4 columns are summed once, after the tile loop. The chunk ``k`` of
-  row ``w`` is output position ``k·W_b + w``. The
-  offset term ``−(2^b − 1)/2·Σ_c a_c`` is the same for every position and is added once. A width
+  row ``w`` is output position ``k·W_b + w``. The offset term ``−(2^b − 1)/2·Σ_c a_c`` is the same
+  for every position and is added once. A width
   with no tiles in the program's chunk skips its atomic adds (layouts padded to a shared shape,
   `shared_shapes`, carry the union of their layers' widths).
 * `down_gemv` (program = one tile of ``C`` output components): the tile's width picks one of the
@@ -192,6 +192,10 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
     blocks = pow2_blocks(wb)
     live = [block_chunks(b, gs, off, ws) for off, ws in blocks]
     exps = load_exponents(ex_ref, b)
+    # by column: each code is one FFMA into its chunk's accumulator. Summing a thread's 4 columns first
+    # costs an FMUL and an FADD more per 4 codes, but a block too small for the program's threads (one
+    # word row) would be replicated 4 times over them once cut into columns.
+    by_column = [ws * c4 >= threads for _, ws in blocks]
     t_lo = jnp.maximum(lo, ws_ref[e * nw + b - 1])
     t_hi = jnp.minimum(hi, ws_ref[e * nw + b])
 
@@ -207,21 +211,17 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
         new = [[list(x) for x in accs[t]] for t in range(tm)]
         for bi, (off, ws) in enumerate(blocks):
             words = w_ref[pl.ds(row0 + g * wb + off, ws), :, :]  # [ws, C/4, 4]: one 16-byte load per thread and row
-            # by column: each code is one FFMA into its chunk's accumulator. Summing the 4 columns first
-            # costs an FMUL and an FADD more per 4 codes, but a block too small for the program's threads
-            # (one word row) would be replicated 4 times over them once cut into columns.
-            by_column = ws * c4 >= threads
-            parts = enumerate(_columns(words)) if by_column else [(None, words)]
+            parts = enumerate(_columns(words)) if by_column[bi] else [(None, words)]
             for col, part in parts:
                 halves = _halves(part)
                 for ki, (_, hh, j, _) in enumerate(live[bi]):
                     u = decode_chunk(halves[hh], b, j, exps[j])
                     for t in range(tm):
-                        term = u * a_cols[t][col] if by_column else jnp.sum(u * a[t], axis=2)
+                        term = u * a_cols[t][col] if by_column[bi] else jnp.sum(u * a[t], axis=2)
                         new[t][bi][ki] = new[t][bi][ki] + term
         return tuple(tuple(tuple(x) for x in new[t]) for t in range(tm)), tuple(asum[t] + a[t] for t in range(tm))
 
-    acc0 = tuple(tuple(tuple(jnp.zeros((ws, c4, 1) if ws * c4 >= threads else (ws, c4), jnp.float32) for _ in live[bi])
+    acc0 = tuple(tuple(tuple(jnp.zeros((ws, c4, 1) if by_column[bi] else (ws, c4), jnp.float32) for _ in live[bi])
                        for bi, (_, ws) in enumerate(blocks))
                  for _ in range(tm))
     asum0 = tuple(jnp.zeros((1, c4, 4), jnp.float32) for _ in range(tm))
