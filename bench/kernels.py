@@ -132,7 +132,7 @@ def routing(tokens: int, shape: Shape, rng: np.random.Generator) -> tuple[np.nda
 
 def routed_bytes(kern: ExpertKernels, sizes: np.ndarray) -> int:
     """Packed bytes (words + scales, kernel layout) of the experts that received rows, each read once."""
-    return sum(pt.expert_bytes(int(e)) for pt in (kern.gate, kern.up, kern.down) for e in np.flatnonzero(sizes))
+    return sum(pt.expert_bytes(int(e)) for pt in kern.parts() for e in np.flatnonzero(sizes))
 
 
 def synthetic_kernels(shape: Shape, bpw: float, tiles, seed: int = 0, abstract: bool = False):

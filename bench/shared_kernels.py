@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = layer_layouts(shape, args.backend, bpws)
         rows = [("unshared", layers, None)]
         for bound in bounds:
-            plan = shared_shapes.plan_groups([(k.gate, k.up, k.down) for k in layers], bound)
+            plan = shared_shapes.plan_groups([k.parts() for k in layers], bound)
             rows.append((bound, [ExpertKernels(*plan.targets[g]) for g in plan.group_of], plan))
         for bound, lay, plan in rows:
             configs, modules, secs, xla_s = lower_layers(shape, args.backend, lay, args.tokens, args.xla_compile)

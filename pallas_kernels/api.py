@@ -65,8 +65,12 @@ class ExpertKernels:
     def family(self) -> str:
         return "triton" if isinstance(self.down, CodeTiles) else "mosaic"
 
+    def parts(self) -> tuple:
+        """``(gate, up, down)``: the per-projection tuple `shared_shapes.plan_groups` takes."""
+        return (self.gate, self.up, self.down)
+
     def bytes_read(self) -> int:
-        return sum(sum(p.bytes_read().values()) for p in (self.gate, self.up, self.down))
+        return sum(sum(p.bytes_read().values()) for p in self.parts())
 
 
 jax.tree_util.register_dataclass(ExpertKernels, data_fields=["gate", "up", "down"], meta_fields=[])
@@ -128,7 +132,7 @@ def build_expert_kernels(
     _check_projections(gate, up, down, backend)
     kern = ExpertKernels(gate, up, down)
     if target is not None:
-        kern = ExpertKernels(*(shared_shapes.pad_layout(p, t) for p, t in zip(_parts(kern), _parts(target))))
+        kern = ExpertKernels(*(shared_shapes.pad_layout(p, t) for p, t in zip(kern.parts(), target.parts())))
     return kern
 
 
@@ -151,10 +155,6 @@ def expert_kernel_shapes(
         parts.append(lay)
     _check_projections(*parts, backend)
     return shared_shapes.abstract(ExpertKernels(*parts))
-
-
-def _parts(kern: ExpertKernels) -> tuple:
-    return (kern.gate, kern.up, kern.down)
 
 
 def _check_projections(gate, up, down, backend: str) -> None:
@@ -268,7 +268,7 @@ def _dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes):
 
 def _mosaic_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret):
     """TPU family: bit-plane kernels with scalar prefetch. -> (acc in kernel order [M, ·], h, rows of h)."""
-    g_l, u_l, d_l = kern.gate, kern.up, kern.down
+    g_l, u_l, d_l = kern.parts()
     m, dt = zg.shape[0], zg.dtype
     rt = make_row_tiles(group_sizes, m, tm)
     to_tiles = _to_tiles(rt, tm)
@@ -287,7 +287,7 @@ def _mosaic_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret):
 
 def _gemv_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret, splits):
     """GPU decode: the code-layout GEMVs. -> (acc in kernel order [M, L·C], h [Mp, Fp], rows of h)."""
-    g_l, u_l, d_l = kern.gate, kern.up, kern.down
+    g_l, u_l, d_l = kern.parts()
     m, dt = zg.shape[0], zg.dtype
     gs, c = g_l.group_size, g_l.tile
     gp = g_l.n_padded // gs
@@ -322,7 +322,7 @@ def _gemv_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret, splits):
 
 def _dequantized_experts(zg, zu, group_sizes, kern, rows_e, interpret):
     """GPU prefill: each expert's factors dequantized by the kernels, then XLA's grouped matmul."""
-    g_l, u_l, d_l = kern.gate, kern.up, kern.down
+    g_l, u_l, d_l = kern.parts()
     dt = zg.dtype
     exps = triton_codes.exponent_table()
     deq = lambda pt, tr: triton_codes.dequantize_tiles(pt, exps, dtype=dt, transpose=tr, interpret=interpret)

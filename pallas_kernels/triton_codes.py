@@ -207,7 +207,7 @@ def _gate_up_width(b, e, g, v, lo, hi, et, ws_ref, tr0, ex_ref, z_ref, w_ref, s_
         # [1, C/4, 4]: loaded in the words' 3-D shape so that broadcasting over rows needs no relayout
         sc = s_ref[pl.ds(g, 1), cols, :].astype(jnp.float32)
         a = [z_ref[pl.ds(v * tm + t, 1), pl.ds(lt * c4, c4), :] * sc for t in range(tm)]
-        a_cols = [_columns(a[t]) for t in range(tm)]  # 4 × [1, C/4, 1]
+        a_cols = [_columns(a[t]) for t in range(tm)] if any(by_column) else None  # 4 × [1, C/4, 1]
         new = [[list(x) for x in accs[t]] for t in range(tm)]
         for bi, (off, ws) in enumerate(blocks):
             words = w_ref[pl.ds(row0 + g * wb + off, ws), :, :]  # [ws, C/4, 4]: one 16-byte load per thread and row

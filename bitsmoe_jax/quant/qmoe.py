@@ -313,4 +313,4 @@ def plan_kernel_shapes(
 ) -> shared_shapes.SharedShapes:
     """Which blocks share one kernel shape (from their bit-widths alone; see `shared_shapes.plan_groups`)."""
     shapes = [block.kernel_shapes(backend, tiles) for block in blocks]
-    return shared_shapes.plan_groups([(k.gate, k.up, k.down) for k in shapes], max_padding)
+    return shared_shapes.plan_groups([k.parts() for k in shapes], max_padding)

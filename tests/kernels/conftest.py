@@ -62,3 +62,15 @@ def assert_position_maps(layout, bits: np.ndarray) -> None:
         live = pos[e] < kc.shape[1]
         np.testing.assert_array_equal(kc[e, pos[e, live]], np.flatnonzero(live))
     np.testing.assert_array_equal(pos < kc.shape[1], (bits >= 1) & (bits <= 8))
+
+
+def assert_matches_reference(got, zg, zu, sizes, dense, rtol: float = 1e-4) -> None:
+    """``got`` against `reference.swiglu_experts_reference` on the dequantized factors ``dense``
+    (gate, up, down): the largest error at most ``rtol`` of the reference's largest magnitude."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.reference import swiglu_experts_reference
+
+    want = swiglu_experts_reference(zg.astype(jnp.float32), zu.astype(jnp.float32), sizes, *dense)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=rtol * scale)

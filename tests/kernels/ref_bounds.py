@@ -24,6 +24,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import tree_util
+from jax._src.state.indexing import NDIndexer, Slice
 
 
 def _primitives() -> dict[str, Any]:
@@ -45,8 +47,6 @@ def _primitives() -> dict[str, Any]:
 
 def _operands(kind: str, values: tuple, params: dict) -> tuple[tuple, Any]:
     """``(transforms, mask)`` of one access, from the discharge rule's operands."""
-    from jax import tree_util
-
     if kind in ("get", "swap", "addupdate"):
         n_values = 1 if kind == "get" else 2  # (ref,) or (ref, value), then the flattened indexers
         return tuple(tree_util.tree_unflatten(params["tree"], values[n_values:])), None
@@ -60,8 +60,6 @@ def _operands(kind: str, values: tuple, params: dict) -> tuple[tuple, Any]:
 
 def _out_of_bounds(indexer, mask) -> jax.Array:
     """Scalar bool: does this indexer reach outside ``indexer.shape`` (where ``mask`` keeps elements)?"""
-    from jax._src.state.indexing import Slice
-
     bad = jnp.zeros((), bool)
     slices_and_scalars = all(isinstance(i, Slice) or not jnp.shape(i) for i in indexer.indices)
     if mask is not None and not slices_and_scalars:
@@ -86,8 +84,6 @@ def _out_of_bounds(indexer, mask) -> jax.Array:
 
 
 def _starts(indexer) -> list[jax.Array]:
-    from jax._src.state.indexing import Slice
-
     return [jnp.asarray(i.start if isinstance(i, Slice) else jnp.min(i), jnp.int32) for i in indexer.indices]
 
 
@@ -95,8 +91,6 @@ def _wrap(kind: str, rule, violations: list[str]):
     def checked(*args, **params):
         lead = 1 if hasattr(args[0], "in_avals") else 2  # 0.11: (ctx, *values); 0.10: (in_avals, out_avals, *values)
         transforms, mask = _operands(kind, args[lead:], params)
-        from jax._src.state.indexing import NDIndexer
-
         indexers = [t for t in transforms if isinstance(t, NDIndexer)]
         for n, indexer in enumerate(indexers):
             last = n == len(indexers) - 1

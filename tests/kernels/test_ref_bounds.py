@@ -26,8 +26,7 @@ import pytest
 
 from pallas_kernels import shared_shapes
 from pallas_kernels.api import ExpertKernels, build_expert_kernels, expert_kernel_shapes, swiglu_experts
-from pallas_kernels.reference import swiglu_experts_reference
-from tests.kernels.conftest import CODES, E
+from tests.kernels.conftest import CODES, E, assert_matches_reference
 from tests.kernels.conftest import projections as make_projections
 from tests.kernels.ref_bounds import checked_ref_bounds, first_violations
 from tests.kernels.test_kernels import inputs
@@ -43,6 +42,16 @@ def kernels_at_group_size_128():
     return kern, tuple(dense[p] for p in ("gate", "up", "down"))
 
 
+def check_in_bounds(kern, dense, sizes, tm: int, splits: int | None) -> None:
+    """Run the GPU kernels in the interpreter under the bounds check: no violation, the reference's result."""
+    zg, zu = inputs(jnp.float32)
+    with checked_ref_bounds() as violations:
+        run = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=True, tm=tm, splits=splits))
+        got = jax.block_until_ready(run(zg, zu, sizes, kern))
+    assert not violations, first_violations(violations)
+    assert_matches_reference(got, zg, zu, sizes, dense)
+
+
 @pytest.mark.parametrize(
     "tm,splits",
     [
@@ -52,16 +61,9 @@ def kernels_at_group_size_128():
     ],
 )
 def test_gpu_kernels_stay_in_bounds_at_group_size_128(tm, splits):
-    kern, (ag, au, bd) = kernels_at_group_size_128()
-    zg, zu = inputs(jnp.float32)
-    sizes = jnp.asarray([1, 0, 2, 0, 3, 0, 18, 0], jnp.int32)  # empty experts; one with several row tiles
-    with checked_ref_bounds() as violations:
-        run = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=True, tm=tm, splits=splits))
-        got = jax.block_until_ready(run(zg, zu, sizes, kern))
-    assert not violations, first_violations(violations)
-    want = swiglu_experts_reference(zg, zu, sizes, ag, au, bd)
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4 * scale)
+    kern, dense = kernels_at_group_size_128()
+    # empty experts; one with several row tiles
+    check_in_bounds(kern, dense, jnp.asarray([1, 0, 2, 0, 3, 0, 18, 0], jnp.int32), tm, splits)
 
 
 def test_a_layout_padded_to_a_shared_shape_stays_in_bounds():
@@ -69,19 +71,12 @@ def test_a_layout_padded_to_a_shared_shape_stays_in_bounds():
     # tiles, word rows and scale columns, and its "no component" markers move (`shared_shapes`)
     sets = [make_projections(seed, sparse=sparse, group_size=GROUP_SIZE) for seed, sparse in ((0, False), (2, True))]
     shapes = [expert_kernel_shapes(packed, E, CODES, "triton") for packed, _ in sets]
-    plan = shared_shapes.plan_groups([(k.gate, k.up, k.down) for k in shapes], max_padding=math.inf)
+    plan = shared_shapes.plan_groups([k.parts() for k in shapes], max_padding=math.inf)
     assert plan.num_groups == 1 and plan.padding > 0
     packed, dense = sets[1]
     kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, E, CODES, "triton", target=ExpertKernels(*plan.targets[0])))
-    zg, zu = inputs(jnp.float32)
-    sizes = jnp.asarray([5, 0, 3, 3, 0, 6, 4, 3], jnp.int32)
-    with checked_ref_bounds() as violations:
-        run = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=True, tm=2, splits=2))
-        got = jax.block_until_ready(run(zg, zu, sizes, kern))
-    assert not violations, first_violations(violations)
-    want = swiglu_experts_reference(zg, zu, sizes, *(dense[p] for p in ("gate", "up", "down")))
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4 * scale)
+    dense = tuple(dense[p] for p in ("gate", "up", "down"))
+    check_in_bounds(kern, dense, jnp.asarray([5, 0, 3, 3, 0, 6, 4, 3], jnp.int32), tm=2, splits=2)
 
 
 def test_the_bounds_check_sees_reads_whose_values_do_not_matter():

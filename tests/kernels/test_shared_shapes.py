@@ -44,7 +44,7 @@ def test_shapes_from_bit_widths_are_the_built_shapes(backend, case):
 def test_padded_layouts_give_the_reference_products(backend, tm):
     shapes = [expert_kernel_shapes(projections(*case)[0], E, CFG[backend], backend) for case in CASES]
     assert len({k.down.max_tiles for k in shapes}) > 1 and len({k.down.r for k in shapes}) > 1
-    plan = shared_shapes.plan_groups([(k.gate, k.up, k.down) for k in shapes], max_padding=math.inf)
+    plan = shared_shapes.plan_groups([k.parts() for k in shapes], max_padding=math.inf)
     assert plan.num_groups == 1 and plan.padding > 0  # unlike shapes, merged
     target = ExpertKernels(*plan.targets[0])
     rng = np.random.default_rng(3)
@@ -55,7 +55,7 @@ def test_padded_layouts_give_the_reference_products(backend, tm):
         rank = case[-1]
         kern = build_expert_kernels(packed, E, CFG[backend], backend, target=target)
         assert shared_shapes.abstract(kern) == target
-        for p, layout in zip(("gate", "up", "down"), (kern.gate, kern.up, kern.down)):
+        for p, layout in zip(("gate", "up", "down"), kern.parts()):
             bits = np.pad(packed[p].bits_per_unit().reshape(E, rank), ((0, 0), (0, R - rank)))  # padded: 0 bits
             assert_position_maps(layout, bits)
         # a padded rank: zero activation columns in, the extra output columns dropped

@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
 from pallas_kernels.api import DEFAULT_TILES, build_expert_kernels, swiglu_experts
-from pallas_kernels.reference import swiglu_experts_reference
+from tests.kernels.conftest import assert_matches_reference
 from tests.kernels.test_kernels import inputs, kernels
 
 TPU_INTERPRETER = pltpu.InterpretParams(
@@ -41,19 +41,19 @@ def races_found() -> bool:
     return bool(state.races_found)
 
 
-def test_mosaic_kernels_under_the_tpu_interpreter_match_the_reference():
+def check_under_the_tpu_interpreter(kern, dense, zg, zu, sizes, rtol: float = 1e-4) -> None:
+    """Run the Mosaic kernels under `TPU_INTERPRETER`: finite, the reference's result, no races."""
     pltpu.reset_tpu_interpret_mode_state()
-    kern, (ag, au, bd) = kernels(False, "mosaic")
-    zg, zu = inputs(jnp.float32)
-    # empty experts, and one expert with more rows than a row tile (several row tiles, padded ones after)
-    sizes = jnp.asarray([1, 0, 2, 0, 3, 0, 18, 0], jnp.int32)
-    run = jax.jit(functools.partial(swiglu_experts, backend="mosaic", interpret=TPU_INTERPRETER))
-    got = run(zg, zu, sizes, kern)
-    want = swiglu_experts_reference(zg, zu, sizes, ag, au, bd)
-    scale = float(jnp.max(jnp.abs(want)))
+    got = jax.jit(functools.partial(swiglu_experts, backend="mosaic", interpret=TPU_INTERPRETER))(zg, zu, sizes, kern)
     assert bool(jnp.all(jnp.isfinite(got))), "NaN in the output: a kernel read VMEM before writing it"
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4 * scale)
+    assert_matches_reference(got, zg, zu, sizes, dense, rtol)
     assert not races_found()
+
+
+def test_mosaic_kernels_under_the_tpu_interpreter_match_the_reference():
+    kern, dense = kernels(False, "mosaic")
+    # empty experts, and one expert with more rows than a row tile (several row tiles, padded ones after)
+    check_under_the_tpu_interpreter(kern, dense, *inputs(jnp.float32), jnp.asarray([1, 0, 2, 0, 3, 0, 18, 0], jnp.int32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,18 +76,11 @@ def real_tile_layer():
 def test_mosaic_kernels_at_the_real_tpu_tiles_under_the_tpu_interpreter(dtype, rtol):
     # the other tests use small tiles (the generic interpreter does not need TPU tiling); these are
     # the block shapes and index maps a TPU runs
-    pltpu.reset_tpu_interpret_mode_state()
-    kern, (ag, au, bd) = real_tile_layer()
+    kern, dense = real_tile_layer()
     assert (kern.gate.tile, kern.down.tile, kern.gate.block, kern.down.block) == (256, 128, 1024, 1024)
     rng = np.random.default_rng(1)
     zg, zu = (jnp.asarray(rng.standard_normal((16, 512)), dtype) for _ in range(2))
-    sizes = jnp.asarray([0, 11, 5, 0], jnp.int32)
-    got = jax.jit(functools.partial(swiglu_experts, backend="mosaic", interpret=TPU_INTERPRETER))(zg, zu, sizes, kern)
-    want = swiglu_experts_reference(zg.astype(jnp.float32), zu.astype(jnp.float32), sizes, ag, au, bd)
-    scale = float(jnp.max(jnp.abs(want)))
-    assert bool(jnp.all(jnp.isfinite(got))), "NaN in the output: a kernel read VMEM before writing it"
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=rtol * scale)
-    assert not races_found()
+    check_under_the_tpu_interpreter(kern, dense, zg, zu, jnp.asarray([0, 11, 5, 0], jnp.int32), rtol)
 
 
 def test_interpreter_params_are_refused_by_the_gpu_kernels():
