@@ -111,8 +111,9 @@ def compile_sass(ttir: str, num_warps: int, num_stages: int) -> tuple[str, str]:
     return sass, usage
 
 
-def sass_loops(sass: str) -> list[collections.Counter]:
-    """Op counts of each loop body (a backward branch to an earlier label), in code order."""
+def sass_loops(sass: str) -> list[tuple[collections.Counter, int | None]]:
+    """Each loop body (a backward branch to an earlier label), in code order: its op counts and the
+    code width it decodes (`loop_width`)."""
     labels, ins, pending = {}, [], []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -132,8 +133,20 @@ def sass_loops(sass: str) -> list[collections.Counter]:
     for i, (addr, op, text) in enumerate(ins):
         target = re.search(r"(\.L_x_\d+)", text) if op == "BRA" else None
         if target and labels.get(target.group(1), addr) < addr:
-            loops.append(collections.Counter(o for _, o, _ in ins[index[labels[target.group(1)]] : i + 1]))
+            body = ins[index[labels[target.group(1)]] : i + 1]
+            loops.append((collections.Counter(o for _, o, _ in body), loop_width([t for _, o, t in body if o == "LOP3"])))
     return loops
+
+
+def loop_width(lop3: list[str]) -> int | None:
+    """The code width a decode loop unpacks, read from its LOP3 masks ``(2^b − 1) << s``: the most
+    common popcount of their immediates. ptxas orders the per-width branches of a kernel as it likes
+    (down's came out 1, 3, 2, 4, 8), so loops are matched to widths by this, not by position."""
+    counts = collections.Counter()
+    for text in lop3:
+        for imm in re.findall(r",\s*(0x[0-9a-f]+)\s*,", text)[:1]:  # the first immediate operand: the mask
+            counts[bin(int(imm, 16)).count("1")] += 1
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,10 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         layouts = [kern.gate] * len(kern.gate.widths) + [kern.up] * len(kern.up.widths) if kind == 0 else [kern.down] * len(widths)
         sass, usage = compile_sass(ttir, args.warps, args.stages)
         loops = sass_loops(sass)
-        if len(loops) != len(widths):
-            print(f"{names[kind]}: {len(loops)} loops for widths {widths}: cannot pair them", file=sys.stderr)
+        found = sorted(b for _, b in loops if b is not None)
+        if found != sorted(widths):
+            print(f"{names[kind]}: loops decode widths {[b for _, b in loops]}, the kernel has {widths}: cannot pair them",
+                  file=sys.stderr)
             continue
-        for b, ops, layout in zip(widths, loops, layouts):
+        # a width's loops keep the kernel's order among themselves (gate before up)
+        pending = collections.defaultdict(list)
+        for ops, b in loops:
+            pending[b].append(ops)
+        for b, layout in zip(widths, layouts):
+            ops = pending[b].pop(0)
             n = sum(ops.values())
             nbytes = words_per_group(b, gs) * args.tile * 4 / threads
             per_byte = n / nbytes
