@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitsmoe_jax.quant.inverse_factor import upper_inverse_cholesky
+
 HI = jax.lax.Precision.HIGHEST
 
 
@@ -101,11 +103,7 @@ def _gptq(
         h = h[perm][:, perm]
     h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(k, dtype=jnp.float32)
 
-    # Upper Cholesky factor of H^-1: H^-1 = L Lᵀ with L lower, U = Lᵀ.
-    lh = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((lh, True), jnp.eye(k, dtype=jnp.float32))
-    hinv = 0.5 * (hinv + hinv.T)
-    u = jnp.linalg.cholesky(hinv).T
+    u = upper_inverse_cholesky(h)  # H⁻¹ = UᵀU, U upper
 
     bs = _effective_block(k, group_size, block_size)
     rows = np.arange(k)

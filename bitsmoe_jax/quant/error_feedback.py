@@ -9,7 +9,9 @@ squared, as the token-sum loss weighs them):
 * gate / up, ``g = z · A[e]`` with ``z = x Ṽ`` and the factor ``A[e]`` ``[r, F]``: the units are the
   *rows* of A — the contraction dimension. With ``H = Σ_{t→e} w_t² z_t z_tᵀ`` (r × r), row k is
   rounded and its error pushed onto the rows not yet rounded through the upper Cholesky factor U of
-  H⁻¹ (``err = (a_k − q(a_k)) / U[k,k]``, ``a_j −= U[k,j] · err``). Rows go in ascending bit-width:
+  H⁻¹ (``err = (a_k − q(a_k)) / U[k,k]``, ``a_j −= U[k,j] · err``), in GPTQ's lazy batches: within a
+  block of `ROW_BLOCK` rows only the block is updated, and its errors reach all later rows in one
+  matmul at the block's end (the same sums in another order). Rows go in ascending bit-width:
   dropped (0-bit) components first, so their content folds into the kept ones, and the most precise
   rows last. Each row's group scales are searched on the row as it stands when its turn comes, so
   packing the compensated rows reproduces the feedback's rounding exactly.
@@ -41,8 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitsmoe_jax.quant import quantizers as qz
+from bitsmoe_jax.quant.inverse_factor import upper_inverse_cholesky
 
 HI = jax.lax.Precision.HIGHEST
+# Rows rounded one at a time within a block, whose errors then reach all later rows in one matmul
+# (GPTQ's lazy batch updates): each step touches ``block × F`` values instead of ``r × F``.
+ROW_BLOCK = 128
 
 
 @dataclasses.dataclass
@@ -85,7 +91,8 @@ def _checked(units, bits, hessian, weights, along: str):
 
 
 def compensate_rows(
-    units: np.ndarray, bits: np.ndarray, hessian: np.ndarray, group_size: int, weights: np.ndarray | None = None, damp: float = 0.01
+    units: np.ndarray, bits: np.ndarray, hessian: np.ndarray, group_size: int, weights: np.ndarray | None = None,
+    damp: float = 0.01, block: int = ROW_BLOCK,
 ) -> np.ndarray:
     """Rows of one factor ``[r, F]`` after error feedback along rows (gate / up); float32 ``[r, F]``.
 
@@ -98,7 +105,7 @@ def compensate_rows(
     order = np.argsort(bits, kind="stable")
     out = np.asarray(
         _rows(jnp.asarray(units[order]), jnp.asarray(bits[order]), jnp.asarray(hessian[np.ix_(order, order)]),
-              jnp.asarray(w[order]), jnp.float32(damp), group_size=int(group_size))
+              jnp.asarray(w[order]), jnp.float32(damp), group_size=int(group_size), block=int(block))
     )
     result = np.empty_like(out)
     result[order] = out
@@ -133,10 +140,7 @@ def _upper_inverse_factor(h: jax.Array, damp: jax.Array, real: jax.Array | None 
     h = h + jnp.diag((diag <= 0).astype(jnp.float32))
     d = jnp.diagonal(h)
     mean = jnp.mean(d) if real is None else jnp.sum(jnp.where(real, d, 0.0)) / jnp.maximum(jnp.sum(real), 1)
-    h = h + damp * mean * jnp.eye(n, dtype=jnp.float32)
-    lh = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((lh, True), jnp.eye(n, dtype=jnp.float32))
-    return jnp.linalg.cholesky(0.5 * (hinv + hinv.T)).T
+    return upper_inverse_cholesky(h + damp * mean * jnp.eye(n, dtype=jnp.float32))
 
 
 def _round_on(x: jax.Array, s: jax.Array, bits: jax.Array) -> jax.Array:
@@ -153,22 +157,46 @@ def _search(xg: jax.Array, wg: jax.Array, bits: jax.Array) -> jax.Array:
     return jnp.where(((bits >= 1) & (bits <= 8))[..., None], s, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size",))
-def _rows(a, b, h, w, damp, *, group_size: int):
-    r = a.shape[0]
-    u = _upper_inverse_factor(h, damp)
-    later = jnp.arange(r)
+@functools.partial(jax.jit, static_argnames=("group_size", "block"))
+def _rows(a, b, h, w, damp, *, group_size: int, block: int):
+    r, f = a.shape
+    bs = min(block, r)
+    nb = -(-r // bs)
+    pad = nb * bs - r
+    # Padded rows: zero values at 0 bits and an identity Hessian block. They come last, so they
+    # reach no real row, and U's real block is U of the unpadded H (block-diagonal H, damped by the
+    # mean over the real diagonal only).
+    a = jnp.pad(a, ((0, pad), (0, 0)))
+    w = jnp.pad(w, ((0, pad), (0, 0)), constant_values=1.0)
+    b = jnp.pad(b, (0, pad))
+    h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(r + pad) >= r).astype(jnp.float32))
+    u = _upper_inverse_factor(h, damp, real=jnp.arange(r + pad) < r)
+    rows = jnp.arange(r + pad)
+    inner = jnp.arange(bs)
 
-    def step(i, a):
-        xg, wg, _ = qz._grouped(a[i][None], w[i][None], group_size)  # [1, ng, G]
-        s = _search(xg, wg, b[i])[0]  # [ng]
-        g = xg.shape[-1]
-        s_full = jnp.repeat(s, g)[: a.shape[1]]
-        q = _round_on(a[i], s_full, b[i])
-        err = (a[i] - q) / u[i, i]
-        return a - jnp.where(later > i, u[i], 0.0)[:, None] * err[None, :]
+    def block_step(bi, a):
+        r0 = bi * bs
+        blk = jax.lax.dynamic_slice(a, (r0, 0), (bs, f))
+        wb = jax.lax.dynamic_slice(w, (r0, 0), (bs, f))
+        bb = jax.lax.dynamic_slice(b, (r0,), (bs,))
+        ub = jax.lax.dynamic_slice(u, (r0, r0), (bs, bs))
 
-    return jax.lax.fori_loop(0, r, step, a)
+        def step(j, c):
+            blk, errs = c
+            xg, wg, _ = qz._grouped(blk[j][None], wb[j][None], group_size)  # [1, ng, G]
+            s = _search(xg, wg, bb[j])[0]  # [ng]
+            s_full = jnp.repeat(s, xg.shape[-1])[:f]
+            err = (blk[j] - _round_on(blk[j], s_full, bb[j])) / ub[j, j]
+            blk = blk - jnp.where(inner > j, ub[j], 0.0)[:, None] * err[None, :]
+            return blk, errs.at[j].set(err)
+
+        blk, errs = jax.lax.fori_loop(0, bs, step, (blk, jnp.zeros((bs, f), jnp.float32)))
+        a = jax.lax.dynamic_update_slice(a, blk, (r0, 0))
+        # the block's errors reach the later rows at once: a_j −= Σ_k U[k, j]·err_k (k in the block)
+        urows = jax.lax.dynamic_slice(u, (r0, 0), (bs, r + pad))
+        return a - jnp.matmul(jnp.where(rows[None, :] >= r0 + bs, urows, 0.0).T, errs, precision=HI)
+
+    return jax.lax.fori_loop(0, nb, block_step, a)[:r]
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))

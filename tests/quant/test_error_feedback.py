@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bitsmoe_jax.quant import quantizers as qz
-from bitsmoe_jax.quant.error_feedback import CalibrationInputs, compensate_columns, compensate_rows
+from bitsmoe_jax.quant.error_feedback import ROW_BLOCK, CalibrationInputs, compensate_columns, compensate_rows
 from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
 
 E, R, F, G = 2, 24, 40, 16
@@ -52,9 +52,10 @@ def problem():
     return units, bits, hess, weights, z
 
 
-def test_matches_float64_textbook(problem):
+@pytest.mark.parametrize("block", [ROW_BLOCK, 8, 5])  # one block; 3 blocks; 5 blocks, the last padded by one row
+def test_matches_float64_textbook(problem, block):
     units, bits, hess, weights, _ = problem
-    got = np.stack([compensate_rows(units[e], bits[e], hess[e], G, weights[e]) for e in range(E)])
+    got = np.stack([compensate_rows(units[e], bits[e], hess[e], G, weights[e], block=block) for e in range(E)])
     ref = _textbook(units, bits, hess, weights)
     # float32 vs float64 arithmetic: a value on a rounding boundary may flip one grid step, so
     # compare overall, and require nearly every entry to agree closely.
