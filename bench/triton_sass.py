@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = words_per_group(b, gs) * args.tile * 4 / threads
             per_byte = n / nbytes
             top = ", ".join(f"{o} {c}" for o, c in ops.most_common(5))
+            if ops["LDL"] + ops["STL"]:  # register spills inside the loop: local-memory traffic per iteration
+                top += f"; spills: LDL {ops['LDL']}, STL {ops['STL']}"
             gbps = rate / per_byte / 1e9
             print(f"| {names[kind]} | {b} ({codes_per_word(b)}/word) | {n} | {nbytes:.0f} | {per_byte:.1f} | {gbps:.0f} "
                   f"| {100 * gbps / args.copy_gbps:.0f}% | {top} |")

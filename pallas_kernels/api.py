@@ -311,6 +311,7 @@ def _gemv_experts(zg, zu, group_sizes, kern, rows_e, tm, interpret, splits):
     h = _gated(g[:, :fp], u[:, :fp], inits, g_l, dt)
     hsum = h.astype(jnp.float32).reshape(h.shape[0], gp, gs).sum(axis=2)
     hp = jnp.pad(h.astype(jnp.float32), ((0, 0), (0, triton_codes.overrun(d_l.widths, gs))))
+    hp = hp.reshape(t, tm, hp.shape[1]).transpose(0, 2, 1)  # [T, Fp + overrun, tm]
     d_splits = splits or reduction_splits(d_l.max_tiles * t, gp)
     acc_k = triton_codes.down_gemv(
         rt, flat(d_l.expert_tiles), jnp.asarray(d_l.expert_ntiles), jnp.asarray(d_l.tile_bits),
