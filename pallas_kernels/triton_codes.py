@@ -250,7 +250,8 @@ def down_gemv(
     ``h [T, Fp + overrun, tm]`` float32: per row tile, each position's ``tm`` rows side by side, so
     that a chunk of a block reads them with one vector load per position (at 2 rows this took the
     8-token decode from 17.5 to 16.3 SASS instructions per byte, `bench/triton_sass.py`). Zero past
-    ``F``; f32 saves the per-value bf16 conversion., ``hsum [Mp, Gp]`` float32 (``h`` summed per scale group).
+    ``F``; f32 saves the per-value bf16 conversion. ``hsum [Mp, Gp]`` float32: ``h`` summed per scale
+    group (rows in row-tile order, ``Mp = T·tm``).
     """
     mp = h.shape[0] * tm
     gs, c = group_size, tile
