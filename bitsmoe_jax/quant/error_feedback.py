@@ -133,14 +133,18 @@ def compensate_columns(
 
 
 # ---------------------------------------------------------------------------------------- kernels
-def _upper_inverse_factor(h: jax.Array, damp: jax.Array, real: jax.Array | None = None) -> jax.Array:
-    """U with H⁻¹ = UᵀU (upper), after the dead-direction fix and damping (mean over `real` entries)."""
+def _upper_inverse_factor(h: jax.Array, damp: jax.Array, pad: int = 0) -> jax.Array:
+    """U with H⁻¹ = UᵀU (upper), after the dead-direction fix and damping, for ``H`` padded by ``pad``
+    trailing directions with an identity block (size ``n + pad``). Padded directions come last, so
+    they reach no real one, and the real block of U is U of the unpadded H: the damping is the
+    mean over the real diagonal only."""
     n = h.shape[0]
+    h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(n + pad) >= n).astype(jnp.float32))
     diag = jnp.diagonal(h)
     h = h + jnp.diag((diag <= 0).astype(jnp.float32))
-    d = jnp.diagonal(h)
-    mean = jnp.mean(d) if real is None else jnp.sum(jnp.where(real, d, 0.0)) / jnp.maximum(jnp.sum(real), 1)
-    return upper_inverse_cholesky(h + damp * mean * jnp.eye(n, dtype=jnp.float32))
+    real = jnp.arange(n + pad) < n
+    mean = jnp.sum(jnp.where(real, jnp.diagonal(h), 0.0)) / jnp.maximum(jnp.sum(real), 1)
+    return upper_inverse_cholesky(h + damp * mean * jnp.eye(n + pad, dtype=jnp.float32))
 
 
 def _round_on(x: jax.Array, s: jax.Array, bits: jax.Array) -> jax.Array:
@@ -163,14 +167,11 @@ def _rows(a, b, h, w, damp, *, group_size: int, block: int):
     bs = min(block, r)
     nb = -(-r // bs)
     pad = nb * bs - r
-    # Padded rows: zero values at 0 bits and an identity Hessian block. They come last, so they
-    # reach no real row, and U's real block is U of the unpadded H (block-diagonal H, damped by the
-    # mean over the real diagonal only).
+    # Padded rows: zero values at 0 bits, an identity Hessian block (`_upper_inverse_factor`).
     a = jnp.pad(a, ((0, pad), (0, 0)))
     w = jnp.pad(w, ((0, pad), (0, 0)), constant_values=1.0)
     b = jnp.pad(b, (0, pad))
-    h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(r + pad) >= r).astype(jnp.float32))
-    u = _upper_inverse_factor(h, damp, real=jnp.arange(r + pad) < r)
+    u = _upper_inverse_factor(h, damp, pad)
     rows = jnp.arange(r + pad)
     inner = jnp.arange(bs)
 
@@ -210,8 +211,7 @@ def _columns(a, b, h, w, damp, *, group_size: int):
     # no real column.
     a = jnp.pad(a, ((0, 0), (0, pad)))
     w = jnp.pad(w, ((0, 0), (0, pad)))
-    h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(f), jnp.ones(pad)]).astype(jnp.float32))
-    u = _upper_inverse_factor(h, damp, real=jnp.arange(fp) < f)
+    u = _upper_inverse_factor(h, damp, pad)
     cols = jnp.arange(fp)
     inner = jnp.arange(g)
 
