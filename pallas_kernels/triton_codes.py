@@ -92,9 +92,10 @@ def overrun(widths, group_size: int) -> int:
     return max([codes_per_word(b) * words_per_group(b, group_size) - group_size for b in widths] or [0])
 
 
-def _columns(x: jax.Array) -> list[jax.Array]:
-    """The 4 columns of a thread's ``[..., 4]`` vector, each ``[..., 1]`` (register moves, no memory)."""
-    return jnp.split(x, 4, axis=-1)
+def _columns(x: jax.Array, n: int = 4) -> list[jax.Array]:
+    """The ``n`` columns of ``[..., n]`` (a thread's 4 words, a tile's rows), each ``[..., 1]``:
+    register moves, no memory."""
+    return jnp.split(x, n, axis=-1) if n > 1 else [x]
 
 
 def _offset(bits: int) -> float:
@@ -293,7 +294,7 @@ def down_gemv(
                                 u = decode_chunk(halves[hh], b, j, exps[j])  # [ws, C]
                                 # [ws, tm]: a position's rows side by side, one vector load each
                                 hv = h_ref[v, pl.ds(f0 + k * wb + off, ws), :]
-                                for t, hv_t in enumerate(jnp.split(hv, tm, axis=1) if tm > 1 else [hv]):
+                                for t, hv_t in enumerate(_columns(hv, tm)):
                                     p = u * hv_t
                                     part[t] = p if part[t] is None else part[t] + p
                             for t in range(tm):
