@@ -2,7 +2,8 @@
 
 One run, one model, one calibration text, one evaluation text. For each target bpw and each method,
 the method's setting nearest to the target (within ±0.05 when one exists; the table says which
-setting was used and flags any outside the window) is quantized and evaluated against the
+setting was used and flags any outside the window; llama.cpp's K-quants, whose types are few, get
+the smallest type with at least the target's bits) is quantized and evaluated against the
 unquantized model: effective bpw (every stored bit over the original expert weights), perplexity,
 KL, top-1 agreement, quantization wall time and its ratio to GPTQ's.
 
@@ -25,8 +26,10 @@ from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.baselines.run import run_baseline
+from bitsmoe_jax.quant.config_schema import METHODS
 
 TOLERANCE = 0.05
+DEFAULT_METHODS = METHODS  # every method the quantize CLI knows
 
 
 def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
@@ -162,19 +165,39 @@ def render(rows: list[dict], command: str, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _applicable(methods: tuple[str, ...], model_path: str, explicit: bool) -> tuple[str, ...]:
+    """`methods` without K-quants where the model's expert shapes cannot take them: an error if
+    they were asked for by name, a note if they came with the default list."""
+    if "kquant" not in methods:
+        return methods
+    from bitsmoe_jax.baselines.kquants import check_contractions
+    from bitsmoe_jax.loading import model_config
+
+    config = model_config(model_path)
+    try:
+        check_contractions(config.hidden_size, config.moe_intermediate_size)
+    except ValueError as e:
+        if explicit:
+            raise
+        print(f"note: kquant left out: {e}", file=sys.stderr)
+        return tuple(m for m in methods if m != "kquant")
+    return methods
+
+
 def main(argv: list[str] | None = None) -> int:
     import platform
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, rest = parse_config_args(argv)
-        methods, targets = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise"), (2.0, 2.5, 3.0, 4.0)
-        run_ablations = False
+        methods, targets = DEFAULT_METHODS, (2.0, 2.5, 3.0, 4.0)
+        run_ablations = explicit_methods = False
         for a in rest:
             if a == "--ablations":
                 run_ablations = True
             elif a.startswith("--methods="):
                 methods = tuple(m for m in a.split("=", 1)[1].split(",") if m)
+                explicit_methods = True
             elif a.startswith("--targets="):
                 targets = tuple(float(t) for t in a.split("=", 1)[1].split(",") if t)
             else:
@@ -182,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         from bitsmoe_jax.quant.config_schema import validate
 
         validate(cfg)
+        methods = _applicable(methods, cfg.model_path, explicit_methods)
     except (ValueError, FileNotFoundError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ Effective bits per weight: ``bits + 16 / group_size`` (``+ bits / group_size`` w
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +179,25 @@ def gptq_quantize_matrix(
     )
 
 
+def expert_inputs(
+    x: Any, expert_idx: Any, expert_w: Any, gate: Any, up: Any, num_experts: int, min_tokens: int = 16
+) -> Iterator[tuple[int, jax.Array, jax.Array, int]]:
+    """``(e, x_e [n, D], h_e [n, F], routed-token count)`` for each expert: the inputs of its gate/up
+    and of its down, over the tokens routed to it — or over every token when fewer than
+    ``min_tokens`` were (the starved fallback: count < min_tokens). ``h = silu(x gate) · (x up)``
+    of the unquantized expert. ``expert_w`` is only checked for shape (see `expert_hessians`)."""
+    x = jnp.asarray(x, jnp.float32)
+    idx = np.asarray(expert_idx)
+    if np.shape(expert_w) != idx.shape or idx.ndim != 2 or idx.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_idx {idx.shape} / expert_w {np.shape(expert_w)} must both be [N={x.shape[0]}, k]")
+    gate = jnp.asarray(gate, jnp.float32)
+    up = jnp.asarray(up, jnp.float32)
+    for e in range(num_experts):
+        tok = np.nonzero((idx == e).any(axis=1))[0]
+        xe = x if tok.size < min_tokens else x[tok]
+        yield e, xe, jax.nn.silu(jnp.matmul(xe, gate[e], precision=HI)) * jnp.matmul(xe, up[e], precision=HI), int(tok.size)
+
+
 def expert_hessians(
     x: Any,
     expert_idx: Any,
@@ -203,23 +222,12 @@ def expert_hessians(
     uses h computed by that expert on all tokens). Returns (H_in [E, D, D], H_down [E, F, F],
     tokens [E] routed-token counts before the fallback, starved expert ids).
     """
-    x = jnp.asarray(x, jnp.float32)
-    idx = np.asarray(expert_idx)
-    if np.shape(expert_w) != idx.shape or idx.ndim != 2 or idx.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_idx {idx.shape} / expert_w {np.shape(expert_w)} must both be [N={x.shape[0]}, k]")
-    gate = jnp.asarray(gate, jnp.float32)
-    up = jnp.asarray(up, jnp.float32)
-    tokens = np.zeros(num_experts, np.int64)
-    h_in, h_down, starved = [], [], []
-    for e in range(num_experts):
-        tok = np.nonzero((idx == e).any(axis=1))[0]
-        tokens[e] = tok.size
-        if tok.size < min_tokens:
+    h_in, h_down = [], []
+    tokens, starved = np.zeros(num_experts, np.int64), []
+    for e, xe, he, routed in expert_inputs(x, expert_idx, expert_w, gate, up, num_experts, min_tokens):
+        tokens[e] = routed
+        if routed < min_tokens:
             starved.append(e)
-            xe = x
-        else:
-            xe = x[tok]
-        he = jax.nn.silu(jnp.matmul(xe, gate[e], precision=HI)) * jnp.matmul(xe, up[e], precision=HI)
         h_in.append(jnp.matmul(xe.T, xe, precision=HI))
         h_down.append(jnp.matmul(he.T, he, precision=HI))
     return jnp.stack(h_in), jnp.stack(h_down), tokens, starved

@@ -106,6 +106,26 @@ def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
     return {"setting": setting.label(), "effective_bpw_experts": setting.bpw, "starved_experts": starved}
 
 
+def run_kquant(model, calib, target: float, min_tokens: int) -> dict:
+    """llama.cpp's K-quant format with at least `target` bpw (Q2_K at 2.0 and 2.5, Q3_K at 3.0, …),
+    fitted with importance from the calibration tokens routed to each expert."""
+    from bitsmoe_jax.baselines.kquants import check_contractions, kquant_experts, type_for_target
+
+    kt = type_for_target(target)
+    check_contractions(model.config.hidden_size, model.config.moe_intermediate_size)
+    starved: dict[int, list[int]] = {}
+
+    def q(i, block, x):
+        _, w, idx = block.router(x)
+        ex = block.experts
+        out = kquant_experts(ex.gate[...], ex.up[...], ex.down[...], x, idx, w, kt, min_tokens=min_tokens)
+        starved[i] = list(out["starved"])
+        _set_experts(block, out["gate"], out["up"], out["down"])
+
+    sequential_quantize(model, calib, q)
+    return {"setting": f"{kt.name} imatrix", "effective_bpw_experts": kt.bpw, "starved_experts": starved}
+
+
 def run_expertwise(model, calib, target: float, group_size: int) -> dict:
     """Expert-wise bits at the target; if even 2 bits + its scales exceed it at `group_size`, the
     largest group that fits a row is used, and if that is still too much every expert gets 2 bits
@@ -143,4 +163,6 @@ def run_baseline(method: str, model, calib: jnp.ndarray, target: float, group_si
         return run_gptq(model, calib, setting, min_tokens)
     if method == "expertwise":
         return run_expertwise(model, calib, target, group_size)
-    raise ValueError(f"unknown baseline {method!r}; choose {', '.join(UNIFORM_BASELINES)} or expertwise")
+    if method == "kquant":
+        return run_kquant(model, calib, target, min_tokens)
+    raise ValueError(f"unknown baseline {method!r}; choose {', '.join(UNIFORM_BASELINES)}, expertwise or kquant")

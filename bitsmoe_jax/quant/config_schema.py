@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise")
+METHODS = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise", "kquant")
 ALLOCATORS = ("auto", "milp", "greedy")
 SCOPES = ("layer", "model")
 COEFF_MODES = ("exact", "sampled")

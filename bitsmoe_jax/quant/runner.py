@@ -498,7 +498,7 @@ def print_summary(report: dict) -> str:
 
 
 def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
-    """RTN / GPTQ / expert-wise at each budget, calibrated like BitsMoE, written with the same report.
+    """RTN / GPTQ / expert-wise / K-quants at each budget, calibrated like BitsMoE, written with the same report.
 
     The checkpoint keeps the dequantized expert weights (float32, exact values of codes × scales) in
     the converted format, so `load_model` and `evaluate` read it directly; its effective bpw counts
@@ -514,8 +514,12 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     for _, d in budgets:
         if d.exists() and not cfg.overwrite:
             raise FileExistsError(f"{d}: output exists (set --config.overwrite=True to replace it)")
-    calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
     config = model_config(cfg.model_path)
+    if cfg.method == "kquant":  # before any work: a model K-quants cannot store is an error, not a late crash
+        from bitsmoe_jax.baselines.kquants import check_contractions
+
+        check_contractions(config.hidden_size, config.moe_intermediate_size)
+    calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
     reports = []
     shared: dict = {}
     for budget, out_dir in budgets:
