@@ -502,7 +502,8 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
 
     The checkpoint keeps the dequantized expert weights (float32, exact values of codes × scales) in
     the converted format, so `load_model` and `evaluate` read it directly; its effective bpw counts
-    what the method stores (integer codes and bf16 group scales), not the float32 container.
+    what the method stores (integer codes and their scales: bf16 per group, or the K-quants' integer
+    sub-block scales and fp16 factors), not the float32 container.
     """
     import jax as _jax
     from flax import nnx
