@@ -117,12 +117,26 @@ def test_importance_moves_the_error_to_unimportant_inputs():
     x = rng.standard_normal((64, 256)).astype(np.float32)
     imp = np.where(np.arange(256) % 8 == 0, 100.0, 1.0).astype(np.float32)  # a few hot inputs
     t = kq.k_type("Q2_K")
-    weighted = kq.kquantize(x, imp, t, axis=1)
-    plain = kq.kquantize(x, np.ones(256), t, axis=1)
+    weighted = kq.kquantize(x, imp, t, axis=1, magnitude=False)
+    plain = kq.kquantize(x, np.ones(256), t, axis=1, magnitude=False)
     e = lambda v: float(np.sum(imp * (x - v) ** 2))
     assert e(weighted) < 0.8 * e(plain)
     # and along axis 0: the same rows transposed
-    np.testing.assert_array_equal(kq.kquantize(x.T, imp, t, axis=0), weighted.T)
+    np.testing.assert_array_equal(kq.kquantize(x.T, imp, t, axis=0, magnitude=False), weighted.T)
+
+
+def test_magnitude_weighting_is_llama_cpp_s():
+    """importance × sqrt(σ² + w²), σ² the mean square of the weight's own super-block of 256."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((8, 512)) * np.where(np.arange(512) < 256, 1.0, 3.0)).astype(np.float32)
+    imp = np.exp(rng.normal(0, 1, 512)).astype(np.float32)
+    expected = np.empty_like(x)
+    for r in range(8):
+        for b in (0, 256):
+            blk = x[r, b : b + 256].astype(np.float64)
+            expected[r, b : b + 256] = imp[b : b + 256] * np.sqrt(np.mean(blk**2) + blk**2)
+    t = kq.k_type("Q3_K")
+    np.testing.assert_array_equal(kq.kquantize(x, imp, t, axis=1), kq.quantize_rows(x, expected, t)["values"])
 
 
 @pytest.mark.parametrize("name,bits,group", [("Q3_K", 3, 32), ("Q4_K", 4, 32)])
@@ -132,7 +146,7 @@ def test_fewer_bits_than_zero_point_rtn_and_lower_error(name, bits, group):
     x = (rng.standard_normal((128, 512)) * np.exp(rng.normal(0, 0.5, (1, 512)))).astype(np.float32)
     t = kq.k_type(name)
     assert t.bpw < rtn_bpw(bits, group, zero_point=True)
-    ours = np.sum((kq.kquantize(x, np.ones(512), t, axis=1) - x) ** 2)
+    ours = np.sum((kq.kquantize(x, np.ones(512), t, axis=1, magnitude=False) - x) ** 2)
     rtn = np.sum((rtn_quantize(x, bits, group, axis=1, zero_point=True) - x) ** 2)
     assert ours < rtn
 
