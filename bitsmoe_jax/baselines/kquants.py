@@ -234,6 +234,8 @@ def quantize_rows(x: Any, importance: Any, kt: KQuantType) -> dict[str, np.ndarr
         out = _quantize_super_blocks(jnp.asarray(np.pad(xb[lo : lo + n], pad)), jnp.asarray(np.pad(wb[lo : lo + n], pad)), kt)
         parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if not np.isfinite(fields["values"]).all():  # the fp16 factors hold at most 65504
+        raise ValueError(f"{kt.name}: weights up to |{np.abs(x).max():.3g}| overflow the format's fp16 scale factors")
     fields["q"] = fields["q"].reshape(x.shape)
     fields["values"] = fields["values"].reshape(x.shape)
     return fields

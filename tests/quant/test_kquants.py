@@ -186,6 +186,8 @@ def test_clear_errors():
     bad[1, 7] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         kq.quantize_rows(bad, 1.0, t)
+    with pytest.raises(ValueError, match=r"Q2_K: weights up to \|3e\+06\| overflow the format's fp16"):
+        kq.quantize_rows(np.full((1, 256), 3e6, np.float32), 1.0, t)
     with pytest.raises(ValueError, match="importance has 3 entries"):
         kq.kquantize(np.zeros((256, 4), np.float32), np.ones(3), t, axis=0)
     with pytest.raises(ValueError, match="hidden_size=128, moe_intermediate_size=512"):
