@@ -29,7 +29,6 @@ from bitsmoe_jax.baselines.run import run_baseline
 from bitsmoe_jax.quant.config_schema import METHODS
 
 TOLERANCE = 0.05
-DEFAULT_METHODS = METHODS  # every method the quantize CLI knows
 
 
 def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, rest = parse_config_args(argv)
-        methods, targets = DEFAULT_METHODS, (2.0, 2.5, 3.0, 4.0)
+        methods, targets = METHODS, (2.0, 2.5, 3.0, 4.0)  # every method the quantize CLI knows
         run_ablations = explicit_methods = False
         for a in rest:
             if a == "--ablations":

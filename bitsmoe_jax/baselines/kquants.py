@@ -136,6 +136,12 @@ def _fit_scale(x: jax.Array, w: jax.Array, lo: int, hi: int) -> tuple[jax.Array,
     return jnp.take_along_axis(s, best[..., None], -1)[..., 0], jnp.take_along_axis(q, best[..., None, None], -2)[..., 0, :]
 
 
+def _nearest(x: jax.Array, scale: jax.Array, offset: jax.Array, lo: int, hi: int) -> jax.Array:
+    """Codes of ``x [..., n]`` nearest on the grid ``scale · q + offset`` (per row), q in [lo, hi];
+    a zero scale divides by 1."""
+    return jnp.clip(jnp.round((x - offset[..., None]) / jnp.where(scale == 0, 1.0, scale)[..., None]), lo, hi)
+
+
 def _affine_lsq(xs: jax.Array, ws: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Least-squares (scale ≥ 0, offset ≤ 0) of ``xs ≈ scale · q + offset`` for fixed codes, per row."""
     sw, sq, sqq = jnp.sum(ws, -1), jnp.sum(ws * q, -1), jnp.sum(ws * q * q, -1)
@@ -168,7 +174,7 @@ def _fit_affine(x: jax.Array, w: jax.Array, hi: int) -> tuple[jax.Array, jax.Arr
     xs, ws = x[..., None, :], w[..., None, :]
     s, o = _affine_lsq(xs, ws, q)
     for _ in range(_REFITS):  # codes again on the refitted grid, then the grid again on the codes
-        q = jnp.clip(jnp.round((xs - o[..., None]) / jnp.where(s > 0, s, 1.0)[..., None]), 0, hi)
+        q = _nearest(xs, s, o, 0, hi)  # s ≥ 0
         s, o = _affine_lsq(xs, ws, q)
     err = jnp.sum(ws * (xs - (s[..., None] * q + o[..., None])) ** 2, -1)
     best = jnp.argmin(err, axis=-1)[..., None]
@@ -200,7 +206,7 @@ def _quantize_super_blocks(x: jax.Array, w: jax.Array, kt: KQuantType) -> dict[s
     slo, shi = kt.scale_range
     if kt.with_min:
         s, o = _fit_affine(xs, ws, qhi)
-        q_est = jnp.clip(jnp.round((xs - o[..., None]) / jnp.where(s > 0, s, 1.0)[..., None]), 0, qhi)
+        q_est = _nearest(xs, s, o, 0, qhi)
         d, sc = _stored_factor(s, jnp.sum(ws * q_est * q_est, -1), slo, shi)
         dmin, mc = _stored_factor(-o, jnp.sum(ws, -1), slo, shi)
         scale, offset = d[:, None] * sc, -dmin[:, None] * mc
@@ -209,8 +215,7 @@ def _quantize_super_blocks(x: jax.Array, w: jax.Array, kt: KQuantType) -> dict[s
         d, sc = _stored_factor(s, jnp.sum(ws * q_est * q_est, -1), slo, shi)
         dmin, mc = jnp.zeros_like(d), jnp.zeros_like(sc)
         scale, offset = d[:, None] * sc, jnp.zeros_like(sc)
-    safe = jnp.where(scale == 0, 1.0, scale)[..., None]
-    q = jnp.where(scale[..., None] == 0, 0.0, jnp.clip(jnp.round((xs - offset[..., None]) / safe), qlo, qhi))
+    q = jnp.where(scale[..., None] == 0, 0.0, _nearest(xs, scale, offset, qlo, qhi))
     deq = scale[..., None] * q + offset[..., None]
     return {"d": d, "dmin": dmin, "sc": sc, "m": mc, "q": q.reshape(m, SUPER_BLOCK), "values": deq.reshape(m, SUPER_BLOCK)}
 
