@@ -34,7 +34,9 @@ def main() -> None:
         "test_tokens": int(len(ids["test"])),
         "moe_perplexity": round(res["perplexity"], 2),
         "unigram_perplexity": round(unigram_perplexity(ids["train"], ids["test"], vocab), 2),
-        "bigram_perplexity": round(bigram_perplexity(ids["train"], ids["test"], vocab, valid_tokens=ids["valid"]), 2),
+        "bigram_perplexity": round(
+            bigram_perplexity(ids["train"], ids["test"], vocab, valid_tokens=ids["valid"]), 2
+        ),
         "seq_len": args.seq_len,
     }
     print(json.dumps(row, indent=1))

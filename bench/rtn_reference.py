@@ -36,11 +36,14 @@ def main() -> None:
         qt = time.time() - t
         r = evaluate_model(model, ids, args.seq_len, args.seq_len, batch_size=8, reference=ref)
         print(
-            f"| RTN {b}-bit g{args.group_size} | {bpw:.3f} | {r['perplexity']:.2f} | {r['kl_divergence']:.4f} | "
+            f"| RTN {b}-bit g{args.group_size} | {bpw:.3f} | {r['perplexity']:.2f} | "
+            f"{r['kl_divergence']:.4f} | "
             f"{100 * r['top1_agreement']:.1f}% | {qt:.1f} |",
             flush=True,
         )
-    print(f"(unquantized perplexity {r['reference_perplexity']:.2f} over {r['tokens_scored']} tokens)")
+    print(
+        f"(unquantized perplexity {r['reference_perplexity']:.2f} over {r['tokens_scored']} tokens)"
+    )
 
 
 if __name__ == "__main__":

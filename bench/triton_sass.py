@@ -1,4 +1,5 @@
-"""Static cost of the GPU kernels, without a GPU: instructions per byte of weights in their inner loops.
+"""Static cost of the GPU kernels, without a GPU: instructions per byte of weights in their inner
+loops.
 
     pip install triton==3.6.0      # CPU is enough: its wheel carries ptxas, cuobjdump and nvdisasm
     python bench/triton_sass.py --shape Mixtral-8x7B --tokens 1 --bpw 2.5
@@ -17,9 +18,9 @@ the SASS is read back:
   measured copy bandwidth (about 4.3 TB/s here).
 
 This is an estimate. It says whether a kernel *can* reach a bandwidth, not that it does:
-`bench/kernels.py` on the GPU measures it. The compiler is pip Triton, not the fork inside jaxlib, so
-the code can differ in detail. The old bit-plane kernel ran at about 62 instructions per byte by this
-script (git 8de0c04, gate/up, 2 bits); the code layout exists because of that figure.
+`bench/kernels.py` on the GPU measures it. The compiler is pip Triton, not the fork inside jaxlib,
+so the code can differ in detail. The old bit-plane kernel ran at about 62 instructions per byte by
+this script (git 8de0c04, gate/up, 2 bits); the code layout exists because of that figure.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from kernels import (
+    FULL_SHAPES,
+    synthetic_kernels,
+)  # bench/kernels.py: the same shapes and allocations
 
-from kernels import FULL_SHAPES, synthetic_kernels  # bench/kernels.py: the same shapes and allocations
+from pallas_kernels import shared_shapes
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
 from pallas_kernels.code_layout import CodeConfig, codes_per_word, words_per_group
-from pallas_kernels import shared_shapes
 from pallas_kernels.lowered import export_for_hardware
 
 SHAPES = {s.name: s for s in FULL_SHAPES}
@@ -57,7 +61,9 @@ def triton_ir_capture():
     lowering = reg.lowering
     original = getattr(lowering, "lower_jaxpr_to_triton_module", None)
     if original is None:
-        raise SystemExit("this JAX has no pallas.triton lowering.lower_jaxpr_to_triton_module to hook")
+        raise SystemExit(
+            "this JAX has no pallas.triton lowering.lower_jaxpr_to_triton_module to hook"
+        )
     modules: list[str] = []
 
     def spy(*args, **kwargs):
@@ -72,7 +78,9 @@ def triton_ir_capture():
         lowering.lower_jaxpr_to_triton_module = original
 
 
-def capture_triton_ir(shape: str, tokens: int, bpw: float, tile: int) -> tuple[list[str], ExpertKernels]:
+def capture_triton_ir(
+    shape: str, tokens: int, bpw: float, tile: int
+) -> tuple[list[str], ExpertKernels]:
     """Triton IR of every Pallas kernel in the GPU forward at this shape (decode GEMVs for ≤ 4 rows
     per expert)."""
     sh = SHAPES[shape]
@@ -80,7 +88,14 @@ def capture_triton_ir(shape: str, tokens: int, bpw: float, tile: int) -> tuple[l
     z = jax.ShapeDtypeStruct((tokens * sh.top_k, sh.hidden), jnp.bfloat16)
     fn = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=False))
     with triton_ir_capture() as modules:
-        export_for_hardware(fn, "triton", z, z, jax.ShapeDtypeStruct((sh.experts,), jnp.int32), shared_shapes.abstract(kern))
+        export_for_hardware(
+            fn,
+            "triton",
+            z,
+            z,
+            jax.ShapeDtypeStruct((sh.experts,), jnp.int32),
+            shared_shapes.abstract(kern),
+        )
     return modules, kern
 
 
@@ -92,7 +107,11 @@ def triton_compile(ttir: str, num_warps: int, num_stages: int, tmp: str):
     path = os.path.join(tmp, "kernel.ttir")
     with open(path, "w") as fh:
         fh.write(ttir)
-    return triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(
+        path,
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=num_warps, num_stages=num_stages),
+    )
 
 
 def compile_sass(ttir: str, num_warps: int, num_stages: int) -> tuple[str, str]:
@@ -105,8 +124,15 @@ def compile_sass(ttir: str, num_warps: int, num_stages: int) -> tuple[str, str]:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as fh:
             fh.write(compiled.asm["cubin"])
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run(
+            [os.path.join(tools, "nvdisasm"), "-c", cubin],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        res = subprocess.run(
+            [os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True
+        ).stdout
     usage = next((ln.strip() for ln in res.splitlines() if "REG:" in ln), "")
     return sass, usage
 
@@ -134,7 +160,12 @@ def sass_loops(sass: str) -> list[tuple[collections.Counter, int | None]]:
         target = re.search(r"(\.L_x_\d+)", text) if op == "BRA" else None
         if target and labels.get(target.group(1), addr) < addr:
             body = ins[index[labels[target.group(1)]] : i + 1]
-            loops.append((collections.Counter(o for _, o, _ in body), loop_width([t for _, o, t in body if o == "LOP3"])))
+            loops.append(
+                (
+                    collections.Counter(o for _, o, _ in body),
+                    loop_width([t for _, o, t in body if o == "LOP3"]),
+                )
+            )
     return loops
 
 
@@ -144,7 +175,9 @@ def loop_width(lop3: list[str]) -> int | None:
     (down's came out 1, 3, 2, 4, 8), so loops are matched to widths by this, not by position."""
     counts = collections.Counter()
     for text in lop3:
-        for imm in re.findall(r",\s*(0x[0-9a-f]+)\s*,", text)[:1]:  # the first immediate operand: the mask
+        for imm in re.findall(r",\s*(0x[0-9a-f]+)\s*,", text)[
+            :1
+        ]:  # the first immediate operand: the mask
             counts[bin(int(imm, 16)).count("1")] += 1
     return counts.most_common(1)[0][0] if counts else None
 
@@ -157,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile", type=int, default=DEFAULT_TILES["triton"].tile)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
-    ap.add_argument("--copy-gbps", type=float, default=4300.0, help="measured copy bandwidth to compare with (H200 here)")
+    ap.add_argument(
+        "--copy-gbps",
+        type=float,
+        default=4300.0,
+        help="measured copy bandwidth to compare with (H200 here)",
+    )
     args = ap.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -168,46 +206,72 @@ def main(argv: list[str] | None = None) -> int:
     threads = 32 * args.warps
     rate = H100_H200["sms"] * 4 * 32 * H100_H200["clock_hz"]  # thread-instructions per second
     gs = kern.gate.group_size
-    print(f"{args.shape}, {args.tokens} token(s), {args.bpw} bpw, tile {args.tile}, {args.warps} warps: "
-          f"{len(modules)} kernels\n")
-    print("| kernel | width | instrs/iter | words B/thread/iter | instrs/B | issue-bound GB/s | % of copy | top ops |")
+    print(
+        f"{args.shape}, {args.tokens} token(s), {args.bpw} bpw, tile {args.tile}, {args.warps} "
+        "warps: "
+        f"{len(modules)} kernels\n"
+    )
+    print(
+        "| kernel | width | instrs/iter | words B/thread/iter | instrs/B | issue-bound GB/s | % of "
+        "copy | top ops |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     names = ["gate/up", "down"]
     weighted = []
-    for kind, (ttir, widths) in enumerate(zip(modules, [kern.gate.widths + kern.up.widths, kern.down.widths])):
-        layouts = [kern.gate] * len(kern.gate.widths) + [kern.up] * len(kern.up.widths) if kind == 0 else [kern.down] * len(widths)
+    for kind, (ttir, widths) in enumerate(
+        zip(modules, [kern.gate.widths + kern.up.widths, kern.down.widths], strict=False)
+    ):
+        layouts = (
+            [kern.gate] * len(kern.gate.widths) + [kern.up] * len(kern.up.widths)
+            if kind == 0
+            else [kern.down] * len(widths)
+        )
         sass, usage = compile_sass(ttir, args.warps, args.stages)
         loops = sass_loops(sass)
         found = sorted(b for _, b in loops if b is not None)
         if found != sorted(widths):
-            print(f"{names[kind]}: loops decode widths {[b for _, b in loops]}, the kernel has {widths}: cannot pair them",
-                  file=sys.stderr)
+            print(
+                f"{names[kind]}: loops decode widths {[b for _, b in loops]}, the kernel has "
+                f"{widths}: cannot pair them",
+                file=sys.stderr,
+            )
             continue
         # a width's loops keep the kernel's order among themselves (gate before up)
         pending = collections.defaultdict(list)
         for ops, b in loops:
             pending[b].append(ops)
-        for b, layout in zip(widths, layouts):
+        for b, layout in zip(widths, layouts, strict=False):
             ops = pending[b].pop(0)
             n = sum(ops.values())
             nbytes = words_per_group(b, gs) * args.tile * 4 / threads
             per_byte = n / nbytes
             top = ", ".join(f"{o} {c}" for o, c in ops.most_common(5))
-            if ops["LDL"] + ops["STL"]:  # register spills inside the loop: local-memory traffic per iteration
+            if (
+                ops["LDL"] + ops["STL"]
+            ):  # register spills inside the loop: local-memory traffic per iteration
                 top += f"; spills: LDL {ops['LDL']}, STL {ops['STL']}"
             gbps = rate / per_byte / 1e9
-            print(f"| {names[kind]} | {b} ({codes_per_word(b)}/word) | {n} | {nbytes:.0f} | {per_byte:.1f} | {gbps:.0f} "
-                  f"| {100 * gbps / args.copy_gbps:.0f}% | {top} |")
+            print(
+                f"| {names[kind]} | {b} ({codes_per_word(b)}/word) | {n} | {nbytes:.0f} | "
+                f"{per_byte:.1f} | {gbps:.0f} "
+                f"| {100 * gbps / args.copy_gbps:.0f}% | {top} |"
+            )
             tile_bits = np.asarray(layout.tile_bits)[: int(np.asarray(layout.expert_ntiles).sum())]
-            width_bytes = float((tile_bits == b).sum()) * words_per_group(b, gs)  # word rows per group, all tiles
+            width_bytes = float((tile_bits == b).sum()) * words_per_group(
+                b, gs
+            )  # word rows per group, all tiles
             weighted.append((width_bytes, per_byte))
         print(f"\n{names[kind]} resources: {usage}\n")
     total = sum(w for w, _ in weighted)
     if total:
         per_byte = sum(w * p for w, p in weighted) / total
         gbps = rate / per_byte / 1e9
-        print(f"all three projections, weighted by this allocation's word bytes per width: {per_byte:.1f} instructions "
-              f"per byte, issue-bound ceiling {gbps:.0f} GB/s ({100 * gbps / args.copy_gbps:.0f}% of {args.copy_gbps:.0f} GB/s copy)")
+        print(
+            "all three projections, weighted by this allocation's word bytes per width: "
+            f"{per_byte:.1f} instructions "
+            f"per byte, issue-bound ceiling {gbps:.0f} GB/s ({100 * gbps / args.copy_gbps:.0f}% of "
+            f"{args.copy_gbps:.0f} GB/s copy)"
+        )
     return 0
 
 

@@ -39,7 +39,8 @@ DEFAULT_WEIGHT_GRID: np.ndarray = np.round(np.arange(100) * 0.01, 2)
 
 
 def _as_tokens(tokens: np.ndarray, vocab_size: int, name: str, min_len: int) -> np.ndarray:
-    """Validate a token stream and return it as 1-D int64 (int64 so ``prev * V + next`` cannot overflow)."""
+    """Validate a token stream and return it as 1-D int64 (int64 so ``prev * V + next`` cannot
+    overflow)."""
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -49,7 +50,9 @@ def _as_tokens(tokens: np.ndarray, vocab_size: int, name: str, min_len: int) -> 
         raise ValueError(f"{name} needs at least {min_len} tokens, got {arr.shape[0]}")
     arr = arr.astype(np.int64, copy=False)
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise ValueError(f"{name} has ids outside [0, {vocab_size}): min {arr.min()}, max {arr.max()}")
+        raise ValueError(
+            f"{name} has ids outside [0, {vocab_size}): min {arr.min()}, max {arr.max()}"
+        )
     return arr
 
 
@@ -96,7 +99,9 @@ def _bigram_components(
     return p_ml, p_uni[nxt], has_context
 
 
-def _interpolated_nll(p_ml: np.ndarray, p_uni: np.ndarray, has_context: np.ndarray, weight: float) -> np.ndarray:
+def _interpolated_nll(
+    p_ml: np.ndarray, p_uni: np.ndarray, has_context: np.ndarray, weight: float
+) -> np.ndarray:
     """Per-target NLL of the interpolated bigram; unseen contexts fall back to the unigram."""
     p = np.where(has_context, weight * p_ml + (1.0 - weight) * p_uni, p_uni)
     return -np.log(p)
@@ -105,7 +110,8 @@ def _interpolated_nll(p_ml: np.ndarray, p_uni: np.ndarray, has_context: np.ndarr
 def bigram_target_nll(
     train_tokens: np.ndarray, tokens: np.ndarray, vocab_size: int, weight: float
 ) -> np.ndarray:
-    """Natural-log NLL of each target ``tokens[1:]`` under the interpolated bigram, ``float64 [n-1]``."""
+    """Natural-log NLL of each target ``tokens[1:]`` under the interpolated bigram, ``float64
+    [n-1]``."""
     if not 0.0 <= weight < 1.0:
         raise ValueError(f"weight must be in [0, 1), got {weight}")
     train = _as_tokens(train_tokens, vocab_size, "train_tokens", 2)

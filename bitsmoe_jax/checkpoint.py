@@ -14,8 +14,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,10 +28,13 @@ EMPTY_ARRAYS_FILE = "empty_arrays.json"
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out_dir` only if the block finishes without error."""
+    """Yield a temporary directory that becomes `out_dir` only if the block finishes without
+    error."""
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: output directory already exists (pass --overwrite to replace it)")
+        raise FileExistsError(
+            f"{out}: output directory already exists (pass --overwrite to replace it)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -58,22 +62,28 @@ def _checkpointer():
     import orbax.checkpoint as ocp
 
     mp = _this_process_only()
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
+    return ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp
+    )
 
 
 def _this_process_only():
     """Orbax options for I/O by this process alone: in a multi-process run only process 0 writes,
-    and orbax's default (every process joins each save/restore) would wait for peers that never come.
+    and orbax's default (every process joins each save/restore) would wait for peers that never
+    come.
     """
     import jax
     import orbax.checkpoint as ocp
 
     me = jax.process_index()
-    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}")
+    return ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}"
+    )
 
 
 class _NoOcdbtMergeNotice(logging.Filter):
-    """Drop orbax's per-save warning that there are no OCDBT files to merge: we write without OCDBT on
+    """Drop orbax's per-save warning that there are no OCDBT files to merge: we write without OCDBT
+    on
     purpose (`_writer`), and a quantization run saves a few items per layer."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -95,11 +105,15 @@ def _writer():
     import orbax.checkpoint as ocp
 
     mp = _this_process_only()
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, multiprocessing_options=mp), multiprocessing_options=mp)
+    return ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(use_ocdbt=False, multiprocessing_options=mp),
+        multiprocessing_options=mp,
+    )
 
 
 def _split_empty(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Any]]:
-    """Orbax refuses zero-size arrays: take them out (recording shape/dtype) so they can be restored."""
+    """Orbax refuses zero-size arrays: take them out (recording shape/dtype) so they can be
+    restored."""
     if isinstance(tree, dict):
         kept, empty = {}, {}
         for k, v in tree.items():
@@ -143,5 +157,8 @@ def load_tree(path: str | Path) -> dict[str, Any]:
 def intify_layer_keys(tree: Any) -> Any:
     """Orbax stores dict keys as strings; NNX lists are keyed by int. Convert digit keys back."""
     if isinstance(tree, dict):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): intify_layer_keys(v) for k, v in tree.items()}
+        return {
+            (int(k) if isinstance(k, str) and k.isdigit() else k): intify_layer_keys(v)
+            for k, v in tree.items()
+        }
     return tree

@@ -1,4 +1,5 @@
-"""`python -m bitsmoe_jax.compare --config configs/tiny.py` — every method at matched effective bits.
+"""`python -m bitsmoe_jax.compare --config configs/tiny.py` — every method at matched effective
+bits.
 
 One run, one model, one calibration text, one evaluation text. For each target bpw and each method,
 the method's setting nearest to the target (within ±0.05 when one exists; the table says which
@@ -15,17 +16,19 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from bitsmoe_jax.baselines.run import run_baseline
 from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.baselines.run import run_baseline
 from bitsmoe_jax.quant.config_schema import METHODS
 
 TOLERANCE = 0.05
@@ -42,30 +45,50 @@ def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
     c.overwrite = True
     (report,) = quantize(c, progress=False)
     model, _ = load_quantized(out_dir)
-    return model, {"setting": f"budget {target}", "effective_bpw_experts": report["effective_bpw_experts"]}
-
-
-def _measured(cfg, model, eval_ids, reference, quantize_time_s: float) -> dict[str, Any]:
-    """The columns every row shares: quality against the reference on the evaluation tokens, and time."""
-    res = evaluate_model(model, eval_ids, cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=reference)
-    return {
-        "perplexity": res["perplexity"], "perplexity_fp": res["reference_perplexity"],
-        "kl_divergence": res["kl_divergence"], "top1_agreement": res["top1_agreement"],
-        "quantize_time_s": quantize_time_s, "eval_tokens": res["tokens_scored"],
+    return model, {
+        "setting": f"budget {target}",
+        "effective_bpw_experts": report["effective_bpw_experts"],
     }
 
 
-def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress: bool = True) -> list[dict]:
+def _measured(cfg, model, eval_ids, reference, quantize_time_s: float) -> dict[str, Any]:
+    """The columns every row shares: quality against the reference on the evaluation tokens, and
+    time."""
+    res = evaluate_model(
+        model,
+        eval_ids,
+        cfg.seq_len,
+        cfg.seq_len,
+        batch_size=cfg.eval_batch_size,
+        reference=reference,
+    )
+    return {
+        "perplexity": res["perplexity"],
+        "perplexity_fp": res["reference_perplexity"],
+        "kl_divergence": res["kl_divergence"],
+        "top1_agreement": res["top1_agreement"],
+        "quantize_time_s": quantize_time_s,
+        "eval_tokens": res["tokens_scored"],
+    }
+
+
+def compare(
+    cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress: bool = True
+) -> list[dict]:
     from bitsmoe_jax.quant.runner import calibration_tokens, evaluation_inputs
 
     eval_ids, reference = evaluation_inputs(cfg)
-    calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
+    calib = jnp.asarray(
+        calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len)
+    )
     rows = []
     for target in targets:
         for method in methods:
             t0 = time.time()
             if method == "bitsmoe":
-                model, info = run_bitsmoe(cfg, target, Path(cfg.output_dir) / "bitsmoe" / f"bpw_{target:.2f}")
+                model, info = run_bitsmoe(
+                    cfg, target, Path(cfg.output_dir) / "bitsmoe" / f"bpw_{target:.2f}"
+                )
             else:
                 model, _ = load_model(cfg.model_path)
                 info = run_baseline(method, model, calib, target, cfg.group_size, cfg.min_tokens)
@@ -79,8 +102,10 @@ def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress:
             rows.append(row)
             if progress:
                 print(
-                    f"target {target:.2f} {method:10s} {info['setting']:>22s} bpw {row['effective_bpw_experts']:.3f} "
-                    f"ppl {row['perplexity']:.2f} KL {row['kl_divergence']:.4f} top-1 {100 * row['top1_agreement']:.1f}% "
+                    f"target {target:.2f} {method:10s} {info['setting']:>22s} bpw "
+                    f"{row['effective_bpw_experts']:.3f} "
+                    f"ppl {row['perplexity']:.2f} KL {row['kl_divergence']:.4f} top-1 "
+                    f"{100 * row['top1_agreement']:.1f}% "
                     f"{row['quantize_time_s']:.1f}s",
                     flush=True,
                 )
@@ -88,12 +113,18 @@ def compare(cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress:
         gptq = [r for r in rows if r["target_bpw"] == target and r["method"] == "gptq"]
         for r in rows:
             if r["target_bpw"] == target:
-                r["time_ratio_to_gptq"] = (r["quantize_time_s"] / gptq[0]["quantize_time_s"]) if gptq else None
+                r["time_ratio_to_gptq"] = (
+                    (r["quantize_time_s"] / gptq[0]["quantize_time_s"]) if gptq else None
+                )
     return rows
 
 
 ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 8-bit bases, GPTQ-style rounding)", {}),
+    (
+        "BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 8-bit "
+        "bases, GPTQ-style rounding)",
+        {},
+    ),
     ("nearest rounding (no error feedback)", {"rounding": "nearest"}),
     ("activation-whitened basis", {"basis": "whitened"}),
     ("no basis (original weight columns)", {"basis": "none"}),
@@ -111,7 +142,8 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
-    """BitsMoE variants at one budget, all evaluated on the same tokens against the same reference."""
+    """BitsMoE variants at one budget, all evaluated on the same tokens against the same
+    reference."""
     from bitsmoe_jax.quant.runner import evaluation_inputs
 
     eval_ids, reference = evaluation_inputs(cfg)
@@ -123,44 +155,83 @@ def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
         t0 = time.time()
         model, info = run_bitsmoe(c, target, Path(cfg.output_dir) / "ablations" / f"{i:02d}")
         row = {
-            "ablation": name, "overrides": overrides, "target_bpw": target, **info,
+            "ablation": name,
+            "overrides": overrides,
+            "target_bpw": target,
+            **info,
             **_measured(cfg, model, eval_ids, reference, time.time() - t0),
         }
         rows.append(row)
         if progress:
-            print(f"{name:70s} bpw {row['effective_bpw_experts']:.3f} KL {row['kl_divergence']:.4f} ppl {row['perplexity']:.2f}", flush=True)
+            print(
+                f"{name:70s} bpw {row['effective_bpw_experts']:.3f} KL {row['kl_divergence']:.4f} "
+                f"ppl {row['perplexity']:.2f}",
+                flush=True,
+            )
     return rows
 
 
 def _table_head(title: str, command: str, machine: str, columns: list[str]) -> list[str]:
-    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine}", "",
-            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
 
 
 def render_ablations(rows: list[dict], command: str, machine: str) -> str:
-    lines = _table_head("BitsMoE ablations", command, machine,
-                        ["variant", "effective bpw", "perplexity", "KL", "top-1", "quantize time (s)"])
+    lines = _table_head(
+        "BitsMoE ablations",
+        command,
+        machine,
+        ["variant", "effective bpw", "perplexity", "KL", "top-1", "quantize time (s)"],
+    )
     for r in rows:
         lines.append(
-            f"| {r['ablation']} | {r['effective_bpw_experts']:.3f} | {r['perplexity']:.2f} | {r['kl_divergence']:.4f} | "
+            f"| {r['ablation']} | {r['effective_bpw_experts']:.3f} | {r['perplexity']:.2f} | "
+            f"{r['kl_divergence']:.4f} | "
             f"{100 * r['top1_agreement']:.1f}% | {r['quantize_time_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def render(rows: list[dict], command: str, machine: str) -> str:
-    lines = _table_head("Side-by-side comparison", command, machine, ["target", "method", "setting", "effective bpw",
-                        "perplexity", "KL", "top-1", "quantize time (s)", "time / GPTQ"])
+    lines = _table_head(
+        "Side-by-side comparison",
+        command,
+        machine,
+        [
+            "target",
+            "method",
+            "setting",
+            "effective bpw",
+            "perplexity",
+            "KL",
+            "top-1",
+            "quantize time (s)",
+            "time / GPTQ",
+        ],
+    )
     for r in rows:
         flag = "" if r["within_tolerance"] else " (outside ±0.05)"
         ratio = f"{r['time_ratio_to_gptq']:.2f}" if r.get("time_ratio_to_gptq") is not None else "-"
         lines.append(
-            f"| {r['target_bpw']:.2f} | {r['method']} | {r['setting']}{flag} | {r['effective_bpw_experts']:.3f} | "
-            f"{r['perplexity']:.2f} | {r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.1f}% | "
+            f"| {r['target_bpw']:.2f} | {r['method']} | {r['setting']}{flag} | "
+            f"{r['effective_bpw_experts']:.3f} | "
+            f"{r['perplexity']:.2f} | {r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.1f}% "
+            "| "
             f"{r['quantize_time_s']:.1f} | {ratio} |"
         )
     if rows:
-        lines += ["", f"Unquantized perplexity {rows[0]['perplexity_fp']:.2f} over {rows[0]['eval_tokens']} tokens."]
+        lines += [
+            "",
+            f"Unquantized perplexity {rows[0]['perplexity_fp']:.2f} over {rows[0]['eval_tokens']} "
+            "tokens.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             elif a.startswith("--targets="):
                 targets = tuple(float(t) for t in a.split("=", 1)[1].split(",") if t)
             else:
-                raise ValueError(f"unexpected argument {a!r} (use --methods=a,b --targets=2.0,3.0 --ablations --config.x=y)")
+                raise ValueError(
+                    f"unexpected argument {a!r} (use --methods=a,b --targets=2.0,3.0 --ablations "
+                    "--config.x=y)"
+                )
         from bitsmoe_jax.quant.config_schema import validate
 
         validate(cfg)
@@ -211,15 +285,24 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bitsmoe_jax.compare " + " ".join(argv)
-    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, JAX {__import__('jax').__version__} ({__import__('jax').default_backend()})"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"JAX {jax.__version__} ({jax.default_backend()})"
+    )
     if run_ablations:
         rows = ablations(cfg, targets[0])
-        (out / "ablations.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1, default=str))
+        (out / "ablations.json").write_text(
+            json.dumps(
+                {"command": command, "machine": machine, "rows": rows}, indent=1, default=str
+            )
+        )
         (out / "ablations.md").write_text(render_ablations(rows, command, machine))
         print(f"wrote {out / 'ablations.md'}")
         return 0
     rows = compare(cfg, methods, targets)
-    (out / "compare.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1, default=str))
+    (out / "compare.json").write_text(
+        json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1, default=str)
+    )
     (out / "compare.md").write_text(render(rows, command, machine))
     print(f"wrote {out / 'compare.md'}")
     return 0

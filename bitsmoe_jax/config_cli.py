@@ -48,32 +48,44 @@ def _parse(raw: str, current: Any, field: str) -> Any:
 
 
 def _parent(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
-    """The ConfigDict holding dotted field `key` and the field's last name; unknown fields are errors."""
+    """The ConfigDict holding dotted field `key` and the field's last name; unknown fields are
+    errors."""
     *path, name = key.split(".")
     node = cfg
     for i, part in enumerate(path):
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(f"unknown config field {'.'.join(path[:i + 1])!r}; known fields: {', '.join(sorted(node.keys()))}")
+            raise ValueError(
+                f"unknown config field {'.'.join(path[: i + 1])!r}; known fields: "
+                f"{', '.join(sorted(node.keys()))}"
+            )
         node = node[part]
     if name not in node:
         where = "" if not path else f" of config.{'.'.join(path)}"
-        raise ValueError(f"unknown config field {key!r}; known fields{where}: {', '.join(sorted(node.keys()))}")
+        raise ValueError(
+            f"unknown config field {key!r}; known fields{where}: {', '.join(sorted(node.keys()))}"
+        )
     return node, name
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+def apply_overrides(
+    cfg: ml_collections.ConfigDict, overrides: list[str]
+) -> ml_collections.ConfigDict:
     """Apply `field=value` strings (the part after `--config.`)."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--config.{item}: expected --config.field=value")
         key, raw = item.split("=", 1)
-        node, name = _parent(cfg, key)  # "distributed.auto" is field auto of the nested cfg.distributed
+        node, name = _parent(
+            cfg, key
+        )  # "distributed.auto" is field auto of the nested cfg.distributed
         value = _parse(raw, node[name], key)
         try:
             with node.unlocked():
                 node[name] = value
         except TypeError as e:  # ml_collections refuses a value of another type than the field's
-            raise ValueError(f"--config.{key}={raw!r}: expected a value of type {type(cfg[key]).__name__} ({e})") from None
+            raise ValueError(
+                f"--config.{key}={raw!r}: expected a value of type {type(cfg[key]).__name__} ({e})"
+            ) from None
     return cfg
 
 
@@ -89,7 +101,7 @@ def parse_config_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, list[
         elif a.startswith("--config="):
             path = a.split("=", 1)[1]
         elif a.startswith("--config."):
-            overrides.append(a[len("--config."):])
+            overrides.append(a[len("--config.") :])
         else:
             rest.append(a)
     if path is None:

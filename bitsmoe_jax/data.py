@@ -125,7 +125,9 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> tokenizers.Tokenizer:
     """
     path = Path(model_dir).expanduser() / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path} (expected a tokenizer.json in {model_dir})")
+        raise FileNotFoundError(
+            f"tokenizer file not found: {path} (expected a tokenizer.json in {model_dir})"
+        )
     return tokenizers.Tokenizer.from_file(str(path))
 
 
@@ -170,7 +172,7 @@ def _chunks(text: str, chunk_chars: int) -> list[str]:
             break
         cuts.append(match.start())
     cuts.append(len(text))
-    return [text[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return [text[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=False) if b > a]
 
 
 def tokenize_text(
@@ -189,9 +191,8 @@ def tokenize_text(
     a corpus must never be silently cut to ``model_max_length``.
 
     Args:
-        tokenizer: a ``tokenizers.Tokenizer``.
-        text: the whole corpus.
-        chunk_chars: approximate characters per parallel piece (only affects speed).
+        tokenizer: a ``tokenizers.Tokenizer``. text: the whole corpus. chunk_chars: approximate
+        characters per parallel piece (only affects speed).
     """
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
@@ -308,7 +309,8 @@ def training_batches(
     n_starts = stream.shape[0] - seq_len  # starts 0 .. N - seq_len - 1 inclusive
     if n_starts < 1:
         raise ValueError(
-            f"need more than seq_len={seq_len} tokens for a crop of {seq_len + 1}, got {stream.shape[0]}"
+            f"need more than seq_len={seq_len} tokens for a crop of {seq_len + 1}, got "
+            f"{stream.shape[0]}"
         )
     return _random_crops(stream, seq_len, batch_size, n_starts, seed)
 
@@ -316,7 +318,8 @@ def training_batches(
 def _random_crops(
     stream: np.ndarray, seq_len: int, batch_size: int, n_starts: int, seed: int
 ) -> Iterator[np.ndarray]:
-    """The generator behind :func:`training_batches` (split out so arguments are checked eagerly)."""
+    """The generator behind :func:`training_batches` (split out so arguments are checked
+    eagerly)."""
     rng = np.random.default_rng(seed)
     offsets = np.arange(seq_len + 1, dtype=np.int64)
     while True:

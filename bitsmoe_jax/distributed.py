@@ -1,4 +1,5 @@
-"""Multi-process JAX for quantization runs: start-up, who logs and writes, barriers, the device mesh.
+"""Multi-process JAX for quantization runs: start-up, who logs and writes, barriers, the device
+mesh.
 
 Everything here is JAX's own machinery — `jax.distributed.initialize` (its coordination service does
 the rendezvous and the heartbeats; collectives go through XLA: gloo on CPU, NCCL on GPU, ICI on TPU)
@@ -6,12 +7,14 @@ the rendezvous and the heartbeats; collectives go through XLA: gloo on CPU, NCCL
 
 * `initialize(cfg)` turns `cfg.distributed` into one `jax.distributed.initialize` call with bounded
   timeouts, and turns "coordinator unreachable" into a `DistributedError` naming the address and the
-  timeout. On a TPU pod `cfg.distributed.auto=True` lets JAX read the topology from the TPU metadata.
+  timeout. On a TPU pod `cfg.distributed.auto=True` lets JAX read the topology from the TPU
+  metadata.
 * `barrier(name)` waits on the coordination service's barrier with a deadline; a peer that died or
   hangs gives a `DistributedError` naming the barrier instead of a hang. A peer that dies *inside* a
   collective is caught by the coordination service's heartbeat (`cfg.distributed.heartbeat_timeout`
   seconds), which stops the survivors with an error naming the missing task.
-* `is_writer()` is True on process 0 only: one writer for every file; `log` prints on process 0 only.
+* `is_writer()` is True on process 0 only: one writer for every file; `log` prints on process 0
+  only.
 * `make_mesh(cfg)` builds the one-axis ("expert") mesh that the per-expert work is sharded over.
 
 A single-process run (the default config) does not touch `jax.distributed` at all.
@@ -30,13 +33,14 @@ EXPERT_AXIS = "expert"
 
 # Set by `initialize`: whether this module started the distributed runtime, and the default barrier
 # deadline taken from the config (a barrier follows every layer commit, and the last one waits while
-# process 0 writes and evaluates every output, so the default is generous; a dead peer fails a barrier
-# sooner, once the coordination service misses its heartbeats).
+# process 0 writes and evaluates every output, so the default is generous; a dead peer fails a
+# barrier sooner, once the coordination service misses its heartbeats).
 _STATE: dict[str, Any] = {"initialized": False, "barrier_timeout_s": 7200.0, "barrier_count": 0}
 
 
 class DistributedError(RuntimeError):
-    """A multi-process failure: unreachable coordinator, a barrier deadline passed, a bad mesh shape."""
+    """A multi-process failure: unreachable coordinator, a barrier deadline passed, a bad mesh
+    shape."""
 
 
 def _client() -> Any:
@@ -73,8 +77,10 @@ def initialize(cfg: Any) -> None:
     if not d.auto:
         if not d.coordinator_address:
             raise DistributedError(
-                f"config.distributed.num_processes={d.num_processes} needs config.distributed.coordinator_address "
-                "(host:port of process 0), or config.distributed.auto=True on a TPU pod / SLURM / Open MPI"
+                f"config.distributed.num_processes={d.num_processes} needs "
+                "config.distributed.coordinator_address "
+                "(host:port of process 0), or config.distributed.auto=True on a TPU pod / SLURM / "
+                "Open MPI"
             )
         kwargs.update(
             coordinator_address=str(d.coordinator_address),
@@ -84,41 +90,51 @@ def initialize(cfg: Any) -> None:
     where = "auto-detected cluster" if d.auto else f"coordinator {d.coordinator_address}"
     t0 = time.monotonic()
     if not d.auto and int(d.process_id) != 0:
-        # JAX aborts the process (a C++ fatal log, no Python exception) when the coordinator cannot be
-        # reached; probing the port first turns the common case into an error naming the address.
+        # JAX aborts the process (a C++ fatal log, no Python exception) when the coordinator cannot
+        # be reached; probing the port first turns the common case into an error naming the address.
         _wait_for_coordinator(str(d.coordinator_address), float(d.initialization_timeout))
-        kwargs["initialization_timeout"] = max(1, int(d.initialization_timeout - (time.monotonic() - t0)))
+        kwargs["initialization_timeout"] = max(
+            1, int(d.initialization_timeout - (time.monotonic() - t0))
+        )
     try:
         _initialize_jax(kwargs)
     except Exception as e:  # JaxRuntimeError / XlaRuntimeError: types differ between JAX versions
         raise DistributedError(
             f"jax.distributed.initialize failed after {time.monotonic() - t0:.0f} s ({where}, "
-            f"config.distributed.initialization_timeout={d.initialization_timeout}): is process 0 running and the "
-            f"address reachable from this host, and did every one of the {d.num_processes} processes start? ({e})"
+            f"config.distributed.initialization_timeout={d.initialization_timeout}): is process 0 "
+            "running and the "
+            f"address reachable from this host, and did every one of the {d.num_processes} "
+            f"processes start? ({e})"
         ) from e
     _STATE["initialized"] = True
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
-    """Return once `address` ("host:port") accepts TCP connections; DistributedError after `timeout_s`.
+    """Return once `address` ("host:port") accepts TCP connections; DistributedError after
+    `timeout_s`.
 
     Process 0 may start a little after the others, so a refused connection is retried until the
     deadline, not failed at once.
     """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise DistributedError(f"config.distributed.coordinator_address={address!r} is not host:port")
+        raise DistributedError(
+            f"config.distributed.coordinator_address={address!r} is not host:port"
+        )
     deadline = time.monotonic() + timeout_s
     last: OSError | None = None
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout_s)):
+            with socket.create_connection(
+                (host.strip("[]"), int(port)), timeout=min(2.0, timeout_s)
+            ):
                 return
         except OSError as e:
             last = e
             time.sleep(0.2)
     raise DistributedError(
-        f"coordinator {address} unreachable for {timeout_s:g} s (config.distributed.initialization_timeout): "
+        f"coordinator {address} unreachable for {timeout_s:g} s "
+        "(config.distributed.initialization_timeout): "
         f"start process 0 (process_id=0) first and check the address, port and firewall ({last})"
     )
 
@@ -145,7 +161,8 @@ def is_writer() -> bool:
 
 
 def log(msg: str) -> None:
-    """Print on process 0 only (the other processes do the same work; their lines would repeat it)."""
+    """Print on process 0 only (the other processes do the same work; their lines would repeat
+    it)."""
     if is_writer():
         print(msg, flush=True)
 
@@ -153,8 +170,8 @@ def log(msg: str) -> None:
 def barrier(name: str, timeout_s: float | None = None) -> None:
     """Wait until every process reaches the barrier `name`; a DistributedError naming it on timeout.
 
-    Every process must call the same barriers in the same order (the name gets a sequence number so a
-    barrier reused per layer stays distinct). No-op in a single-process run.
+    Every process must call the same barriers in the same order (the name gets a sequence number so
+    a barrier reused per layer stays distinct). No-op in a single-process run.
     """
     client = _client()
     if client is None or process_count() <= 1:
@@ -168,7 +185,8 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
     except Exception as e:
         raise DistributedError(
             f"barrier {name!r} (process {process_index()} of {process_count()}) failed after "
-            f"{time.monotonic() - t0:.1f} s (timeout {timeout:g} s): another process died, hung or is on a "
+            f"{time.monotonic() - t0:.1f} s (timeout {timeout:g} s): another process died, hung or "
+            "is on a "
             f"different step; check every process's log ({e})"
         ) from e
 
@@ -179,12 +197,19 @@ def _mesh_size(cfg: Any, n_devices: int) -> int:
         return n_devices
     dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
     if len(dims) != 1 or not all(isinstance(x, int) and x > 0 for x in dims):
-        raise DistributedError(f"config.mesh_shape={shape!r} is invalid; allowed: () for all devices, or (n,) / n experts-axis devices")
+        raise DistributedError(
+            f"config.mesh_shape={shape!r} is invalid; allowed: () for all devices, or (n,) / n "
+            "experts-axis devices"
+        )
     n = dims[0]
     if n > n_devices or (process_count() > 1 and n != n_devices):
         raise DistributedError(
             f"config.mesh_shape={shape!r} does not fit the {n_devices} devices of this run"
-            + (" (multi-process runs use every device: set it to () or the total)" if process_count() > 1 else "")
+            + (
+                " (multi-process runs use every device: set it to () or the total)"
+                if process_count() > 1
+                else ""
+            )
         )
     return n
 
@@ -192,8 +217,9 @@ def _mesh_size(cfg: Any, n_devices: int) -> int:
 def make_mesh(cfg: Any) -> jax.sharding.Mesh:
     """A one-axis mesh ("expert") over all devices, or over the first `cfg.mesh_shape` devices.
 
-    The axis is of the Auto type (as `jax.sharding.Mesh` was before explicit sharding): the code places
-    its arrays with NamedSharding and shard_map, and `jax.make_mesh` would default to Explicit axes.
+    The axis is of the Auto type (as `jax.sharding.Mesh` was before explicit sharding): the code
+    places its arrays with NamedSharding and shard_map, and `jax.make_mesh` would default to
+    Explicit axes.
     """
     devices = jax.devices()
     n = _mesh_size(cfg, len(devices))
@@ -207,9 +233,9 @@ def make_mesh(cfg: Any) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices[:n]), (EXPERT_AXIS,), **kw)
 
 
-
 def broadcast_from_writer(tree: Any) -> Any:
-    """Process 0's value of a pytree of numpy arrays on every process (returned as is for one process).
+    """Process 0's value of a pytree of numpy arrays on every process (returned as is for one
+    process).
 
     Used for the allocation: a MILP with a time limit may stop at a different incumbent on each
     host, and every process must pack exactly the bits process 0 writes.

@@ -7,7 +7,8 @@ The measuring stick for every later result (quantized checkpoints included)::
 
 * ``PATH`` is anything :func:`bitsmoe_jax.loading.load_model` accepts (a Hugging Face directory, a
   converted checkpoint, a quantized checkpoint); ``FILE`` is a ``.txt``/``.txt.gz`` path or a
-  shipped corpus name (``shakespeare_test``, ``milton``, ...; see :func:`bitsmoe_jax.data.resolve_text`).
+  shipped corpus name (``shakespeare_test``, ``milton``, ...; see
+  :func:`bitsmoe_jax.data.resolve_text`).
 * The whole text is tokenized once with the model directory's ``tokenizer.json`` (or
   ``--tokenizer DIR``), without special tokens, and cut into windows by
   :func:`bitsmoe_jax.data.strided_windows`: windows start at ``0, S, 2S, ...``; each counts only the
@@ -49,16 +50,25 @@ from tqdm import tqdm
 from bitsmoe_jax import data
 from bitsmoe_jax.inference import jit_logits
 
-__all__ = ["EvaluationInputError", "evaluate_model", "evaluate_paths", "summary_line", "write_json_atomic", "main"]
+__all__ = [
+    "EvaluationInputError",
+    "evaluate_model",
+    "evaluate_paths",
+    "summary_line",
+    "write_json_atomic",
+    "main",
+]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class EvaluationInputError(Exception):
-    """A missing or unusable input (model directory, text, tokenizer); the CLI exits with status 2."""
+    """A missing or unusable input (model directory, text, tokenizer); the CLI exits with status
+    2."""
 
 
-# ------------------------------------------------------------------------------------ batch statistics
+# ------------------------------------------------------------------------------------ batch
+# statistics
 @jax.jit
 def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """logits [B, T, V], targets [B, T] -> NLL [B, T] (float32, from float32 log-softmax)."""
@@ -85,21 +95,22 @@ def _token_stats_with_reference(
 
 
 def _window_batches(tokens: np.ndarray, windows: Sequence[data.Window], seq_len: int, batch: int):
-    """Yield (ids [batch, seq_len], targets [batch, seq_len], mask [batch, seq_len], n_real_windows).
+    """Yield (ids [batch, seq_len], targets [batch, seq_len], mask [batch, seq_len],
+    n_real_windows).
 
     Row r holds window w's tokens ``x[w.start:w.end]`` followed by zero padding; column i predicts
     ``x[w.start + i + 1]`` and is scored iff that target lies in ``[w.score_from, w.end)``.
     """
     cols = np.arange(seq_len)
     for first in range(0, len(windows), batch):
-        chunk = windows[first:first + batch]
+        chunk = windows[first : first + batch]
         ids = np.zeros((batch, seq_len), np.int32)
         targets = np.zeros((batch, seq_len), np.int32)
         mask = np.zeros((batch, seq_len), bool)
         for r, w in enumerate(chunk):
             n = w.end - w.start
-            ids[r, :n] = tokens[w.start:w.end]
-            targets[r, :n - 1] = tokens[w.start + 1:w.end]
+            ids[r, :n] = tokens[w.start : w.end]
+            targets[r, : n - 1] = tokens[w.start + 1 : w.end]
             target_pos = w.start + 1 + cols
             mask[r] = (target_pos >= w.score_from) & (target_pos < w.end)
         yield ids, targets, mask, len(chunk)
@@ -115,16 +126,17 @@ def evaluate_model(
     *,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Strided perplexity of ``model`` on the token stream ``tokens`` (and divergence from ``reference``).
+    """Strided perplexity of ``model`` on the token stream ``tokens`` (and divergence from
+    ``reference``).
 
     Args:
         model: a model with the ``model(input_ids [B, T]) -> logits [B, T, V]`` contract (dense or
             quantized NNX module).
-        tokens: 1-D integer token ids (the whole text, tokenized once, no special tokens).
-        seq_len, stride: the window plan of :func:`bitsmoe_jax.data.strided_windows`.
-        batch_size: windows per forward pass (reduced to the number of windows when there are fewer).
-        reference: another model over the same tokenizer, run on the same batches in the same pass.
-        progress: show a tqdm bar over windows on stderr.
+        tokens: 1-D integer token ids (the whole text, tokenized once, no special tokens). seq_len,
+        stride: the window plan of :func:`bitsmoe_jax.data.strided_windows`. batch_size: windows per
+        forward pass (reduced to the number of windows when there are fewer). reference: another
+        model over the same tokenizer, run on the same batches in the same pass. progress: show a
+        tqdm bar over windows on stderr.
 
     Returns:
         ``perplexity`` (exp of the mean NLL), ``nll_sum`` (nats), ``tokens_scored``, ``seq_len``,
@@ -134,7 +146,9 @@ def evaluate_model(
     """
     toks = np.asarray(tokens)
     if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
-        raise ValueError(f"tokens must be a 1-D integer array, got shape {toks.shape} dtype {toks.dtype}")
+        raise ValueError(
+            f"tokens must be a 1-D integer array, got shape {toks.shape} dtype {toks.dtype}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     toks = toks.astype(np.int32, copy=False)
@@ -144,7 +158,9 @@ def evaluate_model(
     for name, m in (("model", model), ("reference", reference)):
         vocab = getattr(getattr(m, "config", None), "vocab_size", None)
         if vocab is not None and toks.size and int(toks.max()) >= vocab:
-            raise ValueError(f"token id {int(toks.max())} is outside the {name}'s vocabulary of {vocab}")
+            raise ValueError(
+                f"token id {int(toks.max())} is outside the {name}'s vocabulary of {vocab}"
+            )
 
     batch = min(batch_size, len(windows))
     logits_fn = jit_logits(model)
@@ -156,7 +172,9 @@ def evaluate_model(
     agree_sum = 0
     scored = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(windows), desc="evaluate", unit="win", file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=len(windows), desc="evaluate", unit="win", file=sys.stderr, disable=not progress
+    )
     try:
         for ids, targets, mask, n_real in _window_batches(toks, windows, seq_len, batch):
             logits = logits_fn(ids)
@@ -168,7 +186,8 @@ def evaluate_model(
                 ref_logits = ref_fn(ids)
                 if ref_logits.shape[-1] != logits.shape[-1]:
                     raise ValueError(
-                        f"reference vocabulary {ref_logits.shape[-1]} differs from the model's {logits.shape[-1]}"
+                        f"reference vocabulary {ref_logits.shape[-1]} differs from the model's "
+                        f"{logits.shape[-1]}"
                     )
                 nll, ref_nll, kl, agree = _token_stats_with_reference(logits, ref_logits, tgt)
                 nll_sum += float(np.asarray(nll, np.float64)[mask].sum())
@@ -219,7 +238,9 @@ def _load_tokenizer(directory: Path, what: str):
     try:
         return data.load_tokenizer(directory)
     except FileNotFoundError as err:
-        raise EvaluationInputError(f"{what}: {err}; pass --tokenizer DIR to use another tokenizer.json") from None
+        raise EvaluationInputError(
+            f"{what}: {err}; pass --tokenizer DIR to use another tokenizer.json"
+        ) from None
 
 
 def evaluate_paths(
@@ -245,7 +266,9 @@ def evaluate_paths(
     """
     t0 = time.perf_counter()
     model_dir = _check_model_dir(model_path, "model")
-    ref_dir = None if reference_path is None else _check_model_dir(reference_path, "reference model")
+    ref_dir = (
+        None if reference_path is None else _check_model_dir(reference_path, "reference model")
+    )
     try:
         text_path = data.resolve_text(text)
     except (FileNotFoundError, ValueError) as err:
@@ -265,12 +288,16 @@ def evaluate_paths(
 
     tokens = data.tokenize_text(tokenizer, data.read_text(text_path))
     if tokens.shape[0] < 2:
-        raise EvaluationInputError(f"text {text_path} has {tokens.shape[0]} token(s); need at least 2")
+        raise EvaluationInputError(
+            f"text {text_path} has {tokens.shape[0]} token(s); need at least 2"
+        )
     model, _ = load_model(model_dir, dtype=dtype)
     reference = None if ref_dir is None else load_model(ref_dir, dtype=dtype)[0]
     load_time = time.perf_counter() - t0
 
-    result = evaluate_model(model, tokens, seq_len, stride, batch_size, reference, progress=progress)
+    result = evaluate_model(
+        model, tokens, seq_len, stride, batch_size, reference, progress=progress
+    )
     result.update(
         model=str(model_path),
         text=str(text),
@@ -285,7 +312,8 @@ def evaluate_paths(
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    """One human-readable line, e.g. ``perplexity 123.45 over 95,000 tokens (seq 256, stride 256) | 12.3 s``."""
+    """One human-readable line, e.g. ``perplexity 123.45 over 95,000 tokens (seq 256, stride 256) |
+    12.3 s``."""
     parts = [
         f"perplexity {result['perplexity']:.2f} over {result['tokens_scored']:,} tokens "
         f"(seq {result['seq_len']}, stride {result['stride']})"
@@ -299,7 +327,8 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and
+    ``os.replace``."""
     dest = Path(path).expanduser()
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -329,13 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
         "against a reference model.",
     )
     p.add_argument("--model", required=True, help="HF, converted or quantized model directory")
-    p.add_argument("--text", required=True, help="a .txt/.txt.gz file or a shipped name (shakespeare_test, milton, ...)")
+    p.add_argument(
+        "--text",
+        required=True,
+        help="a .txt/.txt.gz file or a shipped name (shakespeare_test, milton, ...)",
+    )
     p.add_argument("--seq-len", type=_positive_int, default=256, help="window length (default 256)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="step between windows (default: seq-len)")
+    p.add_argument(
+        "--stride", type=_positive_int, default=None, help="step between windows (default: seq-len)"
+    )
     p.add_argument("--reference", default=None, help="reference model directory (same tokenizer)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype (default float32)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)"
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default="float32",
+        help="compute dtype (default float32)",
+    )
     p.add_argument("--json", default=None, help="write the results here (atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

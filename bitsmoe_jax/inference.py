@@ -6,8 +6,8 @@ take plain arrays and compile once per shape. Works the same for dense and quant
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -8,8 +8,9 @@ computed and the weights are never held twice.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +33,17 @@ def checkpoint_kind(path: str | Path) -> str:
     if (p / "config.json").is_file():
         return "hf"
     raise FileNotFoundError(
-        f"{p}: not a model directory (expected {META_FILE} of a converted checkpoint, quantized.json, "
+        f"{p}: not a model directory (expected {META_FILE} of a converted checkpoint, "
+        "quantized.json, "
         "or a Hugging Face config.json)"
     )
 
 
 def model_from_parts(
-    config: ModelConfig, parts: dict[Any, dict], dtype: Any, experts: dict[int, nnx.Module] | None = None
+    config: ModelConfig,
+    parts: dict[Any, dict],
+    dtype: Any,
+    experts: dict[int, nnx.Module] | None = None,
 ) -> MoETransformer:
     """Assemble a model from {'top': {...}, 0: layer0, ...} param trees of numpy arrays.
 
@@ -56,11 +61,15 @@ def model_from_parts(
     return nnx.merge(graphdef, state)
 
 
-def build_layer(config: ModelConfig, index: int, params: dict, dtype: Any = jnp.float32) -> DecoderLayer:
+def build_layer(
+    config: ModelConfig, index: int, params: dict, dtype: Any = jnp.float32
+) -> DecoderLayer:
     """One decoder layer with the given params (used by layer-by-layer calibration)."""
     layer = nnx.eval_shape(lambda: DecoderLayer(config, index, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(layer)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(params)))
+    nnx.replace_by_pure_dict(
+        state, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(params))
+    )
     return nnx.merge(graphdef, state)
 
 
@@ -74,8 +83,11 @@ def model_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_json(json.dumps(json.loads(meta_file.read_text())["config"]))
 
 
-def iter_model_parts(path: str | Path, experts: Sequence[int] | None = None) -> Iterator[tuple[str | int, dict]]:
-    """Stream ("top", params), then (i, layer_params) for every layer, from an HF or converted directory.
+def iter_model_parts(
+    path: str | Path, experts: Sequence[int] | None = None
+) -> Iterator[tuple[str | int, dict]]:
+    """Stream ("top", params), then (i, layer_params) for every layer, from an HF or converted
+    directory.
 
     Only one part is in memory at a time (float32 numpy), which is what layer-by-layer
     quantization of models larger than RAM relies on. `experts` (HF directories): read only these
@@ -90,15 +102,29 @@ def iter_model_parts(path: str | Path, experts: Sequence[int] | None = None) -> 
         yield from iter_parts(p, "float32", experts=experts)
     elif kind == "converted":
         config = model_config(p)
-        yield "top", jax.tree.map(lambda a: np.asarray(a, np.float32), load_tree(p / "params" / "top"))
+        yield (
+            "top",
+            jax.tree.map(lambda a: np.asarray(a, np.float32), load_tree(p / "params" / "top")),
+        )
         for i in range(config.num_hidden_layers):
-            yield i, intify_layer_keys(jax.tree.map(lambda a: np.asarray(a, np.float32), load_tree(p / "params" / f"layer_{i:03d}")))
+            yield (
+                i,
+                intify_layer_keys(
+                    jax.tree.map(
+                        lambda a: np.asarray(a, np.float32),
+                        load_tree(p / "params" / f"layer_{i:03d}"),
+                    )
+                ),
+            )
     else:
-        raise ValueError(f"{p}: expected a Hugging Face or converted checkpoint to quantize, found {kind!r}")
+        raise ValueError(
+            f"{p}: expected a Hugging Face or converted checkpoint to quantize, found {kind!r}"
+        )
 
 
 def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransformer, ModelConfig]:
-    """Load a model for inference: `logits = model(input_ids)` (int32 [B, T] -> float32 [B, T, V])."""
+    """Load a model for inference: `logits = model(input_ids)` (int32 [B, T] -> float32 [B, T,
+    V])."""
     p = Path(path)
     kind = checkpoint_kind(p)
     if kind == "hf":
@@ -119,4 +145,3 @@ def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransform
 
         return load_quantized(p, dtype=dtype)
     raise ValueError(f"{p}: unknown checkpoint format {kind!r}")
-

@@ -28,15 +28,24 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def measure(args: list[str], env: dict[str, str] | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """Run `python -m bitsmoe_jax.quantize *args` in a subprocess; {"rc", "peak_rss_bytes", "output"}."""
+def measure(
+    args: list[str], env: dict[str, str] | None = None, timeout: float | None = None
+) -> dict[str, Any]:
+    """Run `python -m bitsmoe_jax.quantize *args` in a subprocess; {"rc", "peak_rss_bytes",
+    "output"}."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bitsmoe_jax.peak_memory", *args], capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout,
+        [sys.executable, "-m", "bitsmoe_jax.peak_memory", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"rc"')]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"quantization failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            "quantization failed (exit "
+            f"{proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return {**json.loads(lines[-1]), "output": proc.stdout}
 
 

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BudgetError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except DistributedError as e:  # a lost peer, an unreachable coordinator: say so, from every process
+    except (
+        DistributedError
+    ) as e:  # a lost peer, an unreachable coordinator: say so, from every process
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
     for r in reports:

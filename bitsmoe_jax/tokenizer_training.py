@@ -61,9 +61,14 @@ def train_bpe_tokenizer(text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> toke
             that many merges (a short vocabulary would silently mismatch the model's embedding).
     """
     if vocab_size <= 0 or vocab_size % VOCAB_MULTIPLE != 0:
-        raise ValueError(f"vocab_size must be a positive multiple of {VOCAB_MULTIPLE}, got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be a positive multiple of {VOCAB_MULTIPLE}, got {vocab_size}"
+        )
     if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} (byte alphabet + special token), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {_MIN_VOCAB} (byte alphabet + special token), got "
+            f"{vocab_size}"
+        )
     if not text:
         raise ValueError("cannot train a tokenizer on empty text")
     tokenizer = tokenizers.Tokenizer(models.BPE())
@@ -80,10 +85,13 @@ def train_bpe_tokenizer(text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> toke
     got = tokenizer.get_vocab_size(with_added_tokens=True)
     if got != vocab_size:
         raise ValueError(
-            f"the text supports only {got} tokens, fewer than the requested vocab_size={vocab_size}; "
+            f"the text supports only {got} tokens, fewer than the requested "
+            f"vocab_size={vocab_size}; "
             "train on more text or ask for a smaller vocabulary"
         )
-    if tokenizer.token_to_id(EOS_TOKEN) != 0:  # guaranteed by the trainer; checked because ids are baked into models
+    if (
+        tokenizer.token_to_id(EOS_TOKEN) != 0
+    ):  # guaranteed by the trainer; checked because ids are baked into models
         raise RuntimeError(f"{EOS_TOKEN} did not get id 0")
     return tokenizer
 
@@ -142,7 +150,9 @@ def save_hf_tokenizer(
         "added_tokens_decoder": added_tokens_decoder,
     }
     special_tokens_map = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     (out / "special_tokens_map.json").write_text(
         json.dumps(special_tokens_map, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )

@@ -36,7 +36,8 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "assets" / "reference_moe"
 
 
 def reference_config(vocab_size: int = 2048) -> ModelConfig:
-    """The shipped model: 3 layers, hidden 256, 16 experts of width 256, top-2 (≈11.1M params, 22 MB bf16)."""
+    """The shipped model: 3 layers, hidden 256, 16 experts of width 256, top-2 (≈11.1M params, 22 MB
+    bf16)."""
     return ModelConfig(
         model_type="mixtral",
         vocab_size=vocab_size,
@@ -58,7 +59,9 @@ def reference_config(vocab_size: int = 2048) -> ModelConfig:
     )
 
 
-def forward_with_router_logits(model: MoETransformer, ids: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+def forward_with_router_logits(
+    model: MoETransformer, ids: jax.Array
+) -> tuple[jax.Array, list[jax.Array]]:
     """Logits plus every MoE layer's router logits (for the load-balancing loss)."""
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -76,18 +79,23 @@ def forward_with_router_logits(model: MoETransformer, ids: jax.Array) -> tuple[j
 
 
 def load_balancing_loss(router_logits: jax.Array, num_experts: int, top_k: int) -> jax.Array:
-    """Switch-style auxiliary loss E·Σ_e f_e·P_e: keeps every expert in use (no dead experts to quantize)."""
+    """Switch-style auxiliary loss E·Σ_e f_e·P_e: keeps every expert in use (no dead experts to
+    quantize)."""
     probs = jax.nn.softmax(router_logits, axis=-1)
     _, idx = jax.lax.top_k(probs, top_k)
     f = jnp.mean(jax.nn.one_hot(idx, num_experts).sum(axis=1), axis=0) / top_k
     return num_experts * jnp.sum(f * jnp.mean(probs, axis=0))
 
 
-def loss_fn(model: MoETransformer, batch: jax.Array, aux_coef: float) -> tuple[jax.Array, jax.Array]:
+def loss_fn(
+    model: MoETransformer, batch: jax.Array, aux_coef: float
+) -> tuple[jax.Array, jax.Array]:
     logits, rl = forward_with_router_logits(model, batch[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
     c = model.config
-    aux = sum(load_balancing_loss(r, c.num_experts, c.num_experts_per_tok) for r in rl) / max(len(rl), 1)
+    aux = sum(load_balancing_loss(r, c.num_experts, c.num_experts_per_tok) for r in rl) / max(
+        len(rl), 1
+    )
     return ce + aux_coef * aux, ce
 
 
@@ -123,7 +131,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(config, seed=args.seed)
     sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.lr * 0.1)
     opt = nnx.Optimizer(
-        model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.1)), wrt=nnx.Param
+        model,
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.1)),
+        wrt=nnx.Param,
     )
     batches = training_batches(train_ids, args.seq_len, args.batch_size, args.seed)
     best = (math.inf, -1, None)
@@ -132,7 +142,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     for step in range(1, args.steps + 1):
         loss, ce = train_step(model, opt, jnp.asarray(next(batches)), args.aux_coef)
         if step % args.log_every == 0:
-            print(f"step {step:5d}  loss {float(loss):.4f}  ce {float(ce):.4f}  {time.time() - t_train:7.1f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {float(loss):.4f}  ce {float(ce):.4f}  "
+                f"{time.time() - t_train:7.1f}s",
+                flush=True,
+            )
         if step % args.eval_every == 0 or step == args.steps:
             vl = valid_loss(model, valid_ids, args.seq_len)
             history.append({"step": step, "valid_nll": vl, "valid_ppl": math.exp(vl)})
@@ -146,7 +160,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     tmp_tok = out.parent / f".{out.name}.tokenizer"
     save_hf_tokenizer(tok, tmp_tok, model_max_length=config.max_position_embeddings)
-    files = [tmp_tok / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    files = [
+        tmp_tok / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    ]
     record = {
         "command": "python -m bitsmoe_jax.train_reference " + " ".join(args.argv),
         "seed": args.seed,
@@ -160,7 +176,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "history": history,
     }
     (tmp_tok / "training.json").write_text(json.dumps(record, indent=1))
-    export_hf(model, config, out, dtype="bfloat16", extra_files=files + [tmp_tok / "training.json"], overwrite=args.overwrite)
+    export_hf(
+        model,
+        config,
+        out,
+        dtype="bfloat16",
+        extra_files=files + [tmp_tok / "training.json"],
+        overwrite=args.overwrite,
+    )
     for f in tmp_tok.iterdir():
         f.unlink()
     tmp_tok.rmdir()
@@ -171,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m bitsmoe_jax.train_reference", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bitsmoe_jax.train_reference", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--out", default=str(REFERENCE_DIR))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=2048)

@@ -2,7 +2,8 @@
 
 Download `deepseek-ai/DeepSeek-V2-Lite` yourself (this tool never downloads), then:
 
-    python -m bitsmoe_jax.quantize --config configs/deepseek_v2_lite.py --config.model_path=/path/to/checkpoint
+    python -m bitsmoe_jax.quantize --config configs/deepseek_v2_lite.py
+    --config.model_path=/path/to/checkpoint
 """
 
 from bitsmoe_jax.quant.config_schema import large_model_config

@@ -2,7 +2,8 @@
 
 Download `mistralai/Mixtral-8x7B-v0.1` yourself (this tool never downloads), then:
 
-    python -m bitsmoe_jax.quantize --config configs/mixtral.py --config.model_path=/path/to/checkpoint
+    python -m bitsmoe_jax.quantize --config configs/mixtral.py
+    --config.model_path=/path/to/checkpoint
 """
 
 from bitsmoe_jax.quant.config_schema import large_model_config

@@ -2,7 +2,8 @@
 
 Download `Qwen/Qwen1.5-MoE-A2.7B` yourself (this tool never downloads), then:
 
-    python -m bitsmoe_jax.quantize --config configs/qwen2_moe.py --config.model_path=/path/to/checkpoint
+    python -m bitsmoe_jax.quantize --config configs/qwen2_moe.py
+    --config.model_path=/path/to/checkpoint
 """
 
 from bitsmoe_jax.quant.config_schema import large_model_config

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint -> Flax parameters, one part (top-level weights, then each layer) at a time.
+"""Hugging Face checkpoint -> Flax parameters, one part (top-level weights, then each layer) at a
+time.
 
 The expected parameter tree comes from the abstract model (`nnx.eval_shape`, no memory), so every
 tensor is checked against the shape the config implies before it is used, and a missing tensor,
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -24,8 +26,17 @@ from bitsmoe_jax.models.transformer import build_model
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
 from conversion.key_maps import TOP_LEVEL, read_expert_subset, read_param
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+NP_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -56,7 +67,8 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 
 class _RecordingGetter:
-    """Remembers which HF tensors a parameter came from, so shape errors can name them and their file."""
+    """Remembers which HF tensors a parameter came from, so shape errors can name them and their
+    file."""
 
     def __init__(self, ckpt: HFCheckpoint):
         self.ckpt = ckpt
@@ -78,7 +90,12 @@ class _RecordingGetter:
 
 
 def _read_part(
-    ckpt: HFCheckpoint, config: ModelConfig, expected: dict, layer: int | None, dtype: np.dtype, used: set[str],
+    ckpt: HFCheckpoint,
+    config: ModelConfig,
+    expected: dict,
+    layer: int | None,
+    dtype: np.dtype,
+    used: set[str],
     experts: Sequence[int] | None = None,
 ) -> dict:
     keys = dict.fromkeys(ckpt.keys())
@@ -87,7 +104,13 @@ def _read_part(
         getter = _RecordingGetter(ckpt)
         if layer is not None and experts is not None and path[:2] == ("mlp", "experts"):
             prefix = f"model.layers.{layer}."
-            _set(out, path, read_expert_subset(prefix, path[2], keys, getter, getter.rows, spec.shape, dtype, experts))
+            _set(
+                out,
+                path,
+                read_expert_subset(
+                    prefix, path[2], keys, getter, getter.rows, spec.shape, dtype, experts
+                ),
+            )
             # the other experts' tensors are other processes' to read (and to check)
             used.update(k for k in keys if k.startswith(prefix) and ".experts." in k)
             continue
@@ -95,7 +118,9 @@ def _read_part(
             hf_key, transpose = TOP_LEVEL[path]
             value = getter(hf_key) if hf_key in keys else None
             if value is None:
-                raise CheckpointError(f"{ckpt.path}: tensor {hf_key!r} is missing from the checkpoint")
+                raise CheckpointError(
+                    f"{ckpt.path}: tensor {hf_key!r} is missing from the checkpoint"
+                )
             value = value.T if transpose else value
         else:
             value = read_param(path, f"model.layers.{layer}.", keys, getter, config.num_experts)
@@ -115,19 +140,24 @@ IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def check_all_used(ckpt: HFCheckpoint, used: set[str]) -> None:
-    """Refuse tensors the model does not use: they mean an architecture feature we would silently drop."""
+    """Refuse tensors the model does not use: they mean an architecture feature we would silently
+    drop."""
     unused = sorted(k for k in ckpt.keys() if k not in used and not k.endswith(IGNORABLE_SUFFIXES))
     if unused:
         more = f" (and {len(unused) - 5} more)" if len(unused) > 5 else ""
         raise CheckpointError(
             f"{ckpt.path}: {len(unused)} tensors are not used by the model: "
-            f"{', '.join(repr(k) for k in unused[:5])}{more} — the config.json may not describe this checkpoint "
+            f"{', '.join(repr(k) for k in unused[:5])}{more} — the config.json may not describe "
+            "this checkpoint "
             "(e.g. a bias or layer this architecture setting does not have)"
         )
 
 
 def iter_parts(
-    hf_dir: str | Path, dtype: str = "float32", config: ModelConfig | None = None, experts: Sequence[int] | None = None
+    hf_dir: str | Path,
+    dtype: str = "float32",
+    config: ModelConfig | None = None,
+    experts: Sequence[int] | None = None,
 ) -> Iterator[tuple[str | int, dict]]:
     """Yield ("top", params) then (i, layer_params) for each layer, streamed from an HF directory.
 
@@ -150,16 +180,23 @@ def iter_parts(
 
 
 def convert_checkpoint(
-    hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """Write a converted checkpoint (orbax params per part + metadata) atomically; return its path."""
+    """Write a converted checkpoint (orbax params per part + metadata) atomically; return its
+    path."""
     from tqdm.auto import tqdm
 
     hf_dir = Path(hf_dir)
     config = ModelConfig.from_hf_dir(hf_dir)
     t0 = time.time()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        bar = tqdm(total=config.num_hidden_layers + 1, desc="convert", unit="part", disable=not progress)
+        bar = tqdm(
+            total=config.num_hidden_layers + 1, desc="convert", unit="part", disable=not progress
+        )
         for name, part in iter_parts(hf_dir, dtype, config):
             save_tree(tmp / "params" / ("top" if name == "top" else f"layer_{name:03d}"), part)
             bar.update(1)

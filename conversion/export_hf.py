@@ -1,4 +1,5 @@
-"""Flax model -> Hugging Face checkpoint (the reverse of `convert`), used to ship the reference model.
+"""Flax model -> Hugging Face checkpoint (the reverse of `convert`), used to ship the reference
+model.
 
 Writes `config.json` (transformers-loadable), `model.safetensors` in the per-expert layout that
 transformers itself saves, and copies tokenizer files when given. Written atomically.
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import jax
 import numpy as np
@@ -22,7 +23,9 @@ from conversion.hf_checkpoint import write_safetensors
 from conversion.key_maps import TOP_LEVEL, write_param
 
 
-def hf_state_dict(model: nnx.Module, config: ModelConfig, dtype: str = "bfloat16") -> dict[str, np.ndarray]:
+def hf_state_dict(
+    model: nnx.Module, config: ModelConfig, dtype: str = "bfloat16"
+) -> dict[str, np.ndarray]:
     """All parameters under their Hugging Face names, cast to `dtype`."""
     dt = np_dtype(dtype)
     pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -47,7 +50,11 @@ def export_hf(
 ) -> Path:
     """Write an HF checkpoint directory loadable by `AutoModelForCausalLM.from_pretrained`."""
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        write_safetensors(tmp / "model.safetensors", hf_state_dict(model, config, dtype), metadata={"format": "pt"})
+        write_safetensors(
+            tmp / "model.safetensors",
+            hf_state_dict(model, config, dtype),
+            metadata={"format": "pt"},
+        )
         hf = config.to_hf()
         hf["dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))

@@ -2,8 +2,8 @@
 
 A checkpoint is `config.json` plus either safetensors files (one, or many behind
 `model.safetensors.index.json`) or PyTorch `.bin` files (behind `pytorch_model.bin.index.json`).
-Safetensors are parsed here directly (header + memory map): a tensor's bytes are read only when it is
-asked for, so a layer at a time can be converted from a checkpoint far larger than RAM, and a
+Safetensors are parsed here directly (header + memory map): a tensor's bytes are read only when it
+is asked for, so a layer at a time can be converted from a checkpoint far larger than RAM, and a
 truncated file is detected from its header before anything is read. `.bin` files need torch
 (optional extra) and are opened with `weights_only=True, mmap=True`.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -54,7 +54,10 @@ class SafetensorsFile:
                     raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8 or n > 100_000_000:
-                    raise CheckpointError(f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes)")
+                    raise CheckpointError(
+                        f"{path}: corrupt or truncated safetensors header (length {n}, file {size} "
+                        "bytes)"
+                    )
                 header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
@@ -66,17 +69,25 @@ class SafetensorsFile:
         end_max = 0
         for name, e in header.items():
             if not isinstance(e, dict):
-                raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header entry for tensor {name!r}"
+                )
             dt = _ST_DTYPES.get(e.get("dtype"))
             if dt is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}"
+                )
             try:
                 begin, end = (int(o) for o in e["data_offsets"])
                 shape = tuple(int(s) for s in e["shape"])
             except (KeyError, TypeError, ValueError) as err:
-                raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r} ({err!r})") from err
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header entry for tensor {name!r} ({err!r})"
+                ) from err
             if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-                raise CheckpointError(f"{path}: tensor {name!r} byte range does not match its shape {shape}")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} byte range does not match its shape {shape}"
+                )
             self.entries[name] = (dt, shape, data_start + begin, data_start + end)
             end_max = max(end_max, data_start + end)
         if end_max > size:
@@ -95,7 +106,8 @@ class SafetensorsFile:
         return self.get_rows(name, 0, self.entries[name][1][0] if self.entries[name][1] else None)
 
     def get_rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
-        """Rows [start, stop) of the tensor's first axis (the whole tensor for stop=None on a scalar),
+        """Rows [start, stop) of the tensor's first axis (the whole tensor for stop=None on a
+        scalar),
         read from those rows' bytes only: C order makes them one contiguous range."""
         dt, shape, begin, end = self.entries[name]
         if stop is None:  # a 0-d tensor
@@ -110,7 +122,11 @@ class SafetensorsFile:
         if self._mm is None:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(self._mm, dtype=dt, count=nbytes // dt.itemsize, offset=begin).reshape(shape_out).copy()
+        return (
+            np.frombuffer(self._mm, dtype=dt, count=nbytes // dt.itemsize, offset=begin)
+            .reshape(shape_out)
+            .copy()
+        )
 
     def close(self) -> None:
         if self._mm is not None:
@@ -118,7 +134,9 @@ class SafetensorsFile:
             self._mm = None
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file (what HF loads), bf16 included, without needing torch."""
     header: dict[str, object] = {}
     if metadata:
@@ -129,7 +147,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
         a = np.ascontiguousarray(tensors[name])
         if a.dtype not in _ST_NAMES:
             raise CheckpointError(f"cannot write tensor {name!r} of dtype {a.dtype} to safetensors")
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     hb = json.dumps(header, separators=(",", ":")).encode()
@@ -154,12 +176,15 @@ class _BinFile:
                 import torch
             except ImportError as e:  # pragma: no cover - depends on the environment
                 raise CheckpointError(
-                    f"{self.path}: PyTorch .bin checkpoints need torch; install the extra: pip install 'bitsmoe-jax[torch]'"
+                    f"{self.path}: PyTorch .bin checkpoints need torch; install the extra: pip "
+                    "install 'bitsmoe-jax[torch]'"
                 ) from e
             try:
                 self._sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise CheckpointError(f"{self.path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from e
+                raise CheckpointError(
+                    f"{self.path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})"
+                ) from e
         return self._sd
 
     def keys(self) -> list[str]:
@@ -218,7 +243,9 @@ class HFCheckpoint:
                 st = self._open(f)
                 missing = [n for n, p in self._where.items() if p == f and n not in st.entries]
                 if missing:
-                    raise CheckpointError(f"{f}: tensor {missing[0]!r} listed in the index is not in this shard")
+                    raise CheckpointError(
+                        f"{f}: tensor {missing[0]!r} listed in the index is not in this shard"
+                    )
 
     def _open(self, f: Path) -> SafetensorsFile | _BinFile:
         if f not in self._files:
@@ -238,7 +265,8 @@ class HFCheckpoint:
         return self._open(self._where[name]).shape(name)
 
     def get(self, name: str, check_finite: bool = True) -> np.ndarray:
-        """The tensor `name` as stored (bf16/fp16/fp32); NaN/Inf is an error naming tensor and file."""
+        """The tensor `name` as stored (bf16/fp16/fp32); NaN/Inf is an error naming tensor and
+        file."""
         return self._read(name, None, check_finite)
 
     def get_rows(self, name: str, start: int, stop: int, check_finite: bool = True) -> np.ndarray:
@@ -254,9 +282,15 @@ class HFCheckpoint:
         else:
             shape = self._open(f).shape(name)
             if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
-                raise CheckpointError(f"{f}: tensor {name!r} of shape {shape} has no rows [{rows[0]}, {rows[1]})")
+                raise CheckpointError(
+                    f"{f}: tensor {name!r} of shape {shape} has no rows [{rows[0]}, {rows[1]})"
+                )
             a = self._open(f).get_rows(name, *rows)
-        if check_finite and (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16) and not np.isfinite(a.astype(np.float32)).all():
+        if (
+            check_finite
+            and (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16)
+            and not np.isfinite(a.astype(np.float32)).all()
+        ):
             raise CheckpointError(f"{f}: tensor {name!r} contains NaN or Inf values")
         return a
 

@@ -8,14 +8,16 @@ The exceptions are the MoE pieces, handled explicitly:
   (Mixtral files).
 - router: HF `{moe}.gate.weight` [E, D] -> our `mlp.router.kernel` [D, E].
 - routed experts, per-expert files: `{moe}.experts.{e}.{w1|gate_proj}` (gate), `{w3|up_proj}` (up),
-  `{w2|down_proj}` (down); fused files: `{moe}.experts.gate_up_proj` [E, 2F, D] (gate rows first) and
+  `{w2|down_proj}` (down); fused files: `{moe}.experts.gate_up_proj` [E, 2F, D] (gate rows first)
+  and
   `{moe}.experts.down_proj` [E, D, F]. Ours: gate/up [E, D, F], down [E, F, D].
-- shared experts: Qwen2 `mlp.shared_expert.*`, DeepSeek `mlp.shared_experts.*` -> our `mlp.shared_expert.*`.
+- shared experts: Qwen2 `mlp.shared_expert.*`, DeepSeek `mlp.shared_experts.*` -> our
+  `mlp.shared_expert.*`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,7 +27,11 @@ Path = tuple[str, ...]
 Getter = Callable[[str], np.ndarray]
 RowGetter = Callable[[str, int, int], np.ndarray]  # rows [start, stop) of a tensor's first axis
 MOE_PREFIXES = ("mlp", "block_sparse_moe")
-PER_EXPERT_NAMES = {"gate": ("w1", "gate_proj"), "up": ("w3", "up_proj"), "down": ("w2", "down_proj")}
+PER_EXPERT_NAMES = {
+    "gate": ("w1", "gate_proj"),
+    "up": ("w3", "up_proj"),
+    "down": ("w2", "down_proj"),
+}
 
 
 def _hf_generic(path: Path) -> tuple[str, bool]:
@@ -52,8 +58,13 @@ def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _expert_mats(
-    layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, num_experts: int,
-    experts: Sequence[int], get_rows: RowGetter | None,
+    layer_prefix: str,
+    which: str,
+    keys: Mapping[str, object],
+    get: Getter,
+    num_experts: int,
+    experts: Sequence[int],
+    get_rows: RowGetter | None,
 ) -> dict[int, np.ndarray]:
     """One projection of the experts `experts`, each in our layout ([D, F] gate/up, [F, D] down).
 
@@ -66,10 +77,16 @@ def _expert_mats(
         fused = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"
         if fused in keys:
             out: dict[int, np.ndarray] = {}
-            blocks = [(a, get_rows(fused, a, b)) for a, b in _runs(wanted)] if get_rows else [(0, get(fused))]
+            blocks = (
+                [(a, get_rows(fused, a, b)) for a, b in _runs(wanted)]
+                if get_rows
+                else [(0, get(fused))]
+            )
             for start, t in blocks:
                 if t.ndim != 3 or (get_rows is None and t.shape[0] != num_experts):
-                    raise CheckpointError(f"tensor {fused!r}: expected [E={num_experts}, ...] 3-D, got {t.shape}")
+                    raise CheckpointError(
+                        f"tensor {fused!r}: expected [E={num_experts}, ...] 3-D, got {t.shape}"
+                    )
                 for j in range(t.shape[0]):
                     e = start + j
                     if e not in wanted:
@@ -94,7 +111,8 @@ def _expert_mats(
                         first = min(out)
                         if m.shape != out[first].shape:
                             raise CheckpointError(
-                                f"tensor {k!r}: shape {tuple(m.shape[::-1])} differs from expert {first}'s "
+                                f"tensor {k!r}: shape {tuple(m.shape[::-1])} differs from expert "
+                                f"{first}'s "
                                 f"{tuple(out[first].shape[::-1])}"
                             )
                     out[e] = m
@@ -107,15 +125,24 @@ def _expert_mats(
     )
 
 
-def _expert_stack(layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, num_experts: int) -> np.ndarray:
-    """One projection of all experts stacked in our [E, D, F] / [E, F, D] layout, either source layout."""
+def _expert_stack(
+    layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, num_experts: int
+) -> np.ndarray:
+    """One projection of all experts stacked in our [E, D, F] / [E, F, D] layout, either source
+    layout."""
     mats = _expert_mats(layer_prefix, which, keys, get, num_experts, range(num_experts), None)
     return np.ascontiguousarray(np.stack([mats[e] for e in range(num_experts)]))
 
 
 def read_expert_subset(
-    layer_prefix: str, which: str, keys: Mapping[str, object], get: Getter, get_rows: RowGetter | None,
-    shape: Sequence[int], dtype: np.dtype, experts: Sequence[int],
+    layer_prefix: str,
+    which: str,
+    keys: Mapping[str, object],
+    get: Getter,
+    get_rows: RowGetter | None,
+    shape: Sequence[int],
+    dtype: np.dtype,
+    experts: Sequence[int],
 ) -> np.ndarray:
     """Our [E, ...] stack of `shape` with the experts `experts` read and every other entry zero.
 
@@ -123,10 +150,13 @@ def read_expert_subset(
     completed by an all-gather, so the checkpoint is read once in total, not once per process.
     """
     out = np.zeros(tuple(shape), dtype)
-    for e, m in _expert_mats(layer_prefix, which, keys, get, int(shape[0]), experts, get_rows).items():
+    for e, m in _expert_mats(
+        layer_prefix, which, keys, get, int(shape[0]), experts, get_rows
+    ).items():
         if m.shape != tuple(shape[1:]):
             raise CheckpointError(
-                f"experts of {layer_prefix.rstrip('.')}: {which} of expert {e} has shape {m.shape} in our layout, "
+                f"experts of {layer_prefix.rstrip('.')}: {which} of expert {e} has shape {m.shape} "
+                "in our layout, "
                 f"expected {tuple(shape[1:])} from config.json"
             )
         out[e] = m
@@ -155,12 +185,17 @@ def read_param(
     raise CheckpointError(f"tensor {candidates[0]!r} is missing from the checkpoint")
 
 
-def write_param(path: Path, layer_prefix: str, value: np.ndarray, family: str) -> dict[str, np.ndarray]:
+def write_param(
+    path: Path, layer_prefix: str, value: np.ndarray, family: str
+) -> dict[str, np.ndarray]:
     """Our parameter -> HF tensors in the per-expert layout transformers writes (for export)."""
     if len(path) == 3 and path[:2] == ("mlp", "experts"):
         moe, names = ("block_sparse_moe", 0) if family == "mixtral" else ("mlp", 1)
         name = PER_EXPERT_NAMES[path[2]][names]
-        return {f"{layer_prefix}{moe}.experts.{e}.{name}.weight": np.ascontiguousarray(value[e].T) for e in range(value.shape[0])}
+        return {
+            f"{layer_prefix}{moe}.experts.{e}.{name}.weight": np.ascontiguousarray(value[e].T)
+            for e in range(value.shape[0])
+        }
     if path == ("mlp", "router", "kernel"):
         moe = "block_sparse_moe" if family == "mixtral" else "mlp"
         return {f"{layer_prefix}{moe}.gate.weight": np.ascontiguousarray(value.T)}

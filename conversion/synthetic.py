@@ -29,23 +29,46 @@ def _reference_dir() -> Path:
     return Path(REFERENCE_DIR)
 
 
-def mixtral_config(layers: int, hidden: int, inter: int, experts: int, heads: int = 4, kv_heads: int = 2,
-                   top_k: int = 2, vocab: int | None = None) -> dict:
+def mixtral_config(
+    layers: int,
+    hidden: int,
+    inter: int,
+    experts: int,
+    heads: int = 4,
+    kv_heads: int = 2,
+    top_k: int = 2,
+    vocab: int | None = None,
+) -> dict:
     """A config.json dict for transformers' Mixtral with the given sizes."""
     if vocab is None:
         vocab = json.loads((_reference_dir() / "config.json").read_text())["vocab_size"]
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
-        "num_local_experts": experts, "num_experts_per_tok": top_k, "vocab_size": vocab,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "sliding_window": None, "tie_word_embeddings": False, "dtype": "bfloat16",
-        "bos_token_id": 0, "eos_token_id": 0,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
     }
 
 
-def _layer_tensors(cfg: dict, i: int, rng: np.random.Generator, std: float) -> dict[str, np.ndarray]:
+def _layer_tensors(
+    cfg: dict, i: int, rng: np.random.Generator, std: float
+) -> dict[str, np.ndarray]:
     d, f, e = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
     hd = cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -55,11 +78,15 @@ def _layer_tensors(cfg: dict, i: int, rng: np.random.Generator, std: float) -> d
 
     p = f"model.layers.{i}."
     out = {
-        p + "self_attn.q_proj.weight": w(q, d), p + "self_attn.k_proj.weight": w(kv, d),
-        p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.o_proj.weight": w(d, q),
+        p + "self_attn.q_proj.weight": w(q, d),
+        p + "self_attn.k_proj.weight": w(kv, d),
+        p + "self_attn.v_proj.weight": w(kv, d),
+        p + "self_attn.o_proj.weight": w(d, q),
         p + "input_layernorm.weight": (1 + w(d).astype(np.float32)).astype(BF16),
         p + "post_attention_layernorm.weight": (1 + w(d).astype(np.float32)).astype(BF16),
-        p + "block_sparse_moe.gate.weight": (rng.standard_normal((e, d), np.float32) / np.sqrt(d)).astype(BF16),
+        p + "block_sparse_moe.gate.weight": (
+            rng.standard_normal((e, d), np.float32) / np.sqrt(d)
+        ).astype(BF16),
     }
     for j in range(e):
         out[p + f"block_sparse_moe.experts.{j}.w1.weight"] = w(f, d)
@@ -68,9 +95,20 @@ def _layer_tensors(cfg: dict, i: int, rng: np.random.Generator, std: float) -> d
     return out
 
 
-def write_random_mixtral(out_dir: str | Path, layers: int, hidden: int, inter: int, experts: int, *,
-                         shard_bytes: int = 1 << 30, seed: int = 0, std: float = 0.02, **config_kw) -> Path:
-    """Write a random Mixtral checkpoint to `out_dir` (created; must not exist). Returns its path."""
+def write_random_mixtral(
+    out_dir: str | Path,
+    layers: int,
+    hidden: int,
+    inter: int,
+    experts: int,
+    *,
+    shard_bytes: int = 1 << 30,
+    seed: int = 0,
+    std: float = 0.02,
+    **config_kw,
+) -> Path:
+    """Write a random Mixtral checkpoint to `out_dir` (created; must not exist). Returns its
+    path."""
     out = Path(out_dir)
     out.mkdir(parents=True)
     cfg = mixtral_config(layers, hidden, inter, experts, **config_kw)
@@ -86,7 +124,9 @@ def write_random_mixtral(out_dir: str | Path, layers: int, hidden: int, inter: i
     def flush() -> None:
         if pending:
             shards.append(sorted(pending))
-            write_safetensors(out / f"shard-{len(shards):05d}.safetensors", pending, metadata={"format": "pt"})
+            write_safetensors(
+                out / f"shard-{len(shards):05d}.safetensors", pending, metadata={"format": "pt"}
+            )
             pending.clear()
 
     def add(tensors: dict[str, np.ndarray]) -> None:
@@ -101,7 +141,12 @@ def write_random_mixtral(out_dir: str | Path, layers: int, hidden: int, inter: i
     add({"model.embed_tokens.weight": (rng.standard_normal((v, d), np.float32)).astype(BF16)})
     for i in range(layers):
         add(_layer_tensors(cfg, i, rng, std))
-    add({"model.norm.weight": np.ones(d, BF16), "lm_head.weight": (rng.standard_normal((v, d), np.float32) * std).astype(BF16)})
+    add(
+        {
+            "model.norm.weight": np.ones(d, BF16),
+            "lm_head.weight": (rng.standard_normal((v, d), np.float32) * std).astype(BF16),
+        }
+    )
     flush()
     n = len(shards)
     weight_map = {}

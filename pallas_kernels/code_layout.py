@@ -1,21 +1,21 @@
 """GPU kernel layout: b-bit integer codes per expert, decoded by the float-exponent trick.
 
-Why not bit-planes on GPU
--------------------------
-`layout.PlaneTiles` (the TPU layout) splits every ``b``-bit code into ``b`` ±1 planes. A GPU GEMV
-reading planes unpacks 8 plane values per byte, and each needs a shift, a mask and an
-integer-to-float conversion, which runs at a quarter of the rate of a float op on Hopper. The
-SASS of that kernel (`bench/triton_sass.py`) showed about 62 instructions per byte of weights, which
-caps it near 12 % of an H200's copy bandwidth. This layout stores each component's codes as ``b``-bit
-integers instead (``b`` = its bit-width) and decodes one code with two instructions and no conversion:
+Why not bit-planes on GPU ------------------------- `layout.PlaneTiles` (the TPU layout) splits
+every ``b``-bit code into ``b`` ±1 planes. A GPU GEMV reading planes unpacks 8 plane values per
+byte, and each needs a shift, a mask and an integer-to-float conversion, which runs at a quarter of
+the rate of a float op on Hopper. The SASS of that kernel (`bench/triton_sass.py`) showed about 62
+instructions per byte of weights, which caps it near 12 % of an H200's copy bandwidth. This layout
+stores each component's codes as ``b``-bit integers instead (``b`` = its bit-width) and decodes one
+code with two instructions and no conversion:
 
     f = bitcast_f32((word & (mask << s)) | exponent_bits(2^(23−s)))   # one LOP3
-    u = f − 2^(23−s)                                                   # exact: 2^(23−s)·(1 + u·2^s/2^23) = 2^(23−s) + u
+    u = f − 2^(23−s)                                                   # exact: 2^(23−s)·(1 +
+    u·2^s/2^23) = 2^(23−s) + u
 
 The code sits at bit ``s`` of the mantissa. With the exponent of ``2^(23−s)`` one mantissa step is
 worth 1, so ``f`` is exactly ``2^(23−s) + u``. After one FADD, one FFMA accumulates ``u·a``. That is
-3 instructions per code, or about 10 per byte at 2.5 bits. The stored value of a ``b``-bit code ``u``
-is ``2s·(u − (2^b − 1)/2)``. The ``2`` is folded into the layout's scales. The offset term
+3 instructions per code, or about 10 per byte at 2.5 bits. The stored value of a ``b``-bit code
+``u`` is ``2s·(u − (2^b − 1)/2)``. The ``2`` is folded into the layout's scales. The offset term
 ``−(2^b−1)/2·Σa`` is added once per width, from a running sum of the multipliers.
 
 Codes sit in 16-bit halves, so a code never crosses bit 16 and ``s + b ≤ 16 < 23``. A word holds
@@ -56,7 +56,12 @@ import numpy as np
 from bitsmoe_jax.quant import quantizers as qz
 from bitsmoe_jax.quant.packing import PackedMatrix
 from pallas_kernels.layout import (
-    ExpertTileTables, _round_up, _tile_assignment, decode_packed, dense16_side, random_words_and_scales,
+    ExpertTileTables,
+    _round_up,
+    _tile_assignment,
+    decode_packed,
+    dense16_side,
+    random_words_and_scales,
 )
 
 HALF_BITS = 16
@@ -91,7 +96,8 @@ def words_per_group(bits: int, group_size: int) -> int:
 
 
 def pow2_blocks(n: int) -> tuple[tuple[int, int], ...]:
-    """``n`` rows as ``(offset, size)`` blocks of descending powers of two (Triton shapes are powers of two)."""
+    """``n`` rows as ``(offset, size)`` blocks of descending powers of two (Triton shapes are powers
+    of two)."""
     out, off = [], 0
     for p in range(int(n).bit_length() - 1, -1, -1):
         if n & (1 << p):
@@ -101,7 +107,8 @@ def pow2_blocks(n: int) -> tuple[tuple[int, int], ...]:
 
 
 def _pack_chunks(u: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned codes ``u [K, ...]`` (chunk-major, ``K = codes_per_word(bits)``) -> words ``[...]`` int32."""
+    """Unsigned codes ``u [K, ...]`` (chunk-major, ``K = codes_per_word(bits)``) -> words ``[...]``
+    int32."""
     words = np.zeros(u.shape[1:], np.uint32)
     for k in range(u.shape[0]):
         words |= u[k].astype(np.uint32) << np.uint32(chunk_shift(bits, k))
@@ -148,12 +155,30 @@ class CodeTiles(ExpertTileTables):
         """Bytes of expert ``e``'s tiles (words and scales): what routing a row to it reads."""
         gp = self.n_padded // self.group_size
         tiles = np.asarray(self.expert_tiles)[e, : int(np.asarray(self.expert_ntiles)[e])]
-        rows = sum(gp * words_per_group(int(b), self.group_size) for b in np.asarray(self.tile_bits)[tiles])
+        rows = sum(
+            gp * words_per_group(int(b), self.group_size) for b in np.asarray(self.tile_bits)[tiles]
+        )
         return rows * self.tile * 4 + tiles.size * gp * self.tile * 2
 
 
-_FIELDS = ["words", "scales", "tile_bits", "tile_row0", "expert_tiles", "expert_ntiles", "width_start", "kernel_comp", "comp_pos", "dense16", "comp16"]
-jax.tree_util.register_dataclass(CodeTiles, data_fields=_FIELDS, meta_fields=["r", "n", "n_padded", "group_size", "tile", "widths"])
+_FIELDS = [
+    "words",
+    "scales",
+    "tile_bits",
+    "tile_row0",
+    "expert_tiles",
+    "expert_ntiles",
+    "width_start",
+    "kernel_comp",
+    "comp_pos",
+    "dense16",
+    "comp16",
+]
+jax.tree_util.register_dataclass(
+    CodeTiles,
+    data_fields=_FIELDS,
+    meta_fields=["r", "n", "n_padded", "group_size", "tile", "widths"],
+)
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -167,7 +192,9 @@ def _check(bits: np.ndarray, group_size: int, tile: int) -> None:
         raise ValueError("unit bit-widths must be 0..8 or 16")
 
 
-def _tile_plan(bits: np.ndarray, tile: int, group_size: int, gp: int) -> tuple[list, list, dict[str, np.ndarray]]:
+def _tile_plan(
+    bits: np.ndarray, tile: int, group_size: int, gp: int
+) -> tuple[list, list, dict[str, np.ndarray]]:
     """Tiles (promoted to their widest member, as in the plane layout) and their index tables."""
     e_count, r = bits.shape
     comps, tbits = _tile_assignment(bits, tile)
@@ -192,14 +219,23 @@ def _tile_plan(bits: np.ndarray, tile: int, group_size: int, gp: int) -> tuple[l
     for e in range(e_count):
         tb = np.asarray(tbits[e], np.int64)
         width_start[e] = np.searchsorted(tb, np.arange(1, MAX_CODE_BITS + 2), side="left")
-    tables = dict(tile_bits=flat_bits, tile_row0=tile_row0, expert_tiles=expert_tiles, expert_ntiles=ntiles,
-                  width_start=width_start, kernel_comp=kernel_comp, comp_pos=comp_pos)
+    tables = dict(
+        tile_bits=flat_bits,
+        tile_row0=tile_row0,
+        expert_tiles=expert_tiles,
+        expert_ntiles=ntiles,
+        width_start=width_start,
+        kernel_comp=kernel_comp,
+        comp_pos=comp_pos,
+    )
     return comps, tbits, tables
 
 
-# ------------------------------------------------------------------------------------------ builders
+# ------------------------------------------------------------------------------------------
+# builders
 def code_tiles_from_packed(pm: PackedMatrix, num_experts: int, tile: int = 128) -> CodeTiles:
-    """Derive the down code layout of one projection from its stored `PackedMatrix` (numpy, exact)."""
+    """Derive the down code layout of one projection from its stored `PackedMatrix` (numpy,
+    exact)."""
     codes, bits, scales, values16 = _decoded(pm, num_experts)
     r, n, gs = bits.shape[1], int(pm.n), int(pm.group_size)
     _check(bits, gs, tile)
@@ -211,7 +247,7 @@ def code_tiles_from_packed(pm: PackedMatrix, num_experts: int, tile: int = 128) 
     sc = np.zeros((gp, ntot * tile), np.float32)
     gi = 0
     for e in range(num_experts):
-        for c, b in zip(comps[e], tbits[e]):
+        for c, b in zip(comps[e], tbits[e], strict=False):
             live = c >= 0
             rows = e * r + c[live]
             u = np.zeros((tile, fp), np.int64)
@@ -223,9 +259,17 @@ def code_tiles_from_packed(pm: PackedMatrix, num_experts: int, tile: int = 128) 
             gi += 1
     dense16, comp16 = dense16_side(bits, values16, fp)
     return CodeTiles(
-        words=np.concatenate(words) if words else np.zeros((1, tile), np.int32), scales=sc.astype(ml_dtypes.bfloat16),
-        dense16=dense16, comp16=comp16, r=r, n=n, n_padded=fp, group_size=gs, tile=tile,
-        widths=tuple(sorted({int(b) for tb in tbits for b in tb})), **tab,
+        words=np.concatenate(words) if words else np.zeros((1, tile), np.int32),
+        scales=sc.astype(ml_dtypes.bfloat16),
+        dense16=dense16,
+        comp16=comp16,
+        r=r,
+        n=n,
+        n_padded=fp,
+        group_size=gs,
+        tile=tile,
+        widths=tuple(sorted({int(b) for tb in tbits for b in tb})),
+        **tab,
     )
 
 
@@ -234,20 +278,30 @@ def _tile_words(u: np.ndarray, bits: int, gs: int) -> np.ndarray:
     c, fp = u.shape
     wb, cpw = words_per_group(bits, gs), codes_per_word(bits)
     g = u.reshape(c, fp // gs, gs)
-    g = np.concatenate([g, np.zeros((c, fp // gs, cpw * wb - gs), g.dtype)], axis=2)  # dead slots: code 0
+    g = np.concatenate(
+        [g, np.zeros((c, fp // gs, cpw * wb - gs), g.dtype)], axis=2
+    )  # dead slots: code 0
     chunks = g.reshape(c, fp // gs, cpw, wb).transpose(2, 1, 3, 0)  # [k, group, w, c]
     return _pack_chunks(chunks, bits).reshape(-1, c)
 
 
 def _decoded(pm: PackedMatrix, num_experts: int):
     if pm.num_units % num_experts:
-        raise ValueError(f"PackedMatrix has {pm.num_units} units, not a multiple of num_experts={num_experts}")
+        raise ValueError(
+            f"PackedMatrix has {pm.num_units} units, not a multiple of num_experts={num_experts}"
+        )
     codes, bits, scales, values16 = decode_packed(pm)
     return codes, bits.reshape(num_experts, -1), scales, values16
 
 
-def synthetic_code_tiles(bits: np.ndarray, n: int, group_size: int = qz.DEFAULT_GROUP_SIZE, tile: int = 128,
-                         seed: int = 0, abstract: bool = False) -> CodeTiles:
+def synthetic_code_tiles(
+    bits: np.ndarray,
+    n: int,
+    group_size: int = qz.DEFAULT_GROUP_SIZE,
+    tile: int = 128,
+    seed: int = 0,
+    abstract: bool = False,
+) -> CodeTiles:
     """The layout of a real allocation ``bits [E, r]`` (0..8) with random words (benchmarks).
 
     Bytes read and work per tile are those of a real checkpoint with this allocation; the values are
@@ -262,5 +316,16 @@ def synthetic_code_tiles(bits: np.ndarray, n: int, group_size: int = qz.DEFAULT_
     ntot = max(1, int(tab["expert_ntiles"].sum()))
     words, scales = random_words_and_scales((rows, tile), (gp, ntot * tile), seed, abstract)
     dense16, comp16 = dense16_side(bits, None, fp)
-    return CodeTiles(words=words, scales=scales, dense16=dense16, comp16=comp16, r=bits.shape[1], n=int(n), n_padded=fp,
-                     group_size=int(group_size), tile=tile, widths=tuple(sorted({int(b) for tb in tbits for b in tb})), **tab)
+    return CodeTiles(
+        words=words,
+        scales=scales,
+        dense16=dense16,
+        comp16=comp16,
+        r=bits.shape[1],
+        n=int(n),
+        n_padded=fp,
+        group_size=int(group_size),
+        tile=tile,
+        widths=tuple(sorted({int(b) for tb in tbits for b in tb})),
+        **tab,
+    )

@@ -1,42 +1,43 @@
 """Kernel layout of one packed projection: per-expert tiles of bit-planes, derived at load time.
 
-Why a second layout
--------------------
-The checkpoint's :class:`~bitsmoe_jax.quant.packing.PackedMatrix` holds *global* bit-width segments
-over all ``E·r`` units of a projection plus one global permutation, and packs 32 consecutive values
-of a unit per word. That is the right thing to store (its bit count is tested and it is what the
-allocator costs), but inside a kernel a tile must be addressable per expert with one bit-width and
-must unpack without lane shuffles. So the stored format is unchanged and this module derives, once
-per load, the layout the kernels read:
+Why a second layout ------------------- The checkpoint's
+:class:`~bitsmoe_jax.quant.packing.PackedMatrix` holds *global* bit-width segments over all ``E·r``
+units of a projection plus one global permutation, and packs 32 consecutive values of a unit per
+word. That is the right thing to store (its bit count is tested and it is what the allocator costs),
+but inside a kernel a tile must be addressable per expert with one bit-width and must unpack without
+lane shuffles. So the stored format is unchanged and this module derives, once per load, the layout
+the kernels read:
 
 * **Tiles per expert.** Expert ``e``'s components with 1..8 bits are sorted by bit-width (stable)
   and cut into tiles of ``tile`` components from the widest end; the first (narrowest) tile of an
-  expert is padded with *dead* components (scale 0, never gathered). 0-bit components are not stored at all (they contribute
-  nothing); 16-bit components (bf16 values) go to a small dense side matrix ``dense16`` that the
-  caller multiplies with XLA. Tiles of all experts are numbered globally (expert-major).
+  expert is padded with *dead* components (scale 0, never gathered). 0-bit components are not stored
+  at all (they contribute nothing); 16-bit components (bf16 values) go to a small dense side matrix
+  ``dense16`` that the caller multiplies with XLA. Tiles of all experts are numbered globally
+  (expert-major).
 * **Promotion instead of per-segment padding.** A tile's bit-width ``B`` is the largest bit-width of
   its components; a component with ``b < B`` bits is re-encoded *exactly* at ``B`` bits: its value
   ``(2q+1)·s`` with ``q ∈ [-2^(b-1), 2^(b-1))`` is also a ``B``-bit code (``u = q + 2^(B-1)``). Only
   the (at most 7) boundary tiles of an expert carry extra planes, instead of padding every
   (expert, bit-width) segment to the tile size. ``bytes_read`` reports the overhead.
-* **Signed planes.** With ``u = Σ_p 2^p·bit_p`` the value is ``(2u − (2^B − 1))·s = s·Σ_p 2^p·(2·bit_p − 1)``:
-  every plane is a ±1 matrix with weight ``2^p``. A kernel therefore treats each *plane block* as an
-  independent unit of work — ``acc += (x·s·2^p) @ sign_p`` — with no per-bit-width decode program and
-  no zero-point correction. Planes of all tiles are stacked in one array, ``words[q]`` being plane
-  ``p`` of tile ``i`` for ``q = tile_q0[i] + p``.
+* **Signed planes.** With ``u = Σ_p 2^p·bit_p`` the value is ``(2u − (2^B − 1))·s = s·Σ_p
+  2^p·(2·bit_p − 1)``: every plane is a ±1 matrix with weight ``2^p``. A kernel therefore treats
+  each *plane block* as an independent unit of work — ``acc += (x·s·2^p) @ sign_p`` — with no
+  per-bit-width decode program and no zero-point correction. Planes of all tiles are stacked in one
+  array, ``words[q]`` being plane ``p`` of tile ``i`` for ``q = tile_q0[i] + p``.
 * **Word order within a tile (t-major).** A block of ``R`` word rows holds ``32·R`` values along the
-  packed axis: bit ``t`` of word row ``j`` is value ``t·R + j``. So ``(words >> t) & 1`` for
-  ``t = t0 … t0+k-1`` stacked on a leading axis and reshaped is the contiguous slice of ``k·R`` values —
-  no lane relayout on TPU, no register shuffles on GPU. The callers permute activations, not weights.
+  packed axis: bit ``t`` of word row ``j`` is value ``t·R + j``. So ``(words >> t) & 1`` for ``t =
+  t0 … t0+k-1`` stacked on a leading axis and reshaped is the contiguous slice of ``k·R`` values —
+  no lane relayout on TPU, no register shuffles on GPU. The callers permute activations, not
+  weights.
 
 Two orientations, because the packed axis (along a unit) is the output axis of gate/up and the
 contraction axis of down:
 
 * ``"rows"`` (gate, up: ``g = z @ A[e]``, ``A[e]`` is ``[r, F]``, units are rows of length ``F``):
   the *components* are the t-major axis. ``words [P, tile/32, Fp]``: word row ``j`` of plane block
-  ``q`` at lane ``f`` holds bit ``t`` of component ``t·R + j`` of the tile (``R = tile/32``). A kernel
-  gathers ``z`` into the same order (``kernel_comp``), so the unpacked ``[tile, lanes]`` block
-  multiplies a contiguous ``z`` slice.
+  ``q`` at lane ``f`` holds bit ``t`` of component ``t·R + j`` of the tile (``R = tile/32``). A
+  kernel gathers ``z`` into the same order (``kernel_comp``), so the unpacked ``[tile, lanes]``
+  block multiplies a contiguous ``z`` slice.
 * ``"lanes"`` (down: ``acc = h @ B[e]ᵀ``, ``B[e]`` is ``[r_d, F]``, units are rows of length ``F``):
   the *unit positions* are the t-major axis within f-tiles of ``32·rows_per_block`` values, the
   components lie on lanes. ``words [P, Fp/32, tile]``: word row ``ft·Rf + j`` at lane ``c`` holds
@@ -83,9 +84,17 @@ class ExpertTileTables:
         return int(self.dense16.shape[1]) > 0
 
     def bytes_read(self) -> dict[str, int]:
-        """Bytes a forward may read per projection, all experts: words, scales, 16-bit side matrix."""
-        size = lambda a: int(np.prod(a.shape))
-        return {"words": size(self.words) * 4, "scales": size(self.scales) * 2, "dense16": size(self.dense16) * 2}
+        """Bytes a forward may read per projection, all experts: words, scales, 16-bit side
+        matrix."""
+
+        def size(a):
+            return int(np.prod(a.shape))
+
+        return {
+            "words": size(self.words) * 4,
+            "scales": size(self.scales) * 2,
+            "dense16": size(self.dense16) * 2,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +113,17 @@ class PlaneTiles(ExpertTileTables):
       from fetching anything new for the padding steps.
     * ``expert_ntiles [E]``.
     * ``step_q, step_tile, step_local, step_plane, step_fblock [E, S]`` and ``expert_nsteps [E]`` —
-      the work items of each expert in order, padded like ``expert_tiles``: ``"rows"``: (tile, plane)
-      (``S = max_e Σ bits``); ``"lanes"``: (tile, f-block, plane). A TPU grid runs over them.
+      the work items of each expert in order, padded like ``expert_tiles``: ``"rows"``: (tile,
+      plane) (``S = max_e Σ bits``); ``"lanes"``: (tile, f-block, plane). A TPU grid runs over them.
     * ``kernel_comp [E, L·tile]`` — original component at each kernel position, ``r`` for dead ones.
     * ``comp_pos [E, r]`` — kernel position of each original component, ``L·tile`` (a zero column)
       for components not in the kernel (0- and 16-bit ones).
     * ``dense16 [E, n16, Fp] bfloat16`` and ``comp16 [E, n16]`` (``r`` = none) — 16-bit components.
 
     Static: ``orientation``, ``r``, ``n`` (unit length F), ``n_padded``, ``group_size``, ``tile``,
-    ``rows_per_block`` (word rows per unpack block: ``tile/32`` for rows, ``Rf`` for lanes), ``block``
-    (lanes per output block of ``"rows"``, ``n_block``; unit positions per f-block of ``"lanes"``,
-    ``f_block``).
+    ``rows_per_block`` (word rows per unpack block: ``tile/32`` for rows, ``Rf`` for lanes),
+    ``block`` (lanes per output block of ``"rows"``, ``n_block``; unit positions per f-block of
+    ``"lanes"``, ``f_block``).
     """
 
     words: np.ndarray | jax.Array
@@ -147,7 +156,8 @@ class PlaneTiles(ExpertTileTables):
         return int(self.step_q.shape[1])
 
     def expert_bytes(self, e: int) -> int:
-        """Bytes of expert ``e``'s tiles (plane words and scales): what routing a row to it reads."""
+        """Bytes of expert ``e``'s tiles (plane words and scales): what routing a row to it
+        reads."""
         wbytes = int(np.prod(self.words.shape[1:])) * 4
         sbytes = int(self.scales.shape[0]) * self.tile * 2
         tiles = np.asarray(self.expert_tiles)[e, : int(np.asarray(self.expert_ntiles)[e])]
@@ -157,10 +167,33 @@ class PlaneTiles(ExpertTileTables):
 jax.tree_util.register_dataclass(
     PlaneTiles,
     data_fields=[
-        "words", "scales", "tile_q0", "tile_bits", "expert_tiles", "expert_ntiles", "step_q", "step_tile",
-        "step_local", "step_plane", "step_fblock", "expert_nsteps", "kernel_comp", "comp_pos", "dense16", "comp16",
+        "words",
+        "scales",
+        "tile_q0",
+        "tile_bits",
+        "expert_tiles",
+        "expert_ntiles",
+        "step_q",
+        "step_tile",
+        "step_local",
+        "step_plane",
+        "step_fblock",
+        "expert_nsteps",
+        "kernel_comp",
+        "comp_pos",
+        "dense16",
+        "comp16",
     ],
-    meta_fields=["orientation", "r", "n", "n_padded", "group_size", "tile", "rows_per_block", "block"],
+    meta_fields=[
+        "orientation",
+        "r",
+        "n",
+        "n_padded",
+        "group_size",
+        "tile",
+        "rows_per_block",
+        "block",
+    ],
 )
 
 
@@ -172,8 +205,9 @@ class TileConfig:
     item, ``tile_rows/32`` word rows). ``tile_lanes``: components per tile of down (``"lanes"``; the
     output block). ``n_block``: lanes per output block of gate/up, ``f_block``: unit positions per
     contraction block of down — each the largest power of two in ``[*_min, *]`` that does not pad
-    ``F`` beyond a multiple of ``lcm(*_min, group_size)`` (larger blocks mean fewer grid steps on TPU).
-    TPU needs ``tile_rows ≥ 256`` (8 word rows), ``f_block_min ≥ 256``, lane blocks multiples of 128.
+    ``F`` beyond a multiple of ``lcm(*_min, group_size)`` (larger blocks mean fewer grid steps on
+    TPU). TPU needs ``tile_rows ≥ 256`` (8 word rows), ``f_block_min ≥ 256``, lane blocks multiples
+    of 128.
     """
 
     tile_rows: int = 256
@@ -189,7 +223,9 @@ class TileConfig:
             if v < 1 or v & (v - 1):
                 raise ValueError(f"TileConfig.{f.name} must be a power of two, got {v}")
         if self.tile_rows % WORD_BITS or self.f_block_min % WORD_BITS:
-            raise ValueError(f"TileConfig.tile_rows and f_block_min must be multiples of {WORD_BITS}: {self}")
+            raise ValueError(
+                f"TileConfig.tile_rows and f_block_min must be multiples of {WORD_BITS}: {self}"
+            )
         if self.n_block < self.n_block_min or self.f_block < self.f_block_min:
             raise ValueError(f"TileConfig block maxima below their minima: {self}")
         gs = int(group_size)
@@ -197,18 +233,22 @@ class TileConfig:
             raise ValueError(f"the Pallas kernels need a power-of-two group_size, got {gs}")
         if self.f_block_min % gs or self.f_block_min > WORD_BITS * gs:
             raise ValueError(
-                f"TileConfig.f_block_min={self.f_block_min} must be a multiple of group_size {gs} and at most 32·group_size"
+                f"TileConfig.f_block_min={self.f_block_min} must be a multiple of group_size {gs} "
+                "and at most 32·group_size"
                 " (a t-slice of f_block/32 values must stay inside one scale group)"
             )
         if self.n_block_min % gs:
-            raise ValueError(f"TileConfig.n_block_min={self.n_block_min} must be a multiple of group_size {gs}")
+            raise ValueError(
+                f"TileConfig.n_block_min={self.n_block_min} must be a multiple of group_size {gs}"
+            )
 
 
 def decode_packed(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Stored format -> (codes int8 [K, n], bits [K], scales float32 [K, G], values16 float32 [K, n]).
+    """Stored format -> (codes int8 [K, n], bits [K], scales float32 [K, G], values16 float32 [K,
+    n]).
 
-    Original unit order. ``codes`` are the signed codes of 1..8-bit units (0 elsewhere), ``values16``
-    the bf16 values of 16-bit units (0 elsewhere).
+    Original unit order. ``codes`` are the signed codes of 1..8-bit units (0 elsewhere),
+    ``values16`` the bf16 values of 16-bit units (0 elsewhere).
     """
     k, n, gs = pm.num_units, int(pm.n), int(pm.group_size)
     ng = -(-n // gs)
@@ -218,15 +258,18 @@ def decode_packed(pm: PackedMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     values16 = np.zeros((k, n), np.float32)
     bits = np.zeros(k, np.int64)
     start = 0
-    for i, (b, size) in enumerate(zip(pm.seg_bits, pm.seg_sizes)):
+    for i, (b, size) in enumerate(zip(pm.seg_bits, pm.seg_sizes, strict=False)):
         idx = perm[start : start + size]
         start += size
         bits[idx] = b
         if b == 16:
             values16[idx] = np.asarray(pm.payload[i]).astype(np.float32)
         elif b > 0:
-            # jnp (XLA, on the default device): several times faster than the numpy unpacker at model sizes
-            codes[idx] = np.asarray(unpack_bitplanes_jnp(jnp.asarray(pm.payload[i]), b, n)).astype(np.int8)
+            # jnp (XLA, on the default device): several times faster than the numpy unpacker at
+            # model sizes
+            codes[idx] = np.asarray(unpack_bitplanes_jnp(jnp.asarray(pm.payload[i]), b, n)).astype(
+                np.int8
+            )
             scales[idx] = np.asarray(pm.scales[i]).astype(np.float32)
     return codes, bits, scales, values16
 
@@ -263,8 +306,9 @@ def _tile_assignment(bits: np.ndarray, tile: int) -> tuple[list[list[np.ndarray]
     tile holds the narrowest components. That cut is optimal for any tile cost that grows with the
     tile's width (here bits per position): the cheapest cover of the first ``i`` sorted components
     never costs more than that of ``i + 1``, so the last tile is best taken full. Cutting from the
-    narrow end instead left a partial tile of the widest (often 8-bit) components, mostly dead slots:
-    +15.7 % vs +8.7 % bytes over stored for a 2.5-bit Mixtral layer with 128-component code tiles."""
+    narrow end instead left a partial tile of the widest (often 8-bit) components, mostly dead
+    slots: +15.7 % vs +8.7 % bytes over stored for a 2.5-bit Mixtral layer with 128-component code
+    tiles."""
     comps, tbits = [], []
     for b_e in bits:
         live = np.flatnonzero((b_e >= 1) & (b_e <= 8))
@@ -278,7 +322,9 @@ def _tile_assignment(bits: np.ndarray, tile: int) -> tuple[list[list[np.ndarray]
     return comps, tbits
 
 
-def _tables(comps: list[list[np.ndarray]], tbits: list[list[int]], r: int, tile: int, f_blocks: int) -> dict[str, np.ndarray]:
+def _tables(
+    comps: list[list[np.ndarray]], tbits: list[list[int]], r: int, tile: int, f_blocks: int
+) -> dict[str, np.ndarray]:
     """Index tables shared by real and synthetic layouts (see `PlaneTiles`)."""
     e = len(comps)
     ntiles = np.array([len(c) for c in comps], np.int32)
@@ -297,7 +343,12 @@ def _tables(comps: list[list[np.ndarray]], tbits: list[list[int]], r: int, tile:
         gids = first[i] + np.arange(ntiles[i])
         if ntiles[i]:
             expert_tiles[i] = np.concatenate([gids, np.full(lmax - ntiles[i], gids[-1])])
-        items = [(lt, ft, p) for lt in range(ntiles[i]) for ft in range(f_blocks) for p in range(tbits[i][lt])]
+        items = [
+            (lt, ft, p)
+            for lt in range(ntiles[i])
+            for ft in range(f_blocks)
+            for p in range(tbits[i][lt])
+        ]
         items += [items[-1]] * (smax - len(items)) if items else [(0, 0, 0)] * smax
         for s, (lt, ft, p) in enumerate(items):
             g = first[i] + lt if ntiles[i] else 0
@@ -311,14 +362,24 @@ def _tables(comps: list[list[np.ndarray]], tbits: list[list[int]], r: int, tile:
             kernel_comp[i, pos[c >= 0]] = c[c >= 0]
             comp_pos[i, c[c >= 0]] = pos[c >= 0]
     return dict(
-        tile_q0=tile_q0, tile_bits=tile_bits, expert_tiles=expert_tiles, expert_ntiles=ntiles,
-        step_q=step["q"], step_tile=step["tile"], step_local=step["local"], step_plane=step["plane"], step_fblock=step["fblock"],
-        expert_nsteps=nsteps, kernel_comp=kernel_comp, comp_pos=comp_pos,
+        tile_q0=tile_q0,
+        tile_bits=tile_bits,
+        expert_tiles=expert_tiles,
+        expert_ntiles=ntiles,
+        step_q=step["q"],
+        step_tile=step["tile"],
+        step_local=step["local"],
+        step_plane=step["plane"],
+        step_fblock=step["fblock"],
+        expert_nsteps=nsteps,
+        kernel_comp=kernel_comp,
+        comp_pos=comp_pos,
     )
 
 
 def _block(n: int, lo: int, hi: int, group_size: int, fits=lambda b: True) -> tuple[int, int]:
-    """(block, n_padded): the largest power-of-two block in [lo, hi] adding no padding beyond ``lo``'s."""
+    """(block, n_padded): the largest power-of-two block in [lo, hi] adding no padding beyond
+    ``lo``'s."""
     fp = _round_up(n, math.lcm(lo, group_size))
     block = lo
     while block * 2 <= hi and fp % (block * 2) == 0 and fits(block * 2):
@@ -326,7 +387,9 @@ def _block(n: int, lo: int, hi: int, group_size: int, fits=lambda b: True) -> tu
     return block, fp
 
 
-def _geometry(orientation: str, cfg: TileConfig, n: int, group_size: int) -> tuple[int, int, int, int]:
+def _geometry(
+    orientation: str, cfg: TileConfig, n: int, group_size: int
+) -> tuple[int, int, int, int]:
     """(tile, rows_per_block, n_padded, block) for one orientation."""
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
@@ -335,11 +398,15 @@ def _geometry(orientation: str, cfg: TileConfig, n: int, group_size: int) -> tup
         block, fp = _block(n, cfg.n_block_min, cfg.n_block, group_size)
         return cfg.tile_rows, cfg.tile_rows // WORD_BITS, fp, block
     # down: an f-block of Rf = block/32 word rows must keep each t-slice inside one scale group
-    block, fp = _block(n, cfg.f_block_min, cfg.f_block, group_size, fits=lambda b: b <= WORD_BITS * group_size)
+    block, fp = _block(
+        n, cfg.f_block_min, cfg.f_block, group_size, fits=lambda b: b <= WORD_BITS * group_size
+    )
     return cfg.tile_lanes, block // WORD_BITS, fp, block
 
 
-def plane_tiles_from_packed(pm: PackedMatrix, num_experts: int, orientation: str, cfg: TileConfig) -> PlaneTiles:
+def plane_tiles_from_packed(
+    pm: PackedMatrix, num_experts: int, orientation: str, cfg: TileConfig
+) -> PlaneTiles:
     """Derive the kernel layout of one projection from its stored `PackedMatrix` (numpy, exact)."""
     k, n, gs = pm.num_units, int(pm.n), int(pm.group_size)
     if k % num_experts:
@@ -356,7 +423,7 @@ def plane_tiles_from_packed(pm: PackedMatrix, num_experts: int, orientation: str
     words = []
     gi = 0
     for e in range(num_experts):
-        for c, b in zip(comps[e], tbits[e]):
+        for c, b in zip(comps[e], tbits[e], strict=False):
             live = c >= 0
             rows = e * r + c[live]
             u = np.zeros((tile, fp), np.uint32)
@@ -370,21 +437,39 @@ def plane_tiles_from_packed(pm: PackedMatrix, num_experts: int, orientation: str
     words_arr = np.concatenate(words) if words else np.zeros((1, *wshape), np.int32)
     dense16, comp16 = dense16_side(bits, values16, fp)
     return PlaneTiles(
-        words=words_arr, scales=scale_arr.astype(ml_dtypes.bfloat16), dense16=dense16, comp16=comp16, orientation=orientation, r=r, n=n, n_padded=fp, group_size=gs, tile=tile,
-        rows_per_block=rpb, block=block, **tables,
+        words=words_arr,
+        scales=scale_arr.astype(ml_dtypes.bfloat16),
+        dense16=dense16,
+        comp16=comp16,
+        orientation=orientation,
+        r=r,
+        n=n,
+        n_padded=fp,
+        group_size=gs,
+        tile=tile,
+        rows_per_block=rpb,
+        block=block,
+        **tables,
     )
 
 
 def synthetic_plane_tiles(
-    bits: np.ndarray, n: int, orientation: str, cfg: TileConfig, group_size: int = qz.DEFAULT_GROUP_SIZE,
-    seed: int = 0, abstract: bool = False,
+    bits: np.ndarray,
+    n: int,
+    orientation: str,
+    cfg: TileConfig,
+    group_size: int = qz.DEFAULT_GROUP_SIZE,
+    seed: int = 0,
+    abstract: bool = False,
 ) -> PlaneTiles:
-    """A layout with the tables of a real bit allocation ``bits [E, r]`` (0..8 or 16) and random words
+    """A layout with the tables of a real bit allocation ``bits [E, r]`` (0..8 or 16) and random
+    words
     (16-bit units get a zero side matrix).
 
     For benchmarks at shapes too large to quantize here: bytes read and work per tile are exactly
     those of a real checkpoint with this allocation; the values are noise (scales ~1e-2).
-    ``abstract=True`` gives ``jax.ShapeDtypeStruct`` words and scales (lowering tests allocate nothing).
+    ``abstract=True`` gives ``jax.ShapeDtypeStruct`` words and scales (lowering tests allocate
+    nothing).
     """
     bits = np.asarray(bits, np.int64)
     if not np.all(np.isin(bits, [*range(9), 16])):
@@ -394,18 +479,35 @@ def synthetic_plane_tiles(
     comps, tbits = _tile_assignment(bits, tile)
     tables = _tables(comps, tbits, r, tile, 1 if orientation == "rows" else fp // block)
     planes = int(tables["tile_bits"].sum()) if tables["expert_ntiles"].sum() else 1
-    wshape = (planes, tile // WORD_BITS, fp) if orientation == "rows" else (planes, fp // WORD_BITS, tile)
+    wshape = (
+        (planes, tile // WORD_BITS, fp)
+        if orientation == "rows"
+        else (planes, fp // WORD_BITS, tile)
+    )
     ntot = max(int(tables["expert_ntiles"].sum()), 1)
     sshape = (fp // group_size, 1, ntot * tile)
     words, scales = random_words_and_scales(wshape, sshape, seed, abstract)
     dense16, comp16 = dense16_side(bits, None, fp)
     return PlaneTiles(
-        words=words, scales=scales, dense16=dense16, comp16=comp16, orientation=orientation, r=r, n=int(n), n_padded=fp, group_size=int(group_size), tile=tile,
-        rows_per_block=rpb, block=block, **tables,
+        words=words,
+        scales=scales,
+        dense16=dense16,
+        comp16=comp16,
+        orientation=orientation,
+        r=r,
+        n=int(n),
+        n_padded=fp,
+        group_size=int(group_size),
+        tile=tile,
+        rows_per_block=rpb,
+        block=block,
+        **tables,
     )
 
 
-def dense16_side(bits: np.ndarray, values16: np.ndarray | None, fp: int) -> tuple[np.ndarray, np.ndarray]:
+def dense16_side(
+    bits: np.ndarray, values16: np.ndarray | None, fp: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The 16-bit components of every expert: ``dense16 [E, n16, Fp]`` bf16 (zeros where
     ``values16`` is None: synthetic layouts) and ``comp16 [E, n16]`` (``r`` = none)."""
     e_count, r = bits.shape
@@ -424,9 +526,13 @@ def dense16_side(bits: np.ndarray, values16: np.ndarray | None, fp: int) -> tupl
 def random_words_and_scales(wshape: tuple, sshape: tuple, seed: int, abstract: bool):
     """Random int32 words and bf16 scales (~1e-2) of synthetic layouts, or their abstract shapes."""
     if abstract:
-        return jax.ShapeDtypeStruct(wshape, np.int32), jax.ShapeDtypeStruct(sshape, ml_dtypes.bfloat16)
+        return jax.ShapeDtypeStruct(wshape, np.int32), jax.ShapeDtypeStruct(
+            sshape, ml_dtypes.bfloat16
+        )
     rng = np.random.default_rng(seed)
-    words = rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, size=wshape, dtype=np.int32)
+    words = rng.integers(
+        np.iinfo(np.int32).min, np.iinfo(np.int32).max, size=wshape, dtype=np.int32
+    )
     return words, (rng.uniform(0.5, 1.5, size=sshape) * 1e-2).astype(ml_dtypes.bfloat16)
 
 
@@ -453,6 +559,8 @@ def random_allocation(num_experts: int, r: int, mean_bits: float, seed: int = 0)
             break
         pos = np.searchsorted(choices, flat)
         movable = np.flatnonzero(pos < len(choices) - 1) if deficit > 0 else np.flatnonzero(pos > 0)
-        pick = rng.choice(movable, size=min(movable.size, max(1, int(abs(deficit) // 4))), replace=False)
+        pick = rng.choice(
+            movable, size=min(movable.size, max(1, int(abs(deficit) // 4))), replace=False
+        )
         flat[pick] = choices[pos[pick] + (1 if deficit > 0 else -1)]
     return flat.reshape(num_experts, r)

@@ -26,13 +26,15 @@ def export_for_hardware(jitted: Any, backend: str, *args: Any) -> Any:
 
     with gpu_export_target() if backend == "triton" else contextlib.nullcontext():
         return jax.export.export(
-            jitted, platforms=[PLATFORMS[backend]],
+            jitted,
+            platforms=[PLATFORMS[backend]],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(CALL_TARGETS["triton"])],
         )(*args)
 
 
 def kernel_configs(mlir_text: str, backend: str) -> list[str]:
-    """The backend config of every kernel call of ``backend``'s family in a module's text, in order."""
+    """The backend config of every kernel call of ``backend``'s family in a module's text, in
+    order."""
     call = f"custom_call @{CALL_TARGETS[backend]}"
     return [attribute(line, "backend_config = ") for line in mlir_text.splitlines() if call in line]
 

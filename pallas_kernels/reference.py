@@ -14,7 +14,12 @@ from pallas_kernels.routing import expert_of_rows
 
 
 def swiglu_experts_reference(
-    zg: jax.Array, zu: jax.Array, group_sizes: jax.Array, ag: jax.Array, au: jax.Array, bd: jax.Array
+    zg: jax.Array,
+    zu: jax.Array,
+    group_sizes: jax.Array,
+    ag: jax.Array,
+    au: jax.Array,
+    bd: jax.Array,
 ) -> jax.Array:
     """Rows sorted by expert: ``zg [M, r_g]``, ``zu [M, r_u]``; factors ``ag [E, r_g, F]``,
     ``au [E, r_u, F]``, ``bd [E, r_d, F]`` -> ``acc [M, r_d]`` float32 with

@@ -1,13 +1,13 @@
 """Routing metadata of the grouped kernels: rows regrouped into row tiles that each hold one expert.
 
-Rows arrive sorted by expert (``RoutingPlan``). Each expert's rows are placed at the start of its own
-run of row tiles of ``tm`` rows (the rest of its last tile is zero padding), so every row tile belongs
-to exactly one expert and every output block is written by exactly one grid visit — no masked
-read-modify-write at group boundaries, and a TPU output block is revisited only on consecutive grid
-steps. The number of row tiles must be static: ``Σ_e ceil(g_e/tm) ≤ ceil(M/tm) + min(E, M) − 1``
-(each of the at most ``min(E, M)`` non-empty experts adds at most one partial tile). Tiles past the
-real count repeat the last real expert — same block indices, so a TPU pipeline fetches nothing new
-for them — and the kernels skip them. Empty experts get no tile.
+Rows arrive sorted by expert (``RoutingPlan``). Each expert's rows are placed at the start of its
+own run of row tiles of ``tm`` rows (the rest of its last tile is zero padding), so every row tile
+belongs to exactly one expert and every output block is written by exactly one grid visit — no
+masked read-modify-write at group boundaries, and a TPU output block is revisited only on
+consecutive grid steps. The number of row tiles must be static: ``Σ_e ceil(g_e/tm) ≤ ceil(M/tm) +
+min(E, M) − 1`` (each of the at most ``min(E, M)`` non-empty experts adds at most one partial tile).
+Tiles past the real count repeat the last real expert — same block indices, so a TPU pipeline
+fetches nothing new for them — and the kernels skip them. Empty experts get no tile.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowTiles:
-    """``expert [T]`` per row tile, ``count [1]`` real tiles, ``rows [T]`` real rows in each tile (the
+    """``expert [T]`` per row tile, ``count [1]`` real tiles, ``rows [T]`` real rows in each tile
+    (the
     rest is padding), ``dest [M]`` padded row of each sorted row."""
 
     expert: jax.Array
@@ -36,7 +37,8 @@ def num_row_tiles(m: int, tm: int, num_experts: int) -> int:
 
 
 def make_row_tiles(group_sizes: jax.Array, m: int, tm: int) -> RowTiles:
-    """Row tiles for ``m`` rows sorted by expert (``group_sizes [E]`` traced; ``m``, ``tm`` static)."""
+    """Row tiles for ``m`` rows sorted by expert (``group_sizes [E]`` traced; ``m``, ``tm``
+    static)."""
     gs = group_sizes.astype(jnp.int32)
     e = gs.shape[0]
     tiles = (gs + tm - 1) // tm
@@ -51,10 +53,16 @@ def make_row_tiles(group_sizes: jax.Array, m: int, tm: int) -> RowTiles:
     rows_e = expert_of_rows(gs, m)
     starts = jnp.cumsum(gs) - gs
     dest = first[rows_e] * tm + jnp.arange(m, dtype=jnp.int32) - starts[rows_e]
-    return RowTiles(expert, n.reshape(1).astype(jnp.int32), rows.astype(jnp.int32), dest.astype(jnp.int32))
+    return RowTiles(
+        expert, n.reshape(1).astype(jnp.int32), rows.astype(jnp.int32), dest.astype(jnp.int32)
+    )
 
 
 def expert_of_rows(group_sizes: jax.Array, m: int) -> jax.Array:
-    """Expert id of each of the ``m`` sorted rows (rows past ``sum(group_sizes)`` get the last expert)."""
+    """Expert id of each of the ``m`` sorted rows (rows past ``sum(group_sizes)`` get the last
+    expert)."""
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    return jnp.minimum(jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right"), group_sizes.shape[0] - 1)
+    return jnp.minimum(
+        jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right"),
+        group_sizes.shape[0] - 1,
+    )

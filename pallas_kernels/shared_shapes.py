@@ -1,26 +1,23 @@
 """One compiled kernel for many layers: pad the layers' kernel layouts to a shared shape.
 
-Why
----
-A kernel layout's array shapes (tiles, word rows, work items, 16-bit units) and its code widths are
-static to the kernels, and every MoE layer's allocation gives different ones. Each layer would then
-compile its own kernels: pip Triton takes about 22 s for gate/up and 6 s for down on this
+Why --- A kernel layout's array shapes (tiles, word rows, work items, 16-bit units) and its code
+widths are static to the kernels, and every MoE layer's allocation gives different ones. Each layer
+would then compile its own kernels: pip Triton takes about 22 s for gate/up and 6 s for down on this
 workplace's CPU, so about 16 minutes for Mixtral's 32 layers before the first token, per row-tile
-size (`bench/shared_kernels.py --compile`; 2 kernels instead of 49–64 once shared). Layers whose layouts are padded to one shape lower to identical kernels:
-`api.swiglu_experts` traces them once (a nested ``jax.jit`` reuses its jaxpr, and lowering reuses
-the function), and XLA's GPU compiler keys its kernel cache on the Triton call's text, so it builds
-each distinct kernel once per executable.
+size (`bench/shared_kernels.py --compile`; 2 kernels instead of 49–64 once shared). Layers whose
+layouts are padded to one shape lower to identical kernels: `api.swiglu_experts` traces them once (a
+nested ``jax.jit`` reuses its jaxpr, and lowering reuses the function), and XLA's GPU compiler keys
+its kernel cache on the Triton call's text, so it builds each distinct kernel once per executable.
 
-What padding costs
-------------------
-Memory, not bandwidth. Padding adds tiles that no expert references, word rows past the last tile,
-index-table columns that repeat an expert's last entry (the kernels stop at each expert's own count),
-zero 16-bit units, and empty code widths (a loop of zero trips). The bytes a token reads do not
-change. `plan_groups` puts layers into groups, padding each group to its members' elementwise
-largest shape, and starts a new group rather than let the padding pass ``max_padding`` of the
-group's own bytes. Layers whose unpaddable statics differ (unit length, group size, tile sizes)
-never share. Ranks may differ (a checkpoint keeps the components with bits in each layer): the
-largest is taken, and the extra components are in no tile (zero activations in, dropped out).
+What padding costs ------------------ Memory, not bandwidth. Padding adds tiles that no expert
+references, word rows past the last tile, index-table columns that repeat an expert's last entry
+(the kernels stop at each expert's own count), zero 16-bit units, and empty code widths (a loop of
+zero trips). The bytes a token reads do not change. `plan_groups` puts layers into groups, padding
+each group to its members' elementwise largest shape, and starts a new group rather than let the
+padding pass ``max_padding`` of the group's own bytes. Layers whose unpaddable statics differ (unit
+length, group size, tile sizes) never share. Ranks may differ (a checkpoint keeps the components
+with bits in each layer): the largest is taken, and the extra components are in no tile (zero
+activations in, dropped out).
 
 Padding rules per field (axis, fill): ``"zero"`` pads with 0; ``"edge"`` repeats the last column
 (the layouts' own convention for per-expert tables); ``"dead"`` pads with ``r`` (no component);
@@ -43,17 +40,25 @@ from pallas_kernels.layout import PlaneTiles
 # column); "dead" (``r``, the marker of no component); "absent" (``L·tile``, the zero column of
 # components not in the kernel).
 _COMMON = {
-    "scales": (-1, "zero"), "tile_bits": (0, "zero"), "expert_tiles": (1, "edge"), "kernel_comp": (1, "dead"),
-    "comp_pos": (1, "absent"), "dense16": (1, "zero"), "comp16": (1, "dead"),
+    "scales": (-1, "zero"),
+    "tile_bits": (0, "zero"),
+    "expert_tiles": (1, "edge"),
+    "kernel_comp": (1, "dead"),
+    "comp_pos": (1, "absent"),
+    "dense16": (1, "zero"),
+    "comp16": (1, "dead"),
 }
 PAD_RULES: dict[type, dict[str, tuple[int, str]]] = {
     CodeTiles: {**_COMMON, "words": (0, "zero"), "tile_row0": (0, "zero")},
     PlaneTiles: {
-        **_COMMON, "words": (0, "zero"), "tile_q0": (0, "zero"),
+        **_COMMON,
+        "words": (0, "zero"),
+        "tile_q0": (0, "zero"),
         **{f"step_{k}": (1, "edge") for k in ("q", "tile", "local", "plane", "fblock")},
     },
 }
-# static fields that may differ within a group: merged (union of widths, largest rank), not required equal
+# static fields that may differ within a group: merged (union of widths, largest rank), not required
+# equal
 _MERGED_META = {"widths", "r"}
 
 
@@ -64,7 +69,9 @@ def _data_fields(layout) -> list[str]:
 
 def _meta_fields(layout) -> list[str]:
     """The static fields (ints, strings, tuples)."""
-    return [f.name for f in dataclasses.fields(layout) if not hasattr(getattr(layout, f.name), "shape")]
+    return [
+        f.name for f in dataclasses.fields(layout) if not hasattr(getattr(layout, f.name), "shape")
+    ]
 
 
 def static_key(layout) -> tuple:
@@ -72,7 +79,9 @@ def static_key(layout) -> tuple:
     other than the merged ones, and the shapes of the fields that are never padded."""
     meta = tuple((f, getattr(layout, f)) for f in _meta_fields(layout) if f not in _MERGED_META)
     rules = PAD_RULES[type(layout)]
-    fixed = tuple((f, tuple(getattr(layout, f).shape)) for f in _data_fields(layout) if f not in rules)
+    fixed = tuple(
+        (f, tuple(getattr(layout, f).shape)) for f in _data_fields(layout) if f not in rules
+    )
     return (type(layout).__name__, meta, fixed)
 
 
@@ -83,10 +92,13 @@ def abstract(tree):
 
 
 def merged(a, b):
-    """The smallest abstract layout both ``a`` and ``b`` pad to (elementwise largest shapes, union of
+    """The smallest abstract layout both ``a`` and ``b`` pad to (elementwise largest shapes, union
+    of
     widths, largest rank)."""
     if static_key(a) != static_key(b):
-        raise ValueError("these layouts cannot share a shape: their unit length, group size or tiles differ")
+        raise ValueError(
+            "these layouts cannot share a shape: their unit length, group size or tiles differ"
+        )
     out = {}
     for f, (axis, _) in PAD_RULES[type(a)].items():
         sa, sb = getattr(a, f).shape, getattr(b, f).shape
@@ -101,7 +113,10 @@ def merged(a, b):
 
 def nbytes(layout) -> int:
     """Bytes of every array of a (possibly abstract) layout: what it holds in device memory."""
-    return sum(int(np.prod(getattr(layout, f).shape)) * np.dtype(getattr(layout, f).dtype).itemsize for f in _data_fields(layout))
+    return sum(
+        int(np.prod(getattr(layout, f).shape)) * np.dtype(getattr(layout, f).dtype).itemsize
+        for f in _data_fields(layout)
+    )
 
 
 def _padded_array(a: np.ndarray, axis: int, size: int, fill: str, value: int) -> np.ndarray:
@@ -127,7 +142,9 @@ def pad_layout(layout, target):
     (`qmoe.QuantizedExperts` does). Same products as ``layout`` otherwise:
     `tests/kernels/test_shared_shapes.py` checks the kernels on both against the reference."""
     if static_key(layout) != static_key(target):
-        raise ValueError("pad_layout: the target has other statics (unit length, group size or tiles)")
+        raise ValueError(
+            "pad_layout: the target has other statics (unit length, group size or tiles)"
+        )
     if "widths" in _meta_fields(layout) and not set(layout.widths) <= set(target.widths):
         raise ValueError(f"pad_layout: target widths {target.widths} lack some of {layout.widths}")
     if target.r < layout.r:
@@ -136,7 +153,11 @@ def pad_layout(layout, target):
     old_absent, absent = layout.max_tiles * tile, target_shape(target, "expert_tiles")[1] * tile
     out: dict[str, Any] = {f: np.asarray(getattr(layout, f)) for f in _data_fields(layout)}
     # the markers move with the sizes they point past: r (no component) and L·tile (the zero column)
-    for f, old, new in (("kernel_comp", layout.r, target.r), ("comp16", layout.r, target.r), ("comp_pos", old_absent, absent)):
+    for f, old, new in (
+        ("kernel_comp", layout.r, target.r),
+        ("comp16", layout.r, target.r),
+        ("comp_pos", old_absent, absent),
+    ):
         out[f] = np.where(out[f] == old, new, out[f]).astype(out[f].dtype)
     values = {"zero": 0, "edge": 0, "dead": target.r, "absent": absent}
     for f, (axis, fill) in PAD_RULES[type(layout)].items():
@@ -151,7 +172,8 @@ def target_shape(target, field: str) -> tuple[int, ...]:
     return tuple(getattr(target, field).shape)
 
 
-# ------------------------------------------------------------------------------------------ groups of layers
+# ------------------------------------------------------------------------------------------ groups
+# of layers
 @dataclasses.dataclass(frozen=True)
 class SharedShapes:
     """Which shape each layer pads to. ``targets[g]`` is a tuple of abstract layouts (one per
@@ -174,8 +196,11 @@ class SharedShapes:
     def summary(self) -> str:
         n = len(self.group_of)
         mib = (self.bytes_padded - self.bytes_unpadded) / 2**20
-        return (f"kernel layouts: {n} layers in {self.num_groups} shape group(s), so {self.num_groups} compile(s) "
-                f"per kernel and row-tile size; padding +{100 * self.padding:.1f} % ({mib:.1f} MiB)")
+        return (
+            f"kernel layouts: {n} layers in {self.num_groups} shape group(s), so {self.num_groups} "
+            "compile(s) "
+            f"per kernel and row-tile size; padding +{100 * self.padding:.1f} % ({mib:.1f} MiB)"
+        )
 
 
 def plan_groups(layers: list[tuple[Any, ...]], max_padding: float = 0.05) -> SharedShapes:
@@ -198,7 +223,7 @@ def plan_groups(layers: list[tuple[Any, ...]], max_padding: float = 0.05) -> Sha
     for i in order:
         g = open_group.get(keys[i])
         if g is not None:
-            cand = tuple(merged(t, p) for t, p in zip(targets[g], absl[i]))
+            cand = tuple(merged(t, p) for t, p in zip(targets[g], absl[i], strict=False))
             size = sum(nbytes(p) for p in cand) * (len(members[g]) + 1)
             if size <= (1 + max_padding) * (sum(own[j] for j in members[g]) + own[i]):
                 targets[g] = cand
@@ -213,4 +238,13 @@ def plan_groups(layers: list[tuple[Any, ...]], max_padding: float = 0.05) -> Sha
     return SharedShapes(tuple(targets), tuple(group_of), sum(own), padded)
 
 
-__all__ = ["PAD_RULES", "SharedShapes", "abstract", "merged", "nbytes", "pad_layout", "plan_groups", "static_key"]
+__all__ = [
+    "PAD_RULES",
+    "SharedShapes",
+    "abstract",
+    "merged",
+    "nbytes",
+    "pad_layout",
+    "plan_groups",
+    "static_key",
+]

@@ -1,21 +1,23 @@
 """Shared test helpers: tiny random-weight Hugging Face MoE models as independent references.
 
-Every parity test compares our Flax model against transformers (PyTorch, CPU, fp32, eager attention).
-Models are built by `make_hf_model`, re-initialised with N(0, std) weights (norm weights 1 + N(0, std))
-so that routing is far from uniform, and saved with `save_pretrained`. Building and saving is cached per
-session (`tiny_family`): several test files read the same directory, never modify it in place.
+Every parity test compares our Flax model against transformers (PyTorch, CPU, fp32, eager
+attention). Models are built by `make_hf_model`, re-initialised with N(0, std) weights (norm weights
+1 + N(0, std)) so that routing is far from uniform, and saved with `save_pretrained`. Building and
+saving is cached per session (`tiny_family`): several test files read the same directory, never
+modify it in place.
 
-Sizes are chosen so that no two dimensions coincide (hidden 64, expert width 48 or 32, dense width 96,
-shared-expert width 80, head_dim 16 or 24, vocab 256): a transposed or swapped tensor is a shape error,
-not a silent mistake.
+Sizes are chosen so that no two dimensions coincide (hidden 64, expert width 48 or 32, dense width
+96, shared-expert width 80, head_dim 16 or 24, vocab 256): a transposed or swapped tensor is a shape
+error, not a silent mistake.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -58,54 +60,111 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": (
         "MixtralForCausalLM",
         "MixtralConfig",
-        dict(_COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
-             sliding_window=None),
+        dict(
+            _COMMON,
+            num_hidden_layers=2,
+            intermediate_size=48,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=None,
+        ),
     ),
     # Mixtral with a sliding window shorter than the test sequences.
     "mixtral_sw": (
         "MixtralForCausalLM",
         "MixtralConfig",
-        dict(_COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
-             sliding_window=16),
+        dict(
+            _COMMON,
+            num_hidden_layers=2,
+            intermediate_size=48,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=16,
+        ),
     ),
-    # Qwen2-MoE: dense first layer (mlp_only_layers=[0]), shared expert + gate, qkv biases, top-4 unnormalised.
+    # Qwen2-MoE: dense first layer (mlp_only_layers=[0]), shared expert + gate, qkv biases, top-4
+    # unnormalised.
     "qwen2_moe": (
         "Qwen2MoeForCausalLM",
         "Qwen2MoeConfig",
-        dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
-             shared_expert_intermediate_size=80, num_experts=8, num_experts_per_tok=4, norm_topk_prob=False,
-             qkv_bias=True, mlp_only_layers=[0], decoder_sparse_step=1, use_sliding_window=False),
+        dict(
+            _COMMON,
+            num_hidden_layers=3,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=80,
+            num_experts=8,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+            qkv_bias=True,
+            mlp_only_layers=[0],
+            decoder_sparse_step=1,
+            use_sliding_window=False,
+        ),
     ),
     # Qwen2-MoE: top-2 normalised, decoder_sparse_step=2 (layers 1 and 3 MoE, 0 and 2 dense).
     "qwen2_moe_norm": (
         "Qwen2MoeForCausalLM",
         "Qwen2MoeConfig",
-        dict(_COMMON, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32,
-             shared_expert_intermediate_size=80, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-             qkv_bias=True, mlp_only_layers=[], decoder_sparse_step=2, use_sliding_window=False),
+        dict(
+            _COMMON,
+            num_hidden_layers=4,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=80,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            qkv_bias=True,
+            mlp_only_layers=[],
+            decoder_sparse_step=2,
+            use_sliding_window=False,
+        ),
     ),
-    # Qwen3-MoE: q/k norm, explicit head_dim (24 != 64/4), decoder_sparse_step=2 (layers 1, 3 MoE; 0, 2 dense),
-    # top-2 normalised.
+    # Qwen3-MoE: q/k norm, explicit head_dim (24 != 64/4), decoder_sparse_step=2 (layers 1, 3 MoE;
+    # 0, 2 dense), top-2 normalised.
     "qwen3_moe": (
         "Qwen3MoeForCausalLM",
         "Qwen3MoeConfig",
-        dict(_COMMON, num_hidden_layers=4, head_dim=24, intermediate_size=112, moe_intermediate_size=32,
-             num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[],
-             attention_bias=False, use_sliding_window=False),
+        dict(
+            _COMMON,
+            num_hidden_layers=4,
+            head_dim=24,
+            intermediate_size=112,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+            mlp_only_layers=[],
+            attention_bias=False,
+            use_sliding_window=False,
+        ),
     ),
     # Qwen3-MoE: top-4 unnormalised, mlp_only_layers=[1] (dense middle layer), attention_bias=True
     # (q/k/v *and* o_proj biases in Qwen3-MoE).
     "qwen3_moe_nonorm": (
         "Qwen3MoeForCausalLM",
         "Qwen3MoeConfig",
-        dict(_COMMON, num_hidden_layers=3, head_dim=24, intermediate_size=112, moe_intermediate_size=32,
-             num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
-             attention_bias=True, use_sliding_window=False),
+        dict(
+            _COMMON,
+            num_hidden_layers=3,
+            head_dim=24,
+            intermediate_size=112,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            attention_bias=True,
+            use_sliding_window=False,
+        ),
     ),
 }
 
 
-def reinit_(model: "torch.nn.Module", seed: int = 0, std: float = 0.08) -> None:
+def reinit_(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> None:
     """Overwrite every parameter: N(0, std), norm weights 1 + N(0, std). Deterministic per seed."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -125,8 +184,9 @@ def make_hf_model(
     std: float = 0.08,
     save_kwargs: dict[str, Any] | None = None,
     **cfg_overrides: Any,
-) -> tuple[Path | None, "torch.nn.Module"]:
-    """Build a random-weight HF model (fp32, eval, eager attention); save it when `out_dir` is given.
+) -> tuple[Path | None, torch.nn.Module]:
+    """Build a random-weight HF model (fp32, eval, eager attention); save it when `out_dir` is
+    given.
 
     `model_cls` / `config_cls` are classes or names in `transformers`. Returns (out_dir, model).
     """
@@ -154,8 +214,9 @@ def family_spec(family: str) -> tuple[str, str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_family(tmp_path_factory) -> Callable[[str], tuple[Path, "torch.nn.Module"]]:
-    """`tiny_family(name)` -> (saved HF dir, HF model); built once per session per family. Do not modify."""
+def tiny_family(tmp_path_factory) -> Callable[[str], tuple[Path, torch.nn.Module]]:
+    """`tiny_family(name)` -> (saved HF dir, HF model); built once per session per family. Do not
+    modify."""
     cache: dict[str, tuple[Path, Any]] = {}
 
     def get(family: str) -> tuple[Path, Any]:
@@ -169,7 +230,8 @@ def tiny_family(tmp_path_factory) -> Callable[[str], tuple[Path, "torch.nn.Modul
 
 @pytest.fixture(scope="session")
 def flax_from_hf() -> Callable[[str | Path], tuple[Any, Any]]:
-    """`flax_from_hf(hf_dir)` -> (model, config) via `load_model`, cached per directory for the session."""
+    """`flax_from_hf(hf_dir)` -> (model, config) via `load_model`, cached per directory for the
+    session."""
     from bitsmoe_jax.loading import load_model
 
     cache: dict[str, tuple[Any, Any]] = {}
@@ -188,14 +250,14 @@ def random_ids(batch: int, length: int, seed: int = 0, vocab: int = VOCAB) -> np
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int64)
 
 
-def hf_logits(model: "torch.nn.Module", ids: np.ndarray) -> np.ndarray:
+def hf_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
     """Full-sequence fp32 logits from transformers."""
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long), use_cache=False)
     return out.logits.float().numpy()
 
 
-def hf_greedy(model: "torch.nn.Module", ids: np.ndarray, new_tokens: int) -> np.ndarray:
+def hf_greedy(model: torch.nn.Module, ids: np.ndarray, new_tokens: int) -> np.ndarray:
     """HF greedy generation (with its KV cache); returns only the new tokens [B, new_tokens]."""
     ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     with torch.no_grad():
@@ -208,7 +270,7 @@ def hf_greedy(model: "torch.nn.Module", ids: np.ndarray, new_tokens: int) -> np.
             pad_token_id=0,
             use_cache=True,
         )
-    return out[:, ids_t.shape[1]:].numpy()
+    return out[:, ids_t.shape[1] :].numpy()
 
 
 def max_abs_diff(a: Any, b: Any) -> float:

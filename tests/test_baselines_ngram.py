@@ -46,7 +46,10 @@ def ref_unigram_ppl(train: list[int], test: list[int], vocab: int) -> float:
 
 
 def ref_bigram_mean_nll(train: list[int], test: list[int], vocab: int, weight: float) -> float:
-    nll = [-math.log(ref_bigram_prob(train, vocab, weight, test[i - 1], test[i])) for i in range(1, len(test))]
+    nll = [
+        -math.log(ref_bigram_prob(train, vocab, weight, test[i - 1], test[i]))
+        for i in range(1, len(test))
+    ]
     return sum(nll) / len(nll)
 
 
@@ -70,7 +73,8 @@ def test_unigram_scores_all_but_first() -> None:
 def test_bigram_matches_bruteforce(weight: float) -> None:
     nll = bigram_target_nll(np.array(TRAIN), np.array(TEST), V, weight)
     expected = [
-        -math.log(ref_bigram_prob(TRAIN, V, weight, TEST[i - 1], TEST[i])) for i in range(1, len(TEST))
+        -math.log(ref_bigram_prob(TRAIN, V, weight, TEST[i - 1], TEST[i]))
+        for i in range(1, len(TEST))
     ]
     np.testing.assert_allclose(nll, expected, rtol=1e-12)
     ppl = bigram_perplexity(np.array(TRAIN), np.array(TEST), V, weight=weight)

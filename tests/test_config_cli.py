@@ -1,7 +1,9 @@
-"""`--config PATH --config.field=value`: typed overrides, unknown fields, validation, CLI exit codes.
+"""`--config PATH --config.field=value`: typed overrides, unknown fields, validation, CLI exit
+codes.
 
 The expected values are written out literally (what a user types -> what the field must hold); the
-validation messages are checked for the field name and for the allowed values a user needs to fix it.
+validation messages are checked for the field name and for the allowed values a user needs to fix
+it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ def valid_config(**fields):
         ("rank=None", "rank", None),
         ("eval_max_tokens=1024", "eval_max_tokens", 1024),
         ("calib_text=/tmp/some text.txt", "calib_text", "/tmp/some text.txt"),
-        ("model_path=123", "model_path", "123"),  # a string field stays a string even when it looks numeric
+        (
+            "model_path=123",
+            "model_path",
+            "123",
+        ),  # a string field stays a string even when it looks numeric
         ("super_experts=(1,5)", "super_experts", (1, 5)),
         ("super_experts=auto", "super_experts", "auto"),
         ("coefficient_mode=sampled", "coefficient_mode", "sampled"),
@@ -63,14 +69,19 @@ def test_override_is_typed_by_the_field(override, field, expected):
     assert type(value) is type(expected)
 
 
-@pytest.mark.parametrize("override, field", [("expert_mass_floor=1", "expert_mass_floor"), ("milp_time_limit=30", "milp_time_limit")])
+@pytest.mark.parametrize(
+    "override, field",
+    [("expert_mass_floor=1", "expert_mass_floor"), ("milp_time_limit=30", "milp_time_limit")],
+)
 def test_int_given_to_a_float_field_becomes_float(override, field):
     value = parsed(f"--config.{override}")[field]
     assert type(value) is float and value == float(override.split("=")[1])
 
 
 def test_config_equals_form_and_later_override_wins():
-    cfg, rest = parse_config_args([f"--config={TINY}", "--config.group_size=32", "--config.group_size=16"])
+    cfg, rest = parse_config_args(
+        [f"--config={TINY}", "--config.group_size=32", "--config.group_size=16"]
+    )
     assert rest == [] and cfg.group_size == 16
     # the config file's own settings are the starting point
     assert cfg.budget_bits == (2.0, 2.5, 3.0)
@@ -81,7 +92,9 @@ def test_bool_field_rejects_non_bool():
         parsed("--config.overwrite=yes")
 
 
-@pytest.mark.parametrize("override", ["group_size=abc", "group_size=2.5", "eval_max_tokens=many", "budget_bits=two"])
+@pytest.mark.parametrize(
+    "override", ["group_size=abc", "group_size=2.5", "eval_max_tokens=many", "budget_bits=two"]
+)
 def test_wrongly_typed_value_is_a_value_error_naming_the_field(override):
     with pytest.raises(ValueError, match=override.split("=")[0]):
         parsed(f"--config.{override}")
@@ -92,7 +105,14 @@ def test_unknown_field_lists_known_fields():
         parsed("--config.budget=2.0")
     msg = str(exc.value)
     assert "'budget'" in msg
-    for known in ("budget_bits", "group_size", "candidate_bits", "allocator", "budget_scope", "model_path"):
+    for known in (
+        "budget_bits",
+        "group_size",
+        "candidate_bits",
+        "allocator",
+        "budget_scope",
+        "model_path",
+    ):
         assert known in msg
 
 
@@ -111,8 +131,17 @@ def test_override_without_value():
 # ------------------------------------------------------------------------------------- validation
 def test_valid_config_passes():
     validate(valid_config())
-    validate(valid_config(budget_bits="(2.0,2.5)", budget_scope="model", allocator="greedy", basis_bits=16,
-                          candidate_bits="(0,1,2,16)", super_experts="auto", coefficient_mode="sampled"))
+    validate(
+        valid_config(
+            budget_bits="(2.0,2.5)",
+            budget_scope="model",
+            allocator="greedy",
+            basis_bits=16,
+            candidate_bits="(0,1,2,16)",
+            super_experts="auto",
+            coefficient_mode="sampled",
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -188,7 +217,14 @@ def test_quantize_main_missing_config_file_exits_2(capsys, tmp_path):
 
 
 def test_quantize_main_missing_model_exits_2(capsys, tmp_path):
-    code = quantize.main(["--config", TINY, f"--config.model_path={tmp_path / 'no_model'}", f"--config.output_dir={tmp_path / 'o'}"])
+    code = quantize.main(
+        [
+            "--config",
+            TINY,
+            f"--config.model_path={tmp_path / 'no_model'}",
+            f"--config.output_dir={tmp_path / 'o'}",
+        ]
+    )
     assert code == 2
     assert "no_model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -95,7 +95,7 @@ def test_resolve_text_names_and_paths(tmp_path) -> None:
     plain.write_text("Hello, world\u00e9\n", encoding="utf-8")
     zipped = tmp_path / "b.txt.gz"
     with gzip.open(zipped, "wb") as fh:
-        fh.write("Zipped text\n".encode("utf-8"))
+        fh.write(b"Zipped text\n")
     assert resolve_text(plain) == plain
     assert resolve_text(str(zipped)) == zipped
     assert read_text(plain) == "Hello, world\u00e9\n"
@@ -131,7 +131,9 @@ def test_load_tokenizer(tmp_path, small_tokenizer: tokenizers.Tokenizer) -> None
 def test_tokenize_text_equals_whole_string_encode(
     train_sample: str, small_tokenizer: tokenizers.Tokenizer
 ) -> None:
-    text = EDGE_CASES + train_sample[:50_000] + EDGE_CASES + read_text("milton")[:20_000] + EDGE_CASES
+    text = (
+        EDGE_CASES + train_sample[:50_000] + EDGE_CASES + read_text("milton")[:20_000] + EDGE_CASES
+    )
     # chunk_chars=1 cuts at every safe newline, so thousands of cut points are exercised.
     pieces = data._chunks(text, 1)
     assert len(pieces) > 1000 and "".join(pieces) == text
@@ -187,20 +189,26 @@ def test_tokenize_text_other_tokenizers_fall_back(train_sample: str) -> None:
     )
 
 
-def test_tokenize_text_ignores_truncation(small_tokenizer: tokenizers.Tokenizer, train_sample: str) -> None:
+def test_tokenize_text_ignores_truncation(
+    small_tokenizer: tokenizers.Tokenizer, train_sample: str
+) -> None:
     tok = tokenizers.Tokenizer.from_str(small_tokenizer.to_str())
     tok.enable_truncation(max_length=16)
     text = train_sample[:5_000]
     got = tokenize_text(tok, text)
     assert got.shape[0] > 16
     np.testing.assert_array_equal(got, small_tokenizer.encode(text, add_special_tokens=False).ids)
-    assert tok.truncation is not None and tok.truncation["max_length"] == 16  # caller's object untouched
+    assert (
+        tok.truncation is not None and tok.truncation["max_length"] == 16
+    )  # caller's object untouched
 
 
 # --------------------------------------------------------------------------- strided windows
 
 
-def _literal_contract(n: int, seq_len: int, stride: int) -> tuple[list[tuple[int, int]], list[set[int]]]:
+def _literal_contract(
+    n: int, seq_len: int, stride: int
+) -> tuple[list[tuple[int, int]], list[set[int]]]:
     """Independent reference: windows at 0, S, 2S, ... while start < N-1, each scoring the targets
     start+1..end-1 that lie at or after the previous window's end (the first scores all)."""
     spans, scored = [], []
@@ -240,7 +248,7 @@ def test_strided_windows_against_literal_contract(n: int, seq_len: int, stride: 
     assert nonempty == list(range(len(nonempty)))
     assert [(w.start, w.end) for w in windows] == spans[: len(nonempty)]
     counts = np.zeros(n, dtype=np.int64)
-    for w, expected in zip(windows, scored):
+    for w, expected in zip(windows, scored, strict=False):
         assert set(range(w.score_from, w.end)) == expected
         counts[w.score_from : w.end] += 1
     assert counts[0] == 0
@@ -294,9 +302,9 @@ def test_training_batches_deterministic() -> None:
     a = [next(it) for it in [training_batches(tokens, 64, 4, seed=7)] for _ in range(5)]
     b = [next(it) for it in [training_batches(tokens, 64, 4, seed=7)] for _ in range(5)]
     c = [next(it) for it in [training_batches(tokens, 64, 4, seed=8)] for _ in range(5)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         np.testing.assert_array_equal(x, y)
-    assert any(not np.array_equal(x, z) for x, z in zip(a, c))
+    assert any(not np.array_equal(x, z) for x, z in zip(a, c, strict=False))
 
 
 def test_training_batches_validation() -> None:

@@ -28,7 +28,16 @@ from bitsmoe_jax.train_reference import REFERENCE_DIR
 MODEL_DIR = Path(os.environ.get("BITSMOE_TEST_MODEL") or REFERENCE_DIR)
 
 N_PARITY = 1500  # tokens of the test split used against the PyTorch reference
-REQUIRED_KEYS = {"perplexity", "tokens_scored", "model", "text", "seq_len", "stride", "time_s", "nll_sum"}
+REQUIRED_KEYS = {
+    "perplexity",
+    "tokens_scored",
+    "model",
+    "text",
+    "seq_len",
+    "stride",
+    "time_s",
+    "nll_sum",
+}
 REFERENCE_KEYS = {"kl_divergence", "top1_agreement", "reference_perplexity"}
 
 
@@ -51,7 +60,8 @@ def hf_model():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     # Windows of 64 tokens are too small to gain from intra-op threads, and on a busy CPU torch's
-    # thread barriers cost ~25x (measured 0.8 s with one thread, 20 s with two); restored afterwards.
+    # thread barriers cost ~25x (measured 0.8 s with one thread, 20 s with two); restored
+    # afterwards.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -68,9 +78,7 @@ def perturbed(model):
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     rng = np.random.default_rng(1)
-    noisy = [
-        a * jnp.asarray(1.0 + 0.05 * rng.standard_normal(a.shape), a.dtype) for a in leaves
-    ]
+    noisy = [a * jnp.asarray(1.0 + 0.05 * rng.standard_normal(a.shape), a.dtype) for a in leaves]
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
 
 
@@ -156,7 +164,9 @@ def test_kl_against_perturbed_copy_matches_numpy(model, perturbed, tokens):
 
     kl_sum, agree, n, nll_model, nll_ref = 0.0, 0, 0, 0.0, 0.0
     for begin, end, first in windows:
-        rows = np.arange(first - begin - 1, end - begin - 1)  # logits rows predicting targets first..end-1
+        rows = np.arange(
+            first - begin - 1, end - begin - 1
+        )  # logits rows predicting targets first..end-1
         targets = x[rows + begin + 1]
         r, m = lp_ref[begin][rows], lp_mod[begin][rows]
         kl_sum += float((np.exp(r) * (r - m)).sum())
@@ -184,7 +194,7 @@ def test_tokens_scored_matches_window_plan(model, tokens, n_tokens, seq_len, str
     windows = data.strided_windows(n_tokens, seq_len, stride)
     counted = np.zeros(n_tokens, np.int64)
     for w in windows:
-        counted[w.score_from:w.end] += 1
+        counted[w.score_from : w.end] += 1
     assert counted.max() == 1  # no target counted twice
     assert counted[0] == 0
     got = evaluate_model(model, tokens[:n_tokens], seq_len, stride, batch_size=8)
@@ -192,7 +202,9 @@ def test_tokens_scored_matches_window_plan(model, tokens, n_tokens, seq_len, str
     assert got["num_windows"] == len(windows)
     if stride < seq_len:
         assert got["tokens_scored"] == n_tokens - 1
-    elif stride == seq_len:  # disjoint blocks: the block starts k*seq_len (k >= 1) are never targets
+    elif (
+        stride == seq_len
+    ):  # disjoint blocks: the block starts k*seq_len (k >= 1) are never targets
         assert got["tokens_scored"] == n_tokens - 1 - (n_tokens - 1) // seq_len
 
 
@@ -217,11 +229,27 @@ def test_cli_end_to_end(tmp_path, capsys):
     text = _small_text(tmp_path)
     out = tmp_path / "res" / "eval.json"
     # --tokenizer override: the model directory itself has no tokenizer.json.
-    rc = main([
-        "--model", str(_model_without_tokenizer(tmp_path)), "--text", str(text), "--seq-len", "64",
-        "--stride", "64", "--reference", str(MODEL_DIR), "--tokenizer", str(MODEL_DIR),
-        "--batch-size", "8", "--json", str(out), "--no-progress",
-    ])
+    rc = main(
+        [
+            "--model",
+            str(_model_without_tokenizer(tmp_path)),
+            "--text",
+            str(text),
+            "--seq-len",
+            "64",
+            "--stride",
+            "64",
+            "--reference",
+            str(MODEL_DIR),
+            "--tokenizer",
+            str(MODEL_DIR),
+            "--batch-size",
+            "8",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     res = json.loads(out.read_text())
@@ -231,18 +259,33 @@ def test_cli_end_to_end(tmp_path, capsys):
     # The model is the reference's weights: identical distributions.
     assert abs(res["kl_divergence"]) < 1e-6 and res["top1_agreement"] == 1.0
     assert res["perplexity"] == pytest.approx(res["reference_perplexity"], rel=1e-7)
-    assert res["perplexity"] == pytest.approx(np.exp(res["nll_sum"] / res["tokens_scored"]), rel=1e-9)
+    assert res["perplexity"] == pytest.approx(
+        np.exp(res["nll_sum"] / res["tokens_scored"]), rel=1e-9
+    )
     # Same numbers as the library call on the same tokens.
     toks = data.tokenize_text(data.load_tokenizer(MODEL_DIR), text.read_text(encoding="utf-8"))
-    assert res["tokens_scored"] == sum(w.end - w.score_from for w in data.strided_windows(len(toks), 64, 64))
+    assert res["tokens_scored"] == sum(
+        w.end - w.score_from for w in data.strided_windows(len(toks), 64, 64)
+    )
     line = captured.out.strip().splitlines()[-1]
-    assert line.startswith(f"perplexity {res['perplexity']:.2f} over {res['tokens_scored']:,} tokens")
+    assert line.startswith(
+        f"perplexity {res['perplexity']:.2f} over {res['tokens_scored']:,} tokens"
+    )
     assert "KL" in line and "top-1 100.0%" in line
 
 
 # ----------------------------------------------------------------------------- (5) bad inputs
 def test_missing_model_dir(tmp_path, capsys):
-    rc = main(["--model", str(tmp_path / "nope"), "--text", "shakespeare_test", "--json", str(tmp_path / "o.json")])
+    rc = main(
+        [
+            "--model",
+            str(tmp_path / "nope"),
+            "--text",
+            "shakespeare_test",
+            "--json",
+            str(tmp_path / "o.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "model directory not found" in err and "nope" in err
@@ -257,7 +300,16 @@ def test_not_a_model_dir(tmp_path, capsys):
 
 
 def test_missing_reference_dir(tmp_path, capsys):
-    rc = main(["--model", str(MODEL_DIR), "--reference", str(tmp_path / "ref"), "--text", "shakespeare_test"])
+    rc = main(
+        [
+            "--model",
+            str(MODEL_DIR),
+            "--reference",
+            str(tmp_path / "ref"),
+            "--text",
+            "shakespeare_test",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "reference model directory not found" in err
 
@@ -272,6 +324,15 @@ def test_missing_tokenizer(tmp_path, capsys):
     rc = main(["--model", str(_model_without_tokenizer(tmp_path)), "--text", "shakespeare_test"])
     err = capsys.readouterr().err
     assert rc == 2 and "tokenizer.json" in err and "--tokenizer" in err
-    rc = main(["--model", str(MODEL_DIR), "--tokenizer", str(tmp_path / "tk"), "--text", "shakespeare_test"])
+    rc = main(
+        [
+            "--model",
+            str(MODEL_DIR),
+            "--tokenizer",
+            str(tmp_path / "tk"),
+            "--text",
+            "shakespeare_test",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "tokenizer.json" in err

@@ -114,7 +114,9 @@ def test_save_files(tmp_path, tok: tokenizers.Tokenizer) -> None:
         save_hf_tokenizer(tok, tmp_path / "bad", model_max_length=0)
 
 
-def test_transformers_autotokenizer_matches(tmp_path, tok: tokenizers.Tokenizer, train_sample: str) -> None:
+def test_transformers_autotokenizer_matches(
+    tmp_path, tok: tokenizers.Tokenizer, train_sample: str
+) -> None:
     transformers = pytest.importorskip("transformers")
     out = save_hf_tokenizer(tok, tmp_path / "hf", model_max_length=256)
     hf = transformers.AutoTokenizer.from_pretrained(str(out))

@@ -1,4 +1,5 @@
-"""The reference-model training script is deterministic given its seed and exports a loadable checkpoint."""
+"""The reference-model training script is deterministic given its seed and exports a loadable
+checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,20 @@ import numpy as np
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.train_reference import main
 
-ARGS = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--eval-every", "2", "--log-every", "1"]
+ARGS = [
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--warmup",
+    "1",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "1",
+]
 
 
 def _digest(path) -> str:

@@ -24,37 +24,34 @@ stays near norm ``c`` while a row that moved a lot grows, so the change is appro
 smaller norm => smaller change => more bits. This ignores rows that shrank during training and the
 direction of the update; with ``router_init`` the exact value is used instead.
 
-Intra-neuron variance
----------------------
-A "neuron" of expert ``e`` is an intermediate (FFN) unit ``f``: its weights are the input columns
-``gate[e][:, f]`` and ``up[e][:, f]`` (``D`` values each) and the output row ``down[e][f, :]``
-(``D`` values). Its variance is the population variance (ddof=0) of these ``3 D`` values pooled
-together; the expert's score is the maximum over its ``F`` neurons. We pool rather than take a
-per-matrix variance and then the max because the theory treats a neuron (input weights + output
-weight) as one unit whose whole weight vector is perturbed by quantization; pooling also counts a
-neuron whose gate/up/down live at different scales as high-variance, which is exactly the case
-where a shared low bit-width injects large relative noise.
+Intra-neuron variance --------------------- A "neuron" of expert ``e`` is an intermediate (FFN) unit
+``f``: its weights are the input columns ``gate[e][:, f]`` and ``up[e][:, f]`` (``D`` values each)
+and the output row ``down[e][f, :]`` (``D`` values). Its variance is the population variance
+(ddof=0) of these ``3 D`` values pooled together; the expert's score is the maximum over its ``F``
+neurons. We pool rather than take a per-matrix variance and then the max because the theory treats a
+neuron (input weights + output weight) as one unit whose whole weight vector is perturbed by
+quantization; pooling also counts a neuron whose gate/up/down live at different scales as
+high-variance, which is exactly the case where a shared low bit-width injects large relative noise.
 
 High-variance experts are those whose score is strictly above the ``variance_quantile`` quantile of
 the scores over experts (numpy's default linear interpolation); ``variance_quantile=None`` protects
 no expert.
 
-Allocation
-----------
-Every expert gets ``low_bits`` or ``high_bits``. By default they are the integers bracketing the
-target code bits ``budget_bits - 16 / group_size`` (one bf16 scale per group): ``low = floor``,
-``high = low + 1``. All experts have the same size, so the mean effective bits with ``n`` high-bit
-experts is ``low + n (high - low) / E + 16 / group_size``; ``n`` is the largest count with that mean
-``<= budget_bits`` (1e-9 tolerance). The ``n`` high-bit experts are taken in priority order:
-high-variance experts first (protection), then the rest; within each group ascending router-norm
-change, ties broken by expert index. A budget below ``low_bits + 16 / group_size`` is a ValueError.
+Allocation ---------- Every expert gets ``low_bits`` or ``high_bits``. By default they are the
+integers bracketing the target code bits ``budget_bits - 16 / group_size`` (one bf16 scale per
+group): ``low = floor``, ``high = low + 1``. All experts have the same size, so the mean effective
+bits with ``n`` high-bit experts is ``low + n (high - low) / E + 16 / group_size``; ``n`` is the
+largest count with that mean ``<= budget_bits`` (1e-9 tolerance). The ``n`` high-bit experts are
+taken in priority order: high-variance experts first (protection), then the rest; within each group
+ascending router-norm change, ties broken by expert index. A budget below ``low_bits + 16 /
+group_size`` is a ValueError.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -110,7 +107,7 @@ def expert_scores(
     up,
     down,
     router_init=None,
-    variance_quantile: Optional[float] = 0.75,
+    variance_quantile: float | None = 0.75,
 ) -> ExpertScores:
     """Router-norm change (exact with `router_init`, else ||r_e||) and the high-variance set."""
     router = np.asarray(router_kernel, np.float64)
@@ -119,11 +116,15 @@ def expert_scores(
     variance = intra_neuron_variance(gate, up, down)
     e = variance.shape[0]
     if router.shape != (np.asarray(gate).shape[1], e):
-        raise ValueError(f"router kernel must be [D, E] = {(np.asarray(gate).shape[1], e)}, got {router.shape}")
+        raise ValueError(
+            f"router kernel must be [D, E] = {(np.asarray(gate).shape[1], e)}, got {router.shape}"
+        )
     if router_init is not None:
         init = np.asarray(router_init, np.float64)
         if init.shape != router.shape:
-            raise ValueError(f"router_init shape {init.shape} != router kernel shape {router.shape}")
+            raise ValueError(
+                f"router_init shape {init.shape} != router kernel shape {router.shape}"
+            )
         change = np.linalg.norm(router - init, axis=0)
     else:
         change = np.linalg.norm(router, axis=0)
@@ -146,11 +147,12 @@ def expert_priority(scores: ExpertScores) -> np.ndarray:
 def allocate_expert_bits(
     scores: ExpertScores,
     budget_bits: float,
-    low_bits: Optional[int] = None,
-    high_bits: Optional[int] = None,
+    low_bits: int | None = None,
+    high_bits: int | None = None,
     group_size: int = 128,
 ) -> np.ndarray:
-    """[E] ints in {low_bits, high_bits}: the most high-bit experts whose mean bpw fits the budget."""
+    """[E] ints in {low_bits, high_bits}: the most high-bit experts whose mean bpw fits the
+    budget."""
     overhead = 16.0 / group_size
     target = budget_bits - overhead
     if low_bits is None:
@@ -159,7 +161,9 @@ def allocate_expert_bits(
         high_bits = low_bits + 1
     low_bits, high_bits = int(low_bits), int(high_bits)
     if low_bits < MIN_BITS or high_bits <= low_bits:
-        raise ValueError(f"need {MIN_BITS} <= low_bits < high_bits, got low={low_bits}, high={high_bits}")
+        raise ValueError(
+            f"need {MIN_BITS} <= low_bits < high_bits, got low={low_bits}, high={high_bits}"
+        )
     if budget_bits < low_bits + overhead - _TOL:
         raise ValueError(
             f"budget {budget_bits} bits/weight is below the minimum low_bits + 16/group_size = "
@@ -167,7 +171,9 @@ def allocate_expert_bits(
         )
     e = scores.num_experts
     n = 0
-    while n < e and low_bits + (n + 1) * (high_bits - low_bits) / e + overhead <= budget_bits + _TOL:
+    while (
+        n < e and low_bits + (n + 1) * (high_bits - low_bits) / e + overhead <= budget_bits + _TOL
+    ):
         n += 1
     bits = np.full(e, low_bits, np.int64)
     bits[expert_priority(scores)[:n]] = high_bits
@@ -181,11 +187,11 @@ def expertwise_quantize(
     router_kernel,
     budget_bits: float,
     group_size: int = 128,
-    quantizer: Optional[Quantizer] = None,
+    quantizer: Quantizer | None = None,
     router_init=None,
-    variance_quantile: Optional[float] = 0.75,
-    low_bits: Optional[int] = None,
-    high_bits: Optional[int] = None,
+    variance_quantile: float | None = 0.75,
+    low_bits: int | None = None,
+    high_bits: int | None = None,
 ) -> dict:
     """Quantize each expert at its allocated bits; groups along the contraction axis (0 per expert).
 
@@ -198,7 +204,10 @@ def expertwise_quantize(
     for name, w in (("gate", gate), ("up", up), ("down", down)):
         w = np.asarray(w, np.float32)
         out[name] = np.stack(
-            [np.asarray(quantizer(w[i], int(bits[i]), group_size, 0), np.float32) for i in range(w.shape[0])]
+            [
+                np.asarray(quantizer(w[i], int(bits[i]), group_size, 0), np.float32)
+                for i in range(w.shape[0])
+            ]
         )
     out["bits"] = bits
     out["bpw"] = float(bits.mean() + 16.0 / group_size)

@@ -37,7 +37,8 @@ Effective bits per weight: ``bits + 16 / group_size`` (``+ bits / group_size`` w
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ HI = jax.lax.Precision.HIGHEST
 
 
 def _effective_block(k: int, group_size: int, block_size: int) -> int:
-    """Block size ≤ block_size such that every group is inside a block or starts at a block start."""
+    """Block size ≤ block_size such that every group is inside a block or starts at a block
+    start."""
     bs = max(1, min(block_size, k))
     if group_size <= bs:
         return (bs // group_size) * group_size
@@ -67,8 +69,11 @@ def _bf16(x: jax.Array) -> jax.Array:
     return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _group_grid(gmin: jax.Array, gmax: jax.Array, bits: int, zero_point: bool) -> tuple[jax.Array, jax.Array]:
-    """(scale, zero) per output column from the group's current min / max (zero = 0 when symmetric)."""
+def _group_grid(
+    gmin: jax.Array, gmax: jax.Array, bits: int, zero_point: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(scale, zero) per output column from the group's current min / max (zero = 0 when
+    symmetric)."""
     if not zero_point:
         return _bf16(jnp.maximum(gmax, -gmin) / (2 ** (bits - 1) - 1)), jnp.zeros_like(gmax)
     lo, hi = jnp.minimum(gmin, 0.0), jnp.maximum(gmax, 0.0)
@@ -77,16 +82,27 @@ def _group_grid(gmin: jax.Array, gmax: jax.Array, bits: int, zero_point: bool) -
     return scale, jnp.where(scale > 0, jnp.clip(jnp.round(-lo / safe), 0, 2**bits - 1), 0.0)
 
 
-def _grid_round(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, zero_point: bool) -> jax.Array:
+def _grid_round(
+    w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, zero_point: bool
+) -> jax.Array:
     safe = jnp.where(scale > 0, scale, 1.0)
     if zero_point:
         return (jnp.clip(jnp.round(w / safe) + zero, 0, 2**bits - 1) - zero) * scale
     return jnp.clip(jnp.round(w / safe), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_size", "act_order", "zero_point"))
+@functools.partial(
+    jax.jit, static_argnames=("bits", "group_size", "block_size", "act_order", "zero_point")
+)
 def _gptq(
-    w: jax.Array, h: jax.Array, damp: jax.Array, *, bits: int, group_size: int, block_size: int, act_order: bool,
+    w: jax.Array,
+    h: jax.Array,
+    damp: jax.Array,
+    *,
+    bits: int,
+    group_size: int,
+    block_size: int,
+    act_order: bool,
     zero_point: bool = False,
 ) -> jax.Array:
     k, n = w.shape
@@ -129,7 +145,9 @@ def _gptq(
         u1 = u[b0:b1, b0:b1]
         idx = jnp.arange(nb)
 
-        def body(i, carry, u1=u1, gstart=gstart, gmask=gmask, ext_hi=ext_hi, ext_lo=ext_lo, idx=idx):
+        def body(
+            i, carry, u1=u1, gstart=gstart, gmask=gmask, ext_hi=ext_hi, ext_lo=ext_lo, idx=idx
+        ):
             w1, q1, e1, sc, zp = carry
             wi = w1[i]
             in_group = gmask[i][:, None]
@@ -144,7 +162,13 @@ def _gptq(
             w1 = w1 - coef[:, None] * err[None, :]
             return w1, q1.at[i].set(qi), e1.at[i].set(err), sc, zp
 
-        init = (w[b0:b1], jnp.zeros((nb, n), jnp.float32), jnp.zeros((nb, n), jnp.float32), scale, zero)
+        init = (
+            w[b0:b1],
+            jnp.zeros((nb, n), jnp.float32),
+            jnp.zeros((nb, n), jnp.float32),
+            scale,
+            zero,
+        )
         _, q1, e1, scale, zero = jax.lax.fori_loop(0, nb, body, init)
         q_blocks.append(q1)
         if b1 < k:
@@ -165,7 +189,8 @@ def gptq_quantize_matrix(
     block_size: int = 128,
     zero_point: bool = False,
 ) -> jax.Array:
-    """GPTQ-quantize ``w`` [K, N] (``y = x @ w``) against ``hessian`` [K, K] = Σ x xᵀ; float32 [K, N].
+    """GPTQ-quantize ``w`` [K, N] (``y = x @ w``) against ``hessian`` [K, K] = Σ x xᵀ; float32 [K,
+    N].
 
     group_size: input rows per scale (None or ≤ 0: one group of all K rows). The result is
     fake-quantized: every value is an integer in [-2^(b-1), 2^(b-1)-1] times its group's bf16 scale,
@@ -174,28 +199,50 @@ def gptq_quantize_matrix(
     k = np.shape(w)[0]
     gs = k if group_size is None or group_size <= 0 else int(group_size)
     return _gptq(
-        jnp.asarray(w), jnp.asarray(hessian), jnp.float32(damp),
-        bits=int(bits), group_size=gs, block_size=int(block_size), act_order=bool(act_order), zero_point=bool(zero_point),
+        jnp.asarray(w),
+        jnp.asarray(hessian),
+        jnp.float32(damp),
+        bits=int(bits),
+        group_size=gs,
+        block_size=int(block_size),
+        act_order=bool(act_order),
+        zero_point=bool(zero_point),
     )
 
 
 def expert_inputs(
-    x: Any, expert_idx: Any, expert_w: Any, gate: Any, up: Any, num_experts: int, min_tokens: int = 16
+    x: Any,
+    expert_idx: Any,
+    expert_w: Any,
+    gate: Any,
+    up: Any,
+    num_experts: int,
+    min_tokens: int = 16,
 ) -> Iterator[tuple[int, jax.Array, jax.Array, int]]:
-    """``(e, x_e [n, D], h_e [n, F], routed-token count)`` for each expert: the inputs of its gate/up
+    """``(e, x_e [n, D], h_e [n, F], routed-token count)`` for each expert: the inputs of its
+    gate/up
     and of its down, over the tokens routed to it — or over every token when fewer than
-    ``min_tokens`` were (the starved fallback: count < min_tokens). ``h = silu(x gate) · (x up)``
-    of the unquantized expert. ``expert_w`` is only checked for shape (see `expert_hessians`)."""
+    ``min_tokens`` were (the starved fallback: count < min_tokens). ``h = silu(x gate) · (x up)`` of
+    the unquantized expert. ``expert_w`` is only checked for shape (see `expert_hessians`)."""
     x = jnp.asarray(x, jnp.float32)
     idx = np.asarray(expert_idx)
     if np.shape(expert_w) != idx.shape or idx.ndim != 2 or idx.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_idx {idx.shape} / expert_w {np.shape(expert_w)} must both be [N={x.shape[0]}, k]")
+        raise ValueError(
+            f"expert_idx {idx.shape} / expert_w {np.shape(expert_w)} must both be [N={x.shape[0]}, "
+            "k]"
+        )
     gate = jnp.asarray(gate, jnp.float32)
     up = jnp.asarray(up, jnp.float32)
     for e in range(num_experts):
         tok = np.nonzero((idx == e).any(axis=1))[0]
         xe = x if tok.size < min_tokens else x[tok]
-        yield e, xe, jax.nn.silu(jnp.matmul(xe, gate[e], precision=HI)) * jnp.matmul(xe, up[e], precision=HI), int(tok.size)
+        yield (
+            e,
+            xe,
+            jax.nn.silu(jnp.matmul(xe, gate[e], precision=HI))
+            * jnp.matmul(xe, up[e], precision=HI),
+            int(tok.size),
+        )
 
 
 def expert_hessians(
@@ -218,13 +265,15 @@ def expert_hessians(
     (as in GPTQ-for-MoE practice). ``expert_w`` is therefore only checked for shape.
 
     Starved experts (fewer than ``min_tokens`` routed tokens) would get a rank-deficient Hessian
-    dominated by dampening; as a documented fallback they use *every* token of the layer (H_down then
-    uses h computed by that expert on all tokens). Returns (H_in [E, D, D], H_down [E, F, F],
+    dominated by dampening; as a documented fallback they use *every* token of the layer (H_down
+    then uses h computed by that expert on all tokens). Returns (H_in [E, D, D], H_down [E, F, F],
     tokens [E] routed-token counts before the fallback, starved expert ids).
     """
     h_in, h_down = [], []
     tokens, starved = np.zeros(num_experts, np.int64), []
-    for e, xe, he, routed in expert_inputs(x, expert_idx, expert_w, gate, up, num_experts, min_tokens):
+    for e, xe, he, routed in expert_inputs(
+        x, expert_idx, expert_w, gate, up, num_experts, min_tokens
+    ):
         tokens[e] = routed
         if routed < min_tokens:
             starved.append(e)
@@ -248,7 +297,8 @@ def gptq_quantize_experts(
     block_size: int = 128,
     zero_point: bool = False,
 ) -> dict[str, Any]:
-    """GPTQ every routed expert of one MoE layer: gate/up [E, D, F] against H_in, down [E, F, D] against H_down.
+    """GPTQ every routed expert of one MoE layer: gate/up [E, D, F] against H_in, down [E, F, D]
+    against H_down.
 
     Gate and up share H_in and GPTQ treats output columns independently, so they are quantized as
     one [D, 2F] matrix per expert (identical to quantizing them separately). Returns
@@ -257,17 +307,23 @@ def gptq_quantize_experts(
     """
     gate_a, up_a, down_a = jnp.asarray(gate), jnp.asarray(up), jnp.asarray(down)
     e, d, f = gate_a.shape
-    h_in, h_down, tokens, starved = expert_hessians(x, expert_idx, expert_w, gate_a, up_a, e, min_tokens)
+    h_in, h_down, tokens, starved = expert_hessians(
+        x, expert_idx, expert_w, gate_a, up_a, e, min_tokens
+    )
 
     def quant(w_stack: jax.Array, h_stack: jax.Array) -> jax.Array:
-        return jax.vmap(lambda w, h: gptq_quantize_matrix(w, h, bits, group_size, damp, act_order, block_size, zero_point))(
-            w_stack.astype(jnp.float32), h_stack
-        )
+        return jax.vmap(
+            lambda w, h: gptq_quantize_matrix(
+                w, h, bits, group_size, damp, act_order, block_size, zero_point
+            )
+        )(w_stack.astype(jnp.float32), h_stack)
 
     gu = quant(jnp.concatenate([gate_a, up_a], axis=-1), h_in)
     dq = quant(down_a, h_down)
     if not (bool(jnp.all(jnp.isfinite(gu))) and bool(jnp.all(jnp.isfinite(dq)))):
-        raise FloatingPointError("GPTQ produced non-finite weights (Hessian not positive definite after dampening?)")
+        raise FloatingPointError(
+            "GPTQ produced non-finite weights (Hessian not positive definite after dampening?)"
+        )
     return dict(
         gate=gu[..., :f].astype(gate_a.dtype),
         up=gu[..., f:].astype(up_a.dtype),

@@ -9,7 +9,8 @@ It is our own implementation of the formats, not a port of llama.cpp's search, s
 not bit-identical to llama.cpp's quantizer; the fit below is at least as careful (searched grids,
 least-squares refits, scales of scales fitted with the same weights).
 
-Format (one super-block = 256 consecutive weights along the contraction axis, split into sub-blocks):
+Format (one super-block = 256 consecutive weights along the contraction axis, split into
+sub-blocks):
 
 | type | code bits | sub-block | per sub-block | per super-block | bytes / 256 | bpw |
 |---|---|---|---|---|---|---|
@@ -79,11 +80,19 @@ class KQuantType:
 
     @property
     def code_range(self) -> tuple[int, int]:
-        return (0, 2**self.bits - 1) if self.with_min else (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+        return (
+            (0, 2**self.bits - 1)
+            if self.with_min
+            else (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+        )
 
     @property
     def scale_range(self) -> tuple[int, int]:
-        return (0, 2**self.scale_bits - 1) if self.with_min else (-(2 ** (self.scale_bits - 1)), 2 ** (self.scale_bits - 1) - 1)
+        return (
+            (0, 2**self.scale_bits - 1)
+            if self.with_min
+            else (-(2 ** (self.scale_bits - 1)), 2 ** (self.scale_bits - 1) - 1)
+        )
 
 
 K_TYPES = (
@@ -113,13 +122,16 @@ def type_for_target(target: float) -> KQuantType:
 
 # ------------------------------------------------------------------------------------ the fit
 def _fit_scale(x: jax.Array, w: jax.Array, lo: int, hi: int) -> tuple[jax.Array, jax.Array]:
-    """(scale [...], codes [..., n]) of ``x ≈ scale · q``, q integer in [lo, hi], minimizing Σ w (x − s q)².
+    """(scale [...], codes [..., n]) of ``x ≈ scale · q``, q integer in [lo, hi], minimizing Σ w (x
+    − s q)².
 
     Candidates put the element of largest magnitude on either end of the grid (shifted by
     `_SHIFTS` steps); each candidate's codes get their least-squares scale; the best is kept. With
     ``lo = 0`` and ``x ≥ 0`` the scale is ≥ 0.
     """
-    m = jnp.take_along_axis(x, jnp.argmax(jnp.abs(x), axis=-1)[..., None], axis=-1)  # [..., 1] signed extreme
+    m = jnp.take_along_axis(
+        x, jnp.argmax(jnp.abs(x), axis=-1)[..., None], axis=-1
+    )  # [..., 1] signed extreme
     ends = jnp.asarray([lo, hi], jnp.float32)
     shifts = jnp.asarray(_SHIFTS, jnp.float32)
     level = ends[:, None] + jnp.sign(ends)[:, None] * shifts[None, :]  # [2, S]
@@ -133,17 +145,22 @@ def _fit_scale(x: jax.Array, w: jax.Array, lo: int, hi: int) -> tuple[jax.Array,
     s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
     err = jnp.sum(w[..., None, :] * (x[..., None, :] - s[..., None] * q) ** 2, -1)
     best = jnp.argmin(err, axis=-1)
-    return jnp.take_along_axis(s, best[..., None], -1)[..., 0], jnp.take_along_axis(q, best[..., None, None], -2)[..., 0, :]
+    return jnp.take_along_axis(s, best[..., None], -1)[..., 0], jnp.take_along_axis(
+        q, best[..., None, None], -2
+    )[..., 0, :]
 
 
 def _nearest(x: jax.Array, scale: jax.Array, offset: jax.Array, lo: int, hi: int) -> jax.Array:
     """Codes of ``x [..., n]`` nearest on the grid ``scale · q + offset`` (per row), q in [lo, hi];
     a zero scale divides by 1."""
-    return jnp.clip(jnp.round((x - offset[..., None]) / jnp.where(scale == 0, 1.0, scale)[..., None]), lo, hi)
+    return jnp.clip(
+        jnp.round((x - offset[..., None]) / jnp.where(scale == 0, 1.0, scale)[..., None]), lo, hi
+    )
 
 
 def _affine_lsq(xs: jax.Array, ws: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Least-squares (scale ≥ 0, offset ≤ 0) of ``xs ≈ scale · q + offset`` for fixed codes, per row."""
+    """Least-squares (scale ≥ 0, offset ≤ 0) of ``xs ≈ scale · q + offset`` for fixed codes, per
+    row."""
     sw, sq, sqq = jnp.sum(ws, -1), jnp.sum(ws * q, -1), jnp.sum(ws * q * q, -1)
     sx, sqx = jnp.sum(ws * xs, -1), jnp.sum(ws * q * xs, -1)
     det = sw * sqq - sq * sq
@@ -161,7 +178,8 @@ def _affine_lsq(xs: jax.Array, ws: jax.Array, q: jax.Array) -> tuple[jax.Array, 
 
 
 def _fit_affine(x: jax.Array, w: jax.Array, hi: int) -> tuple[jax.Array, jax.Array]:
-    """(scale ≥ 0, offset ≤ 0) per row of ``x ≈ scale · q + offset``, q in [0, hi], minimizing Σ w (x − x̂)²."""
+    """(scale ≥ 0, offset ≤ 0) per row of ``x ≈ scale · q + offset``, q in [0, hi], minimizing Σ w
+    (x − x̂)²."""
     lo_v = jnp.minimum(jnp.min(x, -1, keepdims=True), 0.0)
     span = jnp.max(x, -1, keepdims=True) - lo_v
     shifts = jnp.asarray(_SHIFTS, jnp.float32)
@@ -185,7 +203,9 @@ def _fp16(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float16).astype(jnp.float32)
 
 
-def _stored_factor(v: jax.Array, importance: jax.Array, lo: int, hi: int) -> tuple[jax.Array, jax.Array]:
+def _stored_factor(
+    v: jax.Array, importance: jax.Array, lo: int, hi: int
+) -> tuple[jax.Array, jax.Array]:
     """One fp16 factor per row and integers in [lo, hi] for the values ``v [..., subs]``."""
     d, _ = _fit_scale(v, importance, lo, hi)
     d = _fp16(d)
@@ -195,7 +215,8 @@ def _stored_factor(v: jax.Array, importance: jax.Array, lo: int, hi: int) -> tup
 
 @functools.partial(jax.jit, static_argnames=("kt",))
 def _quantize_super_blocks(x: jax.Array, w: jax.Array, kt: KQuantType) -> dict[str, jax.Array]:
-    """The stored fields and the reconstruction of super-blocks ``x [M, 256]`` with importance ``w``."""
+    """The stored fields and the reconstruction of super-blocks ``x [M, 256]`` with importance
+    ``w``."""
     m = x.shape[0]
     subs = SUPER_BLOCK // kt.sub_block
     xs = x.reshape(m, subs, kt.sub_block)
@@ -217,7 +238,14 @@ def _quantize_super_blocks(x: jax.Array, w: jax.Array, kt: KQuantType) -> dict[s
         scale, offset = d[:, None] * sc, jnp.zeros_like(sc)
     q = jnp.where(scale[..., None] == 0, 0.0, _nearest(xs, scale, offset, qlo, qhi))
     deq = scale[..., None] * q + offset[..., None]
-    return {"d": d, "dmin": dmin, "sc": sc, "m": mc, "q": q.reshape(m, SUPER_BLOCK), "values": deq.reshape(m, SUPER_BLOCK)}
+    return {
+        "d": d,
+        "dmin": dmin,
+        "sc": sc,
+        "m": mc,
+        "q": q.reshape(m, SUPER_BLOCK),
+        "values": deq.reshape(m, SUPER_BLOCK),
+    }
 
 
 def quantize_rows(x: Any, importance: Any, kt: KQuantType) -> dict[str, np.ndarray]:
@@ -226,7 +254,9 @@ def quantize_rows(x: Any, importance: Any, kt: KQuantType) -> dict[str, np.ndarr
     [R·K/256, subs]; ``q`` and the reconstruction ``values`` [R, K])."""
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] % SUPER_BLOCK:
-        raise ValueError(f"{kt.name} needs rows whose length is a multiple of {SUPER_BLOCK}, got shape {x.shape}")
+        raise ValueError(
+            f"{kt.name} needs rows whose length is a multiple of {SUPER_BLOCK}, got shape {x.shape}"
+        )
     if not np.isfinite(x).all():
         raise ValueError(f"{kt.name}: the weights to quantize contain NaN or inf")
     w = np.broadcast_to(np.asarray(importance, np.float32), x.shape)
@@ -236,17 +266,24 @@ def quantize_rows(x: Any, importance: Any, kt: KQuantType) -> dict[str, np.ndarr
         n = min(_CHUNK, xb.shape[0] - lo)
         # Pad every chunk to one size: one compiled program per type, not one per remainder.
         pad = ((0, _CHUNK - n), (0, 0)) if xb.shape[0] > _CHUNK else ((0, 0), (0, 0))
-        out = _quantize_super_blocks(jnp.asarray(np.pad(xb[lo : lo + n], pad)), jnp.asarray(np.pad(wb[lo : lo + n], pad)), kt)
+        out = _quantize_super_blocks(
+            jnp.asarray(np.pad(xb[lo : lo + n], pad)), jnp.asarray(np.pad(wb[lo : lo + n], pad)), kt
+        )
         parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if not np.isfinite(fields["values"]).all():  # the fp16 factors hold at most 65504
-        raise ValueError(f"{kt.name}: weights up to |{np.abs(x).max():.3g}| overflow the format's fp16 scale factors")
+        raise ValueError(
+            f"{kt.name}: weights up to |{np.abs(x).max():.3g}| overflow the format's fp16 scale "
+            "factors"
+        )
     fields["q"] = fields["q"].reshape(x.shape)
     fields["values"] = fields["values"].reshape(x.shape)
     return fields
 
 
-def kquantize(w: Any, importance: Any, kt: KQuantType, axis: int, magnitude: bool = True) -> np.ndarray:
+def kquantize(
+    w: Any, importance: Any, kt: KQuantType, axis: int, magnitude: bool = True
+) -> np.ndarray:
     """Fake-quantize ``w`` with super-blocks along `axis` (the contraction axis); ``importance``
     has one entry per index of that axis (1-D) or one per weight.
 
@@ -258,7 +295,9 @@ def kquantize(w: Any, importance: Any, kt: KQuantType, axis: int, magnitude: boo
     imp = np.asarray(importance, np.float32)
     if imp.ndim == 1:
         if imp.shape[0] != w.shape[axis]:
-            raise ValueError(f"importance has {imp.shape[0]} entries for a contraction axis of {w.shape[axis]}")
+            raise ValueError(
+                f"importance has {imp.shape[0]} entries for a contraction axis of {w.shape[axis]}"
+            )
         shape = [1] * w.ndim
         shape[axis] = -1
         imp = imp.reshape(shape)
@@ -274,22 +313,32 @@ def kquantize(w: Any, importance: Any, kt: KQuantType, axis: int, magnitude: boo
 
 
 def check_contractions(hidden: int, inter: int) -> None:
-    """Raise if the experts' contraction lengths (D for gate/up, F for down) are not whole super-blocks."""
+    """Raise if the experts' contraction lengths (D for gate/up, F for down) are not whole
+    super-blocks."""
     if hidden % SUPER_BLOCK or inter % SUPER_BLOCK:
         raise ValueError(
-            f"K-quants need expert contraction lengths that are multiples of {SUPER_BLOCK}; this model has "
-            f"hidden_size={hidden}, moe_intermediate_size={inter} (llama.cpp stores such tensors in other types)"
+            f"K-quants need expert contraction lengths that are multiples of {SUPER_BLOCK}; this "
+            "model has "
+            f"hidden_size={hidden}, moe_intermediate_size={inter} (llama.cpp stores such tensors "
+            "in other types)"
         )
 
 
 def kquant_experts(
-    gate: Any, up: Any, down: Any, x: Any, expert_idx: Any, expert_w: Any, kt: KQuantType, min_tokens: int = 16
+    gate: Any,
+    up: Any,
+    down: Any,
+    x: Any,
+    expert_idx: Any,
+    expert_w: Any,
+    kt: KQuantType,
+    min_tokens: int = 16,
 ) -> dict[str, Any]:
     """K-quantize every routed expert of one MoE layer (gate/up [E, D, F], down [E, F, D]).
 
     Importance (the imatrix) per expert: the mean square of each input of gate/up (x over the tokens
-    routed to the expert) and of down (h = silu(x gate) · (x up) of the unquantized expert), with the
-    GPTQ baseline's starved-expert fallback (every token), times each weight's magnitude factor
+    routed to the expert) and of down (h = silu(x gate) · (x up) of the unquantized expert), with
+    the GPTQ baseline's starved-expert fallback (every token), times each weight's magnitude factor
     (`kquantize`). Returns dict(gate, up, down, starved, bpw).
     """
     from bitsmoe_jax.baselines.gptq import expert_inputs
@@ -298,7 +347,9 @@ def kquant_experts(
     check_contractions(gate.shape[1], gate.shape[2])
     out = {"gate": np.empty_like(gate), "up": np.empty_like(up), "down": np.empty_like(down)}
     starved = []
-    for e, xe, he, routed in expert_inputs(x, expert_idx, expert_w, gate, up, gate.shape[0], min_tokens):
+    for e, xe, he, routed in expert_inputs(
+        x, expert_idx, expert_w, gate, up, gate.shape[0], min_tokens
+    ):
         if routed < min_tokens:
             starved.append(e)
         imp_in = np.asarray(jnp.mean(xe * xe, axis=0))
@@ -309,4 +360,14 @@ def kquant_experts(
     return {**out, "starved": starved, "bpw": kt.bpw}
 
 
-__all__ = ["K_TYPES", "KQuantType", "SUPER_BLOCK", "check_contractions", "k_type", "kquant_experts", "kquantize", "quantize_rows", "type_for_target"]
+__all__ = [
+    "K_TYPES",
+    "KQuantType",
+    "SUPER_BLOCK",
+    "check_contractions",
+    "k_type",
+    "kquant_experts",
+    "kquantize",
+    "quantize_rows",
+    "type_for_target",
+]

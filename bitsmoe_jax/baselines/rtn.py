@@ -44,7 +44,9 @@ def asym_params(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, 
     return scale, zero
 
 
-def rtn_quantize(w: np.ndarray, bits: int, group_size: int, axis: int, zero_point: bool = False) -> np.ndarray:
+def rtn_quantize(
+    w: np.ndarray, bits: int, group_size: int, axis: int, zero_point: bool = False
+) -> np.ndarray:
     """Fake-quantize `w` with groups along `axis` (the contraction dimension)."""
     w = np.moveaxis(np.asarray(w, np.float32), axis, -1)
     n = w.shape[-1]
@@ -72,12 +74,16 @@ def rtn_bpw(bits: int, group_size: int, zero_point: bool = False) -> float:
     return bits + (16.0 + (bits if zero_point else 0)) / group_size
 
 
-def apply_rtn(model: nnx.Module, bits: int, group_size: int = 128, zero_point: bool = False) -> float:
+def apply_rtn(
+    model: nnx.Module, bits: int, group_size: int = 128, zero_point: bool = False
+) -> float:
     """Fake-quantize every routed expert of `model` in place; returns the effective bpw."""
     for layer in model.layers:
         experts = getattr(layer.mlp, "experts", None)
         if not isinstance(experts, Experts):
             continue
         for w in (experts.gate, experts.up, experts.down):
-            w[...] = jnp.asarray(rtn_quantize(w[...], bits, group_size, axis=1, zero_point=zero_point), w.dtype)
+            w[...] = jnp.asarray(
+                rtn_quantize(w[...], bits, group_size, axis=1, zero_point=zero_point), w.dtype
+            )
     return rtn_bpw(bits, group_size, zero_point)

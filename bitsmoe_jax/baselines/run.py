@@ -1,17 +1,18 @@
 """Baselines run the way BitsMoE runs: layer by layer on the same calibration, at a matched budget.
 
-Uniform baselines (RTN, GPTQ) pick the (bits, group size) setting whose effective bits per weight
-(b + 16/group for a bf16 scale per group; b + (16 + b)/group with a b-bit zero point as well) is
+Uniform baselines (RTN, GPTQ) pick the (bits, group size) setting whose effective bits per weight (b
++ 16/group for a bf16 scale per group; b + (16 + b)/group with a b-bit zero point as well) is
 nearest to the target; expert-wise mixed precision takes the target as its budget. `rtn` and `gptq`
 use the symmetric grid; `rtn_asym` and `gptq_asym` the zero-point grid (GPTQ's reference default),
-which uses all 2^b levels and is the stronger baseline at 2 bits. Calibration is sequential: the inputs of layer i come from layers 0..i−1
-already quantized, routing from the layer's own router.
+which uses all 2^b levels and is the stronger baseline at 2 bits. Calibration is sequential: the
+inputs of layer i come from layers 0..i−1 already quantized, routing from the layer's own router.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,6 @@ from bitsmoe_jax.quant.pipeline import attention_part
 BASELINE_BITS = (2, 3, 4, 5, 6, 8)
 BASELINE_GROUPS = (16, 32, 64, 128, 256)
 UNIFORM_BASELINES = ("rtn", "rtn_asym", "gptq", "gptq_asym")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,11 @@ def nearest_setting(settings: list[Setting], target: float) -> Setting:
     return min(settings, key=lambda s: (abs(s.bpw - target), -s.bits))
 
 
-def sequential_quantize(model, calib: jnp.ndarray, quantize_layer: Callable[[int, Any, jnp.ndarray], None]) -> None:
-    """Run calibration layer by layer, letting `quantize_layer(i, moe_block, moe_input[N, D])` replace
+def sequential_quantize(
+    model, calib: jnp.ndarray, quantize_layer: Callable[[int, Any, jnp.ndarray], None]
+) -> None:
+    """Run calibration layer by layer, letting `quantize_layer(i, moe_block, moe_input[N, D])`
+    replace
     the block's expert weights in place before the next layer's inputs are computed from it."""
     x = model.embed_tokens(calib)
     for i, layer in enumerate(model.layers):
@@ -80,7 +83,16 @@ def run_rtn(model, calib, setting: Setting) -> dict:
         ex = block.experts
         _set_experts(
             block,
-            *(rtn_quantize(np.asarray(w[...]), setting.bits, setting.group_size, axis=1, zero_point=setting.zero_point) for w in (ex.gate, ex.up, ex.down)),
+            *(
+                rtn_quantize(
+                    np.asarray(w[...]),
+                    setting.bits,
+                    setting.group_size,
+                    axis=1,
+                    zero_point=setting.zero_point,
+                )
+                for w in (ex.gate, ex.up, ex.down)
+            ),
         )
 
     sequential_quantize(model, calib, q)
@@ -96,14 +108,26 @@ def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
         _, w, idx = block.router(x)
         ex = block.experts
         out = gptq_quantize_experts(
-            np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]), x, idx, w,
-            setting.bits, setting.group_size, min_tokens=min_tokens, zero_point=setting.zero_point,
+            np.asarray(ex.gate[...]),
+            np.asarray(ex.up[...]),
+            np.asarray(ex.down[...]),
+            x,
+            idx,
+            w,
+            setting.bits,
+            setting.group_size,
+            min_tokens=min_tokens,
+            zero_point=setting.zero_point,
         )
         starved[i] = list(out["starved"])
         _set_experts(block, out["gate"], out["up"], out["down"])
 
     sequential_quantize(model, calib, q)
-    return {"setting": setting.label(), "effective_bpw_experts": setting.bpw, "starved_experts": starved}
+    return {
+        "setting": setting.label(),
+        "effective_bpw_experts": setting.bpw,
+        "starved_experts": starved,
+    }
 
 
 def run_kquant(model, calib, target: float, min_tokens: int) -> dict:
@@ -117,12 +141,18 @@ def run_kquant(model, calib, target: float, min_tokens: int) -> dict:
     def q(i, block, x):
         _, w, idx = block.router(x)
         ex = block.experts
-        out = kquant_experts(ex.gate[...], ex.up[...], ex.down[...], x, idx, w, kt, min_tokens=min_tokens)
+        out = kquant_experts(
+            ex.gate[...], ex.up[...], ex.down[...], x, idx, w, kt, min_tokens=min_tokens
+        )
         starved[i] = list(out["starved"])
         _set_experts(block, out["gate"], out["up"], out["down"])
 
     sequential_quantize(model, calib, q)
-    return {"setting": f"{kt.name} imatrix", "effective_bpw_experts": kt.bpw, "starved_experts": starved}
+    return {
+        "setting": f"{kt.name} imatrix",
+        "effective_bpw_experts": kt.bpw,
+        "starved_experts": starved,
+    }
 
 
 def run_expertwise(model, calib, target: float, group_size: int) -> dict:
@@ -140,23 +170,36 @@ def run_expertwise(model, calib, target: float, group_size: int) -> dict:
     def q(i, block, x):
         ex = block.experts
         out = expertwise_quantize(
-            np.asarray(ex.gate[...]), np.asarray(ex.up[...]), np.asarray(ex.down[...]),
-            np.asarray(block.router.kernel[...]), budget, group_size=g,
+            np.asarray(ex.gate[...]),
+            np.asarray(ex.up[...]),
+            np.asarray(ex.down[...]),
+            np.asarray(block.router.kernel[...]),
+            budget,
+            group_size=g,
         )
         bits[i] = [int(b) for b in out["bits"]]
         bpws.append(float(out["bpw"]))
         _set_experts(block, out["gate"], out["up"], out["down"])
 
     sequential_quantize(model, calib, q)
-    return {"setting": f"per-expert bits g{g}", "effective_bpw_experts": float(np.mean(bpws)), "expert_bits": bits}
+    return {
+        "setting": f"per-expert bits g{g}",
+        "effective_bpw_experts": float(np.mean(bpws)),
+        "expert_bits": bits,
+    }
 
 
-def run_baseline(method: str, model, calib: jnp.ndarray, target: float, group_size: int, min_tokens: int) -> dict:
-    """Quantize `model`'s routed experts in place with a baseline at `target` bpw; returns its info."""
+def run_baseline(
+    method: str, model, calib: jnp.ndarray, target: float, group_size: int, min_tokens: int
+) -> dict:
+    """Quantize `model`'s routed experts in place with a baseline at `target` bpw; returns its
+    info."""
     config = model.config
     contraction = min(config.hidden_size, config.moe_intermediate_size)
     if method in UNIFORM_BASELINES:
-        setting = nearest_setting(uniform_settings(contraction, zero_point=method.endswith("_asym")), target)
+        setting = nearest_setting(
+            uniform_settings(contraction, zero_point=method.endswith("_asym")), target
+        )
         if method.startswith("rtn"):
             return run_rtn(model, calib, setting)
         return run_gptq(model, calib, setting, min_tokens)
@@ -164,4 +207,6 @@ def run_baseline(method: str, model, calib: jnp.ndarray, target: float, group_si
         return run_expertwise(model, calib, target, group_size)
     if method == "kquant":
         return run_kquant(model, calib, target, min_tokens)
-    raise ValueError(f"unknown baseline {method!r}; choose {', '.join(UNIFORM_BASELINES)}, expertwise or kquant")
+    raise ValueError(
+        f"unknown baseline {method!r}; choose {', '.join(UNIFORM_BASELINES)}, expertwise or kquant"
+    )

@@ -3,8 +3,8 @@
 Hugging Face configs differ by family *and* by transformers version (hub checkpoints say
 `rope_theta` / `rope_scaling` / `num_experts`; transformers 5 writes `rope_parameters` and, for
 Qwen3-MoE, `num_local_experts`). `ModelConfig.from_hf` folds all of those spellings into one frozen
-dataclass so the models never look at raw dicts, and `to_hf` writes a transformers-loadable dict back
-(used when we export the reference model).
+dataclass so the models never look at raw dicts, and `to_hf` writes a transformers-loadable dict
+back (used when we export the reference model).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF I/O
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Parse a Hugging Face config dict (transformers 4.x hub style or 5.x style)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -122,7 +122,9 @@ class ModelConfig:
             for n in names:
                 if hf.get(n) is not None:
                     return hf[n]
-            raise ConfigError(f"{source}: missing required field {' / '.join(names)!r} for {model_type}")
+            raise ConfigError(
+                f"{source}: missing required field {' / '.join(names)!r} for {model_type}"
+            )
 
         def opt(name: str, default: Any) -> Any:
             v = hf.get(name)
@@ -163,14 +165,20 @@ class ModelConfig:
             tie_word_embeddings=bool(opt("tie_word_embeddings", False)),
             hidden_act=str(opt("hidden_act", "silu")),
             num_experts_per_tok=int(need("num_experts_per_tok")),
-            bos_token_id=hf.get("bos_token_id") if isinstance(hf.get("bos_token_id"), int) else None,
-            eos_token_id=hf.get("eos_token_id") if isinstance(hf.get("eos_token_id"), int) else None,
+            bos_token_id=hf.get("bos_token_id")
+            if isinstance(hf.get("bos_token_id"), int)
+            else None,
+            eos_token_id=hf.get("eos_token_id")
+            if isinstance(hf.get("eos_token_id"), int)
+            else None,
         )
         if common["hidden_act"] != "silu":
-            raise ConfigError(f"{source}: hidden_act {common['hidden_act']!r} unsupported (only 'silu')")
+            raise ConfigError(
+                f"{source}: hidden_act {common['hidden_act']!r} unsupported (only 'silu')"
+            )
         if model_type == "qwen2_moe" and hf.get("use_sliding_window"):
-            # transformers windows only some Qwen2-MoE layers (layer_types / max_window_layers); refuse
-            # rather than silently window every layer.
+            # transformers windows only some Qwen2-MoE layers (layer_types / max_window_layers);
+            # refuse rather than silently window every layer.
             raise ConfigError(f"{source}: use_sliding_window=true is not supported for qwen2_moe")
         if hf.get("sliding_window") and (model_type == "mixtral" or hf.get("use_sliding_window")):
             common["sliding_window"] = int(hf["sliding_window"])
@@ -187,7 +195,9 @@ class ModelConfig:
         if model_type in ("qwen2_moe", "qwen3_moe"):
             extra: dict[str, Any] = {}
             if model_type == "qwen2_moe":
-                extra["shared_expert_intermediate_size"] = int(opt("shared_expert_intermediate_size", 0))
+                extra["shared_expert_intermediate_size"] = int(
+                    opt("shared_expert_intermediate_size", 0)
+                )
                 extra["attention_bias"] = bool(opt("qkv_bias", True))
             else:
                 extra["attention_bias"] = bool(opt("attention_bias", False))
@@ -204,13 +214,17 @@ class ModelConfig:
             )
         # deepseek_v2
         if hf.get("mlp_bias"):
-            raise ConfigError(f"{source}: mlp_bias=true is unsupported for deepseek_v2 (MLP biases would be ignored)")
+            raise ConfigError(
+                f"{source}: mlp_bias=true is unsupported for deepseek_v2 (MLP biases would be "
+                "ignored)"
+            )
         q_lora = hf.get("q_lora_rank")
         common["head_dim"] = int(need("qk_rope_head_dim"))  # HF's head_dim for V2 is the rope dim
         topk_method = str(opt("topk_method", "greedy"))
         if topk_method not in ("greedy", "group_limited_greedy"):
             raise ConfigError(
-                f"{source}: topk_method {topk_method!r} unsupported; use greedy or group_limited_greedy"
+                f"{source}: topk_method {topk_method!r} unsupported; use greedy or "
+                "group_limited_greedy"
             )
         return cls(
             **common,
@@ -267,7 +281,11 @@ class ModelConfig:
             )
         elif self.model_type in ("qwen2_moe", "qwen3_moe"):
             d.update(
-                architectures=["Qwen2MoeForCausalLM" if self.model_type == "qwen2_moe" else "Qwen3MoeForCausalLM"],
+                architectures=[
+                    "Qwen2MoeForCausalLM"
+                    if self.model_type == "qwen2_moe"
+                    else "Qwen3MoeForCausalLM"
+                ],
                 intermediate_size=self.intermediate_size,
                 moe_intermediate_size=self.moe_intermediate_size,
                 num_experts=self.num_experts,
@@ -278,8 +296,10 @@ class ModelConfig:
                 head_dim=self.head_dim,
             )
             if self.model_type == "qwen2_moe":
-                d.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size,
-                         qkv_bias=self.attention_bias)
+                d.update(
+                    shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                    qkv_bias=self.attention_bias,
+                )
             else:
                 d.update(attention_bias=self.attention_bias)
         else:
@@ -309,7 +329,7 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         raw = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
@@ -321,7 +341,7 @@ class ModelConfig:
         return cls(**raw)
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_hf_dir(cls, path: str | Path) -> ModelConfig:
         p = Path(path) / "config.json"
         if not p.is_file():
             raise ConfigError(f"{p}: no config.json in the checkpoint directory")
@@ -331,7 +351,7 @@ class ModelConfig:
             raise ConfigError(f"{p}: not valid JSON ({e})") from e
         return cls.from_hf(raw, source=str(p))
 
-    def replace(self, **kw: Any) -> "ModelConfig":
+    def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 

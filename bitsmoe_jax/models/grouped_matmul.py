@@ -5,10 +5,11 @@ dense product over *every* group (measured: 24x slower forward, ~100x slower gra
 equivalent dense matmul at 16 experts). On CPU we use an exact tiled formulation instead, the
 megablox idea in plain XLA: the sorted rows are cut into tiles of `tile` rows; a tile that straddles
 a group boundary is visited once per group it touches (at most ceil(M/tile) + G - 1 visits), each
-visit multiplies the tile by its group's matrix with the rows of other groups masked to zero, and the
-visits are scatter-added back. Cost ≈ (M + G·tile)·K·N instead of G·M·K·N; exact, differentiable.
-Visits run one after another (`lax.map`), each reading its group's matrix in place, so the memory
-beyond x, w and the output is one tile's product per visit, never a per-visit copy of the weights.
+visit multiplies the tile by its group's matrix with the rows of other groups masked to zero, and
+the visits are scatter-added back. Cost ≈ (M + G·tile)·K·N instead of G·M·K·N; exact,
+differentiable. Visits run one after another (`lax.map`), each reading its group's matrix in place,
+so the memory beyond x, w and the output is one tile's product per visit, never a per-visit copy of
+the weights.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import jax
 import jax.numpy as jnp
 
 
-def _tile_plan(group_sizes: jax.Array, m: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Static-length visit list: (group, row block) per visit, plus each group's [start, end) rows."""
+def _tile_plan(
+    group_sizes: jax.Array, m: int, tile: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Static-length visit list: (group, row block) per visit, plus each group's [start, end)
+    rows."""
     g = group_sizes.shape[0]
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
@@ -37,8 +41,11 @@ def _tile_plan(group_sizes: jax.Array, m: int, tile: int) -> tuple[jax.Array, ja
 
 
 @functools.partial(jax.jit, static_argnames=("tile",))
-def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int = 128) -> jax.Array:
-    """x [M, K] (rows sorted by group), w [G, K, N], group_sizes [G] -> [M, N]; rows past sum(sizes) are 0.
+def tiled_grouped_matmul(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int = 128
+) -> jax.Array:
+    """x [M, K] (rows sorted by group), w [G, K, N], group_sizes [G] -> [M, N]; rows past sum(sizes)
+    are 0.
 
     Jitted as a whole: called eagerly (the layer-by-layer calibration does), the `lax.map` body
     would otherwise be a new function each call, compiled and cached anew every layer."""
@@ -50,17 +57,24 @@ def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, til
     keep = valid[:, None] & (rows >= lo) & (rows < hi) & (rows < m)
     rows_c = jnp.minimum(rows, m - 1)
     xt = jnp.where(keep[..., None], x[rows_c], 0)
-    # One visit at a time, indexing its group's matrix: gathering w[grp] for all visits at once would
-    # materialise [V, K, N] — (M/tile + G - 1)/G times the weights (61 GB for one Mixtral projection
-    # at 16k calibration tokens).
-    yt = jax.lax.map(lambda v: jnp.dot(xt[v], w[grp[v]], preferred_element_type=jnp.float32), jnp.arange(grp.shape[0]))
-    out = jnp.zeros((m, w.shape[-1]), jnp.float32).at[rows_c.reshape(-1)].add(
-        jnp.where(keep[..., None], yt, 0).reshape(-1, w.shape[-1])
+    # One visit at a time, indexing its group's matrix: gathering w[grp] for all visits at once
+    # would materialise [V, K, N] — (M/tile + G - 1)/G times the weights (61 GB for one Mixtral
+    # projection at 16k calibration tokens).
+    yt = jax.lax.map(
+        lambda v: jnp.dot(xt[v], w[grp[v]], preferred_element_type=jnp.float32),
+        jnp.arange(grp.shape[0]),
+    )
+    out = (
+        jnp.zeros((m, w.shape[-1]), jnp.float32)
+        .at[rows_c.reshape(-1)]
+        .add(jnp.where(keep[..., None], yt, 0).reshape(-1, w.shape[-1]))
     )
     return out.astype(x.dtype)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str | None = None) -> jax.Array:
+def grouped_matmul(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str | None = None
+) -> jax.Array:
     """Grouped matmul with the fastest exact implementation for the backend.
 
     impl: "ragged_dot" (native; GPU/TPU default), "tiled" (CPU default), or None for automatic.

@@ -1,9 +1,9 @@
 """Shared transformer building blocks: RMSNorm, linear layers, RoPE, GQA attention with a KV cache.
 
 Parameter layout: `Linear.kernel` is [in, out] (x @ kernel), the transpose of a PyTorch
-`nn.Linear.weight`; the conversion key maps do the transposes so models never do.
-Attention runs in the activation dtype with the softmax in float32, as transformers' eager path does,
-so fp32 logits match Hugging Face to ~1e-5.
+`nn.Linear.weight`; the conversion key maps do the transposes so models never do. Attention runs in
+the activation dtype with the softmax in float32, as transformers' eager path does, so fp32 logits
+match Hugging Face to ~1e-5.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out]."""
 
-    def __init__(self, din: int, dout: int, *, bias: bool = False, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(
+        self, din: int, dout: int, *, bias: bool = False, rngs: nnx.Rngs, dtype: Any = jnp.float32
+    ):
         self.kernel = nnx.Param(_init(rngs, (din, dout), dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
 
@@ -64,7 +66,8 @@ class DenseMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# ---------------------------------------------------------------------------------------------- RoPE
+# ----------------------------------------------------------------------------------------------
+# RoPE
 def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
     """Inverse frequencies and the cos/sin magnitude factor, as transformers computes them.
 
@@ -82,9 +85,15 @@ def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
     if kind == "linear":
         return (inv / float(scaling["factor"])).astype(np.float32), 1.0
     if kind == "yarn":
-        orig = int(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+        orig = int(
+            scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+        )
         # transformers: no `factor` means max_position_embeddings / original_max_position_embeddings
-        factor = float(scaling["factor"]) if scaling.get("factor") is not None else config.max_position_embeddings / orig
+        factor = (
+            float(scaling["factor"])
+            if scaling.get("factor") is not None
+            else config.max_position_embeddings / orig
+        )
         attn = scaling.get("attention_factor")
         mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
 
@@ -92,7 +101,11 @@ def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
             return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
 
         if attn is None:
-            attn = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if (mscale and mscale_all) else get_mscale(factor)
+            attn = (
+                get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
+                if (mscale and mscale_all)
+                else get_mscale(factor)
+            )
         beta_fast = scaling.get("beta_fast") or 32
         beta_slow = scaling.get("beta_slow") or 1
 
@@ -110,10 +123,14 @@ def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
         inv_interp = 1.0 / (factor * pos)
         inv = inv_interp * (1 - extrap) + inv * extrap
         return inv.astype(np.float32), float(attn)
-    raise ConfigError(f"rope_scaling.rope_type {kind!r} is not supported (default, linear and yarn are)")
+    raise ConfigError(
+        f"rope_scaling.rope_type {kind!r} is not supported (default, linear and yarn are)"
+    )
 
 
-def rope_cos_sin(config: ModelConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    config: ModelConfig, positions: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, T, rope_dim] for integer positions [B, T] (HF's `cat(freqs, freqs)` layout)."""
     inv, scale = rope_inv_freq(config)
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
@@ -131,9 +148,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
 
 
-# ----------------------------------------------------------------------------------------- attention
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None, window: int | None) -> jax.Array:
-    """Boolean [B, Tq, Tk]: causal, optionally sliding-window, optionally limited to filled cache slots."""
+# -----------------------------------------------------------------------------------------
+# attention
+def attention_mask(
+    q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None, window: int | None
+) -> jax.Array:
+    """Boolean [B, Tq, Tk]: causal, optionally sliding-window, optionally limited to filled cache
+    slots."""
     m = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
         m &= k_pos[:, None, :] > q_pos[:, :, None] - window
@@ -142,8 +163,11 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None
     return m
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [B,Tq,H,d], k [B,Tk,Hkv,d], v [B,Tk,Hkv,dv], mask [B,Tq,Tk] -> [B,Tq,H,dv]; GQA by grouping heads."""
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+    """q [B,Tq,H,d], k [B,Tk,Hkv,d], v [B,Tk,Hkv,dv], mask [B,Tq,Tk] -> [B,Tq,H,dv]; GQA by grouping
+    heads."""
     b, tq, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
@@ -187,18 +211,27 @@ def attend(
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE; optional q/k/v biases (Qwen2-MoE) and q/k RMSNorm (Qwen3-MoE)."""
+    """Grouped-query attention with RoPE; optional q/k/v biases (Qwen2-MoE) and q/k RMSNorm
+    (Qwen3-MoE)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         c = config
         self.config = c
         hd = c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype)
-        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype)
-        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype)
+        self.q_proj = Linear(
+            c.hidden_size, c.num_attention_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
+        )
+        self.k_proj = Linear(
+            c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
+        )
+        self.v_proj = Linear(
+            c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
+        )
         # Qwen3-MoE's attention_bias also puts a bias on o_proj (Qwen2-MoE's qkv_bias does not).
         o_bias = c.attention_bias and c.model_type == "qwen3_moe"
-        self.o_proj = Linear(c.num_attention_heads * hd, c.hidden_size, bias=o_bias, rngs=rngs, dtype=dtype)
+        self.o_proj = Linear(
+            c.num_attention_heads * hd, c.hidden_size, bias=o_bias, rngs=rngs, dtype=dtype
+        )
         if c.qk_norm:
             self.q_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
@@ -211,7 +244,11 @@ class Attention(nnx.Module):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cos_sin: tuple[jax.Array, jax.Array], cache: KVLayerCache | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cos_sin: tuple[jax.Array, jax.Array],
+        cache: KVLayerCache | None,
     ) -> tuple[jax.Array, KVLayerCache | None]:
         c = self.config
         b, t, _ = x.shape

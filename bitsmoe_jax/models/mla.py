@@ -1,4 +1,5 @@
-"""Multi-head latent attention (MLA), DeepSeek-V2's attention, with the same contract as `layers.Attention`.
+"""Multi-head latent attention (MLA), DeepSeek-V2's attention, with the same contract as
+`layers.Attention`.
 
 Per token x [D]:
 
@@ -10,26 +11,28 @@ Per token x [D]:
     q_pe, k_pe rotated by RoPE; k_pe is one key shared by every head (hence "with_mqa")
     k        = [k_nope | k_pe] (qk_head_dim = nope + rope), attention over heads, o_proj
 
-RoPE is applied as transformers' DeepSeek-V2 does it: to *interleaved* pairs (x[2i], x[2i+1]) seen as
-complex numbers multiplied by `attention_scaling · e^{i·pos·inv_freq_i}`, not with `rotate_half` on the
-two halves. The cos/sin handed in are `layers.rope_cos_sin`'s (`cat(freqs, freqs)` layout, already times
-YaRN's attention factor), so their first half holds the per-pair values. Only the rope parts rotate.
+RoPE is applied as transformers' DeepSeek-V2 does it: to *interleaved* pairs (x[2i], x[2i+1]) seen
+as complex numbers multiplied by `attention_scaling · e^{i·pos·inv_freq_i}`, not with `rotate_half`
+on the two halves. The cos/sin handed in are `layers.rope_cos_sin`'s (`cat(freqs, freqs)` layout,
+already times YaRN's attention factor), so their first half holds the per-pair values. Only the rope
+parts rotate.
 
-Softmax scale: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)² when the rope scaling is not the
-default one and names a non-zero `mscale_all_dim` (DeepSeek's YaRN checkpoints; exactly transformers'
-`yarn_apply_mscale`). `q_a_layernorm` and `kv_a_layernorm` use eps 1e-6 whatever `rms_norm_eps` says,
-as transformers and the original DeepSeek code build them with the default.
+Softmax scale: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)² when the rope scaling is not
+the default one and names a non-zero `mscale_all_dim` (DeepSeek's YaRN checkpoints; exactly
+transformers' `yarn_apply_mscale`). `q_a_layernorm` and `kv_a_layernorm` use eps 1e-6 whatever
+`rms_norm_eps` says, as transformers and the original DeepSeek code build them with the default.
 
 Submodules carry transformers' names (`q_proj` or `q_a_proj`/`q_a_layernorm`/`q_b_proj`,
 `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`), so the generic conversion rule
-(`X.weight` [out, in] <-> our `X.kernel` [in, out], biases and norm weights by name) covers them all.
-Biases follow `attention_bias` where transformers puts them: q_a_proj, kv_a_proj_with_mqa and o_proj.
+(`X.weight` [out, in] <-> our `X.kernel` [in, out], biases and norm weights by name) covers them
+all. Biases follow `attention_bias` where transformers puts them: q_a_proj, kv_a_proj_with_mqa and
+o_proj.
 
-KV cache: per-head keys [B, S, H, qk_head_dim] and values [B, S, H, v_head_dim], i.e. the decompressed
-form, so decoding reuses `layers.attend` unchanged. Caching the compressed latent instead
-(kv_lora_rank + qk_rope_head_dim values per token, 576 against H·(192+128) = 5120 for V2-Lite) and
-re-expanding it with kv_b_proj at each step — or absorbing kv_b_proj into q and o_proj — would be a
-~9x memory saving for long contexts; it is not needed for quantization or evaluation.
+KV cache: per-head keys [B, S, H, qk_head_dim] and values [B, S, H, v_head_dim], i.e. the
+decompressed form, so decoding reuses `layers.attend` unchanged. Caching the compressed latent
+instead (kv_lora_rank + qk_rope_head_dim values per token, 576 against H·(192+128) = 5120 for
+V2-Lite) and re-expanding it with kv_b_proj at each step — or absorbing kv_b_proj into q and o_proj
+— would be a ~9x memory saving for long contexts; it is not needed for quantization or evaluation.
 """
 
 from __future__ import annotations
@@ -47,15 +50,21 @@ MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers' DeepseekV2R
 
 
 def mla_softmax_scale(config: ModelConfig) -> float:
-    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)² for DeepSeek's YaRN (transformers' rule)."""
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)² for DeepSeek's YaRN (transformers'
+    rule)."""
     scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
     scaling = config.rope_scaling_dict
     if scaling and scaling.get("rope_type", "default") != "default":
         mscale_all_dim = scaling.get("mscale_all_dim") or 0
         if mscale_all_dim:
             factor = scaling.get("factor")
-            if factor is None:  # as rope_inv_freq: max_position_embeddings / original_max_position_embeddings
-                orig = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+            if (
+                factor is None
+            ):  # as rope_inv_freq: max_position_embeddings / original_max_position_embeddings
+                orig = (
+                    scaling.get("original_max_position_embeddings")
+                    or config.max_position_embeddings
+                )
                 factor = config.max_position_embeddings / orig
             m = yarn_get_mscale(float(factor), float(mscale_all_dim))
             scale = scale * m * m
@@ -83,10 +92,16 @@ class MLAAttention(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         c = config
-        if c.kv_lora_rank <= 0 or c.qk_rope_head_dim <= 0 or c.v_head_dim <= 0 or c.qk_rope_head_dim % 2:
+        if (
+            c.kv_lora_rank <= 0
+            or c.qk_rope_head_dim <= 0
+            or c.v_head_dim <= 0
+            or c.qk_rope_head_dim % 2
+        ):
             raise ValueError(
                 "MLA needs kv_lora_rank > 0, v_head_dim > 0 and an even qk_rope_head_dim > 0; got "
-                f"kv_lora_rank={c.kv_lora_rank}, v_head_dim={c.v_head_dim}, qk_rope_head_dim={c.qk_rope_head_dim}"
+                f"kv_lora_rank={c.kv_lora_rank}, v_head_dim={c.v_head_dim}, "
+                f"qk_rope_head_dim={c.qk_rope_head_dim}"
             )
         self.config = c
         h = c.num_attention_heads
@@ -105,7 +120,9 @@ class MLAAttention(nnx.Module):
             d, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias, rngs=rngs, dtype=dtype
         )
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, MLA_NORM_EPS, dtype=dtype)
-        self.kv_b_proj = Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), rngs=rngs, dtype=dtype)
+        self.kv_b_proj = Linear(
+            c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), rngs=rngs, dtype=dtype
+        )
         self.o_proj = Linear(h * c.v_head_dim, d, bias=c.attention_bias, rngs=rngs, dtype=dtype)
         self.scale = mla_softmax_scale(c)
 
@@ -118,7 +135,11 @@ class MLAAttention(nnx.Module):
         }
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cos_sin: tuple[jax.Array, jax.Array], cache: KVLayerCache | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cos_sin: tuple[jax.Array, jax.Array],
+        cache: KVLayerCache | None,
     ) -> tuple[jax.Array, KVLayerCache | None]:
         c = self.config
         b, t, _ = x.shape

@@ -1,10 +1,10 @@
 """Router, grouped (ragged) SwiGLU experts and the MoE block shared by all families.
 
 Experts run as one grouped product over the (token, expert) assignments sorted by expert
-(`grouped_matmul`: `jax.lax.ragged_dot` on GPU/TPU, an exact tiled form on CPU), never as a dense loop over all experts for every token. The routing
-plan (`RoutingPlan`) is computed once and reused by every projection, and by the quantized block.
-Expert weights are stored [E, D, F] for gate/up and [E, F, D] for down so that `ragged_dot`'s
-right-hand side is [groups, K, N] with no transposes.
+(`grouped_matmul`: `jax.lax.ragged_dot` on GPU/TPU, an exact tiled form on CPU), never as a dense
+loop over all experts for every token. The routing plan (`RoutingPlan`) is computed once and reused
+by every projection, and by the quantized block. Expert weights are stored [E, D, F] for gate/up and
+[E, F, D] for down so that `ragged_dot`'s right-hand side is [groups, K, N] with no transposes.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class RoutingPlan:
 
 
 def make_routing_plan(expert_idx: jax.Array, weights: jax.Array, num_experts: int) -> RoutingPlan:
-    """expert_idx, weights: [N, k] -> the plan (stable sort keeps token order inside each expert)."""
+    """expert_idx, weights: [N, k] -> the plan (stable sort keeps token order inside each
+    expert)."""
     k = expert_idx.shape[-1]
     flat = expert_idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
@@ -53,13 +54,15 @@ def make_routing_plan(expert_idx: jax.Array, weights: jax.Array, num_experts: in
 
 
 def combine(plan: RoutingPlan, y_sorted: jax.Array, num_tokens: int) -> jax.Array:
-    """Scatter-add weighted expert outputs [N*k, D] back to tokens [N, D] (accumulated in float32)."""
+    """Scatter-add weighted expert outputs [N*k, D] back to tokens [N, D] (accumulated in
+    float32)."""
     y = y_sorted.astype(jnp.float32) * plan.weight[:, None]
     return jnp.zeros((num_tokens, y.shape[-1]), jnp.float32).at[plan.token].add(y)
 
 
 def route(config: ModelConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Router logits [N, E] (float32) -> (top-k weights [N, k] float32, expert indices [N, k] int32).
+    """Router logits [N, E] (float32) -> (top-k weights [N, k] float32, expert indices [N, k]
+    int32).
 
     softmax → (group-limited) top-k → renormalise if `norm_topk_prob` → × routed_scaling_factor.
     Mixtral always renormalises; DeepSeek-V2 never does (its config flag is ignored, as in HF).
@@ -106,7 +109,9 @@ def grouped_swiglu(
 class Experts(nnx.Module):
     """E SwiGLU experts held as stacked tensors: gate/up [E, D, F], down [E, F, D]."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(
+        self, num_experts: int, hidden: int, inter: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
+    ):
         self.gate = nnx.Param(_init(rngs, (num_experts, hidden, inter), dtype))
         self.up = nnx.Param(_init(rngs, (num_experts, hidden, inter), dtype))
         self.down = nnx.Param(_init(rngs, (num_experts, inter, hidden), dtype))
@@ -131,13 +136,19 @@ class MoEBlock(nnx.Module):
         c = config
         self.config = c
         self.router = Router(c, rngs=rngs, dtype=dtype)
-        self.experts: nnx.Module = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size, rngs=rngs, dtype=dtype)
+        self.experts: nnx.Module = Experts(
+            c.num_experts, c.hidden_size, c.moe_intermediate_size, rngs=rngs, dtype=dtype
+        )
         shared, shared_gate = None, None
         if c.model_type == "qwen2_moe" and c.shared_expert_intermediate_size > 0:
-            shared = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size, rngs=rngs, dtype=dtype)
+            shared = DenseMLP(
+                c.hidden_size, c.shared_expert_intermediate_size, rngs=rngs, dtype=dtype
+            )
             shared_gate = Linear(c.hidden_size, 1, rngs=rngs, dtype=dtype)
         elif c.model_type == "deepseek_v2" and c.n_shared_experts > 0:
-            shared = DenseMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, rngs=rngs, dtype=dtype)
+            shared = DenseMLP(
+                c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, rngs=rngs, dtype=dtype
+            )
         self.shared_expert = shared
         self.shared_expert_gate = shared_gate
 

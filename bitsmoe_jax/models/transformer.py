@@ -1,12 +1,11 @@
 """The decoder-only MoE transformer used for every family.
 
-Family differences live in `ModelConfig` flags and in three places only: the attention module
-(GQA, or MLA for DeepSeek-V2), which layers are MoE (`ModelConfig.is_moe_layer`), and the MoE block's
+Family differences live in `ModelConfig` flags and in three places only: the attention module (GQA,
+or MLA for DeepSeek-V2), which layers are MoE (`ModelConfig.is_moe_layer`), and the MoE block's
 router / shared experts. Calling contract (relied on by evaluation, quantization and users):
 
-    logits = model(input_ids)                     # int32 [B, T] -> float32 [B, T, V]
-    cache = model.init_cache(B, max_len)
-    logits, cache = model(input_ids, cache=cache)  # prefill, then one token at a time
+    logits = model(input_ids) # int32 [B, T] -> float32 [B, T, V] cache = model.init_cache(B,
+    max_len) logits, cache = model(input_ids, cache=cache) # prefill, then one token at a time
 """
 
 from __future__ import annotations
@@ -34,7 +33,9 @@ def make_attention(config: ModelConfig, rngs: nnx.Rngs, dtype: Any) -> nnx.Modul
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(
+        self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
+    ):
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.self_attn = make_attention(c, rngs, dtype)
@@ -71,9 +72,15 @@ class MoETransformer(nnx.Module):
         self.config = c
         self.dtype = dtype
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, dtype=dtype) for i in range(c.num_hidden_layers)])
+        self.layers = nnx.List(
+            [DecoderLayer(c, i, rngs=rngs, dtype=dtype) for i in range(c.num_hidden_layers)]
+        )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, rngs=rngs, dtype=dtype)
+        self.lm_head = (
+            None
+            if c.tie_word_embeddings
+            else Linear(c.hidden_size, c.vocab_size, rngs=rngs, dtype=dtype)
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype: Any | None = None) -> Cache:
         """An empty KV cache for `max_len` positions (prompt + generated tokens)."""
@@ -83,7 +90,9 @@ class MoETransformer(nnx.Module):
             "length": jnp.zeros((), jnp.int32),
         }
 
-    def hidden_states(self, input_ids: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    def hidden_states(
+        self, input_ids: jax.Array, cache: Cache | None = None
+    ) -> tuple[jax.Array, Cache | None]:
         """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
         b, t = input_ids.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache["length"]
@@ -109,12 +118,14 @@ class MoETransformer(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-def build_model(config: ModelConfig, *, dtype: Any = jnp.float32, seed: int = 0, abstract: bool = False) -> MoETransformer:
-    """A randomly initialised model, or with `abstract=True` one whose params are shape structs only."""
+def build_model(
+    config: ModelConfig, *, dtype: Any = jnp.float32, seed: int = 0, abstract: bool = False
+) -> MoETransformer:
+    """A randomly initialised model, or with `abstract=True` one whose params are shape structs
+    only."""
     if abstract:
         return nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype))
     return MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype)
-
 
 
 def count_params(model: nnx.Module) -> int:

@@ -72,7 +72,9 @@ def _prepare(loss: np.ndarray, cost: np.ndarray, budget: float) -> _Problem:
     if not avail.all():
         if loss.shape[0] and not avail.any(axis=1).all():
             bad = np.flatnonzero(~avail.any(axis=1))
-            raise ValueError(f"{bad.size} unit(s) have no available candidate (first: unit {bad[0]})")
+            raise ValueError(
+                f"{bad.size} unit(s) have no available candidate (first: unit {bad[0]})"
+            )
         loss = np.where(avail, loss, np.inf)
         cost = np.where(avail, cost, np.inf)
     min_cost = cost.min(axis=1) if loss.shape[0] else np.zeros(0)
@@ -123,7 +125,9 @@ class _Hull:
             out = self.perm.reshape(-1)[np.arange(u_count) * self.perm.shape[1] + h]
         if self.hard.size:
             c_count = self.hard_verts.shape[1]
-            out[self.hard] = self.hard_verts.reshape(-1)[np.arange(self.hard.size) * c_count + h[self.hard]]
+            out[self.hard] = self.hard_verts.reshape(-1)[
+                np.arange(self.hard.size) * c_count + h[self.hard]
+            ]
         return out
 
 
@@ -216,7 +220,9 @@ def _lower_hulls(p: _Problem) -> _Hull:
     return _Hull(perm, hard, hard_verts, dcost, dloss, eff)
 
 
-def _fix_up(p: _Problem, choice: np.ndarray, leftover: float, max_moves: int = 100_000) -> tuple[np.ndarray, float]:
+def _fix_up(
+    p: _Problem, choice: np.ndarray, leftover: float, max_moves: int = 100_000
+) -> tuple[np.ndarray, float]:
     """Spend leftover budget on single-unit changes that still fit, best absolute gain first.
 
     Only moves that lower the loss and cost at most the leftover are considered; each move
@@ -253,7 +259,9 @@ def _fix_up(p: _Problem, choice: np.ndarray, leftover: float, max_moves: int = 1
     return choice, leftover
 
 
-def _boundary_efficiency(eff: np.ndarray, dcost: np.ndarray, slack: float, small: int = 1 << 15) -> float:
+def _boundary_efficiency(
+    eff: np.ndarray, dcost: np.ndarray, slack: float, small: int = 1 << 15
+) -> float:
     """Efficiency ``λ`` of the LP's fractional segment (``-inf`` when every segment fits).
 
     Sorting all segments by decreasing efficiency and walking until the budget runs out is the
@@ -331,7 +339,11 @@ def _greedy_core(p: _Problem, fix_up: bool) -> tuple[np.ndarray, float]:
             np.add.at(per_unit, take // (c_count - 1), 1)
         if k < tie.size:
             frac_seg = int(tie[k])
-            lp_value += (slack - spent) / hull.dcost.reshape(-1)[frac_seg] * hull.dloss.reshape(-1)[frac_seg]
+            lp_value += (
+                (slack - spent)
+                / hull.dcost.reshape(-1)[frac_seg]
+                * hull.dloss.reshape(-1)[frac_seg]
+            )
     leftover = slack - spent
     choice = hull.vertex(per_unit)
     if not fix_up or frac_seg < 0:
@@ -389,7 +401,9 @@ def _swap_in_fractional(
     return per_unit, leftover + float(cum[m]) - float(hull.dcost.reshape(-1)[frac_seg])
 
 
-def solve_greedy(loss: np.ndarray, cost: np.ndarray, budget: float, fix_up: bool = True) -> Allocation:
+def solve_greedy(
+    loss: np.ndarray, cost: np.ndarray, budget: float, fix_up: bool = True
+) -> Allocation:
     """Convex-hull greedy: exact LP relaxation, a feasible integer choice and its certified gap.
 
     With ``fix_up`` (default) the integer answer is the better of two completions of the LP
@@ -401,7 +415,16 @@ def solve_greedy(loss: np.ndarray, cost: np.ndarray, budget: float, fix_up: bool
     t0 = time.perf_counter()
     p = _prepare(loss, cost, budget)
     if p.loss.shape[0] == 0:
-        return Allocation(np.zeros(0, np.int64), 0.0, 0.0, 0.0, 0.0, "greedy-hull", time.perf_counter() - t0, p.budget)
+        return Allocation(
+            np.zeros(0, np.int64),
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            "greedy-hull",
+            time.perf_counter() - t0,
+            p.budget,
+        )
     choice, lp_value = _greedy_core(p, fix_up)
     obj, tot = _evaluate(p, choice)
     lb = min(lp_value, obj)
@@ -463,7 +486,16 @@ def solve_milp(
     p = _prepare(loss, cost, budget)
     u_count, c_count = p.loss.shape
     if u_count == 0:
-        return Allocation(np.zeros(0, np.int64), 0.0, 0.0, 0.0, 0.0, "milp-highs", time.perf_counter() - t0, p.budget)
+        return Allocation(
+            np.zeros(0, np.int64),
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            "milp-highs",
+            time.perf_counter() - t0,
+            p.budget,
+        )
 
     min_loss = np.where(p.avail, p.loss, np.inf).min(axis=1)
     l_shift = np.where(p.avail, p.loss - min_loss[:, None], 0.0)

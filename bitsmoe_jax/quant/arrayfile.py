@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -36,7 +37,8 @@ def _dtype(name: str) -> np.dtype:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """("a/b/c", leaf) for every leaf of a nested dict, keys in sorted order (deterministic files)."""
+    """("a/b/c", leaf) for every leaf of a nested dict, keys in sorted order (deterministic
+    files)."""
     for k in sorted(tree, key=str):
         key = str(k)
         if "/" in key:
@@ -76,7 +78,8 @@ def write_text_durable(path: Path, text: str) -> None:
 
 
 def save(directory: Path, name: str, tree: dict[str, Any], extra: Any = None) -> None:
-    """Write `tree` (nested dicts of arrays) and the JSON-able `extra` as `<name>.bin` / `<name>.json`."""
+    """Write `tree` (nested dicts of arrays) and the JSON-able `extra` as `<name>.bin` /
+    `<name>.json`."""
     index: dict[str, dict[str, Any]] = {}
     with open(directory / f"{name}.bin", "wb") as f:
         offset = 0
@@ -90,7 +93,9 @@ def save(directory: Path, name: str, tree: dict[str, Any], extra: Any = None) ->
             offset += a.nbytes
         f.flush()
         os.fsync(f.fileno())
-    write_text_durable(directory / f"{name}.json", json.dumps({"arrays": index, "extra": extra}, indent=1))
+    write_text_durable(
+        directory / f"{name}.json", json.dumps({"arrays": index, "extra": extra}, indent=1)
+    )
 
 
 def load(directory: Path, name: str, mmap: bool = False) -> tuple[dict[str, Any], Any]:
@@ -102,7 +107,11 @@ def load(directory: Path, name: str, mmap: bool = False) -> tuple[dict[str, Any]
         raise ValueError(f"{meta_path}: unreadable work-directory index ({e})") from e
     bin_path = directory / f"{name}.bin"
     size = bin_path.stat().st_size
-    buf = np.memmap(bin_path, mode="r") if (mmap and size) else (np.fromfile(bin_path, np.uint8) if size else np.zeros(0, np.uint8))
+    buf = (
+        np.memmap(bin_path, mode="r")
+        if (mmap and size)
+        else (np.fromfile(bin_path, np.uint8) if size else np.zeros(0, np.uint8))
+    )
     flat = {}
     for key, spec in meta["arrays"].items():
         dt = _dtype(spec["dtype"])
@@ -110,6 +119,9 @@ def load(directory: Path, name: str, mmap: bool = False) -> tuple[dict[str, Any]
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         start = int(spec["offset"])
         if start + n > size:
-            raise ValueError(f"{bin_path}: truncated (array {key!r} needs bytes up to {start + n}, file has {size})")
+            raise ValueError(
+                f"{bin_path}: truncated (array {key!r} needs bytes up to {start + n}, file has "
+                f"{size})"
+            )
         flat[key] = buf[start : start + n].view(dt).reshape(shape)
     return unflatten(flat), meta["extra"]

@@ -10,10 +10,10 @@ shardable: the Gram matrix is a sum over experts, so with the expert axis sharde
 contracts its own experts and XLA inserts one all-reduce of a D×D matrix; only the small
 eigendecomposition runs replicated. (The quantization pipeline uses the order-fixed variant in
 `quant/sharded.py`, whose sum over experts is bit-identical on every mesh; these functions are the
-plain-XLA form, whose all-reduce order is the collective's.) The contraction is written as a single ``dot_general`` over
-the expert and intermediate axes together rather than as per-expert products followed by a sum:
-the result is the same sum over experts (same all-reduce under sharding), but no ``[E, D, D]``
-intermediate is ever materialised (128 experts × 2048² floats would be 2 GiB).
+plain-XLA form, whose all-reduce order is the collective's.) The contraction is written as a single
+``dot_general`` over the expert and intermediate axes together rather than as per-expert products
+followed by a sum: the result is the same sum over experts (same all-reduce under sharding), but no
+``[E, D, D]`` intermediate is ever materialised (128 experts × 2048² floats would be 2 GiB).
 
 All products accumulate in float32 (float64 when ``jax_enable_x64`` is on) at
 ``Precision.HIGHEST``: on TPU and on GPUs with TF32 the default matmul precision would round the
@@ -82,18 +82,23 @@ def basis_from_gram(gram: jax.Array, rank: int | None = None) -> tuple[jax.Array
 def expert_factors_rows(w: jax.Array, v: jax.Array) -> jax.Array:
     """``A_e = W_e V``: ``w [E, F, D]``, ``v [D, r]`` -> ``[E, F, r]`` (gate / up)."""
     dt = _acc_dtype()
-    return jnp.einsum("efd,dr->efr", jnp.asarray(w).astype(dt), jnp.asarray(v).astype(dt), precision=_HIGHEST)
+    return jnp.einsum(
+        "efd,dr->efr", jnp.asarray(w).astype(dt), jnp.asarray(v).astype(dt), precision=_HIGHEST
+    )
 
 
 @jax.jit
 def expert_factors_cols(w: jax.Array, u: jax.Array) -> jax.Array:
     """``B_e = Uᵀ W_e``: ``w [E, D, F]``, ``u [D, r]`` -> ``[E, r, F]`` (down)."""
     dt = _acc_dtype()
-    return jnp.einsum("dr,edf->erf", jnp.asarray(u).astype(dt), jnp.asarray(w).astype(dt), precision=_HIGHEST)
+    return jnp.einsum(
+        "dr,edf->erf", jnp.asarray(u).astype(dt), jnp.asarray(w).astype(dt), precision=_HIGHEST
+    )
 
 
 class QuantizedBasis(NamedTuple):
-    """A stored basis: ``values`` int8 ``[D, r]`` with bf16 ``scales [D]`` (8 bits), or bf16 ``values`` and ``scales=None`` (16 bits)."""
+    """A stored basis: ``values`` int8 ``[D, r]`` with bf16 ``scales [D]`` (8 bits), or bf16
+    ``values`` and ``scales=None`` (16 bits)."""
 
     values: jax.Array
     scales: jax.Array | None
@@ -143,7 +148,8 @@ def _bf16_ceil(x: np.ndarray) -> np.ndarray:
 
 
 def basis_stored_bits(d: int, r: int, bits: int = 8) -> int:
-    """Bits to store a ``[D, r]`` basis: ``8·D·r + 16·D`` (int8 + per-row bf16 scales) or ``16·D·r``."""
+    """Bits to store a ``[D, r]`` basis: ``8·D·r + 16·D`` (int8 + per-row bf16 scales) or
+    ``16·D·r``."""
     if bits == 8:
         return 8 * int(d) * int(r) + 16 * int(d)
     if bits == 16:

@@ -15,12 +15,12 @@ Starved experts (fewer than `min_tokens` routed tokens) are never skipped and ne
 statistics are computed over *every* calibration token of the layer as if routed, with the weight
 each token would have had (its softmax router probability for that expert, renormalised over the
 expert and the token's top-k), then scaled so their mass equals the mass actually routed to them
-(10⁻⁶ of the mean if none was: the fallback supplies the *shape* of the statistics, while how much an
-expert matters is left to the routed mass and `expert_mass_floor`). The report lists them.
+(10⁻⁶ of the mean if none was: the fallback supplies the *shape* of the statistics, while how much
+an expert matters is left to the routed mass and `expert_mass_floor`). The report lists them.
 
-Each expert's features and sums run in one jitted per-expert program over its routed tokens (padded to
-a common capacity), sharded over the experts of the mesh (`quant/sharded.py`), so the work is about
-Σ_e n_e·F·r (not E× that) and the result does not depend on how many devices share it.
+Each expert's features and sums run in one jitted per-expert program over its routed tokens (padded
+to a common capacity), sharded over the experts of the mesh (`quant/sharded.py`), so the work is
+about Σ_e n_e·F·r (not E× that) and the result does not depend on how many devices share it.
 """
 
 from __future__ import annotations
@@ -58,14 +58,15 @@ def collect_expert_stats(
     vg: jax.Array,
     vu: jax.Array,
     min_tokens: int = 16,
-    layout: "ExpertLayout | None" = None,
+    layout: ExpertLayout | None = None,
 ) -> ExpertStats:
     """Statistics for one MoE layer.
 
-    x: MoE-block input [N, D]; router_logits [N, E]; expert_idx / expert_w [N, k] (as the model routes,
-    routing weights after renormalisation and scaling); gate / up [E, D, F]; vg / vu [D, r] the (dequantized)
-    shared bases of gate and up. `layout`: how experts are sharded over the mesh (default: one device);
-    the statistics are bit-identical for every layout (see `quant/sharded.py`).
+    x: MoE-block input [N, D]; router_logits [N, E]; expert_idx / expert_w [N, k] (as the model
+    routes, routing weights after renormalisation and scaling); gate / up [E, D, F]; vg / vu [D, r]
+    the (dequantized) shared bases of gate and up. `layout`: how experts are sharded over the mesh
+    (default: one device); the statistics are bit-identical for every layout (see
+    `quant/sharded.py`).
     """
     num_experts = gate.shape[0]
     if layout is None:
@@ -76,10 +77,15 @@ def collect_expert_stats(
     gate_np, up_np = np.asarray(gate, np.float32), np.asarray(up, np.float32)
     x_np = np.asarray(x, np.float32)
     s_gate, s_up, c_down, mass = sharded.routed_stats(
-        layout, x_np, np.asarray(plan.token), np.asarray(plan.weight, np.float32), offs,
+        layout,
+        x_np,
+        np.asarray(plan.token),
+        np.asarray(plan.weight, np.float32),
+        offs,
         sharded.expert_array(layout, lambda e: gate_np[e], gate_np.shape[1:], np.float32),
         sharded.expert_array(layout, lambda e: up_np[e], up_np.shape[1:], np.float32),
-        np.asarray(vg), np.asarray(vu),
+        np.asarray(vg),
+        np.asarray(vu),
     )
 
     starved = [e for e in range(num_experts) if sizes[e] < min_tokens]
@@ -90,11 +96,13 @@ def collect_expert_stats(
         idx_np = np.asarray(expert_idx)
         as_if = []
         for e in starved:
-            # its weight had it been in the top-k: renormalised over the top-k ∪ {e} (a token already
-            # routed to e keeps its own weight; its probability must not be counted twice)
+            # its weight had it been in the top-k: renormalised over the top-k ∪ {e} (a token
+            # already routed to e keeps its own weight; its probability must not be counted twice)
             in_topk = (idx_np == e).any(axis=1)
             as_if.append(probs[:, e] / (topk_sum + np.where(in_topk, 0.0, probs[:, e])))
-        fg, fu, fd, fmass = sharded.all_token_stats(x_np, np.stack(as_if), gate_np[starved], up_np[starved], np.asarray(vg), np.asarray(vu))
+        fg, fu, fd, fmass = sharded.all_token_stats(
+            x_np, np.stack(as_if), gate_np[starved], up_np[starved], np.asarray(vg), np.asarray(vu)
+        )
         for i, e in enumerate(starved):
             target = mass[e] if mass[e] > 0 else 1e-6 * routed_mean
             scale = target / max(float(fmass[i]), 1e-30)
@@ -102,4 +110,11 @@ def collect_expert_stats(
             s_up[e] = scale * fu[i]
             c_down[e] = scale * fd[i]
             mass[e] = target
-    return ExpertStats(s_gate=s_gate, s_up=s_up, c_down=c_down, mass=mass, tokens=sizes.astype(np.int64), starved=starved)
+    return ExpertStats(
+        s_gate=s_gate,
+        s_up=s_up,
+        c_down=c_down,
+        mass=mass,
+        tokens=sizes.astype(np.int64),
+        starved=starved,
+    )

@@ -1,4 +1,5 @@
-"""Quantized checkpoint: packed expert factors + stored bases + the rest of the model, and its loader.
+"""Quantized checkpoint: packed expert factors + stored bases + the rest of the model, and its
+loader.
 
 Layout of a quantized directory (written atomically by the pipeline):
 
@@ -7,7 +8,8 @@ Layout of a quantized directory (written atomically by the pipeline):
     params/top/             orbax: embeddings, final norm, lm_head (bf16 by default)
     params/layer_000/       orbax: {"dense": non-expert params of the layer,
                                     "experts_q": bases + packed factors (MoE layers),
-                                    "allocation": bits per unit [E, r_full] per projection (MoE layers)}
+                                    "allocation": bits per unit [E, r_full] per projection (MoE
+                                    layers)}
     tokenizer.json, ...     copied from the source so `evaluate` works on the directory
     report.json, report.md  written by the pipeline
 """
@@ -32,7 +34,16 @@ QUANT_META = "quantized.json"
 
 def package_versions() -> dict[str, str]:
     out = {}
-    for name in ("bitsmoe-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "cvxpy", "highspy"):
+    for name in (
+        "bitsmoe-jax",
+        "jax",
+        "jaxlib",
+        "flax",
+        "orbax-checkpoint",
+        "numpy",
+        "cvxpy",
+        "highspy",
+    ):
         try:
             out[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:
@@ -41,7 +52,11 @@ def package_versions() -> dict[str, str]:
 
 
 def save_layer(
-    root: Path, index: int, dense: dict, experts: QuantizedExperts | None, allocation: dict[str, np.ndarray] | None
+    root: Path,
+    index: int,
+    dense: dict,
+    experts: QuantizedExperts | None,
+    allocation: dict[str, np.ndarray] | None,
 ) -> dict[str, Any] | None:
     """Write one layer's item; return the JSON metadata of its quantized experts (None if dense)."""
     tree: dict[str, Any] = {"dense": dense}
@@ -58,7 +73,9 @@ def save_top(root: Path, top: dict) -> None:
     save_tree(root / "params" / "top", top)
 
 
-def write_meta(root: Path, config: ModelConfig, quant_config: dict, layers: dict[int, Any], summary: dict) -> None:
+def write_meta(
+    root: Path, config: ModelConfig, quant_config: dict, layers: dict[int, Any], summary: dict
+) -> None:
     meta = {
         "format": FORMAT_QUANTIZED,
         "version": 1,
@@ -87,7 +104,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{p}: not a quantized checkpoint (no {QUANT_META})")
     meta = json.loads(p.read_text())
     if meta.get("format") != FORMAT_QUANTIZED:
-        raise ValueError(f"{p}: unknown format {meta.get('format')!r} (expected {FORMAT_QUANTIZED})")
+        raise ValueError(
+            f"{p}: unknown format {meta.get('format')!r} (expected {FORMAT_QUANTIZED})"
+        )
     return meta
 
 
@@ -96,7 +115,12 @@ def load_allocation(path: str | Path, index: int) -> dict[str, np.ndarray]:
     return load_tree(Path(path) / "params" / f"layer_{index:03d}")["allocation"]
 
 
-def load_quantized(path: str | Path, dtype: Any = jnp.float32, implementation: str | None = None, max_padding: float = 0.05):
+def load_quantized(
+    path: str | Path,
+    dtype: Any = jnp.float32,
+    implementation: str | None = None,
+    max_padding: float = 0.05,
+):
     """A model with quantized experts, same call contract as `load_model`: returns (model, config).
 
     ``implementation`` selects the routed-expert path (`qmoe.QuantizedExperts`): ``"xla"``,

@@ -23,20 +23,22 @@ L(e, k, b) = Σ_f W[e, k, f] (unit_f − Q_b(unit)_f)², exactly (every unit at 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.quant.calibration import ExpertStats
 from bitsmoe_jax.quant import sharded
+from bitsmoe_jax.quant.calibration import ExpertStats
 from bitsmoe_jax.quant.quantizers import estimated_errors, kappa_estimates, stored_bits
 from bitsmoe_jax.quant.sharded import ExpertLayout
 
 PROJECTIONS = ("gate", "up", "down")
 
 
-def fit_factors(basis_deq: np.ndarray, w: np.ndarray, experts: Sequence[int] | None = None) -> np.ndarray:
+def fit_factors(
+    basis_deq: np.ndarray, w: np.ndarray, experts: Sequence[int] | None = None
+) -> np.ndarray:
     """Least-squares factors F with basis_deq @ F[e] ≈ w[e]; basis [D, r], w [E, D, F] -> [E, r, F].
 
     `experts`: fit only these (the others' factors are zeros), for runs sharded over processes."""
@@ -52,9 +54,14 @@ def fit_factors(basis_deq: np.ndarray, w: np.ndarray, experts: Sequence[int] | N
 
 
 def layer_units(
-    gate: np.ndarray, up: np.ndarray, down: np.ndarray, bases_deq: dict[str, np.ndarray], experts: Sequence[int] | None = None
+    gate: np.ndarray,
+    up: np.ndarray,
+    down: np.ndarray,
+    bases_deq: dict[str, np.ndarray],
+    experts: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The three [E, r, F] unit arrays of a layer, fitted to the dequantized bases (of `experts` only, if given)."""
+    """The three [E, r, F] unit arrays of a layer, fitted to the dequantized bases (of `experts`
+    only, if given)."""
     return {
         "gate": fit_factors(bases_deq["gate"], gate, experts),
         "up": fit_factors(bases_deq["up"], up, experts),
@@ -71,7 +78,11 @@ def mass_scale(mass: np.ndarray, floor: float) -> np.ndarray:
 
 
 def loss_weights(
-    stats: ExpertStats, down: np.ndarray, r: dict[str, int], expert_mass_floor: float, weighting: str = "token_sum"
+    stats: ExpertStats,
+    down: np.ndarray,
+    r: dict[str, int],
+    expert_mass_floor: float,
+    weighting: str = "token_sum",
 ) -> dict[str, np.ndarray]:
     """Per-element weights W[e, k, f] for the three projections (float32 [E, r, F]).
 
@@ -83,8 +94,11 @@ def loss_weights(
     if weighting == "expert_mean":
         per = 1.0 / np.maximum(stats.tokens.astype(np.float64), 1.0)
         stats = dataclasses.replace(
-            stats, s_gate=stats.s_gate * per[:, None, None], s_up=stats.s_up * per[:, None, None],
-            c_down=stats.c_down * per[:, None], mass=np.ones_like(stats.mass),
+            stats,
+            s_gate=stats.s_gate * per[:, None, None],
+            s_up=stats.s_up * per[:, None, None],
+            c_down=stats.c_down * per[:, None],
+            mass=np.ones_like(stats.mass),
         )
     elif weighting != "token_sum":
         raise ValueError(f"loss weighting {weighting!r}: choose 'token_sum' or 'expert_mean'")
@@ -130,7 +144,9 @@ def loss_coefficients(
         if mode == "exact":
             if layout is None:
                 layout = sharded.expert_layout(sharded.single_device_mesh(), units[name].shape[0])
-            loss[name] = sharded.unit_errors_sharded(layout, units[name], weights[name], cands, group_size).astype(np.float64)
+            loss[name] = sharded.unit_errors_sharded(
+                layout, units[name], weights[name], cands, group_size
+            ).astype(np.float64)
         elif mode == "sampled":
             x, w = jnp.asarray(units[name]), jnp.asarray(weights[name])
             kappa = kappa_estimates(x, cands, group_size, w, num_samples=num_samples, seed=seed)

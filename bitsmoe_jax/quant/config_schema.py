@@ -26,12 +26,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model_path = ""  # HF directory or converted checkpoint
     c.output_dir = ""
     c.overwrite = False
-    # Finished layers are committed to work_dir ("" = OUTPUT_DIR.partial beside the output); a rerun of
-    # the same command resumes at the first unfinished layer. resume=False discards the work dir.
+    # Finished layers are committed to work_dir ("" = OUTPUT_DIR.partial beside the output); a rerun
+    # of the same command resumes at the first unfinished layer. resume=False discards the work dir.
     c.resume = True
     c.work_dir = ""
     c.method = "bitsmoe"
-    c.budget_bits = (2.0,)  # bits per original expert weight, everything stored counted; several -> one output each
+    c.budget_bits = (
+        2.0,
+    )  # bits per original expert weight, everything stored counted; several -> one output each
     c.budget_scope = "layer"  # layer | model
     c.calib_text = "shakespeare_train"  # shipped name or path
     c.num_calib_tokens = 16384
@@ -42,7 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.candidate_bits = (0, 1, 2, 3, 4, 5, 6, 8)
     c.group_size = 128
     c.basis = "svd"  # svd | whitened | none (ablations: activation-whitened basis; no shared basis)
-    c.loss_weighting = "token_sum"  # token_sum | expert_mean (ablation: per-expert means drop routing frequency)
+    c.loss_weighting = (
+        "token_sum"  # token_sum | expert_mean (ablation: per-expert means drop routing frequency)
+    )
     c.basis_bits = 8  # 8 (int8 per row + bf16 scale) or 16 (bf16)
     c.rank = ml_collections.FieldReference(None, field_type=int)  # None = full rank
     c.coefficient_mode = "exact"  # exact | sampled (kappa_b * ||unit||^2)
@@ -52,7 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.allocator = "auto"
     c.milp_max_units = 10000
     c.milp_time_limit = 60.0
-    # expert indices kept at super_expert_bits in every MoE layer, or "auto" (any type: a tuple or a string)
+    # expert indices kept at super_expert_bits in every MoE layer, or "auto" (any type: a tuple or a
+    # string)
     c.super_experts = ml_collections.FieldReference((), field_type=object)
     c.super_expert_bits = 8
     c.super_expert_threshold = 8.0  # "auto": peak |output| above this x the median expert's
@@ -68,7 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def distributed_config() -> ml_collections.ConfigDict:
-    """`jax.distributed.initialize` settings (bitsmoe_jax/distributed.py); the defaults are one process."""
+    """`jax.distributed.initialize` settings (bitsmoe_jax/distributed.py); the defaults are one
+    process."""
     d = ml_collections.ConfigDict()
     d.auto = False  # True on a TPU pod (or SLURM / Open MPI): JAX detects coordinator, count and id
     d.coordinator_address = ""  # "host:port" of process 0, for explicit multi-process (GPU hosts)
@@ -83,7 +89,11 @@ def distributed_config() -> ml_collections.ConfigDict:
 
 
 def _is_bits_tuple(v: Any) -> bool:
-    return isinstance(v, (tuple, list)) and len(v) > 0 and all(int(b) == b and int(b) in VALID_BITS for b in v)
+    return (
+        isinstance(v, (tuple, list))
+        and len(v) > 0
+        and all(int(b) == b and int(b) in VALID_BITS for b in v)
+    )
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -96,15 +106,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("model_path", "a Hugging Face or converted checkpoint directory")
     if not c.output_dir:
         bad("output_dir", "a directory path for the quantized checkpoint")
-    if c.work_dir and Path(c.work_dir).absolute() in (Path(c.output_dir).absolute(), *Path(c.output_dir).absolute().parents):
-        bad("work_dir", "a directory outside output_dir (it is deleted when the run succeeds), or \"\" for OUTPUT_DIR.partial")
+    if c.work_dir and Path(c.work_dir).absolute() in (
+        Path(c.output_dir).absolute(),
+        *Path(c.output_dir).absolute().parents,
+    ):
+        bad(
+            "work_dir",
+            'a directory outside output_dir (it is deleted when the run succeeds), or "" for '
+            "OUTPUT_DIR.partial",
+        )
     if c.method not in METHODS:
         bad("method", ", ".join(METHODS))
     budgets = c.budget_bits if isinstance(c.budget_bits, (tuple, list)) else (c.budget_bits,)
     if not budgets or any(not isinstance(b, (int, float)) or b <= 0 for b in budgets):
         bad("budget_bits", "positive numbers, e.g. 2.0 or (2.0, 2.5, 3.0)")
-    if len({f"{float(b):.2f}" for b in budgets}) < len(budgets):  # each budget writes OUTPUT_DIR/bpw_<b:.2f>
-        bad("budget_bits", "distinct budgets (to 2 decimals: each one writes its own bpw_<budget> directory)")
+    if len({f"{float(b):.2f}" for b in budgets}) < len(
+        budgets
+    ):  # each budget writes OUTPUT_DIR/bpw_<b:.2f>
+        bad(
+            "budget_bits",
+            "distinct budgets (to 2 decimals: each one writes its own bpw_<budget> directory)",
+        )
     if c.budget_scope not in SCOPES:
         bad("budget_scope", ", ".join(SCOPES))
     if c.allocator not in ALLOCATORS:
@@ -138,8 +160,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.rank is not None and c.rank < 1:
         bad("rank", "None (full) or a positive integer")
     ms = c.mesh_shape
-    if not (ms in ((), None) or (isinstance(ms, int) and not isinstance(ms, bool) and ms > 0)
-            or (isinstance(ms, (tuple, list)) and len(ms) == 1 and isinstance(ms[0], int) and ms[0] > 0)):
+    if not (
+        ms in ((), None)
+        or (isinstance(ms, int) and not isinstance(ms, bool) and ms > 0)
+        or (isinstance(ms, (tuple, list)) and len(ms) == 1 and isinstance(ms[0], int) and ms[0] > 0)
+    ):
         bad("mesh_shape", "() for every device, or (n,) with n > 0 devices on the expert axis")
     _validate_distributed(c.distributed)
     if c.method != "bitsmoe" and (c.distributed.auto or c.distributed.num_processes > 1):
@@ -155,14 +180,18 @@ def _validate_distributed(d: ml_collections.ConfigDict) -> None:
     if not isinstance(d.process_id, int) or not 0 <= d.process_id < d.num_processes:
         bad("process_id", f"an integer in [0, num_processes={d.num_processes})")
     if d.num_processes > 1 and not d.auto and ":" not in d.coordinator_address:
-        bad("coordinator_address", '"host:port" of process 0 (or distributed.auto=True on a TPU pod)')
+        bad(
+            "coordinator_address",
+            '"host:port" of process 0 (or distributed.auto=True on a TPU pod)',
+        )
     for f in ("initialization_timeout", "heartbeat_timeout", "barrier_timeout"):
         if not d[f] > 0:
             bad(f, "a positive number of seconds")
 
 
 def large_model_config(output_dir: str) -> ml_collections.ConfigDict:
-    """Settings for a published multi-billion-parameter MoE; `model_path` must be given by the user."""
+    """Settings for a published multi-billion-parameter MoE; `model_path` must be given by the
+    user."""
     c = default_config()
     c.model_path = ""  # required: --config.model_path=/path/to/the/downloaded/checkpoint
     c.output_dir = output_dir

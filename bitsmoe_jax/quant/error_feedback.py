@@ -22,9 +22,9 @@ squared, as the token-sum loss weighs them):
   are then rounded on them after the earlier columns' errors have reached them; the scales are
   returned and packing uses them as they are (`packing.pack_segments(..., scales=...)`).
 
-Dead directions (``H_kk = 0``) get ``H_kk = 1`` and ``damp · mean(diag H)`` is added to the diagonal,
-as in GPTQ. An expert routed fewer than ``min_tokens`` tokens uses every token of the layer, scaled to
-the mean routed mass of the others (the starved-expert fallback of the statistics).
+Dead directions (``H_kk = 0``) get ``H_kk = 1`` and ``damp · mean(diag H)`` is added to the
+diagonal, as in GPTQ. An expert routed fewer than ``min_tokens`` tokens uses every token of the
+layer, scaled to the mean routed mass of the others (the starved-expert fallback of the statistics).
 
 What does not change: the bits (the allocation still uses the loss coefficients of independent
 rounding — an upper bound of what the feedback achieves), the grid, the stored format and so the
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +63,16 @@ class CalibrationInputs:
     def __post_init__(self) -> None:
         idx, w = np.asarray(self.expert_idx), np.asarray(self.expert_w)
         if idx.shape != w.shape or idx.ndim != 2 or idx.shape[0] != np.shape(self.x)[0]:
-            raise ValueError(f"expert_idx {idx.shape} / expert_w {w.shape} must both be [N={np.shape(self.x)[0]}, k]")
+            raise ValueError(
+                f"expert_idx {idx.shape} / expert_w {w.shape} must both be "
+                f"[N={np.shape(self.x)[0]}, k]"
+            )
 
     def token_weights(self, expert: int) -> np.ndarray:
-        """Squared routing weight of every token for `expert` ([N], float64), with the starved fallback."""
+        """Squared routing weight of every token for `expert` ([N], float64), with the starved
+        fallback."""
         idx, w = np.asarray(self.expert_idx), np.asarray(self.expert_w, np.float64)
-        routed = (idx == expert)
+        routed = idx == expert
         w2 = np.where(routed, w, 0.0).sum(1) ** 2
         if routed.any(1).sum() >= self.min_tokens:
             return w2
@@ -79,22 +83,33 @@ class CalibrationInputs:
 
 
 def _checked(units, bits, hessian, weights, along: str):
-    """float32 units [r, F], int32 bits [r], float32 Hessian ([r, r] along rows, [F, F] along columns), weights."""
+    """float32 units [r, F], int32 bits [r], float32 Hessian ([r, r] along rows, [F, F] along
+    columns), weights."""
     units = np.asarray(units, np.float32)
     r, f = units.shape
     n, name = (r, "r") if along == "rows" else (f, "F")
     hessian = np.asarray(hessian, np.float32)
     if hessian.shape != (n, n):
         raise ValueError(f"hessian must be [{name}={n}, {name}={n}], got {hessian.shape}")
-    w = np.ones_like(units) if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    w = (
+        np.ones_like(units)
+        if weights is None
+        else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    )
     return units, np.asarray(bits, np.int32).reshape(r), hessian, w
 
 
 def compensate_rows(
-    units: np.ndarray, bits: np.ndarray, hessian: np.ndarray, group_size: int, weights: np.ndarray | None = None,
-    damp: float = 0.01, block: int = ROW_BLOCK,
+    units: np.ndarray,
+    bits: np.ndarray,
+    hessian: np.ndarray,
+    group_size: int,
+    weights: np.ndarray | None = None,
+    damp: float = 0.01,
+    block: int = ROW_BLOCK,
 ) -> np.ndarray:
-    """Rows of one factor ``[r, F]`` after error feedback along rows (gate / up); float32 ``[r, F]``.
+    """Rows of one factor ``[r, F]`` after error feedback along rows (gate / up); float32 ``[r,
+    F]``.
 
     ``bits [r]`` (any of `quantizers.SUPPORTED_BITS`), ``hessian [r, r]`` in component coordinates,
     ``weights [r, F]`` the per-element loss weights the group scales are searched with. Row k of the
@@ -104,8 +119,15 @@ def compensate_rows(
     units, bits, hessian, w = _checked(units, bits, hessian, weights, along="rows")
     order = np.argsort(bits, kind="stable")
     out = np.asarray(
-        _rows(jnp.asarray(units[order]), jnp.asarray(bits[order]), jnp.asarray(hessian[np.ix_(order, order)]),
-              jnp.asarray(w[order]), jnp.float32(damp), group_size=int(group_size), block=int(block))
+        _rows(
+            jnp.asarray(units[order]),
+            jnp.asarray(bits[order]),
+            jnp.asarray(hessian[np.ix_(order, order)]),
+            jnp.asarray(w[order]),
+            jnp.float32(damp),
+            group_size=int(group_size),
+            block=int(block),
+        )
     )
     result = np.empty_like(out)
     result[order] = out
@@ -114,7 +136,12 @@ def compensate_rows(
 
 
 def compensate_columns(
-    units: np.ndarray, bits: np.ndarray, hessian: np.ndarray, group_size: int, weights: np.ndarray | None = None, damp: float = 0.01
+    units: np.ndarray,
+    bits: np.ndarray,
+    hessian: np.ndarray,
+    group_size: int,
+    weights: np.ndarray | None = None,
+    damp: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``[r, F]`` after error feedback along columns (down), and the group scales they use.
 
@@ -125,7 +152,14 @@ def compensate_columns(
     """
     units, bits, hessian, w = _checked(units, bits, hessian, weights, along="columns")
     args = (jnp.asarray(units), jnp.asarray(bits), jnp.asarray(w))
-    vals, scales = _columns(args[0], args[1], jnp.asarray(hessian), args[2], jnp.float32(damp), group_size=int(group_size))
+    vals, scales = _columns(
+        args[0],
+        args[1],
+        jnp.asarray(hessian),
+        args[2],
+        jnp.float32(damp),
+        group_size=int(group_size),
+    )
     vals, scales = np.asarray(vals), np.asarray(scales)
     if np.isfinite(vals).all() and np.isfinite(scales).all():
         return vals, scales
@@ -134,10 +168,11 @@ def compensate_columns(
 
 # ---------------------------------------------------------------------------------------- kernels
 def _upper_inverse_factor(h: jax.Array, damp: jax.Array, pad: int = 0) -> jax.Array:
-    """U with H⁻¹ = UᵀU (upper), after the dead-direction fix and damping, for ``H`` padded by ``pad``
+    """U with H⁻¹ = UᵀU (upper), after the dead-direction fix and damping, for ``H`` padded by
+    ``pad``
     trailing directions with an identity block (size ``n + pad``). Padded directions come last, so
-    they reach no real one, and the real block of U is U of the unpadded H: the damping is the
-    mean over the real diagonal only."""
+    they reach no real one, and the real block of U is U of the unpadded H: the damping is the mean
+    over the real diagonal only."""
     n = h.shape[0]
     h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(n + pad) >= n).astype(jnp.float32))
     diag = jnp.diagonal(h)
@@ -148,11 +183,14 @@ def _upper_inverse_factor(h: jax.Array, damp: jax.Array, pad: int = 0) -> jax.Ar
 
 
 def _round_on(x: jax.Array, s: jax.Array, bits: jax.Array) -> jax.Array:
-    """Reconstruction of values ``x`` on scales ``s`` at traced bit-widths (0, 1..8, 16), elementwise."""
+    """Reconstruction of values ``x`` on scales ``s`` at traced bit-widths (0, 1..8, 16),
+    elementwise."""
     lo, hi, _ = qz._int_params(jnp.clip(bits, 1, 8))
     deq = (2.0 * qz._nearest_codes(x, s, lo, hi) + 1.0) * s
     deq = jnp.where(s > 0, deq, 0.0)
-    return jnp.where(bits == 0, 0.0, jnp.where(bits >= 16, x.astype(jnp.bfloat16).astype(jnp.float32), deq))
+    return jnp.where(
+        bits == 0, 0.0, jnp.where(bits >= 16, x.astype(jnp.bfloat16).astype(jnp.float32), deq)
+    )
 
 
 def _search(xg: jax.Array, wg: jax.Array, bits: jax.Array) -> jax.Array:
@@ -236,7 +274,9 @@ def _columns(a, b, h, w, damp, *, group_size: int):
         a = a - jnp.matmul(errs, jnp.where(cols[None, :] >= f0 + g, urows, 0.0), precision=HI)
         return a, vals, scales.at[:, gi].set(s)
 
-    _, vals, scales = jax.lax.fori_loop(0, ng, block, (a, jnp.zeros_like(a), jnp.zeros((r, ng), jnp.float32)))
+    _, vals, scales = jax.lax.fori_loop(
+        0, ng, block, (a, jnp.zeros_like(a), jnp.zeros((r, ng), jnp.float32))
+    )
     return vals[:, :f], scales
 
 
@@ -270,30 +310,47 @@ def feedback_layer(
     """Compensated units of a layer: ``{p: (values [E, r, F], down scales [E, r, ng] or None)}``.
 
     units / weights ``[E, r, F]`` per projection (all r components, before dropping), bases the
-    dequantized ``[D, r]`` bases (None = identity), bits ``[E, r]``. One expert's Hessians at a time.
-    ``experts``: compensate only these (the others' entries are zeros) — a multi-process run gives
-    each process its own experts and all-gathers the results; every expert's result depends on that
-    expert's inputs only, so it is the same whichever process computes it.
+    dequantized ``[D, r]`` bases (None = identity), bits ``[E, r]``. One expert's Hessians at a
+    time. ``experts``: compensate only these (the others' entries are zeros) — a multi-process run
+    gives each process its own experts and all-gathers the results; every expert's result depends on
+    that expert's inputs only, so it is the same whichever process computes it.
     """
     x = jnp.asarray(calib.x, jnp.float32)
-    z = {p: x if bases[p] is None else jnp.matmul(x, jnp.asarray(bases[p], jnp.float32), precision=HI) for p in ("gate", "up")}
+    z = {
+        p: x
+        if bases[p] is None
+        else jnp.matmul(x, jnp.asarray(bases[p], jnp.float32), precision=HI)
+        for p in ("gate", "up")
+    }
     e_count = units["gate"].shape[0]
     out = {p: np.zeros(np.shape(units[p]), np.float32) for p in ("gate", "up", "down")}
     down_scales = None
-    for e in (range(e_count) if experts is None else experts):
+    for e in range(e_count) if experts is None else experts:
         w2_all = calib.token_weights(e)
-        # Only the tokens that reach the expert (all, if starved), padded with zero-weight tokens to a
-        # power of two so the Gram programs compile once per size bucket, not once per expert.
+        # Only the tokens that reach the expert (all, if starved), padded with zero-weight tokens to
+        # a power of two so the Gram programs compile once per size bucket, not once per expert.
         keep = np.flatnonzero(w2_all > 0)
         bucket = 1 << max(int(keep.size) - 1, 0).bit_length()
         keep = np.concatenate([keep, np.zeros(bucket - keep.size, keep.dtype)])
-        w2k = jnp.asarray(np.where(np.arange(bucket) < np.count_nonzero(w2_all > 0), w2_all[keep], 0.0), jnp.float32)
+        w2k = jnp.asarray(
+            np.where(np.arange(bucket) < np.count_nonzero(w2_all > 0), w2_all[keep], 0.0),
+            jnp.float32,
+        )
         for p in ("gate", "up"):
             hz = np.asarray(_weighted_gram(z[p][keep], w2k))
-            out[p][e] = compensate_rows(units[p][e], bits[p][e], hz, group_size, weights[p][e], damp)
-        h = _hidden(z["gate"][keep], z["up"][keep], jnp.asarray(units["gate"][e]), jnp.asarray(units["up"][e]))
+            out[p][e] = compensate_rows(
+                units[p][e], bits[p][e], hz, group_size, weights[p][e], damp
+            )
+        h = _hidden(
+            z["gate"][keep],
+            z["up"][keep],
+            jnp.asarray(units["gate"][e]),
+            jnp.asarray(units["up"][e]),
+        )
         hd = np.asarray(_weighted_gram(h, w2k))
-        vals, sc = compensate_columns(units["down"][e], bits["down"][e], hd, group_size, weights["down"][e], damp)
+        vals, sc = compensate_columns(
+            units["down"][e], bits["down"][e], hd, group_size, weights["down"][e], damp
+        )
         out["down"][e] = vals
         if down_scales is None:
             down_scales = np.zeros((e_count, *sc.shape), np.float32)
@@ -301,7 +358,11 @@ def feedback_layer(
     if down_scales is None:  # no expert to compensate here: the scales' shape, for the all-gather
         r, f = np.shape(units["down"])[1:]
         down_scales = np.zeros((e_count, r, qz.num_groups(f, min(group_size, f))), np.float32)
-    return {"gate": (out["gate"], None), "up": (out["up"], None), "down": (out["down"], down_scales)}
+    return {
+        "gate": (out["gate"], None),
+        "up": (out["up"], None),
+        "down": (out["down"], down_scales),
+    }
 
 
 __all__ = ["CalibrationInputs", "compensate_rows", "compensate_columns", "feedback_layer"]

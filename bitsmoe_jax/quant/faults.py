@@ -19,12 +19,21 @@ import os
 import signal
 
 ENV = "BITSMOE_FAULT"
-POINTS = ("layer_computed", "commit_before_rename", "layer_committed", "output_write", "output_renamed", "cleanup", "tombstone")
+POINTS = (
+    "layer_computed",
+    "commit_before_rename",
+    "layer_committed",
+    "output_write",
+    "output_renamed",
+    "cleanup",
+    "tombstone",
+)
 _seen: dict[str, int] = {}
 
 
 def point(name: str) -> None:
-    """Kill this process with SIGKILL if `BITSMOE_FAULT` names this point (and this is its n-th visit)."""
+    """Kill this process with SIGKILL if `BITSMOE_FAULT` names this point (and this is its n-th
+    visit)."""
     spec = os.environ.get(ENV)
     if not spec:
         return

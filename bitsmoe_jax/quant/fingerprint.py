@@ -33,14 +33,26 @@ WORK_FORMAT_VERSION = 1
 HEAD_BYTES = 1 << 20
 BLOCK_BYTES = 1 << 16
 NUM_BLOCKS = 16
-NOT_FINGERPRINTED = frozenset({
-    "model_path", "calib_text", "output_dir", "overwrite", "eval_text", "eval_max_tokens", "eval_batch_size",
-    "resume", "work_dir", "distributed", "mesh_shape",
-})
+NOT_FINGERPRINTED = frozenset(
+    {
+        "model_path",
+        "calib_text",
+        "output_dir",
+        "overwrite",
+        "eval_text",
+        "eval_max_tokens",
+        "eval_batch_size",
+        "resume",
+        "work_dir",
+        "distributed",
+        "mesh_shape",
+    }
+)
 
 
 def sampled_sha256(path: Path) -> str:
-    """SHA-256 of the file's size, its first MiB, 16 evenly spaced 64 KiB blocks and its last 64 KiB."""
+    """SHA-256 of the file's size, its first MiB, 16 evenly spaced 64 KiB blocks and its last 64
+    KiB."""
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -58,7 +70,8 @@ def sampled_sha256(path: Path) -> str:
 
 
 def model_files(model_path: str | Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256 (sampled)}} for every non-hidden file under the model directory."""
+    """{relative path: {size, sha256 (sampled)}} for every non-hidden file under the model
+    directory."""
     root = Path(model_path)
     out = {}
     for p in sorted(root.rglob("*")):
@@ -99,14 +112,17 @@ EVALUATION_FIELDS = ("eval_text", "eval_max_tokens", "eval_batch_size")
 
 
 def output_digest(fp: dict[str, Any], cfg: Any) -> str:
-    """SHA-256 naming everything a finished output depends on: the run's fingerprint and its evaluation.
+    """SHA-256 naming everything a finished output depends on: the run's fingerprint and its
+    evaluation.
 
     Recorded in each output's report as `run_fingerprint`, so that rerunning a command whose outputs
     are all written (say after a kill during the final cleanup) recognises them as its own and does
     nothing, while outputs of any other run still need `--config.overwrite=True`.
     """
     evaluation = {k: _jsonable(cfg.get(k)) for k in EVALUATION_FIELDS}
-    return hashlib.sha256(json.dumps({"run": fp, "evaluation": evaluation}, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps({"run": fp, "evaluation": evaluation}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _short(v: Any) -> str:
@@ -118,9 +134,14 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between two fingerprints, one phrase per change ([] when they match)."""
     changes = []
     if old.get("format_version") != new["format_version"]:
-        changes.append(f"work-directory format version ({old.get('format_version')} → {new['format_version']})")
-    for section, label in (("model_config", "model config field"), ("quantization_config", "config field"),
-                           ("versions", "package version of")):
+        changes.append(
+            f"work-directory format version ({old.get('format_version')} → {new['format_version']})"
+        )
+    for section, label in (
+        ("model_config", "model config field"),
+        ("quantization_config", "config field"),
+        ("versions", "package version of"),
+    ):
         a, b = old.get(section, {}), new[section]
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
@@ -134,9 +155,13 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         elif a[k]["size"] != b[k]["size"]:
             changes.append(f"model: file {k} changed size ({a[k]['size']} → {b[k]['size']} bytes)")
         elif a[k]["sha256"] != b[k]["sha256"]:
-            changes.append(f"model: file {k} changed content (sampled sha256 {a[k]['sha256'][:12]} → {b[k]['sha256'][:12]})")
+            changes.append(
+                f"model: file {k} changed content (sampled sha256 {a[k]['sha256'][:12]} → "
+                f"{b[k]['sha256'][:12]})"
+            )
     if old.get("calib_text_sha256") != new["calib_text_sha256"]:
         changes.append(
-            f"calibration text content (sha256 {str(old.get('calib_text_sha256'))[:12]} → {new['calib_text_sha256'][:12]})"
+            f"calibration text content (sha256 {str(old.get('calib_text_sha256'))[:12]} → "
+            f"{new['calib_text_sha256'][:12]})"
         )
     return changes

@@ -1,13 +1,11 @@
 """Bit-plane packing of quantized units and the per-matrix packed format.
 
-Bit-plane layout
-----------------
-Signed codes ``q`` of bit-width ``b`` (1..8, the convention of :mod:`quantizers`:
-``q ∈ [-2**(b-1), 2**(b-1)-1]``, value ``(2q+1)·scale``) are first offset to unsigned
-``u = q + 2**(b-1) ∈ [0, 2**b)``. For ``b = 1`` that makes ``u`` the sign bit, 1 for
-``x >= 0`` and 0 for ``x < 0``. A unit of ``n`` values is zero-padded (in ``u``) to a multiple of
-32 and cut into blocks of 32 consecutive values; block ``k`` becomes ``b`` uint32 words, word
-``p`` holding bit ``p`` of the 32 values, value ``i`` of the block in bit ``i`` of the word.
+Bit-plane layout ---------------- Signed codes ``q`` of bit-width ``b`` (1..8, the convention of
+:mod:`quantizers`: ``q ∈ [-2**(b-1), 2**(b-1)-1]``, value ``(2q+1)·scale``) are first offset to
+unsigned ``u = q + 2**(b-1) ∈ [0, 2**b)``. For ``b = 1`` that makes ``u`` the sign bit, 1 for ``x >=
+0`` and 0 for ``x < 0``. A unit of ``n`` values is zero-padded (in ``u``) to a multiple of 32 and
+cut into blocks of 32 consecutive values; block ``k`` becomes ``b`` uint32 words, word ``p`` holding
+bit ``p`` of the 32 values, value ``i`` of the block in bit ``i`` of the word.
 
 The packed array of a unit is the flat sequence ``[block 0: plane 0 … plane b-1, block 1: …]``,
 i.e. shape ``[..., ceil(n/32) * b]`` with word index ``k * b + p`` — reshape to
@@ -15,12 +13,11 @@ i.e. shape ``[..., ceil(n/32) * b]`` with word index ``k * b + p`` — reshape t
 included) packs with no value straddling a word, and unpacking value ``i`` of plane ``p`` is one
 shift and mask, the same instruction stream for every bit-width — what a Pallas/XLA kernel wants.
 
-Packed matrix
--------------
-:func:`pack_segments` stores the ``K`` units of one (expert, projection) factor: units are ordered
-by bit-width (stable), each run of equal bit-width is a *segment* with its packed words and its
-bf16 group scales (or bf16 values for 16-bit units; nothing for 0-bit units), and the permutation
-back to the original order is kept. :func:`dequantize_packed` is jnp and jittable.
+Packed matrix ------------- :func:`pack_segments` stores the ``K`` units of one (expert, projection)
+factor: units are ordered by bit-width (stable), each run of equal bit-width is a *segment* with its
+packed words and its bf16 group scales (or bf16 values for 16-bit units; nothing for 0-bit units),
+and the permutation back to the original order is kept. :func:`dequantize_packed` is jnp and
+jittable.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +66,9 @@ def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
         )
     lead, n = codes.shape[:-1], codes.shape[-1]
     nb = -(-n // WORD_BITS)
-    u = (codes.astype(np.int16) - lo).astype(np.uint8)  # in range (checked): 0 .. 2**b - 1 fits a byte
+    u = (codes.astype(np.int16) - lo).astype(
+        np.uint8
+    )  # in range (checked): 0 .. 2**b - 1 fits a byte
     if nb * WORD_BITS != n:
         u = np.pad(u, [(0, 0)] * len(lead) + [(0, nb * WORD_BITS - n)])
     u = u.reshape(*lead, nb, WORD_BITS)
@@ -89,11 +88,15 @@ def unpack_bitplanes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
     lead = words.shape[:-1]
     nb = -(-int(n) // WORD_BITS)
     if words.shape[-1] != nb * bits:
-        raise ValueError(f"expected {nb * bits} words for n={n}, bits={bits}; got {words.shape[-1]}")
+        raise ValueError(
+            f"expected {nb * bits} words for n={n}, bits={bits}; got {words.shape[-1]}"
+        )
     w = np.ascontiguousarray(words.reshape(*lead, nb, bits).astype("<u4"))
     u = np.zeros((*lead, nb, WORD_BITS), np.int32)
     for p in range(bits):
-        plane = np.unpackbits(w[..., p : p + 1].view(np.uint8), axis=-1, bitorder="little")  # [..., nb, 32]
+        plane = np.unpackbits(
+            w[..., p : p + 1].view(np.uint8), axis=-1, bitorder="little"
+        )  # [..., nb, 32]
         u |= plane.astype(np.int32) << p
     u = u.reshape(*lead, nb * WORD_BITS)[..., :n]
     return u + np.int32(qz.code_range(bits)[0])
@@ -107,7 +110,9 @@ def unpack_bitplanes_jnp(words: jax.Array, bits: int, n: int) -> jax.Array:
     lead = words.shape[:-1]
     nb = -(-int(n) // WORD_BITS)
     if words.shape[-1] != nb * bits:
-        raise ValueError(f"expected {nb * bits} words for n={n}, bits={bits}; got {words.shape[-1]}")
+        raise ValueError(
+            f"expected {nb * bits} words for n={n}, bits={bits}; got {words.shape[-1]}"
+        )
     w = words.reshape(*lead, nb, 1, bits)
     shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)[:, None]
     planes = (w >> shifts) & jnp.uint32(1)
@@ -156,7 +161,9 @@ class PackedMatrix:
 
     def bits_per_unit(self) -> np.ndarray:
         """Bit-width of every unit, in the original order."""
-        stored = np.repeat(np.asarray(self.seg_bits, np.int64), np.asarray(self.seg_sizes, np.int64))
+        stored = np.repeat(
+            np.asarray(self.seg_bits, np.int64), np.asarray(self.seg_sizes, np.int64)
+        )
         out = np.empty(self.num_units, np.int64)
         out[np.asarray(self.perm)] = stored
         return out
@@ -191,18 +198,24 @@ CHUNK_ELEMENTS = 1 << 17  # units quantized per jitted call: bounds the scale se
 
 def _chunk_rows(count: int, n: int) -> int:
     """Rows per quantization call: a power of two (one compiled program per bucket, not per layer —
-    kept-unit counts differ from layer to layer), at most `CHUNK_ELEMENTS` elements unless one row is
-    longer. Chunks never change the result: every row is quantized on its own."""
+    kept-unit counts differ from layer to layer), at most `CHUNK_ELEMENTS` elements unless one row
+    is longer. Chunks never change the result: every row is quantized on its own."""
     cap = max(1, CHUNK_ELEMENTS // max(n, 1))
     cap = 1 << (cap.bit_length() - 1)
     return min(1 << max(count - 1, 0).bit_length(), cap)
 
 
 def _quantize_rows(
-    units: np.ndarray, rows_sel: np.ndarray, bpu: np.ndarray, rows: int, group_size: int,
-    w_full: np.ndarray | None, scales: np.ndarray | None,
+    units: np.ndarray,
+    rows_sel: np.ndarray,
+    bpu: np.ndarray,
+    rows: int,
+    group_size: int,
+    w_full: np.ndarray | None,
+    scales: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, scales) of the units `rows_sel`, quantized in one call padded to `rows` rows (zeros)."""
+    """(codes, scales) of the units `rows_sel`, quantized in one call padded to `rows` rows
+    (zeros)."""
     m, n = rows_sel.size, units.shape[1]
     x = np.zeros((rows, n), np.float32)
     x[:m] = units[rows_sel]
@@ -221,7 +234,9 @@ def _quantize_rows(
     return np.asarray(c)[:m], np.asarray(sc)[:m]
 
 
-def _checked_units(units: np.ndarray, bits_per_unit: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _checked_units(
+    units: np.ndarray, bits_per_unit: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     units = np.asarray(units, np.float32)
     if units.ndim != 2:
         raise ValueError(f"units must be [K, n], got shape {units.shape}")
@@ -242,16 +257,19 @@ def quantize_units(
     scales: np.ndarray | None = None,
     rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes (int8 ``[K, n]``) and group scales (float32 ``[K, n_groups]``) of the 1..8-bit units.
+    """Integer codes (int8 ``[K, n]``) and group scales (float32 ``[K, n_groups]``) of the 1..8-bit
+    units.
 
-    The quantization half of `pack_segments` (same arguments); 0- and 16-bit units, and with ``rows``
-    every unit not listed, get zeros. Every unit is quantized on its own, so a multi-process run can
-    give each process its experts' rows and all-gather the results.
+    The quantization half of `pack_segments` (same arguments); 0- and 16-bit units, and with
+    ``rows`` every unit not listed, get zeros. Every unit is quantized on its own, so a
+    multi-process run can give each process its experts' rows and all-gather the results.
     """
     units, bpu = _checked_units(units, bits_per_unit)
     k, n = units.shape
     group_size = int(group_size)
-    w_full = None if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    w_full = (
+        None if weights is None else np.broadcast_to(np.asarray(weights, np.float32), units.shape)
+    )
     codes_all = np.zeros((k, n), np.int8)  # codes of 1..8 bits fit a byte
     scales_all = np.zeros((k, qz.num_groups(n, min(group_size, n)) if n else 0), np.float32)
     is_int = (bpu >= 1) & (bpu <= 8)
@@ -259,7 +277,8 @@ def quantize_units(
         is_int &= np.isin(np.arange(k), rows)
     sel = np.flatnonzero(is_int)
     if sel.size:
-        # One program for every width (bit-width per unit is a traced value), in row chunks of bounded size.
+        # One program for every width (bit-width per unit is a traced value), in row chunks of
+        # bounded size.
         chunk = _chunk_rows(sel.size, n)
         for lo in range(0, sel.size, chunk):
             rows_sel = sel[lo : lo + chunk]
@@ -279,10 +298,10 @@ def pack_segments(
 ) -> PackedMatrix:
     """Quantize and pack ``units [K, n]`` with one bit-width each (``bits_per_unit [K]``).
 
-    ``weights`` (``[K, n]`` or broadcastable, ``>= 0``) must be the ones the loss coefficients
-    were computed with, so that the stored scales are the costed ones. ``scales`` (``[K, n_groups]``,
-    bf16-representable; entries of 0/16-bit units ignored) skips the scale search: the codes are then
-    the nearest on those scales — for error feedback that fixed each group's scale earlier.
+    ``weights`` (``[K, n]`` or broadcastable, ``>= 0``) must be the ones the loss coefficients were
+    computed with, so that the stored scales are the costed ones. ``scales`` (``[K, n_groups]``,
+    bf16-representable; entries of 0/16-bit units ignored) skips the scale search: the codes are
+    then the nearest on those scales — for error feedback that fixed each group's scale earlier.
     ``quantized``: the (codes, scales) `quantize_units` returned for these arguments, computed
     elsewhere (sharded over processes); only the packing is then done here.
     """
@@ -291,10 +310,14 @@ def pack_segments(
     group_size = int(group_size)
     perm = np.argsort(bpu, kind="stable")
     seg_bits, seg_sizes = np.unique(bpu[perm], return_counts=True)
-    codes_all, scales_all = quantized if quantized is not None else quantize_units(units, bpu, group_size, weights, scales)
+    codes_all, scales_all = (
+        quantized
+        if quantized is not None
+        else quantize_units(units, bpu, group_size, weights, scales)
+    )
     payload, scales = [], []
     start = 0
-    for b, size in zip(seg_bits.tolist(), seg_sizes.tolist()):
+    for b, size in zip(seg_bits.tolist(), seg_sizes.tolist(), strict=False):
         idx = perm[start : start + size]
         start += size
         if b == 0:
@@ -326,7 +349,9 @@ def _dequantize_segment(pm: PackedMatrix, i: int) -> jax.Array:
     if b == 16:
         return jnp.asarray(pm.payload[i]).astype(jnp.float32)
     codes = unpack_bitplanes_jnp(pm.payload[i], b, n)
-    return qz.dequantize_codes(codes, jnp.asarray(pm.scales[i]).astype(jnp.float32), b, pm.group_size)
+    return qz.dequantize_codes(
+        codes, jnp.asarray(pm.scales[i]).astype(jnp.float32), b, pm.group_size
+    )
 
 
 @jax.jit

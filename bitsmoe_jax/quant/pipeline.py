@@ -1,9 +1,9 @@
 """The BitsMoE pipeline, stage by stage, layer by layer.
 
-    calibration tokens → embeddings
-    for each decoder layer (streamed from the checkpoint, one in memory at a time):
-        attention (+ residual) → MoE input x
-        if MoE:  shared bases (Gram → eigh) → 8-bit bases → factors → routing statistics
+    calibration tokens → embeddings for each decoder layer (streamed from the checkpoint, one in
+    memory at a time):
+        attention (+ residual) → MoE input x if MoE: shared bases (Gram → eigh) → 8-bit bases →
+        factors → routing statistics
                  → loss coefficients L(e,k,b) → bit allocation → quantize + pack
         next layer's input from the *quantized* layer (sequential=True) or the original one
     write the quantized checkpoint (atomically), evaluate, report
@@ -14,9 +14,9 @@ in every expert are removed from the bases, and the bits this frees are offered 
 allocation (a short fixed-point loop that never exceeds the budget).
 
 Several budgets from one calibration (`budget_bits=(2.0, 2.5, 3.0)`) keep each layer's problem
-(units, weights, coefficients) and only re-solve the allocation; the calibration inputs of later layers
-then come from the first budget's quantized layers. `budget_scope="model"` also keeps every layer's
-problem and solves one allocation over all MoE layers.
+(units, weights, coefficients) and only re-solve the allocation; the calibration inputs of later
+layers then come from the first budget's quantized layers. `budget_scope="model"` also keeps every
+layer's problem and solves one allocation over all MoE layers.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,14 @@ from bitsmoe_jax.quant import basis as basis_lib
 from bitsmoe_jax.quant import sharded
 from bitsmoe_jax.quant.allocate import Allocation, BudgetError, allocate
 from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
+from bitsmoe_jax.quant.coefficients import (
+    PROJECTIONS,
+    Coefficients,
+    layer_units,
+    loss_coefficients,
+    loss_weights,
+)
 from bitsmoe_jax.quant.error_feedback import CalibrationInputs, feedback_layer
-from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients, layer_units, loss_coefficients, loss_weights
 from bitsmoe_jax.quant.packing import pack_segments, permutation_bits, quantize_units
 from bitsmoe_jax.quant.qmoe import QuantizedExperts
 from bitsmoe_jax.quant.sharded import ExpertLayout
@@ -61,7 +68,8 @@ class LayerProblem:
     super_experts: list[int]
     super_bits: int
     group_size: int
-    # The layer's calibration inputs and routing, for GPTQ-style rounding (rounding="gptq"); None = nearest.
+    # The layer's calibration inputs and routing, for GPTQ-style rounding (rounding="gptq"); None =
+    # nearest.
     calib: CalibrationInputs | None = None
 
     @property
@@ -72,7 +80,8 @@ class LayerProblem:
         return self.units[p].shape[1]
 
     def unit_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """loss [U, C], cost [U, C] over all units (gate, up, down; expert-major), and a fixed mask [U]."""
+        """loss [U, C], cost [U, C] over all units (gate, up, down; expert-major), and a fixed mask
+        [U]."""
         c = len(self.coeffs.candidates)
         loss = np.concatenate([self.coeffs.loss[p].reshape(-1, c) for p in PROJECTIONS])
         cost = np.broadcast_to(self.coeffs.cost, loss.shape).astype(np.float64)
@@ -102,11 +111,14 @@ class LayerProblem:
         return sum(self._overhead(p, self.rank(p)) for p in PROJECTIONS)
 
     def _overhead(self, p: str, kept: int) -> int:
-        basis = basis_lib.basis_stored_bits(self.hidden, kept, self.basis_bits) if self.bases[p] else 0
+        basis = (
+            basis_lib.basis_stored_bits(self.hidden, kept, self.basis_bits) if self.bases[p] else 0
+        )
         return basis + permutation_bits(self.num_experts * kept)
 
     def kept(self, p: str, bits: np.ndarray) -> np.ndarray:
-        """Components stored: those with bits in some expert (all of them without a basis to shrink)."""
+        """Components stored: those with bits in some expert (all of them without a basis to
+        shrink)."""
         if not self.bases[p]:
             return np.arange(self.rank(p))
         keep = np.flatnonzero(np.any(bits > 0, axis=0))
@@ -114,15 +126,24 @@ class LayerProblem:
 
 
 def solve_units(
-    loss: np.ndarray, cost: np.ndarray, fixed: np.ndarray, candidates: Sequence[int], super_bits: int, budget: float, **kw: Any
+    loss: np.ndarray,
+    cost: np.ndarray,
+    fixed: np.ndarray,
+    candidates: Sequence[int],
+    super_bits: int,
+    budget: float,
+    **kw: Any,
 ) -> tuple[np.ndarray, Allocation | None]:
-    """Allocate bits to the free units under `budget`; fixed (super-expert) units get `super_bits`."""
+    """Allocate bits to the free units under `budget`; fixed (super-expert) units get
+    `super_bits`."""
     cands = list(candidates)
     bits = np.zeros(loss.shape[0], np.int64)
     fixed_cost = 0.0
     if fixed.any():
         if super_bits not in cands:
-            raise ValueError(f"super_expert_bits={super_bits} must be one of the candidates {cands}")
+            raise ValueError(
+                f"super_expert_bits={super_bits} must be one of the candidates {cands}"
+            )
         ci = cands.index(super_bits)
         bits[fixed] = super_bits
         fixed_cost = float(cost[fixed, ci].sum())
@@ -134,7 +155,9 @@ def solve_units(
     return bits, alloc
 
 
-def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str, alloc_kw: dict) -> dict[int, tuple[dict, list[Allocation]]]:
+def allocate_layers(
+    problems: list[LayerProblem], budget_bits: float, scope: str, alloc_kw: dict
+) -> dict[int, tuple[dict, list[Allocation]]]:
     """Bits per unit for each layer under a per-layer or whole-model budget.
 
     The bases' cost depends on the allocation (components with 0 bits in every expert are not
@@ -157,14 +180,17 @@ def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str
         col_of = {b: i for i, b in enumerate(cands)}
 
         def attempt(unit_budget: float, kw: dict) -> tuple[float, list[dict], Allocation | None]:
-            flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, **kw)
+            flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, **kw)  # noqa: B023  (called in this iteration only)
             per_layer, off = [], 0
-            for p in group:
+            for p in group:  # noqa: B023  (called in this iteration only)
                 n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
                 per_layer.append(p.split(flat[off : off + n]))
                 off += n
-            cols = np.fromiter((col_of[int(b)] for b in flat), np.int64, len(flat))
-            spent = float(cost[np.arange(len(flat)), cols].sum()) + sum(p.overhead_bits(b) for p, b in zip(group, per_layer))
+            cols = np.fromiter((col_of[int(b)] for b in flat), np.int64, len(flat))  # noqa: B023  (called in this iteration only)
+            spent = float(cost[np.arange(len(flat)), cols].sum()) + sum(  # noqa: B023  (called in this iteration only)
+                p.overhead_bits(b)
+                for p, b in zip(group, per_layer, strict=False)  # noqa: B023  (called in this iteration only)
+            )
             return spent, per_layer, alloc
 
         lo, hi = total - overhead, total
@@ -176,9 +202,12 @@ def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str
                 cheapest = np.where(fixed, cost[:, list(cands).index(sb)], cheapest)
             minimum = (float(cheapest.sum()) + overhead) / nw
             raise BudgetError(
-                f"budget {budget_bits} bits per expert weight is below the minimum of {minimum:.4f} bits per "
-                f"expert weight that layers {[p.index for p in group]} need (shared bases and permutations "
-                f"{overhead / nw:.4f} + every unit at its cheapest bit-width {float(cheapest.sum()) / nw:.4f}); "
+                f"budget {budget_bits} bits per expert weight is below the minimum of "
+                f"{minimum:.4f} bits per "
+                f"expert weight that layers {[p.index for p in group]} need (shared bases and "
+                "permutations "
+                f"{overhead / nw:.4f} + every unit at its cheapest bit-width "
+                f"{float(cheapest.sum()) / nw:.4f}); "
                 f"allocator: {e}"
             ) from e
         for _ in range(14):
@@ -192,25 +221,29 @@ def allocate_layers(problems: list[LayerProblem], budget_bits: float, scope: str
             spent, bits, alloc = attempt(lo, alloc_kw)
             if spent <= total:
                 best_bits, best_alloc = bits, alloc
-        for p, b in zip(group, best_bits):
+        for p, b in zip(group, best_bits, strict=False):
             out[p.index] = (b, [best_alloc] if best_alloc is not None else [])
     return out
 
 
 def dequantized_basis(stored: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The basis as the quantized model uses it (int8 codes × row scales, or bf16); None = identity."""
+    """The basis as the quantized model uses it (int8 codes × row scales, or bf16); None =
+    identity."""
     if "q" not in stored:
         return None
     q = np.asarray(stored["q"], np.float32)
     return q * np.asarray(stored["scale"], np.float32)[:, None] if "scale" in stored else q
 
 
-def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None) -> QuantizedExperts:
+def pack_layer(
+    problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None
+) -> QuantizedExperts:
     """Quantize and pack a layer's units at the allocated bits, dropping all-zero components.
 
     `layout` (multi-process runs, called by every process): the error feedback and the units'
     quantization (scale search and codes) run sharded — each process handles the experts of its
-    devices, and all-gathers assemble the layer; the bit-plane packing itself is cheap and replicated.
+    devices, and all-gathers assemble the layer; the bit-plane packing itself is cheap and
+    replicated.
     """
     bases, packed = {}, {}
     mine = layout.local_experts() if layout is not None else None
@@ -218,12 +251,30 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: Exper
     if problem.calib is not None:
         # Error feedback over all r components (dropped ones fold into the kept), then keep.
         deq = {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}
-        rounded = feedback_layer(problem.units, problem.weights, deq, problem.calib, bits, problem.group_size, experts=mine)
+        rounded = feedback_layer(
+            problem.units,
+            problem.weights,
+            deq,
+            problem.calib,
+            bits,
+            problem.group_size,
+            experts=mine,
+        )
         if layout is not None:
             full = sharded.allgather_expert_weights(
-                layout, {"gate": rounded["gate"][0], "up": rounded["up"][0], "down": rounded["down"][0], "scales": rounded["down"][1]}
+                layout,
+                {
+                    "gate": rounded["gate"][0],
+                    "up": rounded["up"][0],
+                    "down": rounded["down"][0],
+                    "scales": rounded["down"][1],
+                },
             )
-            rounded = {"gate": (full["gate"], None), "up": (full["up"], None), "down": (full["down"], full["scales"])}
+            rounded = {
+                "gate": (full["gate"], None),
+                "up": (full["up"], None),
+                "down": (full["down"], full["scales"]),
+            }
     for p in PROJECTIONS:
         keep = problem.kept(p, bits[p])
         e, _, f = problem.units[p].shape
@@ -235,12 +286,21 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: Exper
         quantized = None
         if layout is not None:
             # units are expert-major: expert x owns rows [x·kept, (x+1)·kept)
-            rows = (np.asarray(mine, np.int64)[:, None] * keep.size + np.arange(keep.size)).reshape(-1)
+            rows = (np.asarray(mine, np.int64)[:, None] * keep.size + np.arange(keep.size)).reshape(
+                -1
+            )
             codes, qscales = quantize_units(units, bpu, problem.group_size, w, sc, rows=rows)
             gathered = sharded.allgather_expert_weights(
-                layout, {"codes": codes.reshape(e, keep.size, f), "scales": qscales.reshape(e, keep.size, -1)}
+                layout,
+                {
+                    "codes": codes.reshape(e, keep.size, f),
+                    "scales": qscales.reshape(e, keep.size, -1),
+                },
             )
-            quantized = (gathered["codes"].reshape(e * keep.size, f), gathered["scales"].reshape(e * keep.size, -1))
+            quantized = (
+                gathered["codes"].reshape(e * keep.size, f),
+                gathered["scales"].reshape(e * keep.size, -1),
+            )
         packed[p] = pack_segments(units, bpu, problem.group_size, w, scales=sc, quantized=quantized)
         bases[p] = {k: (v[:, keep] if k == "q" else v) for k, v in problem.bases[p].items()}
     return QuantizedExperts(problem.num_experts, bases, packed)
@@ -248,7 +308,8 @@ def pack_layer(problem: LayerProblem, bits: dict[str, np.ndarray], layout: Exper
 
 # ------------------------------------------------------------------------------------ layer stages
 def _whitening(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C^{1/2} and C^{-1/2} of the input second moment C = xᵀx/N (damped by 1e-4 of its mean diagonal)."""
+    """C^{1/2} and C^{-1/2} of the input second moment C = xᵀx/N (damped by 1e-4 of its mean
+    diagonal)."""
     x = np.asarray(x, np.float64)
     c = x.T @ x / max(len(x), 1)
     c += 1e-4 * max(float(np.mean(np.diag(c))), 1e-12) * np.eye(c.shape[0])
@@ -258,22 +319,28 @@ def _whitening(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_bases(
-    gate: np.ndarray, up: np.ndarray, down: np.ndarray, rank: int | None, basis_bits: int, kind: str = "svd",
-    x: np.ndarray | None = None, layout: ExpertLayout | None = None,
+    gate: np.ndarray,
+    up: np.ndarray,
+    down: np.ndarray,
+    rank: int | None,
+    basis_bits: int,
+    kind: str = "svd",
+    x: np.ndarray | None = None,
+    layout: ExpertLayout | None = None,
 ):
-    """Shared bases from the expert-summed Gram matrices; returns (stored, dequantized) per projection.
+    """Shared bases from the expert-summed Gram matrices; returns (stored, dequantized) per
+    projection.
 
-    The Gram sums run sharded over the experts of `layout` (default: one device) in an order fixed by
-    the expert index, so the bases are bit-identical on every mesh (`quant/sharded.py`); the small
-    eigendecompositions then run on this process's first device.
+    The Gram sums run sharded over the experts of `layout` (default: one device) in an order fixed
+    by the expert index, so the bases are bit-identical on every mesh (`quant/sharded.py`); the
+    small eigendecompositions then run on this process's first device.
 
-    kind="svd": eigenvectors of Σ_e W_eᵀW_e (the stacked-weight SVD).
-    kind="whitened" (ablation): gate/up bases from the SVD of the activation-whitened stack
-    [W_e C^{1/2}] with C = E[x xᵀ] over the calibration inputs `x`, mapped back as C^{-1/2}V and
-    orthonormalised by QR (same leading spans; z = basisᵀx keeps the dataflow); down keeps the weight
-    SVD (its basis is on the output side).
-    kind="none" (ablation): no basis — the identity, stored as nothing, so the units are the original
-    weight columns (gate/up) and rows (down).
+    kind="svd": eigenvectors of Σ_e W_eᵀW_e (the stacked-weight SVD). kind="whitened" (ablation):
+    gate/up bases from the SVD of the activation-whitened stack [W_e C^{1/2}] with C = E[x xᵀ] over
+    the calibration inputs `x`, mapped back as C^{-1/2}V and orthonormalised by QR (same leading
+    spans; z = basisᵀx keeps the dataflow); down keeps the weight SVD (its basis is on the output
+    side). kind="none" (ablation): no basis — the identity, stored as nothing, so the units are the
+    original weight columns (gate/up) and rows (down).
     """
     if kind == "none":
         eye = np.eye(gate.shape[1], dtype=np.float32)
@@ -281,7 +348,13 @@ def make_bases(
     if layout is None:
         layout = sharded.expert_layout(sharded.single_device_mesh(), gate.shape[0])
     grams = {
-        p: jnp.asarray(sharded.gram_sum(layout, sharded.expert_array(layout, lambda e, w=w: w[e], w.shape[1:], np.float32), p == "down"))
+        p: jnp.asarray(
+            sharded.gram_sum(
+                layout,
+                sharded.expert_array(layout, lambda e, w=w: w[e], w.shape[1:], np.float32),
+                p == "down",
+            )
+        )
         for p, w in (("gate", gate), ("up", up), ("down", down))
     }
     c_half = c_inv_half = None
@@ -294,68 +367,136 @@ def make_bases(
         if c_half is not None and p != "down":
             g = c_half @ np.asarray(grams[p], np.float64) @ c_half
             v, _ = basis_lib.basis_from_gram(jnp.asarray(g, jnp.float32), rank)
-            # C^{-1/2}V spans, prefix by prefix, the directions that matter most for the layer output;
-            # orthonormalise it (QR keeps every leading span) so that it stores at 8 bits like the SVD
-            # basis — unnormalised, its rows span a dynamic range int8 rows cannot hold.
+            # C^{-1/2}V spans, prefix by prefix, the directions that matter most for the layer
+            # output; orthonormalise it (QR keeps every leading span) so that it stores at 8 bits
+            # like the SVD basis — unnormalised, its rows span a dynamic range int8 rows cannot
+            # hold.
             q, r = np.linalg.qr(c_inv_half @ np.asarray(v, np.float64))
             v = jnp.asarray(q * np.sign(np.diag(r))[None, :], jnp.float32)
         else:
             v, _ = basis_lib.basis_from_gram(grams[p], rank)
         st, dq = basis_lib.quantize_basis(v, basis_bits)
-        stored[p] = {"q": np.asarray(st.values)} | ({"scale": np.asarray(st.scales)} if st.scales is not None else {})
+        stored[p] = {"q": np.asarray(st.values)} | (
+            {"scale": np.asarray(st.scales)} if st.scales is not None else {}
+        )
         deq[p] = np.asarray(dq, np.float32)
     return stored, deq
 
 
 def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> list[int]:
-    """Experts whose routed outputs carry extreme outliers: max|y| above `threshold` × the median expert's."""
+    """Experts whose routed outputs carry extreme outliers: max|y| above `threshold` × the median
+    expert's."""
     plan = block.plan(x)
     from bitsmoe_jax.models.moe import grouped_swiglu
 
-    y = np.abs(np.asarray(grouped_swiglu(x[plan.token], plan.group_sizes, block.experts.gate[...], block.experts.up[...], block.experts.down[...])))
+    y = np.abs(
+        np.asarray(
+            grouped_swiglu(
+                x[plan.token],
+                plan.group_sizes,
+                block.experts.gate[...],
+                block.experts.up[...],
+                block.experts.down[...],
+            )
+        )
+    )
     sizes = np.asarray(plan.group_sizes)
     offs = np.concatenate([[0], np.cumsum(sizes)])
-    peaks = np.array([y[offs[e] : offs[e + 1]].max() if sizes[e] else 0.0 for e in range(len(sizes))])
+    peaks = np.array(
+        [y[offs[e] : offs[e + 1]].max() if sizes[e] else 0.0 for e in range(len(sizes))]
+    )
     med = np.median(peaks[peaks > 0]) if (peaks > 0).any() else 0.0
     return [int(e) for e in np.flatnonzero(peaks > threshold * med)] if med > 0 else []
 
 
 def build_problem(
-    index: int, block: MoEBlock, x: jax.Array, cfg: Any, config: ModelConfig, timings: dict, mesh: jax.sharding.Mesh | None = None
+    index: int,
+    block: MoEBlock,
+    x: jax.Array,
+    cfg: Any,
+    config: ModelConfig,
+    timings: dict,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> LayerProblem:
     """Bases, statistics, weights and coefficients for one MoE layer (x: MoE input [N, D]).
 
     The per-expert stages run sharded over the experts of `mesh` (default: this process's first
     device), with results bit-identical on every mesh (`quant/sharded.py`).
     """
-    gate, up, down = (np.asarray(block.experts.__getattribute__(n)[...], np.float32) for n in ("gate", "up", "down"))
-    layout = sharded.expert_layout(mesh if mesh is not None else sharded.single_device_mesh(), config.num_experts)
+    gate, up, down = (
+        np.asarray(block.experts.__getattribute__(n)[...], np.float32)
+        for n in ("gate", "up", "down")
+    )
+    layout = sharded.expert_layout(
+        mesh if mesh is not None else sharded.single_device_mesh(), config.num_experts
+    )
     t = time.time()
-    stored, deq = make_bases(gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis, x=np.asarray(x), layout=layout)
-    if jax.process_count() > 1:  # each process fits its devices' experts; an all-gather assembles the layer
-        units = sharded.allgather_expert_weights(layout, layer_units(gate, up, down, deq, layout.local_experts()))
+    stored, deq = make_bases(
+        gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis, x=np.asarray(x), layout=layout
+    )
+    if (
+        jax.process_count() > 1
+    ):  # each process fits its devices' experts; an all-gather assembles the layer
+        units = sharded.allgather_expert_weights(
+            layout, layer_units(gate, up, down, deq, layout.local_experts())
+        )
     else:
         units = layer_units(gate, up, down, deq)
     timings["basis"] += time.time() - t
     t = time.time()
     logits, w, idx = block.router(x)
-    calib = CalibrationInputs(np.asarray(x, np.float32), np.asarray(idx, np.int32), np.asarray(w, np.float32), cfg.min_tokens) if cfg.rounding == "gptq" else None
-    stats = collect_expert_stats(x, logits, idx, w, gate, up, deq["gate"], deq["up"], cfg.min_tokens, layout=layout)
+    calib = (
+        CalibrationInputs(
+            np.asarray(x, np.float32),
+            np.asarray(idx, np.int32),
+            np.asarray(w, np.float32),
+            cfg.min_tokens,
+        )
+        if cfg.rounding == "gptq"
+        else None
+    )
+    stats = collect_expert_stats(
+        x, logits, idx, w, gate, up, deq["gate"], deq["up"], cfg.min_tokens, layout=layout
+    )
     timings["calibration"] += time.time() - t
     t = time.time()
     weights = loss_weights(
-        stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, cfg.expert_mass_floor, cfg.loss_weighting
+        stats,
+        down,
+        {p: units[p].shape[1] for p in PROJECTIONS},
+        cfg.expert_mass_floor,
+        cfg.loss_weighting,
     )
     # The [E, F, r] float64 sums are folded into the weights: drop them (2/3 of the layer's float32
-    # size) before the coefficients, the packing and the forward pass (the work dir never stores them).
-    stats = dataclasses.replace(stats, s_gate=np.zeros(stats.s_gate.shape[:2] + (0,)), s_up=np.zeros(stats.s_up.shape[:2] + (0,)))
+    # size) before the coefficients, the packing and the forward pass (the work dir never stores
+    # them).
+    stats = dataclasses.replace(
+        stats,
+        s_gate=np.zeros(stats.s_gate.shape[:2] + (0,)),
+        s_up=np.zeros(stats.s_up.shape[:2] + (0,)),
+    )
     del gate, up, down
-    coeffs = loss_coefficients(units, weights, cfg.candidate_bits, cfg.group_size, cfg.coefficient_mode, seed=cfg.seed, layout=layout)
+    coeffs = loss_coefficients(
+        units,
+        weights,
+        cfg.candidate_bits,
+        cfg.group_size,
+        cfg.coefficient_mode,
+        seed=cfg.seed,
+        layout=layout,
+    )
     timings["coefficients"] += time.time() - t
     if cfg.super_experts == "auto":
         supers = detect_super_experts(x, block, cfg.super_expert_threshold)
     else:
-        supers = [int(e) for e in (cfg.super_experts.get(str(index), []) if isinstance(cfg.super_experts, dict) else cfg.super_experts)]
+        supers = [
+            int(e)
+            for e in (
+                cfg.super_experts.get(str(index), [])
+                if isinstance(cfg.super_experts, dict)
+                else cfg.super_experts
+            )
+        ]
     return LayerProblem(
         index=index,
         num_experts=config.num_experts,

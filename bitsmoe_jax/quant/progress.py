@@ -5,14 +5,14 @@ plain line per layer, e.g.
 
     layer 3/32 done in 41.2 s (forward 2.0 s, basis 3.1 s, calibration 9.8 s, ...) — ETA 21 min
 
-The ETA is the mean time of the layers finished *in this process* times the layers left, so a resumed
-run does not count the layers it skipped as instantaneous.
+The ETA is the mean time of the layers finished *in this process* times the layers left, so a
+resumed run does not count the layers it skipped as instantaneous.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from bitsmoe_jax import distributed
 
@@ -27,7 +27,9 @@ def format_duration(seconds: float) -> str:
     return f"{h} h {m:02d} min"
 
 
-def layer_line(index: int, total: int, seconds: float, stages: dict[str, float], eta_s: float | None) -> str:
+def layer_line(
+    index: int, total: int, seconds: float, stages: dict[str, float], eta_s: float | None
+) -> str:
     """The plain-text progress line of one finished layer (index 0-based, shown 1-based)."""
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items() if v > 0)
     line = f"layer {index + 1}/{total} done in {seconds:.1f} s" + (f" ({parts})" if parts else "")
@@ -37,8 +39,14 @@ def layer_line(index: int, total: int, seconds: float, stages: dict[str, float],
 class LayerProgress:
     """Reports each finished layer; tqdm on a TTY, log lines otherwise, nothing off process 0."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, tty: bool | None = None,
-                 emit: Callable[[str], None] = distributed.log):
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        enabled: bool = True,
+        tty: bool | None = None,
+        emit: Callable[[str], None] = distributed.log,
+    ):
         self.total = total
         self.start = start
         self.enabled = enabled and distributed.is_writer()

@@ -1,12 +1,12 @@
-"""The quantized routed-expert block: shared bases + packed expert factors, served from packed words.
+"""The quantized routed-expert block: shared bases + packed expert factors, served from packed
+words.
 
-Drop-in for `models.moe.Experts` (same call: (x [N, D], plan) -> float32 [N, D]). Dataflow per token:
+Drop-in for `models.moe.Experts` (same call: (x [N, D], plan) -> float32 [N, D]). Dataflow per
+token:
 
-    zg = Ṽgᵀx, zu = Ṽuᵀx                 dense, once per token, before routing
-    g = zg·Ag[e], u = zu·Au[e]           grouped over the routed experts (factors [E, r, F])
-    h = silu(g) ⊙ u
-    acc = Σ_e w_e · h·Bd[e]ᵀ             grouped, accumulated in rank space (r_d)
-    y = Ũ·acc                           dense, once per token
+    zg = Ṽgᵀx, zu = Ṽuᵀx dense, once per token, before routing g = zg·Ag[e], u = zu·Au[e] grouped
+    over the routed experts (factors [E, r, F]) h = silu(g) ⊙ u acc = Σ_e w_e · h·Bd[e]ᵀ grouped,
+    accumulated in rank space (r_d) y = Ũ·acc dense, once per token
 
 Bases are held as stored (int8 codes + bf16 row scales, or bf16) and the factors as packed
 bit-plane words (`packing.PackedMatrix`, one per projection holding all E·r units of the layer).
@@ -17,8 +17,8 @@ Two implementations of the routed part, chosen by `implementation`:
   every platform.
 * ``"pallas"``: the `pallas_kernels` grouped kernels read packed words and unpack them in registers
   (Triton on GPU, Mosaic on TPU, interpret mode on CPU). They read a kernel layout derived from the
-  stored format by `set_implementation` (numpy, once, at load time); the stored arrays, the checkpoint
-  format and `stored_bits` are unchanged.
+  stored format by `set_implementation` (numpy, once, at load time); the stored arrays, the
+  checkpoint format and `stored_bits` are unchanged.
 * ``None`` (default): ``"pallas"`` on GPU/TPU when the kernel layout has been built, else ``"xla"``.
 """
 
@@ -62,15 +62,26 @@ class FactorMeta:
     seg_sizes: tuple[int, ...]
 
     @classmethod
-    def of(cls, pm: PackedMatrix) -> "FactorMeta":
-        return cls(int(pm.n), int(pm.group_size), tuple(int(b) for b in pm.seg_bits), tuple(int(s) for s in pm.seg_sizes))
+    def of(cls, pm: PackedMatrix) -> FactorMeta:
+        return cls(
+            int(pm.n),
+            int(pm.group_size),
+            tuple(int(b) for b in pm.seg_bits),
+            tuple(int(s) for s in pm.seg_sizes),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, "group_size": self.group_size, "seg_bits": list(self.seg_bits), "seg_sizes": list(self.seg_sizes)}
+        return {
+            "n": self.n,
+            "group_size": self.group_size,
+            "seg_bits": list(self.seg_bits),
+            "seg_sizes": list(self.seg_sizes),
+        }
 
 
 class QuantizedExperts(nnx.Module):
-    """E experts as shared bases ([D, r] per projection) and packed factors ([E, r, F] per projection)."""
+    """E experts as shared bases ([D, r] per projection) and packed factors ([E, r, F] per
+    projection)."""
 
     def __init__(
         self,
@@ -84,10 +95,18 @@ class QuantizedExperts(nnx.Module):
         self.implementation = implementation
         self.kernel_backend: str | None = None
         self.kernel_interpret: bool | None = None
-        self.kernels: KernelLayout | None = nnx.data(None)  # a data slot: `set_implementation` fills it
-        # jax.device_put, not jnp.asarray: in JAX 0.10 the latter compiles an executable per array shape, and
-        # packed shapes differ in every layer, so a quantization run's jit caches would grow layer by layer.
-        self.basis = nnx.Dict({p: nnx.Dict({k: Packed(jax.device_put(v)) for k, v in bases[p].items()}) for p in PROJECTIONS})
+        self.kernels: KernelLayout | None = nnx.data(
+            None
+        )  # a data slot: `set_implementation` fills it
+        # jax.device_put, not jnp.asarray: in JAX 0.10 the latter compiles an executable per array
+        # shape, and packed shapes differ in every layer, so a quantization run's jit caches would
+        # grow layer by layer.
+        self.basis = nnx.Dict(
+            {
+                p: nnx.Dict({k: Packed(jax.device_put(v)) for k, v in bases[p].items()})
+                for p in PROJECTIONS
+            }
+        )
         self.meta = tuple(FactorMeta.of(packed[p]) for p in PROJECTIONS)
         self.factors = nnx.Dict(
             {
@@ -121,7 +140,8 @@ class QuantizedExperts(nnx.Module):
         return sum(self.meta[PROJECTIONS.index(p)].seg_sizes) // self.num_experts
 
     def basis_matrix(self, p: str) -> jax.Array | None:
-        """Dequantized basis [D, r], or None for the identity (the "no basis" ablation stores none)."""
+        """Dequantized basis [D, r], or None for the identity (the "no basis" ablation stores
+        none)."""
         b = self.basis[p]
         if "q" not in b:
             return None
@@ -135,7 +155,8 @@ class QuantizedExperts(nnx.Module):
         return flat.reshape(self.num_experts, -1, flat.shape[-1])
 
     def dense_weights(self) -> dict[str, jax.Array]:
-        """The equivalent dense expert weights (gate/up [E, D, F], down [E, F, D]) — for tests and baselines."""
+        """The equivalent dense expert weights (gate/up [E, D, F], down [E, F, D]) — for tests and
+        baselines."""
         vg, vu, ud = (self._basis_or_eye(p, self.factor_matrix(p).shape[1]) for p in PROJECTIONS)
         ag, au, bd = (self.factor_matrix(p) for p in PROJECTIONS)
         return {
@@ -150,8 +171,12 @@ class QuantizedExperts(nnx.Module):
 
     # ------------------------------------------------------------------ implementation switch
     def set_implementation(
-        self, implementation: str | None, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None,
-        target: "kernels_api.ExpertKernels | None" = None, interpret: bool | None = None,
+        self,
+        implementation: str | None,
+        backend: str | None = None,
+        tiles: kernels_api.TileConfig | kernels_api.CodeConfig | None = None,
+        target: kernels_api.ExpertKernels | None = None,
+        interpret: bool | None = None,
     ) -> None:
         """Select the forward path; builds the kernel layout (numpy, once) when Pallas may be used.
 
@@ -159,33 +184,48 @@ class QuantizedExperts(nnx.Module):
         kernels run in interpret mode). ``tiles``: layout sizes, a `TileConfig` (TPU family) or a
         `CodeConfig` (GPU family); default: the family's. ``target``: an abstract layout to pad to
         (the model-level `set_implementation` plans one per group of layers, so they share kernels).
-        ``interpret``: run the kernels in interpret mode (default: on CPU only); ``False`` on a CPU host
-        lowers the real kernels, e.g. to ``jax.export`` the model for a GPU.
-        Call it eagerly (after loading), not under ``jax.jit``.
+        ``interpret``: run the kernels in interpret mode (default: on CPU only); ``False`` on a CPU
+        host lowers the real kernels, e.g. to ``jax.export`` the model for a GPU. Call it eagerly
+        (after loading), not under ``jax.jit``.
         """
         resolved = kernels_api.resolve_implementation(implementation)
         self.implementation = implementation
         if resolved == "pallas":
             backend = backend or kernels_api.default_backend()
             stale = self.kernels is None or self.kernel_backend != backend or tiles is not None
-            if stale or (target is not None and shared_shapes.abstract(self.kernels.get_value()) != target):
+            if stale or (
+                target is not None and shared_shapes.abstract(self.kernels.get_value()) != target
+            ):
                 packed = {p: jax.tree.map(np.asarray, self.packed_matrix(p)) for p in PROJECTIONS}
-                kern = kernels_api.build_expert_kernels(packed, self.num_experts, tiles, backend, target)
+                kern = kernels_api.build_expert_kernels(
+                    packed, self.num_experts, tiles, backend, target
+                )
                 self.kernels = nnx.data(KernelLayout(jax.device_put(kern)))
             self.kernel_backend = backend
             self.kernel_interpret = interpret
 
-    def kernel_shapes(self, backend: str | None = None, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None):
-        """The kernel layout's shapes and statics for this block (from the bit-widths; nothing is built)."""
+    def kernel_shapes(
+        self,
+        backend: str | None = None,
+        tiles: kernels_api.TileConfig | kernels_api.CodeConfig | None = None,
+    ):
+        """The kernel layout's shapes and statics for this block (from the bit-widths; nothing is
+        built)."""
         packed = {p: self.packed_matrix(p) for p in PROJECTIONS}
-        return kernels_api.expert_kernel_shapes(packed, self.num_experts, tiles, backend or kernels_api.default_backend())
+        return kernels_api.expert_kernel_shapes(
+            packed, self.num_experts, tiles, backend or kernels_api.default_backend()
+        )
 
     def resolved_implementation(self) -> str:
-        """The path `__call__` takes: ``None`` means Pallas only where it pays and its layout is built."""
+        """The path `__call__` takes: ``None`` means Pallas only where it pays and its layout is
+        built."""
         resolved = kernels_api.resolve_implementation(self.implementation)
         if resolved == "pallas" and self.kernels is None:
             if self.implementation == "pallas":
-                raise ValueError("implementation='pallas' needs the kernel layout: call set_implementation('pallas') first")
+                raise ValueError(
+                    "implementation='pallas' needs the kernel layout: call "
+                    "set_implementation('pallas') first"
+                )
             return "xla"
         return resolved
 
@@ -194,11 +234,17 @@ class QuantizedExperts(nnx.Module):
         dt = x.dtype
         if self.resolved_implementation() == "pallas":
             kern = self.kernels.get_value()
-            # a layout padded to a shared shape may have a larger rank: zero columns in, extra columns out
+            # a layout padded to a shared shape may have a larger rank: zero columns in, extra
+            # columns out
             zg = _pad_columns(self._basis_in(x, "gate")[plan.token], kern.gate.r)
             zu = _pad_columns(self._basis_in(x, "up")[plan.token], kern.up.r)
             acc_sorted = kernels_api.swiglu_experts(
-                zg, zu, plan.group_sizes, kern, backend=self.kernel_backend, interpret=self.kernel_interpret
+                zg,
+                zu,
+                plan.group_sizes,
+                kern,
+                backend=self.kernel_backend,
+                interpret=self.kernel_interpret,
             )
             acc_sorted = acc_sorted[:, : self.rank("down")]
             return self._basis_out(combine(plan, acc_sorted, x.shape[0]), dt)
@@ -214,8 +260,9 @@ class QuantizedExperts(nnx.Module):
         return acc if ud is None else acc @ ud.T
 
     def _basis_in(self, x: jax.Array, p: str) -> jax.Array:
-        """``x·V`` reading the stored codes: the per-row scale folds into ``x`` (``x·(Q⊙s) = (x⊙s)·Q``),
-        so no float copy of the ``[D, r]`` basis is made per call (decode reads it every token)."""
+        """``x·V`` reading the stored codes: the per-row scale folds into ``x`` (``x·(Q⊙s) =
+        (x⊙s)·Q``), so no float copy of the ``[D, r]`` basis is made per call (decode reads it every
+        token)."""
         b = self.basis[p]
         if "q" not in b:
             return x
@@ -224,7 +271,8 @@ class QuantizedExperts(nnx.Module):
         return x @ b["q"][...].astype(x.dtype)
 
     def _basis_out(self, acc: jax.Array, dt: Any) -> jax.Array:
-        """``acc·Ũᵀ`` (float32) with ``Ũ = Q⊙s`` applied as ``(acc·Qᵀ)⊙s``, operands in the activation dtype."""
+        """``acc·Ũᵀ`` (float32) with ``Ũ = Q⊙s`` applied as ``(acc·Qᵀ)⊙s``, operands in the
+        activation dtype."""
         b = self.basis["down"]
         if "q" not in b:
             return acc
@@ -233,7 +281,8 @@ class QuantizedExperts(nnx.Module):
 
     # ------------------------------------------------------------------ accounting / I/O
     def stored_bits(self) -> int:
-        """Every stored bit: bases (codes + scales) and packed factors (words, scales, permutation)."""
+        """Every stored bit: bases (codes + scales) and packed factors (words, scales,
+        permutation)."""
         total = 0
         for p in PROJECTIONS:
             b = self.basis[p]
@@ -247,20 +296,31 @@ class QuantizedExperts(nnx.Module):
     def to_tree(self) -> tuple[dict, dict]:
         """(arrays for orbax, JSON metadata) — the inverse of `from_tree`."""
         arrays = {
-            "basis": {p: {k: np.asarray(v[...]) for k, v in self.basis[p].items()} for p in PROJECTIONS},
+            "basis": {
+                p: {k: np.asarray(v[...]) for k, v in self.basis[p].items()} for p in PROJECTIONS
+            },
             "factors": {
                 p: {
                     "perm": np.asarray(self.factors[p]["perm"][...]),
-                    "payload": {str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["payload"])},
-                    "scales": {str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["scales"])},
+                    "payload": {
+                        str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["payload"])
+                    },
+                    "scales": {
+                        str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["scales"])
+                    },
                 }
                 for p in PROJECTIONS
             },
         }
-        return arrays, {"num_experts": self.num_experts, "factors": {p: m.to_json() for p, m in zip(PROJECTIONS, self.meta)}}
+        return arrays, {
+            "num_experts": self.num_experts,
+            "factors": {p: m.to_json() for p, m in zip(PROJECTIONS, self.meta, strict=False)},
+        }
 
     @classmethod
-    def from_tree(cls, arrays: dict, meta: dict, implementation: str | None = None) -> "QuantizedExperts":
+    def from_tree(
+        cls, arrays: dict, meta: dict, implementation: str | None = None
+    ) -> QuantizedExperts:
         packed = {}
         for p in PROJECTIONS:
             m, f = meta["factors"][p], arrays["factors"][p]
@@ -275,7 +335,10 @@ class QuantizedExperts(nnx.Module):
                 seg_sizes=tuple(int(s) for s in m["seg_sizes"]),
             )
         # A model without shared bases ("none") stores empty dicts, which some tree formats drop.
-        bases = {p: {k: np.asarray(v) for k, v in arrays.get("basis", {}).get(p, {}).items()} for p in PROJECTIONS}
+        bases = {
+            p: {k: np.asarray(v) for k, v in arrays.get("basis", {}).get(p, {}).items()}
+            for p in PROJECTIONS
+        }
         return cls(int(meta["num_experts"]), bases, packed, implementation)
 
 
@@ -284,11 +347,15 @@ def _pad_columns(z: jax.Array, width: int) -> jax.Array:
 
 
 def set_implementation(
-    model: nnx.Module, implementation: str | None, backend: str | None = None,
-    tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None, max_padding: float = 0.05,
+    model: nnx.Module,
+    implementation: str | None,
+    backend: str | None = None,
+    tiles: kernels_api.TileConfig | kernels_api.CodeConfig | None = None,
+    max_padding: float = 0.05,
     interpret: bool | None = None,
 ) -> int:
-    """`QuantizedExperts.set_implementation` on every quantized expert block of ``model``; returns how many.
+    """`QuantizedExperts.set_implementation` on every quantized expert block of ``model``; returns
+    how many.
 
     On the Pallas path the blocks' kernel layouts are padded to shared shapes first
     (`pallas_kernels.shared_shapes`), so that layers share compiled kernels: at most ``max_padding``
@@ -302,15 +369,18 @@ def set_implementation(
         plan = plan_kernel_shapes(blocks, backend, tiles, max_padding)
         targets = [kernels_api.ExpertKernels(*plan.targets[g]) for g in plan.group_of]
         _log.info(plan.summary())
-    for block, target in zip(blocks, targets):
+    for block, target in zip(blocks, targets, strict=False):
         block.set_implementation(implementation, backend, tiles, target, interpret)
     return len(blocks)
 
 
 def plan_kernel_shapes(
-    blocks: list[QuantizedExperts], backend: str, tiles: "kernels_api.TileConfig | kernels_api.CodeConfig | None" = None,
+    blocks: list[QuantizedExperts],
+    backend: str,
+    tiles: kernels_api.TileConfig | kernels_api.CodeConfig | None = None,
     max_padding: float = 0.05,
 ) -> shared_shapes.SharedShapes:
-    """Which blocks share one kernel shape (from their bit-widths alone; see `shared_shapes.plan_groups`)."""
+    """Which blocks share one kernel shape (from their bit-widths alone; see
+    `shared_shapes.plan_groups`)."""
     shapes = [block.kernel_shapes(backend, tiles) for block in blocks]
     return shared_shapes.plan_groups([k.parts() for k in shapes], max_padding)

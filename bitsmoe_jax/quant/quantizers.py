@@ -54,18 +54,16 @@ average within 0.05 % at 2-4 bits. At 6-8 bits the error, already below 1e-3 of 
 jagged in ``s`` and the brute force finds lucky minima 1-7 % lower. The bit-width is a traced
 value inside the search, so one compiled program serves every width 1..8.
 
-The per-component scalar
-------------------------
-This format stores **no** per-component scalar: every quantity needed to reconstruct a unit is
-in its codes and its group scales. :func:`stored_bits` therefore defaults to ``scalar_bits=0``;
-the parameter exists so that a format that adds one (a zero-point, a norm) can be costed with the
-same function.
+The per-component scalar ------------------------ This format stores **no** per-component scalar:
+every quantity needed to reconstruct a unit is in its codes and its group scales.
+:func:`stored_bits` therefore defaults to ``scalar_bits=0``; the parameter exists so that a format
+that adds one (a zero-point, a norm) can be costed with the same function.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +83,16 @@ _GRID_SIZE: int = 32
 # Gaussian and Student-t(4) data, 5th..100th percentile): 2 bits 0.26-0.74, 3 bits 0.50-0.94,
 # 4 bits 0.78-1.03, 5 bits 0.91-1.02, 6+ bits 0.96-1.01. The grid spans each range with margin;
 # the least-squares refinement reaches optima outside it (below, or above 1.0).
-_GRID_MIN_FACTOR: dict[int, float] = {1: 0.2, 2: 0.2, 3: 0.35, 4: 0.55, 5: 0.7, 6: 0.8, 7: 0.85, 8: 0.9}
+_GRID_MIN_FACTOR: dict[int, float] = {
+    1: 0.2,
+    2: 0.2,
+    3: 0.35,
+    4: 0.55,
+    5: 0.7,
+    6: 0.8,
+    7: 0.85,
+    8: 0.9,
+}
 _REFINE_STEPS: int = 2
 # Row b holds the factors for bit-width b (row 0 unused), indexed with a traced b.
 _GRID_FACTORS: np.ndarray = np.stack(
@@ -156,7 +163,8 @@ def stored_bits(
 
 
 def _bf16_bits(x: jax.Array) -> jax.Array:
-    """The bfloat16 bit pattern (round to nearest even) of float32 ``x``, as uint32 in ``[0, 2**16)``.
+    """The bfloat16 bit pattern (round to nearest even) of float32 ``x``, as uint32 in ``[0,
+    2**16)``.
 
     Written with integer ops on purpose: XLA's ``xla_allow_excess_precision`` (on by default) lets
     the compiler drop an ``f32 -> bf16 -> f32`` convert pair inside fusions, which silently skips
@@ -179,7 +187,9 @@ def _round_bf16(s: jax.Array) -> jax.Array:
     return _from_bf16_bits(_bf16_bits(s))
 
 
-def _grouped(x: jax.Array, weights: jax.Array | None, group_size: int) -> tuple[jax.Array, jax.Array, int]:
+def _grouped(
+    x: jax.Array, weights: jax.Array | None, group_size: int
+) -> tuple[jax.Array, jax.Array, int]:
     """Reshape ``[..., n]`` into ``[..., n_groups, G]``, zero-padding the ragged last group.
 
     The padded positions get weight 0 so that they never influence scales or errors; when
@@ -189,7 +199,11 @@ def _grouped(x: jax.Array, weights: jax.Array | None, group_size: int) -> tuple[
     g = min(group_size, n)
     ng = num_groups(n, g)
     pad = ng * g - n
-    w = jnp.ones(x.shape, jnp.float32) if weights is None else jnp.broadcast_to(weights, x.shape).astype(jnp.float32)
+    w = (
+        jnp.ones(x.shape, jnp.float32)
+        if weights is None
+        else jnp.broadcast_to(weights, x.shape).astype(jnp.float32)
+    )
     if pad:
         widths = [(0, 0)] * (x.ndim - 1) + [(0, pad)]
         x = jnp.pad(x, widths)
@@ -201,7 +215,11 @@ def _grouped(x: jax.Array, weights: jax.Array | None, group_size: int) -> tuple[
 def _int_params(bits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(lo, hi, 2**b - 1)`` as float32, same shape as the traced int32 ``bits`` (values 1..8)."""
     half = jnp.left_shift(jnp.int32(1), bits - 1)
-    return (-half).astype(jnp.float32), (half - 1).astype(jnp.float32), (2 * half - 1).astype(jnp.float32)
+    return (
+        (-half).astype(jnp.float32),
+        (half - 1).astype(jnp.float32),
+        (2 * half - 1).astype(jnp.float32),
+    )
 
 
 def _nearest_codes(x: jax.Array, s: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -262,8 +280,11 @@ def _search_scales(xg: jax.Array, wg: jax.Array, bits: jax.Array) -> jax.Array:
     return best_s
 
 
-def _quantize_int(x: jax.Array, weights: jax.Array | None, bits: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
-    """Codes and scales for traced bit-widths in 1..8 (scalar or per unit); ``x`` float32, ``n >= 1``."""
+def _quantize_int(
+    x: jax.Array, weights: jax.Array | None, bits: jax.Array, group_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Codes and scales for traced bit-widths in 1..8 (scalar or per unit); ``x`` float32, ``n >=
+    1``."""
     n = x.shape[-1]
     xg, wg, _ = _grouped(x, weights, group_size)
     scales = _search_scales(xg, wg, bits)
@@ -332,8 +353,11 @@ def quantize_codes(
     return _quantize_int_jit(x, weights, jnp.int32(bits), group_size=group_size)
 
 
-def codes_for_scales(x: jax.Array, scales: jax.Array, bits_per_unit: jax.Array, group_size: int = DEFAULT_GROUP_SIZE) -> jax.Array:
-    """Nearest codes of ``x [K, n]`` on given per-group scales ``[K, n_groups]`` (bits 1..8 per unit).
+def codes_for_scales(
+    x: jax.Array, scales: jax.Array, bits_per_unit: jax.Array, group_size: int = DEFAULT_GROUP_SIZE
+) -> jax.Array:
+    """Nearest codes of ``x [K, n]`` on given per-group scales ``[K, n_groups]`` (bits 1..8 per
+    unit).
 
     For rounding schemes that fix a group's scale before its values are final (GPTQ-style error
     feedback): the codes of the final values on the scales chosen earlier.
@@ -342,7 +366,12 @@ def codes_for_scales(x: jax.Array, scales: jax.Array, bits_per_unit: jax.Array, 
     bpu = np.asarray(bits_per_unit)
     if bpu.size and (bpu.min() < 1 or bpu.max() > 8):
         raise ValueError(f"codes_for_scales handles bits in {INT_BITS}")
-    return _codes_for_scales_jit(jnp.asarray(x, jnp.float32), jnp.asarray(scales, jnp.float32), jnp.asarray(bpu, jnp.int32), group_size=group_size)
+    return _codes_for_scales_jit(
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(scales, jnp.float32),
+        jnp.asarray(bpu, jnp.int32),
+        group_size=group_size,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
@@ -360,7 +389,8 @@ def quantize_codes_mixed(
     group_size: int = DEFAULT_GROUP_SIZE,
     weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`quantize_codes` with one bit-width in 1..8 per unit (``bits_per_unit`` shaped ``x.shape[:-1]``).
+    """:func:`quantize_codes` with one bit-width in 1..8 per unit (``bits_per_unit`` shaped
+    ``x.shape[:-1]``).
 
     Unit ``i`` gets exactly what ``quantize_codes(x[i], bits_per_unit[i], ...)`` gives it; one
     program quantizes a whole factor matrix whatever its mix of widths (used by packing).
@@ -410,7 +440,11 @@ def quantize_dequantize(
 @functools.partial(jax.jit, static_argnames=("candidate_bits", "group_size"))
 def _unit_errors_jit(x, weights, *, candidate_bits, group_size):
     x = jnp.asarray(x).astype(jnp.float32)
-    w = jnp.ones(x.shape, jnp.float32) if weights is None else jnp.broadcast_to(weights, x.shape).astype(jnp.float32)
+    w = (
+        jnp.ones(x.shape, jnp.float32)
+        if weights is None
+        else jnp.broadcast_to(weights, x.shape).astype(jnp.float32)
+    )
     ints = [b for b in candidate_bits if b in INT_BITS]
     cols: dict[int, jax.Array] = {0: jnp.sum(w * x * x, axis=-1)}
     if ints and x.shape[-1] > 0:
@@ -507,7 +541,8 @@ def estimated_errors(x: jax.Array, kappa: jax.Array, weights: jax.Array | None =
 
 
 def max_abs_scales(x: np.ndarray, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> np.ndarray:
-    """bf16-rounded max-abs scales ``max|x| / (2**b - 1)`` per group (numpy; the search's first candidate).
+    """bf16-rounded max-abs scales ``max|x| / (2**b - 1)`` per group (numpy; the search's first
+    candidate).
 
     Exposed so that callers and tests can compare the searched scale with plain max-abs scaling.
     """

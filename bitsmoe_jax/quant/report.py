@@ -22,7 +22,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# BitsMoE quantization report — {r['model']}",
         "",
-        f"Method `{r['method']}`, budget {r['budget_bits']} bits per expert weight (everything stored counted).",
+        f"Method `{r['method']}`, budget {r['budget_bits']} bits per expert weight (everything "
+        "stored counted).",
         "",
         "| metric | value |",
         "|---|---|",
@@ -38,13 +39,26 @@ def render_markdown(r: dict[str, Any]) -> str:
     ):
         if k in r:
             lines.append(f"| {label} | {_fmt(r[k])} |")
-    lines += ["", f"Stage timings (seconds) are in `{TIMINGS_FILE}`, apart from this report so that reruns compare equal.", ""]
-    lines += ["", "## Layers", "", "| layer | bpw | kept components (g/u/d) | bits histogram | starved experts | solver gap |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Stage timings (seconds) are in `{TIMINGS_FILE}`, apart from this report so that reruns "
+        "compare equal.",
+        "",
+    ]
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "| layer | bpw | kept components (g/u/d) | bits histogram | starved experts | solver gap |",
+        "|---|---|---|---|---|---|",
+    ]
     for i, s in r["layers"].items():
         kept = "/".join(str(s["kept_components"][p]) for p in ("gate", "up", "down"))
         hist = ", ".join(f"{b}b:{n}" for b, n in s["bits_histogram"].items() if n)
         gaps = ", ".join(f"{a['gap']:.1e}" for a in s["allocation"]) or "-"
-        lines.append(f"| {i} | {s['bpw']:.3f} | {kept} | {hist} | {s['starved_experts'] or '-'} | {gaps} |")
+        lines.append(
+            f"| {i} | {s['bpw']:.3f} | {kept} | {hist} | {s['starved_experts'] or '-'} | {gaps} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -58,17 +72,31 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     stable = {k: v for k, v in report.items() if k not in TIMING_KEYS}
     (out_dir / "report.json").write_text(json.dumps(stable, indent=1, default=default))
     (out_dir / "report.md").write_text(render_markdown(stable))
-    (out_dir / TIMINGS_FILE).write_text(json.dumps({k: report[k] for k in TIMING_KEYS if k in report}, indent=1, default=default))
+    (out_dir / TIMINGS_FILE).write_text(
+        json.dumps({k: report[k] for k in TIMING_KEYS if k in report}, indent=1, default=default)
+    )
 
 
 def write_pareto(output_dir: str | Path, reports: list[dict[str, Any]]) -> Path:
     """One table over the budgets of a multi-budget run (`OUTPUT_DIR/pareto.md` and `.json`)."""
     out = Path(output_dir)
-    keys = ("budget_bits", "effective_bpw_experts", "effective_bpw_model", "perplexity_q", "kl_divergence", "top1_agreement")
+    keys = (
+        "budget_bits",
+        "effective_bpw_experts",
+        "effective_bpw_model",
+        "perplexity_q",
+        "kl_divergence",
+        "top1_agreement",
+    )
     rows = [{k: r.get(k) for k in keys} for r in reports]
-    lines = ["| budget | bpw experts | bpw model | perplexity | KL | top-1 |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| budget | bpw experts | bpw model | perplexity | KL | top-1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(" | ".join(["", *(_fmt(r[k]) if r[k] is not None else "-" for k in keys), ""]).strip())
+        lines.append(
+            " | ".join(["", *(_fmt(r[k]) if r[k] is not None else "-" for k in keys), ""]).strip()
+        )
     _write_atomic(out / "pareto.json", json.dumps(rows, indent=1))
     _write_atomic(out / "pareto.md", "\n".join(lines) + "\n")
     return out / "pareto.md"

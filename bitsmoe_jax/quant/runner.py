@@ -1,4 +1,5 @@
-"""Run the quantization end to end from a config: stream layers, quantize, write, evaluate, report."""
+"""Run the quantization end to end from a config: stream layers, quantize, write, evaluate,
+report."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import MoEBlock
 from bitsmoe_jax.quant import checkpoint_io, faults, fingerprint, sharded
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
+from bitsmoe_jax.quant.packing import dequantize_packed
 from bitsmoe_jax.quant.pipeline import (
     LayerProblem,
     allocate_layers,
@@ -29,12 +31,10 @@ from bitsmoe_jax.quant.pipeline import (
     pack_layer,
     stage_timer,
 )
-from bitsmoe_jax.quant.packing import dequantize_packed
 from bitsmoe_jax.quant.progress import LayerProgress
 from bitsmoe_jax.quant.report import TIMINGS_FILE, write_report
 from bitsmoe_jax.quant.workdir import WorkDir, allocation_records, default_work_dir
 from conversion.convert import TOKENIZER_FILES
-
 
 
 def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int) -> np.ndarray:
@@ -42,7 +42,9 @@ def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int
     ids = tokenize_text(load_tokenizer(model_path), read_text(text))
     n = max(1, num_tokens // seq_len)
     if len(ids) < seq_len:
-        raise ValueError(f"calibration text {text!r} has {len(ids)} tokens, fewer than seq_len={seq_len}")
+        raise ValueError(
+            f"calibration text {text!r} has {len(ids)} tokens, fewer than seq_len={seq_len}"
+        )
     starts = np.linspace(0, len(ids) - seq_len, n).astype(np.int64)
     return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32)
 
@@ -69,7 +71,18 @@ def _budget_dirs(cfg: Any) -> list[tuple[float, Path]]:
     return [(float(b), out / f"bpw_{float(b):.2f}") for b in budgets]
 
 
-STAGES = ("tokenize", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "commit", "write", "evaluate")
+STAGES = (
+    "tokenize",
+    "forward",
+    "basis",
+    "calibration",
+    "coefficients",
+    "allocation",
+    "pack",
+    "commit",
+    "write",
+    "evaluate",
+)
 
 
 def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
@@ -95,36 +108,48 @@ def quantize(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
             finished = _finished_reports(cfg, config, budgets) if cfg.resume else None
             if finished is None:
                 raise FileExistsError(
-                    f"{existing[0]}: output exists and was not written by this exact run (another model, config, "
+                    f"{existing[0]}: output exists and was not written by this exact run (another "
+                    "model, config, "
                     "calibration or evaluation setting, or another bitsmoe-jax/JAX version; set "
                     "--config.overwrite=True to replace it, or choose another --config.output_dir)"
                 )
             work.clear_tombstones()  # the run was killed while deleting its work directory
             distributed.log(
-                f"every output ({', '.join(str(d) for _, d in budgets)}) was already written by this same run "
+                f"every output ({', '.join(str(d) for _, d in budgets)}) was already written by "
+                "this same run "
                 "(same model files, config, calibration and evaluation text): nothing to do"
             )
             return finished
     if distributed.is_writer():
-        resuming = work.open(fingerprint.compute(cfg, config), cfg.resume, fingerprint.describe_changes)
+        resuming = work.open(
+            fingerprint.compute(cfg, config), cfg.resume, fingerprint.describe_changes
+        )
     distributed.barrier("work_dir_opened")
     try:
-        if not (resuming and work.all_outputs_done([b for b, _ in budgets])):  # killed while cleaning up
+        if not (
+            resuming and work.all_outputs_done([b for b, _ in budgets])
+        ):  # killed while cleaning up
             _quantize_layers(cfg, config, budgets, work, progress)
             if distributed.process_count() > 1:
                 _pack_later_budgets(cfg, config, budgets, work)
-        reports = _write_outputs(cfg, config, budgets, work, overwrite=bool(cfg.overwrite or resuming))
+        reports = _write_outputs(
+            cfg, config, budgets, work, overwrite=bool(cfg.overwrite or resuming)
+        )
     except BaseException:
         if work.created_now and not work.committed_layers():
-            work.remove()  # nothing worth resuming: leave no trace of a run that failed at its start
+            # nothing worth resuming: leave no trace of a run that failed at its start
+            work.remove()
         raise
     distributed.barrier("outputs_written")
     work.remove()
     return reports
 
 
-def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, progress: bool) -> None:
-    """Quantize and commit every layer from the first uncommitted one on (a no-op when all are done)."""
+def _quantize_layers(
+    cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, progress: bool
+) -> None:
+    """Quantize and commit every layer from the first uncommitted one on (a no-op when all are
+    done)."""
     total = config.num_hidden_layers
     start = work.next_layer()
     if start >= total:
@@ -134,16 +159,26 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
     bar = LayerProgress(total, start, enabled=progress)
     mesh = distributed.make_mesh(cfg)  # per-expert stages are sharded over its "expert" axis
     # Several processes: each reads only its devices' experts; an all-gather completes each layer.
-    layout = sharded.expert_layout(mesh, config.num_experts) if distributed.process_count() > 1 else None
+    layout = (
+        sharded.expert_layout(mesh, config.num_experts) if distributed.process_count() > 1 else None
+    )
     x = jnp.asarray(work.load_x(start - 1)) if start > 0 else None
-    for name, part in iter_model_parts(cfg.model_path, experts=layout.local_experts() if layout else None):
+    for name, part in iter_model_parts(
+        cfg.model_path, experts=layout.local_experts() if layout else None
+    ):
         if name == "top":
             if start == 0:
                 t = time.time()
-                calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
+                calib = jnp.asarray(
+                    calibration_tokens(
+                        cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len
+                    )
+                )
                 x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
                 if not work.has_top():
-                    work.commit_top(_to_dtype(part, cfg.dense_dtype), {"tokenize_s": time.time() - t})
+                    work.commit_top(
+                        _to_dtype(part, cfg.dense_dtype), {"tokenize_s": time.time() - t}
+                    )
             continue
         i = int(name)
         if i < start:
@@ -151,7 +186,9 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
         t0 = time.time()
         stages = stage_timer()
         if layout is not None and "experts" in part.get("mlp", {}):
-            part["mlp"]["experts"] = sharded.allgather_expert_weights(layout, part["mlp"]["experts"])
+            part["mlp"]["experts"] = sharded.allgather_expert_weights(
+                layout, part["mlp"]["experts"]
+            )
             stages["gather"] += time.time() - t0
         layer = build_layer(config, i, part)
         resid, moe_in = attention_part(layer, x, config)
@@ -161,21 +198,28 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
         packed = problem = None
         if layer.is_moe:
             block: MoEBlock = layer.mlp
-            problem = build_problem(i, block, moe_in.reshape(-1, config.hidden_size), cfg, config, stages, mesh=mesh)
+            problem = build_problem(
+                i, block, moe_in.reshape(-1, config.hidden_size), cfg, config, stages, mesh=mesh
+            )
             if cfg.budget_scope == "layer":
                 t = time.time()
                 bits, allocs = allocate_layers([problem], first_budget, "layer", _alloc_kw(cfg))[i]
-                bits = distributed.broadcast_from_writer(bits)  # one allocation (process 0's) everywhere
+                bits = distributed.broadcast_from_writer(
+                    bits
+                )  # one allocation (process 0's) everywhere
                 stages["allocation"] += time.time() - t
                 t = time.time()
                 qe = pack_layer(problem, bits, layout)
                 stages["pack"] += time.time() - t
                 packed = (qe, bits, allocs, _problem_summary(problem))
                 if not keep_problems:
-                    problem = None  # units, weights, calibration copies: not needed past the packing
+                    problem = (
+                        None  # units, weights, calibration copies: not needed past the packing
+                    )
                 if cfg.sequential:
                     block.experts = qe
-            # model scope: layers are only known together; later layers calibrate on the original outputs
+            # model scope: layers are only known together; later layers calibrate on the original
+            # outputs
             t = time.time()
             x = resid + block(moe_in)
         else:
@@ -189,13 +233,16 @@ def _quantize_layers(cfg: Any, config: ModelConfig, budgets: list[tuple[float, P
         distributed.barrier(f"layer_{i}_committed")
         stages["commit"] += time.time() - t
         bar.layer_done(i, time.time() - t0, dict(stages))
-        layer = block = problem = packed = dense = resid = moe_in = None  # before the next layer is read
+        layer = block = problem = packed = dense = resid = moe_in = (
+            None  # before the next layer is read
+        )
         _release_layer_executables()
     bar.close()
 
 
 def _release_layer_executables() -> None:
-    """Drop the compiled dequantization of the layer just finished: its packed segment shapes are the
+    """Drop the compiled dequantization of the layer just finished: its packed segment shapes are
+    the
     layer's own (they depend on the allocation), so no later layer reuses it, and jit caches never
     shrink — without this, memory grows by a few MB per layer (measured: ~30 MB per layer of a small
     model, together with the per-shape `jnp.asarray` executables `QuantizedExperts` now avoids)."""
@@ -232,7 +279,9 @@ def _recorded_timings(work: WorkDir, config: ModelConfig) -> dict[str, float]:
     return timings
 
 
-def _finished_reports(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]]) -> list[dict[str, Any]] | None:
+def _finished_reports(
+    cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]]
+) -> list[dict[str, Any]] | None:
     """The reports of outputs that all exist and were written by this exact run, else None."""
     digest = fingerprint.output_digest(fingerprint.compute(cfg, config), cfg)
     reports = []
@@ -248,13 +297,17 @@ def _finished_reports(cfg: Any, config: ModelConfig, budgets: list[tuple[float, 
     return reports
 
 
-def _model_allocation(cfg: Any, config: ModelConfig, budget: float, work: WorkDir) -> tuple[dict, list[dict[str, Any]], float]:
+def _model_allocation(
+    cfg: Any, config: ModelConfig, budget: float, work: WorkDir
+) -> tuple[dict, list[dict[str, Any]], float]:
     """(bits per MoE layer, allocation records, seconds) of a model-scope budget: solved once by
-    process 0 over every layer's loss tables (the units stay on disk, memory-mapped) and committed, or
-    read back from the work directory."""
+    process 0 over every layer's loss tables (the units stay on disk, memory-mapped) and committed,
+    or read back from the work directory."""
     if not work.has_model_allocation(budget):
         t = time.time()
-        solution = allocate_layers([work.load_problem(i) for i in config.moe_layers], budget, "model", _alloc_kw(cfg))
+        solution = allocate_layers(
+            [work.load_problem(i) for i in config.moe_layers], budget, "model", _alloc_kw(cfg)
+        )
         bits = {i: solution[i][0] for i in config.moe_layers}
         records = allocation_records(solution[config.moe_layers[0]][1])
         seconds = time.time() - t
@@ -263,13 +316,15 @@ def _model_allocation(cfg: Any, config: ModelConfig, budget: float, work: WorkDi
     return work.load_model_allocation(budget)
 
 
-def _pack_later_budgets(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir) -> None:
+def _pack_later_budgets(
+    cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir
+) -> None:
     """Multi-process runs: the layers packed at output time, spread round-robin over the processes.
 
     Once the layer pass is done, those layers are independent of each other: a layer-scope budget
     after the first re-solves each layer's own allocation from its stored problem; a model-scope
-    budget's one allocation over all layers is solved by process 0, committed and broadcast. Process p
-    packs MoE layers p, p+P, ... — allocation and error feedback, the expensive part of writing an
+    budget's one allocation over all layers is solved by process 0, committed and broadcast. Process
+    p packs MoE layers p, p+P, ... — allocation and error feedback, the expensive part of writing an
     output — and commits them to the work directory; process 0 then streams them into the outputs
     (and packs itself any layer it does not find there, e.g. with a work directory that is not on a
     shared filesystem). Resumable like the layers.
@@ -286,10 +341,14 @@ def _pack_later_budgets(cfg: Any, config: ModelConfig, budgets: list[tuple[float
                 bits, _, _ = _model_allocation(cfg, config, b, work)
                 tree = {str(i): bits[i] for i in moe}
             else:  # the shapes of process 0's answer, for the broadcast
-                tree = {str(i): {q: np.zeros((p.num_experts, p.rank(q)), np.int64) for q in PROJECTIONS}
-                        for i, p in ((i, work.load_problem(i)) for i in moe)}
+                tree = {
+                    str(i): {q: np.zeros((p.num_experts, p.rank(q)), np.int64) for q in PROJECTIONS}
+                    for i, p in ((i, work.load_problem(i)) for i in moe)
+                }
             # process 0 reports the model allocation's records; the layers carry none
-            model_solution = {int(i): (v, []) for i, v in distributed.broadcast_from_writer(tree).items()}
+            model_solution = {
+                int(i): (v, []) for i, v in distributed.broadcast_from_writer(tree).items()
+            }
         for j, i in enumerate(moe):
             if j % count != me or work.has_budget_layer(b, i):
                 continue
@@ -300,13 +359,20 @@ def _pack_later_budgets(cfg: Any, config: ModelConfig, budgets: list[tuple[float
             _release_layer_executables()
         distributed.log(
             f"budget {b:.2f}: MoE layers packed by {count} processes ("
-            + "; ".join(f"process {p}: layers {[i for j, i in enumerate(moe) if j % count == p]}" for p in range(count)) + ")"
+            + "; ".join(
+                f"process {p}: layers {[i for j, i in enumerate(moe) if j % count == p]}"
+                for p in range(count)
+            )
+            + ")"
         )
     distributed.barrier("later_budgets_packed")
 
 
-def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, overwrite: bool) -> list[dict[str, Any]]:
-    """Write every budget's output from the work directory (process 0); skip outputs already written."""
+def _write_outputs(
+    cfg: Any, config: ModelConfig, budgets: list[tuple[float, Path]], work: WorkDir, overwrite: bool
+) -> list[dict[str, Any]]:
+    """Write every budget's output from the work directory (process 0); skip outputs already
+    written."""
     if not distributed.is_writer():
         return []
     reports = []
@@ -319,7 +385,10 @@ def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Pat
             continue
         if recorded is None:
             recorded = _recorded_timings(work, config)
-        for stale in [*out_dir.parent.glob(f".{out_dir.name}.tmp-*"), *out_dir.parent.glob(f".{out_dir.name}.old-*")]:
+        for stale in [
+            *out_dir.parent.glob(f".{out_dir.name}.tmp-*"),
+            *out_dir.parent.glob(f".{out_dir.name}.old-*"),
+        ]:
             shutil.rmtree(stale, ignore_errors=True)  # `atomic_directory` leftovers of a killed run
         timings = dict(recorded)
         model_solution = None
@@ -328,7 +397,9 @@ def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Pat
             model_solution = {i: (bits[i], records) for i in config.moe_layers}
             timings["allocation"] += seconds
         from_packed = cfg.budget_scope == "layer" and b == budgets[0][0]
-        report = _write_output(cfg, config, b, out_dir, work, from_packed, model_solution, timings, overwrite, shared)
+        report = _write_output(
+            cfg, config, b, out_dir, work, from_packed, model_solution, timings, overwrite, shared
+        )
         faults.point("output_renamed")
         work.mark_output_done(b, report)
         reports.append(report)
@@ -336,7 +407,11 @@ def _write_outputs(cfg: Any, config: ModelConfig, budgets: list[tuple[float, Pat
 
 
 def _alloc_kw(cfg: Any) -> dict[str, Any]:
-    return {"allocator": cfg.allocator, "milp_max_units": cfg.milp_max_units, "time_limit": cfg.milp_time_limit}
+    return {
+        "allocator": cfg.allocator,
+        "milp_max_units": cfg.milp_max_units,
+        "time_limit": cfg.milp_time_limit,
+    }
 
 
 def _problem_summary(p: LayerProblem) -> dict[str, Any]:
@@ -350,8 +425,11 @@ def _problem_summary(p: LayerProblem) -> dict[str, Any]:
     }
 
 
-def _layer_result(cfg: Any, work: WorkDir, i: int, budget: float, from_packed: bool, model_solution, timings: dict):
-    """(experts, bits, allocation records, problem summary) of MoE layer `i` at `budget`, from the work dir."""
+def _layer_result(
+    cfg: Any, work: WorkDir, i: int, budget: float, from_packed: bool, model_solution, timings: dict
+):
+    """(experts, bits, allocation records, problem summary) of MoE layer `i` at `budget`, from the
+    work dir."""
     if from_packed:
         return work.load_packed(i)
     if work.has_budget_layer(budget, i):  # packed by the process that owns the layer
@@ -363,11 +441,15 @@ def _layer_result(cfg: Any, work: WorkDir, i: int, budget: float, from_packed: b
 
 
 def _pack_at_budget(cfg: Any, work: WorkDir, i: int, budget: float, model_solution, timings: dict):
-    """Allocate (unless `model_solution` has the layer's bits) and pack MoE layer `i` from its stored
-    problem; (experts, bits, allocation records, problem summary), stage seconds added to `timings`."""
+    """Allocate (unless `model_solution` has the layer's bits) and pack MoE layer `i` from its
+    stored
+    problem; (experts, bits, allocation records, problem summary), stage seconds added to
+    `timings`."""
     problem = work.load_problem(i)
     t = time.time()
-    bits, allocs = (model_solution or allocate_layers([problem], budget, "layer", _alloc_kw(cfg)))[i]
+    bits, allocs = (model_solution or allocate_layers([problem], budget, "layer", _alloc_kw(cfg)))[
+        i
+    ]
     timings["allocation"] += time.time() - t
     t = time.time()
     qe = pack_layer(problem, bits)
@@ -379,9 +461,20 @@ def _num_params(tree: Any) -> int:
     return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
 
 
-def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, work: WorkDir, from_packed: bool,
-                  model_solution, timings: dict, overwrite: bool, shared: dict) -> dict:
-    """One budget's checkpoint, streamed a layer at a time from the work directory, then its report."""
+def _write_output(
+    cfg,
+    config: ModelConfig,
+    budget: float,
+    out_dir: Path,
+    work: WorkDir,
+    from_packed: bool,
+    model_solution,
+    timings: dict,
+    overwrite: bool,
+    shared: dict,
+) -> dict:
+    """One budget's checkpoint, streamed a layer at a time from the work directory, then its
+    report."""
     t_write = time.time()
     expert_bits = expert_weights = dense_params = 0
     layers_meta: dict[int, Any] = {}
@@ -399,7 +492,9 @@ def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, work: 
             if i not in moe:
                 checkpoint_io.save_layer(tmp, i, dense, None, None)
                 continue
-            qe, bits, allocs, problem = _layer_result(cfg, work, i, budget, from_packed, model_solution, timings)
+            qe, bits, allocs, problem = _layer_result(
+                cfg, work, i, budget, from_packed, model_solution, timings
+            )
             layers_meta[i] = checkpoint_io.save_layer(tmp, i, dense, qe, bits)
             _release_layer_executables()
             faults.point("output_write")
@@ -412,8 +507,12 @@ def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, work: 
                 "stored_bits": sb,
                 "bpw": sb / problem["num_weights"],
                 "bits_histogram": bits_histogram(bits, cfg.candidate_bits),
-                "kept_components": {q: sum(m.seg_sizes) // qe.num_experts for q, m in zip(PROJECTIONS, qe.meta)},
-                # solver times are run timings: they go to timings.json, not into the compared report
+                "kept_components": {
+                    q: sum(m.seg_sizes) // qe.num_experts
+                    for q, m in zip(PROJECTIONS, qe.meta, strict=False)
+                },
+                # solver times are run timings: they go to timings.json, not into the compared
+                # report
                 "allocation": [{k: v for k, v in a.items() if k != "time_s"} for a in allocs],
             }
         src = Path(cfg.model_path)
@@ -440,7 +539,9 @@ def _write_output(cfg, config: ModelConfig, budget: float, out_dir: Path, work: 
 def evaluation_inputs(cfg: Any) -> tuple[np.ndarray, Any]:
     """(token ids of `cfg.eval_text`, cut to `eval_max_tokens`; the unquantized reference model)."""
     ids = tokenize_text(load_tokenizer(cfg.model_path), read_text(cfg.eval_text))
-    return (ids[: int(cfg.eval_max_tokens)] if cfg.eval_max_tokens else ids), load_model(cfg.model_path)[0]
+    return (ids[: int(cfg.eval_max_tokens)] if cfg.eval_max_tokens else ids), load_model(
+        cfg.model_path
+    )[0]
 
 
 def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
@@ -453,7 +554,14 @@ def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
 
     if "ids" not in shared:
         shared["ids"], shared["ref"] = evaluation_inputs(cfg)
-    res = evaluate_model(model, shared["ids"], cfg.seq_len, cfg.seq_len, batch_size=cfg.eval_batch_size, reference=shared["ref"])
+    res = evaluate_model(
+        model,
+        shared["ids"],
+        cfg.seq_len,
+        cfg.seq_len,
+        batch_size=cfg.eval_batch_size,
+        reference=shared["ref"],
+    )
     return {
         "eval_text": str(cfg.eval_text),
         "eval_tokens": int(res["tokens_scored"]),
@@ -464,16 +572,24 @@ def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
     }
 
 
-def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timings, shared: dict) -> dict:
+def _evaluate_into_report(
+    cfg, qdir: Path, budget, summary, layer_summary, timings, shared: dict
+) -> dict:
     report: dict[str, Any] = {
         "method": cfg.method,
         "model": str(cfg.model_path),
         "budget_bits": budget,
         **{k: v for k, v in summary.items() if k != "budget_bits"},
         "layers": layer_summary,
-        "starved_experts": {i: s["starved_experts"] for i, s in layer_summary.items() if s["starved_experts"]},
-        "super_experts": {i: s["super_experts"] for i, s in layer_summary.items() if s["super_experts"]},
-        "allocation_gaps": {i: [a["gap"] for a in s["allocation"]] for i, s in layer_summary.items()},
+        "starved_experts": {
+            i: s["starved_experts"] for i, s in layer_summary.items() if s["starved_experts"]
+        },
+        "super_experts": {
+            i: s["super_experts"] for i, s in layer_summary.items() if s["super_experts"]
+        },
+        "allocation_gaps": {
+            i: [a["gap"] for a in s["allocation"]] for i, s in layer_summary.items()
+        },
         "calib_text": str(cfg.calib_text),
         "num_calib_tokens": int(cfg.num_calib_tokens),
     }
@@ -482,15 +598,21 @@ def _evaluate_into_report(cfg, qdir: Path, budget, summary, layer_summary, timin
         report.update(_eval_metrics(cfg, checkpoint_io.load_quantized(qdir)[0], shared))
         timings["evaluate"] = time.time() - t
     report["time_s"] = {k: round(v, 3) for k, v in timings.items()}
-    report["time_s"]["total"] = round(sum(v for k, v in timings.items() if k in ("quantize_total", "write", "evaluate")), 3)
+    report["time_s"]["total"] = round(
+        sum(v for k, v in timings.items() if k in ("quantize_total", "write", "evaluate")), 3
+    )
     return report
 
 
 def print_summary(report: dict) -> str:
-    parts = [f"{report['budget_bits']:.2f} bpw budget → {report['effective_bpw_experts']:.3f} effective bpw (experts)"]
+    parts = [
+        f"{report['budget_bits']:.2f} bpw budget → {report['effective_bpw_experts']:.3f} effective "
+        "bpw (experts)"
+    ]
     if "kl_divergence" in report:
         parts.append(
-            f"ppl {report['perplexity_fp']:.2f} → {report['perplexity_q']:.2f}, KL {report['kl_divergence']:.4f}, "
+            f"ppl {report['perplexity_fp']:.2f} → {report['perplexity_q']:.2f}, KL "
+            f"{report['kl_divergence']:.4f}, "
             f"top-1 {100 * report['top1_agreement']:.1f}%"
         )
     parts.append(f"{report['time_s']['total']:.1f} s")
@@ -498,7 +620,8 @@ def print_summary(report: dict) -> str:
 
 
 def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
-    """RTN / GPTQ / expert-wise / K-quants at each budget, calibrated like BitsMoE, written with the same report.
+    """RTN / GPTQ / expert-wise / K-quants at each budget, calibrated like BitsMoE, written with the
+    same report.
 
     The checkpoint keeps the dequantized expert weights (float32, exact values of codes × scales) in
     the converted format, so `load_model` and `evaluate` read it directly; its effective bpw counts
@@ -516,11 +639,15 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         if d.exists() and not cfg.overwrite:
             raise FileExistsError(f"{d}: output exists (set --config.overwrite=True to replace it)")
     config = model_config(cfg.model_path)
-    if cfg.method == "kquant":  # before any work: a model K-quants cannot store is an error, not a late crash
+    if (
+        cfg.method == "kquant"
+    ):  # before any work: a model K-quants cannot store is an error, not a late crash
         from bitsmoe_jax.baselines.kquants import check_contractions
 
         check_contractions(config.hidden_size, config.moe_intermediate_size)
-    calib = jnp.asarray(calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len))
+    calib = jnp.asarray(
+        calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len)
+    )
     reports = []
     shared: dict = {}
     for budget, out_dir in budgets:
@@ -530,7 +657,13 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         qtime = time.time() - t0
         pure = _jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         layers = pure.pop("layers")
-        expert_weights = 3 * config.num_experts * config.hidden_size * config.moe_intermediate_size * len(config.moe_layers)
+        expert_weights = (
+            3
+            * config.num_experts
+            * config.hidden_size
+            * config.moe_intermediate_size
+            * len(config.moe_layers)
+        )
         with atomic_directory(out_dir, overwrite=cfg.overwrite) as tmp:
             save_tree(tmp / "params" / "top", _to_dtype(pure, cfg.dense_dtype))
             dense_params = 0
@@ -539,19 +672,24 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
                 dense = _to_dtype(_strip_experts(part), cfg.dense_dtype)
                 dense_params += int(sum(np.size(a) for a in _jax.tree.leaves(dense)))
                 if "mlp" in part and "experts" in part["mlp"]:
-                    dense.setdefault("mlp", {})["experts"] = _to_dtype(part["mlp"]["experts"], "float32")
+                    dense.setdefault("mlp", {})["experts"] = _to_dtype(
+                        part["mlp"]["experts"], "float32"
+                    )
                 save_tree(tmp / "params" / f"layer_{i:03d}", dense)
             src = Path(cfg.model_path)
             for f in TOKENIZER_FILES:
                 if (src / f).is_file():
                     shutil.copy(src / f, tmp / f)
             top_params = int(sum(np.size(a) for a in _jax.tree.leaves(pure)))
-            dense_bits = (top_params + dense_params) * (16 if cfg.dense_dtype in ("bfloat16", "float16") else 32)
+            dense_bits = (top_params + dense_params) * (
+                16 if cfg.dense_dtype in ("bfloat16", "float16") else 32
+            )
             bpw = float(info["effective_bpw_experts"])
             summary = {
                 "budget_bits": budget,
                 "effective_bpw_experts": bpw,
-                "effective_bpw_model": (bpw * expert_weights + dense_bits) / (expert_weights + top_params + dense_params),
+                "effective_bpw_model": (bpw * expert_weights + dense_bits)
+                / (expert_weights + top_params + dense_params),
                 "expert_weights": expert_weights,
             }
             meta = {
@@ -559,18 +697,31 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
                 "version": 1,
                 "dtype": "float32",
                 "config": json.loads(config.to_json()),
-                "quantization": {"method": cfg.method, **{k: v for k, v in info.items()}, **summary},
+                "quantization": {
+                    "method": cfg.method,
+                    **{k: v for k, v in info.items()},
+                    **summary,
+                },
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
             report: dict[str, Any] = {
-                "method": cfg.method, "model": str(cfg.model_path), **summary, "setting": info["setting"],
-                "layers": {}, "starved_experts": info.get("starved_experts", {}), "super_experts": {},
-                "allocation_gaps": {}, "calib_text": str(cfg.calib_text), "num_calib_tokens": int(cfg.num_calib_tokens),
+                "method": cfg.method,
+                "model": str(cfg.model_path),
+                **summary,
+                "setting": info["setting"],
+                "layers": {},
+                "starved_experts": info.get("starved_experts", {}),
+                "super_experts": {},
+                "allocation_gaps": {},
+                "calib_text": str(cfg.calib_text),
+                "num_calib_tokens": int(cfg.num_calib_tokens),
             }
             timings = {"quantize_total": qtime}
             if cfg.eval_text:
                 t = time.time()
-                stored, _ = load_model(tmp)  # evaluate what was written (dense weights at dense_dtype)
+                stored, _ = load_model(
+                    tmp
+                )  # evaluate what was written (dense weights at dense_dtype)
                 report.update(_eval_metrics(cfg, stored, shared))
                 timings["evaluate"] = time.time() - t
             report["time_s"] = {k: round(v, 3) for k, v in timings.items()}

@@ -8,20 +8,19 @@ What runs where
   loss weights, the allocation (solved on process 0, broadcast) and the packing — each either small
   or a fixed host computation, and every process needs the packed layer for the next layer's input.
 
-Why the results do not depend on the mesh
------------------------------------------
-The issue asks for identical allocations and bit-identical packed arrays whether the layer runs on
-one device, four, or two processes of two. Float sums in a different order change the last bits, and
-one flipped bit can move a rounding decision or an eigenvector's sign, so every result here is made
-*independent of the sharding by construction* rather than "close":
+Why the results do not depend on the mesh ----------------------------------------- The issue asks
+for identical allocations and bit-identical packed arrays whether the layer runs on one device,
+four, or two processes of two. Float sums in a different order change the last bits, and one flipped
+bit can move a rounding decision or an eigenvector's sign, so every result here is made *independent
+of the sharding by construction* rather than "close":
 
 1. Per-expert work is elementwise in the expert axis and runs one expert at a time (`lax.map`) with
    shapes that depend only on the layer, never on the number of devices: tokens routed to an expert
    are padded to one capacity (the largest routed count, rounded up to 64 — the same on every mesh),
    with padded rows carrying weight 0. The same compiled per-expert program therefore sees the same
    inputs for expert e wherever e lives.
-2. The cross-expert Gram sum is a *fixed* pairwise tree over the experts, padded with zero experts to
-   a power of two E'. A device owning E'/n consecutive experts computes exactly its subtree (a
+2. The cross-expert Gram sum is a *fixed* pairwise tree over the experts, padded with zero experts
+   to a power of two E'. A device owning E'/n consecutive experts computes exactly its subtree (a
    binary-counter accumulation, so no [E, D, D] intermediate is materialised), and the devices then
    finish the same tree with a butterfly all-reduce: at level l device i adds its partial to that of
    device i XOR 2^l (`ppermute`). IEEE addition is commutative, so both partners get the identical
@@ -42,12 +41,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bitsmoe_jax.distributed import EXPERT_AXIS, DistributedError
 
@@ -87,7 +88,9 @@ class ExpertLayout:
         out: list[int] = []
         for i, d in enumerate(self.mesh.devices.flat):
             if d.process_index == me:
-                out.extend(range(i * self.per_device, min((i + 1) * self.per_device, self.num_experts)))
+                out.extend(
+                    range(i * self.per_device, min((i + 1) * self.per_device, self.num_experts))
+                )
         return sorted(out)
 
 
@@ -109,8 +112,11 @@ def expert_layout(mesh: Mesh, num_experts: int) -> ExpertLayout:
     return ExpertLayout(mesh, int(num_experts), padded)
 
 
-def expert_array(layout: ExpertLayout, get: Callable[[int], np.ndarray], item_shape: Sequence[int], dtype: Any) -> jax.Array:
-    """A global [E', *item_shape] array sharded over experts; `get(e)` supplies expert e (real ones only).
+def expert_array(
+    layout: ExpertLayout, get: Callable[[int], np.ndarray], item_shape: Sequence[int], dtype: Any
+) -> jax.Array:
+    """A global [E', *item_shape] array sharded over experts; `get(e)` supplies expert e (real ones
+    only).
 
     Each process is asked only for the experts of its own devices; padded experts are zeros.
     """
@@ -120,12 +126,16 @@ def expert_array(layout: ExpertLayout, get: Callable[[int], np.ndarray], item_sh
     def block(index: tuple[slice, ...]) -> np.ndarray:
         s = index[0]
         experts = range(s.start or 0, layout.padded if s.stop is None else s.stop)
-        return np.stack([np.asarray(get(e), dtype) if e < layout.num_experts else zero for e in experts])
+        return np.stack(
+            [np.asarray(get(e), dtype) if e < layout.num_experts else zero for e in experts]
+        )
 
     return jax.make_array_from_callback(shape, layout.sharding(), block)
 
 
-def allgather_expert_weights(layout: ExpertLayout, experts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def allgather_expert_weights(
+    layout: ExpertLayout, experts: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Every expert's weights on every process, from each process's own experts (`local_experts`).
 
     A multi-process run reads from the checkpoint only the experts its devices own (the other
@@ -133,14 +143,17 @@ def allgather_expert_weights(layout: ExpertLayout, experts: dict[str, np.ndarray
     an exact copy: the checkpoint is read once in total instead of once per process.
     """
     return {
-        k: gather_experts(layout, expert_array(layout, lambda e, a=a: a[e], a.shape[1:], a.dtype)).astype(a.dtype, copy=False)
+        k: gather_experts(
+            layout, expert_array(layout, lambda e, a=a: a[e], a.shape[1:], a.dtype)
+        ).astype(a.dtype, copy=False)
         for k, a in experts.items()
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _replicate_fn(mesh: Mesh) -> Callable:
-    """An all-gather: the identity with a replicated output sharding (one jitted function per mesh)."""
+    """An all-gather: the identity with a replicated output sharding (one jitted function per
+    mesh)."""
     return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))
 
 
@@ -152,7 +165,8 @@ def gather_experts(layout: ExpertLayout, arr: jax.Array) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ Gram sums
 def _tree_sum_local(mats: jax.Array, one: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """Pairwise-tree sum of `one(mats[j])` over a power-of-two number of experts, in O(log n) memory.
+    """Pairwise-tree sum of `one(mats[j])` over a power-of-two number of experts, in O(log n)
+    memory.
 
     A binary counter: after expert j the stack level l holds the sum of the last complete subtree of
     2^l experts; adding expert j merges as many levels as j has trailing one bits.
@@ -190,14 +204,16 @@ def _butterfly_sum(x: jax.Array, n: int) -> jax.Array:
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gram_fn(mesh: Mesh, contract_first: bool) -> Callable:
     n = int(mesh.size)
 
     def one(w):  # w: one expert's [D, F] (contract F) or [F, D] (contract F, the first axis)
         w = w.astype(jnp.float32)
         if contract_first:
-            return jnp.einsum("fd,fk->dk", w, w, precision=_HIGHEST, preferred_element_type=jnp.float32)
+            return jnp.einsum(
+                "fd,fk->dk", w, w, precision=_HIGHEST, preferred_element_type=jnp.float32
+            )
         return jnp.einsum("df,kf->dk", w, w, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
     def body(block):
@@ -208,7 +224,8 @@ def _gram_fn(mesh: Mesh, contract_first: bool) -> Callable:
 
 def gram_sum(layout: ExpertLayout, w: jax.Array, contract_first: bool) -> np.ndarray:
     """Σ_e W_e W_eᵀ (contract_first=False, W_e [D, F]: gate/up as stored) or Σ_e W_eᵀ W_e
-    (contract_first=True, W_e [F, D]: down as stored) over the sharded experts, as float32 numpy [D, D].
+    (contract_first=True, W_e [F, D]: down as stored) over the sharded experts, as float32 numpy [D,
+    D].
     """
     out = _gram_fn(layout.mesh, contract_first)(w)
     return np.asarray(out.addressable_data(0))[0]
@@ -216,7 +233,8 @@ def gram_sum(layout: ExpertLayout, w: jax.Array, contract_first: bool) -> np.nda
 
 # ------------------------------------------------------------------------------------ statistics
 def _expert_stats_one(x, w, gate, up, vg, vu):
-    """One expert's statistic sums over its (padded) tokens: s_gate [F, rg], s_up [F, ru], c_down [F], mass.
+    """One expert's statistic sums over its (padded) tokens: s_gate [F, rg], s_up [F, ru], c_down
+    [F], mass.
 
     x [C, D] routed inputs, w [C] routing weights (0 on padding); gate / up [D, F]; vg / vu [D, r].
     """
@@ -241,10 +259,12 @@ def _map_experts(xs, ws, gate, up, vg, vu):
     return jax.lax.map(lambda a: _expert_stats_one(*a, vg, vu), (xs, ws, gate, up))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stats_fn(mesh: Mesh) -> Callable:
     e = P(EXPERT_AXIS)
-    return jax.jit(shard_map(_map_experts, mesh, in_specs=(e, e, e, e, P(), P()), out_specs=(e, e, e, e)))
+    return jax.jit(
+        shard_map(_map_experts, mesh, in_specs=(e, e, e, e, P(), P()), out_specs=(e, e, e, e))
+    )
 
 
 def capacity(counts: np.ndarray) -> int:
@@ -264,7 +284,8 @@ def routed_stats(
     vg: np.ndarray,
     vu: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
-    """Per-expert statistics over the routed tokens, sharded over experts; numpy [E, ...] on every process.
+    """Per-expert statistics over the routed tokens, sharded over experts; numpy [E, ...] on every
+    process.
 
     x [N, D] MoE inputs; token / weight: the routing plan's sorted assignments and their weights;
     offsets [E+1] of each expert's run in them; gate / up: sharded [E', D, F] expert weights.
@@ -282,7 +303,9 @@ def routed_stats(
 
     xs = expert_array(layout, rows, (cap, d), np.float32)
     ws = expert_array(layout, wts, (cap,), np.float32)
-    outs = _stats_fn(layout.mesh)(xs, ws, gate, up, jnp.asarray(vg, jnp.float32), jnp.asarray(vu, jnp.float32))
+    outs = _stats_fn(layout.mesh)(
+        xs, ws, gate, up, jnp.asarray(vg, jnp.float32), jnp.asarray(vu, jnp.float32)
+    )
     return tuple(gather_experts(layout, o).astype(np.float64) for o in outs)
 
 
@@ -292,33 +315,46 @@ def _all_token_map(x, ws, gate, up, vg, vu):
 
 
 def all_token_stats(
-    x: np.ndarray, weights: np.ndarray, gate: np.ndarray, up: np.ndarray, vg: np.ndarray, vu: np.ndarray
+    x: np.ndarray,
+    weights: np.ndarray,
+    gate: np.ndarray,
+    up: np.ndarray,
+    vg: np.ndarray,
+    vu: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
-    """The same per-expert program over every token (the starved-expert fallback), for a few experts.
+    """The same per-expert program over every token (the starved-expert fallback), for a few
+    experts.
 
-    x [N, D]; weights [S, N] per listed expert; gate / up [S, D, F]. Runs unsharded on this process's
-    first device: the starved set is small, and this program is the same on every mesh.
+    x [N, D]; weights [S, N] per listed expert; gate / up [S, D, F]. Runs unsharded on this
+    process's first device: the starved set is small, and this program is the same on every mesh.
     """
     outs = _all_token_map(*(jnp.asarray(a, jnp.float32) for a in (x, weights, gate, up, vg, vu)))
     return tuple(np.asarray(o, np.float64) for o in outs)
 
 
 # ------------------------------------------------------------------------------------ coefficients
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _errors_fn(mesh: Mesh, candidates: tuple[int, ...], group_size: int) -> Callable:
     from bitsmoe_jax.quant.quantizers import unit_errors
 
     def body(units, weights):
-        return jax.lax.map(lambda a: unit_errors(a[0], candidates, group_size, a[1]), (units, weights))
+        return jax.lax.map(
+            lambda a: unit_errors(a[0], candidates, group_size, a[1]), (units, weights)
+        )
 
     e = P(EXPERT_AXIS)
     return jax.jit(shard_map(body, mesh, in_specs=(e, e), out_specs=e))
 
 
 def unit_errors_sharded(
-    layout: ExpertLayout, units: np.ndarray, weights: np.ndarray, candidates: Sequence[int], group_size: int
+    layout: ExpertLayout,
+    units: np.ndarray,
+    weights: np.ndarray,
+    candidates: Sequence[int],
+    group_size: int,
 ) -> np.ndarray:
-    """Exact L(e, k, b) for units / weights [E, r, F]: one expert at a time, sharded over experts -> [E, r, C]."""
+    """Exact L(e, k, b) for units / weights [E, r, F]: one expert at a time, sharded over experts ->
+    [E, r, C]."""
     _, r, f = units.shape
     u = expert_array(layout, lambda e: units[e], (r, f), np.float32)
     w = expert_array(layout, lambda e: weights[e], (r, f), np.float32)

@@ -17,18 +17,30 @@ from bitsmoe_jax.quant.qmoe import QuantizedExperts
 
 
 def quantized_from_dense(
-    gate: np.ndarray, up: np.ndarray, down: np.ndarray, bits: dict[str, np.ndarray], rng: np.random.Generator,
+    gate: np.ndarray,
+    up: np.ndarray,
+    down: np.ndarray,
+    bits: dict[str, np.ndarray],
+    rng: np.random.Generator,
     group_size: int = 128,
 ) -> QuantizedExperts:
-    """Dense experts (gate/up ``[E, D, F]``, down ``[E, F, D]``) -> `QuantizedExperts` with full-rank
-    8-bit bases; ``bits[p]`` is ``[E, D]`` (or ``[E·D]``) bit-widths per unit of projection ``p``."""
+    """Dense experts (gate/up ``[E, D, F]``, down ``[E, F, D]``) -> `QuantizedExperts` with
+    full-rank
+    8-bit bases; ``bits[p]`` is ``[E, D]`` (or ``[E·D]``) bit-widths per unit of projection
+    ``p``."""
     gate, up, down = (np.asarray(w, np.float32) for w in (gate, up, down))
     e, d, f = gate.shape
     bases, packed = {}, {}
-    for p, w in zip(PROJECTIONS, (gate, up, np.swapaxes(down, 1, 2))):  # all [E, D, F]
+    for p, w in zip(
+        PROJECTIONS, (gate, up, np.swapaxes(down, 1, 2)), strict=False
+    ):  # all [E, D, F]
         v, _ = np.linalg.qr(rng.standard_normal((d, d)))
         stored, vq = basis_lib.quantize_basis(jnp.asarray(v, jnp.float32), 8)
         bases[p] = {"q": np.asarray(stored.values), "scale": np.asarray(stored.scales)}
         factors = np.einsum("dr,edf->erf", np.asarray(vq, np.float64), w)  # [E, r, F]
-        packed[p] = pack_segments(factors.reshape(e * d, f).astype(np.float32), np.asarray(bits[p]).reshape(-1), group_size)
+        packed[p] = pack_segments(
+            factors.reshape(e * d, f).astype(np.float32),
+            np.asarray(bits[p]).reshape(-1),
+            group_size,
+        )
     return QuantizedExperts(e, bases, packed)

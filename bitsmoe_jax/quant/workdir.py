@@ -32,8 +32,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +78,14 @@ class WorkDir:
         self.created_now = False
 
     # ------------------------------------------------------------------------------ opening
-    def open(self, fingerprint: dict[str, Any], resume: bool, describe_mismatch: Callable[[dict, dict], list[str]]) -> bool:
-        """Create the directory, or check that an existing one belongs to this run; True if resuming."""
+    def open(
+        self,
+        fingerprint: dict[str, Any],
+        resume: bool,
+        describe_mismatch: Callable[[dict, dict], list[str]],
+    ) -> bool:
+        """Create the directory, or check that an existing one belongs to this run; True if
+        resuming."""
         fp_path = self.root / FINGERPRINT_FILE
         if self.root.exists() and not resume:
             if self.writer:
@@ -86,7 +93,8 @@ class WorkDir:
         elif self.root.exists():
             if not fp_path.is_file():
                 raise ResumeError(
-                    f"{self.root} exists but is not a quantization work directory (no {FINGERPRINT_FILE}); "
+                    f"{self.root} exists but is not a quantization work directory (no "
+                    f"{FINGERPRINT_FILE}); "
                     "delete it or set --config.work_dir to another path"
                 )
             old = json.loads(fp_path.read_text())
@@ -95,7 +103,8 @@ class WorkDir:
                 raise ResumeError(
                     f"cannot resume from {self.root}: it was started with a different "
                     + "; ".join(changes)
-                    + f". To start fresh, rerun with --config.resume=False (the work directory is then replaced) "
+                    + ". To start fresh, rerun with --config.resume=False (the work directory is "
+                    "then replaced) "
                     f"or delete {self.root}."
                 )
             if self.writer:
@@ -107,7 +116,9 @@ class WorkDir:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.root.parent / f".{self.root.name}.tmp-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
-            arrayfile.write_text_durable(tmp / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1, sort_keys=True))
+            arrayfile.write_text_durable(
+                tmp / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1, sort_keys=True)
+            )
             arrayfile.fsync_path(tmp)
             os.rename(tmp, self.root)
             arrayfile.fsync_path(self.root.parent)
@@ -154,8 +165,8 @@ class WorkDir:
         """Write a directory with `fill(tmp)` and make it appear as `name` atomically and durably.
 
         Only process 0 commits, except `any_process` commits (each process's own layers of a later
-        budget, under names no other process writes; they reach process 0 where the work directory is
-        on a shared filesystem, and process 0 recomputes whatever it does not find)."""
+        budget, under names no other process writes; they reach process 0 where the work directory
+        is on a shared filesystem, and process 0 recomputes whatever it does not find)."""
         if not (self.writer or any_process):
             return
         tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
@@ -167,7 +178,9 @@ class WorkDir:
         arrayfile.fsync_path(self.root)
 
     def committed_layers(self) -> list[int]:
-        return sorted(int(p.name[6:]) for p in self.root.glob("layer_[0-9][0-9][0-9]") if p.is_dir())
+        return sorted(
+            int(p.name[6:]) for p in self.root.glob("layer_[0-9][0-9][0-9]") if p.is_dir()
+        )
 
     def next_layer(self) -> int:
         """The first layer not committed (commits happen in order, so they form a prefix)."""
@@ -193,7 +206,8 @@ class WorkDir:
         dense: dict,
         x: np.ndarray,
         info: dict[str, Any],
-        packed: tuple[QuantizedExperts, dict[str, np.ndarray], list[Allocation], dict[str, Any]] | None = None,
+        packed: tuple[QuantizedExperts, dict[str, np.ndarray], list[Allocation], dict[str, Any]]
+        | None = None,
         problem: LayerProblem | None = None,
     ) -> None:
         """Commit everything layer `i` produced; then drop the previous layer's activations."""
@@ -234,7 +248,9 @@ class WorkDir:
     def has_packed(self, i: int) -> bool:
         return (self.root / layer_name(i) / "packed.json").is_file()
 
-    def load_packed(self, i: int) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
+    def load_packed(
+        self, i: int
+    ) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
         """(experts, bits per unit, allocation records, problem summary) of the first budget."""
         return _load_packed(self.root / layer_name(i))[:4]
 
@@ -242,33 +258,64 @@ class WorkDir:
     def has_model_allocation(self, budget: float) -> bool:
         return (self.root / f"{budget_name(budget)}_model_allocation" / "bits.json").is_file()
 
-    def commit_model_allocation(self, budget: float, bits: dict[int, dict[str, np.ndarray]], records: list[dict[str, Any]], seconds: float) -> None:
-        """One `budget_scope="model"` allocation (bits of every MoE layer), so that every process and
-        every rerun packs the same bits (a time-limited MILP need not find the same incumbent twice)."""
+    def commit_model_allocation(
+        self,
+        budget: float,
+        bits: dict[int, dict[str, np.ndarray]],
+        records: list[dict[str, Any]],
+        seconds: float,
+    ) -> None:
+        """One `budget_scope="model"` allocation (bits of every MoE layer), so that every process
+        and
+        every rerun packs the same bits (a time-limited MILP need not find the same incumbent
+        twice)."""
 
         def fill(d: Path) -> None:
-            arrayfile.save(d, "bits", {str(i): b for i, b in bits.items()}, {"allocations": records, "seconds": seconds})
+            arrayfile.save(
+                d,
+                "bits",
+                {str(i): b for i, b in bits.items()},
+                {"allocations": records, "seconds": seconds},
+            )
 
         self._commit(f"{budget_name(budget)}_model_allocation", fill)
 
-    def load_model_allocation(self, budget: float) -> tuple[dict[int, dict[str, np.ndarray]], list[dict[str, Any]], float]:
+    def load_model_allocation(
+        self, budget: float
+    ) -> tuple[dict[int, dict[str, np.ndarray]], list[dict[str, Any]], float]:
         tree, extra = arrayfile.load(self.root / f"{budget_name(budget)}_model_allocation", "bits")
-        return {int(i): {q: np.array(v) for q, v in b.items()} for i, b in tree.items()}, extra["allocations"], float(extra["seconds"])
+        return (
+            {int(i): {q: np.array(v) for q, v in b.items()} for i, b in tree.items()},
+            extra["allocations"],
+            float(extra["seconds"]),
+        )
 
-    # ------------------------------------------------------------- later budgets, spread over processes
+    # ------------------------------------------------------------- later budgets, spread over
+    # processes
     def has_budget_layer(self, budget: float, i: int) -> bool:
         return (self.root / budget_layer_name(budget, i) / "packed.json").is_file()
 
     def commit_budget_layer(
-        self, budget: float, i: int, packed: tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]],
+        self,
+        budget: float,
+        i: int,
+        packed: tuple[
+            QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]
+        ],
         seconds: dict[str, float],
     ) -> None:
-        """Layer `i` packed at a later budget (by whichever process owns it), with its stage seconds."""
+        """Layer `i` packed at a later budget (by whichever process owns it), with its stage
+        seconds."""
 
-        self._commit(budget_layer_name(budget, i), lambda d: _save_packed(d, packed, seconds=seconds), any_process=True)
+        self._commit(
+            budget_layer_name(budget, i),
+            lambda d: _save_packed(d, packed, seconds=seconds),
+            any_process=True,
+        )
 
     def load_budget_layer(self, budget: float, i: int):
-        """(experts, bits, allocation records, problem summary, stage seconds) of a committed budget layer."""
+        """(experts, bits, allocation records, problem summary, stage seconds) of a committed budget
+        layer."""
         *result, extra = _load_packed(self.root / budget_layer_name(budget, i))
         return (*result, extra["seconds"])
 
@@ -300,7 +347,11 @@ def budget_layer_name(budget: float, i: int) -> str:
     return f"{budget_name(budget)}_{layer_name(i)}"
 
 
-def _save_packed(d: Path, packed: tuple[QuantizedExperts, dict[str, np.ndarray], list, dict[str, Any]], **more: Any) -> None:
+def _save_packed(
+    d: Path,
+    packed: tuple[QuantizedExperts, dict[str, np.ndarray], list, dict[str, Any]],
+    **more: Any,
+) -> None:
     """A packed layer (experts, bits, allocations, problem summary) as `packed.bin/.json` in `d`."""
     qe, bits, allocs, summary = packed
     arrays, meta = qe.to_tree()
@@ -308,10 +359,21 @@ def _save_packed(d: Path, packed: tuple[QuantizedExperts, dict[str, np.ndarray],
     arrayfile.save(d, "packed", {"experts_q": arrays, "bits": bits}, extra)
 
 
-def _load_packed(d: Path) -> tuple[QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """What `_save_packed` wrote: (experts, bits, allocation records, problem summary, the whole extra)."""
+def _load_packed(
+    d: Path,
+) -> tuple[
+    QuantizedExperts, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any], dict[str, Any]
+]:
+    """What `_save_packed` wrote: (experts, bits, allocation records, problem summary, the whole
+    extra)."""
     tree, extra = arrayfile.load(d, "packed")
-    return QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]), tree["bits"], extra["allocations"], extra["summary"], extra
+    return (
+        QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]),
+        tree["bits"],
+        extra["allocations"],
+        extra["summary"],
+        extra,
+    )
 
 
 def _json_default(o: Any) -> Any:
@@ -321,8 +383,13 @@ def _json_default(o: Any) -> Any:
 def _alloc_json(a: Allocation | dict[str, Any]) -> dict[str, Any]:
     if isinstance(a, dict):
         return a
-    return {"solver": a.solver, "objective": float(a.objective), "lower_bound": float(a.lower_bound),
-            "gap": float(a.gap), "time_s": float(a.time_s)}
+    return {
+        "solver": a.solver,
+        "objective": float(a.objective),
+        "lower_bound": float(a.lower_bound),
+        "gap": float(a.gap),
+        "time_s": float(a.time_s),
+    }
 
 
 def allocation_records(allocs: list[Allocation | dict[str, Any]]) -> list[dict[str, Any]]:
@@ -331,7 +398,16 @@ def allocation_records(allocs: list[Allocation | dict[str, Any]]) -> list[dict[s
 
 
 # ------------------------------------------------------------------------------ problems
-_PROBLEM_SCALARS = ("index", "num_experts", "hidden", "inter", "basis_bits", "super_experts", "super_bits", "group_size")
+_PROBLEM_SCALARS = (
+    "index",
+    "num_experts",
+    "hidden",
+    "inter",
+    "basis_bits",
+    "super_experts",
+    "super_bits",
+    "group_size",
+)
 
 
 def problem_to_tree(p: LayerProblem) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -364,12 +440,19 @@ def problem_to_tree(p: LayerProblem) -> tuple[dict[str, Any], dict[str, Any]]:
 def problem_from_tree(tree: dict[str, Any], extra: dict[str, Any]) -> LayerProblem:
     e, f = tree["stats"]["c_down"].shape
     stats = ExpertStats(
-        s_gate=np.zeros((e, f, 0)), s_up=np.zeros((e, f, 0)), c_down=tree["stats"]["c_down"],
-        mass=tree["stats"]["mass"], tokens=tree["stats"]["tokens"], starved=[int(s) for s in extra["starved"]],
+        s_gate=np.zeros((e, f, 0)),
+        s_up=np.zeros((e, f, 0)),
+        c_down=tree["stats"]["c_down"],
+        mass=tree["stats"]["mass"],
+        tokens=tree["stats"]["tokens"],
+        starved=[int(s) for s in extra["starved"]],
     )
     coeffs = Coefficients(
-        loss=dict(tree["loss"]), cost=tree["cost"], candidates=tuple(int(c) for c in extra["candidates"]),
-        mode=extra["mode"], kappa=dict(tree["kappa"]) if "kappa" in tree else None,
+        loss=dict(tree["loss"]),
+        cost=tree["cost"],
+        candidates=tuple(int(c) for c in extra["candidates"]),
+        mode=extra["mode"],
+        kappa=dict(tree["kappa"]) if "kappa" in tree else None,
     )
     bases = {q: dict(tree.get("bases", {}).get(q, {})) for q in PROJECTIONS}
     optional: dict[str, Any] = {}
@@ -378,6 +461,11 @@ def problem_from_tree(tree: dict[str, Any], extra: dict[str, Any]) -> LayerProbl
 
         optional["calib"] = CalibrationInputs(**tree["calib"], min_tokens=int(extra["min_tokens"]))
     return LayerProblem(
-        units=dict(tree["units"]), weights=dict(tree["weights"]), coeffs=coeffs, bases=bases, stats=stats,
-        **optional, **{k: extra[k] for k in _PROBLEM_SCALARS},
+        units=dict(tree["units"]),
+        weights=dict(tree["weights"]),
+        coeffs=coeffs,
+        bases=bases,
+        stats=stats,
+        **optional,
+        **{k: extra[k] for k in _PROBLEM_SCALARS},
     )

@@ -1,9 +1,11 @@
-"""Bad checkpoints give one clear error naming the file / tensor / field, and leave no output behind.
+"""Bad checkpoints give one clear error naming the file / tensor / field, and leave no output
+behind.
 
-Each case copies a good tiny Qwen2-MoE checkpoint (saved by transformers), breaks one thing, and checks
-both entry points: `load_model(HF_DIR)` raises `CheckpointError` / `ConfigError` whose message names
-what is wrong, and `python -m conversion HF_DIR OUT_DIR` (in-process `main([...])`) returns non-zero,
-prints that message once, and leaves neither OUT_DIR nor a temporary directory beside it.
+Each case copies a good tiny Qwen2-MoE checkpoint (saved by transformers), breaks one thing, and
+checks both entry points: `load_model(HF_DIR)` raises `CheckpointError` / `ConfigError` whose
+message names what is wrong, and `python -m conversion HF_DIR OUT_DIR` (in-process `main([...])`)
+returns non-zero, prints that message once, and leaves neither OUT_DIR nor a temporary directory
+beside it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -31,7 +33,8 @@ FAMILY = "qwen2_moe"  # layers: 0 dense, 1-2 MoE with shared expert, qkv biases
 ST = "model.safetensors"
 
 
-# ------------------------------------------------------------------------------------------ mutations
+# ------------------------------------------------------------------------------------------
+# mutations
 def _edit_tensors(d: Path, edit: Callable[[dict], None], name: str = ST) -> None:
     tensors = load_file(str(d / name))
     edit(tensors)
@@ -134,6 +137,7 @@ def _truncated_bin(d: Path, hf) -> None:
 
 E_KEY = "model.layers.1.mlp.experts.3.up_proj.weight"
 
+
 # name -> (mutation(dir, hf_model), exception class, substrings the message must contain)
 def _add_unused(key: str) -> Callable[[dict], None]:
     def edit(t: dict) -> None:
@@ -145,37 +149,70 @@ def _add_unused(key: str) -> Callable[[dict], None]:
 CASES: dict[str, tuple[Callable, type, list[str]]] = {
     "unused_tensor": (  # e.g. an o_proj bias the config does not announce: never silently dropped
         lambda d, hf: _edit_tensors(d, _add_unused("model.layers.1.self_attn.o_proj.bias")),
-        CheckpointError, ["model.layers.1.self_attn.o_proj.bias", "not used"]),
+        CheckpointError,
+        ["model.layers.1.self_attn.o_proj.bias", "not used"],
+    ),
     "missing_expert_tensor": (
-        lambda d, hf: _edit_tensors(d, _delete(E_KEY)), CheckpointError, [E_KEY, "missing"]),
+        lambda d, hf: _edit_tensors(d, _delete(E_KEY)),
+        CheckpointError,
+        [E_KEY, "missing"],
+    ),
     "missing_attention_bias": (
         lambda d, hf: _edit_tensors(d, _delete("model.layers.2.self_attn.q_proj.bias")),
-        CheckpointError, ["model.layers.2.self_attn.q_proj.bias", "missing"]),
+        CheckpointError,
+        ["model.layers.2.self_attn.q_proj.bias", "missing"],
+    ),
     "missing_shared_expert_gate": (
         lambda d, hf: _edit_tensors(d, _delete("model.layers.1.mlp.shared_expert_gate.weight")),
-        CheckpointError, ["model.layers.1.mlp.shared_expert_gate.weight", "missing"]),
+        CheckpointError,
+        ["model.layers.1.mlp.shared_expert_gate.weight", "missing"],
+    ),
     "missing_lm_head": (
-        lambda d, hf: _edit_tensors(d, _delete("lm_head.weight")), CheckpointError, ["lm_head.weight", "missing"]),
+        lambda d, hf: _edit_tensors(d, _delete("lm_head.weight")),
+        CheckpointError,
+        ["lm_head.weight", "missing"],
+    ),
     "wrong_shape_attention": (
-        lambda d, hf: _edit_tensors(d, _replace("model.layers.1.self_attn.k_proj.weight", (48, 64))),
-        CheckpointError, ["model.layers.1.self_attn.k_proj.weight", ST, "shape", "48"]),
+        lambda d, hf: _edit_tensors(
+            d, _replace("model.layers.1.self_attn.k_proj.weight", (48, 64))
+        ),
+        CheckpointError,
+        ["model.layers.1.self_attn.k_proj.weight", ST, "shape", "48"],
+    ),
     "wrong_shape_one_expert": (
-        lambda d, hf: _edit_tensors(d, _replace("model.layers.2.mlp.experts.5.down_proj.weight", (64, 40))),
-        CheckpointError, ["model.layers.2.mlp.experts.5.down_proj.weight", "shape", "40"]),
+        lambda d, hf: _edit_tensors(
+            d, _replace("model.layers.2.mlp.experts.5.down_proj.weight", (64, 40))
+        ),
+        CheckpointError,
+        ["model.layers.2.mlp.experts.5.down_proj.weight", "shape", "40"],
+    ),
     "wrong_shape_all_routers": (
         lambda d, hf: _edit_tensors(d, _replace("model.layers.1.mlp.gate.weight", (6, 64))),
-        CheckpointError, ["model.layers.1.mlp.gate.weight", "shape"]),
+        CheckpointError,
+        ["model.layers.1.mlp.gate.weight", "shape"],
+    ),
     "wrong_shape_fused_experts": (
-        _fused, CheckpointError, ["model.layers.2.mlp.experts.gate_up_proj", "(7, 64, 64)"]),
+        _fused,
+        CheckpointError,
+        ["model.layers.2.mlp.experts.gate_up_proj", "(7, 64, 64)"],
+    ),
     "nan": (
-        lambda d, hf: _edit_tensors(d, _set_value("model.layers.2.mlp.shared_expert.up_proj.weight", (3, 5), float("nan"))),
-        CheckpointError, ["model.layers.2.mlp.shared_expert.up_proj.weight", ST, "NaN"]),
+        lambda d, hf: _edit_tensors(
+            d, _set_value("model.layers.2.mlp.shared_expert.up_proj.weight", (3, 5), float("nan"))
+        ),
+        CheckpointError,
+        ["model.layers.2.mlp.shared_expert.up_proj.weight", ST, "NaN"],
+    ),
     "inf": (
         lambda d, hf: _edit_tensors(d, _set_value("model.norm.weight", (3,), float("inf"))),
-        CheckpointError, ["model.norm.weight", ST, "Inf"]),
+        CheckpointError,
+        ["model.norm.weight", ST, "Inf"],
+    ),
     "inf_in_bf16_expert": (
         lambda d, hf: _edit_tensors(d, _set_value(E_KEY, (1, 2), float("-inf"), torch.bfloat16)),
-        CheckpointError, [E_KEY, ST, "Inf"]),
+        CheckpointError,
+        [E_KEY, ST, "Inf"],
+    ),
     "truncated_data": (_truncate(lambda n: n - 100), CheckpointError, [ST, "truncated"]),
     "truncated_header": (_truncate(lambda n: 200), CheckpointError, [ST, "truncated"]),
     "truncated_to_nothing": (_truncate(lambda n: 5), CheckpointError, [ST, "truncated"]),
@@ -183,31 +220,60 @@ CASES: dict[str, tuple[Callable, type, list[str]]] = {
     "corrupt_header_json": (_garble_header(b"{" * 32), CheckpointError, [ST, "corrupt"]),
     "corrupt_header_length": (
         lambda d, hf: (d / ST).write_bytes(struct.pack("<Q", 2**40) + (d / ST).read_bytes()[8:]),
-        CheckpointError, [ST, "header"]),
+        CheckpointError,
+        [ST, "header"],
+    ),
     "corrupt_header_entry": (
-        lambda d, hf: _edit_header(d / ST, lambda h: h["model.layers.1.mlp.gate.weight"].pop("data_offsets")),
-        CheckpointError, [ST, "model.layers.1.mlp.gate.weight"]),
+        lambda d, hf: _edit_header(
+            d / ST, lambda h: h["model.layers.1.mlp.gate.weight"].pop("data_offsets")
+        ),
+        CheckpointError,
+        [ST, "model.layers.1.mlp.gate.weight"],
+    ),
     "missing_shard": (_missing_shard, CheckpointError, ["model-0000", ".safetensors", "missing"]),
     "index_names_wrong_shard": (
-        _index_points_to_wrong_shard, CheckpointError, ["model.layers.2.mlp.gate.weight", "model-0000"]),
+        _index_points_to_wrong_shard,
+        CheckpointError,
+        ["model.layers.2.mlp.gate.weight", "model-0000"],
+    ),
     "truncated_bin": (_truncated_bin, CheckpointError, ["pytorch_model.bin"]),
-    "no_weight_files": (lambda d, hf: (d / ST).unlink(), CheckpointError, ["no *.safetensors or *.bin"]),
+    "no_weight_files": (
+        lambda d, hf: (d / ST).unlink(),
+        CheckpointError,
+        ["no *.safetensors or *.bin"],
+    ),
     "unknown_model_type": (
         lambda d, hf: _edit_config(d, lambda c: c.update(model_type="llama")),
-        ConfigError, ["config.json", "model_type", "llama"]),
+        ConfigError,
+        ["config.json", "model_type", "llama"],
+    ),
     "missing_hidden_size": (
-        lambda d, hf: _edit_config(d, lambda c: c.pop("hidden_size")), ConfigError, ["config.json", "hidden_size"]),
+        lambda d, hf: _edit_config(d, lambda c: c.pop("hidden_size")),
+        ConfigError,
+        ["config.json", "hidden_size"],
+    ),
     "missing_num_experts_per_tok": (
         lambda d, hf: _edit_config(d, lambda c: c.pop("num_experts_per_tok")),
-        ConfigError, ["config.json", "num_experts_per_tok"]),
+        ConfigError,
+        ["config.json", "num_experts_per_tok"],
+    ),
     "missing_moe_intermediate_size": (
         lambda d, hf: _edit_config(d, lambda c: c.pop("moe_intermediate_size")),
-        ConfigError, ["config.json", "moe_intermediate_size"]),
+        ConfigError,
+        ["config.json", "moe_intermediate_size"],
+    ),
     "invalid_config_json": (
-        lambda d, hf: (d / "config.json").write_text("{"), ConfigError, ["config.json", "JSON"]),
+        lambda d, hf: (d / "config.json").write_text("{"),
+        ConfigError,
+        ["config.json", "JSON"],
+    ),
     "unsupported_per_layer_sliding_window": (
-        lambda d, hf: _edit_config(d, lambda c: c.update(use_sliding_window=True, sliding_window=16)),
-        ConfigError, ["config.json", "use_sliding_window"]),
+        lambda d, hf: _edit_config(
+            d, lambda c: c.update(use_sliding_window=True, sliding_window=16)
+        ),
+        ConfigError,
+        ["config.json", "use_sliding_window"],
+    ),
 }
 
 
@@ -272,7 +338,8 @@ def test_load_model_on_empty_directory(tmp_path, empty):
 
 
 def test_failure_mid_write_leaves_nothing(good_dir, tmp_path, monkeypatch):
-    """An unexpected exception while writing layer 1 removes the partial output (atomic directory)."""
+    """An unexpected exception while writing layer 1 removes the partial output (atomic
+    directory)."""
     import conversion.convert as convert_mod
 
     d, _ = good_dir
@@ -291,7 +358,8 @@ def test_failure_mid_write_leaves_nothing(good_dir, tmp_path, monkeypatch):
 
 
 def test_existing_output_is_kept(good_dir, tmp_path, capsys):
-    """Without --overwrite an existing OUT_DIR is refused; with it, a failing run keeps the old output."""
+    """Without --overwrite an existing OUT_DIR is refused; with it, a failing run keeps the old
+    output."""
     d, _ = good_dir
     parent = tmp_path / "outputs"
     out = parent / "converted"

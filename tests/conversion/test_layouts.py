@@ -1,10 +1,10 @@
 """Every supported on-disk layout of the same model converts to the same logits, equal to HF's.
 
-Layouts: per-expert safetensors (what `save_pretrained` writes), fused 3-D expert tensors (transformers
-5's in-memory `state_dict`, under `mlp.` and, for Mixtral, `block_sparse_moe.`), several safetensors
-shards behind an index, PyTorch `.bin` (single, and sharded behind `pytorch_model.bin.index.json`), and
-bf16 / fp16 sources. Plus the CLI (`python -m conversion`) and a check that conversion streams one
-layer at a time.
+Layouts: per-expert safetensors (what `save_pretrained` writes), fused 3-D expert tensors
+(transformers 5's in-memory `state_dict`, under `mlp.` and, for Mixtral, `block_sparse_moe.`),
+several safetensors shards behind an index, PyTorch `.bin` (single, and sharded behind
+`pytorch_model.bin.index.json`), and bf16 / fp16 sources. Plus the CLI (`python -m conversion`) and
+a check that conversion streams one layer at a time.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def _file_keys(d: Path) -> list[str]:
     return keys
 
 
-def _rounded_copy(hf, tdt) -> "torch.nn.Module":
-    """An fp32 copy of `hf` whose parameters are rounded to `tdt` (buffers such as RoPE inv_freq untouched)."""
+def _rounded_copy(hf, tdt) -> torch.nn.Module:
+    """An fp32 copy of `hf` whose parameters are rounded to `tdt` (buffers such as RoPE inv_freq
+    untouched)."""
     model = copy.deepcopy(hf)
     with torch.no_grad():
         for p in model.parameters():
@@ -64,9 +65,11 @@ def _rounded_copy(hf, tdt) -> "torch.nn.Module":
     return model.eval()
 
 
-def _fused_state_dict(hf) -> dict[str, "torch.Tensor"]:
+def _fused_state_dict(hf) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().contiguous().clone() for k, v in hf.state_dict().items()}
-    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd), "transformers 5 holds experts fused"
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd), (
+        "transformers 5 holds experts fused"
+    )
     return sd
 
 
@@ -85,7 +88,8 @@ def _assert_same(fam: dict, got: np.ndarray, what: str) -> None:
     d_hf = max_abs_diff(got, fam["ref"])
     assert d_hf <= PARITY_TOL, f"{fam['family']} {what}: max |logit diff| vs HF {d_hf:.3e}"
     assert np.array_equal(got, fam["base"]), (
-        f"{fam['family']} {what}: differs from the per-expert checkpoint by {max_abs_diff(got, fam['base']):.3e}"
+        f"{fam['family']} {what}: differs from the per-expert checkpoint by "
+        f"{max_abs_diff(got, fam['base']):.3e}"
     )
 
 
@@ -102,7 +106,9 @@ def test_fused_layout(fam, tmp_path):
     sd = _fused_state_dict(fam["hf"])
     prefixes = {"mlp": sd}
     if fam["family"] == "mixtral":
-        prefixes["block_sparse_moe"] = {k.replace(".mlp.", ".block_sparse_moe."): v for k, v in sd.items()}
+        prefixes["block_sparse_moe"] = {
+            k.replace(".mlp.", ".block_sparse_moe."): v for k, v in sd.items()
+        }
     for prefix, tensors in prefixes.items():
         d = _copy_config(fam["hf_dir"], tmp_path / prefix)
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -157,11 +163,15 @@ def test_half_precision_sources(fam, tmp_path, dtype):
     d = tmp_path / dtype
     half.save_pretrained(d)
     stored = {e[0] for e in SafetensorsFile(d / "model.safetensors").entries.values()}
-    assert stored == {np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float16)}, stored
+    assert stored == {
+        np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float16)
+    }, stored
     ref = hf_logits(_rounded_copy(fam["hf"], tdt), IDS)
     got = _flax_logits_from(d)
     diff = max_abs_diff(got, ref)
-    assert diff <= PARITY_TOL, f"{fam['family']} {dtype} source: max |logit diff| vs HF fp32 on rounded weights {diff:.3e}"
+    assert diff <= PARITY_TOL, (
+        f"{fam['family']} {dtype} source: max |logit diff| vs HF fp32 on rounded weights {diff:.3e}"
+    )
     # the rounding is visible, so the test distinguishes a reference on the original fp32 weights
     assert max_abs_diff(fam["ref"], ref) > 10 * PARITY_TOL
 
@@ -182,7 +192,12 @@ def test_cli_float32_matches_loading_hf_dir(tiny_family, tmp_path, capsys):
     meta = json.loads((out / META_FILE).read_text())
     assert meta["dtype"] == "float32" and meta["config"]["model_type"] == "qwen2_moe"
     assert _tree_dtypes(load_tree(out / "params" / "layer_001")) == {np.dtype(np.float32)}
-    assert sorted(p.name for p in (out / "params").iterdir()) == ["layer_000", "layer_001", "layer_002", "top"]
+    assert sorted(p.name for p in (out / "params").iterdir()) == [
+        "layer_000",
+        "layer_001",
+        "layer_002",
+        "top",
+    ]
     from_out, cfg_out = load_model(out)
     from_hf, cfg_hf = load_model(hf_dir)
     assert cfg_out == cfg_hf
@@ -217,16 +232,22 @@ def test_cli_default_dtype_is_bfloat16(tiny_family, tmp_path):
     assert _tree_dtypes(load_tree(out / "params" / "layer_000")) == {np.dtype(ml_dtypes.bfloat16)}
 
 
-# ------------------------------------------------------------------------------------------ streaming
+# ------------------------------------------------------------------------------------------
+# streaming
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
 def test_conversion_streams_one_layer_at_a_time(tiny_family, tmp_path, monkeypatch, family):
-    """Reads are grouped by part (top, layer 0, 1, ...), each part is written before the next is read,
+    """Reads are grouped by part (top, layer 0, 1, ...), each part is written before the next is
+    read,
     `release()` runs between layers, and every tensor of the checkpoint is read exactly once."""
     import conversion.convert as convert_mod
 
     hf_dir, hf = tiny_family(family)
     events: list[tuple[str, object]] = []
-    orig_get, orig_release, orig_save = HFCheckpoint.get, HFCheckpoint.release, convert_mod.save_tree
+    orig_get, orig_release, orig_save = (
+        HFCheckpoint.get,
+        HFCheckpoint.release,
+        convert_mod.save_tree,
+    )
 
     def get(self, name, *a, **k):
         m = _LAYER.match(name)
@@ -260,7 +281,9 @@ def test_conversion_streams_one_layer_at_a_time(tiny_family, tmp_path, monkeypat
                 pytest.fail(f"release() in the middle of reading part {part}")
             pos += 1
         assert events[pos] == ("save", part), f"expected save of {part}, got {events[pos]}"
-        assert reads and set(reads) == {part}, f"part {part}: read tensors of parts {sorted(set(map(str, reads)))}"
+        assert reads and set(reads) == {part}, (
+            f"part {part}: read tensors of parts {sorted(set(map(str, reads)))}"
+        )
         pos += 1
         if isinstance(part, int):
             assert events[pos] == ("release",), f"no release() after layer {part}: {events[pos]}"
@@ -269,25 +292,42 @@ def test_conversion_streams_one_layer_at_a_time(tiny_family, tmp_path, monkeypat
     read_names = [e[2] for e in events if e[0] == "read"]
     assert len(read_names) == len(set(read_names)), "a tensor was read twice"
     all_keys = set(_file_keys(hf_dir))
-    assert set(read_names) == all_keys, f"tensors never read: {sorted(all_keys - set(read_names))[:5]}"
+    assert set(read_names) == all_keys, (
+        f"tensors never read: {sorted(all_keys - set(read_names))[:5]}"
+    )
 
 
-# ------------------------------------------------------------------------------------------ expert subsets
+# ------------------------------------------------------------------------------------------ expert
+# subsets
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_expert_subset_reads_only_those_experts(fam, tmp_path, monkeypatch, layout):
-    """A multi-process run's reader: only the owned experts' tensors (per-expert files) or rows (fused
+    """A multi-process run's reader: only the owned experts' tensors (per-expert files) or rows
+    (fused
     files) are read from disk; their values are the full read's, every other expert's are zeros."""
     from conversion.convert import iter_parts
 
     d = fam["hf_dir"]
     if layout == "fused":
         d = _copy_config(fam["hf_dir"], tmp_path / "fused")
-        save_file(_fused_state_dict(fam["hf"]), str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            _fused_state_dict(fam["hf"]), str(d / "model.safetensors"), metadata={"format": "pt"}
+        )
     full = dict(iter_parts(d))
     reads: list[tuple[str, int | None, int | None]] = []
     get, get_rows = HFCheckpoint.get, HFCheckpoint.get_rows
-    monkeypatch.setattr(HFCheckpoint, "get", lambda self, name, *a, **k: (reads.append((name, None, None)), get(self, name, *a, **k))[1])
-    monkeypatch.setattr(HFCheckpoint, "get_rows", lambda self, name, s, e, *a, **k: (reads.append((name, s, e)), get_rows(self, name, s, e, *a, **k))[1])
+    monkeypatch.setattr(
+        HFCheckpoint,
+        "get",
+        lambda self, name, *a, **k: (reads.append((name, None, None)), get(self, name, *a, **k))[1],
+    )
+    monkeypatch.setattr(
+        HFCheckpoint,
+        "get_rows",
+        lambda self, name, s, e, *a, **k: (
+            reads.append((name, s, e)),
+            get_rows(self, name, s, e, *a, **k),
+        )[1],
+    )
     owned = [1, 2, 5]
     sub = dict(iter_parts(d, experts=owned))
 
@@ -295,10 +335,14 @@ def test_expert_subset_reads_only_those_experts(fam, tmp_path, monkeypatch, layo
     assert expert_reads, "no expert tensor was read"
     for name, start, stop in expert_reads:
         if layout == "fused":
-            assert (start, stop) in {(1, 3), (5, 6)}, f"{name} read whole or outside the owned rows: {(start, stop)}"
+            assert (start, stop) in {(1, 3), (5, 6)}, (
+                f"{name} read whole or outside the owned rows: {(start, stop)}"
+            )
         else:
             e = int(re.search(r"\.experts\.(\d+)\.", name).group(1))
-            assert e in owned and start is None, f"{name} read by a process that does not own expert {e}"
+            assert e in owned and start is None, (
+                f"{name} read by a process that does not own expert {e}"
+            )
     moe_layers = [i for i in range(len(full) - 1) if "experts" in full[i]["mlp"]]
     assert moe_layers
     for i in moe_layers:
@@ -308,4 +352,6 @@ def test_expert_subset_reads_only_those_experts(fam, tmp_path, monkeypatch, layo
             np.testing.assert_array_equal(b[owned], a[owned], err_msg=f"layer {i} {which}")
             others = [e for e in range(a.shape[0]) if e not in owned]
             assert not b[others].any(), f"layer {i} {which}: unowned experts are not zero"
-        np.testing.assert_array_equal(sub[i]["mlp"]["router"]["kernel"], full[i]["mlp"]["router"]["kernel"])
+        np.testing.assert_array_equal(
+            sub[i]["mlp"]["router"]["kernel"], full[i]["mlp"]["router"]["kernel"]
+        )

@@ -20,7 +20,11 @@ def main() -> int:
     cfg = default_config()
     d = cfg.distributed
     d.num_processes, d.process_id, d.coordinator_address = 2, pid, f"localhost:{port}"
-    d.initialization_timeout, d.heartbeat_timeout, d.barrier_timeout = int(timeout), int(timeout), timeout
+    d.initialization_timeout, d.heartbeat_timeout, d.barrier_timeout = (
+        int(timeout),
+        int(timeout),
+        timeout,
+    )
     try:
         distributed.initialize(cfg)
         distributed.barrier("after_join")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.distributed.test_multihost import env_with_devices, free_port
+from tests.distributed.helpers import env_with_devices, free_port
 
 PEER = Path(__file__).with_name("peer.py")
 DEADLINE_S = 60  # far above the 3-6 s timeouts under test: reaching it means something hung
@@ -19,7 +19,10 @@ DEADLINE_S = 60  # far above the 3-6 s timeouts under test: reaching it means so
 def start(pid: int, port: int, mode: str, timeout_s: float) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(PEER), str(pid), str(port), mode, str(timeout_s)],
-        env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env_with_devices(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -29,7 +32,9 @@ def test_dead_peer_fails_the_barrier_with_its_name():
     out0 = procs[0].communicate(timeout=DEADLINE_S)[0]
     procs[1].communicate(timeout=DEADLINE_S)
     assert procs[0].returncode == 3, out0[-3000:]
-    assert "DistributedError: barrier 'layer_0_committed' (process 0 of 2) failed" in out0, out0[-3000:]
+    assert "DistributedError: barrier 'layer_0_committed' (process 0 of 2) failed" in out0, out0[
+        -3000:
+    ]
     assert "another process died" in out0
 
 

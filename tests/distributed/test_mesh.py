@@ -23,18 +23,47 @@ def cfg(**overrides):
 
 
 def test_nested_distributed_overrides_and_their_errors():
-    c = cfg(**{"distributed.num_processes": 2, "distributed.process_id": 1, "distributed.coordinator_address": "10.0.0.1:8476"})
+    c = cfg(
+        **{
+            "distributed.num_processes": 2,
+            "distributed.process_id": 1,
+            "distributed.coordinator_address": "10.0.0.1:8476",
+        }
+    )
     validate(c)
-    assert (c.distributed.num_processes, c.distributed.process_id, c.distributed.coordinator_address) == (2, 1, "10.0.0.1:8476")
-    with pytest.raises(ValueError, match=r"unknown config field 'distributed.port'; known fields of config.distributed: auto, "):
+    assert (
+        c.distributed.num_processes,
+        c.distributed.process_id,
+        c.distributed.coordinator_address,
+    ) == (2, 1, "10.0.0.1:8476")
+    with pytest.raises(
+        ValueError,
+        match=r"unknown config field 'distributed.port'; "
+        r"known fields of config.distributed: auto, ",
+    ):
         cfg(**{"distributed.port": 1})
     with pytest.raises(ValueError, match=r"config.distributed.coordinator_address='' is invalid"):
         validate(cfg(**{"distributed.num_processes": 2}))
-    with pytest.raises(ValueError, match=r"config.distributed.process_id=2 is invalid; allowed: an integer in \[0, num_processes=2\)"):
-        validate(cfg(**{"distributed.num_processes": 2, "distributed.process_id": 2, "distributed.coordinator_address": "h:1"}))
+    with pytest.raises(
+        ValueError,
+        match=r"config.distributed.process_id=2 is invalid; allowed: an integer in \[0, "
+        r"num_processes=2\)",
+    ):
+        validate(
+            cfg(
+                **{
+                    "distributed.num_processes": 2,
+                    "distributed.process_id": 2,
+                    "distributed.coordinator_address": "h:1",
+                }
+            )
+        )
     with pytest.raises(ValueError, match=r"config.mesh_shape=\(2, 2\) is invalid"):
         validate(cfg(mesh_shape="(2,2)"))
-    with pytest.raises(ValueError, match=r"config.method='gptq' is invalid; allowed: bitsmoe for a multi-process run"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.method='gptq' is invalid; allowed: bitsmoe for a multi-process run",
+    ):
         validate(cfg(method="gptq", **{"distributed.auto": True}))
 
 
@@ -42,7 +71,11 @@ def test_single_process_defaults_touch_nothing():
     c = cfg()
     distributed.initialize(c)  # a no-op: must not start the coordination service
     assert distributed._client() is None
-    assert (distributed.process_index(), distributed.process_count(), distributed.is_writer()) == (0, 1, True)
+    assert (distributed.process_index(), distributed.process_count(), distributed.is_writer()) == (
+        0,
+        1,
+        True,
+    )
     distributed.barrier("no_peers", timeout_s=0.01)  # nothing to wait for
 
 
@@ -51,7 +84,9 @@ def test_mesh_is_one_auto_expert_axis_over_all_devices():
     assert mesh.axis_names == ("expert",) and mesh.size == len(jax.devices())
     assert "Auto" in str(mesh.axis_types[0])
     assert distributed.make_mesh(cfg(mesh_shape="(1,)")).size == 1
-    with pytest.raises(distributed.DistributedError, match=r"config.mesh_shape=\(64,\) does not fit the 1 devices"):
+    with pytest.raises(
+        distributed.DistributedError, match=r"config.mesh_shape=\(64,\) does not fit the 1 devices"
+    ):
         distributed.make_mesh(cfg(mesh_shape="(64,)"))
 
 
@@ -67,8 +102,16 @@ def test_gram_sum_matches_float64_reference():
     down = rng.normal(size=(5, 7, 12)).astype(np.float32)  # [E, F, D]
     g64 = np.einsum("edf,ekf->dk", gate.astype(np.float64), gate)
     d64 = np.einsum("efd,efk->dk", down.astype(np.float64), down)
-    g = sharded.gram_sum(layout, sharded.expert_array(layout, lambda e: gate[e], (12, 7), np.float32), contract_first=False)
-    d = sharded.gram_sum(layout, sharded.expert_array(layout, lambda e: down[e], (7, 12), np.float32), contract_first=True)
+    g = sharded.gram_sum(
+        layout,
+        sharded.expert_array(layout, lambda e: gate[e], (12, 7), np.float32),
+        contract_first=False,
+    )
+    d = sharded.gram_sum(
+        layout,
+        sharded.expert_array(layout, lambda e: down[e], (7, 12), np.float32),
+        contract_first=True,
+    )
     np.testing.assert_allclose(g, g64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d, d64, rtol=1e-5, atol=1e-5)
 

@@ -1,55 +1,54 @@
 """Multi-device and multi-process quantization on CPU give the same checkpoint as one device.
 
-Three runs of `python -m bitsmoe_jax.quantize` on the shipped reference model — 1 process × 1 device,
-1 process × 4 forced host devices, and 2 processes × 2 devices joined through
+Three runs of `python -m bitsmoe_jax.quantize` on the shipped reference model — 1 process × 1
+device, 1 process × 4 forced host devices, and 2 processes × 2 devices joined through
 `jax.distributed.initialize` on localhost — must produce identical allocations and bit-identical
 packed arrays: every array file of the output is compared byte for byte, and the allocation part of
-the reports field by field. The reference for all three is the 1-device run, whose per-expert work is
-the same program on one device (nothing else in the package reduces over the mesh).
+the reports field by field. The reference for all three is the 1-device run, whose per-expert work
+is the same program on one device (nothing else in the package reduces over the mesh).
 
-The runs are short (few calibration tokens, one budget, no evaluation) and start concurrently, so the
-test costs about one run's wall time plus JAX start-up.
+The runs are short (few calibration tokens, one budget, no evaluation) and start concurrently, so
+the test costs about one run's wall time plus JAX start-up.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.helpers import env_with_devices, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 400  # a hang (a lost peer, a barrier nobody reaches) fails the test instead of blocking CI
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def env_with_devices(n: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+TIMEOUT_S = (
+    400  # a hang (a lost peer, a barrier nobody reaches) fails the test instead of blocking CI
+)
 
 
 def quantize_cmd(out: Path, calib: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "bitsmoe_jax.quantize", "--config", str(ROOT / "configs" / "tiny.py"),
-        f"--config.output_dir={out}", f"--config.calib_text={calib}", "--config.budget_bits=(2.5,3.0)",
+        sys.executable,
+        "-m",
+        "bitsmoe_jax.quantize",
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        f"--config.output_dir={out}",
+        f"--config.calib_text={calib}",
+        "--config.budget_bits=(2.5,3.0)",
         # 4 windows of 64 tokens: ~32 assignments per expert, so min_tokens=24 leaves some experts
         # starved and the all-token fallback is compared too (also in the GPTQ-style rounding, the
         # default); rank 64 (of 256) keeps the run short (the Gram sums and eigendecompositions are
         # still full D×D); two budgets: the second one's layers are packed by every process in turn
-        "--config.num_calib_tokens=256", "--config.seq_len=64", "--config.eval_text=", "--config.min_tokens=24",
-        "--config.rank=64", "--config.allocator=greedy", *extra,
+        "--config.num_calib_tokens=256",
+        "--config.seq_len=64",
+        "--config.eval_text=",
+        "--config.min_tokens=24",
+        "--config.rank=64",
+        "--config.allocator=greedy",
+        *extra,
     ]
 
 
@@ -67,8 +66,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     calib.write_text(read_text("shakespeare_train")[:20000])
     port = free_port()
     dist = [
-        "--config.distributed.num_processes=2", f"--config.distributed.coordinator_address=localhost:{port}",
-        "--config.distributed.initialization_timeout=60", "--config.distributed.heartbeat_timeout=60",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        "--config.distributed.initialization_timeout=60",
+        "--config.distributed.heartbeat_timeout=60",
         "--config.distributed.barrier_timeout=300",
     ]
     port_m = free_port()
@@ -79,19 +80,37 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "1x1": [(quantize_cmd(tmp / "1x1", calib), env_with_devices(1))],
         "1x4": [(quantize_cmd(tmp / "1x4", calib), env_with_devices(4))],
         "2x2": [
-            (quantize_cmd(tmp / "2x2", calib, *dist, f"--config.distributed.process_id={i}"), env_with_devices(2))
+            (
+                quantize_cmd(tmp / "2x2", calib, *dist, f"--config.distributed.process_id={i}"),
+                env_with_devices(2),
+            )
             for i in range(2)
         ],
-        # one allocation over all layers (budget_scope="model"): solved by process 0, every layer packed at output time
-        "1x1m": [(quantize_cmd(tmp / "1x1m", calib, "--config.budget_scope=model"), env_with_devices(1))],
+        # one allocation over all layers (budget_scope="model"): solved by process 0, every layer
+        # packed at output time
+        "1x1m": [
+            (quantize_cmd(tmp / "1x1m", calib, "--config.budget_scope=model"), env_with_devices(1))
+        ],
         "2x2m": [
-            (quantize_cmd(tmp / "2x2m", calib, "--config.budget_scope=model", *dist_m, f"--config.distributed.process_id={i}"), env_with_devices(2))
+            (
+                quantize_cmd(
+                    tmp / "2x2m",
+                    calib,
+                    "--config.budget_scope=model",
+                    *dist_m,
+                    f"--config.distributed.process_id={i}",
+                ),
+                env_with_devices(2),
+            )
             for i in range(2)
         ],
     }
     procs = {
-        (name, i): subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name, cmds in jobs.items() for i, (cmd, env) in enumerate(cmds)
+        (name, i): subprocess.Popen(
+            cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name, cmds in jobs.items()
+        for i, (cmd, env) in enumerate(cmds)
     }
     failures = []
     for (name, i), p in procs.items():
@@ -122,11 +141,24 @@ def array_files(out: Path) -> dict[str, bytes]:
 
 
 def allocation_summary(out: Path) -> dict:
-    """What the allocation decided, per layer: bits histogram, kept components, objective and bound."""
+    """What the allocation decided, per layer: bits histogram, kept components, objective and
+    bound."""
     report = json.loads((out / "report.json").read_text())
-    keep = ("bits_histogram", "kept_components", "stored_bits", "starved_experts", "tokens_per_expert")
+    keep = (
+        "bits_histogram",
+        "kept_components",
+        "stored_bits",
+        "starved_experts",
+        "tokens_per_expert",
+    )
     return {
-        i: {**{k: layer[k] for k in keep}, "allocation": [{k: a[k] for k in ("solver", "objective", "lower_bound")} for a in layer["allocation"]]}
+        i: {
+            **{k: layer[k] for k in keep},
+            "allocation": [
+                {k: a[k] for k in ("solver", "objective", "lower_bound")}
+                for a in layer["allocation"]
+            ],
+        }
         for i, layer in report["layers"].items()
     } | {"effective_bpw_experts": report["effective_bpw_experts"]}
 
@@ -134,12 +166,22 @@ def allocation_summary(out: Path) -> dict:
 def test_runs_write_one_checkpoint_each(runs):
     for name, out in runs.items():
         assert (out / "report.json").is_file(), name
-        assert not list(out.parent.parent.glob(f"{out.parent.name}.partial*")), f"{name}: work directory left behind"
+        assert not list(out.parent.parent.glob(f"{out.parent.name}.partial*")), (
+            f"{name}: work directory left behind"
+        )
     layers = json.loads((runs["1x1/bpw_2.50"] / "report.json").read_text())["layers"]
-    assert any(layer["starved_experts"] for layer in layers.values()), "the starved-expert fallback went untested"
+    assert any(layer["starved_experts"] for layer in layers.values()), (
+        "the starved-expert fallback went untested"
+    )
     # the second budget's layers were spread over both processes of the 2-process run
-    assert "budget 3.00: MoE layers packed by 2 processes (process 0: layers [0, 2]; process 1: layers [1])" in LOGS[("2x2", 0)]
-    for b in ("2.50", "3.00"):  # model scope: every budget's layers are packed at output time, spread
+    assert (
+        "budget 3.00: MoE layers packed by 2 processes (process 0: layers [0, 2]; process 1: "
+        "layers [1])" in LOGS[("2x2", 0)]
+    )
+    for b in (
+        "2.50",
+        "3.00",
+    ):  # model scope: every budget's layers are packed at output time, spread
         assert f"budget {b}: MoE layers packed by 2 processes" in LOGS[("2x2m", 0)]
 
 
@@ -150,12 +192,17 @@ def test_sharded_runs_bit_identical_to_one_device(runs, name, budget):
     ref, got = array_files(runs[f"{one}/{budget}"]), array_files(runs[f"{name}/{budget}"])
     assert len(ref) > 50 and sorted(ref) == sorted(got)
     differ = [k for k in ref if ref[k] != got[k]]
-    assert not differ, f"{name}: {len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
-    assert allocation_summary(runs[f"{name}/{budget}"]) == allocation_summary(runs[f"{one}/{budget}"])
+    assert not differ, (
+        f"{name}: {len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
+    )
+    assert allocation_summary(runs[f"{name}/{budget}"]) == allocation_summary(
+        runs[f"{one}/{budget}"]
+    )
 
 
 def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
-    """kill -9 of process 1 during the layer pass, then again while it commits a later-budget layer of
+    """kill -9 of process 1 during the layer pass, then again while it commits a later-budget layer
+    of
     its own; each time process 0 stops with an error instead of hanging. The third start of the same
     two commands resumes and writes the 1-device run's arrays byte for byte."""
     from bitsmoe_jax.data import read_text
@@ -167,15 +214,26 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
     def start(faults: dict[int, str]) -> list[tuple[int, str]]:
         port = free_port()
         dist = [
-            "--config.distributed.num_processes=2", f"--config.distributed.coordinator_address=localhost:{port}",
-            "--config.distributed.initialization_timeout=60", "--config.distributed.heartbeat_timeout=10",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.initialization_timeout=60",
+            "--config.distributed.heartbeat_timeout=10",
             "--config.distributed.barrier_timeout=120",
         ]
         procs = []
         for i in range(2):
             env = env_with_devices(2) | ({"BITSMOE_FAULT": faults[i]} if i in faults else {})
             cmd = quantize_cmd(out, calib, *dist, f"--config.distributed.process_id={i}")
-            procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=env,
+                    cwd=tmp_path,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         results = []
         for p in procs:
             try:
@@ -191,15 +249,21 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
     assert "another process died" in log0 or "heartbeat" in log0.lower(), log0[-3000:]
     assert (work / "layer_000").is_dir() and not out.exists()
 
-    (rc0, log0), (rc1, _) = start({1: "commit_before_rename:1"})  # dies committing its 3.00-budget layer
+    (rc0, log0), (rc1, _) = start(
+        {1: "commit_before_rename:1"}
+    )  # dies committing its 3.00-budget layer
     assert rc1 == -9 and rc0 != 0, log0[-3000:]
     assert sorted(p.name for p in work.glob("layer_*")) == ["layer_000", "layer_001", "layer_002"]
-    assert list(work.glob(".tmp-bpw_3.00_layer_001-*")), "process 1 was killed before renaming its commit"
+    assert list(work.glob(".tmp-bpw_3.00_layer_001-*")), (
+        "process 1 was killed before renaming its commit"
+    )
 
     (rc0, log0), (rc1, log1) = start({})
     assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
     assert not work.exists()
     for b in BUDGETS:
         ref, got = array_files(runs[f"1x1/{b}"]), array_files(out / b)
-        assert sorted(ref) == sorted(got) and all(ref[k] == got[k] for k in ref), f"{b}: arrays differ after the resume"
+        assert sorted(ref) == sorted(got) and all(ref[k] == got[k] for k in ref), (
+            f"{b}: arrays differ after the resume"
+        )
         assert allocation_summary(out / b) == allocation_summary(runs[f"1x1/{b}"])

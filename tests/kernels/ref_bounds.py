@@ -8,12 +8,11 @@ and on the GPU it reads whatever lies beyond, NaN included, or faults. This catc
 on CPU, before a GPU run.
 
 `checked_ref_bounds` wraps the state-discharge rules that the interpreter applies to ``ref[...]``
-reads and writes, to Pallas' masked ``load`` / ``store`` and to Triton's ``atomic_add``. Each
-access then also computes, per grid step, whether any index lies outside the shape the indexer
-refers to (for masked accesses, only the elements the mask keeps), and on a violation calls back to
-the host to record it. These are JAX
-internals (checked on 0.10 and 0.11): when they move, the context manager fails loudly instead of
-checking nothing.
+reads and writes, to Pallas' masked ``load`` / ``store`` and to Triton's ``atomic_add``. Each access
+then also computes, per grid step, whether any index lies outside the shape the indexer refers to
+(for masked accesses, only the elements the mask keeps), and on a violation calls back to the host
+to record it. These are JAX internals (checked on 0.10 and 0.11): when they move, the context
+manager fails loudly instead of checking nothing.
 """
 
 from __future__ import annotations
@@ -33,8 +32,11 @@ def _primitives() -> dict[str, Any]:
     from jax._src.state import primitives as state_primitives
 
     prims = {
-        "get": state_primitives.get_p, "swap": state_primitives.swap_p, "addupdate": state_primitives.addupdate_p,
-        "masked_load": pallas_primitives.load_p, "masked_swap": pallas_primitives.swap_p,
+        "get": state_primitives.get_p,
+        "swap": state_primitives.swap_p,
+        "addupdate": state_primitives.addupdate_p,
+        "masked_load": pallas_primitives.load_p,
+        "masked_swap": pallas_primitives.swap_p,
     }
     try:
         from jax._src.pallas.triton import primitives as triton_primitives
@@ -59,13 +61,14 @@ def _operands(kind: str, values: tuple, params: dict) -> tuple[tuple, Any]:
 
 
 def _out_of_bounds(indexer, mask) -> jax.Array:
-    """Scalar bool: does this indexer reach outside ``indexer.shape`` (where ``mask`` keeps elements)?"""
+    """Scalar bool: does this indexer reach outside ``indexer.shape`` (where ``mask`` keeps
+    elements)?"""
     bad = jnp.zeros((), bool)
     slices_and_scalars = all(isinstance(i, Slice) or not jnp.shape(i) for i in indexer.indices)
     if mask is not None and not slices_and_scalars:
         raise NotImplementedError("bounds of a masked gather are not checked")
     axis = 0  # the result axis of the next slice (scalar indices drop theirs)
-    for index, dim in zip(indexer.indices, indexer.shape):
+    for index, dim in zip(indexer.indices, indexer.shape, strict=False):
         if isinstance(index, Slice):
             if index.size == 0:
                 continue
@@ -84,12 +87,17 @@ def _out_of_bounds(indexer, mask) -> jax.Array:
 
 
 def _starts(indexer) -> list[jax.Array]:
-    return [jnp.asarray(i.start if isinstance(i, Slice) else jnp.min(i), jnp.int32) for i in indexer.indices]
+    return [
+        jnp.asarray(i.start if isinstance(i, Slice) else jnp.min(i), jnp.int32)
+        for i in indexer.indices
+    ]
 
 
 def _wrap(kind: str, rule, violations: list[str]):
     def checked(*args, **params):
-        lead = 1 if hasattr(args[0], "in_avals") else 2  # 0.11: (ctx, *values); 0.10: (in_avals, out_avals, *values)
+        lead = (
+            1 if hasattr(args[0], "in_avals") else 2
+        )  # 0.11: (ctx, *values); 0.10: (in_avals, out_avals, *values)
         transforms, mask = _operands(kind, args[lead:], params)
         indexers = [t for t in transforms if isinstance(t, NDIndexer)]
         for n, indexer in enumerate(indexers):
@@ -100,8 +108,11 @@ def _wrap(kind: str, rule, violations: list[str]):
             def report(*starts, what=what):
                 violations.append(f"{what}: starts {[int(s) for s in starts]}")
 
-            # the host callback only on a violation: a callback per access and grid step is most of the cost
-            jax.lax.cond(bad, lambda *s: jax.debug.callback(report, *s), lambda *s: None, *_starts(indexer))
+            # the host callback only on a violation: a callback per access and grid step is most of
+            # the cost
+            jax.lax.cond(
+                bad, lambda *s: jax.debug.callback(report, *s), lambda *s: None, *_starts(indexer)
+            )
         return rule(*args, **params)
 
     return checked
@@ -119,7 +130,9 @@ def checked_ref_bounds() -> Iterator[list[str]]:
     originals = {}
     for kind, prim in _primitives().items():
         if prim not in rules:
-            raise RuntimeError(f"JAX has no discharge rule for {prim}: the bounds check would check nothing")
+            raise RuntimeError(
+                f"JAX has no discharge rule for {prim}: the bounds check would check nothing"
+            )
         originals[prim] = rules[prim]
         rules[prim] = _wrap(kind, rules[prim], violations)
     jax.clear_caches()
@@ -134,4 +147,3 @@ def first_violations(violations: list[str], n: int = 5) -> str:
     """The distinct violations, the first ``n`` of them, for an assertion message."""
     distinct = list(dict.fromkeys(violations))
     return f"{len(distinct)} distinct out-of-bounds accesses, e.g.\n" + "\n".join(distinct[:n])
-

@@ -1,4 +1,5 @@
-"""The GPU code layout decodes back to exactly the stored factors (numpy, independent of the kernels).
+"""The GPU code layout decodes back to exactly the stored factors (numpy, independent of the
+kernels).
 
 The decoder here follows the documented format (`pallas_kernels.code_layout`): chunk ``k`` of a word
 is half ``k // ⌊16/b⌋`` at bit ``b·(k mod ⌊16/b⌋)``; group position ``f = k·W_b + w``; value
@@ -13,7 +14,7 @@ import pytest
 
 from pallas_kernels import triton_codes
 from pallas_kernels.code_layout import CodeConfig, code_tiles_from_packed, synthetic_code_tiles
-from tests.kernels.conftest import CODES, E, F, GS, R, assert_position_maps, projections
+from tests.kernels.conftest import CODES, GS, E, F, R, assert_position_maps, projections
 
 
 def decode_code_tiles(ct) -> np.ndarray:
@@ -30,7 +31,9 @@ def decode_code_tiles(ct) -> np.ndarray:
             wb = -(-ct.group_size // (2 * per_half))
             vals = np.zeros((ct.tile, ct.n_padded))
             for g in range(gp):
-                block = words[int(ct.tile_row0[tid]) + g * wb : int(ct.tile_row0[tid]) + (g + 1) * wb]  # [W_b, C]
+                block = words[
+                    int(ct.tile_row0[tid]) + g * wb : int(ct.tile_row0[tid]) + (g + 1) * wb
+                ]  # [W_b, C]
                 for k in range(2 * per_half):
                     shift = 16 * (k // per_half) + b * (k % per_half)
                     u = (block >> shift) & ((1 << b) - 1)
@@ -69,8 +72,12 @@ def test_tiles_are_sorted_by_width_and_width_ranges_cover_them():
             comps = np.asarray(ct.kernel_comp)[e, lt * ct.tile : (lt + 1) * ct.tile]
             assert w == bits[e, comps[comps < R]].max()
         ws = np.asarray(ct.width_start[e])
-        assert ws[-1] == n and all(widths[i] == b for b in range(1, 9) for i in range(ws[b - 1], ws[b]))
-    assert set(ct.widths) == {int(b) for b in np.asarray(ct.tile_bits)[: int(ct.expert_ntiles.sum())]}
+        assert ws[-1] == n and all(
+            widths[i] == b for b in range(1, 9) for i in range(ws[b - 1], ws[b])
+        )
+    assert set(ct.widths) == {
+        int(b) for b in np.asarray(ct.tile_bits)[: int(ct.expert_ntiles.sum())]
+    }
 
 
 def test_float_trick_decodes_every_code_exactly():
@@ -84,7 +91,11 @@ def test_float_trick_decodes_every_code_exactly():
             h, j = divmod(k, per_half)
             u = np.arange(2**b, dtype=np.int64)
             words = (u << (16 * h + b * j)).astype(np.uint32).view(np.int32)
-            base = jnp.asarray(words) if h == 0 else jnp.asarray(words.view(np.uint32) >> 16).astype(jnp.int32)
+            base = (
+                jnp.asarray(words)
+                if h == 0
+                else jnp.asarray(words.view(np.uint32) >> 16).astype(jnp.int32)
+            )
             got = triton_codes.decode_chunk(base, b, j, table[b * j])
             np.testing.assert_array_equal(np.asarray(got), u.astype(np.float32))
 
@@ -93,7 +104,14 @@ def test_synthetic_layout_has_the_real_tables_and_bad_configs_are_refused():
     packed, _ = projections(0)
     real = code_tiles_from_packed(packed["down"], E, CODES.tile)
     synth = synthetic_code_tiles(packed["down"].bits_per_unit().reshape(E, R), F, GS, CODES.tile)
-    for name in ("tile_bits", "tile_row0", "expert_tiles", "width_start", "kernel_comp", "comp_pos"):
+    for name in (
+        "tile_bits",
+        "tile_row0",
+        "expert_tiles",
+        "width_start",
+        "kernel_comp",
+        "comp_pos",
+    ):
         np.testing.assert_array_equal(getattr(real, name), getattr(synth, name))
     assert synth.words.shape == real.words.shape and synth.scales.shape == real.scales.shape
     bits = np.random.default_rng(3).choice([0, 1, 2, 3, 4, 8], size=(E, R))

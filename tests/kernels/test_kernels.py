@@ -4,7 +4,8 @@ The reference (`pallas_kernels.reference`) multiplies each row by its expert's *
 factors (`packing.dequantize_packed`), so these tests also check the load-time layout conversions
 (bit-planes for the TPU family, integer codes for the GPU family). GPU paths: the decode GEMVs
 (split and unsplit grids, 1..4 rows per tile) and the prefill path (dequantize, grouped matmul).
-Group sizes come from hypothesis (empty experts, one expert holding every row); the factors hold every bit-width of {0, 1, 2, 3, 4, 8} — whole experts at one width and
+Group sizes come from hypothesis (empty experts, one expert holding every row); the factors hold
+every bit-width of {0, 1, 2, 3, 4, 8} — whole experts at one width and
 experts mixing all of them — plus a case with 16-bit units (the dense side path).
 """
 
@@ -20,11 +21,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
-from pallas_kernels.api import ExpertKernels, build_expert_kernels, reduction_splits, swiglu_experts
+from pallas_kernels.api import build_expert_kernels, reduction_splits, swiglu_experts
 from pallas_kernels.reference import swiglu_experts_reference
-from tests.kernels.conftest import CODES, E, R, TILES, projections
-
-M = 24
+from tests.kernels.conftest import CODES, TILES, E, M, inputs, kernels, projections
 
 
 @st.composite
@@ -33,26 +32,16 @@ def group_sizes(draw) -> np.ndarray:
     return np.diff([0, *cuts, M]).astype(np.int32)
 
 
-@functools.lru_cache(maxsize=None)
-def kernels(with16: bool, backend: str) -> tuple[ExpertKernels, tuple[np.ndarray, ...]]:
-    packed, dense = projections(0, with16)
-    kern = build_expert_kernels(packed, E, TILES if backend == "mosaic" else CODES, backend)
-    return jax.tree.map(jnp.asarray, kern), tuple(dense[p] for p in ("gate", "up", "down"))
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def runner(backend: str, tm: int | None, splits: int | None):
-    return jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=True, tm=tm, splits=splits))
-
-
-def inputs(dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal((M, R)), dtype) for _ in range(2))
+    return jax.jit(
+        functools.partial(swiglu_experts, backend=backend, interpret=True, tm=tm, splits=splits)
+    )
 
 
 # f32 tolerance: a plane product is computed as 2·(a @ bits) − Σa (no ±1 matrix, see unpack), and a
-# code GEMV as Σ a·u − (2^b−1)/2·Σa; both cancel terms of size Σ|a|·2^b: ~1e-5 of the output scale at
-# 8 bits, not 1e-7.
+# code GEMV as Σ a·u − (2^b−1)/2·Σa; both cancel terms of size Σ|a|·2^b: ~1e-5 of the output scale
+# at 8 bits, not 1e-7.
 def check(backend, sizes, dtype=jnp.float32, tm=None, with16=False, rtol=1e-4, splits=None):
     kern, (ag, au, bd) = kernels(with16, backend)
     zg, zu = inputs(dtype)
@@ -105,8 +94,11 @@ def test_16_bit_units_take_the_dense_side_path(tm):
 
 @pytest.mark.parametrize("backend,tm", [("triton", None), ("triton", 16), ("mosaic", None)])
 def test_bf16_activations_accumulate_in_f32(backend, tm):
-    # bf16 operands (activations, h, and on the prefill path the dequantized factors), f32 accumulation
-    check(backend, np.array([2, 4, 0, 6, 3, 3, 0, 6], np.int32), dtype=jnp.bfloat16, rtol=1e-2, tm=tm)
+    # bf16 operands (activations, h, and on the prefill path the dequantized factors), f32
+    # accumulation
+    check(
+        backend, np.array([2, 4, 0, 6, 3, 3, 0, 6], np.int32), dtype=jnp.bfloat16, rtol=1e-2, tm=tm
+    )
 
 
 def test_mismatched_inputs_are_refused_by_name():
@@ -131,9 +123,15 @@ def test_degenerate_layouts_all_zero_and_all_16_bit_projections(backend):
     rng = np.random.default_rng(5)
     e, r, f, gsz = 2, 32, 64, 32
     units = {p: rng.standard_normal((e * r, f)).astype(np.float32) for p in ("gate", "up", "down")}
-    bits = {"gate": np.full(e * r, 16), "up": np.zeros(e * r, np.int64), "down": np.r_[np.full(r, 3), np.zeros(r, np.int64)]}
+    bits = {
+        "gate": np.full(e * r, 16),
+        "up": np.zeros(e * r, np.int64),
+        "down": np.r_[np.full(r, 3), np.zeros(r, np.int64)],
+    }
     packed = {p: pack_segments(units[p], bits[p], gsz) for p in units}
-    dense = [np.asarray(dequantize_packed(packed[p])).reshape(e, r, f) for p in ("gate", "up", "down")]
+    dense = [
+        np.asarray(dequantize_packed(packed[p])).reshape(e, r, f) for p in ("gate", "up", "down")
+    ]
     cfg = TILES if backend == "mosaic" else CODES
     kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, e, cfg, backend))
     z = jnp.asarray(rng.standard_normal((5, r)), jnp.float32)
@@ -142,18 +140,22 @@ def test_degenerate_layouts_all_zero_and_all_16_bit_projections(backend):
     want = swiglu_experts_reference(z, z, gs, *dense)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     assert not np.any(np.asarray(got))  # u = 0 everywhere
-    # and with up at 2 bits, the all-16-bit gate and the tile-less down expert are exercised for real
+    # and with up at 2 bits, the all-16-bit gate and the tile-less down expert are exercised for
+    # real
     packed["up"] = pack_segments(units["up"], np.full(e * r, 2), gsz)
     dense[1] = np.asarray(dequantize_packed(packed["up"])).reshape(e, r, f)
     kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, e, cfg, backend))
     got = swiglu_experts(z, z, gs, kern, interpret=True)
     want = swiglu_experts_reference(z, z, gs, *dense)
     assert float(jnp.max(jnp.abs(want))) > 0
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * float(jnp.max(jnp.abs(want))))
-
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), atol=1e-4 * float(jnp.max(jnp.abs(want)))
+    )
 
 
 def test_reduction_splits_aim_at_enough_programs():
-    assert reduction_splits(programs=224, steps=86) == 4  # Mixtral decode, gate/up: 112 lane blocks × 2 experts
+    assert (
+        reduction_splits(programs=224, steps=86) == 4
+    )  # Mixtral decode, gate/up: 112 lane blocks × 2 experts
     assert reduction_splits(programs=2576, steps=86) == 1  # prefill: enough programs already
     assert reduction_splits(programs=8, steps=6) == 1  # never below min_steps items per chunk

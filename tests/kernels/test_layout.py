@@ -9,8 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pallas_kernels.layout import TileConfig, plane_tiles_from_packed, random_allocation, synthetic_plane_tiles
-from tests.kernels.conftest import E, F, GS, R, TILES, assert_position_maps, projections
+from pallas_kernels.layout import (
+    TileConfig,
+    plane_tiles_from_packed,
+    random_allocation,
+    synthetic_plane_tiles,
+)
+from tests.kernels.conftest import GS, TILES, E, F, R, assert_position_maps, projections
 
 
 def signed_planes_value(planes: np.ndarray) -> np.ndarray:
@@ -36,7 +41,9 @@ def decode_layout(pt) -> np.ndarray:
             else:  # [b, Fp/32, tile]: value f = ft·32·Rf + t·Rf + j
                 rf = pt.rows_per_block
                 wb = w.reshape(b, -1, rf, pt.tile)  # [b, FT, Rf, tile]
-                bits = (wb[:, :, None, :, :] >> t[None, None, :, None, None]) & 1  # [b, FT, 32, Rf, tile]
+                bits = (
+                    wb[:, :, None, :, :] >> t[None, None, :, None, None]
+                ) & 1  # [b, FT, 32, Rf, tile]
                 vals = signed_planes_value(bits).reshape(pt.n_padded, pt.tile).T
             sc = scales[:, tid * pt.tile : (tid + 1) * pt.tile].T  # [tile, Gp]
             vals = vals * np.repeat(sc, pt.group_size, axis=1)
@@ -72,8 +79,12 @@ def test_tile_bits_are_the_largest_member_width_and_planes_are_counted():
     # items of each expert: every (tile, plane) once, in order
     for e in range(E):
         n = int(pt.expert_nsteps[e])
-        items = list(zip(pt.step_local[e, :n], pt.step_plane[e, :n]))
-        expect = [(lt, p) for lt in range(int(pt.expert_ntiles[e])) for p in range(int(pt.tile_bits[pt.expert_tiles[e, lt]]))]
+        items = list(zip(pt.step_local[e, :n], pt.step_plane[e, :n], strict=False))
+        expect = [
+            (lt, p)
+            for lt in range(int(pt.expert_ntiles[e]))
+            for p in range(int(pt.tile_bits[pt.expert_tiles[e, lt]]))
+        ]
         assert items == expect
 
 
@@ -82,7 +93,9 @@ def test_synthetic_layout_has_the_real_tables_and_bad_tiles_are_refused():
     bits = rng.choice([0, 1, 2, 3, 4, 8], size=(E, R))
     packed, _ = projections(0)
     real = plane_tiles_from_packed(packed["down"], E, "lanes", TILES)
-    synth = synthetic_plane_tiles(packed["down"].bits_per_unit().reshape(E, R), F, "lanes", TILES, GS)
+    synth = synthetic_plane_tiles(
+        packed["down"].bits_per_unit().reshape(E, R), F, "lanes", TILES, GS
+    )
     for name in ("tile_bits", "expert_tiles", "step_q", "kernel_comp", "comp_pos"):
         np.testing.assert_array_equal(getattr(real, name), getattr(synth, name))
     assert synth.words.shape == real.words.shape and synth.scales.shape == real.scales.shape

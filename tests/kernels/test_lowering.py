@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
 from pallas_kernels import shared_shapes
+from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
 from pallas_kernels.code_layout import synthetic_code_tiles
 from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
 from pallas_kernels.lowered import export_for_hardware
@@ -26,14 +26,20 @@ from pallas_kernels.lowered import export_for_hardware
 SHAPES = {"mixtral_8x7b": (8, 4096, 14336, 2), "qwen3_30b_a3b": (128, 2048, 768, 8)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def abstract_kernels(shape: str, backend: str) -> ExpertKernels:
     e, d, f, _ = SHAPES[shape]
     bits = [random_allocation(e, d, 2.5, seed=i) for i in range(3)]
     if backend == "triton":
-        parts = [synthetic_code_tiles(b, f, tile=DEFAULT_TILES[backend].tile, abstract=True) for b in bits]
+        parts = [
+            synthetic_code_tiles(b, f, tile=DEFAULT_TILES[backend].tile, abstract=True)
+            for b in bits
+        ]
     else:
-        parts = [synthetic_plane_tiles(b, f, o, DEFAULT_TILES[backend], abstract=True) for b, o in zip(bits, ("rows", "rows", "lanes"))]
+        parts = [
+            synthetic_plane_tiles(b, f, o, DEFAULT_TILES[backend], abstract=True)
+            for b, o in zip(bits, ("rows", "rows", "lanes"), strict=False)
+        ]
     return shared_shapes.abstract(ExpertKernels(*parts))
 
 
@@ -45,10 +51,16 @@ def test_exports_for_hardware(shape, backend, tokens):
     m = tokens * top_k
     fn = jax.jit(functools.partial(swiglu_experts, backend=backend, interpret=False))
     z = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
-    exported = export_for_hardware(fn, backend, z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend))
+    exported = export_for_hardware(
+        fn, backend, z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend)
+    )
     text = exported.mlir_module()
     assert ("tpu_custom_call" if backend == "mosaic" else "xla.gpu.triton") in text
     if backend == "triton":  # the decode GEMVs, or the prefill dequantizer
-        names = ("bitsmoe_gate_up_codes", "bitsmoe_down_codes") if tokens == 1 else ("bitsmoe_dequantize_tiles",)
+        names = (
+            ("bitsmoe_gate_up_codes", "bitsmoe_down_codes")
+            if tokens == 1
+            else ("bitsmoe_dequantize_tiles",)
+        )
         assert all(n in text for n in names), names
     assert exported.out_avals[0].shape == (m, d)

@@ -29,10 +29,13 @@ from pallas_kernels.lowered import export_for_hardware, kernel_configs
 
 
 def quantized_experts(experts, rng, widths=(0, 1, 2, 3, 4, 8, 16)) -> QuantizedExperts:
-    """The layer's dense experts in the checkpoint format, random widths, through to_tree/from_tree."""
+    """The layer's dense experts in the checkpoint format, random widths, through
+    to_tree/from_tree."""
     dense = [np.asarray(getattr(experts, p)[...], np.float32) for p in PROJECTIONS]
     e, d, _ = dense[0].shape
-    p_bits = np.array([{0: 0.15, 1: 0.15, 2: 0.25, 3: 0.2, 4: 0.1, 8: 0.1, 16: 0.05}[b] for b in widths])
+    p_bits = np.array(
+        [{0: 0.15, 1: 0.15, 2: 0.25, 3: 0.2, 4: 0.1, 8: 0.1, 16: 0.05}[b] for b in widths]
+    )
     bits = {p: rng.choice(widths, p=p_bits / p_bits.sum(), size=(e, d)) for p in PROJECTIONS}
     qe = quantized_from_dense(*dense, bits, rng)
     return QuantizedExperts.from_tree(*qe.to_tree())
@@ -57,7 +60,7 @@ LAYER_WIDTHS = ((1,), (0, 2), (0, 1, 2, 3, 4, 8, 16))
 def mixed_model():
     model, config = load_model(REFERENCE_DIR)
     rng = np.random.default_rng(2)
-    for layer, widths in zip(model.layers, LAYER_WIDTHS):
+    for layer, widths in zip(model.layers, LAYER_WIDTHS, strict=False):
         layer.mlp.experts = quantized_experts(layer.mlp.experts, rng, widths)
     return model, np.random.default_rng(1).integers(0, config.vocab_size, size=(2, 9))
 
@@ -65,7 +68,12 @@ def mixed_model():
 def kernel_calls(model, backend: str, max_padding: float) -> list[str]:
     """The kernel custom calls of the model's one-token forward lowered for GPU / TPU, as their
     backend configs (the kernel IR and grid): XLA compiles one kernel per distinct config."""
-    assert set_implementation(model, "pallas", backend=backend, max_padding=max_padding, interpret=False) == 3
+    assert (
+        set_implementation(
+            model, "pallas", backend=backend, max_padding=max_padding, interpret=False
+        )
+        == 3
+    )
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))
     exported = export_for_hardware(forward, backend, state, jnp.zeros((1, 1), jnp.int32))
@@ -80,7 +88,8 @@ def test_layers_share_one_compiled_kernel_each(mixed_model, backend):
         alone = kernel_calls(model, backend, max_padding=0.0)
     finally:
         set_implementation(model, "xla")
-    # gate/up and down: lowered once for the three layers (one nested jit), so two kernels to compile
+    # gate/up and down: lowered once for the three layers (one nested jit), so two kernels to
+    # compile
     assert len(shared) == len(set(shared)) == 2
     # unpadded, each layer has its own two kernels
     assert len(alone) == 6 and len(set(alone)) == 6
@@ -97,7 +106,9 @@ def test_shared_shape_logits_equal_xla_logits(mixed_model, max_padding):
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["triton"])  # the Mosaic family is checked against the reference in test_kernels
+@pytest.mark.parametrize(
+    "backend", ["triton"]
+)  # the Mosaic family is checked against the reference in test_kernels
 def test_pallas_logits_equal_xla_logits(quantized_model, backend):
     model, ids = quantized_model
     assert set_implementation(model, "xla") == 3
@@ -116,12 +127,17 @@ def test_implementation_switch(monkeypatch):
     # Unverified on hardware: the default stays XLA; once a platform is verified it becomes Pallas.
     assert resolve_implementation(None, "gpu") == resolve_implementation(None, "tpu") == "xla"
     monkeypatch.setattr(api, "VERIFIED_PLATFORMS", frozenset({"gpu"}))
-    assert resolve_implementation(None, "cuda") == "pallas" and resolve_implementation(None, "tpu") == "xla"
+    assert (
+        resolve_implementation(None, "cuda") == "pallas"
+        and resolve_implementation(None, "tpu") == "xla"
+    )
     assert resolve_implementation("xla", "gpu") == "xla"
     with pytest.raises(ValueError, match="implementation must be one of"):
         resolve_implementation("triton")
     qe = QuantizedExperts(
-        2, {p: {} for p in PROJECTIONS}, {p: pack_segments(np.ones((8, 64), np.float32), [2] * 8, 32) for p in PROJECTIONS},
+        2,
+        {p: {} for p in PROJECTIONS},
+        {p: pack_segments(np.ones((8, 64), np.float32), [2] * 8, 32) for p in PROJECTIONS},
         implementation="pallas",
     )
     with pytest.raises(ValueError, match="set_implementation"):

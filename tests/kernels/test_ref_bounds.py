@@ -25,28 +25,39 @@ import numpy as np
 import pytest
 
 from pallas_kernels import shared_shapes
-from pallas_kernels.api import ExpertKernels, build_expert_kernels, expert_kernel_shapes, swiglu_experts
-from tests.kernels.conftest import CODES, E, assert_matches_reference
+from pallas_kernels.api import (
+    ExpertKernels,
+    build_expert_kernels,
+    expert_kernel_shapes,
+    swiglu_experts,
+)
+from tests.kernels.conftest import CODES, E, assert_matches_reference, inputs
 from tests.kernels.conftest import projections as make_projections
 from tests.kernels.ref_bounds import checked_ref_bounds, first_violations
-from tests.kernels.test_kernels import inputs
 
 GROUP_SIZE = 128  # with F = 200: one full group and one ragged group
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels_at_group_size_128():
     packed, dense = make_projections(0, group_size=GROUP_SIZE)
     kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, E, CODES, "triton"))
-    assert 3 in kern.gate.widths and 3 in kern.down.widths  # the width with dead slots in a live chunk
+    assert (
+        3 in kern.gate.widths and 3 in kern.down.widths
+    )  # the width with dead slots in a live chunk
     return kern, tuple(dense[p] for p in ("gate", "up", "down"))
 
 
 def check_in_bounds(kern, dense, sizes, tm: int, splits: int | None) -> None:
-    """Run the GPU kernels in the interpreter under the bounds check: no violation, the reference's result."""
+    """Run the GPU kernels in the interpreter under the bounds check: no violation, the reference's
+    result."""
     zg, zu = inputs(jnp.float32)
     with checked_ref_bounds() as violations:
-        run = jax.jit(functools.partial(swiglu_experts, backend="triton", interpret=True, tm=tm, splits=splits))
+        run = jax.jit(
+            functools.partial(
+                swiglu_experts, backend="triton", interpret=True, tm=tm, splits=splits
+            )
+        )
         got = jax.block_until_ready(run(zg, zu, sizes, kern))
     assert not violations, first_violations(violations)
     assert_matches_reference(got, zg, zu, sizes, dense)
@@ -67,14 +78,21 @@ def test_gpu_kernels_stay_in_bounds_at_group_size_128(tm, splits):
 
 
 def test_a_layout_padded_to_a_shared_shape_stays_in_bounds():
-    # the sparse set has fewer tiles per expert: padded to the dense set's shape, it gains unreferenced
-    # tiles, word rows and scale columns, and its "no component" markers move (`shared_shapes`)
-    sets = [make_projections(seed, sparse=sparse, group_size=GROUP_SIZE) for seed, sparse in ((0, False), (2, True))]
+    # the sparse set has fewer tiles per expert: padded to the dense set's shape, it gains
+    # unreferenced tiles, word rows and scale columns, and its "no component" markers move
+    # (`shared_shapes`)
+    sets = [
+        make_projections(seed, sparse=sparse, group_size=GROUP_SIZE)
+        for seed, sparse in ((0, False), (2, True))
+    ]
     shapes = [expert_kernel_shapes(packed, E, CODES, "triton") for packed, _ in sets]
     plan = shared_shapes.plan_groups([k.parts() for k in shapes], max_padding=math.inf)
     assert plan.num_groups == 1 and plan.padding > 0
     packed, dense = sets[1]
-    kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, E, CODES, "triton", target=ExpertKernels(*plan.targets[0])))
+    kern = jax.tree.map(
+        jnp.asarray,
+        build_expert_kernels(packed, E, CODES, "triton", target=ExpertKernels(*plan.targets[0])),
+    )
     dense = tuple(dense[p] for p in ("gate", "up", "down"))
     check_in_bounds(kern, dense, jnp.asarray([5, 0, 3, 3, 0, 6, 4, 3], jnp.int32), tm=2, splits=2)
 
@@ -95,12 +113,21 @@ def test_the_bounds_check_sees_reads_whose_values_do_not_matter():
                 v = x_ref[pl.ds(i * 8 + offset, 8)]
             o_ref[pl.ds(i * 8, 8)] = v * 0.0 + 1.0
 
-        return jax.jit(pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((32,), jnp.float32), grid=(4,),
-                                      interpret=True))
+        return jax.jit(
+            pl.pallas_call(
+                kernel,
+                out_shape=jax.ShapeDtypeStruct((32,), jnp.float32),
+                grid=(4,),
+                interpret=True,
+            )
+        )
 
     x = jnp.arange(32.0)
-    for offset, masked, expect in ((0, False, []), (4, False, ["get on a ref view of shape (32,), indexer 0: starts [28]"]),
-                                   (4, True, [])):
+    for offset, masked, expect in (
+        (0, False, []),
+        (4, False, ["get on a ref view of shape (32,), indexer 0: starts [28]"]),
+        (4, True, []),
+    ):
         with checked_ref_bounds() as violations:
             np.testing.assert_array_equal(np.asarray(call(offset, masked)(x)), 1.0)
         assert violations == expect, (offset, masked, violations)

@@ -119,8 +119,8 @@ TINY = dict(
 )
 
 CASES = {
-    # DeepSeek-V2: low-rank query, group-limited routing, attention biases, a YaRN attention factor != 1
-    # (mscale != mscale_all_dim), and rms_norm_eps far from the MLA norms' fixed 1e-6.
+    # DeepSeek-V2: low-rank query, group-limited routing, attention biases, a YaRN attention factor
+    # != 1 (mscale != mscale_all_dim), and rms_norm_eps far from the MLA norms' fixed 1e-6.
     "v2": dict(
         q_lora_rank=48,
         topk_method="group_limited_greedy",
@@ -187,7 +187,9 @@ def test_mla_structure_and_scale(pair):
         assert attn.scale == pytest.approx(ref.scaling, rel=1e-12)
         assert (attn.q_proj is None) == (ref.q_proj is None)
     # attention scale really includes mscale(40, 0.707)^2 on top of qk_head_dim^-0.5
-    assert ours.layers[0].self_attn.scale == pytest.approx(24**-0.5 * (0.1 * 0.707 * np.log(40) + 1) ** 2)
+    assert ours.layers[0].self_attn.scale == pytest.approx(
+        24**-0.5 * (0.1 * 0.707 * np.log(40) + 1) ** 2
+    )
 
 
 def test_logits_match_hf(pair):
@@ -261,13 +263,17 @@ def test_v2_lite_param_count_matches_transformers():
     config = ModelConfig.from_hf(copy.deepcopy(hub))
     assert config.q_lora_rank is None and config.kv_lora_rank == 512 and config.rope_dim == 64
     assert config.moe_layers == tuple(range(1, 27))
-    hf_config = DeepseekV2Config(**{k: v for k, v in hub.items() if k not in ("architectures", "model_type")})
+    hf_config = DeepseekV2Config(
+        **{k: v for k, v in hub.items() if k not in ("architectures", "model_type")}
+    )
     with torch.device("meta"):
         hf = DeepseekV2ForCausalLM(hf_config)
     expected = sum(p.numel() for p in hf.parameters())
     ours = build_model(config, abstract=True)
     assert param_count(ours) == expected == 15_706_484_224
-    assert ours.layers[1].self_attn.scale == pytest.approx(hf.model.layers[1].self_attn.scaling, rel=1e-12)
+    assert ours.layers[1].self_attn.scale == pytest.approx(
+        hf.model.layers[1].self_attn.scaling, rel=1e-12
+    )
 
 
 def test_mlp_bias_refused():

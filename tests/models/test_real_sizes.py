@@ -1,9 +1,10 @@
 """Real model sizes: the abstract Flax model has exactly the parameter count transformers computes.
 
-The config dicts are the published hub `config.json` values (transformers 4.x spellings: `rope_theta`,
-`num_experts` for Qwen3-MoE, `torch_dtype`, ...). transformers builds the same models on the meta device
-(no memory) and counts their parameters: that count is the independent reference. The transformers-5
-spellings (`rope_parameters`, `num_local_experts`) are checked to parse to the same `ModelConfig`.
+The config dicts are the published hub `config.json` values (transformers 4.x spellings:
+`rope_theta`, `num_experts` for Qwen3-MoE, `torch_dtype`, ...). transformers builds the same models
+on the meta device (no memory) and counts their parameters: that count is the independent reference.
+The transformers-5 spellings (`rope_parameters`, `num_local_experts`) are checked to parse to the
+same `ModelConfig`.
 """
 
 from __future__ import annotations
@@ -120,7 +121,12 @@ QWEN3_30B_A3B = {
 
 REAL = {
     "Mixtral-8x7B": (MIXTRAL_8X7B, "MixtralConfig", "MixtralForCausalLM", (46.6e9, 46.8e9)),
-    "Qwen1.5-MoE-A2.7B": (QWEN15_MOE_A27B, "Qwen2MoeConfig", "Qwen2MoeForCausalLM", (14.2e9, 14.4e9)),
+    "Qwen1.5-MoE-A2.7B": (
+        QWEN15_MOE_A27B,
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        (14.2e9, 14.4e9),
+    ),
     "Qwen3-30B-A3B": (QWEN3_30B_A3B, "Qwen3MoeConfig", "Qwen3MoeForCausalLM", (30.4e9, 30.6e9)),
 }
 
@@ -139,21 +145,37 @@ def test_param_count_equals_transformers(name):
     cfg = ModelConfig.from_hf(copy.deepcopy(hub), source=name)
     ours = count_params(build_model(cfg, abstract=True))
     ref = _hf_meta_param_count(hub, config_cls, model_cls)
-    assert ours == ref, f"{name}: Flax {ours:,} params != transformers {ref:,} (diff {ours - ref:+,})"
+    assert ours == ref, (
+        f"{name}: Flax {ours:,} params != transformers {ref:,} (diff {ours - ref:+,})"
+    )
     # and the published total (46.7B, 14.3B, 30.5B) as a sanity check on the reference itself
     assert lo < ref < hi, f"{name}: {ref:,}"
 
 
 def test_real_configs_parse_as_published():
     m = ModelConfig.from_hf(MIXTRAL_8X7B)
-    assert (m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, m.head_dim) == (8, 2, 14336, 128)
+    assert (m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, m.head_dim) == (
+        8,
+        2,
+        14336,
+        128,
+    )
     assert m.rope_theta == 1e6 and m.sliding_window is None and m.moe_layers == tuple(range(32))
     q2 = ModelConfig.from_hf(QWEN15_MOE_A27B)
-    assert (q2.num_experts, q2.num_experts_per_tok, q2.shared_expert_intermediate_size) == (60, 4, 5632)
+    assert (q2.num_experts, q2.num_experts_per_tok, q2.shared_expert_intermediate_size) == (
+        60,
+        4,
+        5632,
+    )
     assert q2.attention_bias and not q2.norm_topk_prob and q2.sliding_window is None
     assert q2.rope_theta == 1e6 and q2.moe_layers == tuple(range(24))
     q3 = ModelConfig.from_hf(QWEN3_30B_A3B)
-    assert (q3.num_experts, q3.num_experts_per_tok, q3.moe_intermediate_size, q3.head_dim) == (128, 8, 768, 128)
+    assert (q3.num_experts, q3.num_experts_per_tok, q3.moe_intermediate_size, q3.head_dim) == (
+        128,
+        8,
+        768,
+        128,
+    )
     assert q3.qk_norm and not q3.attention_bias and q3.norm_topk_prob and q3.rope_theta == 1e6
     assert q3.num_key_value_heads == 4 and q3.moe_layers == tuple(range(48))
 
@@ -179,7 +201,8 @@ def test_transformers5_spellings_parse_identically(name):
 
 @pytest.mark.parametrize("name", list(REAL))
 def test_transformers5_saved_config_parses_identically(name, tmp_path):
-    """What transformers 5 itself writes for the published config (save_pretrained) parses the same."""
+    """What transformers 5 itself writes for the published config (save_pretrained) parses the
+    same."""
     hub, config_cls, _, _ = REAL[name]
     cfg = getattr(transformers, config_cls)(**{k: v for k, v in hub.items() if k != "model_type"})
     cfg.save_pretrained(tmp_path)

@@ -134,7 +134,7 @@ def test_greedy_bound_is_the_lp_relaxation(seed):
 @pytest.mark.parametrize("u,nonconvex", [(400, False), (400, True), (2000, False)])
 def test_greedy_close_to_milp(u, nonconvex):
     loss, cost = _instance(u, 8, 7 + u, nonconvex)
-    for frac in ((0.25,) if u == 2000 else (0.1, 0.3, 0.6)):
+    for frac in (0.25,) if u == 2000 else (0.1, 0.3, 0.6):
         budget = _budget(cost, frac)
         milp = al.solve_milp(loss, cost, budget)
         greedy = al.solve_greedy(loss, cost, budget)
@@ -197,11 +197,14 @@ def test_allocate_dispatch():
     assert al.allocate(loss, cost, budget).solver.startswith("milp-highs")
     assert al.allocate(loss, cost, budget, milp_max_units=50).solver == "greedy-hull"
     assert al.allocate(loss, cost, budget, allocator="greedy").solver == "greedy-hull"
-    assert al.allocate(loss, cost, budget, allocator="milp", milp_max_units=1).solver.startswith("milp-highs")
+    assert al.allocate(loss, cost, budget, allocator="milp", milp_max_units=1).solver.startswith(
+        "milp-highs"
+    )
 
 
 def test_greedy_large_instance_matches_lp_duality():
-    """2e5 units × 9 candidates: exercises the quickselect path; the bound must equal the dual optimum."""
+    """2e5 units × 9 candidates: exercises the quickselect path; the bound must equal the dual
+    optimum."""
     loss, cost = _instance(200_000, 8, 11, nonconvex=True)
     loss = np.concatenate([loss, loss[:, -1:] * 0.3], axis=1)  # a 16-bit candidate
     cost = np.concatenate([cost, cost[:, -1:] * 2.0], axis=1)

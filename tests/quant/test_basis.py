@@ -121,7 +121,9 @@ def test_quantize_basis():
     assert np.all(s32 >= np.abs(v).max(1) / 127)
     stored16, deq16 = bs.quantize_basis(v, 16)
     assert stored16.scales is None and np.asarray(stored16.values).dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(np.asarray(deq16), v.astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(deq16), v.astype(ml_dtypes.bfloat16).astype(np.float32)
+    )
     assert bs.basis_stored_bits(24, 24, 8) == codes.size * 8 + scales.size * 16
     assert bs.basis_stored_bits(2048, 2048, 16) == 2048 * 2048 * 16
     with pytest.raises(ValueError):
@@ -165,11 +167,18 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 def test_sharded_gram_sum_over_four_devices():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _SHARDED_SCRIPT],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))

@@ -60,7 +60,9 @@ def make_layer(seed=0, starve=True):
     logits = rng.standard_normal((N, E)).astype(np.float32)
     if starve:
         logits[:, 3] -= 6.0  # expert 3: never in a top-2 (but a small, token-dependent probability)
-        logits[:, 2] -= 2.0  # expert 2: in a few tokens' top-2, a sizeable probability for all of them
+        logits[:, 2] -= (
+            2.0  # expert 2: in a few tokens' top-2, a sizeable probability for all of them
+        )
     idx, w, probs = topk_routing(logits, K)
     return dict(x=x, gate=gate, up=up, vg=vg, vu=vu, logits=logits, idx=idx, w=w, probs=probs)
 
@@ -112,16 +114,24 @@ def close(actual, expected, rtol=2e-4):
 
 
 def routed_assignments(layer):
-    return [(t, int(layer["idx"][t, j]), float(layer["w"][t, j])) for t in range(N) for j in range(K)]
+    return [
+        (t, int(layer["idx"][t, j]), float(layer["w"][t, j])) for t in range(N) for j in range(K)
+    ]
 
 
 def test_routed_statistics_match_brute_force():
     layer = make_layer(seed=1, starve=False)
     stats = run(layer, min_tokens=0)
-    ref = brute_force(layer["x"], layer["gate"], layer["up"], layer["vg"], layer["vu"], routed_assignments(layer))
+    ref = brute_force(
+        layer["x"], layer["gate"], layer["up"], layer["vg"], layer["vu"], routed_assignments(layer)
+    )
     assert stats.starved == []
-    assert stats.s_gate.shape == (E, F, R_G) and stats.s_up.shape == (E, F, R_U) and stats.c_down.shape == (E, F)
-    for got, want in zip((stats.s_gate, stats.s_up, stats.c_down, stats.mass), ref):
+    assert (
+        stats.s_gate.shape == (E, F, R_G)
+        and stats.s_up.shape == (E, F, R_U)
+        and stats.c_down.shape == (E, F)
+    )
+    for got, want in zip((stats.s_gate, stats.s_up, stats.c_down, stats.mass), ref, strict=False):
         close(got, want)
     counts = np.bincount(layer["idx"].reshape(-1), minlength=E)
     np.testing.assert_array_equal(stats.tokens, counts)
@@ -129,7 +139,8 @@ def test_routed_statistics_match_brute_force():
 
 
 def test_sums_are_over_tokens_not_means():
-    """Duplicating every token doubles every statistic (routing frequency stays in the objective)."""
+    """Duplicating every token doubles every statistic (routing frequency stays in the
+    objective)."""
     layer = make_layer(seed=2, starve=False)
     doubled = dict(layer)
     for key in ("x", "logits", "idx", "w"):
@@ -149,9 +160,13 @@ def test_starved_experts_use_the_documented_fallback():
     for name in ("s_gate", "s_up", "c_down", "mass"):
         assert np.all(np.isfinite(getattr(stats, name))), name
 
-    routed = brute_force(layer["x"], layer["gate"], layer["up"], layer["vg"], layer["vu"], routed_assignments(layer))
+    routed = brute_force(
+        layer["x"], layer["gate"], layer["up"], layer["vg"], layer["vu"], routed_assignments(layer)
+    )
     # experts 0 and 1 are not starved: their routed statistics are untouched
-    for got, want in zip((stats.s_gate, stats.s_up, stats.c_down, stats.mass), routed):
+    for got, want in zip(
+        (stats.s_gate, stats.s_up, stats.c_down, stats.mass), routed, strict=False
+    ):
         close(got[:2], want[:2])
 
     probs = layer["probs"]
@@ -163,8 +178,14 @@ def test_starved_experts_use_the_documented_fallback():
         for t in range(N):
             members = set(int(j) for j in layer["idx"][t]) | {e}
             w_as_if.append(probs[t, e] / sum(probs[t, j] for j in members))
-        fb = brute_force(layer["x"], layer["gate"], layer["up"], layer["vg"], layer["vu"],
-                         [(t, e, w_as_if[t]) for t in range(N)])
+        fb = brute_force(
+            layer["x"],
+            layer["gate"],
+            layer["up"],
+            layer["vg"],
+            layer["vu"],
+            [(t, e, w_as_if[t]) for t in range(N)],
+        )
         target = routed_mass[e] if routed_mass[e] > 0 else 1e-6 * mean_routed
         scale = target / fb[3][e]
         close(stats.mass[e], target)
@@ -172,16 +193,26 @@ def test_starved_experts_use_the_documented_fallback():
         close(stats.s_up[e], scale * fb[1][e])
         close(stats.c_down[e], scale * fb[2][e])
         # the fallback gives every element some weight (no unit of a starved expert looks free)
-        assert (stats.c_down[e] > 0).all() and (stats.s_gate[e] > 0).all() and (stats.s_up[e] > 0).all()
+        assert (
+            (stats.c_down[e] > 0).all()
+            and (stats.s_gate[e] > 0).all()
+            and (stats.s_up[e] > 0).all()
+        )
 
-    # the tokens actually routed to expert 2 keep their true routing weight in the fallback, while the
-    # others get a weight comparable to it (so how they are weighted against each other matters)
+    # the tokens actually routed to expert 2 keep their true routing weight in the fallback, while
+    # the others get a weight comparable to it (so how they are weighted against each other matters)
     routed_t = [t for t in range(N) if 2 in layer["idx"][t]]
     for t in routed_t:
         j = list(layer["idx"][t]).index(2)
         members = set(int(i) for i in layer["idx"][t])
-        assert probs[t, 2] / sum(probs[t, i] for i in members) == pytest.approx(layer["w"][t, j], rel=1e-6)
-    others = [probs[t, 2] / (probs[t, 2] + sum(probs[t, i] for i in layer["idx"][t])) for t in range(N) if t not in routed_t]
+        assert probs[t, 2] / sum(probs[t, i] for i in members) == pytest.approx(
+            layer["w"][t, j], rel=1e-6
+        )
+    others = [
+        probs[t, 2] / (probs[t, 2] + sum(probs[t, i] for i in layer["idx"][t]))
+        for t in range(N)
+        if t not in routed_t
+    ]
     assert max(others) > 0.5 * min(layer["w"][layer["idx"] == 2])
 
 

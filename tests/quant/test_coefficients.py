@@ -7,13 +7,11 @@ layer for the loss surrogate, and the exact coefficient mode for the sampled one
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bitsmoe_jax.quant import basis as basis_lib
-from bitsmoe_jax.train_reference import REFERENCE_DIR
 from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
 from bitsmoe_jax.quant.coefficients import (
     PROJECTIONS,
@@ -23,6 +21,7 @@ from bitsmoe_jax.quant.coefficients import (
     loss_weights,
     mass_scale,
 )
+from bitsmoe_jax.train_reference import REFERENCE_DIR
 
 REF_MODEL = REFERENCE_DIR
 
@@ -73,7 +72,10 @@ def test_layer_units_orientation():
     gate = rng.standard_normal((e, d, f)).astype(np.float32)
     up = rng.standard_normal((e, d, f)).astype(np.float32)
     down = rng.standard_normal((e, f, d)).astype(np.float32)
-    bases = {p: np.asarray(basis_lib.quantize_basis(jnp.asarray(orthonormal(rng, d), jnp.float32), 8)[1]) for p in PROJECTIONS}
+    bases = {
+        p: np.asarray(basis_lib.quantize_basis(jnp.asarray(orthonormal(rng, d), jnp.float32), 8)[1])
+        for p in PROJECTIONS
+    }
     units = layer_units(gate, up, down, bases)
     for p in PROJECTIONS:
         assert units[p].shape == (e, d, f)
@@ -85,10 +87,14 @@ def test_layer_units_orientation():
 
 # ------------------------------------------------------------------------------------ weights
 def test_mass_scale():
-    mass = np.array([4.0, 1.0, 1e-3, 3.0])  # calibration never leaves a mass at 0 (starved fallback)
+    mass = np.array(
+        [4.0, 1.0, 1e-3, 3.0]
+    )  # calibration never leaves a mass at 0 (starved fallback)
     mean = mass.mean()
     np.testing.assert_array_equal(mass_scale(mass, 0.0), np.ones(4))
-    s1 = mass_scale(mass, 1.0)  # floor 1: every expert raised to the mean, the heavier ones untouched
+    s1 = mass_scale(
+        mass, 1.0
+    )  # floor 1: every expert raised to the mean, the heavier ones untouched
     np.testing.assert_allclose(mass * s1, [4.0, mean, mean, 3.0], rtol=1e-12)
     assert s1[0] == 1.0 and s1[3] == 1.0
     s_half = mass_scale(mass, 0.5)
@@ -111,15 +117,23 @@ def test_loss_weights_match_numpy_loop():
     floor = 0.6
     mean_mass = stats.mass.mean()
     w = loss_weights(stats, down, {"gate": rg, "up": ru, "down": rd}, floor)
-    assert w["gate"].shape == (e, rg, f) and w["up"].shape == (e, ru, f) and w["down"].shape == (e, rd, f)
+    assert (
+        w["gate"].shape == (e, rg, f)
+        and w["up"].shape == (e, ru, f)
+        and w["down"].shape == (e, rd, f)
+    )
     for i in range(e):
         sc = max(1.0, floor * mean_mass / stats.mass[i])
         for ff in range(f):
             norm2 = sum(down[i, ff, j] ** 2 for j in range(d))
             for k in range(rg):
-                assert w["gate"][i, k, ff] == pytest.approx(stats.s_gate[i, ff, k] * norm2 * sc, rel=1e-6)
+                assert w["gate"][i, k, ff] == pytest.approx(
+                    stats.s_gate[i, ff, k] * norm2 * sc, rel=1e-6
+                )
             for k in range(ru):
-                assert w["up"][i, k, ff] == pytest.approx(stats.s_up[i, ff, k] * norm2 * sc, rel=1e-6)
+                assert w["up"][i, k, ff] == pytest.approx(
+                    stats.s_up[i, ff, k] * norm2 * sc, rel=1e-6
+                )
             for k in range(rd):
                 assert w["down"][i, k, ff] == pytest.approx(stats.c_down[i, ff] * sc, rel=1e-6)
     assert max(1.0, floor * mean_mass / stats.mass[1]) > 1.0  # the floor is active for expert 1
@@ -138,7 +152,8 @@ def _swiglu_moe(x, idx, w, gate, up, down):
 
 
 def test_surrogate_approximates_output_change_of_single_unit_perturbations():
-    """Σ_t ‖Δy_t‖² from forward passes vs Σ_f W[e,k,f] δ_f², summed over many random single-unit δ."""
+    """Σ_t ‖Δy_t‖² from forward passes vs Σ_f W[e,k,f] δ_f², summed over many random single-unit
+    δ."""
     rng = np.random.default_rng(4)
     e_num, d, f, n, k = 4, 16, 24, 120, 2
     x = rng.standard_normal((n, d))
@@ -154,9 +169,15 @@ def test_surrogate_approximates_output_change_of_single_unit_perturbations():
     bases = {q: orthonormal(rng, d) for q in PROJECTIONS}
 
     stats = collect_expert_stats(
-        jnp.asarray(x, jnp.float32), jnp.asarray(logits, jnp.float32), jnp.asarray(idx, jnp.int32), jnp.asarray(w, jnp.float32),
-        jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32),
-        jnp.asarray(bases["gate"], jnp.float32), jnp.asarray(bases["up"], jnp.float32), min_tokens=0,
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(logits, jnp.float32),
+        jnp.asarray(idx, jnp.int32),
+        jnp.asarray(w, jnp.float32),
+        jnp.asarray(gate, jnp.float32),
+        jnp.asarray(up, jnp.float32),
+        jnp.asarray(bases["gate"], jnp.float32),
+        jnp.asarray(bases["up"], jnp.float32),
+        min_tokens=0,
     )
     assert stats.starved == []
     weights = loss_weights(stats, down, {q: d for q in PROJECTIONS}, expert_mass_floor=0.0)
@@ -190,17 +211,31 @@ def _real_layer_problem():
     from bitsmoe_jax.quant.pipeline import attention_part, make_bases
 
     model, config = load_model(REF_MODEL)
-    ids = tokenize_text(load_tokenizer(REF_MODEL), read_text("shakespeare_test"))[: 4 * 128].reshape(4, 128)
+    ids = tokenize_text(load_tokenizer(REF_MODEL), read_text("shakespeare_test"))[
+        : 4 * 128
+    ].reshape(4, 128)
     x = model.embed_tokens(jnp.asarray(ids, jnp.int32))
     layer = model.layers[0]
     _, moe_in = attention_part(layer, x, config)
     flat = moe_in.reshape(-1, config.hidden_size)
     block = layer.mlp
-    gate, up, down = (np.asarray(getattr(block.experts, n)[...], np.float32) for n in ("gate", "up", "down"))
+    gate, up, down = (
+        np.asarray(getattr(block.experts, n)[...], np.float32) for n in ("gate", "up", "down")
+    )
     _, deq = make_bases(gate, up, down, None, 8)
     units = layer_units(gate, up, down, deq)
     logits, w, idx = block.router(flat)
-    stats = collect_expert_stats(flat, logits, idx, w, jnp.asarray(gate), jnp.asarray(up), jnp.asarray(deq["gate"]), jnp.asarray(deq["up"]), 16)
+    stats = collect_expert_stats(
+        flat,
+        logits,
+        idx,
+        w,
+        jnp.asarray(gate),
+        jnp.asarray(up),
+        jnp.asarray(deq["gate"]),
+        jnp.asarray(deq["up"]),
+        16,
+    )
     weights = loss_weights(stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, 0.25)
     return units, weights
 
@@ -245,10 +280,12 @@ def test_sampled_coefficients_against_exact_on_a_real_layer():
     print(
         f"sampled vs exact: relative error {frobenius:.3f} (per bit-width "
         + ", ".join(f"{b}b {v:.2f}" for b, v in per_b.items())
-        + f"); median per-unit relative error {median_unit:.3f}; exact-loss excess of the sampled allocation "
-        + ", ".join(f"{b} bpw {100 * v:.1f}%" for b, v in excess.items())
+        + f"); median per-unit relative error {median_unit:.3f}; exact-loss excess of the sampled "
+        "allocation " + ", ".join(f"{b} bpw {100 * v:.1f}%" for b, v in excess.items())
     )
     assert median_unit < 0.5
     for v in excess.values():
         assert -0.01 <= v < 0.5  # greedy is near-optimal, not optimal: allow a hair below 0
-    assert frobenius < 4.0  # dominated by the top components (their error ratio is about half the mean)
+    assert (
+        frobenius < 4.0
+    )  # dominated by the top components (their error ratio is about half the mean)

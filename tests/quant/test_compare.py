@@ -16,7 +16,7 @@ import pytest
 from bitsmoe_jax import compare, evaluate, quantize
 from bitsmoe_jax.baselines.rtn import rtn_quantize
 from bitsmoe_jax.baselines.run import nearest_setting, uniform_settings
-from tests.quant.test_pipeline import base_args, hf, read_report, texts  # noqa: F401  (fixtures)
+from tests.quant.tiny_mixtral import base_args, read_report
 
 
 def _rtn_loop(w: np.ndarray, bits: int, g: int) -> np.ndarray:
@@ -78,19 +78,31 @@ def test_nearest_setting():
     assert nearest_setting(s, 2.5).label() == "2-bit g32"
     assert nearest_setting(s, 3.0).label() == "2-bit g16" and nearest_setting(s, 3.0).bpw == 3.0
     two = nearest_setting(s, 2.0)
-    assert two.label() == "2-bit g256" and abs(two.bpw - 2.0625) < 1e-12  # per-row scale: 2 + 16/256
+    assert (
+        two.label() == "2-bit g256" and abs(two.bpw - 2.0625) < 1e-12
+    )  # per-row scale: 2 + 16/256
     assert all(x.group_size <= 256 for x in s)
     z = uniform_settings(256, zero_point=True)
     # A zero point costs b bits per group on top of the bf16 scale: 2 + (16 + 2)/32 = 2.5625.
-    assert all(abs(x.bpw - (x.bits + (16 + x.bits) / x.group_size)) < 1e-12 and x.zero_point for x in z)
-    assert nearest_setting(z, 2.5).label() == "2-bit g32 zero-point" and nearest_setting(z, 2.5).bpw == 2.5625
-    assert nearest_setting(z, 3.0).label() == "3-bit g256 zero-point" and nearest_setting(z, 3.0).bpw == 3 + 19 / 256
+    assert all(
+        abs(x.bpw - (x.bits + (16 + x.bits) / x.group_size)) < 1e-12 and x.zero_point for x in z
+    )
+    assert (
+        nearest_setting(z, 2.5).label() == "2-bit g32 zero-point"
+        and nearest_setting(z, 2.5).bpw == 2.5625
+    )
+    assert (
+        nearest_setting(z, 3.0).label() == "3-bit g256 zero-point"
+        and nearest_setting(z, 3.0).bpw == 3 + 19 / 256
+    )
 
 
 @pytest.fixture(scope="module")
-def compare_run(hf, texts, tmp_path_factory):  # noqa: F811
+def compare_run(hf, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "out"
-    code = compare.main(base_args(hf[0], out, texts[0], f"--config.eval_text={texts[1]}", "--targets=3.0"))
+    code = compare.main(
+        base_args(hf[0], out, texts[0], f"--config.eval_text={texts[1]}", "--targets=3.0")
+    )
     assert code == 0
     return json.loads((out / "compare.json").read_text()), out
 
@@ -105,17 +117,23 @@ def test_compare_all_methods(compare_run):
     for m in ("rtn", "gptq"):
         assert rows[m]["within_tolerance"] and rows[m]["setting"] == "2-bit g16", rows[m]
     for m in ("rtn_asym", "gptq_asym"):
-        # The tiny model's rows are shorter than 256: the setting nearest 3.0 and its bpw follow them.
+        # The tiny model's rows are shorter than 256: the setting nearest 3.0 and its bpw follow
+        # them.
         assert rows[m]["setting"].endswith("zero-point"), rows[m]
-        assert rows[m]["within_tolerance"] == (abs(rows[m]["effective_bpw_experts"] - 3.0) <= 0.05 + 1e-9)
+        assert rows[m]["within_tolerance"] == (
+            abs(rows[m]["effective_bpw_experts"] - 3.0) <= 0.05 + 1e-9
+        )
     assert rows["gptq"]["time_ratio_to_gptq"] == 1.0
-    assert all(np.isfinite(r["kl_divergence"]) and r["kl_divergence"] >= -1e-6 for r in rows.values())
+    assert all(
+        np.isfinite(r["kl_divergence"]) and r["kl_divergence"] >= -1e-6 for r in rows.values()
+    )
     counts = {r["eval_tokens"] for r in rows.values()}
     assert len(counts) == 1  # every method on the same tokens
 
 
-def test_kquant_on_rows_shorter_than_a_super_block(compare_run, hf, texts, tmp_path, capsys):  # noqa: F811
-    """The tiny model's experts (D = F = 128) cannot be K-quantized: left out of the default list with
+def test_kquant_on_rows_shorter_than_a_super_block(compare_run, hf, texts, tmp_path, capsys):
+    """The tiny model's experts (D = F = 128) cannot be K-quantized: left out of the default list
+    with
     a note (the fixture's run above has no kquant row), an error before any work when asked for."""
     out = tmp_path / "k"
     assert compare.main(base_args(hf[0], out, texts[0], "--methods=kquant")) == 2
@@ -126,21 +144,57 @@ def test_kquant_on_rows_shorter_than_a_super_block(compare_run, hf, texts, tmp_p
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq_asym", "expertwise"])
-def test_quantize_cli_baselines(method, hf, texts, tmp_path):  # noqa: F811
+def test_quantize_cli_baselines(method, hf, texts, tmp_path):
     out = tmp_path / method
-    code = quantize.main(base_args(hf[0], out, texts[0], f"--config.method={method}", "--config.budget_bits=3.0",
-                                   f"--config.eval_text={texts[1]}"))
+    code = quantize.main(
+        base_args(
+            hf[0],
+            out,
+            texts[0],
+            f"--config.method={method}",
+            "--config.budget_bits=3.0",
+            f"--config.eval_text={texts[1]}",
+        )
+    )
     assert code == 0
     rep = read_report(out)
-    for k in ("method", "budget_bits", "effective_bpw_experts", "effective_bpw_model", "perplexity_fp",
-              "perplexity_q", "kl_divergence", "top1_agreement", "time_s"):
+    for k in (
+        "method",
+        "budget_bits",
+        "effective_bpw_experts",
+        "effective_bpw_model",
+        "perplexity_fp",
+        "perplexity_q",
+        "kl_divergence",
+        "top1_agreement",
+        "time_s",
+    ):
         assert k in rep, k
     assert rep["method"] == method
-    # Symmetric settings land on 3.0 exactly; the zero-point grid's nearest is 2-bit g16 (2 + 18/16).
-    assert rep["effective_bpw_experts"] == (3.125 if method.endswith("_asym") else pytest.approx(rep["effective_bpw_experts"]))
+    # Symmetric settings land on 3.0 exactly; the zero-point grid's nearest is 2-bit g16 (2 +
+    # 18/16).
+    assert rep["effective_bpw_experts"] == (
+        3.125 if method.endswith("_asym") else pytest.approx(rep["effective_bpw_experts"])
+    )
     assert method.endswith("_asym") or rep["effective_bpw_experts"] <= 3.0 + 1e-9
     js = tmp_path / "eval.json"
-    assert evaluate.main(["--model", str(out), "--text", str(texts[1]), "--seq-len", "64", "--reference", str(hf[0]),
-                          "--json", str(js), "--no-progress"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(out),
+                "--text",
+                str(texts[1]),
+                "--seq-len",
+                "64",
+                "--reference",
+                str(hf[0]),
+                "--json",
+                str(js),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ev = json.loads(js.read_text())
     assert ev["kl_divergence"] == pytest.approx(rep["kl_divergence"], rel=1e-4, abs=1e-7)

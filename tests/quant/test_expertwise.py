@@ -74,8 +74,10 @@ def test_allocation_is_largest_count_within_budget(e, group_size, budget):
     target = Fraction(budget) - overhead
     low = int(target // 1)
     high = low + 1
+
     def mean_bpw(n):
         return Fraction(e * low + n * (high - low), e) + overhead
+
     feasible = [n for n in range(e + 1) if mean_bpw(n) <= Fraction(budget)]
     n_ref = max(feasible)
     assert set(np.unique(bits)) <= {low, high}
@@ -86,9 +88,11 @@ def test_allocation_is_largest_count_within_budget(e, group_size, budget):
 
 
 def test_explicit_low_high_bits():
-    bits = allocate_expert_bits(_scores([0.5, 0.1, 0.3, 0.2]), 3.125 + 0.5, low_bits=2, high_bits=4,
-                                group_size=128)
-    # mean code bits 3.5 allowed: 2 + n * 2 / 4 <= 3.5 -> n = 3; largest change (expert 0) stays low.
+    bits = allocate_expert_bits(
+        _scores([0.5, 0.1, 0.3, 0.2]), 3.125 + 0.5, low_bits=2, high_bits=4, group_size=128
+    )
+    # mean code bits 3.5 allowed: 2 + n * 2 / 4 <= 3.5 -> n = 3; largest change (expert 0) stays
+    # low.
     np.testing.assert_array_equal(bits, [2, 4, 4, 4])
 
 
@@ -124,13 +128,17 @@ def test_planted_high_variance_expert_gets_high_bits():
     gate, up, down = _experts(e, seed=3)
     rng = np.random.default_rng(4)
     router = rng.normal(0, 0.02, (D, e))
-    router *= np.linspace(1.0, 3.0, e) / np.linalg.norm(router, axis=0)  # norms ascending with index
+    router *= np.linspace(1.0, 3.0, e) / np.linalg.norm(
+        router, axis=0
+    )  # norms ascending with index
     up[6, :, 3] *= 25.0  # one wide neuron in expert 6 (large router norm)
     default = expert_scores(router, gate, up, down)  # quantile 0.75: two of eight protected
     assert default.high_variance[6] and default.high_variance.sum() == 2
     bits = allocate_expert_bits(default, 2 + 1 / e + 0.125, group_size=128)
     protected = np.flatnonzero(default.high_variance)
-    assert np.flatnonzero(bits == 3).tolist() == [protected[np.argmin(default.router_change[protected])]]
+    assert np.flatnonzero(bits == 3).tolist() == [
+        protected[np.argmin(default.router_change[protected])]
+    ]
     s = expert_scores(router, gate, up, down, variance_quantile=0.875)  # only the maximum
     np.testing.assert_array_equal(np.flatnonzero(s.high_variance), [6])
     assert not s.exact
@@ -198,7 +206,9 @@ def test_expertwise_quantize_matches_per_expert_rtn():
             np.testing.assert_array_equal(out[name][i], rtn_quantize(w[i], int(bits[i]), g, 0))
     # Different bits really give different grids: 4-bit experts are closer to the original.
     err = [np.abs(out["gate"][i] - gate[i]).mean() for i in range(e)]
-    assert max(err[i] for i in range(e) if bits[i] == 4) < min(err[i] for i in range(e) if bits[i] == 3)
+    assert max(err[i] for i in range(e) if bits[i] == 4) < min(
+        err[i] for i in range(e) if bits[i] == 3
+    )
     # Groups run along the contraction axis, as apply_rtn's axis=1 on the stacked [E, ...] arrays.
     same = [i for i in range(e) if bits[i] == bits[0]]
     np.testing.assert_array_equal(out["down"][same], rtn_quantize(down[same], int(bits[0]), g, 1))
@@ -214,7 +224,9 @@ def test_expertwise_quantize_custom_quantizer_calls():
         calls.append((w.shape, bits, group_size, axis))
         return np.full_like(w, float(bits))
 
-    out = expertwise_quantize(gate, up, down, router, 2 + 1 / e + 0.25, group_size=64, quantizer=quantizer)
+    out = expertwise_quantize(
+        gate, up, down, router, 2 + 1 / e + 0.25, group_size=64, quantizer=quantizer
+    )
     assert len(calls) == 3 * e
     assert all(c[2] == 64 and c[3] == 0 for c in calls)
     assert {c[0] for c in calls} == {(D, F), (F, D)}

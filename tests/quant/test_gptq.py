@@ -1,4 +1,5 @@
-"""GPTQ baseline: beats RTN on correlated inputs, stays on the RTN grid, matches a float64 textbook loop."""
+"""GPTQ baseline: beats RTN on correlated inputs, stays on the RTN grid, matches a float64 textbook
+loop."""
 
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ def _textbook_grid(grp, bits, zero_point):
         return _bf16(np.abs(grp).max(0) / (2 ** (bits - 1) - 1)), np.zeros(grp.shape[1])
     lo, hi = np.minimum(grp.min(0), 0.0), np.maximum(grp.max(0), 0.0)
     scale = _bf16((hi - lo) / (2**bits - 1))
-    zero = np.array([np.clip(np.rint(-l / s), 0, 2**bits - 1) if s > 0 else 0.0 for l, s in zip(lo, scale)])
+    zero = np.array(
+        [
+            np.clip(np.rint(-low / s), 0, 2**bits - 1) if s > 0 else 0.0
+            for low, s in zip(lo, scale, strict=False)
+        ]
+    )
     return scale, zero
 
 
@@ -87,7 +93,9 @@ def _out_err(x, w, wq) -> float:
 def test_gptq_beats_rtn_on_layer_output(problem, group_size, act_order, zero_point):
     x, w, h = problem
     for bits in (2, 3, 4):
-        wq = np.asarray(gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, zero_point=zero_point))
+        wq = np.asarray(
+            gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, zero_point=zero_point)
+        )
         e_gptq = _out_err(x, w, wq)
         e_rtn = _out_err(x, w, rtn_quantize(w, bits, group_size, axis=0, zero_point=zero_point))
         assert e_gptq < 0.8 * e_rtn, (bits, group_size, act_order, e_gptq, e_rtn)
@@ -108,15 +116,19 @@ def test_gptq_values_on_grid(problem, bits, group_size, act_order):
             amax = np.abs(col).max()
             if amax == 0:
                 continue
-            # The scale is a bf16 number s with every value an integer multiple of s in [qmin, qmax].
-            # The largest |value| is |c|·s for some integer 1 ≤ |c| ≤ 2^(b-1): try each.
+            # The scale is a bf16 number s with every value an integer multiple of s in [qmin,
+            # qmax]. The largest |value| is |c|·s for some integer 1 ≤ |c| ≤ 2^(b-1): try each.
             ok = False
             for c in range(1, qmax + 2):
                 s = amax / c
                 if _bf16(s) != s:
                     continue
                 codes = col / s
-                if np.allclose(codes, np.rint(codes), atol=1e-6) and codes.min() >= qmin - 1e-6 and codes.max() <= qmax + 1e-6:
+                if (
+                    np.allclose(codes, np.rint(codes), atol=1e-6)
+                    and codes.min() >= qmin - 1e-6
+                    and codes.max() <= qmax + 1e-6
+                ):
                     ok = True
                     break
             assert ok, (g0, n, col)
@@ -128,9 +140,18 @@ def test_gptq_values_on_grid(problem, bits, group_size, act_order):
 def test_identity_hessian_equals_rtn(problem, bits, group_size, act_order, zero_point):
     _, w, _ = problem
     wq = np.asarray(
-        gptq_quantize_matrix(w, np.eye(K, dtype=np.float32), bits, group_size, act_order=act_order, zero_point=zero_point)
+        gptq_quantize_matrix(
+            w,
+            np.eye(K, dtype=np.float32),
+            bits,
+            group_size,
+            act_order=act_order,
+            zero_point=zero_point,
+        )
     )
-    np.testing.assert_array_equal(wq, rtn_quantize(w, bits, group_size, axis=0, zero_point=zero_point))
+    np.testing.assert_array_equal(
+        wq, rtn_quantize(w, bits, group_size, axis=0, zero_point=zero_point)
+    )
 
 
 @pytest.mark.parametrize(
@@ -141,8 +162,12 @@ def test_blocked_equals_unblocked(problem, bits, group_size, act_order, block):
     """block 48: groups of 16 inside blocks, last block shorter; block 12 with g=64: the block is
     shrunk to 8 and groups span several blocks; 16 with g=64: groups span four blocks."""
     x, w, h = problem
-    full = np.asarray(gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, block_size=128))
-    blk = np.asarray(gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, block_size=block))
+    full = np.asarray(
+        gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, block_size=128)
+    )
+    blk = np.asarray(
+        gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, block_size=block)
+    )
     # Same arithmetic in another order: equal to float tolerance. A value sitting on a rounding
     # boundary (a code or a bf16 scale tie) may flip by one grid step; allow that only for a tiny
     # fraction of entries, and require the same layer-output error.
@@ -154,8 +179,13 @@ def test_blocked_equals_unblocked(problem, bits, group_size, act_order, block):
 @pytest.mark.parametrize(
     "bits,group_size,act_order,block,zero_point",
     [
-        (3, 16, False, 128, False), (2, 16, True, 128, False), (2, K, True, 12, False), (4, 16, True, 48, False),
-        (2, 16, False, 128, True), (3, K, True, 12, True), (2, 16, True, 48, True),
+        (3, 16, False, 128, False),
+        (2, 16, True, 128, False),
+        (2, K, True, 12, False),
+        (4, 16, True, 48, False),
+        (2, 16, False, 128, True),
+        (3, K, True, 12, True),
+        (2, 16, True, 48, True),
     ],
 )
 def test_matches_float64_textbook(problem, bits, group_size, act_order, block, zero_point):
@@ -163,7 +193,9 @@ def test_matches_float64_textbook(problem, bits, group_size, act_order, block, z
     h = h.copy()
     h[5, :] = h[:, 5] = 0.0  # one dead input
     got = np.asarray(
-        gptq_quantize_matrix(w, h, bits, group_size, act_order=act_order, block_size=block, zero_point=zero_point),
+        gptq_quantize_matrix(
+            w, h, bits, group_size, act_order=act_order, block_size=block, zero_point=zero_point
+        ),
         np.float64,
     )
     ref = _textbook_gptq(w, h, bits, group_size, act_order=act_order, zero_point=zero_point)
@@ -182,7 +214,9 @@ def test_expert_hessians_against_token_loop():
     x = rng.normal(size=(n, d)).astype(np.float32)
     gate = rng.normal(size=(e, d, f)).astype(np.float32) / np.sqrt(d)
     up = rng.normal(size=(e, d, f)).astype(np.float32) / np.sqrt(d)
-    idx = np.stack([rng.choice(3, size=2, replace=False) for _ in range(n)]).astype(np.int32)  # expert 3 unused
+    idx = np.stack([rng.choice(3, size=2, replace=False) for _ in range(n)]).astype(
+        np.int32
+    )  # expert 3 unused
     idx[:5, 1] = 3  # expert 3 gets 5 tokens: starved with min_tokens=16
     wts = rng.uniform(0.1, 1.0, size=idx.shape).astype(np.float32)
     h_in, h_down, tokens, starved = expert_hessians(x, idx, wts, gate, up, e, min_tokens=16)
@@ -230,7 +264,11 @@ def test_gptq_experts_beats_rtn_on_moe_output():
     y = _moe_out(x, idx, wts, gate, up, down)
     for bits, gs in ((3, 16),):
         out = gptq_quantize_experts(gate, up, down, x, idx, wts, bits, group_size=gs)
-        assert out["gate"].shape == gate.shape and out["up"].shape == up.shape and out["down"].shape == down.shape
+        assert (
+            out["gate"].shape == gate.shape
+            and out["up"].shape == up.shape
+            and out["down"].shape == down.shape
+        )
         assert all(np.all(np.isfinite(np.asarray(out[k]))) for k in ("gate", "up", "down"))
         assert out["starved"] == [] and out["bpw"] == bits + 16 / gs
         assert int(np.sum(out["tokens"])) == 2 * n
@@ -238,5 +276,8 @@ def test_gptq_experts_beats_rtn_on_moe_output():
         rtn = [rtn_quantize(m, bits, gs, axis=1) for m in (gate, up, down)]
         y_r = _moe_out(x, idx, wts, *rtn)
         err_g, err_r = float(((y - y_g) ** 2).sum()), float(((y - y_r) ** 2).sum())
-        print(f"MoE output error bits={bits} g={gs}: GPTQ {err_g:.4g}  RTN {err_r:.4g}  ratio {err_g / err_r:.3f}")
+        print(
+            f"MoE output error bits={bits} g={gs}: GPTQ {err_g:.4g}  RTN {err_r:.4g}  ratio "
+            f"{err_g / err_r:.3f}"
+        )
         assert err_g < err_r, (bits, gs, err_g, err_r)

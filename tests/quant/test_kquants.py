@@ -25,12 +25,23 @@ def test_block_sizes_are_llama_cpp_s():
         assert t.bpw == 8 * LLAMA_CPP_BLOCK_BYTES[t.name] / 256
     # never fewer bits than the target it is compared at
     picks = {x: kq.type_for_target(x).name for x in (1.0, 2.0, 2.5, 2.625, 3.0, 4.0, 5.0, 6.0, 8.0)}
-    assert picks == {1.0: "Q2_K", 2.0: "Q2_K", 2.5: "Q2_K", 2.625: "Q2_K", 3.0: "Q3_K", 4.0: "Q4_K", 5.0: "Q5_K",
-                     6.0: "Q6_K", 8.0: "Q6_K"}
+    assert picks == {
+        1.0: "Q2_K",
+        2.0: "Q2_K",
+        2.5: "Q2_K",
+        2.625: "Q2_K",
+        3.0: "Q3_K",
+        4.0: "Q4_K",
+        5.0: "Q5_K",
+        6.0: "Q6_K",
+        8.0: "Q6_K",
+    }
 
 
 def _rows(rng: np.random.Generator) -> np.ndarray:
-    x = rng.standard_normal((6, 512)).astype(np.float32) * np.exp(rng.normal(0, 1, (6, 1))).astype(np.float32)
+    x = rng.standard_normal((6, 512)).astype(np.float32) * np.exp(rng.normal(0, 1, (6, 1))).astype(
+        np.float32
+    )
     x[0, :256] = 0.0  # an all-zero super-block
     x[1, 16:48] = np.abs(x[1, 16:48]) + 0.5  # all-positive sub-blocks
     x[2, 100] = 40.0  # an outlier
@@ -49,7 +60,9 @@ def _dequantize_loop(f: dict, t: kq.KQuantType, shape: tuple[int, int]) -> np.nd
             for j in range(subs):
                 for i in range(t.sub_block):
                     c = b * 256 + j * t.sub_block + i
-                    out[r, c] = f["d"][sb] * f["sc"][sb, j] * f["q"][r, c] - f["dmin"][sb] * f["m"][sb, j]
+                    out[r, c] = (
+                        f["d"][sb] * f["sc"][sb, j] * f["q"][r, c] - f["dmin"][sb] * f["m"][sb, j]
+                    )
     return out
 
 
@@ -60,14 +73,20 @@ def test_stored_fields_reproduce_the_values(t):
     imp = np.exp(rng.normal(0, 1, 512)).astype(np.float32)
     f = kq.quantize_rows(x, imp[None, :], t)
     for k in ("d", "dmin"):
-        assert np.array_equal(f[k], f[k].astype(np.float16).astype(np.float32)), f"{k} is not an fp16 value"
+        assert np.array_equal(f[k], f[k].astype(np.float16).astype(np.float32)), (
+            f"{k} is not an fp16 value"
+        )
     qlo, qhi = t.code_range
     slo, shi = t.scale_range
     assert np.array_equal(f["q"], np.round(f["q"])) and f["q"].min() >= qlo and f["q"].max() <= qhi
-    assert np.array_equal(f["sc"], np.round(f["sc"])) and f["sc"].min() >= slo and f["sc"].max() <= shi
+    assert (
+        np.array_equal(f["sc"], np.round(f["sc"])) and f["sc"].min() >= slo and f["sc"].max() <= shi
+    )
     if t.with_min:
         assert f["d"].min() >= 0 and f["dmin"].min() >= 0
-        assert np.array_equal(f["m"], np.round(f["m"])) and f["m"].min() >= 0 and f["m"].max() <= shi
+        assert (
+            np.array_equal(f["m"], np.round(f["m"])) and f["m"].min() >= 0 and f["m"].max() <= shi
+        )
     else:
         assert not f["dmin"].any() and not f["m"].any()
     np.testing.assert_allclose(f["values"], _dequantize_loop(f, t, x.shape), rtol=1e-6, atol=1e-6)
@@ -119,7 +138,10 @@ def test_importance_moves_the_error_to_unimportant_inputs():
     t = kq.k_type("Q2_K")
     weighted = kq.kquantize(x, imp, t, axis=1, magnitude=False)
     plain = kq.kquantize(x, np.ones(256), t, axis=1, magnitude=False)
-    e = lambda v: float(np.sum(imp * (x - v) ** 2))
+
+    def e(v):
+        return float(np.sum(imp * (x - v) ** 2))
+
     assert e(weighted) < 0.8 * e(plain)
     # and along axis 0: the same rows transposed
     np.testing.assert_array_equal(kq.kquantize(x.T, imp, t, axis=0, magnitude=False), weighted.T)
@@ -128,7 +150,9 @@ def test_importance_moves_the_error_to_unimportant_inputs():
 def test_magnitude_weighting_is_llama_cpp_s():
     """importance × sqrt(σ² + w²), σ² the mean square of the weight's own super-block of 256."""
     rng = np.random.default_rng(6)
-    x = (rng.standard_normal((8, 512)) * np.where(np.arange(512) < 256, 1.0, 3.0)).astype(np.float32)
+    x = (rng.standard_normal((8, 512)) * np.where(np.arange(512) < 256, 1.0, 3.0)).astype(
+        np.float32
+    )
     imp = np.exp(rng.normal(0, 1, 512)).astype(np.float32)
     expected = np.empty_like(x)
     for r in range(8):
@@ -136,7 +160,9 @@ def test_magnitude_weighting_is_llama_cpp_s():
             blk = x[r, b : b + 256].astype(np.float64)
             expected[r, b : b + 256] = imp[b : b + 256] * np.sqrt(np.mean(blk**2) + blk**2)
     t = kq.k_type("Q3_K")
-    np.testing.assert_array_equal(kq.kquantize(x, imp, t, axis=1), kq.quantize_rows(x, expected, t)["values"])
+    np.testing.assert_array_equal(
+        kq.kquantize(x, imp, t, axis=1), kq.quantize_rows(x, expected, t)["values"]
+    )
 
 
 @pytest.mark.parametrize("name,bits,group", [("Q3_K", 3, 32), ("Q4_K", 4, 32)])
@@ -162,8 +188,10 @@ def test_expert_importance_against_token_loop():
     idx = np.stack([rng.integers(0, 3, n), np.full(n, 3)], 1).astype(np.int32)
     idx[:, 1] = np.where(np.arange(n) < 5, 3, (idx[:, 0] + 1) % 3)  # expert 3 starved: 5 tokens
     w = np.full(idx.shape, 0.5, np.float32)
-    got = {e: (np.mean(np.asarray(xe) ** 2, 0), np.mean(np.asarray(he) ** 2, 0), routed)
-           for e, xe, he, routed in expert_inputs(x, idx, w, gate, up, e_count, min_tokens=8)}
+    got = {
+        e: (np.mean(np.asarray(xe) ** 2, 0), np.mean(np.asarray(he) ** 2, 0), routed)
+        for e, xe, he, routed in expert_inputs(x, idx, w, gate, up, e_count, min_tokens=8)
+    }
     for e in range(e_count):
         toks = [t for t in range(n) if e in idx[t]]
         use = toks if len(toks) >= 8 else list(range(n))
@@ -173,7 +201,9 @@ def test_expert_importance_against_token_loop():
         assert got[e][2] == len(toks)
         np.testing.assert_allclose(got[e][0], np.mean(xs**2, 0), rtol=1e-5)
         np.testing.assert_allclose(got[e][1], np.mean(h**2, 0), rtol=1e-4, atol=1e-9)
-    out = kq.kquant_experts(gate, up, np.swapaxes(gate, 1, 2), x, idx, w, kq.k_type("Q4_K"), min_tokens=8)
+    out = kq.kquant_experts(
+        gate, up, np.swapaxes(gate, 1, 2), x, idx, w, kq.k_type("Q4_K"), min_tokens=8
+    )
     assert out["starved"] == [3] and out["bpw"] == 4.5
     assert out["gate"].shape == gate.shape and out["down"].shape == (e_count, f, d)
 
@@ -186,7 +216,9 @@ def test_clear_errors():
     bad[1, 7] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         kq.quantize_rows(bad, 1.0, t)
-    with pytest.raises(ValueError, match=r"Q2_K: weights up to \|3e\+06\| overflow the format's fp16"):
+    with pytest.raises(
+        ValueError, match=r"Q2_K: weights up to \|3e\+06\| overflow the format's fp16"
+    ):
         kq.quantize_rows(np.full((1, 256), 3e6, np.float32), 1.0, t)
     with pytest.raises(ValueError, match="importance has 3 entries"):
         kq.kquantize(np.zeros((256, 4), np.float32), np.ones(3), t, axis=0)

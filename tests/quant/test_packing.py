@@ -75,7 +75,9 @@ def test_out_of_range_codes_are_rejected():
         pk.pack_bitplanes(np.array([0.5]), 4)
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     bits=st.integers(1, 8),
     n=st.integers(1, 200),
@@ -108,9 +110,13 @@ def _units(k: int, n: int, seed: int) -> np.ndarray:
     return (rng.standard_normal((k, n)) * rng.lognormal(0, 1, (k, 1))).astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk_elements", [pk.CHUNK_ELEMENTS, 500])  # 500: chunks of 2 rows, the last one padded
+@pytest.mark.parametrize(
+    "chunk_elements", [pk.CHUNK_ELEMENTS, 500]
+)  # 500: chunks of 2 rows, the last one padded
 @pytest.mark.parametrize("n,group_size", [(200, 64), (96, 128)])
-def test_packed_matrix_dequantizes_like_per_unit_quantizer(n, group_size, chunk_elements, monkeypatch):
+def test_packed_matrix_dequantizes_like_per_unit_quantizer(
+    n, group_size, chunk_elements, monkeypatch
+):
     monkeypatch.setattr(pk, "CHUNK_ELEMENTS", chunk_elements)
     k = 14
     x = _units(k, n, n)
@@ -125,11 +131,15 @@ def test_packed_matrix_dequantizes_like_per_unit_quantizer(n, group_size, chunk_
     got = np.asarray(pk.dequantize_packed(pm))
     assert got.shape == (k, n)
     for i, b in enumerate(bits):
-        expect = np.asarray(qz.quantize_dequantize(x[i : i + 1], int(b), group_size, w[i : i + 1]))[0]
+        expect = np.asarray(qz.quantize_dequantize(x[i : i + 1], int(b), group_size, w[i : i + 1]))[
+            0
+        ]
         np.testing.assert_array_equal(got[i], expect, err_msg=f"unit {i} at {b} bits")
     np.testing.assert_array_equal(got[bits == 0], 0.0)
     # a PackedMatrix is a pytree: dequantize under jit gives the same result
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda m: pk.dequantize_packed(m) * 1.0)(pm)), got)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda m: pk.dequantize_packed(m) * 1.0)(pm)), got
+    )
     leaves = jax.tree_util.tree_leaves(pm)
     assert len(leaves) == 1 + 2 * len(pm.seg_bits)
 
@@ -180,16 +190,21 @@ def test_pack_segments_single_width_and_validation():
 
 
 def test_units_quantized_in_disjoint_row_sets_pack_like_one_call():
-    """What a multi-process run does: each process quantizes its experts' rows, the results are merged."""
+    """What a multi-process run does: each process quantizes its experts' rows, the results are
+    merged."""
     k, n, gs = 12, 96, 32
     x = _units(k, n, 7)
     w = np.random.default_rng(8).gamma(0.7, size=(k, n)).astype(np.float32)
     bits = np.array([3, 0, 16, 1, 2, 8, 3, 0, 5, 2, 4, 6])
     whole = pk.pack_segments(x, bits, gs, w)
     parts = [pk.quantize_units(x, bits, gs, w, rows=np.arange(lo, lo + 4)) for lo in (0, 4, 8)]
-    codes = sum(c.astype(np.int32) for c, _ in parts).astype(np.int8)  # disjoint rows: the others are zeros
+    codes = sum(c.astype(np.int32) for c, _ in parts).astype(
+        np.int8
+    )  # disjoint rows: the others are zeros
     scales = sum(s for _, s in parts)
     merged = pk.pack_segments(x, bits, gs, w, quantized=(codes, scales))
-    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(merged)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(merged), strict=False
+    ):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     assert not parts[0][0][4:].any() and not parts[0][1][4:].any()

@@ -1,7 +1,8 @@
-"""End to end: `python -m bitsmoe_jax.quantize` on a tiny Hugging Face Mixtral, checked from the files.
+"""End to end: `python -m bitsmoe_jax.quantize` on a tiny Hugging Face Mixtral, checked from the
+files.
 
-The model: transformers' Mixtral (hidden 128, 2 layers, 8 experts, top-2, expert width 128, vocab 2048
-with the tokenizer of the shipped reference model), weights N(0, 0.05). Independent references:
+The model: transformers' Mixtral (hidden 128, 2 layers, 8 experts, top-2, expert width 128, vocab
+2048 with the tokenizer of the shipped reference model), weights N(0, 0.05). Independent references:
 
 * bits per weight recounted from the stored arrays (orbax items read with `checkpoint.load_tree`);
 * the model's total parameter count from the PyTorch model;
@@ -16,84 +17,33 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from bitsmoe_jax import evaluate, quantize
 from bitsmoe_jax.checkpoint import load_tree
 from bitsmoe_jax.quant.coefficients import PROJECTIONS
-from bitsmoe_jax.train_reference import REFERENCE_DIR
-
-import torch
-import transformers
-
-REF_TOKENIZER = REFERENCE_DIR
-ROOT = Path(__file__).resolve().parents[2]
-TINY_CONFIG = str(ROOT / "configs" / "tiny.py")
-E, D, F, LAYERS, VOCAB = 8, 128, 128, 2, 2048
-SEQ = 64
-REPORT_KEYS = (
-    "method", "budget_bits", "effective_bpw_experts", "effective_bpw_model", "perplexity_fp", "perplexity_q",
-    "kl_divergence", "top1_agreement", "time_s", "layers", "starved_experts", "allocation_gaps",
+from tests.quant.tiny_mixtral import (
+    LAYERS,
+    REPORT_KEYS,
+    SEQ,
+    STAGES,
+    VOCAB,
+    D,
+    E,
+    F,
+    base_args,
+    read_report,
 )
-STAGES = ("tokenize", "forward", "basis", "calibration", "coefficients", "allocation", "pack", "write", "evaluate")
 
 
-# ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
-    """(directory, torch model) of the tiny Mixtral, tokenizer files copied from the shipped reference model."""
-    torch.set_num_threads(2)
-    out = tmp_path_factory.mktemp("hf_mixtral")
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=2, max_position_embeddings=512,
-        tie_word_embeddings=False, sliding_window=None,
-    )
-    cfg._attn_implementation = "eager"
-    model = transformers.MixtralForCausalLM(cfg).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen) * 0.05
-            p.copy_(noise + 1.0 if ("norm" in name and p.ndim == 1) else noise)
-    model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(REF_TOKENIZER / f, out / f)
-    return out, model
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    """A short calibration text (a slice of shakespeare_train) and a short evaluation text."""
-    from bitsmoe_jax.data import read_text
-
-    d = tmp_path_factory.mktemp("texts")
-    (d / "calib.txt").write_text(read_text("shakespeare_train")[:60_000])
-    (d / "eval.txt").write_text(read_text("shakespeare_test")[5_000:6_200])
-    return d / "calib.txt", d / "eval.txt"
-
-
-def base_args(model_dir, out_dir, calib, *extra):
-    return [
-        "--config", TINY_CONFIG,
-        f"--config.model_path={model_dir}",
-        f"--config.output_dir={out_dir}",
-        "--config.num_calib_tokens=1024",
-        f"--config.seq_len={SEQ}",
-        "--config.eval_max_tokens=1024",
-        "--config.group_size=64",
-        f"--config.calib_text={calib}",
-        *extra,
-    ]
-
-
+# ------------------------------------------------------------------------------------------
+# fixtures (hf and texts: conftest.py)
 @pytest.fixture(scope="module")
 def main_run(hf, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "out"
@@ -102,17 +52,10 @@ def main_run(hf, texts, tmp_path_factory):
     return out
 
 
-def read_report(d):
-    """report.json with timings.json merged back (run timings are kept out of report.json so reruns compare equal)."""
-    r = json.loads((Path(d) / "report.json").read_text())
-    assert "time_s" not in r
-    r.update(json.loads((Path(d) / "timings.json").read_text()))
-    return r
-
-
 # --------------------------------------------------------------------------- independent references
 def stored_expert_bits(qdir: Path) -> tuple[int, int]:
-    """(bits of every stored array of the expert path, bits of every stored dense array), from the files."""
+    """(bits of every stored array of the expert path, bits of every stored dense array), from the
+    files."""
     meta = json.loads((qdir / "quantized.json").read_text())
     expert_bits = 0
     dense_bits = 0
@@ -132,7 +75,9 @@ def stored_expert_bits(qdir: Path) -> tuple[int, int]:
             f = q["factors"][p]
             for a in f["payload"].values():
                 assert a.dtype in (np.uint32, jnp.bfloat16), a.dtype
-                expert_bits += a.size * a.dtype.itemsize * 8  # uint32 words at 32, bf16 values at 16
+                expert_bits += (
+                    a.size * a.dtype.itemsize * 8
+                )  # uint32 words at 32, bf16 values at 16
             for a in f["scales"].values():
                 assert a.dtype.itemsize == 2
                 expert_bits += a.size * 16
@@ -156,7 +101,11 @@ def windows(n, length=SEQ):
 
 def torch_logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits.double().numpy()
+        return (
+            model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False)
+            .logits.double()
+            .numpy()
+        )
 
 
 def metrics_from_logits(tokens, q_fn, ref_fn):
@@ -179,8 +128,13 @@ def metrics_from_logits(tokens, q_fn, ref_fn):
             kl += np.sum(np.exp(rp) * (rp - lp))
             agree += float(np.argmax(lq[r, i]) == np.argmax(lr[r, i]))
             n += 1
-    return {"perplexity_q": math.exp(nll_q / n), "perplexity_fp": math.exp(nll_r / n), "kl_divergence": kl / n,
-            "top1_agreement": agree / n, "tokens": n}
+    return {
+        "perplexity_q": math.exp(nll_q / n),
+        "perplexity_fp": math.exp(nll_r / n),
+        "kl_divergence": kl / n,
+        "top1_agreement": agree / n,
+        "tokens": n,
+    }
 
 
 def quantized_logits_fn(qdir):
@@ -207,7 +161,7 @@ def test_outputs_reports_and_pareto(main_run):
     pareto = (main_run / "pareto.md").read_text()
     assert "2.0000" in pareto and "3.0000" in pareto
     reports = [read_report(main_run / d) for d in ("bpw_2.00", "bpw_3.00")]
-    for budget, r in zip((2.0, 3.0), reports):
+    for budget, r in zip((2.0, 3.0), reports, strict=False):
         for key in REPORT_KEYS:
             assert key in r, key
         assert r["method"] == "bitsmoe" and r["budget_bits"] == budget
@@ -218,10 +172,17 @@ def test_outputs_reports_and_pareto(main_run):
         for i, layer in r["layers"].items():
             hist = layer["bits_histogram"]
             assert sum(hist.values()) == 3 * E * D  # every unit of the three projections
-            alloc = load_tree(main_run / f"bpw_{budget:.2f}" / "params" / f"layer_{int(i):03d}")["allocation"]
-            alloc_counts = np.bincount(np.concatenate([alloc[p].ravel() for p in PROJECTIONS]).astype(np.int64), minlength=17)
+            alloc = load_tree(main_run / f"bpw_{budget:.2f}" / "params" / f"layer_{int(i):03d}")[
+                "allocation"
+            ]
+            alloc_counts = np.bincount(
+                np.concatenate([alloc[p].ravel() for p in PROJECTIONS]).astype(np.int64),
+                minlength=17,
+            )
             assert {b: int(alloc_counts[int(b)]) for b in hist} == {b: n for b, n in hist.items()}
-            assert layer["kept_components"] == {p: int(np.any(alloc[p] > 0, axis=0).sum()) for p in PROJECTIONS}
+            assert layer["kept_components"] == {
+                p: int(np.any(alloc[p] > 0, axis=0).sum()) for p in PROJECTIONS
+            }
             assert all(g >= 0 for g in r["allocation_gaps"][i])
         assert isinstance(r["starved_experts"], dict)
         assert (main_run / f"bpw_{budget:.2f}" / "report.md").is_file()
@@ -243,8 +204,10 @@ def test_effective_bits_recounted_from_files(main_run, hf, budget):
     assert r["effective_bpw_experts"] == pytest.approx(expert_bits / expert_weights, rel=1e-12)
     assert r["effective_bpw_experts"] > 0.9 * budget  # the budget is used, not wasted
     total_params = sum(p.numel() for p in hf[1].parameters())
-    assert r["effective_bpw_model"] == pytest.approx((expert_bits + dense_bits) / total_params, rel=1e-12)
-    for i, layer in r["layers"].items():
+    assert r["effective_bpw_model"] == pytest.approx(
+        (expert_bits + dense_bits) / total_params, rel=1e-12
+    )
+    for layer in r["layers"].values():
         assert layer["num_weights"] == 3 * E * D * F
         assert layer["bpw"] <= budget + 1e-9  # layer scope: every layer within the budget
 
@@ -277,8 +240,14 @@ def test_pallas_kernels_on_the_quantized_checkpoint(main_run, budget):
     model, _ = load_quantized(qdir, implementation="xla")
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 7))
     want = np.asarray(jit_logits(model)(ids))
-    blocks = [layer.mlp.experts for layer in model.layers if isinstance(layer.mlp.experts, QuantizedExperts)]
-    if budget == 2.0:  # the layers kept different numbers of components: the shared shape pads the rank too
+    blocks = [
+        layer.mlp.experts
+        for layer in model.layers
+        if isinstance(layer.mlp.experts, QuantizedExperts)
+    ]
+    if (
+        budget == 2.0
+    ):  # the layers kept different numbers of components: the shared shape pads the rank too
         assert len({tuple(b.rank(p) for p in PROJECTIONS) for b in blocks}) == 2
     assert plan_kernel_shapes(blocks, "triton", max_padding=_math.inf).num_groups == 1
     set_implementation(model, "pallas", backend="triton", max_padding=_math.inf)
@@ -293,7 +262,9 @@ def test_report_metrics_equal_independent_recomputation(main_run, hf):
     for budget in (2.0, 3.0):
         qdir = main_run / f"bpw_{budget:.2f}"
         r = read_report(qdir)
-        m = metrics_from_logits(tokens, quantized_logits_fn(qdir), lambda ids: torch_logits(hf[1], ids))
+        m = metrics_from_logits(
+            tokens, quantized_logits_fn(qdir), lambda ids: torch_logits(hf[1], ids)
+        )
         assert r["eval_tokens"] == m["tokens"] == 16 * (SEQ - 1)
         assert r["perplexity_fp"] == pytest.approx(m["perplexity_fp"], rel=1e-4)
         assert r["perplexity_q"] == pytest.approx(m["perplexity_q"], rel=1e-4)
@@ -352,14 +323,27 @@ def test_sequential_calibrates_later_layers_on_quantized_outputs(main_run, hf, t
     calib = calibration_tokens(str(hf[0]), str(texts[0]), 1024, SEQ)
     model, _ = load_model(hf[0])
     qmodel, _ = load_quantized(main_run / "bpw_2.00")
-    model.layers[0].mlp.experts = qmodel.layers[0].mlp.experts  # float32 attention, quantized layer-0 experts
+    model.layers[0].mlp.experts = qmodel.layers[
+        0
+    ].mlp.experts  # float32 attention, quantized layer-0 experts
     expected = _layer1_moe_input_counts(model, calib)
     with torch.no_grad():
-        out = hf[1](input_ids=torch.as_tensor(calib, dtype=torch.long), output_router_logits=True, use_cache=False)
+        out = hf[1](
+            input_ids=torch.as_tensor(calib, dtype=torch.long),
+            output_router_logits=True,
+            use_cache=False,
+        )
     original = counts_from_logits(out.router_logits[1].numpy())
-    print("layer-1 tokens per expert: quantized layer 0", expected.tolist(), "original", original.tolist())
+    print(
+        "layer-1 tokens per expert: quantized layer 0",
+        expected.tolist(),
+        "original",
+        original.tolist(),
+    )
     for budget in (2.0, 3.0):  # later budgets reuse the first budget's calibration
-        got = np.array(read_report(main_run / f"bpw_{budget:.2f}")["layers"]["1"]["tokens_per_expert"])
+        got = np.array(
+            read_report(main_run / f"bpw_{budget:.2f}")["layers"]["1"]["tokens_per_expert"]
+        )
         assert np.abs(got - expected).sum() <= 2, (got, expected)
     assert np.abs(original - expected).sum() > 4  # the two references are distinguishable
 
@@ -367,8 +351,17 @@ def test_sequential_calibrates_later_layers_on_quantized_outputs(main_run, hf, t
 @pytest.fixture(scope="module")
 def unsequential_run(hf, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("q_nonseq") / "out"
-    code = quantize.main(base_args(hf[0], out, texts[0], "--config.budget_bits=2.5", "--config.sequential=False",
-                                   "--config.allocator=greedy", "--config.eval_text="))
+    code = quantize.main(
+        base_args(
+            hf[0],
+            out,
+            texts[0],
+            "--config.budget_bits=2.5",
+            "--config.sequential=False",
+            "--config.allocator=greedy",
+            "--config.eval_text=",
+        )
+    )
     assert code == 0
     return out
 
@@ -379,12 +372,19 @@ def test_sequential_false(unsequential_run, hf, texts):
     r = read_report(unsequential_run)
     assert r["effective_bpw_experts"] <= 2.5 + 1e-9
     expert_bits, _ = stored_expert_bits(unsequential_run)
-    assert r["effective_bpw_experts"] == pytest.approx(expert_bits / (3 * E * D * F * LAYERS), rel=1e-12)
+    assert r["effective_bpw_experts"] == pytest.approx(
+        expert_bits / (3 * E * D * F * LAYERS), rel=1e-12
+    )
     assert "kl_divergence" not in r  # evaluation was switched off
-    # layer 1 was calibrated on the original model's activations: PyTorch's routing of the same windows
+    # layer 1 was calibrated on the original model's activations: PyTorch's routing of the same
+    # windows
     calib = calibration_tokens(str(hf[0]), str(texts[0]), 1024, SEQ)
     with torch.no_grad():
-        out = hf[1](input_ids=torch.as_tensor(calib, dtype=torch.long), output_router_logits=True, use_cache=False)
+        out = hf[1](
+            input_ids=torch.as_tensor(calib, dtype=torch.long),
+            output_router_logits=True,
+            use_cache=False,
+        )
     for i in range(LAYERS):
         got = np.array(r["layers"][str(i)]["tokens_per_expert"])
         assert np.abs(got - counts_from_logits(out.router_logits[i].numpy())).sum() <= 2
@@ -393,8 +393,17 @@ def test_sequential_false(unsequential_run, hf, texts):
 def test_budget_scope_model(hf, texts, tmp_path):
     out = tmp_path / "out"
     budget = 2.25
-    code = quantize.main(base_args(hf[0], out, texts[0], f"--config.budget_bits={budget}", "--config.budget_scope=model",
-                                   "--config.allocator=greedy", "--config.eval_text="))
+    code = quantize.main(
+        base_args(
+            hf[0],
+            out,
+            texts[0],
+            f"--config.budget_bits={budget}",
+            "--config.budget_scope=model",
+            "--config.allocator=greedy",
+            "--config.eval_text=",
+        )
+    )
     assert code == 0
     r = read_report(out)
     expert_bits, _ = stored_expert_bits(out)
@@ -402,7 +411,7 @@ def test_budget_scope_model(hf, texts, tmp_path):
     assert expert_bits <= budget * total_weights
     assert r["effective_bpw_experts"] == pytest.approx(expert_bits / total_weights, rel=1e-12)
     assert r["effective_bpw_experts"] > 0.9 * budget
-    per_layer = {i: l["bpw"] for i, l in r["layers"].items()}
+    per_layer = {i: lay["bpw"] for i, lay in r["layers"].items()}
     assert sum(per_layer.values()) / LAYERS == pytest.approx(r["effective_bpw_experts"], rel=1e-12)
     print("model scope: per-layer bpw", per_layer)
 
@@ -411,12 +420,20 @@ def test_impossible_budget_exits_2_and_leaves_nothing(hf, texts, tmp_path, capsy
     parent = tmp_path / "outputs"
     parent.mkdir()
     out = parent / "q"
-    code = quantize.main(base_args(hf[0], out, texts[0], "--config.budget_bits=0.01", "--config.allocator=greedy",
-                                   "--config.eval_text="))
+    code = quantize.main(
+        base_args(
+            hf[0],
+            out,
+            texts[0],
+            "--config.budget_bits=0.01",
+            "--config.allocator=greedy",
+            "--config.eval_text=",
+        )
+    )
     assert code == 2
     err = capsys.readouterr().err
-    # the minimum this layer needs: its three shared 8-bit bases (int8 codes + a bf16 scale per row) and
-    # permutations at full rank, every unit at 0 bits
+    # the minimum this layer needs: its three shared 8-bit bases (int8 codes + a bf16 scale per row)
+    # and permutations at full rank, every unit at 0 bits
     minimum = 3 * (8 * D * D + 16 * D + E * D * math.ceil(math.log2(E * D))) / (3 * E * D * F)
     assert "budget 0.01" in err and f"minimum of {minimum:.4f}" in err, err
     assert list(parent.iterdir()) == []  # no output directory, no hidden temporary one
@@ -445,7 +462,15 @@ def test_failure_while_writing_leaves_no_directory(hf, texts, tmp_path, monkeypa
     parent = tmp_path / "outputs"
     parent.mkdir()
     with pytest.raises(RuntimeError, match="simulated"):
-        quantize.main(base_args(hf[0], parent / "q", texts[0], "--config.budget_bits=2.0", "--config.allocator=greedy",
-                                "--config.eval_text="))
+        quantize.main(
+            base_args(
+                hf[0],
+                parent / "q",
+                texts[0],
+                "--config.budget_bits=2.0",
+                "--config.allocator=greedy",
+                "--config.eval_text=",
+            )
+        )
     # no output and no hidden temporary directory; the work directory stays so that a rerun resumes
     assert [p.name for p in parent.iterdir()] == ["q.partial"]

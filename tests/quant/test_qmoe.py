@@ -2,11 +2,12 @@
 
 * `dense_weights()` against an independent reconstruction: the dequantized basis times each unit
   fake-quantized on its own by `quantizers.quantize_dequantize` (no packing, no permutation);
-* the block's forward against `models.moe.Experts` holding those dense weights, and against a float64
-  numpy loop over tokens and routed experts — bit mixes 0/1/2/3/4/8/16, experts with no tokens,
-  whole experts and whole projections at 0 bits, 8- and 16-bit bases, truncated rank;
+* the block's forward against `models.moe.Experts` holding those dense weights, and against a
+  float64 numpy loop over tokens and routed experts — bit mixes 0/1/2/3/4/8/16, experts with no
+  tokens, whole experts and whole projections at 0 bits, 8- and 16-bit bases, truncated rank;
 * `MoEBlock` with the experts swapped vs with dense dequantized experts;
-* `to_tree`/`from_tree` through `checkpoint.save_tree`/`load_tree`: bit-identical, zero-size arrays included;
+* `to_tree`/`from_tree` through `checkpoint.save_tree`/`load_tree`: bit-identical, zero-size arrays
+  included;
 * `stored_bits` against a hand count;
 * a whole model with quantized experts under `jax.jit` (`inference.jit_logits`).
 """
@@ -33,7 +34,12 @@ from bitsmoe_jax.quant.coefficients import PROJECTIONS
 from bitsmoe_jax.quant.packing import pack_segments, permutation_bits
 from bitsmoe_jax.quant.qmoe import QuantizedExperts
 
-E, D, F, G = 5, 32, 40, 16  # F is not a multiple of 32 (padded words) nor of G (a ragged last group)
+E, D, F, G = (
+    5,
+    32,
+    40,
+    16,
+)  # F is not a multiple of 32 (padded words) nor of G (a ragged last group)
 ALL_BITS = (0, 1, 2, 3, 4, 8, 16)
 
 
@@ -42,7 +48,7 @@ def orthonormal(rng, d, r):
     return q[:, :r]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_case(case):
     return build(**CASES[case])
 
@@ -55,19 +61,34 @@ def build(seed, ranks=None, basis_bits=None, bits=None, e=E, d=D, f=F, g=G):
     bases, packed, ref, unit_bits = {}, {}, {}, {}
     for p in PROJECTIONS:
         r = ranks[p]
-        stored, deq = basis_lib.quantize_basis(jnp.asarray(orthonormal(rng, d, r), jnp.float32), basis_bits[p])
-        bases[p] = {"q": np.asarray(stored.values)} | ({"scale": np.asarray(stored.scales)} if stored.scales is not None else {})
-        units = (rng.standard_normal((e, r, f)) * rng.uniform(0.2, 2.0, size=(e, r, 1))).astype(np.float32)
+        stored, deq = basis_lib.quantize_basis(
+            jnp.asarray(orthonormal(rng, d, r), jnp.float32), basis_bits[p]
+        )
+        bases[p] = {"q": np.asarray(stored.values)} | (
+            {"scale": np.asarray(stored.scales)} if stored.scales is not None else {}
+        )
+        units = (rng.standard_normal((e, r, f)) * rng.uniform(0.2, 2.0, size=(e, r, 1))).astype(
+            np.float32
+        )
         weights = rng.uniform(0.1, 3.0, size=(e, r, f)).astype(np.float32)
         # a random arrangement of a fixed multiset of widths (every width present; fewer jit shapes)
-        b = rng.permutation(np.resize(ALL_BITS, e * r)).reshape(e, r) if bits is None else bits(p, e, r)
+        b = (
+            rng.permutation(np.resize(ALL_BITS, e * r)).reshape(e, r)
+            if bits is None
+            else bits(p, e, r)
+        )
         unit_bits[p] = np.asarray(np.broadcast_to(b, (e, r)))
-        packed[p] = pack_segments(units.reshape(-1, f), unit_bits[p].reshape(-1), g, weights.reshape(-1, f))
-        # independent reconstruction: units fake-quantized at their width (no packing, no permutation)
+        packed[p] = pack_segments(
+            units.reshape(-1, f), unit_bits[p].reshape(-1), g, weights.reshape(-1, f)
+        )
+        # independent reconstruction: units fake-quantized at their width (no packing, no
+        # permutation)
         a = np.zeros((e, r, f))
         for bw in np.unique(unit_bits[p]):
             sel = unit_bits[p] == bw
-            a[sel] = np.asarray(quantizers.quantize_dequantize(units[sel], int(bw), g, weights[sel]))
+            a[sel] = np.asarray(
+                quantizers.quantize_dequantize(units[sel], int(bw), g, weights[sel])
+            )
         v = np.asarray(deq, np.float64)
         ref[p] = np.einsum("dr,erf->edf", v, a) if p != "down" else np.einsum("erf,dr->efd", a, v)
     return QuantizedExperts(e, bases, packed), ref, unit_bits, bases
@@ -110,8 +131,14 @@ CASES = {
     "mix0": dict(seed=0),
     "mix1": dict(seed=1, basis_bits={"gate": 16, "up": 8, "down": 16}),
     # expert 1 entirely dropped, down entirely at 0 bits, up all at 16 bits
-    "zeros": dict(seed=3, bits=lambda p, e, r: {"gate": np.where(np.arange(e)[:, None] == 1, 0, np.resize([1, 3, 8, 0], r)),
-                                                 "up": np.full((e, r), 16), "down": np.zeros((e, r), int)}[p]),
+    "zeros": dict(
+        seed=3,
+        bits=lambda p, e, r: {
+            "gate": np.where(np.arange(e)[:, None] == 1, 0, np.resize([1, 3, 8, 0], r)),
+            "up": np.full((e, r), 16),
+            "down": np.zeros((e, r), int),
+        }[p],
+    ),
 }
 
 
@@ -142,13 +169,25 @@ def test_forward_equals_dense_experts_from_dequantized_weights(case):
 
 
 def test_moe_block_with_swapped_experts_matches_dense_dequantized():
-    cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=D // 2, intermediate_size=F, moe_intermediate_size=F,
-                      num_experts=E, num_experts_per_tok=2)
+    cfg = ModelConfig(
+        model_type="mixtral",
+        vocab_size=64,
+        hidden_size=D,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=D // 2,
+        intermediate_size=F,
+        moe_intermediate_size=F,
+        num_experts=E,
+        num_experts_per_tok=2,
+    )
     qe, _, _, _ = build_case("mix1")
     block_q = MoEBlock(cfg, rngs=nnx.Rngs(7))
     block_d = MoEBlock(cfg, rngs=nnx.Rngs(7))
-    np.testing.assert_array_equal(np.asarray(block_q.router.kernel[...]), np.asarray(block_d.router.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(block_q.router.kernel[...]), np.asarray(block_d.router.kernel[...])
+    )
     original = np.asarray(block_q(jnp.ones((1, 1, D))))
     block_q.experts = qe
     block_d.experts = dense_experts(qe.dense_weights())
@@ -156,7 +195,9 @@ def test_moe_block_with_swapped_experts_matches_dense_dequantized():
     y_q, y_d = np.asarray(block_q(x)), np.asarray(block_d(x))
     assert y_q.shape == (3, 11, D)
     assert_close(y_q, y_d, rtol=1e-5)
-    assert not np.allclose(np.asarray(block_q(jnp.ones((1, 1, D)))), original)  # the swap took effect
+    assert not np.allclose(
+        np.asarray(block_q(jnp.ones((1, 1, D)))), original
+    )  # the swap took effect
 
 
 def _flat(tree, prefix=""):
@@ -180,14 +221,18 @@ def test_tree_round_trip_through_checkpoint_is_bit_identical(tmp_path):
         q2 = QuantizedExperts.from_tree(loaded, meta2)
         a, b = _flat(arrays), _flat(q2.to_tree()[0])
         assert a.keys() == b.keys()
-        assert any(v.size == 0 for v in a.values())  # 0-bit segments / 16-bit scales: zero-size arrays
+        assert any(
+            v.size == 0 for v in a.values()
+        )  # 0-bit segments / 16-bit scales: zero-size arrays
         for k in a:
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
             assert a[k].tobytes() == b[k].tobytes(), k
         assert q2.to_tree()[1] == meta
         x, idx, w = routing(seed=11)
         plan = make_routing_plan(jnp.asarray(idx), jnp.asarray(w), E)
-        np.testing.assert_array_equal(np.asarray(q(jnp.asarray(x), plan)), np.asarray(q2(jnp.asarray(x), plan)))
+        np.testing.assert_array_equal(
+            np.asarray(q(jnp.asarray(x), plan)), np.asarray(q2(jnp.asarray(x), plan))
+        )
         assert q2.stored_bits() == q.stored_bits()
 
 
@@ -204,12 +249,15 @@ def test_stored_bits_hand_count(case):
         hand += sum(quantizers.stored_bits(F, int(b), G) for b in unit_bits[p].ravel())
         hand += permutation_bits(E * r)
     assert qe.stored_bits() == hand
-    # the same count from the stored arrays themselves (word/element sizes, permutation at ceil(log2 K))
+    # the same count from the stored arrays themselves (word/element sizes, permutation at ceil(log2
+    # K))
     arrays, _ = qe.to_tree()
     from_arrays = 0
     for p in PROJECTIONS:
         b = arrays["basis"][p]
-        from_arrays += b["q"].size * b["q"].dtype.itemsize * 8 + (b["scale"].size * 16 if "scale" in b else 0)
+        from_arrays += b["q"].size * b["q"].dtype.itemsize * 8 + (
+            b["scale"].size * 16 if "scale" in b else 0
+        )
         f = arrays["factors"][p]
         from_arrays += sum(a.size * a.dtype.itemsize * 8 for a in f["payload"].values())
         from_arrays += sum(a.size * 16 for a in f["scales"].values())
@@ -222,9 +270,19 @@ def test_whole_quantized_model_under_jit():
     holding the dequantized weights (`dense_weights`) in every MoE layer."""
     from bitsmoe_jax.quant.coefficients import layer_units
 
-    cfg = ModelConfig(model_type="mixtral", vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=12, intermediate_size=40, moe_intermediate_size=40,
-                      num_experts=6, num_experts_per_tok=2)
+    cfg = ModelConfig(
+        model_type="mixtral",
+        vocab_size=96,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=40,
+        moe_intermediate_size=40,
+        num_experts=6,
+        num_experts_per_tok=2,
+    )
     model_q = build_model(cfg, seed=3)
     model_d = build_model(cfg, seed=3)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 13))
@@ -236,11 +294,20 @@ def test_whole_quantized_model_under_jit():
         gate, up, down = (np.asarray(getattr(ex, n)[...]) for n in ("gate", "up", "down"))
         stored, deq = {}, {}
         for p in PROJECTIONS:
-            st, dq = basis_lib.quantize_basis(jnp.asarray(orthonormal(rng, cfg.hidden_size, cfg.hidden_size), jnp.float32), 8)
-            stored[p], deq[p] = {"q": np.asarray(st.values), "scale": np.asarray(st.scales)}, np.asarray(dq)
+            st, dq = basis_lib.quantize_basis(
+                jnp.asarray(orthonormal(rng, cfg.hidden_size, cfg.hidden_size), jnp.float32), 8
+            )
+            stored[p], deq[p] = (
+                {"q": np.asarray(st.values), "scale": np.asarray(st.scales)},
+                np.asarray(dq),
+            )
         units = layer_units(gate, up, down, deq)
-        packed = {p: pack_segments(units[p].reshape(k, -1), rng.permutation(np.resize((0, 2, 3, 4, 8, 16), k)), 16)
-                  for p in PROJECTIONS}
+        packed = {
+            p: pack_segments(
+                units[p].reshape(k, -1), rng.permutation(np.resize((0, 2, 3, 4, 8, 16), k)), 16
+            )
+            for p in PROJECTIONS
+        }
         qe = QuantizedExperts(cfg.num_experts, stored, packed)
         model_q.layers[i].mlp.experts = qe
         dw = qe.dense_weights()
@@ -267,4 +334,6 @@ def test_no_basis_experts_survive_the_work_dir_format(tmp_path):
     back = QuantizedExperts.from_tree(tree["experts_q"], meta2)
     assert all(back.basis_matrix(p) is None for p in PROJECTIONS)
     for p in PROJECTIONS:
-        np.testing.assert_array_equal(np.asarray(back.factor_matrix(p)), np.asarray(no_basis.factor_matrix(p)))
+        np.testing.assert_array_equal(
+            np.asarray(back.factor_matrix(p)), np.asarray(no_basis.factor_matrix(p))
+        )

@@ -47,7 +47,9 @@ def _bitsmoe(tmp_path_factory, name: str, method: str = "bitsmoe", **overrides) 
     c.eval_max_tokens = EVAL_TOKENS
     for k, v in overrides.items():
         c[k] = v
-    (report,) = quantize(c, progress=False) if method == "bitsmoe" else quantize_baseline(c, progress=False)
+    (report,) = (
+        quantize(c, progress=False) if method == "bitsmoe" else quantize_baseline(c, progress=False)
+    )
     return report
 
 
@@ -63,7 +65,11 @@ def results(tmp_path_factory, eval_tokens) -> dict[str, dict]:
     rtn, _ = load_model(MODEL)
     bpw = apply_rtn(rtn, bits=3, group_size=128)
     r = evaluate_model(rtn, eval_tokens, SEQ, SEQ, batch_size=8, reference=ref)
-    out["rtn3"] = {"kl_divergence": r["kl_divergence"], "effective_bpw_experts": bpw, "eval_tokens": r["tokens_scored"]}
+    out["rtn3"] = {
+        "kl_divergence": r["kl_divergence"],
+        "effective_bpw_experts": bpw,
+        "eval_tokens": r["tokens_scored"],
+    }
     for k, v in out.items():
         print(f"{k:14s} bpw {v['effective_bpw_experts']:.3f}  KL {v['kl_divergence']:.4f}")
     return out
@@ -78,13 +84,21 @@ def test_two_bits_below_llama_cpp_q2_k(results):
     q2k = results["q2_k"]
     assert q2k["setting"] == "Q2_K imatrix" and q2k["effective_bpw_experts"] == 2.625
     kl = results["floor_default"]["kl_divergence"]
-    assert kl < q2k["kl_divergence"], f"BitsMoE 2.0 bpw KL {kl:.4f} >= Q2_K (2.625 bpw) KL {q2k['kl_divergence']:.4f}"
+    assert kl < q2k["kl_divergence"], (
+        f"BitsMoE 2.0 bpw KL {kl:.4f} >= Q2_K (2.625 bpw) KL {q2k['kl_divergence']:.4f}"
+    )
 
 
 def test_budget_respected_with_bases_counted(results):
     for name in ("floor_default", "floor_0", "no_basis"):
-        assert results[name]["effective_bpw_experts"] <= 2.0 + 1e-9, (name, results[name]["effective_bpw_experts"])
-        assert results[name]["effective_bpw_experts"] > 1.9, (name, results[name]["effective_bpw_experts"])
+        assert results[name]["effective_bpw_experts"] <= 2.0 + 1e-9, (
+            name,
+            results[name]["effective_bpw_experts"],
+        )
+        assert results[name]["effective_bpw_experts"] > 1.9, (
+            name,
+            results[name]["effective_bpw_experts"],
+        )
 
 
 def test_two_bits_within_1_5x_of_three_bit_rtn(results):
@@ -98,5 +112,10 @@ def test_two_bits_floor_zero_below_three_bit_rtn(results):
 
 
 def test_svd_basis_pays_for_itself(results):
-    with_basis, without = results["floor_default"]["kl_divergence"], results["no_basis"]["kl_divergence"]
-    assert with_basis < without, f"with basis KL {with_basis:.4f} not below no-basis KL {without:.4f}"
+    with_basis, without = (
+        results["floor_default"]["kl_divergence"],
+        results["no_basis"]["kl_divergence"],
+    )
+    assert with_basis < without, (
+        f"with basis KL {with_basis:.4f} not below no-basis KL {without:.4f}"
+    )

@@ -177,7 +177,9 @@ def test_round_trip_is_exact(data, bits):
         np.testing.assert_array_equal(sc, sc.astype(ml_dtypes.bfloat16).astype(np.float32))
     # the same under an outer jit
     jitted = jax.jit(lambda v: qz.quantize_dequantize(v, bits, 64))
-    np.testing.assert_array_equal(np.asarray(jitted(x)), np.asarray(qz.quantize_dequantize(x, bits, 64)))
+    np.testing.assert_array_equal(
+        np.asarray(jitted(x)), np.asarray(qz.quantize_dequantize(x, bits, 64))
+    )
 
 
 def test_zero_and_sixteen_bits(data):
@@ -186,7 +188,9 @@ def test_zero_and_sixteen_bits(data):
     xh = np.asarray(qz.quantize_dequantize(x, 16))
     np.testing.assert_array_equal(xh, x.astype(ml_dtypes.bfloat16).astype(np.float32))
     codes, scales = qz.quantize_codes(x, 16)
-    np.testing.assert_array_equal(np.asarray(codes), x.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.int32))
+    np.testing.assert_array_equal(
+        np.asarray(codes), x.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.int32)
+    )
     assert np.asarray(scales).shape == (x.shape[0], 0)
 
 
@@ -214,9 +218,13 @@ def test_short_and_ragged_units(n):
         codes, scales = qz.quantize_codes(x, b, 128)
         assert np.asarray(scales).shape == (3, qz.num_groups(n, 128))
         xh = np.asarray(qz.dequantize_codes(codes, scales, b, 128))
-        rq, rs = zip(*(_ref_unit(x[i], None, b, 128) for i in range(3)))
-        ref = np.stack([(2.0 * q + 1.0) * np.repeat(s, 128)[:n] for q, s in zip(rq, rs)])
-        np.testing.assert_allclose(((x - xh) ** 2).sum(-1), ((x - ref) ** 2).sum(-1), rtol=1e-4, atol=1e-10)
+        rq, rs = zip(*(_ref_unit(x[i], None, b, 128) for i in range(3)), strict=False)
+        ref = np.stack(
+            [(2.0 * q + 1.0) * np.repeat(s, 128)[:n] for q, s in zip(rq, rs, strict=False)]
+        )
+        np.testing.assert_allclose(
+            ((x - xh) ** 2).sum(-1), ((x - ref) ** 2).sum(-1), rtol=1e-4, atol=1e-10
+        )
 
 
 def test_unit_errors_weighted(data):
@@ -228,7 +236,9 @@ def test_unit_errors_weighted(data):
         xh = np.asarray(qz.quantize_dequantize(x, b, 64, w)).astype(np.float64)
         expect = (w.astype(np.float64) * (x - xh) ** 2).sum(-1)
         np.testing.assert_allclose(err[:, j], expect, rtol=1e-5, atol=1e-12)
-    np.testing.assert_allclose(err[:, 0], (w.astype(np.float64) * x.astype(np.float64) ** 2).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        err[:, 0], (w.astype(np.float64) * x.astype(np.float64) ** 2).sum(-1), rtol=1e-5
+    )
     # More bits never cost more error on average, and the weights steer the scale search.
     assert np.all(np.diff(err.sum(0)) < 0)
     unweighted = np.asarray(qz.quantize_dequantize(x, 2, 64)).astype(np.float64)
@@ -251,7 +261,12 @@ def test_kappa_estimates():
     w = rng.random((512, 128)).astype(np.float32)
     cand = (0, 1, 2, 4)
     # every unit, in chunks of 64 (one compiled shape for the whole test)
-    err = np.concatenate([np.asarray(qz.unit_errors(x[i : i + 64], cand, 128, w[i : i + 64])) for i in range(0, 512, 64)])
+    err = np.concatenate(
+        [
+            np.asarray(qz.unit_errors(x[i : i + 64], cand, 128, w[i : i + 64]))
+            for i in range(0, 512, 64)
+        ]
+    )
     norm = (w.astype(np.float64) * x.astype(np.float64) ** 2).sum(-1)
     ratio = err.astype(np.float64) / np.where(norm > 0, norm, 1.0)[:, None]
     # asking for more samples than units uses every unit exactly once

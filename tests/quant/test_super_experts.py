@@ -1,4 +1,5 @@
-"""Super experts: kept at high precision, found automatically from output outliers, counted in the budget."""
+"""Super experts: kept at high precision, found automatically from output outliers, counted in the
+budget."""
 
 from __future__ import annotations
 
@@ -13,16 +14,28 @@ from bitsmoe_jax.quant.pipeline import detect_super_experts, solve_units
 
 def _config() -> ModelConfig:
     return ModelConfig(
-        model_type="mixtral", vocab_size=128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8, intermediate_size=24, moe_intermediate_size=24, num_experts=6,
+        model_type="mixtral",
+        vocab_size=128,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=24,
+        moe_intermediate_size=24,
+        num_experts=6,
         num_experts_per_tok=2,
     )
 
 
 def test_auto_detection_finds_the_outlier_expert():
     block = MoEBlock(_config(), rngs=nnx.Rngs(0))
-    block.router.kernel[...] = jnp.zeros_like(block.router.kernel[...])  # uniform routing: every expert sees tokens
-    block.router.kernel[...] = block.router.kernel[...] + 1e-3 * jnp.asarray(np.random.default_rng(0).normal(size=(16, 6)), jnp.float32)
+    block.router.kernel[...] = jnp.zeros_like(
+        block.router.kernel[...]
+    )  # uniform routing: every expert sees tokens
+    block.router.kernel[...] = block.router.kernel[...] + 1e-3 * jnp.asarray(
+        np.random.default_rng(0).normal(size=(16, 6)), jnp.float32
+    )
     down = np.asarray(block.experts.down[...]).copy()
     down[4] *= 200.0  # expert 4 produces extreme activations
     block.experts.down[...] = jnp.asarray(down)
