@@ -61,12 +61,12 @@ import ml_dtypes
 import numpy as np
 
 from bitsmoe_jax.inference import greedy_generate
+from bitsmoe_jax.io.data import REFERENCE_DIR
 from bitsmoe_jax.loading import load_model
+from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed, num_words, pack_segments
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
-from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, num_words, pack_segments
-from bitsmoe_jax.quant.qmoe import set_implementation
-from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
-from bitsmoe_jax.train_reference import REFERENCE_DIR
+from bitsmoe_jax.serve.quantized_experts import set_implementation
+from bitsmoe_jax.serve.synthetic_experts import quantized_from_dense
 from pallas_kernels.api import (
     DEFAULT_TILES,
     ExpertKernels,

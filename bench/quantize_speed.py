@@ -21,11 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitsmoe_jax.baselines.gptq import gptq_quantize_experts
-from bitsmoe_jax.quant.calibration import collect_expert_stats
-from bitsmoe_jax.quant.coefficients import PROJECTIONS, layer_units, loss_coefficients, loss_weights
-from bitsmoe_jax.quant.config_schema import default_config
-from bitsmoe_jax.quant.error_feedback import CalibrationInputs
-from bitsmoe_jax.quant.pipeline import LayerProblem, allocate_layers, make_bases, pack_layer
+from bitsmoe_jax.method.calibrate import collect_expert_stats
+from bitsmoe_jax.method.coefficients import (
+    PROJECTIONS,
+    layer_units,
+    loss_coefficients,
+    loss_weights,
+)
+from bitsmoe_jax.method.error_feedback import CalibrationInputs
+from bitsmoe_jax.method.layer_problem import LayerProblem, allocate_layers, make_bases
+from bitsmoe_jax.run.config_schema import default_config
+from bitsmoe_jax.serve.quantized_experts import pack_layer
 
 
 def synthetic_layer(d: int, f: int, e: int, n: int, seed: int = 0):

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from bitsmoe_jax.baselines_ngram import bigram_perplexity, unigram_perplexity
-from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.evaluate import evaluate_model
+from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.train_reference import REFERENCE_DIR
+from reference_model.ngram_baselines import bigram_perplexity, unigram_perplexity
 
 
 def main() -> None:

@@ -12,10 +12,9 @@ import argparse
 import time
 
 from bitsmoe_jax.baselines.rtn import apply_rtn
-from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.evaluate import evaluate_model
+from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.train_reference import REFERENCE_DIR
 
 
 def main() -> None:

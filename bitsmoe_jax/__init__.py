@@ -13,7 +13,7 @@ def __getattr__(name: str):
 
         return load_model
     if name == "load_quantized":
-        from bitsmoe_jax.quant.checkpoint_io import load_quantized
+        from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
         return load_quantized
     if name == "ModelConfig":

@@ -25,18 +25,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bitsmoe_jax.baselines.kquants import check_contractions
 from bitsmoe_jax.baselines.run import run_baseline
 from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.evaluate import evaluate_model
-from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.quant.config_schema import METHODS
+from bitsmoe_jax.loading import load_model, model_config
+from bitsmoe_jax.run.config_schema import METHODS, validate
+from bitsmoe_jax.run.driver import calibration_tokens, evaluation_inputs, quantize
+from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
 TOLERANCE = 0.05
 
 
 def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
-    from bitsmoe_jax.quant.checkpoint_io import load_quantized
-    from bitsmoe_jax.quant.runner import quantize
 
     c = copy.deepcopy(cfg)
     c.budget_bits = (float(target),)
@@ -75,7 +76,6 @@ def _measured(cfg, model, eval_ids, reference, quantize_time_s: float) -> dict[s
 def compare(
     cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress: bool = True
 ) -> list[dict]:
-    from bitsmoe_jax.quant.runner import calibration_tokens, evaluation_inputs
 
     eval_ids, reference = evaluation_inputs(cfg)
     calib = jnp.asarray(
@@ -144,7 +144,6 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
 def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
     """BitsMoE variants at one budget, all evaluated on the same tokens against the same
     reference."""
-    from bitsmoe_jax.quant.runner import evaluation_inputs
 
     eval_ids, reference = evaluation_inputs(cfg)
     rows = []
@@ -240,8 +239,6 @@ def _applicable(methods: tuple[str, ...], model_path: str, explicit: bool) -> tu
     they were asked for by name, a note if they came with the default list."""
     if "kquant" not in methods:
         return methods
-    from bitsmoe_jax.baselines.kquants import check_contractions
-    from bitsmoe_jax.loading import model_config
 
     config = model_config(model_path)
     try:
@@ -275,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"unexpected argument {a!r} (use --methods=a,b --targets=2.0,3.0 --ablations "
                     "--config.x=y)"
                 )
-        from bitsmoe_jax.quant.config_schema import validate
 
         validate(cfg)
         methods = _applicable(methods, cfg.model_path, explicit_methods)

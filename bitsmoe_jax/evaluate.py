@@ -8,10 +8,11 @@ The measuring stick for every later result (quantized checkpoints included)::
 * ``PATH`` is anything :func:`bitsmoe_jax.loading.load_model` accepts (a Hugging Face directory, a
   converted checkpoint, a quantized checkpoint); ``FILE`` is a ``.txt``/``.txt.gz`` path or a
   shipped corpus name (``shakespeare_test``, ``milton``, ...; see
-  :func:`bitsmoe_jax.data.resolve_text`).
+  :func:`bitsmoe_jax.io.data.resolve_text`).
 * The whole text is tokenized once with the model directory's ``tokenizer.json`` (or
   ``--tokenizer DIR``), without special tokens, and cut into windows by
-  :func:`bitsmoe_jax.data.strided_windows`: windows start at ``0, S, 2S, ...``; each counts only the
+  :func:`bitsmoe_jax.io.data.strided_windows`: windows start at ``0, S, 2S, ...``; each counts only
+  the
   targets after the previous window's end, so every target is scored once, with at least
   ``seq_len - stride`` tokens of left context after the first window.
 * Windows are batched (``[batch_size, seq_len]``, one jit compile per model and shape). The last,
@@ -47,8 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from bitsmoe_jax import data
 from bitsmoe_jax.inference import jit_logits
+from bitsmoe_jax.io import data
+from bitsmoe_jax.loading import checkpoint_kind, load_model
 
 __all__ = [
     "EvaluationInputError",
@@ -133,7 +135,8 @@ def evaluate_model(
         model: a model with the ``model(input_ids [B, T]) -> logits [B, T, V]`` contract (dense or
             quantized NNX module).
         tokens: 1-D integer token ids (the whole text, tokenized once, no special tokens). seq_len,
-        stride: the window plan of :func:`bitsmoe_jax.data.strided_windows`. batch_size: windows per
+        stride: the window plan of :func:`bitsmoe_jax.io.data.strided_windows`. batch_size: windows
+        per
         forward pass (reduced to the number of windows when there are fewer). reference: another
         model over the same tokenizer, run on the same batches in the same pass. progress: show a
         tqdm bar over windows on stderr.
@@ -222,7 +225,6 @@ def evaluate_model(
 
 # ------------------------------------------------------------------------------------------- paths
 def _check_model_dir(path: str | os.PathLike[str], what: str) -> Path:
-    from bitsmoe_jax.loading import checkpoint_kind
 
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -283,8 +285,6 @@ def evaluate_paths(
                 raise EvaluationInputError(
                     f"the reference {ref_dir} and the model {model_dir} have different tokenizers"
                 )
-
-    from bitsmoe_jax.loading import load_model
 
     tokens = data.tokenize_text(tokenizer, data.read_text(text_path))
     if tokens.shape[0] < 2:

@@ -1,4 +1,4 @@
-"""`load_model(path)`: a Flax model from a Hugging Face directory or a converted checkpoint.
+"""`load_model(path)`: a Flax model from a Hugging Face, converted or quantized directory.
 
 Parameters are read a part at a time (top-level weights, then each layer) and cast to the requested
 dtype, then placed into an abstract model (`nnx.eval_shape`), so no random initialisation is ever
@@ -15,11 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, intify_layer_keys, load_tree
+from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, intify_layer_keys, load_tree
+from bitsmoe_jax.models.assemble import model_from_parts
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.models.transformer import DecoderLayer, MoETransformer, build_model
+from bitsmoe_jax.models.transformer import MoETransformer
+from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
+from conversion.convert import iter_parts
 
 
 def checkpoint_kind(path: str | Path) -> str:
@@ -37,40 +39,6 @@ def checkpoint_kind(path: str | Path) -> str:
         "quantized.json, "
         "or a Hugging Face config.json)"
     )
-
-
-def model_from_parts(
-    config: ModelConfig,
-    parts: dict[Any, dict],
-    dtype: Any,
-    experts: dict[int, nnx.Module] | None = None,
-) -> MoETransformer:
-    """Assemble a model from {'top': {...}, 0: layer0, ...} param trees of numpy arrays.
-
-    `experts` replaces the routed-expert module of the given MoE layers (the quantized checkpoint's
-    `QuantizedExperts`); their layer trees then carry no `mlp.experts` entry.
-    """
-    model = build_model(config, dtype=dtype, abstract=True)
-    for i, module in (experts or {}).items():
-        model.layers[i].mlp.experts = module
-    graphdef, state = nnx.split(model)
-    pure: dict[Any, Any] = dict(parts["top"])
-    pure["layers"] = {i: parts[i] for i in range(config.num_hidden_layers)}
-    pure = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(pure))
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
-
-
-def build_layer(
-    config: ModelConfig, index: int, params: dict, dtype: Any = jnp.float32
-) -> DecoderLayer:
-    """One decoder layer with the given params (used by layer-by-layer calibration)."""
-    layer = nnx.eval_shape(lambda: DecoderLayer(config, index, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, state = nnx.split(layer)
-    nnx.replace_by_pure_dict(
-        state, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(params))
-    )
-    return nnx.merge(graphdef, state)
 
 
 def model_config(path: str | Path) -> ModelConfig:
@@ -97,8 +65,6 @@ def iter_model_parts(
     p = Path(path)
     kind = checkpoint_kind(p)
     if kind == "hf":
-        from conversion.convert import iter_parts
-
         yield from iter_parts(p, "float32", experts=experts)
     elif kind == "converted":
         config = model_config(p)
@@ -128,8 +94,6 @@ def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransform
     p = Path(path)
     kind = checkpoint_kind(p)
     if kind == "hf":
-        from conversion.convert import iter_parts
-
         config = ModelConfig.from_hf_dir(p)
         parts = {name: part for name, part in iter_parts(p, "float32", config)}
         return model_from_parts(config, parts, dtype), config
@@ -141,7 +105,5 @@ def load_model(path: str | Path, dtype: Any = jnp.float32) -> tuple[MoETransform
             parts[i] = load_tree(p / "params" / f"layer_{i:03d}")
         return model_from_parts(config, parts, dtype), config
     if kind == "quantized":
-        from bitsmoe_jax.quant.checkpoint_io import load_quantized
-
         return load_quantized(p, dtype=dtype)
     raise ValueError(f"{p}: unknown checkpoint format {kind!r}")

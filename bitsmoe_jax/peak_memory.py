@@ -15,6 +15,8 @@ import subprocess
 import sys
 from typing import Any
 
+from bitsmoe_jax import quantize
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes."""
@@ -50,7 +52,6 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bitsmoe_jax import quantize
 
     rc = quantize.main(sys.argv[1:] if argv is None else argv)
     print(json.dumps({"rc": rc, "peak_rss_bytes": peak_rss_bytes()}), flush=True)

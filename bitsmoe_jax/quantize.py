@@ -10,7 +10,11 @@ from __future__ import annotations
 import sys
 
 from bitsmoe_jax.config_cli import parse_config_args
-from bitsmoe_jax.quant.config_schema import validate
+from bitsmoe_jax.method.allocate import BudgetError
+from bitsmoe_jax.parallel.distributed import DistributedError
+from bitsmoe_jax.run.config_schema import validate
+from bitsmoe_jax.run.driver import print_summary, quantize, quantize_baseline
+from bitsmoe_jax.run.report import write_pareto
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from bitsmoe_jax.distributed import DistributedError
-    from bitsmoe_jax.quant.allocate import BudgetError
-    from bitsmoe_jax.quant.runner import print_summary, quantize, quantize_baseline
 
     try:
         reports = quantize(cfg) if cfg.method == "bitsmoe" else quantize_baseline(cfg)
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in reports:
         print(print_summary(r))
     if len(reports) > 1:
-        from bitsmoe_jax.quant.report import write_pareto
-
         path = write_pareto(cfg.output_dir, reports)
         print(f"Pareto table: {path}")
     return 0

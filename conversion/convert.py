@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory, save_tree
+from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory, save_tree
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.transformer import build_model
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bitsmoe_jax.checkpoint import atomic_directory
+from bitsmoe_jax.io.checkpoint import atomic_directory
 from bitsmoe_jax.models.config import ModelConfig
 from conversion.convert import iter_leaves, np_dtype
 from conversion.hf_checkpoint import write_safetensors

@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from bitsmoe_jax.io.data import REFERENCE_DIR
 from conversion.convert import TOKENIZER_FILES
 from conversion.hf_checkpoint import write_safetensors
 
@@ -24,7 +25,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _reference_dir() -> Path:
-    from bitsmoe_jax.train_reference import REFERENCE_DIR
 
     return Path(REFERENCE_DIR)
 

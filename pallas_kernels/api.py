@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitsmoe_jax.method.packing import PackedMatrix
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
-from bitsmoe_jax.quant.packing import PackedMatrix
 from pallas_kernels import shared_shapes, tpu_gmm, triton_codes
 from pallas_kernels.code_layout import (
     CodeConfig,

@@ -53,8 +53,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from bitsmoe_jax.quant import quantizers as qz
-from bitsmoe_jax.quant.packing import PackedMatrix
+from bitsmoe_jax.method import quantizers as qz
+from bitsmoe_jax.method.packing import PackedMatrix
 from pallas_kernels.layout import (
     ExpertTileTables,
     _round_up,

@@ -1,7 +1,7 @@
 """Kernel layout of one packed projection: per-expert tiles of bit-planes, derived at load time.
 
 Why a second layout ------------------- The checkpoint's
-:class:`~bitsmoe_jax.quant.packing.PackedMatrix` holds *global* bit-width segments over all ``E·r``
+:class:`~bitsmoe_jax.method.packing.PackedMatrix` holds *global* bit-width segments over all ``E·r``
 units of a projection plus one global permutation, and packs 32 consecutive values of a unit per
 word. That is the right thing to store (its bit count is tested and it is what the allocator costs),
 but inside a kernel a tile must be addressable per expert with one bit-width and must unpack without
@@ -62,8 +62,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from bitsmoe_jax.quant import quantizers as qz
-from bitsmoe_jax.quant.packing import WORD_BITS, PackedMatrix, unpack_bitplanes_jnp
+from bitsmoe_jax.method import quantizers as qz
+from bitsmoe_jax.method.packing import WORD_BITS, PackedMatrix, unpack_bitplanes_jnp
 
 ORIENTATIONS = ("rows", "lanes")
 

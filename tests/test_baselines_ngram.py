@@ -1,4 +1,4 @@
-"""Tests for bitsmoe_jax.baselines_ngram against a brute-force pure-Python reference."""
+"""Tests for reference_model.ngram_baselines against a brute-force pure-Python reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bitsmoe_jax.baselines_ngram import (
+from bitsmoe_jax.io.data import read_text, tokenize_text
+from reference_model.ngram_baselines import (
     DEFAULT_WEIGHT_GRID,
     bigram_perplexity,
     bigram_target_nll,
@@ -16,8 +17,7 @@ from bitsmoe_jax.baselines_ngram import (
     unigram_log_probs,
     unigram_perplexity,
 )
-from bitsmoe_jax.data import read_text, tokenize_text
-from bitsmoe_jax.tokenizer_training import train_bpe_tokenizer
+from reference_model.tokenizer import train_bpe_tokenizer
 
 V = 7
 # Token 6 never occurs in training (add-one must give it mass); token 5 occurs only as the last

@@ -14,7 +14,7 @@ import pytest
 
 from bitsmoe_jax import quantize
 from bitsmoe_jax.config_cli import apply_overrides, parse_config_args
-from bitsmoe_jax.quant.config_schema import default_config, validate
+from bitsmoe_jax.run.config_schema import default_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")

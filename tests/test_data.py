@@ -1,4 +1,5 @@
-"""Tests for bitsmoe_jax.data: shipped corpora, tokenization, strided windows, training batches."""
+"""Tests for bitsmoe_jax.io.data: shipped corpora, tokenization, strided windows, training
+batches."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import tokenizers
 from tokenizers import decoders, pre_tokenizers
 
-from bitsmoe_jax import data
-from bitsmoe_jax.data import (
+from bitsmoe_jax.io import data
+from bitsmoe_jax.io.data import (
     ASSET_DATA_DIR,
     SHIPPED_SHA256,
     SHIPPED_TEXTS,
@@ -23,7 +24,7 @@ from bitsmoe_jax.data import (
     tokenize_text,
     training_batches,
 )
-from bitsmoe_jax.tokenizer_training import save_hf_tokenizer, train_bpe_tokenizer
+from reference_model.tokenizer import save_hf_tokenizer, train_bpe_tokenizer
 
 SAMPLE_CHARS = 200_000
 

@@ -4,7 +4,7 @@ References are independent of the code under test: perplexity is recomputed with
 transformers in PyTorch by the textbook strided loop (`labels` masked with -100), KL and top-1 with
 numpy in float64 from per-window logits computed one window at a time (no batching, no padding).
 
-The model is the shipped reference MoE (`bitsmoe_jax.train_reference.REFERENCE_DIR`), or the
+The model is the shipped reference MoE (`reference_model.train.REFERENCE_DIR`), or the
 directory named by the environment variable BITSMOE_TEST_MODEL when it is set.
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitsmoe_jax import data
 from bitsmoe_jax.evaluate import evaluate_model, main
 from bitsmoe_jax.inference import jit_logits
-from bitsmoe_jax.train_reference import REFERENCE_DIR
+from bitsmoe_jax.io import data
+from bitsmoe_jax.io.data import REFERENCE_DIR
 
 MODEL_DIR = Path(os.environ.get("BITSMOE_TEST_MODEL") or REFERENCE_DIR)
 

@@ -12,12 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from bitsmoe_jax.baselines_ngram import bigram_perplexity
-from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.evaluate import evaluate_model
+from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.train_reference import REFERENCE_DIR, reference_config
+from reference_model.ngram_baselines import bigram_perplexity
+from reference_model.train import reference_config
 
 
 def test_files_and_size():
@@ -47,7 +47,7 @@ def test_shape_rules_and_recorded_training():
     ]
     assert all(s % 128 == 0 for s in sides), sides
     rec = json.loads((REFERENCE_DIR / "training.json").read_text())
-    assert rec["command"].startswith("python -m bitsmoe_jax.train_reference") and isinstance(
+    assert rec["command"].startswith("python -m reference_model.train") and isinstance(
         rec["seed"], int
     )
     assert rec["train_time_s"] > 0 and rec["best_valid_ppl"] > 1

@@ -1,4 +1,4 @@
-"""Tests for bitsmoe_jax.tokenizer_training: byte-level BPE training and Hugging Face export."""
+"""Tests for reference_model.tokenizer: byte-level BPE training and Hugging Face export."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import tokenizers
 from tokenizers import decoders, pre_tokenizers
 
-from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
-from bitsmoe_jax.tokenizer_training import (
+from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
+from reference_model.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     EOS_TOKEN,
     VOCAB_MULTIPLE,

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.train_reference import main
+from reference_model.train import main
 
 ARGS = [
     "--steps",

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.quant.inverse_factor import upper_inverse_cholesky
+from bitsmoe_jax.method.inverse_factor import upper_inverse_cholesky
 
 HI = jax.lax.Precision.HIGHEST
 

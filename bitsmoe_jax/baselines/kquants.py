@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitsmoe_jax.baselines.gptq import expert_inputs
+
 SUPER_BLOCK = 256
 # Candidate inverse scales: the extreme of a block lands on the grid's end shifted by these steps.
 _SHIFTS = tuple(float(s) for s in np.linspace(-1.0, 1.0, 21))
@@ -341,7 +343,6 @@ def kquant_experts(
     the GPTQ baseline's starved-expert fallback (every token), times each weight's magnitude factor
     (`kquantize`). Returns dict(gate, up, down, starved, bpw).
     """
-    from bitsmoe_jax.baselines.gptq import expert_inputs
 
     gate, up, down = (np.asarray(a, np.float32) for a in (gate, up, down))
     check_contractions(gate.shape[1], gate.shape[2])

@@ -17,8 +17,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from bitsmoe_jax.baselines.expertwise import expertwise_quantize
+from bitsmoe_jax.baselines.gptq import gptq_quantize_experts
+from bitsmoe_jax.baselines.kquants import kquant_experts, type_for_target
+from bitsmoe_jax.baselines.rtn import rtn_bpw, rtn_quantize
 from bitsmoe_jax.models.moe import Experts
-from bitsmoe_jax.quant.pipeline import attention_part
+from bitsmoe_jax.models.transformer import attention_part
 
 BASELINE_BITS = (2, 3, 4, 5, 6, 8)
 BASELINE_GROUPS = (16, 32, 64, 128, 256)
@@ -41,7 +45,6 @@ class Setting:
 
 def uniform_settings(contraction: int, zero_point: bool = False) -> list[Setting]:
     """All (bits, group) settings; a group never spans more than one row of `contraction` inputs."""
-    from bitsmoe_jax.baselines.rtn import rtn_bpw
 
     out = []
     for b in BASELINE_BITS:
@@ -77,7 +80,6 @@ def _set_experts(block, gate, up, down) -> None:
 
 
 def run_rtn(model, calib, setting: Setting) -> dict:
-    from bitsmoe_jax.baselines.rtn import rtn_quantize
 
     def q(i, block, x):
         ex = block.experts
@@ -100,7 +102,6 @@ def run_rtn(model, calib, setting: Setting) -> dict:
 
 
 def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
-    from bitsmoe_jax.baselines.gptq import gptq_quantize_experts
 
     starved: dict[int, list[int]] = {}
 
@@ -133,7 +134,6 @@ def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
 def run_kquant(model, calib, target: float, min_tokens: int) -> dict:
     """llama.cpp's K-quant format with at least `target` bpw (Q2_K at 2.0 and 2.5, Q3_K at 3.0, …),
     fitted with importance from the calibration tokens routed to each expert."""
-    from bitsmoe_jax.baselines.kquants import kquant_experts, type_for_target
 
     kt = type_for_target(target)
     starved: dict[int, list[int]] = {}
@@ -159,7 +159,6 @@ def run_expertwise(model, calib, target: float, group_size: int) -> dict:
     """Expert-wise bits at the target; if even 2 bits + its scales exceed it at `group_size`, the
     largest group that fits a row is used, and if that is still too much every expert gets 2 bits
     (the report then shows the effective bpw above the target)."""
-    from bitsmoe_jax.baselines.expertwise import expertwise_quantize
 
     config = model.config
     row = min(config.hidden_size, config.moe_intermediate_size)

@@ -131,3 +131,19 @@ def build_model(
 def count_params(model: nnx.Module) -> int:
     """Number of parameters; works on abstract (`nnx.eval_shape`) models without allocating."""
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def layer_positions(batch: int, seq: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+def attention_part(
+    layer: DecoderLayer, x: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """(residual after attention, MoE/MLP input) for hidden states x [B, T, D]: the half of a
+    decoder layer that layer-by-layer calibration runs before the experts."""
+    b, t, _ = x.shape
+    pos = layer_positions(b, t)
+    h, _ = layer.self_attn(layer.input_layernorm(x), pos, rope_cos_sin(config, pos, x.dtype), None)
+    r = x + h
+    return r, layer.post_attention_layernorm(r)

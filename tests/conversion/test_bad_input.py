@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from bitsmoe_jax.checkpoint import META_FILE  # noqa: E402
+from bitsmoe_jax.io.checkpoint import META_FILE  # noqa: E402
 from bitsmoe_jax.loading import load_model  # noqa: E402
 from bitsmoe_jax.models.config import ConfigError  # noqa: E402
 from conversion.__main__ import main as convert_main  # noqa: E402

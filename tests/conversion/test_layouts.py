@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from bitsmoe_jax.checkpoint import META_FILE, load_tree  # noqa: E402
+from bitsmoe_jax.io.checkpoint import META_FILE, load_tree  # noqa: E402
 from bitsmoe_jax.loading import load_model  # noqa: E402
 from conversion.__main__ import main as convert_main  # noqa: E402
 from conversion.hf_checkpoint import HFCheckpoint, SafetensorsFile  # noqa: E402

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-from bitsmoe_jax import distributed
-from bitsmoe_jax.quant.config_schema import default_config
+from bitsmoe_jax.parallel import distributed
+from bitsmoe_jax.run.config_schema import default_config
 
 
 def main() -> int:

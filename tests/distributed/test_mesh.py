@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from bitsmoe_jax import distributed
 from bitsmoe_jax.config_cli import apply_overrides
-from bitsmoe_jax.quant import sharded
-from bitsmoe_jax.quant.config_schema import default_config, validate
+from bitsmoe_jax.method import sharded
+from bitsmoe_jax.parallel import distributed
+from bitsmoe_jax.run.config_schema import default_config, validate
 
 
 def cfg(**overrides):

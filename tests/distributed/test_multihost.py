@@ -61,7 +61,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Output directories of the three runs, started together and awaited with a deadline."""
     tmp = tmp_path_factory.mktemp("multihost")
     calib = tmp / "calib.txt"
-    from bitsmoe_jax.data import read_text
+    from bitsmoe_jax.io.data import read_text
 
     calib.write_text(read_text("shakespeare_train")[:20000])
     port = free_port()
@@ -205,7 +205,7 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
     of
     its own; each time process 0 stops with an error instead of hanging. The third start of the same
     two commands resumes and writes the 1-device run's arrays byte for byte."""
-    from bitsmoe_jax.data import read_text
+    from bitsmoe_jax.io.data import read_text
 
     calib = tmp_path / "calib.txt"
     calib.write_text(read_text("shakespeare_train")[:20000])  # the fixture's text: same fingerprint

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed, pack_segments
+from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed, pack_segments
 from pallas_kernels.api import ExpertKernels, build_expert_kernels
 from pallas_kernels.code_layout import CodeConfig
 from pallas_kernels.layout import TileConfig

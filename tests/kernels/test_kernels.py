@@ -20,7 +20,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
+from bitsmoe_jax.method.packing import dequantize_packed, pack_segments
 from pallas_kernels.api import build_expert_kernels, reduction_splits, swiglu_experts
 from pallas_kernels.reference import swiglu_experts_reference
 from tests.kernels.conftest import CODES, TILES, E, M, inputs, kernels, projections

@@ -18,12 +18,12 @@ import pytest
 from flax import nnx
 
 from bitsmoe_jax.inference import jit_logits
+from bitsmoe_jax.io.data import REFERENCE_DIR
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.quant.coefficients import PROJECTIONS
-from bitsmoe_jax.quant.packing import pack_segments
-from bitsmoe_jax.quant.qmoe import QuantizedExperts, set_implementation
-from bitsmoe_jax.quant.synthetic_experts import quantized_from_dense
-from bitsmoe_jax.train_reference import REFERENCE_DIR
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.packing import pack_segments
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, set_implementation
+from bitsmoe_jax.serve.synthetic_experts import quantized_from_dense
 from pallas_kernels.api import resolve_implementation
 from pallas_kernels.lowered import export_for_hardware, kernel_configs
 

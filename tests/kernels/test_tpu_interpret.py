@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
+from bitsmoe_jax.method.packing import dequantize_packed, pack_segments
 from pallas_kernels.api import DEFAULT_TILES, build_expert_kernels, swiglu_experts
 from tests.kernels.conftest import assert_matches_reference, inputs, kernels
 

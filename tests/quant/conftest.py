@@ -47,7 +47,7 @@ def hf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     """A short calibration text (a slice of shakespeare_train) and a short evaluation text."""
-    from bitsmoe_jax.data import read_text
+    from bitsmoe_jax.io.data import read_text
 
     d = tmp_path_factory.mktemp("texts")
     (d / "calib.txt").write_text(read_text("shakespeare_train")[:60_000])

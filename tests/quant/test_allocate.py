@@ -9,7 +9,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 
-from bitsmoe_jax.quant import allocate as al
+from bitsmoe_jax.method import allocate as al
 
 BITS = np.array([0, 1, 2, 3, 4, 5, 6, 8])
 KAPPA = np.array([1.0, 0.36, 0.115, 0.034, 0.0096, 0.0025, 0.00063, 0.00004])

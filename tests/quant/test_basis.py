@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bitsmoe_jax.quant import basis as bs
+from bitsmoe_jax.method import decompose as bs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     import numpy as np
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from bitsmoe_jax.quant import basis as bs
+    from bitsmoe_jax.method import decompose as bs
 
     assert len(jax.devices()) == 4, jax.devices()
     rng = np.random.default_rng(0)

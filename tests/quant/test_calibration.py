@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitsmoe_jax.quant.calibration import collect_expert_stats
+from bitsmoe_jax.method.calibrate import collect_expert_stats
 
 E, D, F, N, K = 4, 16, 24, 50, 2
 R_G, R_U = 16, 11  # a full-rank gate basis and a truncated up basis

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitsmoe_jax.quant import basis as basis_lib
-from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
-from bitsmoe_jax.quant.coefficients import (
+from bitsmoe_jax.io.data import REFERENCE_DIR
+from bitsmoe_jax.method import decompose as basis_lib
+from bitsmoe_jax.method.calibrate import ExpertStats, collect_expert_stats
+from bitsmoe_jax.method.coefficients import (
     PROJECTIONS,
     fit_factors,
     layer_units,
@@ -21,7 +22,6 @@ from bitsmoe_jax.quant.coefficients import (
     loss_weights,
     mass_scale,
 )
-from bitsmoe_jax.train_reference import REFERENCE_DIR
 
 REF_MODEL = REFERENCE_DIR
 
@@ -207,8 +207,9 @@ def test_surrogate_approximates_output_change_of_single_unit_perturbations():
 # ------------------------------------------------------------------------ exact vs sampled (real)
 def _real_layer_problem():
     from bitsmoe_jax import load_model
-    from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
-    from bitsmoe_jax.quant.pipeline import attention_part, make_bases
+    from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
+    from bitsmoe_jax.method.layer_problem import make_bases
+    from bitsmoe_jax.models.transformer import attention_part
 
     model, config = load_model(REF_MODEL)
     ids = tokenize_text(load_tokenizer(REF_MODEL), read_text("shakespeare_test"))[
@@ -248,7 +249,7 @@ def test_sampled_coefficients_against_exact_on_a_real_layer():
     result, the excess of the exact loss of the allocation chosen from sampled coefficients over the
     allocation chosen from exact ones, at 2 and 3 bits per weight.
     """
-    from bitsmoe_jax.quant.allocate import solve_greedy
+    from bitsmoe_jax.method.allocate import solve_greedy
 
     units, weights = _real_layer_problem()
     cands, g = (0, 1, 2, 3, 4, 8), 128

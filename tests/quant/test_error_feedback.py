@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitsmoe_jax.quant import quantizers as qz
-from bitsmoe_jax.quant.error_feedback import (
+from bitsmoe_jax.method import quantizers as qz
+from bitsmoe_jax.method.error_feedback import (
     ROW_BLOCK,
     CalibrationInputs,
     compensate_columns,
     compensate_rows,
 )
-from bitsmoe_jax.quant.packing import dequantize_packed, pack_segments
+from bitsmoe_jax.method.packing import dequantize_packed, pack_segments
 
 E, R, F, G = 2, 24, 40, 16
 

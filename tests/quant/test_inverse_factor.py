@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitsmoe_jax.quant.inverse_factor import upper_inverse_cholesky
+from bitsmoe_jax.method.inverse_factor import upper_inverse_cholesky
 
 
 def _hessian(n: int, kind: str, seed: int = 0) -> np.ndarray:

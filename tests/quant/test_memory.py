@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitsmoe_jax.data import read_text
+from bitsmoe_jax.io.data import read_text
 from bitsmoe_jax.peak_memory import measure
 from conversion.synthetic import checkpoint_bytes, write_random_mixtral
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitsmoe_jax.quant import packing as pk
-from bitsmoe_jax.quant import quantizers as qz
+from bitsmoe_jax.method import packing as pk
+from bitsmoe_jax.method import quantizers as qz
 
 
 def _random_codes(rng: np.random.Generator, shape: tuple[int, ...], bits: int) -> np.ndarray:

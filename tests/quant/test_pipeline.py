@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from bitsmoe_jax import evaluate, quantize
-from bitsmoe_jax.checkpoint import load_tree
-from bitsmoe_jax.quant.coefficients import PROJECTIONS
+from bitsmoe_jax.io.checkpoint import load_tree
+from bitsmoe_jax.method.coefficients import PROJECTIONS
 from tests.quant.tiny_mixtral import (
     LAYERS,
     REPORT_KEYS,
@@ -139,7 +139,7 @@ def metrics_from_logits(tokens, q_fn, ref_fn):
 
 def quantized_logits_fn(qdir):
     from bitsmoe_jax.inference import jit_logits
-    from bitsmoe_jax.quant.checkpoint_io import load_quantized
+    from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
     model, _ = load_quantized(qdir)
     return jit_logits(model)
@@ -213,7 +213,7 @@ def test_effective_bits_recounted_from_files(main_run, hf, budget):
 
 
 def test_stored_allocation_matches_packed_factors(main_run):
-    from bitsmoe_jax.quant.checkpoint_io import load_quantized
+    from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
     qdir = main_run / "bpw_2.00"
     model, _ = load_quantized(qdir)
@@ -233,8 +233,12 @@ def test_pallas_kernels_on_the_quantized_checkpoint(main_run, budget):
     import math as _math
 
     from bitsmoe_jax.inference import jit_logits
-    from bitsmoe_jax.quant.checkpoint_io import load_quantized
-    from bitsmoe_jax.quant.qmoe import QuantizedExperts, plan_kernel_shapes, set_implementation
+    from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
+    from bitsmoe_jax.serve.quantized_experts import (
+        QuantizedExperts,
+        plan_kernel_shapes,
+        set_implementation,
+    )
 
     qdir = main_run / f"bpw_{budget:.2f}"
     model, _ = load_quantized(qdir, implementation="xla")
@@ -256,7 +260,7 @@ def test_pallas_kernels_on_the_quantized_checkpoint(main_run, budget):
 
 
 def test_report_metrics_equal_independent_recomputation(main_run, hf):
-    from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
+    from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
 
     tokens = tokenize_text(load_tokenizer(hf[0]), read_text("shakespeare_test"))[:1024]
     for budget in (2.0, 3.0):
@@ -274,7 +278,7 @@ def test_report_metrics_equal_independent_recomputation(main_run, hf):
 
 
 def test_evaluate_cli_on_quantized_dir(main_run, hf, texts, tmp_path, capsys):
-    from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
+    from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
 
     qdir = main_run / "bpw_2.00"
     out = tmp_path / "eval.json"
@@ -317,8 +321,8 @@ def _layer1_moe_input_counts(model, calib):
 def test_sequential_calibrates_later_layers_on_quantized_outputs(main_run, hf, texts):
     """Layer 1's routing statistics in the report are those of the model with layer 0 quantized."""
     from bitsmoe_jax.loading import load_model
-    from bitsmoe_jax.quant.checkpoint_io import load_quantized
-    from bitsmoe_jax.quant.runner import calibration_tokens
+    from bitsmoe_jax.run.driver import calibration_tokens
+    from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
     calib = calibration_tokens(str(hf[0]), str(texts[0]), 1024, SEQ)
     model, _ = load_model(hf[0])
@@ -367,7 +371,7 @@ def unsequential_run(hf, texts, tmp_path_factory):
 
 
 def test_sequential_false(unsequential_run, hf, texts):
-    from bitsmoe_jax.quant.runner import calibration_tokens
+    from bitsmoe_jax.run.driver import calibration_tokens
 
     r = read_report(unsequential_run)
     assert r["effective_bpw_experts"] <= 2.5 + 1e-9
@@ -453,7 +457,7 @@ def test_existing_output_without_overwrite_exits_2_unchanged(hf, texts, tmp_path
 
 def test_failure_while_writing_leaves_no_directory(hf, texts, tmp_path, monkeypatch):
     """An exception after the output started being written removes the temporary directory."""
-    import bitsmoe_jax.quant.runner as runner
+    import bitsmoe_jax.run.driver as runner
 
     def boom(*a, **k):
         raise RuntimeError("disk full (simulated)")

@@ -23,16 +23,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitsmoe_jax.checkpoint import load_tree, save_tree
 from bitsmoe_jax.inference import jit_logits
+from bitsmoe_jax.io.checkpoint import load_tree, save_tree
+from bitsmoe_jax.method import decompose as basis_lib
+from bitsmoe_jax.method import quantizers
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.packing import pack_segments, permutation_bits
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import Experts, MoEBlock, make_routing_plan
 from bitsmoe_jax.models.transformer import build_model
-from bitsmoe_jax.quant import basis as basis_lib
-from bitsmoe_jax.quant import quantizers
-from bitsmoe_jax.quant.coefficients import PROJECTIONS
-from bitsmoe_jax.quant.packing import pack_segments, permutation_bits
-from bitsmoe_jax.quant.qmoe import QuantizedExperts
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
 
 E, D, F, G = (
     5,
@@ -268,7 +268,7 @@ def test_stored_bits_hand_count(case):
 def test_whole_quantized_model_under_jit():
     """A model whose MoE layers hold QuantizedExperts runs under jax.jit and equals the dense model
     holding the dequantized weights (`dense_weights`) in every MoE layer."""
-    from bitsmoe_jax.quant.coefficients import layer_units
+    from bitsmoe_jax.method.coefficients import layer_units
 
     cfg = ModelConfig(
         model_type="mixtral",
@@ -323,7 +323,7 @@ def test_whole_quantized_model_under_jit():
 def test_no_basis_experts_survive_the_work_dir_format(tmp_path):
     """A model without shared bases (basis="none") stores empty basis dicts; the work dir's array
     format keeps only arrays, so the round trip must not need the empty entries."""
-    from bitsmoe_jax.quant import arrayfile
+    from bitsmoe_jax.io import arrayfile
 
     qe, _, _, _ = build_case("mix0")
     arrays, meta = qe.to_tree()

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 
 from bitsmoe_jax.baselines.rtn import apply_rtn
-from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.evaluate import evaluate_model
+from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.quant.config_schema import default_config
-from bitsmoe_jax.quant.runner import quantize, quantize_baseline
-from bitsmoe_jax.train_reference import REFERENCE_DIR
+from bitsmoe_jax.run.config_schema import default_config
+from bitsmoe_jax.run.driver import quantize, quantize_baseline
 
 MODEL = Path(os.environ.get("BITSMOE_TEST_MODEL") or REFERENCE_DIR)
 EVAL_TOKENS = 16384

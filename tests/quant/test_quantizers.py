@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bitsmoe_jax.quant import quantizers as qz
+from bitsmoe_jax.method import quantizers as qz
 
 INT_BITS = list(range(1, 9))
 

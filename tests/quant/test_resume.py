@@ -7,7 +7,7 @@ the second budget.
 
 The reference is an uninterrupted run of the same command into the same path (the config, output
 path included, is recorded in `quantized.json`). Interrupted runs are subprocesses killed by
-SIGKILL, either by the fault-injection points of `bitsmoe_jax.quant.faults` (at named places:
+SIGKILL, either by the fault-injection points of `bitsmoe_jax.run.faults` (at named places:
 mid-layer, between a commit's write and its rename, right after a commit, while an output is half
 written, after an output's rename) or from outside at a random instant. Every output file is
 compared byte for byte with the reference, except `timings.json` (run timings, kept out of the
@@ -32,12 +32,13 @@ import pytest
 
 from bitsmoe_jax import quantize
 from bitsmoe_jax.config_cli import parse_config_args
-from bitsmoe_jax.data import read_text
+from bitsmoe_jax.io import arrayfile
+from bitsmoe_jax.io.data import read_text
 from bitsmoe_jax.loading import model_config
-from bitsmoe_jax.quant import arrayfile, fingerprint
-from bitsmoe_jax.quant.progress import LayerProgress, format_duration
-from bitsmoe_jax.quant.runner import quantize as quantize_run
-from bitsmoe_jax.quant.workdir import WorkDir
+from bitsmoe_jax.run import fingerprint
+from bitsmoe_jax.run.driver import quantize as quantize_run
+from bitsmoe_jax.run.progress import LayerProgress, format_duration
+from bitsmoe_jax.run.workdir import WorkDir
 from conversion.synthetic import write_random_mixtral
 
 ROOT = Path(__file__).resolve().parents[2]

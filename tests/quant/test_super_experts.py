@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitsmoe_jax.method.layer_problem import detect_super_experts, solve_units
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import MoEBlock
-from bitsmoe_jax.quant.pipeline import detect_super_experts, solve_units
 
 
 def _config() -> ModelConfig:

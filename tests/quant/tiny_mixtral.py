@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bitsmoe_jax.train_reference import REFERENCE_DIR
+from bitsmoe_jax.io.data import REFERENCE_DIR
 
 REF_TOKENIZER = REFERENCE_DIR
 ROOT = Path(__file__).resolve().parents[2]

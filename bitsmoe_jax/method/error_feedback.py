@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.quant import quantizers as qz
-from bitsmoe_jax.quant.inverse_factor import upper_inverse_cholesky
+from bitsmoe_jax.method import quantizers as qz
+from bitsmoe_jax.method.inverse_factor import upper_inverse_cholesky
 
 HI = jax.lax.Precision.HIGHEST
 # Rows rounded one at a time within a block, whose errors then reach all later rows in one matmul

@@ -10,10 +10,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.quant import basis as basis_lib
-from bitsmoe_jax.quant.coefficients import PROJECTIONS
-from bitsmoe_jax.quant.packing import pack_segments
-from bitsmoe_jax.quant.qmoe import QuantizedExperts
+from bitsmoe_jax.method import decompose as basis_lib
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.packing import pack_segments
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
 
 
 def quantized_from_dense(

@@ -26,7 +26,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from bitsmoe_jax.data import read_text
+from bitsmoe_jax.io.data import read_text
 from bitsmoe_jax.models.config import ModelConfig
 
 WORK_FORMAT_VERSION = 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +14,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax import distributed
-from bitsmoe_jax.checkpoint import atomic_directory
-from bitsmoe_jax.data import load_tokenizer, read_text, tokenize_text
-from bitsmoe_jax.loading import build_layer, iter_model_parts, load_model, model_config
-from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.models.moe import MoEBlock
-from bitsmoe_jax.quant import checkpoint_io, faults, fingerprint, sharded
-from bitsmoe_jax.quant.coefficients import PROJECTIONS
-from bitsmoe_jax.quant.packing import dequantize_packed
-from bitsmoe_jax.quant.pipeline import (
+from bitsmoe_jax.baselines.kquants import check_contractions
+from bitsmoe_jax.baselines.run import run_baseline
+from bitsmoe_jax.evaluate import evaluate_model
+from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory, save_tree
+from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
+from bitsmoe_jax.loading import iter_model_parts, load_model, model_config
+from bitsmoe_jax.method import sharded
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.layer_problem import (
     LayerProblem,
     allocate_layers,
-    attention_part,
     bits_histogram,
     build_problem,
-    pack_layer,
-    stage_timer,
 )
-from bitsmoe_jax.quant.progress import LayerProgress
-from bitsmoe_jax.quant.report import TIMINGS_FILE, write_report
-from bitsmoe_jax.quant.workdir import WorkDir, allocation_records, default_work_dir
-from conversion.convert import TOKENIZER_FILES
+from bitsmoe_jax.method.packing import dequantize_packed
+from bitsmoe_jax.models.assemble import build_layer
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.moe import MoEBlock
+from bitsmoe_jax.models.transformer import attention_part
+from bitsmoe_jax.parallel import distributed
+from bitsmoe_jax.run import faults, fingerprint
+from bitsmoe_jax.run.progress import LayerProgress
+from bitsmoe_jax.run.report import TIMINGS_FILE, write_report
+from bitsmoe_jax.run.workdir import WorkDir, allocation_records, default_work_dir
+from bitsmoe_jax.serve import quantized_checkpoint as checkpoint_io
+from bitsmoe_jax.serve.quantized_experts import pack_layer
+from conversion.convert import TOKENIZER_FILES, np_dtype
 
 
 def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int) -> np.ndarray:
@@ -57,7 +63,6 @@ def _strip_experts(layer_params: dict) -> dict:
 
 
 def _to_dtype(tree: Any, dtype: str) -> Any:
-    from conversion.convert import np_dtype
 
     dt = np_dtype(dtype)
     return jax.tree.map(lambda a: np.asarray(a).astype(dt), tree)
@@ -184,7 +189,7 @@ def _quantize_layers(
         if i < start:
             continue  # committed by an earlier run (streamed past: the checkpoint is read in order)
         t0 = time.time()
-        stages = stage_timer()
+        stages = defaultdict(float)
         if layout is not None and "experts" in part.get("mlp", {}):
             part["mlp"]["experts"] = sharded.allgather_expert_weights(
                 layout, part["mlp"]["experts"]
@@ -550,7 +555,6 @@ def _eval_metrics(cfg: Any, model, shared: dict) -> dict[str, Any]:
     `shared` carries the tokenized text and the reference model between the budgets of one run, so
     they are read once, not once per output.
     """
-    from bitsmoe_jax.evaluate import evaluate_model
 
     if "ids" not in shared:
         shared["ids"], shared["ref"] = evaluation_inputs(cfg)
@@ -631,9 +635,6 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     import jax as _jax
     from flax import nnx
 
-    from bitsmoe_jax.baselines.run import run_baseline
-    from bitsmoe_jax.checkpoint import FORMAT_CONVERTED, META_FILE, save_tree
-
     budgets = _budget_dirs(cfg)
     for _, d in budgets:
         if d.exists() and not cfg.overwrite:
@@ -642,8 +643,6 @@ def quantize_baseline(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     if (
         cfg.method == "kquant"
     ):  # before any work: a model K-quants cannot store is an error, not a late crash
-        from bitsmoe_jax.baselines.kquants import check_contractions
-
         check_contractions(config.hidden_size, config.moe_intermediate_size)
     calib = jnp.asarray(
         calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len)

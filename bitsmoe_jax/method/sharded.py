@@ -50,7 +50,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bitsmoe_jax.distributed import EXPERT_AXIS, DistributedError
+from bitsmoe_jax.method.quantizers import unit_errors
+from bitsmoe_jax.parallel.distributed import EXPERT_AXIS, DistributedError
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 CAPACITY_MULTIPLE = 64  # padded token capacity per expert: fewer recompilations across layers
@@ -335,7 +336,6 @@ def all_token_stats(
 # ------------------------------------------------------------------------------------ coefficients
 @functools.cache
 def _errors_fn(mesh: Mesh, candidates: tuple[int, ...], group_size: int) -> Callable:
-    from bitsmoe_jax.quant.quantizers import unit_errors
 
     def body(units, weights):
         return jax.lax.map(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bitsmoe_jax import distributed
+from bitsmoe_jax.parallel import distributed
 
 
 def format_duration(seconds: float) -> str:

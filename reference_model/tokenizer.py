@@ -16,7 +16,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from bitsmoe_jax.data import read_text
+from bitsmoe_jax.io.data import read_text
 
 __all__ = [
     "DEFAULT_VOCAB_SIZE",
@@ -106,7 +106,7 @@ def save_hf_tokenizer(
 ) -> Path:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 
-    The three files make ``out_dir`` loadable both by :func:`bitsmoe_jax.data.load_tokenizer`
+    The three files make ``out_dir`` loadable both by :func:`bitsmoe_jax.io.data.load_tokenizer`
     (which reads only ``tokenizer.json``) and by ``transformers.AutoTokenizer.from_pretrained``,
     which builds a ``PreTrainedTokenizerFast`` around the same ``tokenizer.json`` and therefore
     produces identical ids. The config pins what ``transformers`` would otherwise guess:

@@ -24,9 +24,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.checkpoint import intify_layer_keys, load_tree, save_tree
+from bitsmoe_jax.io.checkpoint import intify_layer_keys, load_tree, save_tree
+from bitsmoe_jax.models.assemble import model_from_parts
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.quant.qmoe import QuantizedExperts, set_implementation
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, set_implementation
 
 FORMAT_QUANTIZED = "bitsmoe-jax/quantized"
 QUANT_META = "quantized.json"
@@ -128,8 +129,6 @@ def load_quantized(
     Pallas kernel layout is derived here, padded to shapes shared by the layers (at most
     ``max_padding`` extra device memory per group: see `qmoe.set_implementation`).
     """
-    from bitsmoe_jax.loading import model_from_parts
-
     p = Path(path)
     meta = read_meta(p)
     config = ModelConfig.from_json(json.dumps(meta["config"]))

@@ -38,7 +38,10 @@ __all__ = [
 ]
 
 #: Folder holding the gzip-compressed corpora that ship with the package.
-ASSET_DATA_DIR: Path = Path(__file__).resolve().parent / "assets" / "data"
+ASSETS_DIR: Path = Path(__file__).resolve().parents[1] / "assets"
+ASSET_DATA_DIR: Path = ASSETS_DIR / "data"
+# The shipped reference MoE (Mixtral architecture; made by `python -m reference_model.train`).
+REFERENCE_DIR: Path = ASSETS_DIR / "reference_moe"
 
 #: Short corpus names accepted by :func:`resolve_text` / :func:`read_text`, mapped to asset files.
 #: The Shakespeare splits are by work (never inside a work), so ``shakespeare_test`` is genuinely

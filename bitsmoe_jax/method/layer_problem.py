@@ -1,29 +1,24 @@
-"""The BitsMoE pipeline, stage by stage, layer by layer.
+"""One MoE layer's quantization problem, from its weights and calibration input to packed factors.
 
-    calibration tokens → embeddings for each decoder layer (streamed from the checkpoint, one in
-    memory at a time):
-        attention (+ residual) → MoE input x if MoE: shared bases (Gram → eigh) → 8-bit bases →
-        factors → routing statistics
-                 → loss coefficients L(e,k,b) → bit allocation → quantize + pack
-        next layer's input from the *quantized* layer (sequential=True) or the original one
-    write the quantized checkpoint (atomically), evaluate, report
+    MoE input x → shared bases (Gram → eigh, `decompose`) → expert factors → routing statistics
+    (`calibrate`) → loss coefficients L(e,k,b) (`coefficients`) → bit allocation (`allocate`) →
+    error-feedback rounding and packing (`error_feedback`, `packing`)
+
+`build_problem` runs the stages up to the coefficients and returns a `LayerProblem`, which is all
+that is needed to (re-)allocate at any budget (`allocate_layers`, over one layer or all MoE
+layers of a model) and to round and pack at the allocated bits (`round_and_pack`).
 
 Budget accounting is in bits per original expert weight and covers every stored bit of the expert
 path: integer codes, group scales, permutations and the shared bases. Components that receive 0 bits
 in every expert are removed from the bases, and the bits this frees are offered back to the
 allocation (a short fixed-point loop that never exceeds the budget).
-
-Several budgets from one calibration (`budget_bits=(2.0, 2.5, 3.0)`) keep each layer's problem
-(units, weights, coefficients) and only re-solve the allocation; the calibration inputs of later
-layers then come from the first budget's quantized layers. `budget_scope="model"` also keeps every
-layer's problem and solves one allocation over all MoE layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,24 +26,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.models.layers import rope_cos_sin
-from bitsmoe_jax.models.moe import MoEBlock
-from bitsmoe_jax.quant import basis as basis_lib
-from bitsmoe_jax.quant import sharded
-from bitsmoe_jax.quant.allocate import Allocation, BudgetError, allocate
-from bitsmoe_jax.quant.calibration import ExpertStats, collect_expert_stats
-from bitsmoe_jax.quant.coefficients import (
+from bitsmoe_jax.method import decompose as basis_lib
+from bitsmoe_jax.method import sharded
+from bitsmoe_jax.method.allocate import Allocation, BudgetError, allocate
+from bitsmoe_jax.method.calibrate import ExpertStats, collect_expert_stats
+from bitsmoe_jax.method.coefficients import (
     PROJECTIONS,
     Coefficients,
     layer_units,
     loss_coefficients,
     loss_weights,
 )
-from bitsmoe_jax.quant.error_feedback import CalibrationInputs, feedback_layer
-from bitsmoe_jax.quant.packing import pack_segments, permutation_bits, quantize_units
-from bitsmoe_jax.quant.qmoe import QuantizedExperts
-from bitsmoe_jax.quant.sharded import ExpertLayout
+from bitsmoe_jax.method.error_feedback import CalibrationInputs, feedback_layer
+from bitsmoe_jax.method.packing import (
+    PackedMatrix,
+    pack_segments,
+    permutation_bits,
+    quantize_units,
+)
+from bitsmoe_jax.method.sharded import ExpertLayout
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.moe import MoEBlock, grouped_swiglu
 
 
 @dataclasses.dataclass
@@ -155,6 +153,31 @@ def solve_units(
     return bits, alloc
 
 
+def _attempt(
+    group: list[LayerProblem],
+    loss: np.ndarray,
+    cost: np.ndarray,
+    fixed: np.ndarray,
+    unit_budget: float,
+    kw: dict,
+) -> tuple[float, list[dict], Allocation | None]:
+    """(bits spent, per-layer bits, allocation) of one solve of `group`'s units within
+    `unit_budget` bits; the spent bits count the layers' overheads at the bits found."""
+    cands, sb = group[0].coeffs.candidates, group[0].super_bits
+    col_of = {b: i for i, b in enumerate(cands)}
+    flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, **kw)
+    per_layer, off = [], 0
+    for p in group:
+        n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
+        per_layer.append(p.split(flat[off : off + n]))
+        off += n
+    cols = np.fromiter((col_of[int(b)] for b in flat), np.int64, len(flat))
+    spent = float(cost[np.arange(len(flat)), cols].sum()) + sum(
+        p.overhead_bits(b) for p, b in zip(group, per_layer, strict=False)
+    )
+    return spent, per_layer, alloc
+
+
 def allocate_layers(
     problems: list[LayerProblem], budget_bits: float, scope: str, alloc_kw: dict
 ) -> dict[int, tuple[dict, list[Allocation]]]:
@@ -176,22 +199,7 @@ def allocate_layers(
         nw = sum(p.num_weights for p in group)
         total = budget_bits * nw
         overhead = sum(p.full_overhead_bits() for p in group)
-        cands, sb = group[0].coeffs.candidates, group[0].super_bits
-        col_of = {b: i for i, b in enumerate(cands)}
-
-        def attempt(unit_budget: float, kw: dict) -> tuple[float, list[dict], Allocation | None]:
-            flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, **kw)  # noqa: B023  (called in this iteration only)
-            per_layer, off = [], 0
-            for p in group:  # noqa: B023  (called in this iteration only)
-                n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
-                per_layer.append(p.split(flat[off : off + n]))
-                off += n
-            cols = np.fromiter((col_of[int(b)] for b in flat), np.int64, len(flat))  # noqa: B023  (called in this iteration only)
-            spent = float(cost[np.arange(len(flat)), cols].sum()) + sum(  # noqa: B023  (called in this iteration only)
-                p.overhead_bits(b)
-                for p, b in zip(group, per_layer, strict=False)  # noqa: B023  (called in this iteration only)
-            )
-            return spent, per_layer, alloc
+        attempt = functools.partial(_attempt, group, loss, cost, fixed)
 
         lo, hi = total - overhead, total
         try:
@@ -199,7 +207,8 @@ def allocate_layers(
         except BudgetError as e:
             cheapest = cost.min(axis=1)
             if fixed.any():
-                cheapest = np.where(fixed, cost[:, list(cands).index(sb)], cheapest)
+                sb_col = list(group[0].coeffs.candidates).index(group[0].super_bits)
+                cheapest = np.where(fixed, cost[:, sb_col], cheapest)
             minimum = (float(cheapest.sum()) + overhead) / nw
             raise BudgetError(
                 f"budget {budget_bits} bits per expert weight is below the minimum of "
@@ -235,10 +244,11 @@ def dequantized_basis(stored: dict[str, np.ndarray]) -> np.ndarray | None:
     return q * np.asarray(stored["scale"], np.float32)[:, None] if "scale" in stored else q
 
 
-def pack_layer(
+def round_and_pack(
     problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None
-) -> QuantizedExperts:
-    """Quantize and pack a layer's units at the allocated bits, dropping all-zero components.
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, PackedMatrix]]:
+    """(stored bases, packed factors) of a layer's units rounded and packed at the allocated bits,
+    all-zero components dropped (`serve.quantized_experts.pack_layer` makes the served block).
 
     `layout` (multi-process runs, called by every process): the error feedback and the units'
     quantization (scale search and codes) run sharded — each process handles the experts of its
@@ -303,7 +313,7 @@ def pack_layer(
             )
         packed[p] = pack_segments(units, bpu, problem.group_size, w, scales=sc, quantized=quantized)
         bases[p] = {k: (v[:, keep] if k == "q" else v) for k, v in problem.bases[p].items()}
-    return QuantizedExperts(problem.num_experts, bases, packed)
+    return bases, packed
 
 
 # ------------------------------------------------------------------------------------ layer stages
@@ -387,7 +397,6 @@ def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> lis
     """Experts whose routed outputs carry extreme outliers: max|y| above `threshold` × the median
     expert's."""
     plan = block.plan(x)
-    from bitsmoe_jax.models.moe import grouped_swiglu
 
     y = np.abs(
         np.asarray(
@@ -518,20 +527,3 @@ def build_problem(
 def bits_histogram(bits: dict[str, np.ndarray], candidates: Sequence[int]) -> dict[str, int]:
     allb = np.concatenate([b.reshape(-1) for b in bits.values()])
     return {str(b): int((allb == b).sum()) for b in candidates}
-
-
-def layer_positions(batch: int, seq: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-
-
-def attention_part(layer, x: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """(residual after attention, MoE/MLP input) for hidden states x [B, T, D]."""
-    b, t, _ = x.shape
-    pos = layer_positions(b, t)
-    h, _ = layer.self_attn(layer.input_layernorm(x), pos, rope_cos_sin(config, pos, x.dtype), None)
-    r = x + h
-    return r, layer.post_attention_layernorm(r)
-
-
-def stage_timer() -> defaultdict:
-    return defaultdict(float)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from bitsmoe_jax.quant import quantizers as qz
+from bitsmoe_jax.method import quantizers as qz
 
 WORD_BITS = 32
 

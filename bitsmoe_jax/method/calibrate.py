@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitsmoe_jax.method import sharded
+from bitsmoe_jax.method.sharded import ExpertLayout
 from bitsmoe_jax.models.moe import make_routing_plan
-from bitsmoe_jax.quant import sharded
-from bitsmoe_jax.quant.sharded import ExpertLayout
 
 
 @dataclasses.dataclass

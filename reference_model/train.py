@@ -1,4 +1,4 @@
-"""Train and export the shipped reference MoE: `python -m bitsmoe_jax.train_reference --out DIR`.
+"""Train and export the shipped reference MoE: `python -m reference_model.train --out DIR`.
 
 Why it exists: quantization damage can only be measured on a model that has learned something, and
 no model can be downloaded here. This trains a small Mixtral-architecture MoE on the Shakespeare
@@ -26,13 +26,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bitsmoe_jax.data import read_text, tokenize_text, training_batches
+from bitsmoe_jax.io.data import REFERENCE_DIR, read_text, tokenize_text, training_batches
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.layers import rope_cos_sin
 from bitsmoe_jax.models.transformer import MoETransformer, build_model
-from bitsmoe_jax.tokenizer_training import save_hf_tokenizer, train_bpe_tokenizer
-
-REFERENCE_DIR = Path(__file__).resolve().parent / "assets" / "reference_moe"
+from reference_model.tokenizer import save_hf_tokenizer, train_bpe_tokenizer
 
 
 def reference_config(vocab_size: int = 2048) -> ModelConfig:
@@ -164,7 +162,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         tmp_tok / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     ]
     record = {
-        "command": "python -m bitsmoe_jax.train_reference " + " ".join(args.argv),
+        "command": "python -m reference_model.train " + " ".join(args.argv),
         "seed": args.seed,
         "steps": args.steps,
         "best_step": best[1],
@@ -195,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(
-        prog="python -m bitsmoe_jax.train_reference", description=__doc__.splitlines()[0]
+        prog="python -m reference_model.train", description=__doc__.splitlines()[0]
     )
     p.add_argument("--out", default=str(REFERENCE_DIR))
     p.add_argument("--seed", type=int, default=0)

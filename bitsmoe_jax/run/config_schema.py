@@ -115,6 +115,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
             'a directory outside output_dir (it is deleted when the run succeeds), or "" for '
             "OUTPUT_DIR.partial",
         )
+    if not c.calib_text:
+        bad(
+            "calib_text",
+            "a text of your model's domain (a .txt or .txt.gz path), or a shipped name "
+            "(shakespeare_train, milton)",
+        )
     if c.method not in METHODS:
         bad("method", ", ".join(METHODS))
     budgets = c.budget_bits if isinstance(c.budget_bits, (tuple, list)) else (c.budget_bits,)
@@ -187,18 +193,3 @@ def _validate_distributed(d: ml_collections.ConfigDict) -> None:
     for f in ("initialization_timeout", "heartbeat_timeout", "barrier_timeout"):
         if not d[f] > 0:
             bad(f, "a positive number of seconds")
-
-
-def large_model_config(output_dir: str) -> ml_collections.ConfigDict:
-    """Settings for a published multi-billion-parameter MoE; `model_path` must be given by the
-    user."""
-    c = default_config()
-    c.model_path = ""  # required: --config.model_path=/path/to/the/downloaded/checkpoint
-    c.output_dir = output_dir
-    # One budget keeps memory to the quantized model; several re-solve from one calibration but hold
-    # every layer's problem (units, weights, coefficients) until the end.
-    c.budget_bits = (2.0,)
-    c.num_calib_tokens = 65536
-    c.seq_len = 2048
-    c.eval_max_tokens = 65536
-    return c

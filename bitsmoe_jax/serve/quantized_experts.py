@@ -33,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.layer_problem import LayerProblem, round_and_pack
+from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed
+from bitsmoe_jax.method.sharded import ExpertLayout
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.models.moe import RoutingPlan, combine
-from bitsmoe_jax.quant.coefficients import PROJECTIONS
-from bitsmoe_jax.quant.packing import PackedMatrix, dequantize_packed
 from pallas_kernels import api as kernels_api
 from pallas_kernels import shared_shapes
 
@@ -384,3 +386,11 @@ def plan_kernel_shapes(
     `shared_shapes.plan_groups`)."""
     shapes = [block.kernel_shapes(backend, tiles) for block in blocks]
     return shared_shapes.plan_groups([k.parts() for k in shapes], max_padding)
+
+
+def pack_layer(
+    problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None
+) -> QuantizedExperts:
+    """The served block of one MoE layer: its units rounded and packed at the allocated bits
+    (`method.layer_problem.round_and_pack`, which says what `layout` shards)."""
+    return QuantizedExperts(problem.num_experts, *round_and_pack(problem, bits, layout))

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.quant import sharded
-from bitsmoe_jax.quant.calibration import ExpertStats
-from bitsmoe_jax.quant.quantizers import estimated_errors, kappa_estimates, stored_bits
-from bitsmoe_jax.quant.sharded import ExpertLayout
+from bitsmoe_jax.method import sharded
+from bitsmoe_jax.method.calibrate import ExpertStats
+from bitsmoe_jax.method.quantizers import estimated_errors, kappa_estimates, stored_bits
+from bitsmoe_jax.method.sharded import ExpertLayout
 
 PROJECTIONS = ("gate", "up", "down")
 

@@ -38,12 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from bitsmoe_jax.quant import arrayfile, faults
-from bitsmoe_jax.quant.allocate import Allocation
-from bitsmoe_jax.quant.calibration import ExpertStats
-from bitsmoe_jax.quant.coefficients import PROJECTIONS, Coefficients
-from bitsmoe_jax.quant.pipeline import LayerProblem
-from bitsmoe_jax.quant.qmoe import QuantizedExperts
+from bitsmoe_jax.io import arrayfile
+from bitsmoe_jax.method.allocate import Allocation
+from bitsmoe_jax.method.calibrate import ExpertStats
+from bitsmoe_jax.method.coefficients import PROJECTIONS, Coefficients
+from bitsmoe_jax.method.error_feedback import CalibrationInputs
+from bitsmoe_jax.method.layer_problem import LayerProblem
+from bitsmoe_jax.run import faults
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
 
 FINGERPRINT_FILE = "fingerprint.json"
 TOP = "top"
@@ -457,8 +459,6 @@ def problem_from_tree(tree: dict[str, Any], extra: dict[str, Any]) -> LayerProbl
     bases = {q: dict(tree.get("bases", {}).get(q, {})) for q in PROJECTIONS}
     optional: dict[str, Any] = {}
     if "calib" in tree:
-        from bitsmoe_jax.quant.error_feedback import CalibrationInputs
-
         optional["calib"] = CalibrationInputs(**tree["calib"], min_tokens=int(extra["min_tokens"]))
     return LayerProblem(
         units=dict(tree["units"]),

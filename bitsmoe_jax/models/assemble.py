@@ -1,0 +1,51 @@
+"""Models assembled from param trees of numpy arrays, without random initialisation.
+
+The abstract model (`nnx.eval_shape`) is filled with the given arrays, cast to the requested dtype,
+so no initialiser is ever computed and the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bitsmoe_jax.io.checkpoint import intify_layer_keys
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.transformer import DecoderLayer, MoETransformer, build_model
+
+
+def model_from_parts(
+    config: ModelConfig,
+    parts: dict[Any, dict],
+    dtype: Any,
+    experts: dict[int, nnx.Module] | None = None,
+) -> MoETransformer:
+    """Assemble a model from {'top': {...}, 0: layer0, ...} param trees of numpy arrays.
+
+    `experts` replaces the routed-expert module of the given MoE layers (the quantized checkpoint's
+    `QuantizedExperts`); their layer trees then carry no `mlp.experts` entry.
+    """
+    model = build_model(config, dtype=dtype, abstract=True)
+    for i, module in (experts or {}).items():
+        model.layers[i].mlp.experts = module
+    graphdef, state = nnx.split(model)
+    pure: dict[Any, Any] = dict(parts["top"])
+    pure["layers"] = {i: parts[i] for i in range(config.num_hidden_layers)}
+    pure = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(pure))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def build_layer(
+    config: ModelConfig, index: int, params: dict, dtype: Any = jnp.float32
+) -> DecoderLayer:
+    """One decoder layer with the given params (used by layer-by-layer calibration)."""
+    layer = nnx.eval_shape(lambda: DecoderLayer(config, index, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(layer)
+    nnx.replace_by_pure_dict(
+        state, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(params))
+    )
+    return nnx.merge(graphdef, state)
