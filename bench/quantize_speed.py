@@ -28,9 +28,9 @@ from bitsmoe_jax.method.coefficients import (
     loss_coefficients,
     loss_weights,
 )
+from bitsmoe_jax.method.config import MethodConfig
 from bitsmoe_jax.method.error_feedback import CalibrationInputs
 from bitsmoe_jax.method.layer_problem import LayerProblem, allocate_layers, make_bases
-from bitsmoe_jax.run.config_schema import default_config
 from bitsmoe_jax.serve.quantized_experts import pack_layer
 
 
@@ -58,7 +58,7 @@ def synthetic_layer(d: int, f: int, e: int, n: int, seed: int = 0):
 def bitsmoe_layer(
     gate, up, down, x, logits, idx, w, budget: float, mode: str, rounding: str = "gptq"
 ) -> dict[str, float]:
-    cfg = default_config()
+    cfg = MethodConfig()
     t = {}
     s = time.perf_counter()
     stored, deq = make_bases(gate, up, down, None, 8)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "load_quantized", "ModelConfig"]
+__all__ = ["load_model", "load_quantized", "quantize_checkpoint", "ModelConfig"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
         return load_quantized
+    if name == "quantize_checkpoint":
+        from bitsmoe_jax.run.entry import quantize_checkpoint
+
+        return quantize_checkpoint
     if name == "ModelConfig":
         from bitsmoe_jax.models.config import ModelConfig
 

@@ -14,7 +14,6 @@ Baselines are calibrated like BitsMoE: layer by layer, the inputs of layer i com
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -30,20 +29,19 @@ from bitsmoe_jax.baselines.run import run_baseline
 from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.loading import load_model, model_config
-from bitsmoe_jax.run.config_schema import METHODS, validate
-from bitsmoe_jax.run.driver import calibration_tokens, evaluation_inputs, quantize
+from bitsmoe_jax.run.config_schema import METHODS, RunConfig, run_config
+from bitsmoe_jax.run.driver import quantize
+from bitsmoe_jax.run.inputs import calibration_tokens, evaluation_inputs
 from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
 TOLERANCE = 0.05
 
 
-def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
-
-    c = copy.deepcopy(cfg)
-    c.budget_bits = (float(target),)
-    c.output_dir = str(out_dir)
-    c.eval_text = ""
-    c.overwrite = True
+def run_bitsmoe(run: RunConfig, target: float, out_dir: Path) -> tuple[Any, dict]:
+    """BitsMoE at one budget into `out_dir`, unevaluated: (the loaded quantized model, its row)."""
+    c = run.replace(
+        budget_bits=(float(target),), output_dir=str(out_dir), eval_text="", overwrite=True
+    )
     (report,) = quantize(c, progress=False)
     model, _ = load_quantized(out_dir)
     return model, {
@@ -52,15 +50,15 @@ def run_bitsmoe(cfg, target: float, out_dir: Path) -> tuple[Any, dict]:
     }
 
 
-def _measured(cfg, model, eval_ids, reference, quantize_time_s: float) -> dict[str, Any]:
+def _measured(run: RunConfig, model, eval_ids, reference, quantize_time_s: float) -> dict[str, Any]:
     """The columns every row shares: quality against the reference on the evaluation tokens, and
     time."""
     res = evaluate_model(
         model,
         eval_ids,
-        cfg.seq_len,
-        cfg.seq_len,
-        batch_size=cfg.eval_batch_size,
+        run.seq_len,
+        run.seq_len,
+        batch_size=run.eval_batch_size,
         reference=reference,
     )
     return {
@@ -74,12 +72,12 @@ def _measured(cfg, model, eval_ids, reference, quantize_time_s: float) -> dict[s
 
 
 def compare(
-    cfg, methods: tuple[str, ...], targets: tuple[float, ...], progress: bool = True
+    run: RunConfig, methods: tuple[str, ...], targets: tuple[float, ...], progress: bool = True
 ) -> list[dict]:
 
-    eval_ids, reference = evaluation_inputs(cfg)
+    eval_ids, reference = evaluation_inputs(run)
     calib = jnp.asarray(
-        calibration_tokens(cfg.model_path, cfg.calib_text, cfg.num_calib_tokens, cfg.seq_len)
+        calibration_tokens(run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len)
     )
     rows = []
     for target in targets:
@@ -87,17 +85,19 @@ def compare(
             t0 = time.time()
             if method == "bitsmoe":
                 model, info = run_bitsmoe(
-                    cfg, target, Path(cfg.output_dir) / "bitsmoe" / f"bpw_{target:.2f}"
+                    run, target, Path(run.output_dir) / "bitsmoe" / f"bpw_{target:.2f}"
                 )
             else:
-                model, _ = load_model(cfg.model_path)
-                info = run_baseline(method, model, calib, target, cfg.group_size, cfg.min_tokens)
+                model, _ = load_model(run.model_path)
+                info = run_baseline(
+                    method, model, calib, target, run.params.group_size, run.params.min_tokens
+                )
             row = {
                 "target_bpw": target,
                 "method": method,
                 **info,
                 "within_tolerance": abs(info["effective_bpw_experts"] - target) <= TOLERANCE + 1e-9,
-                **_measured(cfg, model, eval_ids, reference, time.time() - t0),
+                **_measured(run, model, eval_ids, reference, time.time() - t0),
             }
             rows.append(row)
             if progress:
@@ -141,24 +141,22 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def ablations(cfg, target: float, progress: bool = True) -> list[dict]:
+def ablations(run: RunConfig, target: float, progress: bool = True) -> list[dict]:
     """BitsMoE variants at one budget, all evaluated on the same tokens against the same
     reference."""
 
-    eval_ids, reference = evaluation_inputs(cfg)
+    eval_ids, reference = evaluation_inputs(run)
     rows = []
     for i, (name, overrides) in enumerate(ABLATIONS):
-        c = copy.deepcopy(cfg)
-        for k, v in overrides.items():
-            c[k] = v
+        c = run.replace(**overrides)
         t0 = time.time()
-        model, info = run_bitsmoe(c, target, Path(cfg.output_dir) / "ablations" / f"{i:02d}")
+        model, info = run_bitsmoe(c, target, Path(run.output_dir) / "ablations" / f"{i:02d}")
         row = {
             "ablation": name,
             "overrides": overrides,
             "target_bpw": target,
             **info,
-            **_measured(cfg, model, eval_ids, reference, time.time() - t0),
+            **_measured(run, model, eval_ids, reference, time.time() - t0),
         }
         rows.append(row)
         if progress:
@@ -273,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                     "--config.x=y)"
                 )
 
-        validate(cfg)
-        methods = _applicable(methods, cfg.model_path, explicit_methods)
+        run = run_config(cfg)  # the one place the ConfigDict becomes typed and validated
+        methods = _applicable(methods, run.model_path, explicit_methods)
     except (ValueError, FileNotFoundError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(cfg.output_dir)
+    out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bitsmoe_jax.compare " + " ".join(argv)
     machine = (
@@ -286,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         f"JAX {jax.__version__} ({jax.default_backend()})"
     )
     if run_ablations:
-        rows = ablations(cfg, targets[0])
+        rows = ablations(run, targets[0])
         (out / "ablations.json").write_text(
             json.dumps(
                 {"command": command, "machine": machine, "rows": rows}, indent=1, default=str
@@ -295,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "ablations.md").write_text(render_ablations(rows, command, machine))
         print(f"wrote {out / 'ablations.md'}")
         return 0
-    rows = compare(cfg, methods, targets)
+    rows = compare(run, methods, targets)
     (out / "compare.json").write_text(
         json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1, default=str)
     )

@@ -1,8 +1,8 @@
 """`python -m bitsmoe_jax.quantize --config configs/<model>.py [--config.field=value ...]`.
 
 Quantizes a Hugging Face (or converted) MoE checkpoint with BitsMoE and writes, per budget, a packed
-quantized checkpoint with `report.json` / `report.md`. See `bitsmoe_jax/quant/config_schema.py` for
-every field.
+quantized checkpoint with `report.json` / `report.md`. Every field, its default and what it does:
+docs/quantizing.md (or `bitsmoe_jax/run/config_schema.py`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.method.allocate import BudgetError
 from bitsmoe_jax.parallel.distributed import DistributedError
-from bitsmoe_jax.run.config_schema import validate
-from bitsmoe_jax.run.driver import print_summary, quantize, quantize_baseline
-from bitsmoe_jax.run.report import write_pareto
+from bitsmoe_jax.run.config_schema import run_config
+from bitsmoe_jax.run.entry import run_quantization
+from bitsmoe_jax.run.evaluation import print_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,26 +26,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg, rest = parse_config_args(argv)
         if rest:
             raise ValueError(f"unexpected arguments {rest}; use --config.field=value")
-        validate(cfg)
+        run = run_config(cfg)  # the one place the ConfigDict becomes typed and validated
     except (ValueError, FileNotFoundError, AttributeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     try:
-        reports = quantize(cfg) if cfg.method == "bitsmoe" else quantize_baseline(cfg)
+        reports, pareto = run_quantization(run)
     except (BudgetError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (
-        DistributedError
-    ) as e:  # a lost peer, an unreachable coordinator: say so, from every process
+    except DistributedError as e:  # a lost peer, an unreachable coordinator: say so, everywhere
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
     for r in reports:
         print(print_summary(r))
-    if len(reports) > 1:
-        path = write_pareto(cfg.output_dir, reports)
-        print(f"Pareto table: {path}")
+    if pareto is not None:
+        print(f"Pareto table: {pareto}")
     return 0
 
 

@@ -1,6 +1,8 @@
 """GPU kernel layout: b-bit integer codes per expert, decoded by the float-exponent trick.
 
-Why not bit-planes on GPU ------------------------- `layout.PlaneTiles` (the TPU layout) splits
+Why not bit-planes on GPU
+-------------------------
+`layout.PlaneTiles` (the TPU layout) splits
 every ``b``-bit code into ``b`` ±1 planes. A GPU GEMV reading planes unpacks 8 plane values per
 byte, and each needs a shift, a mask and an integer-to-float conversion, which runs at a quarter of
 the rate of a float op on Hopper. The SASS of that kernel (`bench/triton_sass.py`) showed about 62

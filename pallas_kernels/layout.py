@@ -1,7 +1,9 @@
 """Kernel layout of one packed projection: per-expert tiles of bit-planes, derived at load time.
 
-Why a second layout ------------------- The checkpoint's
-:class:`~bitsmoe_jax.method.packing.PackedMatrix` holds *global* bit-width segments over all ``E·r``
+Why a second layout
+-------------------
+The checkpoint's :class:`~bitsmoe_jax.method.packing.PackedMatrix` holds *global* bit-width segments
+over all ``E·r``
 units of a projection plus one global permutation, and packs 32 consecutive values of a unit per
 word. That is the right thing to store (its bit count is tested and it is what the allocator costs),
 but inside a kernel a tile must be addressable per expert with one bit-width and must unpack without

@@ -9,7 +9,9 @@ layouts are padded to one shape lower to identical kernels: `api.swiglu_experts`
 nested ``jax.jit`` reuses its jaxpr, and lowering reuses the function), and XLA's GPU compiler keys
 its kernel cache on the Triton call's text, so it builds each distinct kernel once per executable.
 
-What padding costs ------------------ Memory, not bandwidth. Padding adds tiles that no expert
+What padding costs
+------------------
+Memory, not bandwidth. Padding adds tiles that no expert
 references, word rows past the last tile, index-table columns that repeat an expert's last entry
 (the kernels stop at each expert's own count), zero 16-bit units, and empty code widths (a loop of
 zero trips). The bytes a token reads do not change. `plan_groups` puts layers into groups, padding

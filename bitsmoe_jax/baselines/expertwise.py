@@ -24,27 +24,30 @@ stays near norm ``c`` while a row that moved a lot grows, so the change is appro
 smaller norm => smaller change => more bits. This ignores rows that shrank during training and the
 direction of the update; with ``router_init`` the exact value is used instead.
 
-Intra-neuron variance --------------------- A "neuron" of expert ``e`` is an intermediate (FFN) unit
-``f``: its weights are the input columns ``gate[e][:, f]`` and ``up[e][:, f]`` (``D`` values each)
-and the output row ``down[e][f, :]`` (``D`` values). Its variance is the population variance
-(ddof=0) of these ``3 D`` values pooled together; the expert's score is the maximum over its ``F``
-neurons. We pool rather than take a per-matrix variance and then the max because the theory treats a
-neuron (input weights + output weight) as one unit whose whole weight vector is perturbed by
-quantization; pooling also counts a neuron whose gate/up/down live at different scales as
-high-variance, which is exactly the case where a shared low bit-width injects large relative noise.
+Intra-neuron variance
+---------------------
+A "neuron" of expert ``e`` is an intermediate (FFN) unit ``f``: its weights are the input columns
+``gate[e][:, f]`` and ``up[e][:, f]`` (``D`` values each) and the output row ``down[e][f, :]``
+(``D`` values). Its variance is the population variance (ddof=0) of these ``3 D`` values pooled
+together; the expert's score is the maximum over its ``F`` neurons. We pool rather than take a
+per-matrix variance and then the max because the theory treats a neuron (input weights + output
+weight) as one unit whose whole weight vector is perturbed by quantization; pooling also counts a
+neuron whose gate/up/down live at different scales as high-variance, which is exactly the case
+where a shared low bit-width injects large relative noise.
 
 High-variance experts are those whose score is strictly above the ``variance_quantile`` quantile of
 the scores over experts (numpy's default linear interpolation); ``variance_quantile=None`` protects
 no expert.
 
-Allocation ---------- Every expert gets ``low_bits`` or ``high_bits``. By default they are the
-integers bracketing the target code bits ``budget_bits - 16 / group_size`` (one bf16 scale per
-group): ``low = floor``, ``high = low + 1``. All experts have the same size, so the mean effective
-bits with ``n`` high-bit experts is ``low + n (high - low) / E + 16 / group_size``; ``n`` is the
-largest count with that mean ``<= budget_bits`` (1e-9 tolerance). The ``n`` high-bit experts are
-taken in priority order: high-variance experts first (protection), then the rest; within each group
-ascending router-norm change, ties broken by expert index. A budget below ``low_bits + 16 /
-group_size`` is a ValueError.
+Allocation
+----------
+Every expert gets ``low_bits`` or ``high_bits``. By default they are the integers bracketing the
+target code bits ``budget_bits - 16 / group_size`` (one bf16 scale per group): ``low = floor``,
+``high = low + 1``. All experts have the same size, so the mean effective bits with ``n`` high-bit
+experts is ``low + n (high - low) / E + 16 / group_size``; ``n`` is the largest count with that mean
+``<= budget_bits`` (1e-9 tolerance). The ``n`` high-bit experts are taken in priority order:
+high-variance experts first (protection), then the rest; within each group ascending router-norm
+change, ties broken by expert index. A budget below ``low_bits + 16 / group_size`` is a ValueError.
 """
 
 from __future__ import annotations

@@ -194,8 +194,9 @@ def tokenize_text(
     a corpus must never be silently cut to ``model_max_length``.
 
     Args:
-        tokenizer: a ``tokenizers.Tokenizer``. text: the whole corpus. chunk_chars: approximate
-        characters per parallel piece (only affects speed).
+        tokenizer: a ``tokenizers.Tokenizer``.
+        text: the whole corpus.
+        chunk_chars: approximate characters per parallel piece (only affects speed).
     """
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")

@@ -37,6 +37,7 @@ from bitsmoe_jax.method.coefficients import (
     loss_coefficients,
     loss_weights,
 )
+from bitsmoe_jax.method.config import MethodConfig
 from bitsmoe_jax.method.error_feedback import CalibrationInputs, feedback_layer
 from bitsmoe_jax.method.packing import (
     PackedMatrix,
@@ -422,7 +423,7 @@ def build_problem(
     index: int,
     block: MoEBlock,
     x: jax.Array,
-    cfg: Any,
+    params: MethodConfig,
     config: ModelConfig,
     timings: dict,
     mesh: jax.sharding.Mesh | None = None,
@@ -441,7 +442,7 @@ def build_problem(
     )
     t = time.time()
     stored, deq = make_bases(
-        gate, up, down, cfg.rank, cfg.basis_bits, cfg.basis, x=np.asarray(x), layout=layout
+        gate, up, down, params.rank, params.basis_bits, params.basis, x=np.asarray(x), layout=layout
     )
     if (
         jax.process_count() > 1
@@ -459,13 +460,13 @@ def build_problem(
             np.asarray(x, np.float32),
             np.asarray(idx, np.int32),
             np.asarray(w, np.float32),
-            cfg.min_tokens,
+            params.min_tokens,
         )
-        if cfg.rounding == "gptq"
+        if params.rounding == "gptq"
         else None
     )
     stats = collect_expert_stats(
-        x, logits, idx, w, gate, up, deq["gate"], deq["up"], cfg.min_tokens, layout=layout
+        x, logits, idx, w, gate, up, deq["gate"], deq["up"], params.min_tokens, layout=layout
     )
     timings["calibration"] += time.time() - t
     t = time.time()
@@ -473,8 +474,8 @@ def build_problem(
         stats,
         down,
         {p: units[p].shape[1] for p in PROJECTIONS},
-        cfg.expert_mass_floor,
-        cfg.loss_weighting,
+        params.expert_mass_floor,
+        params.loss_weighting,
     )
     # The [E, F, r] float64 sums are folded into the weights: drop them (2/3 of the layer's float32
     # size) before the coefficients, the packing and the forward pass (the work dir never stores
@@ -488,22 +489,22 @@ def build_problem(
     coeffs = loss_coefficients(
         units,
         weights,
-        cfg.candidate_bits,
-        cfg.group_size,
-        cfg.coefficient_mode,
-        seed=cfg.seed,
+        params.candidate_bits,
+        params.group_size,
+        params.coefficient_mode,
+        seed=params.seed,
         layout=layout,
     )
     timings["coefficients"] += time.time() - t
-    if cfg.super_experts == "auto":
-        supers = detect_super_experts(x, block, cfg.super_expert_threshold)
+    if params.super_experts == "auto":
+        supers = detect_super_experts(x, block, params.super_expert_threshold)
     else:
         supers = [
             int(e)
             for e in (
-                cfg.super_experts.get(str(index), [])
-                if isinstance(cfg.super_experts, dict)
-                else cfg.super_experts
+                params.super_experts.get(str(index), [])
+                if isinstance(params.super_experts, dict)
+                else params.super_experts
             )
         ]
     return LayerProblem(
@@ -515,11 +516,11 @@ def build_problem(
         weights=weights,
         coeffs=coeffs,
         bases=stored,
-        basis_bits=cfg.basis_bits,
+        basis_bits=params.basis_bits,
         stats=stats,
         super_experts=supers,
-        super_bits=cfg.super_expert_bits,
-        group_size=cfg.group_size,
+        super_bits=params.super_expert_bits,
+        group_size=params.group_size,
         calib=calib,
     )
 

@@ -1,11 +1,13 @@
 """Bit-plane packing of quantized units and the per-matrix packed format.
 
-Bit-plane layout ---------------- Signed codes ``q`` of bit-width ``b`` (1..8, the convention of
-:mod:`quantizers`: ``q ∈ [-2**(b-1), 2**(b-1)-1]``, value ``(2q+1)·scale``) are first offset to
-unsigned ``u = q + 2**(b-1) ∈ [0, 2**b)``. For ``b = 1`` that makes ``u`` the sign bit, 1 for ``x >=
-0`` and 0 for ``x < 0``. A unit of ``n`` values is zero-padded (in ``u``) to a multiple of 32 and
-cut into blocks of 32 consecutive values; block ``k`` becomes ``b`` uint32 words, word ``p`` holding
-bit ``p`` of the 32 values, value ``i`` of the block in bit ``i`` of the word.
+Bit-plane layout
+----------------
+Signed codes ``q`` of bit-width ``b`` (1..8, the convention of :mod:`quantizers`:
+``q ∈ [-2**(b-1), 2**(b-1)-1]``, value ``(2q+1)·scale``) are first offset to unsigned
+``u = q + 2**(b-1) ∈ [0, 2**b)``. For ``b = 1`` that makes ``u`` the sign bit, 1 for
+``x >= 0`` and 0 for ``x < 0``. A unit of ``n`` values is zero-padded (in ``u``) to a multiple of
+32 and cut into blocks of 32 consecutive values; block ``k`` becomes ``b`` uint32 words, word
+``p`` holding bit ``p`` of the 32 values, value ``i`` of the block in bit ``i`` of the word.
 
 The packed array of a unit is the flat sequence ``[block 0: plane 0 … plane b-1, block 1: …]``,
 i.e. shape ``[..., ceil(n/32) * b]`` with word index ``k * b + p`` — reshape to
@@ -13,11 +15,12 @@ i.e. shape ``[..., ceil(n/32) * b]`` with word index ``k * b + p`` — reshape t
 included) packs with no value straddling a word, and unpacking value ``i`` of plane ``p`` is one
 shift and mask, the same instruction stream for every bit-width — what a Pallas/XLA kernel wants.
 
-Packed matrix ------------- :func:`pack_segments` stores the ``K`` units of one (expert, projection)
-factor: units are ordered by bit-width (stable), each run of equal bit-width is a *segment* with its
-packed words and its bf16 group scales (or bf16 values for 16-bit units; nothing for 0-bit units),
-and the permutation back to the original order is kept. :func:`dequantize_packed` is jnp and
-jittable.
+Packed matrix
+-------------
+:func:`pack_segments` stores the ``K`` units of one (expert, projection) factor: units are ordered
+by bit-width (stable), each run of equal bit-width is a *segment* with its packed words and its
+bf16 group scales (or bf16 values for 16-bit units; nothing for 0-bit units), and the permutation
+back to the original order is kept. :func:`dequantize_packed` is jnp and jittable.
 """
 
 from __future__ import annotations

@@ -54,10 +54,12 @@ average within 0.05 % at 2-4 bits. At 6-8 bits the error, already below 1e-3 of 
 jagged in ``s`` and the brute force finds lucky minima 1-7 % lower. The bit-width is a traced
 value inside the search, so one compiled program serves every width 1..8.
 
-The per-component scalar ------------------------ This format stores **no** per-component scalar:
-every quantity needed to reconstruct a unit is in its codes and its group scales.
-:func:`stored_bits` therefore defaults to ``scalar_bits=0``; the parameter exists so that a format
-that adds one (a zero-point, a norm) can be costed with the same function.
+The per-component scalar
+------------------------
+This format stores **no** per-component scalar: every quantity needed to reconstruct a unit is
+in its codes and its group scales. :func:`stored_bits` therefore defaults to ``scalar_bits=0``;
+the parameter exists so that a format that adds one (a zero-point, a norm) can be costed with the
+same function.
 """
 
 from __future__ import annotations

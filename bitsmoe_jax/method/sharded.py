@@ -8,7 +8,9 @@ What runs where
   loss weights, the allocation (solved on process 0, broadcast) and the packing — each either small
   or a fixed host computation, and every process needs the packed layer for the next layer's input.
 
-Why the results do not depend on the mesh ----------------------------------------- The issue asks
+Why the results do not depend on the mesh
+-----------------------------------------
+The issue asks
 for identical allocations and bit-identical packed arrays whether the layer runs on one device,
 four, or two processes of two. Float sums in a different order change the last bits, and one flipped
 bit can move a rounding decision or an eigenvector's sign, so every result here is made *independent

@@ -1,27 +1,29 @@
-"""Multi-process JAX for quantization runs: start-up, who logs and writes, barriers, the device
-mesh.
+"""Multi-process JAX for quantization runs: start-up, who logs and writes, barriers, the mesh.
 
 Everything here is JAX's own machinery — `jax.distributed.initialize` (its coordination service does
 the rendezvous and the heartbeats; collectives go through XLA: gloo on CPU, NCCL on GPU, ICI on TPU)
 — wrapped so a run never hangs silently:
 
-* `initialize(cfg)` turns `cfg.distributed` into one `jax.distributed.initialize` call with bounded
-  timeouts, and turns "coordinator unreachable" into a `DistributedError` naming the address and the
-  timeout. On a TPU pod `cfg.distributed.auto=True` lets JAX read the topology from the TPU
-  metadata.
+* `initialize(d)` turns a `DistributedConfig` (`config.distributed`) into one
+  `jax.distributed.initialize` call with bounded timeouts, and turns "coordinator unreachable" into
+  a `DistributedError` naming the address and the timeout. On a TPU pod
+  `config.distributed.auto=True` lets JAX read the topology from the TPU metadata.
 * `barrier(name)` waits on the coordination service's barrier with a deadline; a peer that died or
   hangs gives a `DistributedError` naming the barrier instead of a hang. A peer that dies *inside* a
-  collective is caught by the coordination service's heartbeat (`cfg.distributed.heartbeat_timeout`
-  seconds), which stops the survivors with an error naming the missing task.
+  collective is caught by the coordination service's heartbeat
+  (`config.distributed.heartbeat_timeout` seconds), which stops the survivors with an error naming
+  the missing task.
 * `is_writer()` is True on process 0 only: one writer for every file; `log` prints on process 0
   only.
-* `make_mesh(cfg)` builds the one-axis ("expert") mesh that the per-expert work is sharded over.
+* `make_mesh(mesh_shape)` builds the one-axis ("expert") mesh that the per-expert work is sharded
+  over.
 
 A single-process run (the default config) does not touch `jax.distributed` at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from typing import Any
@@ -52,8 +54,22 @@ def _client() -> Any:
     return getattr(_dist.global_state, "client", None)
 
 
-def initialize(cfg: Any) -> None:
-    """Start the multi-process runtime from `cfg.distributed`; idempotent; a no-op for one process.
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """`jax.distributed.initialize` settings; the defaults are one process (`config.distributed.*`
+    on the command line, where each field's help is)."""
+
+    auto: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+    initialization_timeout: float = 300
+    heartbeat_timeout: float = 100
+    barrier_timeout: float = 7200.0
+
+
+def initialize(d: DistributedConfig) -> None:
+    """Start the multi-process runtime from `d`; idempotent; a no-op for one process.
 
     Must run before any other JAX call touches devices: JAX fixes the device list on first use.
     Fields: `auto` (TPU pod / SLURM / Open MPI: JAX detects everything), `coordinator_address`
@@ -61,7 +77,6 @@ def initialize(cfg: Any) -> None:
     wait for every process to join), `heartbeat_timeout` (seconds after which a silent peer is
     declared dead), `barrier_timeout` (default deadline of `barrier`).
     """
-    d = cfg.distributed
     _STATE["barrier_timeout_s"] = float(d.barrier_timeout)
     if _STATE["initialized"] or _client() is not None:
         _STATE["initialized"] = True
@@ -191,8 +206,7 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
         ) from e
 
 
-def _mesh_size(cfg: Any, n_devices: int) -> int:
-    shape = cfg.mesh_shape
+def _mesh_size(shape: Any, n_devices: int) -> int:
     if shape in ((), None, 0, "auto"):
         return n_devices
     dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
@@ -214,15 +228,16 @@ def _mesh_size(cfg: Any, n_devices: int) -> int:
     return n
 
 
-def make_mesh(cfg: Any) -> jax.sharding.Mesh:
-    """A one-axis mesh ("expert") over all devices, or over the first `cfg.mesh_shape` devices.
+def make_mesh(mesh_shape: Any = ()) -> jax.sharding.Mesh:
+    """A one-axis mesh ("expert") over all devices, or over the first `mesh_shape` devices (``()``,
+    ``n`` or ``(n,)``; `config.mesh_shape` on the command line).
 
     The axis is of the Auto type (as `jax.sharding.Mesh` was before explicit sharding): the code
     places its arrays with NamedSharding and shard_map, and `jax.make_mesh` would default to
     Explicit axes.
     """
     devices = jax.devices()
-    n = _mesh_size(cfg, len(devices))
+    n = _mesh_size(mesh_shape, len(devices))
     axis_type = getattr(jax.sharding, "AxisType", None)
     kw = {"axis_types": (axis_type.Auto,)} if axis_type is not None else {}
     if n == len(devices):

@@ -1,16 +1,23 @@
-"""The quantization config: every field, its default, and the values it may take.
+"""The quantization config: every field, its default, the values it may take, and its typed form.
 
 Config files (`configs/*.py`) define `get_config()` returning `default_config()` with their model's
-settings; the CLI applies `--config.field=value` overrides on top and `validate` rejects anything
-unknown or out of range with the allowed values in the message.
+settings; the CLI applies `--config.field=value` overrides on top and `run_config` validates the
+result (anything unknown or out of range is refused with the allowed values in the message) and
+turns it into a frozen `RunConfig`, the only form the run machinery and the method ever see.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from bitsmoe_jax.method.config import FIELDS as METHOD_FIELDS
+from bitsmoe_jax.method.config import MethodConfig
+from bitsmoe_jax.parallel.distributed import DistributedConfig
 
 METHODS = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise", "kquant")
 ALLOCATORS = ("auto", "milp", "greedy")
@@ -193,3 +200,108 @@ def _validate_distributed(d: ml_collections.ConfigDict) -> None:
     for f in ("initialization_timeout", "heartbeat_timeout", "barrier_timeout"):
         if not d[f] > 0:
             bad(f, "a positive number of seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One quantization run, validated: where from and to, which method at which budgets, the
+    calibration and evaluation texts, the process layout, and the method's parameters (`params`).
+
+    Field names and values are those of `default_config()` (their help is there); the method's own
+    fields live in `params`. Make one with `run_config(config_dict)`, or with
+    `RunConfig.create(model_path=..., output_dir=..., **fields)` from Python.
+    """
+
+    model_path: str
+    output_dir: str
+    overwrite: bool
+    resume: bool
+    work_dir: str
+    method: str
+    budget_bits: tuple[float, ...]
+    budget_scope: str
+    calib_text: str
+    num_calib_tokens: int
+    seq_len: int
+    sequential: bool
+    dense_dtype: str
+    eval_text: str
+    eval_max_tokens: int | None
+    eval_batch_size: int
+    mesh_shape: Any
+    distributed: DistributedConfig
+    params: MethodConfig
+
+    @classmethod
+    def create(cls, **fields: Any) -> RunConfig:
+        """`default_config()` with `fields` set (``"distributed.x"`` for the nested ones),
+        validated."""
+        return run_config(with_fields(default_config(), fields))
+
+    def replace(self, **fields: Any) -> RunConfig:
+        """A copy with `fields` changed (method fields by their flat names), validated again."""
+        return run_config(with_fields(self.to_config_dict(), fields))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict the ConfigDict form gives (`ConfigDict.to_dict()`: keys sorted, method
+        fields at the top level): what the quantized checkpoint records and the fingerprint
+        hashes."""
+        flat = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("distributed", "params")
+        }
+        flat.update({k: getattr(self.params, k) for k in METHOD_FIELDS})
+        flat["distributed"] = dict(sorted(dataclasses.asdict(self.distributed).items()))
+        return dict(sorted(flat.items()))
+
+    def to_config_dict(self) -> ml_collections.ConfigDict:
+        return with_fields(default_config(), _flatten(self.to_dict()))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and k == "distributed":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def with_fields(
+    c: ml_collections.ConfigDict, fields: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """Set ``fields`` on `c` (dotted names for nested fields) and return it; an unknown field is an
+    error that lists the known ones."""
+    for key, value in fields.items():
+        *path, name = key.split(".")
+        node = c
+        for part in path:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ValueError(
+                    f"unknown config field {key!r}; known fields: {', '.join(sorted(c.keys()))}"
+                )
+            node = node[part]
+        if name not in node:
+            known = ", ".join(sorted(node.keys()))
+            raise ValueError(f"unknown config field {key!r}; known fields: {known}")
+        if isinstance(value, list):
+            value = tuple(value)
+        node[name] = value
+    return c
+
+
+def run_config(c: ml_collections.ConfigDict) -> RunConfig:
+    """Validate `c` (see `validate`) and turn it into a `RunConfig`."""
+    validate(c)
+    d = c.to_dict()
+    params = MethodConfig(**{k: d[k] for k in METHOD_FIELDS})
+    run_fields = [
+        f.name for f in dataclasses.fields(RunConfig) if f.name not in ("distributed", "params")
+    ]
+    return RunConfig(
+        **{k: d[k] for k in run_fields},
+        distributed=DistributedConfig(**d["distributed"]),
+        params=params,
+    )

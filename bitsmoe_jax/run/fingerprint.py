@@ -28,6 +28,7 @@ from typing import Any
 
 from bitsmoe_jax.io.data import read_text
 from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.run.config_schema import RunConfig
 
 WORK_FORMAT_VERSION = 1
 HEAD_BYTES = 1 << 20
@@ -95,15 +96,15 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
-def compute(cfg: Any, config: ModelConfig) -> dict[str, Any]:
-    """The fingerprint of the run `cfg` on the model whose config is `config`."""
-    quant = {k: v for k, v in cfg.to_dict().items() if k not in NOT_FINGERPRINTED}
+def compute(run: RunConfig, config: ModelConfig) -> dict[str, Any]:
+    """The fingerprint of the run `run` on the model whose config is `config`."""
+    quant = {k: v for k, v in run.to_dict().items() if k not in NOT_FINGERPRINTED}
     return {
         "format_version": WORK_FORMAT_VERSION,
         "model_config": _jsonable(json.loads(config.to_json())),
-        "model_files": model_files(cfg.model_path),
+        "model_files": model_files(run.model_path),
         "quantization_config": _jsonable(quant),
-        "calib_text_sha256": hashlib.sha256(read_text(cfg.calib_text).encode()).hexdigest(),
+        "calib_text_sha256": hashlib.sha256(read_text(run.calib_text).encode()).hexdigest(),
         "versions": _versions(),
     }
 
@@ -111,7 +112,7 @@ def compute(cfg: Any, config: ModelConfig) -> dict[str, Any]:
 EVALUATION_FIELDS = ("eval_text", "eval_max_tokens", "eval_batch_size")
 
 
-def output_digest(fp: dict[str, Any], cfg: Any) -> str:
+def output_digest(fp: dict[str, Any], run: RunConfig) -> str:
     """SHA-256 naming everything a finished output depends on: the run's fingerprint and its
     evaluation.
 
@@ -119,7 +120,7 @@ def output_digest(fp: dict[str, Any], cfg: Any) -> str:
     are all written (say after a kill during the final cleanup) recognises them as its own and does
     nothing, while outputs of any other run still need `--config.overwrite=True`.
     """
-    evaluation = {k: _jsonable(cfg.get(k)) for k in EVALUATION_FIELDS}
+    evaluation = {k: _jsonable(getattr(run, k)) for k in EVALUATION_FIELDS}
     return hashlib.sha256(
         json.dumps({"run": fp, "evaluation": evaluation}, sort_keys=True).encode()
     ).hexdigest()

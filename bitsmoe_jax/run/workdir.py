@@ -45,6 +45,7 @@ from bitsmoe_jax.method.coefficients import PROJECTIONS, Coefficients
 from bitsmoe_jax.method.error_feedback import CalibrationInputs
 from bitsmoe_jax.method.layer_problem import LayerProblem
 from bitsmoe_jax.run import faults
+from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -55,11 +56,11 @@ class ResumeError(ValueError):
     """The work directory cannot be resumed (a fingerprint mismatch, or not a work directory)."""
 
 
-def default_work_dir(cfg: Any) -> Path:
-    """`cfg.work_dir`, or `<output_dir>.partial` beside the output."""
-    if cfg.work_dir:
-        return Path(cfg.work_dir)
-    out = Path(cfg.output_dir).absolute()
+def default_work_dir(run: RunConfig) -> Path:
+    """`run.work_dir`, or `<output_dir>.partial` beside the output."""
+    if run.work_dir:
+        return Path(run.work_dir)
+    out = Path(run.output_dir).absolute()
     return out.parent / f"{out.name}.partial"
 
 

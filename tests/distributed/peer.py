@@ -26,7 +26,7 @@ def main() -> int:
         timeout,
     )
     try:
-        distributed.initialize(cfg)
+        distributed.initialize(distributed.DistributedConfig(**cfg.distributed.to_dict()))
         distributed.barrier("after_join")
         if mode == "die" and pid == 1:
             os._exit(0)  # no shutdown, no goodbye: the coordinator only sees its heartbeats stop

@@ -13,7 +13,7 @@ import pytest
 from bitsmoe_jax.config_cli import apply_overrides
 from bitsmoe_jax.method import sharded
 from bitsmoe_jax.parallel import distributed
-from bitsmoe_jax.run.config_schema import default_config, validate
+from bitsmoe_jax.run.config_schema import default_config, run_config, validate
 
 
 def cfg(**overrides):
@@ -69,7 +69,8 @@ def test_nested_distributed_overrides_and_their_errors():
 
 def test_single_process_defaults_touch_nothing():
     c = cfg()
-    distributed.initialize(c)  # a no-op: must not start the coordination service
+    # a no-op: must not start the coordination service
+    distributed.initialize(run_config(c).distributed)
     assert distributed._client() is None
     assert (distributed.process_index(), distributed.process_count(), distributed.is_writer()) == (
         0,
@@ -80,14 +81,14 @@ def test_single_process_defaults_touch_nothing():
 
 
 def test_mesh_is_one_auto_expert_axis_over_all_devices():
-    mesh = distributed.make_mesh(cfg())
+    mesh = distributed.make_mesh(cfg().mesh_shape)
     assert mesh.axis_names == ("expert",) and mesh.size == len(jax.devices())
     assert "Auto" in str(mesh.axis_types[0])
-    assert distributed.make_mesh(cfg(mesh_shape="(1,)")).size == 1
+    assert distributed.make_mesh(cfg(mesh_shape="(1,)").mesh_shape).size == 1
     with pytest.raises(
         distributed.DistributedError, match=r"config.mesh_shape=\(64,\) does not fit the 1 devices"
     ):
-        distributed.make_mesh(cfg(mesh_shape="(64,)"))
+        distributed.make_mesh(cfg(mesh_shape="(64,)").mesh_shape)
 
 
 def test_layout_pads_experts_to_a_power_of_two():

@@ -8,11 +8,12 @@ and on the GPU it reads whatever lies beyond, NaN included, or faults. This catc
 on CPU, before a GPU run.
 
 `checked_ref_bounds` wraps the state-discharge rules that the interpreter applies to ``ref[...]``
-reads and writes, to Pallas' masked ``load`` / ``store`` and to Triton's ``atomic_add``. Each access
-then also computes, per grid step, whether any index lies outside the shape the indexer refers to
-(for masked accesses, only the elements the mask keeps), and on a violation calls back to the host
-to record it. These are JAX internals (checked on 0.10 and 0.11): when they move, the context
-manager fails loudly instead of checking nothing.
+reads and writes, to Pallas' masked ``load`` / ``store`` and to Triton's ``atomic_add``. Each
+access then also computes, per grid step, whether any index lies outside the shape the indexer
+refers to (for masked accesses, only the elements the mask keeps), and on a violation calls back to
+the host to record it. These are JAX
+internals (checked on 0.10 and 0.11): when they move, the context manager fails loudly instead of
+checking nothing.
 """
 
 from __future__ import annotations

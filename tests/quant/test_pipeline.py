@@ -321,7 +321,7 @@ def _layer1_moe_input_counts(model, calib):
 def test_sequential_calibrates_later_layers_on_quantized_outputs(main_run, hf, texts):
     """Layer 1's routing statistics in the report are those of the model with layer 0 quantized."""
     from bitsmoe_jax.loading import load_model
-    from bitsmoe_jax.run.driver import calibration_tokens
+    from bitsmoe_jax.run.inputs import calibration_tokens
     from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
     calib = calibration_tokens(str(hf[0]), str(texts[0]), 1024, SEQ)
@@ -371,7 +371,7 @@ def unsequential_run(hf, texts, tmp_path_factory):
 
 
 def test_sequential_false(unsequential_run, hf, texts):
-    from bitsmoe_jax.run.driver import calibration_tokens
+    from bitsmoe_jax.run.inputs import calibration_tokens
 
     r = read_report(unsequential_run)
     assert r["effective_bpw_experts"] <= 2.5 + 1e-9
@@ -457,12 +457,12 @@ def test_existing_output_without_overwrite_exits_2_unchanged(hf, texts, tmp_path
 
 def test_failure_while_writing_leaves_no_directory(hf, texts, tmp_path, monkeypatch):
     """An exception after the output started being written removes the temporary directory."""
-    import bitsmoe_jax.run.driver as runner
+    import bitsmoe_jax.run.outputs as outputs
 
     def boom(*a, **k):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(runner, "write_report", boom)
+    monkeypatch.setattr(outputs, "write_report", boom)
     parent = tmp_path / "outputs"
     parent.mkdir()
     with pytest.raises(RuntimeError, match="simulated"):

@@ -22,8 +22,9 @@ from bitsmoe_jax.baselines.rtn import apply_rtn
 from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.run.config_schema import default_config
-from bitsmoe_jax.run.driver import quantize, quantize_baseline
+from bitsmoe_jax.run.baseline_driver import quantize_baseline
+from bitsmoe_jax.run.config_schema import default_config, run_config
+from bitsmoe_jax.run.driver import quantize
 
 MODEL = Path(os.environ.get("BITSMOE_TEST_MODEL") or REFERENCE_DIR)
 EVAL_TOKENS = 16384
@@ -46,8 +47,11 @@ def _bitsmoe(tmp_path_factory, name: str, method: str = "bitsmoe", **overrides) 
     c.eval_max_tokens = EVAL_TOKENS
     for k, v in overrides.items():
         c[k] = v
+    run = run_config(c)
     (report,) = (
-        quantize(c, progress=False) if method == "bitsmoe" else quantize_baseline(c, progress=False)
+        quantize(run, progress=False)
+        if method == "bitsmoe"
+        else quantize_baseline(run, progress=False)
     )
     return report
 

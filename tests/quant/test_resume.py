@@ -36,6 +36,7 @@ from bitsmoe_jax.io import arrayfile
 from bitsmoe_jax.io.data import read_text
 from bitsmoe_jax.loading import model_config
 from bitsmoe_jax.run import fingerprint
+from bitsmoe_jax.run.config_schema import run_config
 from bitsmoe_jax.run.driver import quantize as quantize_run
 from bitsmoe_jax.run.progress import LayerProgress, format_duration
 from bitsmoe_jax.run.workdir import WorkDir
@@ -176,9 +177,11 @@ def test_kill_at_named_points_then_resume(setup):
     # ... while outputs of another run (here another evaluation text) still need --config.overwrite
     with pytest.raises(FileExistsError, match="bpw_2.00: output exists"):
         quantize_run(
-            parse_config_args(
-                args_for(setup["model"], out, setup["calib"], "--config.eval_max_tokens=64")
-            )[0],
+            run_config(
+                parse_config_args(
+                    args_for(setup["model"], out, setup["calib"], "--config.eval_max_tokens=64")
+                )[0]
+            ),
             progress=False,
         )
 

@@ -1,0 +1,31 @@
+"""Token inputs of a run: calibration windows and the evaluation text with its reference model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
+from bitsmoe_jax.loading import load_model
+from bitsmoe_jax.run.config_schema import RunConfig
+
+
+def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int) -> np.ndarray:
+    """[n, seq_len] windows spread evenly over the calibration text (deterministic)."""
+    ids = tokenize_text(load_tokenizer(model_path), read_text(text))
+    n = max(1, num_tokens // seq_len)
+    if len(ids) < seq_len:
+        raise ValueError(
+            f"calibration text {text!r} has {len(ids)} tokens, fewer than seq_len={seq_len}"
+        )
+    starts = np.linspace(0, len(ids) - seq_len, n).astype(np.int64)
+    return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32)
+
+
+def evaluation_inputs(run: RunConfig) -> tuple[np.ndarray, Any]:
+    """(token ids of `run.eval_text`, cut to `eval_max_tokens`; the unquantized reference model)."""
+    ids = tokenize_text(load_tokenizer(run.model_path), read_text(run.eval_text))
+    return (ids[: int(run.eval_max_tokens)] if run.eval_max_tokens else ids), load_model(
+        run.model_path
+    )[0]

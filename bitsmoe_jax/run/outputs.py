@@ -1,0 +1,219 @@
+"""Writing a run's outputs: the quantized checkpoint of each budget, streamed from the work
+directory, and the helpers every method's writer shares (dense params, tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from bitsmoe_jax.io.checkpoint import atomic_directory
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.layer_problem import (
+    bits_histogram,
+)
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.parallel import distributed
+from bitsmoe_jax.run import faults, fingerprint
+from bitsmoe_jax.run.budgets import layer_result, model_allocation, release_layer_executables
+from bitsmoe_jax.run.config_schema import RunConfig
+from bitsmoe_jax.run.evaluation import evaluate_into_report
+from bitsmoe_jax.run.report import TIMINGS_FILE, write_report
+from bitsmoe_jax.run.workdir import WorkDir
+from bitsmoe_jax.serve import quantized_checkpoint as checkpoint_io
+from conversion.convert import TOKENIZER_FILES, np_dtype
+
+# stages whose seconds the reports record (timings.json), in the order they run
+STAGES = (
+    "tokenize",
+    "forward",
+    "basis",
+    "calibration",
+    "coefficients",
+    "allocation",
+    "pack",
+    "commit",
+    "write",
+    "evaluate",
+)
+
+
+def strip_experts(layer_params: dict) -> dict:
+    dense = {k: v for k, v in layer_params.items() if k != "mlp"}
+    if "mlp" in layer_params:
+        dense["mlp"] = {k: v for k, v in layer_params["mlp"].items() if k != "experts"}
+    return dense
+
+
+def to_dtype(tree: Any, dtype: str) -> Any:
+
+    dt = np_dtype(dtype)
+    return jax.tree.map(lambda a: np.asarray(a).astype(dt), tree)
+
+
+def copy_tokenizer_files(model_path: str | Path, out: Path) -> None:
+    """The source model's tokenizer files, so that `evaluate` and `generate` work on the output."""
+    src = Path(model_path)
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copy(src / f, out / f)
+
+
+def dense_bits(num_params: int, dense_dtype: str) -> int:
+    """Stored bits of `num_params` non-expert parameters at `dense_dtype`."""
+    return num_params * (16 if dense_dtype in ("bfloat16", "float16") else 32)
+
+
+def num_params(tree: Any) -> int:
+    return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
+
+
+def recorded_timings(work: WorkDir, config: ModelConfig) -> dict[str, float]:
+    """Stage seconds summed over every committed layer, whichever run (resumed or not) did them."""
+    timings = dict.fromkeys(STAGES, 0.0)
+    timings["tokenize"] = float(work.top_info()["tokenize_s"])
+    total = timings["tokenize"]
+    for i in range(config.num_hidden_layers):
+        info = work.layer_info(i)
+        for k, v in info["stage_s"].items():
+            timings[k] = timings.get(k, 0.0) + float(v)
+        total += float(info["wall_s"])
+    timings["quantize_total"] = total
+    return timings
+
+
+def finished_reports(
+    run: RunConfig, config: ModelConfig, budgets: list[tuple[float, Path]]
+) -> list[dict[str, Any]] | None:
+    """The reports of outputs that all exist and were written by this exact run, else None."""
+    digest = fingerprint.output_digest(fingerprint.compute(run, config), run)
+    reports = []
+    for _, d in budgets:
+        try:
+            report = json.loads((d / "report.json").read_text())
+            timings = json.loads((d / TIMINGS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if report.get("run_fingerprint") != digest:
+            return None
+        reports.append({**report, **timings})
+    return reports
+
+
+def write_outputs(
+    run: RunConfig,
+    config: ModelConfig,
+    budgets: list[tuple[float, Path]],
+    work: WorkDir,
+    overwrite: bool,
+) -> list[dict[str, Any]]:
+    """Write every budget's output from the work directory (process 0); skip outputs already
+    written."""
+    if not distributed.is_writer():
+        return []
+    reports = []
+    shared: dict = {}  # evaluation tokens and reference model, read once for all budgets
+    recorded = None  # read from the layers' records only when an output is still to be written
+    for b, out_dir in budgets:
+        done = work.output_report(b)
+        if done is not None:
+            reports.append(done)
+            continue
+        if recorded is None:
+            recorded = recorded_timings(work, config)
+        for stale in [
+            *out_dir.parent.glob(f".{out_dir.name}.tmp-*"),
+            *out_dir.parent.glob(f".{out_dir.name}.old-*"),
+        ]:
+            shutil.rmtree(stale, ignore_errors=True)  # `atomic_directory` leftovers of a killed run
+        timings = dict(recorded)
+        model_solution = None
+        if run.budget_scope == "model":
+            bits, records, seconds = model_allocation(run, config, b, work)
+            model_solution = {i: (bits[i], records) for i in config.moe_layers}
+            timings["allocation"] += seconds
+        from_packed = run.budget_scope == "layer" and b == budgets[0][0]
+        report = _write_output(
+            run, config, b, out_dir, work, from_packed, model_solution, timings, overwrite, shared
+        )
+        faults.point("output_renamed")
+        work.mark_output_done(b, report)
+        reports.append(report)
+    return reports
+
+
+def _write_output(
+    run,
+    config: ModelConfig,
+    budget: float,
+    out_dir: Path,
+    work: WorkDir,
+    from_packed: bool,
+    model_solution,
+    timings: dict,
+    overwrite: bool,
+    shared: dict,
+) -> dict:
+    """One budget's checkpoint, streamed a layer at a time from the work directory, then its
+    report."""
+    t_write = time.time()
+    expert_bits = expert_weights = dense_params = 0
+    layers_meta: dict[int, Any] = {}
+    layer_summary: dict[str, Any] = {}
+    allocation_time: dict[str, list[float]] = {}
+    moe = set(config.moe_layers)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        top = work.load_top()
+        dense_params += num_params(top)
+        checkpoint_io.save_top(tmp, top)
+        del top
+        for i in range(config.num_hidden_layers):
+            dense = work.load_dense(i)
+            dense_params += num_params(dense)
+            if i not in moe:
+                checkpoint_io.save_layer(tmp, i, dense, None, None)
+                continue
+            qe, bits, allocs, problem = layer_result(
+                run, work, i, budget, from_packed, model_solution, timings
+            )
+            layers_meta[i] = checkpoint_io.save_layer(tmp, i, dense, qe, bits)
+            release_layer_executables()
+            faults.point("output_write")
+            sb = qe.stored_bits()
+            expert_bits += sb
+            expert_weights += problem["num_weights"]
+            allocation_time[str(i)] = [a["time_s"] for a in allocs]
+            layer_summary[str(i)] = {
+                **problem,
+                "stored_bits": sb,
+                "bpw": sb / problem["num_weights"],
+                "bits_histogram": bits_histogram(bits, run.params.candidate_bits),
+                "kept_components": {
+                    q: sum(m.seg_sizes) // qe.num_experts
+                    for q, m in zip(PROJECTIONS, qe.meta, strict=False)
+                },
+                # solver times are run timings: they go to timings.json, not into the compared
+                # report
+                "allocation": [{k: v for k, v in a.items() if k != "time_s"} for a in allocs],
+            }
+        copy_tokenizer_files(run.model_path, tmp)
+        dense = dense_bits(dense_params, run.dense_dtype)
+        summary = {
+            "budget_bits": budget,
+            "effective_bpw_experts": expert_bits / max(expert_weights, 1),
+            "effective_bpw_model": (expert_bits + dense) / (dense_params + expert_weights),
+            "expert_stored_bits": expert_bits,
+            "expert_weights": expert_weights,
+        }
+        checkpoint_io.write_meta(tmp, config, run.to_dict(), layers_meta, summary)
+        timings["write"] = time.time() - t_write
+        report = evaluate_into_report(run, tmp, budget, summary, layer_summary, timings, shared)
+        report["allocation_time_s"] = allocation_time
+        report["run_fingerprint"] = fingerprint.output_digest(work.fingerprint(), run)
+        write_report(tmp, report)
+    return report
