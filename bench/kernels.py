@@ -33,8 +33,8 @@ compiled once, then timed as the mean of ``--iters`` back-to-back calls (after a
 * **layout overhead**: bytes of the kernel layout (all experts) vs the stored format's bits
   (`PackedMatrix.stored_bits`): boundary-tile promotion, tail padding, bf16 scales of dead rows.
 * **end to end**: greedy decode tokens/s of the shipped reference model (bf16) vs the same model
-  with its experts quantized at ~2.5 bits (random widths, `quantized_from_dense`), implementation
-  ``None`` (Pallas on GPU/TPU).
+  with its experts quantized at ~2.5 bits (random widths, `quantized_from_dense`), on the platform's
+  kernel backend.
 
 The allocations are synthetic: per projection, random widths from {0,1,2,3,4,8} with integer-bit
 mean ``bpw − 16/group_size`` (bf16 group scales add ``16/group_size`` bits per weight), the words
@@ -65,18 +65,19 @@ from bitsmoe_jax.io.data import REFERENCE_DIR
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed, num_words, pack_segments
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
-from bitsmoe_jax.serve.quantized_experts import set_implementation
+from bitsmoe_jax.serve.quantized_experts import set_backend
 from bitsmoe_jax.serve.synthetic_experts import quantized_from_dense
 from pallas_kernels.api import (
     DEFAULT_TILES,
     ExpertKernels,
     build_expert_kernels,
-    default_backend,
+    kernel_backend_for,
     swiglu_experts,
 )
-from pallas_kernels.code_layout import CodeConfig, synthetic_code_tiles
-from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
+from pallas_kernels.mosaic_tpu.layout import synthetic_plane_tiles
 from pallas_kernels.reference import swiglu_experts_reference
+from pallas_kernels.tiles import random_allocation
+from pallas_kernels.triton.layout import CodeConfig, synthetic_code_tiles
 
 GROUP = 128
 
@@ -438,7 +439,7 @@ def end_to_end(new_tokens: int, prompt_len: int) -> tuple[float, float]:
             for i, p in enumerate(("gate", "up", "down"))
         }
         layer.mlp.experts = quantized_from_dense(*dense, bits, rng, GROUP)
-    set_implementation(model, "pallas")  # the kernels, also where `None` would still pick XLA
+    set_backend(model, kernel_backend_for())  # the kernels, also where "auto" would still pick XLA
     return bf16_rate, rate(model)
 
 
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     smoke = args.smoke
     if args.layout_only:  # CPU, seconds: tables only, no words allocated, nothing timed
-        for backend in ("triton", "mosaic"):
+        for backend in ("triton", "mosaic_tpu"):
             print(f"\n{backend} tiles: {DEFAULT_TILES[backend]}")
             print_overhead(
                 [
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
         return 0
-    backend = default_backend()
+    backend = kernel_backend_for()
     interpret = jax.default_backend() == "cpu"
     if interpret and not smoke:
         print("no accelerator: run with --smoke (interpret mode) on CPU", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     python bench/shared_kernels.py                         # Mixtral-8x7B, 32 layers, GPU kernels
     python bench/shared_kernels.py --compile               # + time the Triton compiles (pip triton)
-    python bench/shared_kernels.py --backend mosaic --layers 8
+    python bench/shared_kernels.py --backend mosaic_tpu --layers 8
     python bench/shared_kernels.py --layers 4 --xla-compile  # on a GPU: XLA's compile of the
     forward, timed
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--compile times Triton kernels: use it with --backend triton")
     if (
         args.xla_compile
-        and jax.default_backend() != {"triton": "gpu", "mosaic": "tpu"}[args.backend]
+        and jax.default_backend() != {"triton": "gpu", "mosaic_tpu": "tpu"}[args.backend]
     ):
         ap.error(
             "--xla-compile compiles for the device: this machine's JAX backend is "

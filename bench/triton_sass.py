@@ -45,8 +45,8 @@ from kernels import (
 
 from pallas_kernels import shared_shapes
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
-from pallas_kernels.code_layout import CodeConfig, codes_per_word, words_per_group
 from pallas_kernels.lowered import export_for_hardware
+from pallas_kernels.triton.layout import CodeConfig, codes_per_word, words_per_group
 
 SHAPES = {s.name: s for s in FULL_SHAPES}
 H100_H200 = dict(sms=132, clock_hz=1.98e9)  # the same SM count and boost clock on both

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-CALL_TARGETS = {"triton": "__gpu$xla.gpu.triton", "mosaic": "tpu_custom_call"}
-PLATFORMS = {"triton": "cuda", "mosaic": "tpu"}
+CALL_TARGETS = {"triton": "__gpu$xla.gpu.triton", "mosaic_tpu": "tpu_custom_call"}
+PLATFORMS = {"triton": "cuda", "mosaic_tpu": "tpu"}
 
 
 def export_for_hardware(jitted: Any, backend: str, *args: Any) -> Any:

@@ -13,9 +13,12 @@ fetches nothing new for them — and the kernels skip them. Empty experts get no
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 
 
 @jax.tree_util.register_dataclass
@@ -65,4 +68,39 @@ def expert_of_rows(group_sizes: jax.Array, m: int) -> jax.Array:
     return jnp.minimum(
         jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right"),
         group_sizes.shape[0] - 1,
+    )
+
+
+# ------------------------------------------------------------ rows shared by the kernel backends
+def gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``out[m, j] = x[m, index[m, j]]`` with ``index == x.shape[1]`` reading zero."""
+    xp = jnp.concatenate([x, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
+    return jnp.take_along_axis(xp, index, axis=1)
+
+
+def to_row_tiles(rt, tm: int):
+    mp = rt.expert.shape[0] * tm
+
+    def to_tiles(x: jax.Array) -> jax.Array:  # sorted rows -> padded row-tile order
+        return jnp.zeros((mp, x.shape[1]), x.dtype).at[rt.dest].set(x)
+
+    return to_tiles
+
+
+def dense16_inits(zg, zu, g_l, u_l, rows_e, group_sizes):
+    """Contributions of the 16-bit units of gate and up (``[M, Fp]`` float32 each), or ``(None,
+    None)``."""
+    if not (g_l.has_dense16 or u_l.has_dense16):
+        return None, None
+    return tuple(dense16_rows(z, pt, rows_e, group_sizes) for z, pt in ((zg, g_l), (zu, u_l)))
+
+
+def dense16_rows(z: jax.Array, pt: Any, rows_e: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Contribution of a projection's 16-bit components, ``[M, Fp]`` float32 (zeros if it has
+    none); ``pt`` is its kernel layout (`PlaneTiles` or `CodeTiles`)."""
+    if not pt.has_dense16:
+        return jnp.zeros((z.shape[0], pt.n_padded), jnp.float32)
+    z16 = gather_rows(z.astype(jnp.float32), jnp.asarray(pt.comp16)[rows_e])
+    return grouped_matmul(z16, jnp.asarray(pt.dense16).astype(jnp.float32), group_sizes).astype(
+        jnp.float32
     )

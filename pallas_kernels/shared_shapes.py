@@ -35,8 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from pallas_kernels.code_layout import CodeTiles
-from pallas_kernels.layout import PlaneTiles
+from pallas_kernels.mosaic_tpu.layout import PlaneTiles
+from pallas_kernels.triton.layout import CodeTiles
 
 # field -> (axis, fill); fields not listed keep their shape. Fills: "zero"; "edge" (repeat the last
 # column); "dead" (``r``, the marker of no component); "absent" (``L·tile``, the zero column of

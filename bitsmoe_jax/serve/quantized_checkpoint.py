@@ -27,7 +27,7 @@ import numpy as np
 from bitsmoe_jax.io.checkpoint import intify_layer_keys, load_tree, save_tree
 from bitsmoe_jax.models.assemble import model_from_parts
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, set_implementation
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, set_backend
 
 FORMAT_QUANTIZED = "bitsmoe-jax/quantized"
 QUANT_META = "quantized.json"
@@ -119,15 +119,15 @@ def load_allocation(path: str | Path, index: int) -> dict[str, np.ndarray]:
 def load_quantized(
     path: str | Path,
     dtype: Any = jnp.float32,
-    implementation: str | None = None,
+    backend: str = "auto",
     max_padding: float = 0.05,
 ):
     """A model with quantized experts, same call contract as `load_model`: returns (model, config).
 
-    ``implementation`` selects the routed-expert path (`qmoe.QuantizedExperts`): ``"xla"``,
-    ``"pallas"`` or ``None`` (Pallas on a GPU/TPU where the kernels are verified, else XLA); the
-    Pallas kernel layout is derived here, padded to shapes shared by the layers (at most
-    ``max_padding`` extra device memory per group: see `qmoe.set_implementation`).
+    ``backend`` selects the routed-expert backend (`quantized_experts.QuantizedExperts`): ``"xla"``,
+    ``"triton"``, ``"mosaic_tpu"``, ``"reference"`` or ``"auto"`` (the platform's kernels where they
+    are verified, else XLA); a kernel layout is derived here, padded to shapes shared by the layers
+    (at most ``max_padding`` extra device memory per group: see `quantized_experts.set_backend`).
     """
     p = Path(path)
     meta = read_meta(p)
@@ -140,5 +140,5 @@ def load_quantized(
         if "experts_q" in tree:
             experts[i] = QuantizedExperts.from_tree(tree["experts_q"], meta["layers"][str(i)])
     model = model_from_parts(config, parts, dtype, experts=experts)
-    set_implementation(model, implementation, max_padding=max_padding)
+    set_backend(model, backend, max_padding=max_padding)
     return model, config

@@ -11,15 +11,17 @@ token:
 Bases are held as stored (int8 codes + bf16 row scales, or bf16) and the factors as packed
 bit-plane words (`packing.PackedMatrix`, one per projection holding all E·r units of the layer).
 
-Two implementations of the routed part, chosen by `implementation`:
+The routed part is `pallas_kernels.api.swiglu_experts`, one op whose backend is chosen by `backend`:
 
 * ``"xla"``: dequantize the factors inside the jitted forward and run `grouped_matmul` — plain jnp,
   every platform.
-* ``"pallas"``: the `pallas_kernels` grouped kernels read packed words and unpack them in registers
-  (Triton on GPU, Mosaic on TPU, interpret mode on CPU). They read a kernel layout derived from the
-  stored format by `set_implementation` (numpy, once, at load time); the stored arrays, the
-  checkpoint format and `stored_bits` are unchanged.
-* ``None`` (default): ``"pallas"`` on GPU/TPU when the kernel layout has been built, else ``"xla"``.
+* ``"triton"`` (GPU) / ``"mosaic_tpu"`` (TPU): the Pallas grouped kernels read packed words and
+  unpack them in registers (interpret mode on CPU). They read a kernel layout derived from the
+  stored format by `set_backend` (numpy, once, at load time); the stored arrays, the checkpoint
+  format and `stored_bits` are unchanged.
+* ``"reference"``: the op's per-row float32 reference, for debugging.
+* ``"auto"`` (default): the platform's kernel backend where it is verified and its layout has been
+  built, else ``"xla"``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.layer_problem import LayerProblem, round_and_pack
 from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed
 from bitsmoe_jax.method.sharded import ExpertLayout
-from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.models.moe import RoutingPlan, combine
 from pallas_kernels import api as kernels_api
 from pallas_kernels import shared_shapes
@@ -90,16 +91,14 @@ class QuantizedExperts(nnx.Module):
         num_experts: int,
         bases: dict[str, dict[str, np.ndarray]],
         packed: dict[str, PackedMatrix],
-        implementation: str | None = None,
+        backend: str = "auto",
     ):
-        kernels_api.resolve_implementation(implementation)  # validates the name
+        kernels_api.resolve_backend(backend)  # validates the name
         self.num_experts = num_experts
-        self.implementation = implementation
-        self.kernel_backend: str | None = None
+        self.backend = backend
         self.kernel_interpret: bool | None = None
-        self.kernels: KernelLayout | None = nnx.data(
-            None
-        )  # a data slot: `set_implementation` fills it
+        # a data slot: `set_backend` fills it with a kernel backend's layout
+        self.kernels: KernelLayout | None = nnx.data(None)
         # jax.device_put, not jnp.asarray: in JAX 0.10 the latter compiles an executable per array
         # shape, and packed shapes differ in every layer, so a quantization run's jit caches would
         # grow layer by layer.
@@ -171,71 +170,77 @@ class QuantizedExperts(nnx.Module):
         v = self.basis_matrix(p)
         return jnp.eye(r, dtype=jnp.float32) if v is None else v
 
-    # ------------------------------------------------------------------ implementation switch
-    def set_implementation(
+    # ------------------------------------------------------------------ backend switch
+    def set_backend(
         self,
-        implementation: str | None,
-        backend: str | None = None,
+        backend: str = "auto",
         tiles: kernels_api.TileConfig | kernels_api.CodeConfig | None = None,
         target: kernels_api.ExpertKernels | None = None,
         interpret: bool | None = None,
     ) -> None:
-        """Select the forward path; builds the kernel layout (numpy, once) when Pallas may be used.
+        """Select the routed-expert backend (`pallas_kernels.api.BACKENDS` or ``"auto"``); builds
+        the kernel layout (numpy, once) when a kernel backend may be used.
 
-        ``backend``: ``"triton"`` / ``"mosaic"`` kernel family (default: the platform's; on CPU the
-        kernels run in interpret mode). ``tiles``: layout sizes, a `TileConfig` (TPU family) or a
-        `CodeConfig` (GPU family); default: the family's. ``target``: an abstract layout to pad to
-        (the model-level `set_implementation` plans one per group of layers, so they share kernels).
+        ``tiles``: the kernel layout's sizes, a `TileConfig` (``"mosaic_tpu"``) or a `CodeConfig`
+        (``"triton"``); default: the backend's. ``target``: an abstract layout to pad to (the
+        model-level `set_backend` plans one per group of layers, so they share kernels).
         ``interpret``: run the kernels in interpret mode (default: on CPU only); ``False`` on a CPU
         host lowers the real kernels, e.g. to ``jax.export`` the model for a GPU. Call it eagerly
         (after loading), not under ``jax.jit``.
         """
-        resolved = kernels_api.resolve_implementation(implementation)
-        self.implementation = implementation
-        if resolved == "pallas":
-            backend = backend or kernels_api.default_backend()
-            stale = self.kernels is None or self.kernel_backend != backend or tiles is not None
-            if stale or (
-                target is not None and shared_shapes.abstract(self.kernels.get_value()) != target
-            ):
+        resolved = kernels_api.resolve_backend(backend)
+        self.backend = backend
+        if resolved in kernels_api.KERNEL_BACKENDS:
+            built = self.kernels.get_value() if self.kernels is not None else None
+            stale = built is None or built.family != resolved or tiles is not None
+            if stale or (target is not None and shared_shapes.abstract(built) != target):
                 packed = {p: jax.tree.map(np.asarray, self.packed_matrix(p)) for p in PROJECTIONS}
                 kern = kernels_api.build_expert_kernels(
-                    packed, self.num_experts, tiles, backend, target
+                    packed, self.num_experts, resolved, tiles, target
                 )
                 self.kernels = nnx.data(KernelLayout(jax.device_put(kern)))
-            self.kernel_backend = backend
-            self.kernel_interpret = interpret
+        self.kernel_interpret = interpret
 
     def kernel_shapes(
         self,
-        backend: str | None = None,
+        backend: str,
         tiles: kernels_api.TileConfig | kernels_api.CodeConfig | None = None,
-    ):
+    ) -> kernels_api.ExpertKernels:
         """The kernel layout's shapes and statics for this block (from the bit-widths; nothing is
         built)."""
         packed = {p: self.packed_matrix(p) for p in PROJECTIONS}
-        return kernels_api.expert_kernel_shapes(
-            packed, self.num_experts, tiles, backend or kernels_api.default_backend()
-        )
+        return kernels_api.expert_kernel_shapes(packed, self.num_experts, backend, tiles)
 
-    def resolved_implementation(self) -> str:
-        """The path `__call__` takes: ``None`` means Pallas only where it pays and its layout is
-        built."""
-        resolved = kernels_api.resolve_implementation(self.implementation)
-        if resolved == "pallas" and self.kernels is None:
-            if self.implementation == "pallas":
-                raise ValueError(
-                    "implementation='pallas' needs the kernel layout: call "
-                    "set_implementation('pallas') first"
-                )
-            return "xla"
+    def resolved_backend(self) -> str:
+        """The backend `__call__` uses: ``"auto"`` takes a kernel backend only where it is verified
+        and its layout is built."""
+        resolved = kernels_api.resolve_backend(self.backend)
+        if resolved in kernels_api.KERNEL_BACKENDS:
+            built = self.kernels.get_value() if self.kernels is not None else None
+            if built is None or built.family != resolved:
+                if self.backend != "auto":
+                    raise ValueError(
+                        f"backend={self.backend!r} needs the kernel layout: call "
+                        f"set_backend({self.backend!r}) first"
+                    )
+                return "xla"
         return resolved
+
+    def packed_factors(self) -> kernels_api.ExpertKernels:
+        """The stored factors as the ``"xla"`` / ``"reference"`` backends read them."""
+        return kernels_api.ExpertKernels(
+            *(
+                kernels_api.PackedFactors(self.packed_matrix(p), self.num_experts)
+                for p in PROJECTIONS
+            )
+        )
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
         dt = x.dtype
-        if self.resolved_implementation() == "pallas":
-            kern = self.kernels.get_value()
+        backend = self.resolved_backend()
+        if backend != "xla":
+            kern = self.kernels.get_value() if backend != "reference" else self.packed_factors()
             # a layout padded to a shared shape may have a larger rank: zero columns in, extra
             # columns out
             zg = _pad_columns(self._basis_in(x, "gate")[plan.token], kern.gate.r)
@@ -245,7 +250,7 @@ class QuantizedExperts(nnx.Module):
                 zu,
                 plan.group_sizes,
                 kern,
-                backend=self.kernel_backend,
+                backend=backend,
                 interpret=self.kernel_interpret,
             )
             acc_sorted = acc_sorted[:, : self.rank("down")]
@@ -253,11 +258,9 @@ class QuantizedExperts(nnx.Module):
         vg, vu, ud = (self.basis_matrix(p) for p in PROJECTIONS)
         zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
         zu = (x if vu is None else x @ vu.astype(dt))[plan.token]
-        ag, au, bd = (self.factor_matrix(p).astype(dt) for p in PROJECTIONS)
-        g = grouped_matmul(zg, ag, plan.group_sizes)
-        u = grouped_matmul(zu, au, plan.group_sizes)
-        h = jax.nn.silu(g) * u
-        acc_sorted = grouped_matmul(h, jnp.swapaxes(bd, 1, 2), plan.group_sizes)
+        acc_sorted = kernels_api.swiglu_experts(
+            zg, zu, plan.group_sizes, self.packed_factors(), backend="xla"
+        ).astype(dt)  # the op returns float32; XLA's grouped matmul computed it in dt
         acc = combine(plan, acc_sorted, x.shape[0])
         return acc if ud is None else acc @ ud.T
 
@@ -320,9 +323,7 @@ class QuantizedExperts(nnx.Module):
         }
 
     @classmethod
-    def from_tree(
-        cls, arrays: dict, meta: dict, implementation: str | None = None
-    ) -> QuantizedExperts:
+    def from_tree(cls, arrays: dict, meta: dict, backend: str = "auto") -> QuantizedExperts:
         packed = {}
         for p in PROJECTIONS:
             m, f = meta["factors"][p], arrays["factors"][p]
@@ -341,38 +342,37 @@ class QuantizedExperts(nnx.Module):
             p: {k: np.asarray(v) for k, v in arrays.get("basis", {}).get(p, {}).items()}
             for p in PROJECTIONS
         }
-        return cls(int(meta["num_experts"]), bases, packed, implementation)
+        return cls(int(meta["num_experts"]), bases, packed, backend)
 
 
 def _pad_columns(z: jax.Array, width: int) -> jax.Array:
     return z if z.shape[1] == width else jnp.pad(z, ((0, 0), (0, width - z.shape[1])))
 
 
-def set_implementation(
+def set_backend(
     model: nnx.Module,
-    implementation: str | None,
-    backend: str | None = None,
+    backend: str = "auto",
     tiles: kernels_api.TileConfig | kernels_api.CodeConfig | None = None,
     max_padding: float = 0.05,
     interpret: bool | None = None,
 ) -> int:
-    """`QuantizedExperts.set_implementation` on every quantized expert block of ``model``; returns
-    how many.
+    """`QuantizedExperts.set_backend` on every quantized expert block of ``model``; returns how
+    many.
 
-    On the Pallas path the blocks' kernel layouts are padded to shared shapes first
+    With a kernel backend the blocks' kernel layouts are padded to shared shapes first
     (`pallas_kernels.shared_shapes`), so that layers share compiled kernels: at most ``max_padding``
     extra device memory per group of layers (0 shares identical shapes only). The grouping is
     logged (`logging`, INFO); `plan_kernel_shapes` returns it.
     """
     blocks = [node for _, node in nnx.iter_graph(model) if isinstance(node, QuantizedExperts)]
     targets: list = [None] * len(blocks)
-    if blocks and kernels_api.resolve_implementation(implementation) == "pallas":
-        backend = backend or kernels_api.default_backend()
-        plan = plan_kernel_shapes(blocks, backend, tiles, max_padding)
+    resolved = kernels_api.resolve_backend(backend)
+    if blocks and resolved in kernels_api.KERNEL_BACKENDS:
+        plan = plan_kernel_shapes(blocks, resolved, tiles, max_padding)
         targets = [kernels_api.ExpertKernels(*plan.targets[g]) for g in plan.group_of]
         _log.info(plan.summary())
-    for block, target in zip(blocks, targets, strict=False):
-        block.set_implementation(implementation, backend, tiles, target, interpret)
+    for block, target in zip(blocks, targets, strict=True):
+        block.set_backend(backend, tiles, target, interpret)
     return len(blocks)
 
 

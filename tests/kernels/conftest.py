@@ -15,8 +15,8 @@ import numpy as np
 
 from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed, pack_segments
 from pallas_kernels.api import ExpertKernels, build_expert_kernels
-from pallas_kernels.code_layout import CodeConfig
-from pallas_kernels.layout import TileConfig
+from pallas_kernels.mosaic_tpu.layout import TileConfig
+from pallas_kernels.triton.layout import CodeConfig
 
 E, R, F, GS = 8, 96, 200, 32
 BIT_SET = (0, 1, 2, 3, 4, 8)
@@ -89,12 +89,13 @@ def assert_matches_reference(got, zg, zu, sizes, dense, rtol: float = 1e-4) -> N
 
 
 M = 24  # rows (tokens x top-k) of the kernel tests
+TILE_SIZES = {"mosaic_tpu": TILES, "triton": CODES}  # the kernel backends' small test tiles
 
 
 @functools.cache
 def kernels(with16: bool, backend: str) -> tuple[ExpertKernels, tuple[np.ndarray, ...]]:
     packed, dense = projections(0, with16)
-    kern = build_expert_kernels(packed, E, TILES if backend == "mosaic" else CODES, backend)
+    kern = build_expert_kernels(packed, E, backend, TILE_SIZES.get(backend))
     return jax.tree.map(jnp.asarray, kern), tuple(dense[p] for p in ("gate", "up", "down"))
 
 

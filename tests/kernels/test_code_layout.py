@@ -1,7 +1,8 @@
 """The GPU code layout decodes back to exactly the stored factors (numpy, independent of the
 kernels).
 
-The decoder here follows the documented format (`pallas_kernels.code_layout`): chunk ``k`` of a word
+The decoder here follows the documented format (`pallas_kernels.triton.layout`): chunk ``k`` of a
+word
 is half ``k // ⌊16/b⌋`` at bit ``b·(k mod ⌊16/b⌋)``; group position ``f = k·W_b + w``; value
 ``2s·(u − (2^b − 1)/2)`` with the layout's scales already holding ``2s``. It is written from the
 docstring, not from the packer, and checks the bit arithmetic the kernels' float trick relies on.
@@ -12,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pallas_kernels import triton_codes
-from pallas_kernels.code_layout import CodeConfig, code_tiles_from_packed, synthetic_code_tiles
+from pallas_kernels.triton import kernels as triton_kernels
+from pallas_kernels.triton.layout import CodeConfig, code_tiles_from_packed, synthetic_code_tiles
 from tests.kernels.conftest import CODES, GS, E, F, R, assert_position_maps, projections
 
 
@@ -84,7 +85,7 @@ def test_float_trick_decodes_every_code_exactly():
     # every b-bit value at every chunk position of both halves, through the kernels' decode (jnp)
     import jax.numpy as jnp
 
-    table = triton_codes.exponent_table()
+    table = triton_kernels.exponent_table()
     for b in range(1, 9):
         per_half = 16 // b
         for k in range(2 * per_half):
@@ -96,7 +97,7 @@ def test_float_trick_decodes_every_code_exactly():
                 if h == 0
                 else jnp.asarray(words.view(np.uint32) >> 16).astype(jnp.int32)
             )
-            got = triton_codes.decode_chunk(base, b, j, table[b * j])
+            got = triton_kernels.decode_chunk(base, b, j, table[b * j])
             np.testing.assert_array_equal(np.asarray(got), u.astype(np.float32))
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pallas_kernels.layout import (
+from pallas_kernels.mosaic_tpu.layout import (
     TileConfig,
     plane_tiles_from_packed,
-    random_allocation,
     synthetic_plane_tiles,
 )
+from pallas_kernels.tiles import random_allocation
 from tests.kernels.conftest import GS, TILES, E, F, R, assert_position_maps, projections
 
 

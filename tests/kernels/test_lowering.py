@@ -19,9 +19,10 @@ import pytest
 
 from pallas_kernels import shared_shapes
 from pallas_kernels.api import DEFAULT_TILES, ExpertKernels, swiglu_experts
-from pallas_kernels.code_layout import synthetic_code_tiles
-from pallas_kernels.layout import random_allocation, synthetic_plane_tiles
 from pallas_kernels.lowered import export_for_hardware
+from pallas_kernels.mosaic_tpu.layout import synthetic_plane_tiles
+from pallas_kernels.tiles import random_allocation
+from pallas_kernels.triton.layout import synthetic_code_tiles
 
 SHAPES = {"mixtral_8x7b": (8, 4096, 14336, 2), "qwen3_30b_a3b": (128, 2048, 768, 8)}
 
@@ -44,7 +45,7 @@ def abstract_kernels(shape: str, backend: str) -> ExpertKernels:
 
 
 @pytest.mark.parametrize("tokens", [1, 512])
-@pytest.mark.parametrize("backend", ["mosaic", "triton"])
+@pytest.mark.parametrize("backend", ["mosaic_tpu", "triton"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_exports_for_hardware(shape, backend, tokens):
     e, d, _, top_k = SHAPES[shape]
@@ -55,7 +56,7 @@ def test_exports_for_hardware(shape, backend, tokens):
         fn, backend, z, z, jax.ShapeDtypeStruct((e,), jnp.int32), abstract_kernels(shape, backend)
     )
     text = exported.mlir_module()
-    assert ("tpu_custom_call" if backend == "mosaic" else "xla.gpu.triton") in text
+    assert ("tpu_custom_call" if backend == "mosaic_tpu" else "xla.gpu.triton") in text
     if backend == "triton":  # the decode GEMVs, or the prefill dequantizer
         names = (
             ("bitsmoe_gate_up_codes", "bitsmoe_down_codes")

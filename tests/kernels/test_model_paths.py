@@ -1,10 +1,11 @@
-"""The shipped reference model with quantized experts: same logits through ``"xla"`` and Pallas.
+"""The shipped reference model with quantized experts: same logits through every backend.
 
 Every MoE layer of the reference model (3 layers, D = F = 256, 16 experts, top-2) is replaced by a
 `QuantizedExperts` in the checkpoint format (8-bit orthonormal bases, factors packed at random
 widths from {0, 1, 2, 3, 4, 8, 16}, group 128) and passed through ``to_tree``/``from_tree``. The XLA
 path (dequantize, grouped matmul) is the reference for the Pallas path (interpret mode on CPU, the
-GPU family's default tile sizes). Also: the switch's validation and defaults.
+GPU family's default tile sizes) and for ``"reference"``. Also: the switch's validation and
+defaults.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from bitsmoe_jax.io.data import REFERENCE_DIR
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.packing import pack_segments
-from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, set_implementation
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, set_backend
 from bitsmoe_jax.serve.synthetic_experts import quantized_from_dense
-from pallas_kernels.api import resolve_implementation
+from pallas_kernels.api import resolve_backend
 from pallas_kernels.lowered import export_for_hardware, kernel_configs
 
 
@@ -68,26 +69,21 @@ def mixed_model():
 def kernel_calls(model, backend: str, max_padding: float) -> list[str]:
     """The kernel custom calls of the model's one-token forward lowered for GPU / TPU, as their
     backend configs (the kernel IR and grid): XLA compiles one kernel per distinct config."""
-    assert (
-        set_implementation(
-            model, "pallas", backend=backend, max_padding=max_padding, interpret=False
-        )
-        == 3
-    )
+    assert set_backend(model, backend, max_padding=max_padding, interpret=False) == 3
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))
     exported = export_for_hardware(forward, backend, state, jnp.zeros((1, 1), jnp.int32))
     return kernel_configs(exported.mlir_module(), backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
 def test_layers_share_one_compiled_kernel_each(mixed_model, backend):
     model, _ = mixed_model
     try:
         shared = kernel_calls(model, backend, max_padding=math.inf)
         alone = kernel_calls(model, backend, max_padding=0.0)
     finally:
-        set_implementation(model, "xla")
+        set_backend(model, "xla")
     # gate/up and down: lowered once for the three layers (one nested jit), so two kernels to
     # compile
     assert len(shared) == len(set(shared)) == 2
@@ -98,49 +94,47 @@ def test_layers_share_one_compiled_kernel_each(mixed_model, backend):
 @pytest.mark.parametrize("max_padding", [0.0, math.inf])
 def test_shared_shape_logits_equal_xla_logits(mixed_model, max_padding):
     model, ids = mixed_model
-    set_implementation(model, "xla")
+    set_backend(model, "xla")
     want = np.asarray(jit_logits(model)(ids))
-    set_implementation(model, "pallas", backend="triton", max_padding=max_padding)
+    set_backend(model, "triton", max_padding=max_padding)
     got = np.asarray(jit_logits(model)(ids))
-    set_implementation(model, "xla")
+    set_backend(model, "xla")
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
-@pytest.mark.parametrize(
-    "backend", ["triton"]
-)  # the Mosaic family is checked against the reference in test_kernels
-def test_pallas_logits_equal_xla_logits(quantized_model, backend):
+# the Mosaic family is checked against the reference in the kernel backend suite
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_backend_logits_equal_xla_logits(quantized_model, backend):
     model, ids = quantized_model
-    assert set_implementation(model, "xla") == 3
+    assert set_backend(model, "xla") == 3
     want = np.asarray(jit_logits(model)(ids))
-    set_implementation(model, "pallas", backend=backend)
+    set_backend(model, backend)
     got = np.asarray(jit_logits(model)(ids))
-    set_implementation(model, "xla")
+    set_backend(model, "xla")
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
-def test_implementation_switch(monkeypatch):
+def test_backend_switch(monkeypatch):
     from pallas_kernels import api
 
-    assert resolve_implementation(None, "cpu") == "xla"
-    # Unverified on hardware: the default stays XLA; once a platform is verified it becomes Pallas.
-    assert resolve_implementation(None, "gpu") == resolve_implementation(None, "tpu") == "xla"
+    assert resolve_backend("auto", "cpu") == "xla"
+    # Unverified on hardware: "auto" stays XLA; once a platform is verified it takes its kernels.
+    assert resolve_backend("auto", "gpu") == resolve_backend("auto", "tpu") == "xla"
     monkeypatch.setattr(api, "VERIFIED_PLATFORMS", frozenset({"gpu"}))
-    assert (
-        resolve_implementation(None, "cuda") == "pallas"
-        and resolve_implementation(None, "tpu") == "xla"
-    )
-    assert resolve_implementation("xla", "gpu") == "xla"
-    with pytest.raises(ValueError, match="implementation must be one of"):
-        resolve_implementation("triton")
+    assert resolve_backend("auto", "cuda") == "triton" and resolve_backend("auto", "tpu") == "xla"
+    monkeypatch.setattr(api, "VERIFIED_PLATFORMS", frozenset({"tpu"}))
+    assert resolve_backend("auto", "tpu") == "mosaic_tpu"
+    assert resolve_backend("xla", "gpu") == "xla"
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        resolve_backend("pallas")
     qe = QuantizedExperts(
         2,
         {p: {} for p in PROJECTIONS},
         {p: pack_segments(np.ones((8, 64), np.float32), [2] * 8, 32) for p in PROJECTIONS},
-        implementation="pallas",
+        backend="triton",
     )
-    with pytest.raises(ValueError, match="set_implementation"):
-        qe.resolved_implementation()
-    qe.set_implementation(None)  # CPU: XLA, no kernel layout built
-    assert qe.resolved_implementation() == "xla" and qe.kernels is None
+    with pytest.raises(ValueError, match="set_backend"):
+        qe.resolved_backend()
+    qe.set_backend("auto")  # CPU: XLA, no kernel layout built
+    assert qe.resolved_backend() == "xla" and qe.kernels is None

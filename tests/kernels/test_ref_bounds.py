@@ -7,7 +7,7 @@ kernels under `ref_bounds.checked_ref_bounds` and also compare them with the pur
 
 They use group size 128, the quantizer's default. There a 3-bit group holds 130 slots
 (13 words of 10 codes): the last word row's dead slots are read from ``h`` and added to gate/up past
-the group, and past the last group they land in the `triton_codes.overrun` spare columns. At the
+the group, and past the last group they land in the `triton_kernels.overrun` spare columns. At the
 other kernel tests' group size (32) no width has dead slots in a live chunk. Checked by mutation:
 with ``overrun`` returning 0, the decode tests here fail, naming the atomic adds past the end. The
 other kernel tests pass; `tests/quant/test_pipeline.py` (real checkpoints, group size 128) fails on
@@ -41,7 +41,7 @@ GROUP_SIZE = 128  # with F = 200: one full group and one ragged group
 @functools.cache
 def kernels_at_group_size_128():
     packed, dense = make_projections(0, group_size=GROUP_SIZE)
-    kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, E, CODES, "triton"))
+    kern = jax.tree.map(jnp.asarray, build_expert_kernels(packed, E, "triton", CODES))
     assert (
         3 in kern.gate.widths and 3 in kern.down.widths
     )  # the width with dead slots in a live chunk
@@ -85,13 +85,13 @@ def test_a_layout_padded_to_a_shared_shape_stays_in_bounds():
         make_projections(seed, sparse=sparse, group_size=GROUP_SIZE)
         for seed, sparse in ((0, False), (2, True))
     ]
-    shapes = [expert_kernel_shapes(packed, E, CODES, "triton") for packed, _ in sets]
+    shapes = [expert_kernel_shapes(packed, E, "triton", CODES) for packed, _ in sets]
     plan = shared_shapes.plan_groups([k.parts() for k in shapes], max_padding=math.inf)
     assert plan.num_groups == 1 and plan.padding > 0
     packed, dense = sets[1]
     kern = jax.tree.map(
         jnp.asarray,
-        build_expert_kernels(packed, E, CODES, "triton", target=ExpertKernels(*plan.targets[0])),
+        build_expert_kernels(packed, E, "triton", CODES, target=ExpertKernels(*plan.targets[0])),
     )
     dense = tuple(dense[p] for p in ("gate", "up", "down"))
     check_in_bounds(kern, dense, jnp.asarray([5, 0, 3, 3, 0, 6, 4, 3], jnp.int32), tm=2, splits=2)

@@ -26,30 +26,30 @@ from pallas_kernels.api import (
     expert_kernel_shapes,
     swiglu_experts,
 )
-from pallas_kernels.code_layout import CodeConfig, synthetic_code_tiles
 from pallas_kernels.lowered import kernel_configs
 from pallas_kernels.reference import swiglu_experts_reference
+from pallas_kernels.triton.layout import CodeConfig, synthetic_code_tiles
 from tests.kernels.conftest import CODES, TILES, E, R, assert_position_maps, projections
 
-CFG = {"triton": CODES, "mosaic": TILES}
+CFG = {"triton": CODES, "mosaic_tpu": TILES}
 # (seed, with 16-bit units, half the units at 0 bits, rank): the third has fewer tiles per expert,
 # so padding it adds tiles (L) and moves the "not in the kernel" column of comp_pos; the fourth kept
 # fewer components (a smaller rank, padded with components in no tile)
 CASES = ((0, False, False, R), (1, True, False, R), (2, False, True, R), (3, False, False, R - 16))
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("case", CASES)
 def test_shapes_from_bit_widths_are_the_built_shapes(backend, case):
     packed, _ = projections(*case)
-    built = build_expert_kernels(packed, E, CFG[backend], backend)
-    assert expert_kernel_shapes(packed, E, CFG[backend], backend) == shared_shapes.abstract(built)
+    built = build_expert_kernels(packed, E, backend, CFG[backend])
+    assert expert_kernel_shapes(packed, E, backend, CFG[backend]) == shared_shapes.abstract(built)
 
 
-@pytest.mark.parametrize("backend,tm", [("triton", None), ("triton", 16), ("mosaic", None)])
+@pytest.mark.parametrize("backend,tm", [("triton", None), ("triton", 16), ("mosaic_tpu", None)])
 def test_padded_layouts_give_the_reference_products(backend, tm):
     shapes = [
-        expert_kernel_shapes(projections(*case)[0], E, CFG[backend], backend) for case in CASES
+        expert_kernel_shapes(projections(*case)[0], E, backend, CFG[backend]) for case in CASES
     ]
     assert len({k.down.max_tiles for k in shapes}) > 1 and len({k.down.r for k in shapes}) > 1
     plan = shared_shapes.plan_groups([k.parts() for k in shapes], max_padding=math.inf)
@@ -61,7 +61,7 @@ def test_padded_layouts_give_the_reference_products(backend, tm):
     for case in CASES:
         packed, dense = projections(*case)
         rank = case[-1]
-        kern = build_expert_kernels(packed, E, CFG[backend], backend, target=target)
+        kern = build_expert_kernels(packed, E, backend, CFG[backend], target=target)
         assert shared_shapes.abstract(kern) == target
         for p, layout in zip(("gate", "up", "down"), kern.parts(), strict=False):
             bits = np.pad(
@@ -126,7 +126,7 @@ def test_unlike_statics_never_share():
 
 def test_pad_layout_refuses_a_smaller_target():
     packed, _ = projections(0, False)
-    big = build_expert_kernels(packed, E, CODES, "triton").gate
+    big = build_expert_kernels(packed, E, "triton", CODES).gate
     small = dataclasses.replace(
         shared_shapes.abstract(big), words=jax.ShapeDtypeStruct((1, big.tile), np.int32)
     )
@@ -135,7 +135,7 @@ def test_pad_layout_refuses_a_smaller_target():
     with pytest.raises(ValueError, match="widths"):
         shared_shapes.pad_layout(big, dataclasses.replace(shared_shapes.abstract(big), widths=(1,)))
     other = shared_shapes.abstract(
-        build_expert_kernels(packed, E, CodeConfig(tile=64), "triton").gate
+        build_expert_kernels(packed, E, "triton", CodeConfig(tile=64)).gate
     )
     with pytest.raises(ValueError, match="other statics"):
         shared_shapes.pad_layout(big, other)
@@ -152,5 +152,5 @@ def test_backend_configs_are_read_whole():
         "%1 = stablehlo.custom_call @tpu_custom_call(%a) "
         '{backend_config = "{\\"custom_call_config\\": 1}", kernel_name = "k"}'
     )
-    assert kernel_configs(tpu, "mosaic") == ['"{\\"custom_call_config\\": 1}"']
-    assert kernel_configs(line, "mosaic") == []
+    assert kernel_configs(tpu, "mosaic_tpu") == ['"{\\"custom_call_config\\": 1}"']
+    assert kernel_configs(line, "mosaic_tpu") == []

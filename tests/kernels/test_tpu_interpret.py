@@ -1,6 +1,7 @@
 """The TPU (Mosaic) kernels under the TPU interpreter, against the pure-jnp reference.
 
-`test_kernels` runs them in the generic interpreter, which evaluates the kernel body on whole arrays
+`test_backends` runs them in the generic interpreter, which evaluates the kernel body on whole
+arrays
 and knows nothing of TPU memory. The TPU interpreter (`pltpu.InterpretParams`) simulates it: block
 copies into VMEM, uninitialized VMEM scratch and outputs filled with NaN (so a read before the first
 write poisons the result), out-of-bounds block reads raising, and the "parallel" grid axes run on
@@ -49,9 +50,9 @@ def races_found() -> bool:
 def check_under_the_tpu_interpreter(kern, dense, zg, zu, sizes, rtol: float = 1e-4) -> None:
     """Run the Mosaic kernels under `TPU_INTERPRETER`: finite, the reference's result, no races."""
     pltpu.reset_tpu_interpret_mode_state()
-    got = jax.jit(functools.partial(swiglu_experts, backend="mosaic", interpret=TPU_INTERPRETER))(
-        zg, zu, sizes, kern
-    )
+    got = jax.jit(
+        functools.partial(swiglu_experts, backend="mosaic_tpu", interpret=TPU_INTERPRETER)
+    )(zg, zu, sizes, kern)
     assert bool(jnp.all(jnp.isfinite(got))), (
         "NaN in the output: a kernel read VMEM before writing it"
     )
@@ -60,7 +61,7 @@ def check_under_the_tpu_interpreter(kern, dense, zg, zu, sizes, rtol: float = 1e
 
 
 def test_mosaic_kernels_under_the_tpu_interpreter_match_the_reference():
-    kern, dense = kernels(False, "mosaic")
+    kern, dense = kernels(False, "mosaic_tpu")
     # empty experts, and one expert with more rows than a row tile (several row tiles, padded ones
     # after)
     check_under_the_tpu_interpreter(
@@ -81,7 +82,7 @@ def real_tile_layer():
         packed[p] = pack_segments(units, rng.choice([0, 1, 2, 3, 4, 8], size=e * r), gs)
         dense[p] = np.asarray(dequantize_packed(packed[p])).reshape(e, r, f)
     kern = jax.tree.map(
-        jnp.asarray, build_expert_kernels(packed, e, DEFAULT_TILES["mosaic"], "mosaic")
+        jnp.asarray, build_expert_kernels(packed, e, "mosaic_tpu", DEFAULT_TILES["mosaic_tpu"])
     )
     return kern, tuple(dense[p] for p in ("gate", "up", "down"))
 

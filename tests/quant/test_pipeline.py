@@ -237,11 +237,11 @@ def test_pallas_kernels_on_the_quantized_checkpoint(main_run, budget):
     from bitsmoe_jax.serve.quantized_experts import (
         QuantizedExperts,
         plan_kernel_shapes,
-        set_implementation,
+        set_backend,
     )
 
     qdir = main_run / f"bpw_{budget:.2f}"
-    model, _ = load_quantized(qdir, implementation="xla")
+    model, _ = load_quantized(qdir, backend="xla")
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 7))
     want = np.asarray(jit_logits(model)(ids))
     blocks = [
@@ -254,7 +254,7 @@ def test_pallas_kernels_on_the_quantized_checkpoint(main_run, budget):
     ):  # the layers kept different numbers of components: the shared shape pads the rank too
         assert len({tuple(b.rank(p) for p in PROJECTIONS) for b in blocks}) == 2
     assert plan_kernel_shapes(blocks, "triton", max_padding=_math.inf).num_groups == 1
-    set_implementation(model, "pallas", backend="triton", max_padding=_math.inf)
+    set_backend(model, "triton", max_padding=_math.inf)
     got = np.asarray(jit_logits(model)(ids))
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 

@@ -41,14 +41,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.code_layout import (
+from pallas_kernels.compat import triton_compiler_params
+from pallas_kernels.triton.layout import (
     MAX_CODE_BITS,
     codes_per_half,
     codes_per_word,
     pow2_blocks,
     words_per_group,
 )
-from pallas_kernels.compat import triton_compiler_params
 
 GEMV_MAX_ROWS = 4  # rows per row tile: accumulators grow with it (32 registers per row)
 

@@ -57,13 +57,13 @@ import numpy as np
 
 from bitsmoe_jax.method import quantizers as qz
 from bitsmoe_jax.method.packing import PackedMatrix
-from pallas_kernels.layout import (
+from pallas_kernels.tiles import (
     ExpertTileTables,
-    _round_up,
-    _tile_assignment,
     decode_packed,
     dense16_side,
     random_words_and_scales,
+    round_up,
+    tile_assignment,
 )
 
 HALF_BITS = 16
@@ -199,7 +199,7 @@ def _tile_plan(
 ) -> tuple[list, list, dict[str, np.ndarray]]:
     """Tiles (promoted to their widest member, as in the plane layout) and their index tables."""
     e_count, r = bits.shape
-    comps, tbits = _tile_assignment(bits, tile)
+    comps, tbits = tile_assignment(bits, tile)
     ntiles = np.array([len(c) for c in comps], np.int32)
     lmax = max(1, int(ntiles.max()))
     flat_bits = np.array([b for tb in tbits for b in tb] or [1], np.int32)
@@ -241,7 +241,7 @@ def code_tiles_from_packed(pm: PackedMatrix, num_experts: int, tile: int = 128) 
     codes, bits, scales, values16 = _decoded(pm, num_experts)
     r, n, gs = bits.shape[1], int(pm.n), int(pm.group_size)
     _check(bits, gs, tile)
-    fp = _round_up(n, gs)
+    fp = round_up(n, gs)
     gp = fp // gs
     comps, tbits, tab = _tile_plan(bits, tile, gs, gp)
     words = []
@@ -311,7 +311,7 @@ def synthetic_code_tiles(
     """
     bits = np.asarray(bits, np.int64)
     _check(bits, group_size, tile)
-    fp = _round_up(n, group_size)
+    fp = round_up(n, group_size)
     gp = fp // group_size
     _, tbits, tab = _tile_plan(bits, tile, group_size, gp)
     rows = max(1, int(sum(gp * words_per_group(b, group_size) for tb in tbits for b in tb)))

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.compat import tpu_compiler_params, tpu_modules
+from pallas_kernels.mosaic_tpu.unpack import WORD_BITS, plane_weight, signed_plane_product
 from pallas_kernels.routing import RowTiles
-from pallas_kernels.unpack import WORD_BITS, plane_weight, signed_plane_product
 
 
 def _pallas_call(
