@@ -1,4 +1,4 @@
-"""Pure-jnp reference of the routed-expert computation the kernels perform (identical semantics).
+"""Backend ``"reference"``: the routed-expert computation the kernels perform, in pure jnp.
 
 Works on the *dequantized* factors in original component order (``packing.dequantize_packed``), so
 it shares nothing with the kernel layout: a per-row gather of each row's expert factors and two

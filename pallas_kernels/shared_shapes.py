@@ -141,7 +141,7 @@ def pad_layout(layout, target):
 
     A larger rank ``r`` (layers keep different numbers of components) adds components that are in
     no tile: the caller pads ``zg``/``zu`` with zero columns and drops the extra ``acc`` columns
-    (`qmoe.QuantizedExperts` does). Same products as ``layout`` otherwise:
+    (`serve.quantized_experts.QuantizedExperts` does). Same products as ``layout`` otherwise:
     `tests/kernels/test_shared_shapes.py` checks the kernels on both against the reference."""
     if static_key(layout) != static_key(target):
         raise ValueError(

@@ -12,7 +12,8 @@ from bitsmoe_jax.method.packing import PackedMatrix, unpack_bitplanes_jnp
 
 
 class ExpertTileTables:
-    """What both kernel layouts (`PlaneTiles` here, `code_layout.CodeTiles`) answer the same way."""
+    """What both kernel layouts (`mosaic_tpu.layout.PlaneTiles`, `triton.layout.CodeTiles`) answer
+    the same way."""
 
     @property
     def num_experts(self) -> int:

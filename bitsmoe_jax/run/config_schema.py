@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rank = ml_collections.FieldReference(None, field_type=int)  # None = full rank
     c.coefficient_mode = "exact"  # exact | sampled (kappa_b * ||unit||^2)
     # gptq: gate/up factor rows rounded with GPTQ error feedback in component space (same bits, same
-    # format; quant/error_feedback.py); nearest: every unit rounded on its own.
+    # format; method/error_feedback.py); nearest: every unit rounded on its own.
     c.rounding = "gptq"
     c.allocator = "auto"
     c.milp_max_units = 10000

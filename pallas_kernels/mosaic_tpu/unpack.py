@@ -1,7 +1,7 @@
-"""In-kernel unpacking of t-major bit-plane blocks and the small matmul both kernel families share.
+"""In-kernel unpacking of t-major bit-plane blocks and the small matmul of the TPU kernels.
 
-Everything here is plain `jnp`/`lax` on values (no refs), so the same code runs inside Mosaic (TPU),
-Triton (GPU) and interpret-mode kernels. See `layout` for the word order it assumes.
+Everything here is plain `jnp`/`lax` on values (no refs), so the same code runs inside Mosaic (TPU)
+and interpret-mode kernels. See `layout` for the word order it assumes.
 """
 
 from __future__ import annotations

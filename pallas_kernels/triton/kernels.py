@@ -1,4 +1,4 @@
-"""GPU (Triton) kernels over the code layout (`code_layout`): decode GEMVs and a dequantizer.
+"""GPU (Triton) kernels over the code layout (`triton.layout`): decode GEMVs and a dequantizer.
 
 **Decode (a few rows per expert).** One program per (output block, row tile, reduction chunk). The
 row tile holds one expert's rows: ``tm ≤ GEMV_MAX_ROWS`` of them, the rest zero padding. The
