@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,20 +15,19 @@ from flax import nnx
 
 from bitsmoe_jax.baselines.kquants import check_contractions
 from bitsmoe_jax.baselines.run import run_baseline
-from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory, save_tree
+from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, save_tree
 from bitsmoe_jax.loading import load_model, model_config
 from bitsmoe_jax.run.budgets import budget_dirs
 from bitsmoe_jax.run.config_schema import RunConfig
-from bitsmoe_jax.run.evaluation import finish_report
 from bitsmoe_jax.run.inputs import calibration_tokens
 from bitsmoe_jax.run.outputs import (
-    copy_tokenizer_files,
+    WrittenBody,
     dense_bits,
     num_params,
     strip_experts,
     to_dtype,
+    write_output,
 )
-from bitsmoe_jax.run.report import write_report
 
 
 def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
@@ -53,6 +53,13 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
     )
     reports = []
     shared: dict = {}
+    expert_weights = (
+        3
+        * config.num_experts
+        * config.hidden_size
+        * config.moe_intermediate_size
+        * len(config.moe_layers)
+    )
     for budget, out_dir in budgets:
         t0 = time.time()
         model, _ = load_model(run.model_path)
@@ -62,14 +69,9 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
         qtime = time.time() - t0
         pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         layers = pure.pop("layers")
-        expert_weights = (
-            3
-            * config.num_experts
-            * config.hidden_size
-            * config.moe_intermediate_size
-            * len(config.moe_layers)
-        )
-        with atomic_directory(out_dir, overwrite=run.overwrite) as tmp:
+
+        def body(tmp: Path, pure=pure, layers=layers, info=info, qtime=qtime, budget=budget):
+            # (defaults bind this budget's values: the function is called in this iteration)
             save_tree(tmp / "params" / "top", to_dtype(pure, run.dense_dtype))
             dense_params = 0
             for i in range(config.num_hidden_layers):
@@ -81,7 +83,6 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
                         part["mlp"]["experts"], "float32"
                     )
                 save_tree(tmp / "params" / f"layer_{i:03d}", dense)
-            copy_tokenizer_files(run.model_path, tmp)
             top_params = num_params(pure)
             dense = dense_bits(top_params + dense_params, run.dense_dtype)
             bpw = float(info["effective_bpw_experts"])
@@ -117,9 +118,8 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
                 "num_calib_tokens": int(run.num_calib_tokens),
             }
             # evaluated as written (dense weights at dense_dtype)
-            finish_report(
-                run, report, lambda: load_model(tmp)[0], {"quantize_total": qtime}, shared
-            )
-            write_report(tmp, report)
+            return WrittenBody(report, {"quantize_total": qtime}, lambda: load_model(tmp)[0])
+
+        report = write_output(run, out_dir, run.overwrite, shared, body)
         reports.append(report)
     return reports

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.run.inputs import evaluation_inputs
-from bitsmoe_jax.serve import quantized_checkpoint as checkpoint_io
 
 
 def eval_metrics(run: RunConfig, model, shared: dict) -> dict[str, Any]:
@@ -40,16 +38,10 @@ def eval_metrics(run: RunConfig, model, shared: dict) -> dict[str, Any]:
     }
 
 
-def evaluate_into_report(
-    run: RunConfig,
-    qdir: Path,
-    budget: float,
-    summary: dict[str, Any],
-    layer_summary: dict[str, Any],
-    timings: dict[str, float],
-    shared: dict,
-) -> dict:
-    """The report of a BitsMoE output written to `qdir`, evaluated when `run.eval_text` is set."""
+def bitsmoe_report(
+    run: RunConfig, budget: float, summary: dict[str, Any], layer_summary: dict[str, Any]
+) -> dict[str, Any]:
+    """A BitsMoE output's report before its evaluation: bits, layers, allocations, calibration."""
     report: dict[str, Any] = {
         "method": run.method,
         "model": str(run.model_path),
@@ -68,7 +60,6 @@ def evaluate_into_report(
         "calib_text": str(run.calib_text),
         "num_calib_tokens": int(run.num_calib_tokens),
     }
-    finish_report(run, report, lambda: checkpoint_io.load_quantized(qdir)[0], timings, shared)
     return report
 
 

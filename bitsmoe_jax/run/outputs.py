@@ -3,9 +3,11 @@ directory, and the helpers every method's writer shares (dense params, tokenizer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run import faults, fingerprint
 from bitsmoe_jax.run.budgets import layer_result, model_allocation, release_layer_executables
 from bitsmoe_jax.run.config_schema import RunConfig
-from bitsmoe_jax.run.evaluation import evaluate_into_report
+from bitsmoe_jax.run.evaluation import bitsmoe_report, finish_report
 from bitsmoe_jax.run.report import TIMINGS_FILE, write_report
 from bitsmoe_jax.run.workdir import WorkDir
 from bitsmoe_jax.serve import quantized_checkpoint as checkpoint_io
@@ -147,6 +149,37 @@ def write_outputs(
     return reports
 
 
+def write_output(
+    run: RunConfig,
+    out_dir: Path,
+    overwrite: bool,
+    shared: dict,
+    write_body: Callable[[Path], WrittenBody],
+) -> dict[str, Any]:
+    """One output directory of any method, written atomically (`io.checkpoint.atomic_directory`):
+    the method's params, metadata and report fields (`write_body(tmp)`), the tokenizer files, the
+    evaluation of what was written (`evaluation.finish_report`) and `report.json` / `report.md`.
+    The one writer of BitsMoE and the baselines, so every output has the same layout and report."""
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        body = write_body(tmp)
+        copy_tokenizer_files(run.model_path, tmp)
+        finish_report(run, body.report, body.load_written, body.timings, shared)
+        body.report.update(body.trailing)
+        write_report(tmp, body.report)
+    return body.report
+
+
+@dataclasses.dataclass
+class WrittenBody:
+    """What a method's writer leaves for `write_output`: its report so far, its stage timings, how
+    to load the written model back for evaluation, and report fields that follow the evaluation."""
+
+    report: dict[str, Any]
+    timings: dict[str, float]
+    load_written: Callable[[], Any]
+    trailing: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def _write_output(
     run,
     config: ModelConfig,
@@ -161,13 +194,14 @@ def _write_output(
 ) -> dict:
     """One budget's checkpoint, streamed a layer at a time from the work directory, then its
     report."""
-    t_write = time.time()
-    expert_bits = expert_weights = dense_params = 0
-    layers_meta: dict[int, Any] = {}
-    layer_summary: dict[str, Any] = {}
-    allocation_time: dict[str, list[float]] = {}
-    moe = set(config.moe_layers)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+
+    def body(tmp: Path) -> WrittenBody:
+        t_write = time.time()
+        expert_bits = expert_weights = dense_params = 0
+        layers_meta: dict[int, Any] = {}
+        layer_summary: dict[str, Any] = {}
+        allocation_time: dict[str, list[float]] = {}
+        moe = set(config.moe_layers)
         top = work.load_top()
         dense_params += num_params(top)
         checkpoint_io.save_top(tmp, top)
@@ -201,7 +235,6 @@ def _write_output(
                 # report
                 "allocation": [{k: v for k, v in a.items() if k != "time_s"} for a in allocs],
             }
-        copy_tokenizer_files(run.model_path, tmp)
         dense = dense_bits(dense_params, run.dense_dtype)
         summary = {
             "budget_bits": budget,
@@ -212,8 +245,14 @@ def _write_output(
         }
         checkpoint_io.write_meta(tmp, config, run.to_dict(), layers_meta, summary)
         timings["write"] = time.time() - t_write
-        report = evaluate_into_report(run, tmp, budget, summary, layer_summary, timings, shared)
-        report["allocation_time_s"] = allocation_time
-        report["run_fingerprint"] = fingerprint.output_digest(work.fingerprint(), run)
-        write_report(tmp, report)
-    return report
+        return WrittenBody(
+            bitsmoe_report(run, budget, summary, layer_summary),
+            timings,
+            lambda: checkpoint_io.load_quantized(tmp)[0],
+            {
+                "allocation_time_s": allocation_time,
+                "run_fingerprint": fingerprint.output_digest(work.fingerprint(), run),
+            },
+        )
+
+    return write_output(run, out_dir, overwrite, shared, body)

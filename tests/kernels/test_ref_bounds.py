@@ -10,7 +10,7 @@ They use group size 128, the quantizer's default. There a 3-bit group holds 130 
 the group, and past the last group they land in the `triton_kernels.overrun` spare columns. At the
 other kernel tests' group size (32) no width has dead slots in a live chunk. Checked by mutation:
 with ``overrun`` returning 0, the decode tests here fail, naming the atomic adds past the end. The
-other kernel tests pass; `tests/quant/test_pipeline.py` (real checkpoints, group size 128) fails on
+other kernel tests pass; `tests/run/test_pipeline.py` (real checkpoints, group size 128) fails on
 its logits, because the interpreter's clamped add shifts live values too.
 """
 

@@ -28,7 +28,7 @@ import torch
 from bitsmoe_jax import evaluate, quantize
 from bitsmoe_jax.io.checkpoint import load_tree
 from bitsmoe_jax.method.coefficients import PROJECTIONS
-from tests.quant.tiny_mixtral import (
+from tests.run.tiny_mixtral import (
     LAYERS,
     REPORT_KEYS,
     SEQ,

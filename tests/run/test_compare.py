@@ -16,7 +16,7 @@ import pytest
 from bitsmoe_jax import compare, evaluate, quantize
 from bitsmoe_jax.baselines.rtn import rtn_quantize
 from bitsmoe_jax.baselines.run import nearest_setting, uniform_settings
-from tests.quant.tiny_mixtral import base_args, read_report
+from tests.run.tiny_mixtral import base_args, read_report
 
 
 def _rtn_loop(w: np.ndarray, bits: int, g: int) -> np.ndarray:

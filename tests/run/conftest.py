@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.quant.tiny_mixtral import LAYERS, REF_TOKENIZER, VOCAB, D, E, F
+from tests.run.tiny_mixtral import LAYERS, REF_TOKENIZER, VOCAB, D, E, F
 
 
 @pytest.fixture(scope="module")
