@@ -14,6 +14,8 @@ from typing import Any
 
 import ml_collections
 
+from bitsmoe_jax.run.config_schema import field_node
+
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     p = Path(path)
@@ -47,26 +49,6 @@ def _parse(raw: str, current: Any, field: str) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _parent(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
-    """The ConfigDict holding dotted field `key` and the field's last name; unknown fields are
-    errors."""
-    *path, name = key.split(".")
-    node = cfg
-    for i, part in enumerate(path):
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(
-                f"unknown config field {'.'.join(path[: i + 1])!r}; known fields: "
-                f"{', '.join(sorted(node.keys()))}"
-            )
-        node = node[part]
-    if name not in node:
-        where = "" if not path else f" of config.{'.'.join(path)}"
-        raise ValueError(
-            f"unknown config field {key!r}; known fields{where}: {', '.join(sorted(node.keys()))}"
-        )
-    return node, name
-
-
 def apply_overrides(
     cfg: ml_collections.ConfigDict, overrides: list[str]
 ) -> ml_collections.ConfigDict:
@@ -75,9 +57,8 @@ def apply_overrides(
         if "=" not in item:
             raise ValueError(f"--config.{item}: expected --config.field=value")
         key, raw = item.split("=", 1)
-        node, name = _parent(
-            cfg, key
-        )  # "distributed.auto" is field auto of the nested cfg.distributed
+        # "distributed.auto" is field auto of the nested cfg.distributed
+        node, name = field_node(cfg, key)
         value = _parse(raw, node[name], key)
         try:
             with node.unlocked():

@@ -272,9 +272,7 @@ def swiglu_experts(
     """
     family = kern.family
     backend = family if backend == "auto" else resolve_backend(backend)
-    if (family == "xla") != (backend in ("xla", "reference")) or (
-        family != "xla" and backend != family
-    ):
+    if backend not in (("xla", "reference") if family == "xla" else (family,)):
         raise ValueError(
             f"this layout was built for the {family!r} backend, not {backend!r}: rebuild it with "
             f"build_expert_kernels(..., backend={backend!r})"

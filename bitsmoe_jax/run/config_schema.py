@@ -256,39 +256,39 @@ class RunConfig:
         return dict(sorted(flat.items()))
 
     def to_config_dict(self) -> ml_collections.ConfigDict:
-        return with_fields(default_config(), _flatten(self.to_dict()))
+        flat = self.to_dict()
+        nested = {f"distributed.{k}": v for k, v in flat.pop("distributed").items()}
+        return with_fields(default_config(), {**flat, **nested})
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and k == "distributed":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def field_node(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding dotted field `key` and the field's last name; unknown fields are
+    errors."""
+    *path, name = key.split(".")
+    node = cfg
+    for i, part in enumerate(path):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ValueError(
+                f"unknown config field {'.'.join(path[: i + 1])!r}; known fields: "
+                f"{', '.join(sorted(node.keys()))}"
+            )
+        node = node[part]
+    if name not in node:
+        where = "" if not path else f" of config.{'.'.join(path)}"
+        raise ValueError(
+            f"unknown config field {key!r}; known fields{where}: {', '.join(sorted(node.keys()))}"
+        )
+    return node, name
 
 
 def with_fields(
     c: ml_collections.ConfigDict, fields: Mapping[str, Any]
 ) -> ml_collections.ConfigDict:
     """Set ``fields`` on `c` (dotted names for nested fields) and return it; an unknown field is an
-    error that lists the known ones."""
+    error that lists the known ones (`field_node`)."""
     for key, value in fields.items():
-        *path, name = key.split(".")
-        node = c
-        for part in path:
-            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise ValueError(
-                    f"unknown config field {key!r}; known fields: {', '.join(sorted(c.keys()))}"
-                )
-            node = node[part]
-        if name not in node:
-            known = ", ".join(sorted(node.keys()))
-            raise ValueError(f"unknown config field {key!r}; known fields: {known}")
-        if isinstance(value, list):
-            value = tuple(value)
-        node[name] = value
+        node, name = field_node(c, key)
+        node[name] = tuple(value) if isinstance(value, list) else value
     return c
 
 

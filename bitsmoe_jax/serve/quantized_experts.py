@@ -37,7 +37,7 @@ from flax import nnx
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.layer_problem import LayerProblem, round_and_pack
-from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed
+from bitsmoe_jax.method.packing import PackedMatrix
 from bitsmoe_jax.method.sharded import ExpertLayout
 from bitsmoe_jax.models.moe import RoutingPlan, combine
 from pallas_kernels import api as kernels_api
@@ -152,8 +152,7 @@ class QuantizedExperts(nnx.Module):
 
     def factor_matrix(self, p: str) -> jax.Array:
         """Dequantized factors [E, r, F]."""
-        flat = dequantize_packed(self.packed_matrix(p))
-        return flat.reshape(self.num_experts, -1, flat.shape[-1])
+        return kernels_api.PackedFactors(self.packed_matrix(p), self.num_experts).dense()
 
     def dense_weights(self) -> dict[str, jax.Array]:
         """The equivalent dense expert weights (gate/up [E, D, F], down [E, F, D]) — for tests and
@@ -191,7 +190,7 @@ class QuantizedExperts(nnx.Module):
         resolved = kernels_api.resolve_backend(backend)
         self.backend = backend
         if resolved in kernels_api.KERNEL_BACKENDS:
-            built = self.kernels.get_value() if self.kernels is not None else None
+            built = self._kernel_layout()
             stale = built is None or built.family != resolved or tiles is not None
             if stale or (target is not None and shared_shapes.abstract(built) != target):
                 packed = {p: jax.tree.map(np.asarray, self.packed_matrix(p)) for p in PROJECTIONS}
@@ -200,6 +199,9 @@ class QuantizedExperts(nnx.Module):
                 )
                 self.kernels = nnx.data(KernelLayout(jax.device_put(kern)))
         self.kernel_interpret = interpret
+
+    def _kernel_layout(self) -> kernels_api.ExpertKernels | None:
+        return self.kernels.get_value() if self.kernels is not None else None
 
     def kernel_shapes(
         self,
@@ -216,7 +218,7 @@ class QuantizedExperts(nnx.Module):
         and its layout is built."""
         resolved = kernels_api.resolve_backend(self.backend)
         if resolved in kernels_api.KERNEL_BACKENDS:
-            built = self.kernels.get_value() if self.kernels is not None else None
+            built = self._kernel_layout()
             if built is None or built.family != resolved:
                 if self.backend != "auto":
                     raise ValueError(
