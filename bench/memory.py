@@ -2,6 +2,12 @@
 
     python bench/memory.py [--layers 40 --hidden 256 --inter 4096 --experts 8] [--work
     /tmp/bitsmoe_memory]
+    python bench/memory.py --real-dims [mixtral-8x7b qwen3-30b-a3b deepseek-v3-e16 ...]
+
+`--real-dims`: one-layer synthetic checkpoints at the expert dimensions of real models (written
+tensor by tensor), each quantized in a subprocess; prints peak RSS, time, the bound of issue 18
+(peak ≤ 1.5 × the layer's expert bytes in bf16 + 2 GiB) with pass/fail, the DeepSeek-V3 64- vs
+16-expert ratio, and a whole-model extrapolation (see `real_dims`).
 
 Builds a synthetic random Mixtral checkpoint (bf16, HF safetensors, many shards;
 `conversion.synthetic`) with `--layers` layers and a 2-layer one of the same shapes, quantizes each
@@ -65,6 +71,107 @@ def quantize_args(model: Path, out: Path, extra: list[str]) -> list[str]:
     ]
 
 
+# Expert dimensions of the real models (attention is Mixtral-style GQA in these stand-ins: the
+# experts are what the quantizer's memory depends on). DeepSeek-V3 has 256 routed experts; its
+# stand-ins have 16 and 64, to show that the peak does not grow with the number of experts.
+REAL_DIMS = {
+    "mixtral-8x7b": dict(hidden=4096, inter=14336, experts=8, top_k=2, heads=32, kv_heads=8),
+    "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, top_k=8, heads=32, kv_heads=4),
+    "deepseek-v3-e16": dict(hidden=7168, inter=2048, experts=16, top_k=8, heads=56, kv_heads=8),
+    "deepseek-v3-e64": dict(hidden=7168, inter=2048, experts=64, top_k=8, heads=56, kv_heads=8),
+}
+# (MoE layers, routed experts per layer) of the whole models, for the extrapolation
+WHOLE_MODEL = {
+    "mixtral-8x7b": (32, 8),
+    "qwen3-30b-a3b": (48, 128),
+    "deepseek-v3-e16": (58, 256),
+    "deepseek-v3-e64": (58, 256),
+}
+
+
+def expert_bytes_bf16(d: dict) -> int:
+    return 3 * d["experts"] * d["hidden"] * d["inter"] * 2
+
+
+def real_dims(names: list[str], work: Path, extra: list[str], keep: bool) -> None:
+    """Quantize one synthetic layer per name; print the measurements, the bounds and the
+    extrapolation to the whole model (per-layer peak; total time = layers × time per layer ×
+    experts/layer-stand-in experts, since the per-expert stages dominate; per-process peak with P
+    processes = the one-process peak, which the chunk sets and P does not change)."""
+    rows = []
+    for name in names:
+        dims = REAL_DIMS[name]
+        model = work / name
+        if not (model / "model.safetensors.index.json").is_file():
+            shutil.rmtree(model, ignore_errors=True)
+            t = time.time()
+            write_random_mixtral(
+                model,
+                1,
+                dims["hidden"],
+                dims["inter"],
+                dims["experts"],
+                shard_bytes=1 << 30,
+                heads=dims["heads"],
+                kv_heads=dims["kv_heads"],
+                top_k=dims["top_k"],
+            )
+            print(f"wrote {model} ({gib(checkpoint_bytes(model))}) in {time.time() - t:.0f} s")
+        t = time.time()
+        res = measure(
+            quantize_args(model, work / f"out_{name}", ["--config.num_calib_tokens=4096", *extra])
+        )
+        secs = time.time() - t
+        plan = [ln for ln in res["output"].splitlines() if ln.startswith("memory plan")]
+        eb = expert_bytes_bf16(dims)
+        bound = 1.5 * eb + 2 * 2**30
+        rows.append(
+            {
+                "name": name,
+                "expert_bytes_bf16": eb,
+                "peak_rss_bytes": res["peak_rss_bytes"],
+                "seconds": secs,
+                "bound_bytes": bound,
+                "plan": plan[0] if plan else "",
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        if not keep:
+            shutil.rmtree(work / f"out_{name}", ignore_errors=True)
+    print()
+    print("| layer | experts (bf16) | peak RSS | bound 1.5×+2 GiB | pass | time |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ok = r["peak_rss_bytes"] <= r["bound_bytes"]
+        print(
+            f"| {r['name']} | {gib(r['expert_bytes_bf16'])} | {gib(r['peak_rss_bytes'])} | "
+            f"{gib(r['bound_bytes'])} | {'yes' if ok else 'NO'} | {r['seconds']:.0f} s |"
+        )
+    by = {r["name"]: r for r in rows}
+    if "deepseek-v3-e16" in by and "deepseek-v3-e64" in by:
+        ratio = by["deepseek-v3-e64"]["peak_rss_bytes"] / by["deepseek-v3-e16"]["peak_rss_bytes"]
+        print(
+            f"\nDeepSeek-V3 dims: peak(64 experts) / peak(16 experts) = {ratio:.2f} "
+            f"(bound 1.25: {'pass' if ratio <= 1.25 else 'FAIL'})"
+        )
+    print()
+    print(
+        "| model (extrapolated) | MoE layers | per-layer peak | total time, this CPU | "
+        "per-process peak, P = 1 / 2 / 8 |"
+    )
+    print("|---|---|---|---|---|")
+    for r in rows:
+        layers, experts = WHOLE_MODEL[r["name"]]
+        per_layer = r["seconds"] * experts / REAL_DIMS[r["name"]]["experts"]
+        pk = gib(r["peak_rss_bytes"])
+        print(
+            f"| {r['name']} | {layers} | {pk} | {layers * per_layer / 3600:.1f} h | "
+            f"{pk} / {pk} / {pk} |"
+        )
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -81,8 +188,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bitsmoe_memory")
     ap.add_argument("--extra", nargs="*", default=[], help="more --config.field=value overrides")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument(
+        "--real-dims",
+        nargs="*",
+        choices=sorted(REAL_DIMS),
+        help="one-layer checkpoints at these real models' expert dims (none listed: all)",
+    )
     a = ap.parse_args()
     work = Path(a.work)
+    if a.real_dims is not None:
+        real_dims(a.real_dims or list(REAL_DIMS), work, a.extra, a.keep)
+        return
     rows = []
     for layers in (2, a.layers):
         model = work / f"mixtral_{layers}x{a.experts}x{a.hidden}x{a.inter}"

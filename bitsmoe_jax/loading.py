@@ -59,8 +59,8 @@ def iter_model_parts(
 
     Only one part is in memory at a time (float32 numpy), which is what layer-by-layer
     quantization of models larger than RAM relies on. `experts` (HF directories): read only these
-    routed experts' weights, the others' entries being zeros — a converted (orbax) directory is
-    read whole.
+    routed experts' weights, the others' entries being zeros (none: no `mlp.experts` entry) — a
+    converted (orbax) directory is read whole.
     """
     p = Path(path)
     kind = checkpoint_kind(p)

@@ -104,6 +104,9 @@ def _read_part(
         getter = _RecordingGetter(ckpt)
         if layer is not None and experts is not None and path[:2] == ("mlp", "experts"):
             prefix = f"model.layers.{layer}."
+            if not experts:  # the caller reads the experts itself, a few at a time
+                used.update(k for k in keys if k.startswith(prefix) and ".experts." in k)
+                continue
             _set(
                 out,
                 path,
@@ -162,7 +165,8 @@ def iter_parts(
     """Yield ("top", params) then (i, layer_params) for each layer, streamed from an HF directory.
 
     `experts`: read only these routed experts' weights (per-expert tensors, or rows of fused ones);
-    the others' entries are zeros. A multi-process quantization completes them by an all-gather.
+    the others' entries are zeros. Empty: the layers carry no `mlp.experts` at all (the
+    quantizer streams them itself, `run.expert_reader.CheckpointSource`).
     """
     config = config or ModelConfig.from_hf_dir(hf_dir)
     ckpt = HFCheckpoint(hf_dir)

@@ -57,7 +57,7 @@ def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _expert_mats(
+def expert_matrices(
     layer_prefix: str,
     which: str,
     keys: Mapping[str, object],
@@ -130,7 +130,7 @@ def _expert_stack(
 ) -> np.ndarray:
     """One projection of all experts stacked in our [E, D, F] / [E, F, D] layout, either source
     layout."""
-    mats = _expert_mats(layer_prefix, which, keys, get, num_experts, range(num_experts), None)
+    mats = expert_matrices(layer_prefix, which, keys, get, num_experts, range(num_experts), None)
     return np.ascontiguousarray(np.stack([mats[e] for e in range(num_experts)]))
 
 
@@ -150,7 +150,7 @@ def read_expert_subset(
     completed by an all-gather, so the checkpoint is read once in total, not once per process.
     """
     out = np.zeros(tuple(shape), dtype)
-    for e, m in _expert_mats(
+    for e, m in expert_matrices(
         layer_prefix, which, keys, get, int(shape[0]), experts, get_rows
     ).items():
         if m.shape != tuple(shape[1:]):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -68,7 +69,8 @@ def mixtral_config(
 
 def _layer_tensors(
     cfg: dict, i: int, rng: np.random.Generator, std: float
-) -> dict[str, np.ndarray]:
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Layer i's tensors one at a time (a Mixtral-8x7B layer is 2.75 GiB in bf16)."""
     d, f, e = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
     hd = cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -77,22 +79,20 @@ def _layer_tensors(
         return (rng.standard_normal(shape, np.float32) * std).astype(BF16)
 
     p = f"model.layers.{i}."
-    out = {
-        p + "self_attn.q_proj.weight": w(q, d),
-        p + "self_attn.k_proj.weight": w(kv, d),
-        p + "self_attn.v_proj.weight": w(kv, d),
-        p + "self_attn.o_proj.weight": w(d, q),
-        p + "input_layernorm.weight": (1 + w(d).astype(np.float32)).astype(BF16),
-        p + "post_attention_layernorm.weight": (1 + w(d).astype(np.float32)).astype(BF16),
-        p + "block_sparse_moe.gate.weight": (
-            rng.standard_normal((e, d), np.float32) / np.sqrt(d)
-        ).astype(BF16),
-    }
+    yield p + "self_attn.q_proj.weight", w(q, d)
+    yield p + "self_attn.k_proj.weight", w(kv, d)
+    yield p + "self_attn.v_proj.weight", w(kv, d)
+    yield p + "self_attn.o_proj.weight", w(d, q)
+    yield p + "input_layernorm.weight", (1 + w(d).astype(np.float32)).astype(BF16)
+    yield p + "post_attention_layernorm.weight", (1 + w(d).astype(np.float32)).astype(BF16)
+    yield (
+        p + "block_sparse_moe.gate.weight",
+        (rng.standard_normal((e, d), np.float32) / np.sqrt(d)).astype(BF16),
+    )
     for j in range(e):
-        out[p + f"block_sparse_moe.experts.{j}.w1.weight"] = w(f, d)
-        out[p + f"block_sparse_moe.experts.{j}.w3.weight"] = w(f, d)
-        out[p + f"block_sparse_moe.experts.{j}.w2.weight"] = w(d, f)
-    return out
+        yield p + f"block_sparse_moe.experts.{j}.w1.weight", w(f, d)
+        yield p + f"block_sparse_moe.experts.{j}.w3.weight", w(f, d)
+        yield p + f"block_sparse_moe.experts.{j}.w2.weight", w(d, f)
 
 
 def write_random_mixtral(
@@ -129,23 +129,23 @@ def write_random_mixtral(
             )
             pending.clear()
 
-    def add(tensors: dict[str, np.ndarray]) -> None:
+    def add(tensors: Iterable[tuple[str, np.ndarray]]) -> None:
         nonlocal total
-        for k, v in tensors.items():
+        for k, v in tensors:
             if pending and sum(a.nbytes for a in pending.values()) + v.nbytes > shard_bytes:
                 flush()
             pending[k] = v
             total += v.nbytes
 
     v, d = cfg["vocab_size"], hidden
-    add({"model.embed_tokens.weight": (rng.standard_normal((v, d), np.float32)).astype(BF16)})
+    add([("model.embed_tokens.weight", (rng.standard_normal((v, d), np.float32)).astype(BF16))])
     for i in range(layers):
         add(_layer_tensors(cfg, i, rng, std))
     add(
-        {
-            "model.norm.weight": np.ones(d, BF16),
-            "lm_head.weight": (rng.standard_normal((v, d), np.float32) * std).astype(BF16),
-        }
+        [
+            ("model.norm.weight", np.ones(d, BF16)),
+            ("lm_head.weight", (rng.standard_normal((v, d), np.float32) * std).astype(BF16)),
+        ]
     )
     flush()
     n = len(shards)

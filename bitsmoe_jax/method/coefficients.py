@@ -30,27 +30,36 @@ import numpy as np
 
 from bitsmoe_jax.method import sharded
 from bitsmoe_jax.method.calibrate import ExpertStats
-from bitsmoe_jax.method.quantizers import estimated_errors, kappa_estimates, stored_bits
+from bitsmoe_jax.method.quantizers import kappa_estimates, stored_bits, weighted_sq_norm
 from bitsmoe_jax.method.sharded import ExpertLayout
 
 PROJECTIONS = ("gate", "up", "down")
 
 
 def fit_factors(
-    basis_deq: np.ndarray, w: np.ndarray, experts: Sequence[int] | None = None
+    basis_deq: np.ndarray,
+    w: np.ndarray,
+    experts: Sequence[int] | None = None,
+    pinv: np.ndarray | None = None,
 ) -> np.ndarray:
     """Least-squares factors F with basis_deq @ F[e] ≈ w[e]; basis [D, r], w [E, D, F] -> [E, r, F].
 
-    `experts`: fit only these (the others' factors are zeros), for runs sharded over processes."""
+    `experts`: fit only these (the others' factors are zeros), for runs sharded over processes.
+    `pinv`: `basis_pinv(basis_deq)`, computed once per layer by callers that fit chunk by chunk."""
     # pinv, not a normal-equations solve: an 8-bit basis whose rows span a large dynamic range (the
     # whitened ablation) can lose columns to rounding and be rank-deficient.
     # One expert at a time: a float64 copy of the whole [E, D, F] stack (and of the result) would
     # be the layer's largest transient allocation.
-    pinv = np.linalg.pinv(np.asarray(basis_deq, np.float64))
+    pinv = basis_pinv(basis_deq) if pinv is None else pinv
     out = np.zeros((w.shape[0], pinv.shape[0], w.shape[2]), np.float32)
     for e in range(w.shape[0]) if experts is None else experts:
         out[e] = pinv @ np.asarray(w[e], np.float64)
     return out
+
+
+def basis_pinv(basis_deq: np.ndarray) -> np.ndarray:
+    """The float64 pseudo-inverse the factors are fitted with (`fit_factors`)."""
+    return np.linalg.pinv(np.asarray(basis_deq, np.float64))
 
 
 def layer_units(
@@ -90,7 +99,7 @@ def loss_weights(
     weighting="expert_mean" (ablation): each expert's statistics divided by its routed-token count —
     every expert then matters equally, whatever its traffic; the mass floor is not applied.
     """
-    dn = np.sum(np.asarray(down, np.float64) ** 2, axis=-1)  # [E, F] = ‖down[e][f, :]‖²
+    dn = down_row_norms(down)  # [E, F]
     if weighting == "expert_mean":
         per = 1.0 / np.maximum(stats.tokens.astype(np.float64), 1.0)
         stats = dataclasses.replace(
@@ -106,10 +115,50 @@ def loss_weights(
     e_count, f = dn.shape
     out = {p: np.empty((e_count, r[p], f), np.float32) for p in PROJECTIONS}
     for e in range(e_count):  # float64 products one expert at a time, stored as float32
-        out["gate"][e] = (stats.s_gate[e].T * dn[e][None, :]) * scale[e]
-        out["up"][e] = (stats.s_up[e].T * dn[e][None, :]) * scale[e]
-        out["down"][e] = stats.c_down[e][None, :] * scale[e]
+        one = expert_loss_weights(stats.s_gate[e], stats.s_up[e], stats.c_down[e], dn[e], scale[e])
+        for p in PROJECTIONS:
+            out[p][e] = one[p]
     return out
+
+
+def expert_weight_scale(
+    mass: np.ndarray, tokens: np.ndarray, expert_mass_floor: float, weighting: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the mass-floor multiplier [E], the expert-mean divisor [E] or None) of `loss_weights`,
+    from every expert's routed mass and token count — what a chunk of experts needs of the rest."""
+    if weighting == "expert_mean":
+        per = 1.0 / np.maximum(np.asarray(tokens).astype(np.float64), 1.0)
+        return mass_scale(np.ones_like(mass), expert_mass_floor), per
+    if weighting != "token_sum":
+        raise ValueError(f"loss weighting {weighting!r}: choose 'token_sum' or 'expert_mean'")
+    return mass_scale(mass, expert_mass_floor), None
+
+
+def down_row_norms(down: np.ndarray) -> np.ndarray:
+    """‖down[e][f, :]‖² in float64 ([..., F] of [..., F, D])."""
+    return np.sum(np.asarray(down, np.float64) ** 2, axis=-1)
+
+
+def expert_loss_weights(
+    s_gate: np.ndarray, s_up: np.ndarray, c_down: np.ndarray, dn: np.ndarray, scale: float
+) -> dict[str, np.ndarray]:
+    """One expert's `loss_weights` ({p: float32 [r, F]}) from its statistics and down-row norms."""
+    return {
+        "gate": ((s_gate.T * dn[None, :]) * scale).astype(np.float32),
+        "up": ((s_up.T * dn[None, :]) * scale).astype(np.float32),
+        "down": (c_down[None, :] * scale).astype(np.float32),
+    }
+
+
+def unit_norms(units: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """‖unit‖²_W of one expert's units ([r, F] -> float32 [r]): one program per expert, so that
+    a layer streamed in chunks gets the same bits as one computed whole."""
+    return np.asarray(weighted_sq_norm(jnp.asarray(units), jnp.asarray(weights)))
+
+
+def sampled_loss(norms: np.ndarray, kappa: np.ndarray) -> np.ndarray:
+    """The sampled-mode L(e, k, b) = κ_b · ‖unit‖²_W (float32 product, as float64 [E, r, C])."""
+    return (norms[..., None] * np.asarray(kappa).astype(np.float32)).astype(np.float64)
 
 
 @dataclasses.dataclass
@@ -151,7 +200,8 @@ def loss_coefficients(
             x, w = jnp.asarray(units[name]), jnp.asarray(weights[name])
             kappa = kappa_estimates(x, cands, group_size, w, num_samples=num_samples, seed=seed)
             kappas[name] = np.asarray(kappa)
-            loss[name] = np.asarray(estimated_errors(x, kappa, w), np.float64)
+            norms = np.stack([unit_norms(units[name][e], weights[name][e]) for e in range(len(x))])
+            loss[name] = sampled_loss(norms, kappa)
         else:
             raise ValueError(f"loss coefficient mode {mode!r}: choose 'exact' or 'sampled'")
     cost = np.array([stored_bits(n, b, group_size) for b in cands], np.int64)

@@ -306,6 +306,7 @@ def feedback_layer(
     group_size: int,
     damp: float = 0.01,
     experts: Sequence[int] | None = None,
+    ids: Sequence[int] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Compensated units of a layer: ``{p: (values [E, r, F], down scales [E, r, ng] or None)}``.
 
@@ -313,7 +314,8 @@ def feedback_layer(
     dequantized ``[D, r]`` bases (None = identity), bits ``[E, r]``. One expert's Hessians at a
     time. ``experts``: compensate only these (the others' entries are zeros) — a multi-process run
     gives each process its own experts and all-gathers the results; every expert's result depends on
-    that expert's inputs only, so it is the same whichever process computes it.
+    that expert's inputs only, so it is the same whichever process computes it. ``ids``: the
+    experts the rows of ``units`` are (a streamed chunk; default: row e is expert e).
     """
     x = jnp.asarray(calib.x, jnp.float32)
     z = {
@@ -326,7 +328,7 @@ def feedback_layer(
     out = {p: np.zeros(np.shape(units[p]), np.float32) for p in ("gate", "up", "down")}
     down_scales = None
     for e in range(e_count) if experts is None else experts:
-        w2_all = calib.token_weights(e)
+        w2_all = calib.token_weights(e if ids is None else int(ids[e]))
         # Only the tokens that reach the expert (all, if starved), padded with zero-weight tokens to
         # a power of two so the Gram programs compile once per size bucket, not once per expert.
         keep = np.flatnonzero(w2_all > 0)

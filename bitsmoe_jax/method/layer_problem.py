@@ -4,9 +4,11 @@
     (`calibrate`) → loss coefficients L(e,k,b) (`coefficients`) → bit allocation (`allocate`) →
     error-feedback rounding and packing (`error_feedback`, `packing`)
 
-`build_problem` runs the stages up to the coefficients and returns a `LayerProblem`, which is all
-that is needed to (re-)allocate at any budget (`allocate_layers`, over one layer or all MoE
-layers of a model) and to round and pack at the allocated bits (`round_and_pack`).
+`streamed.build_problem` runs the stages up to the coefficients, a chunk of experts at a time, and
+returns a `LayerProblem`, which is all that is needed to (re-)allocate at any budget
+(`allocate_layers`, over one layer or all MoE layers of a model) and to round and pack at the
+allocated bits (`streamed.round_and_pack`). The whole-layer helpers here (`make_bases`,
+`detect_super_experts`) are the readable reference the streamed stages are tested against.
 
 Budget accounting is in bits per original expert weight and covers every stored bit of the expert
 path: integer codes, group scales, permutations and the shared bases. Components that receive 0 bits
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,24 +30,17 @@ import numpy as np
 from bitsmoe_jax.method import decompose as basis_lib
 from bitsmoe_jax.method import sharded
 from bitsmoe_jax.method.allocate import Allocation, BudgetError, allocate
-from bitsmoe_jax.method.calibrate import ExpertStats, collect_expert_stats
+from bitsmoe_jax.method.calibrate import ExpertStats
 from bitsmoe_jax.method.coefficients import (
     PROJECTIONS,
     Coefficients,
-    layer_units,
-    loss_coefficients,
-    loss_weights,
 )
-from bitsmoe_jax.method.config import MethodConfig
-from bitsmoe_jax.method.error_feedback import CalibrationInputs, feedback_layer
+from bitsmoe_jax.method.error_feedback import CalibrationInputs
 from bitsmoe_jax.method.packing import (
-    PackedMatrix,
-    pack_segments,
     permutation_bits,
-    quantize_units,
 )
 from bitsmoe_jax.method.sharded import ExpertLayout
-from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.method.unit_store import UnitStore
 from bitsmoe_jax.models.moe import MoEBlock, grouped_swiglu
 
 
@@ -58,8 +52,7 @@ class LayerProblem:
     num_experts: int
     hidden: int
     inter: int
-    units: dict[str, np.ndarray]  # [E, r, F]
-    weights: dict[str, np.ndarray]  # [E, r, F]
+    store: UnitStore  # the units [E, r, F] and their loss weights, read a chunk at a time
     coeffs: Coefficients
     bases: dict[str, dict[str, np.ndarray]]  # stored: {"q": ..., "scale": ...}
     basis_bits: int
@@ -76,7 +69,7 @@ class LayerProblem:
         return 3 * self.num_experts * self.hidden * self.inter
 
     def rank(self, p: str) -> int:
-        return self.units[p].shape[1]
+        return self.store.rank(p)
 
     def unit_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """loss [U, C], cost [U, C] over all units (gate, up, down; expert-major), and a fixed mask
@@ -245,78 +238,6 @@ def dequantized_basis(stored: dict[str, np.ndarray]) -> np.ndarray | None:
     return q * np.asarray(stored["scale"], np.float32)[:, None] if "scale" in stored else q
 
 
-def round_and_pack(
-    problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, PackedMatrix]]:
-    """(stored bases, packed factors) of a layer's units rounded and packed at the allocated bits,
-    all-zero components dropped (`serve.quantized_experts.pack_layer` makes the served block).
-
-    `layout` (multi-process runs, called by every process): the error feedback and the units'
-    quantization (scale search and codes) run sharded — each process handles the experts of its
-    devices, and all-gathers assemble the layer; the bit-plane packing itself is cheap and
-    replicated.
-    """
-    bases, packed = {}, {}
-    mine = layout.local_experts() if layout is not None else None
-    rounded = {p: (problem.units[p], None) for p in PROJECTIONS}
-    if problem.calib is not None:
-        # Error feedback over all r components (dropped ones fold into the kept), then keep.
-        deq = {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}
-        rounded = feedback_layer(
-            problem.units,
-            problem.weights,
-            deq,
-            problem.calib,
-            bits,
-            problem.group_size,
-            experts=mine,
-        )
-        if layout is not None:
-            full = sharded.allgather_expert_weights(
-                layout,
-                {
-                    "gate": rounded["gate"][0],
-                    "up": rounded["up"][0],
-                    "down": rounded["down"][0],
-                    "scales": rounded["down"][1],
-                },
-            )
-            rounded = {
-                "gate": (full["gate"], None),
-                "up": (full["up"], None),
-                "down": (full["down"], full["scales"]),
-            }
-    for p in PROJECTIONS:
-        keep = problem.kept(p, bits[p])
-        e, _, f = problem.units[p].shape
-        full, scales = rounded[p]
-        units = full[:, keep].reshape(-1, f)
-        w = problem.weights[p][:, keep].reshape(-1, f)
-        sc = None if scales is None else scales[:, keep].reshape(-1, scales.shape[-1])
-        bpu = bits[p][:, keep].reshape(-1)
-        quantized = None
-        if layout is not None:
-            # units are expert-major: expert x owns rows [x·kept, (x+1)·kept)
-            rows = (np.asarray(mine, np.int64)[:, None] * keep.size + np.arange(keep.size)).reshape(
-                -1
-            )
-            codes, qscales = quantize_units(units, bpu, problem.group_size, w, sc, rows=rows)
-            gathered = sharded.allgather_expert_weights(
-                layout,
-                {
-                    "codes": codes.reshape(e, keep.size, f),
-                    "scales": qscales.reshape(e, keep.size, -1),
-                },
-            )
-            quantized = (
-                gathered["codes"].reshape(e * keep.size, f),
-                gathered["scales"].reshape(e * keep.size, -1),
-            )
-        packed[p] = pack_segments(units, bpu, problem.group_size, w, scales=sc, quantized=quantized)
-        bases[p] = {k: (v[:, keep] if k == "q" else v) for k, v in problem.bases[p].items()}
-    return bases, packed
-
-
 # ------------------------------------------------------------------------------------ layer stages
 def _whitening(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """C^{1/2} and C^{-1/2} of the input second moment C = xᵀx/N (damped by 1e-4 of its mean
@@ -354,20 +275,34 @@ def make_bases(
     original weight columns (gate/up) and rows (down).
     """
     if kind == "none":
-        eye = np.eye(gate.shape[1], dtype=np.float32)
-        return {p: {} for p in PROJECTIONS}, {p: eye for p in PROJECTIONS}
+        return bases_from_grams({}, gate.shape[1], rank, basis_bits, kind)
     if layout is None:
         layout = sharded.expert_layout(sharded.single_device_mesh(), gate.shape[0])
     grams = {
-        p: jnp.asarray(
-            sharded.gram_sum(
-                layout,
-                sharded.expert_array(layout, lambda e, w=w: w[e], w.shape[1:], np.float32),
-                p == "down",
-            )
+        p: sharded.gram_sum(
+            layout,
+            sharded.expert_array(layout, lambda e, w=w: w[e], w.shape[1:], np.float32),
+            p == "down",
         )
         for p, w in (("gate", gate), ("up", up), ("down", down))
     }
+    return bases_from_grams(grams, gate.shape[1], rank, basis_bits, kind, x)
+
+
+def bases_from_grams(
+    grams: dict[str, np.ndarray],
+    hidden: int,
+    rank: int | None,
+    basis_bits: int,
+    kind: str = "svd",
+    x: np.ndarray | None = None,
+):
+    """(stored, dequantized) bases per projection from the expert-summed Gram matrices
+    (`make_bases`, which says what `kind` does; a streamed layer sums its Grams chunk by chunk)."""
+    if kind == "none":
+        eye = np.eye(hidden, dtype=np.float32)
+        return {p: {} for p in PROJECTIONS}, {p: eye for p in PROJECTIONS}
+    grams = {p: jnp.asarray(g) for p, g in grams.items()}
     c_half = c_inv_half = None
     if kind == "whitened":
         if x is None:
@@ -417,112 +352,6 @@ def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> lis
     )
     med = np.median(peaks[peaks > 0]) if (peaks > 0).any() else 0.0
     return [int(e) for e in np.flatnonzero(peaks > threshold * med)] if med > 0 else []
-
-
-def build_problem(
-    index: int,
-    block: MoEBlock,
-    x: jax.Array,
-    params: MethodConfig,
-    config: ModelConfig,
-    timings: dict,
-    mesh: jax.sharding.Mesh | None = None,
-) -> LayerProblem:
-    """Bases, statistics, weights and coefficients for one MoE layer (x: MoE input [N, D]).
-
-    The per-expert stages run sharded over the experts of `mesh` (default: this process's first
-    device), with results bit-identical on every mesh (`quant/sharded.py`).
-    """
-    gate, up, down = (
-        np.asarray(block.experts.__getattribute__(n)[...], np.float32)
-        for n in ("gate", "up", "down")
-    )
-    layout = sharded.expert_layout(
-        mesh if mesh is not None else sharded.single_device_mesh(), config.num_experts
-    )
-    t = time.time()
-    stored, deq = make_bases(
-        gate, up, down, params.rank, params.basis_bits, params.basis, x=np.asarray(x), layout=layout
-    )
-    if (
-        jax.process_count() > 1
-    ):  # each process fits its devices' experts; an all-gather assembles the layer
-        units = sharded.allgather_expert_weights(
-            layout, layer_units(gate, up, down, deq, layout.local_experts())
-        )
-    else:
-        units = layer_units(gate, up, down, deq)
-    timings["basis"] += time.time() - t
-    t = time.time()
-    logits, w, idx = block.router(x)
-    calib = (
-        CalibrationInputs(
-            np.asarray(x, np.float32),
-            np.asarray(idx, np.int32),
-            np.asarray(w, np.float32),
-            params.min_tokens,
-        )
-        if params.rounding == "gptq"
-        else None
-    )
-    stats = collect_expert_stats(
-        x, logits, idx, w, gate, up, deq["gate"], deq["up"], params.min_tokens, layout=layout
-    )
-    timings["calibration"] += time.time() - t
-    t = time.time()
-    weights = loss_weights(
-        stats,
-        down,
-        {p: units[p].shape[1] for p in PROJECTIONS},
-        params.expert_mass_floor,
-        params.loss_weighting,
-    )
-    # The [E, F, r] float64 sums are folded into the weights: drop them (2/3 of the layer's float32
-    # size) before the coefficients, the packing and the forward pass (the work dir never stores
-    # them).
-    stats = dataclasses.replace(
-        stats,
-        s_gate=np.zeros(stats.s_gate.shape[:2] + (0,)),
-        s_up=np.zeros(stats.s_up.shape[:2] + (0,)),
-    )
-    del gate, up, down
-    coeffs = loss_coefficients(
-        units,
-        weights,
-        params.candidate_bits,
-        params.group_size,
-        params.coefficient_mode,
-        seed=params.seed,
-        layout=layout,
-    )
-    timings["coefficients"] += time.time() - t
-    if params.super_experts == "auto":
-        supers = detect_super_experts(x, block, params.super_expert_threshold)
-    else:
-        supers = [
-            int(e)
-            for e in (
-                params.super_experts.get(str(index), [])
-                if isinstance(params.super_experts, dict)
-                else params.super_experts
-            )
-        ]
-    return LayerProblem(
-        index=index,
-        num_experts=config.num_experts,
-        hidden=config.hidden_size,
-        inter=config.moe_intermediate_size,
-        units=units,
-        weights=weights,
-        coeffs=coeffs,
-        bases=stored,
-        basis_bits=params.basis_bits,
-        stats=stats,
-        super_experts=supers,
-        super_bits=params.super_expert_bits,
-        group_size=params.group_size,
-        calib=calib,
-    )
 
 
 def bits_histogram(bits: dict[str, np.ndarray], candidates: Sequence[int]) -> dict[str, int]:

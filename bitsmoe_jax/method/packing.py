@@ -309,37 +309,70 @@ def pack_segments(
     elsewhere (sharded over processes); only the packing is then done here.
     """
     units, bpu = _checked_units(units, bits_per_unit)
-    n = units.shape[1]
     group_size = int(group_size)
-    perm = np.argsort(bpu, kind="stable")
-    seg_bits, seg_sizes = np.unique(bpu[perm], return_counts=True)
     codes_all, scales_all = (
         quantized
         if quantized is not None
         else quantize_units(units, bpu, group_size, weights, scales)
     )
-    payload, scales = [], []
-    start = 0
-    for b, size in zip(seg_bits.tolist(), seg_sizes.tolist(), strict=False):
-        idx = perm[start : start + size]
-        start += size
+    return assemble_packed(
+        [pack_rows(units, bpu, codes_all, scales_all, group_size)], units.shape[1], group_size
+    )
+
+
+@dataclasses.dataclass
+class PackedRows:
+    """Some consecutive units packed, by bit-width: what `assemble_packed` joins into a
+    `PackedMatrix` (a streamed layer packs each chunk of experts as it is rounded)."""
+
+    bits: np.ndarray  # [k] bit-width of each unit, in unit order
+    payload: dict[int, np.ndarray]  # b -> the rows with b bits, in unit order
+    scales: dict[int, np.ndarray]
+
+
+def pack_rows(
+    units: np.ndarray,
+    bpu: np.ndarray,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    group_size: int,
+) -> PackedRows:
+    """Pack units `[k, n]` from their codes and scales (`quantize_units`); 16-bit units are stored
+    as their bf16 values, 0-bit ones as nothing. Every row is packed on its own."""
+    payload, out_scales = {}, {}
+    for b in np.unique(bpu).tolist():
+        idx = np.flatnonzero(bpu == b)
+        size = idx.size
         if b == 0:
-            payload.append(np.zeros((size, 0), np.uint32))
-            scales.append(np.zeros((size, 0), ml_dtypes.bfloat16))
+            payload[b] = np.zeros((size, 0), np.uint32)
+            out_scales[b] = np.zeros((size, 0), ml_dtypes.bfloat16)
         elif b == 16:
-            codes, _ = qz.quantize_codes(units[idx], 16, group_size)
-            payload.append(np.asarray(codes).astype(np.uint16).view(ml_dtypes.bfloat16))
-            scales.append(np.zeros((size, 0), ml_dtypes.bfloat16))
+            vals, _ = qz.quantize_codes(units[idx], 16, group_size)
+            payload[b] = np.asarray(vals).astype(np.uint16).view(ml_dtypes.bfloat16)
+            out_scales[b] = np.zeros((size, 0), ml_dtypes.bfloat16)
         else:
-            payload.append(pack_bitplanes(codes_all[idx], b))
+            payload[b] = pack_bitplanes(codes[idx], b)
             # Scales are bf16-representable by construction; the cast is exact.
-            scales.append(scales_all[idx].astype(ml_dtypes.bfloat16))
+            out_scales[b] = scales[idx].astype(ml_dtypes.bfloat16)
+    return PackedRows(np.asarray(bpu, np.int64), payload, out_scales)
+
+
+def assemble_packed(parts: Sequence[PackedRows], n: int, group_size: int) -> PackedMatrix:
+    """One `PackedMatrix` of the units of `parts` in order: segments by ascending bit-width, each
+    the rows of that width in unit order (`perm` the stable sort of the widths)."""
+    bpu = np.concatenate([p.bits for p in parts]) if parts else np.zeros(0, np.int64)
+    perm = np.argsort(bpu, kind="stable")
+    seg_bits, seg_sizes = np.unique(bpu[perm], return_counts=True)
+    payload, scales = [], []
+    for b in seg_bits.tolist():
+        payload.append(np.concatenate([p.payload[b] for p in parts if b in p.payload]))
+        scales.append(np.concatenate([p.scales[b] for p in parts if b in p.scales]))
     return PackedMatrix(
         perm=perm.astype(np.int32),
         payload=tuple(payload),
         scales=tuple(scales),
         n=int(n),
-        group_size=group_size,
+        group_size=int(group_size),
         seg_bits=tuple(int(b) for b in seg_bits),
         seg_sizes=tuple(int(c) for c in seg_sizes),
     )
@@ -380,5 +413,8 @@ __all__ = [
     "permutation_bits",
     "PackedMatrix",
     "pack_segments",
+    "PackedRows",
+    "pack_rows",
+    "assemble_packed",
     "dequantize_packed",
 ]

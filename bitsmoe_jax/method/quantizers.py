@@ -523,11 +523,23 @@ def kappa_estimates(
     k = min(int(num_samples), total)
     if k < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    idx = jnp.asarray(np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False)))
+    idx = jnp.asarray(sample_indices(total, k, seed))
     xs = jnp.take(flat, idx, axis=0)
     ws = None
     if weights is not None:
         ws = jnp.take(jnp.broadcast_to(jnp.asarray(weights), x.shape).reshape(-1, n), idx, axis=0)
+    return kappa_from_sample(xs, ws, candidate_bits, group_size)
+
+
+def sample_indices(total: int, k: int, seed: int) -> np.ndarray:
+    """The sorted units `kappa_estimates` measures, of `total` (flattened, expert-major)."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
+
+
+def kappa_from_sample(
+    xs: jax.Array, ws: jax.Array | None, candidate_bits: Sequence[int], group_size: int
+) -> np.ndarray:
+    """κ_b of `kappa_estimates` from its sampled units `xs [k, n]` and their weights."""
     err = np.asarray(unit_errors(xs, candidate_bits, group_size, ws), np.float64)
     norm = np.asarray(weighted_sq_norm(xs, ws), np.float64)
     valid = norm > 0

@@ -71,6 +71,14 @@ def shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callabl
 
 
 @dataclasses.dataclass(frozen=True)
+class Round:
+    """Local expert slots [lo, hi) of every device's block: one streamed chunk of a layer."""
+
+    lo: int
+    hi: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ExpertLayout:
     """Experts 0..E-1 padded to `padded` (a power of two) and split in `mesh.size` equal blocks."""
 
@@ -84,6 +92,35 @@ class ExpertLayout:
 
     def sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(EXPERT_AXIS))
+
+    def rounds(self, chunk: int) -> list[Round]:
+        """The streamed passes over every device's block, `chunk` experts per device at a time."""
+        c = max(1, int(chunk))
+        return [Round(lo, min(lo + c, self.per_device)) for lo in range(0, self.per_device, c)]
+
+    def round_experts(self, rnd: Round) -> list[int]:
+        """The experts of a round array, in its order: device i's [i·p + lo, i·p + hi) for every
+        device (ids ≥ num_experts are padding, all zeros)."""
+        p = self.per_device
+        return [i * p + j for i in range(self.mesh.size) for j in range(rnd.lo, rnd.hi)]
+
+    def rounds_with_experts(self, chunk: int) -> list[Round]:
+        """`rounds` less those that hold only padding on every device (the Gram sum alone needs
+        the padded experts: zeros in its tree)."""
+        return [
+            r
+            for r in self.rounds(chunk)
+            if any(e < self.num_experts for e in self.round_experts(r))
+        ]
+
+    def round_local(self, rnd: Round) -> list[int]:
+        """The real experts of a round that live on this process's devices (ascending)."""
+        me, p = jax.process_index(), self.per_device
+        out = []
+        for i, d in enumerate(self.mesh.devices.flat):
+            if d.process_index == me:
+                out.extend(e for e in range(i * p + rnd.lo, i * p + rnd.hi) if e < self.num_experts)
+        return sorted(out)
 
     def local_experts(self) -> list[int]:
         """The real experts whose block lives on one of this process's devices (ascending)."""
@@ -134,6 +171,49 @@ def expert_array(
         )
 
     return jax.make_array_from_callback(shape, layout.sharding(), block)
+
+
+def round_array(
+    layout: ExpertLayout,
+    rnd: Round,
+    get: Callable[[int], np.ndarray],
+    item_shape: Sequence[int],
+    dtype: Any,
+) -> jax.Array:
+    """A [mesh.size · (hi − lo), *item_shape] array sharded over experts holding the round's
+    experts (`round_experts` order); `get(e)` is asked only for this process's real experts."""
+    ids = layout.round_experts(rnd)
+    zero = np.zeros(item_shape, dtype)
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        s = index[0]
+        rows = ids[s.start or 0 : len(ids) if s.stop is None else s.stop]
+        return np.stack(
+            [np.asarray(get(e), dtype) if e < layout.num_experts else zero for e in rows]
+        )
+
+    return jax.make_array_from_callback((len(ids), *item_shape), layout.sharding(), block)
+
+
+def round_local_rows(layout: ExpertLayout, rnd: Round, arr: jax.Array) -> dict[int, np.ndarray]:
+    """This process's real experts' entries of a round array: {expert: numpy row}."""
+    ids = layout.round_experts(rnd)
+    out: dict[int, np.ndarray] = {}
+    for shard in arr.addressable_shards:
+        start = shard.index[0].start or 0
+        data = np.asarray(shard.data)
+        for j in range(data.shape[0]):
+            e = ids[start + j]
+            if e < layout.num_experts:
+                out[e] = data[j]
+    return out
+
+
+def round_gather(layout: ExpertLayout, rnd: Round, arr: jax.Array) -> dict[int, np.ndarray]:
+    """Every real expert's entry of a round array, on every process (an all-gather of the round)."""
+    ids = layout.round_experts(rnd)
+    full = np.asarray(_replicate_fn(layout.mesh)(arr).addressable_data(0))
+    return {e: full[j] for j, e in enumerate(ids) if e < layout.num_experts}
 
 
 def allgather_expert_weights(
@@ -225,6 +305,71 @@ def _gram_fn(mesh: Mesh, contract_first: bool) -> Callable:
     return jax.jit(shard_map(body, mesh, in_specs=(P(EXPERT_AXIS),), out_specs=P(EXPERT_AXIS)))
 
 
+@functools.cache
+def _expert_grams_fn(mesh: Mesh, contract_first: bool) -> Callable:
+    def one(w):  # the same per-expert product as `_gram_fn`'s
+        w = w.astype(jnp.float32)
+        if contract_first:
+            return jnp.einsum(
+                "fd,fk->dk", w, w, precision=_HIGHEST, preferred_element_type=jnp.float32
+            )
+        return jnp.einsum("df,kf->dk", w, w, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+    e = P(EXPERT_AXIS)
+    return jax.jit(shard_map(lambda b: jax.lax.map(one, b), mesh, in_specs=(e,), out_specs=e))
+
+
+@functools.cache
+def _butterfly_fn(mesh: Mesh) -> Callable:
+    n = int(mesh.size)
+    e = P(EXPERT_AXIS)
+    return jax.jit(shard_map(lambda x: _butterfly_sum(x, n), mesh, in_specs=(e,), out_specs=e))
+
+
+class GramAccumulator:
+    """Σ_e of one projection's per-expert Gram matrices, fed a round at a time, in the one pairwise
+    tree `gram_sum` uses: each device's block is folded by a binary counter in expert order (the
+    open subtrees are the only partial sums alive — at most log2 of the block), and the device
+    roots are finished by the same butterfly. Bit-identical to `gram_sum` for every chunk size."""
+
+    def __init__(self, layout: ExpertLayout, contract_first: bool):
+        self.layout = layout
+        self.contract_first = contract_first
+        self.stacks: dict[int, dict[int, np.ndarray]] = {}  # device -> level -> subtree sum
+        self.seen: dict[int, int] = {}
+
+    def add_round(self, rnd: Round, get: Callable[[int], np.ndarray], item_shape) -> None:
+        lay = self.layout
+        arr = round_array(lay, rnd, get, item_shape, np.float32)
+        grams = _expert_grams_fn(lay.mesh, self.contract_first)(arr)
+        width = rnd.hi - rnd.lo
+        for shard in grams.addressable_shards:
+            device = (shard.index[0].start or 0) // width
+            data = np.asarray(shard.data)
+            stack = self.stacks.setdefault(device, {})
+            for k in range(width):
+                j = rnd.lo + k
+                carry, level = data[k], 0
+                while (j >> level) & 1:
+                    carry = stack.pop(level) + carry
+                    level += 1
+                stack[level] = carry
+            del data
+
+    def result(self) -> np.ndarray:
+        lay = self.layout
+        top = max(1, lay.per_device.bit_length()) - 1
+        roots = {dev: stack[top] for dev, stack in self.stacks.items()}
+        d = next(iter(roots.values())).shape
+        arr = jax.make_array_from_callback(
+            (lay.mesh.size, *d),
+            lay.sharding(),
+            lambda index: roots[index[0].start or 0][None],
+        )
+        out = _butterfly_fn(lay.mesh)(arr)
+        return np.asarray(out.addressable_data(0))[0]
+
+
 def gram_sum(layout: ExpertLayout, w: jax.Array, contract_first: bool) -> np.ndarray:
     """Σ_e W_e W_eᵀ (contract_first=False, W_e [D, F]: gate/up as stored) or Σ_e W_eᵀ W_e
     (contract_first=True, W_e [F, D]: down as stored) over the sharded experts, as float32 numpy [D,
@@ -312,6 +457,63 @@ def routed_stats(
     return tuple(gather_experts(layout, o).astype(np.float64) for o in outs)
 
 
+def routed_stats_round(
+    layout: ExpertLayout,
+    rnd: Round,
+    x: np.ndarray,
+    token: np.ndarray,
+    weight: np.ndarray,
+    offsets: np.ndarray,
+    experts: dict[str, dict[int, np.ndarray]],
+    shape: tuple[int, int],
+    vg: np.ndarray,
+    vu: np.ndarray,
+) -> dict[int, tuple[np.ndarray, ...]]:
+    """`routed_stats` for one round: {expert: (s_gate, s_up, c_down, mass) float64} of this
+    process's real experts in it, from `experts` = {"gate"/"up": {expert: `shape` [D, F]}} (its
+    own)."""
+    counts = np.diff(offsets)
+    cap = capacity(counts)
+    d = x.shape[1]
+
+    def rows(e: int) -> np.ndarray:
+        t = token[offsets[e] : offsets[e + 1]]
+        return np.pad(x[t], ((0, cap - len(t)), (0, 0)))
+
+    def wts(e: int) -> np.ndarray:
+        return np.pad(weight[offsets[e] : offsets[e + 1]], (0, cap - int(counts[e])))
+
+    args = (
+        round_array(layout, rnd, rows, (cap, d), np.float32),
+        round_array(layout, rnd, wts, (cap,), np.float32),
+        round_array(layout, rnd, experts["gate"].__getitem__, shape, np.float32),
+        round_array(layout, rnd, experts["up"].__getitem__, shape, np.float32),
+    )
+    outs = _stats_fn(layout.mesh)(*args, jnp.asarray(vg, jnp.float32), jnp.asarray(vu, jnp.float32))
+    local = [round_local_rows(layout, rnd, o) for o in outs]
+    return {e: tuple(np.asarray(o[e], np.float64) for o in local) for e in local[0]}
+
+
+@jax.jit
+def _masses(ws):
+    return jax.lax.map(lambda w: jnp.sum((w.astype(jnp.float32) ** 2)[:, None]), ws)
+
+
+def routed_masses(weight: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Σ_t w_te² of every expert's routed tokens (float64 [E]), computed as the statistics program
+    computes it (the same float32 sum over the padded capacity), before any statistic: the loss
+    weights of a chunk need every expert's mass."""
+    counts = np.diff(offsets)
+    cap = capacity(counts)
+    ws = np.stack(
+        [
+            np.pad(weight[offsets[e] : offsets[e + 1]], (0, cap - int(counts[e])))
+            for e in range(len(counts))
+        ]
+    ).astype(np.float32)
+    return np.asarray(_masses(jnp.asarray(ws)), np.float64)
+
+
 @jax.jit
 def _all_token_map(x, ws, gate, up, vg, vu):
     return jax.lax.map(lambda a: _expert_stats_one(x, *a, vg, vu), (ws, gate, up))
@@ -346,6 +548,23 @@ def _errors_fn(mesh: Mesh, candidates: tuple[int, ...], group_size: int) -> Call
 
     e = P(EXPERT_AXIS)
     return jax.jit(shard_map(body, mesh, in_specs=(e, e), out_specs=e))
+
+
+def unit_errors_round(
+    layout: ExpertLayout,
+    rnd: Round,
+    units: dict[int, np.ndarray],
+    weights: dict[int, np.ndarray],
+    shape: tuple[int, int],
+    candidates: Sequence[int],
+    group_size: int,
+) -> dict[int, np.ndarray]:
+    """`unit_errors_sharded` for one round, from this process's experts' units / weights
+    ({expert: [r, F]}): {expert: L [r, C]} of every real expert of the round, on every process."""
+    u = round_array(layout, rnd, units.__getitem__, shape, np.float32)
+    w = round_array(layout, rnd, weights.__getitem__, shape, np.float32)
+    out = _errors_fn(layout.mesh, tuple(int(b) for b in candidates), int(group_size))(u, w)
+    return round_gather(layout, rnd, out)
 
 
 def unit_errors_sharded(

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.expert_source import plan_chunk
 from bitsmoe_jax.method.layer_problem import (
     LayerProblem,
     allocate_layers,
@@ -151,9 +152,22 @@ def pack_at_budget(
     )[i]
     timings["allocation"] += time.time() - t
     t = time.time()
-    qe = pack_layer(problem, bits)
+    qe = pack_layer(problem, bits, chunk=packing_chunk(run, problem))
     timings["pack"] += time.time() - t
     return qe, bits, allocation_records(allocs), problem_summary(problem)
+
+
+def packing_chunk(run: RunConfig, problem: LayerProblem) -> int:
+    """Experts rounded at a time when a stored problem is packed on this process's first device."""
+    plan = plan_chunk(
+        problem.hidden,
+        problem.inter,
+        problem.num_experts,
+        run.num_calib_tokens,
+        run.host_memory_gb,
+        run.expert_chunk,
+    )
+    return min(problem.num_experts, plan.chunk)
 
 
 def release_layer_executables() -> None:

@@ -75,6 +75,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Devices on the "expert" mesh axis that per-expert work is sharded over: () = every device.
     c.mesh_shape = ml_collections.FieldReference((), field_type=object)
+    # Memory: experts are streamed through every stage a chunk at a time. host_memory_gb sizes the
+    # chunk (None = the memory available when the run starts); expert_chunk sets it directly
+    # (experts per device). Neither changes the output.
+    c.host_memory_gb = ml_collections.FieldReference(None, field_type=float)
+    c.expert_chunk = ml_collections.FieldReference(None, field_type=int)
     c.distributed = distributed_config()
     return c
 
@@ -179,6 +184,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         or (isinstance(ms, (tuple, list)) and len(ms) == 1 and isinstance(ms[0], int) and ms[0] > 0)
     ):
         bad("mesh_shape", "() for every device, or (n,) with n > 0 devices on the expert axis")
+    if c.host_memory_gb is not None and not c.host_memory_gb > 0:
+        bad(
+            "host_memory_gb", "None (the memory available at the start) or a positive number of GiB"
+        )
+    if c.expert_chunk is not None and c.expert_chunk < 1:
+        bad("expert_chunk", "None (sized by host_memory_gb) or a positive number of experts")
     _validate_distributed(c.distributed)
     if c.method != "bitsmoe" and (c.distributed.auto or c.distributed.num_processes > 1):
         bad("method", "bitsmoe for a multi-process run (the baselines run in one process)")
@@ -229,6 +240,8 @@ class RunConfig:
     eval_max_tokens: int | None
     eval_batch_size: int
     mesh_shape: Any
+    host_memory_gb: float | None
+    expert_chunk: int | None
     distributed: DistributedConfig
     params: MethodConfig
 

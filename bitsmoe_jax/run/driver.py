@@ -7,15 +7,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitsmoe_jax.loading import iter_model_parts, model_config
+from bitsmoe_jax.loading import checkpoint_kind, iter_model_parts, model_config
 from bitsmoe_jax.method import sharded
-from bitsmoe_jax.method.layer_problem import (
-    allocate_layers,
-    build_problem,
-)
+from bitsmoe_jax.method.expert_source import ArraySource, plan_chunk
+from bitsmoe_jax.method.layer_problem import allocate_layers
+from bitsmoe_jax.method.streamed import StreamedExperts, build_problem
 from bitsmoe_jax.models.assemble import build_layer
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import MoEBlock
@@ -29,6 +29,7 @@ from bitsmoe_jax.run.budgets import (
     release_layer_executables,
 )
 from bitsmoe_jax.run.config_schema import RunConfig
+from bitsmoe_jax.run.expert_reader import CheckpointSource
 from bitsmoe_jax.run.inputs import calibration_tokens
 from bitsmoe_jax.run.outputs import finished_reports, strip_experts, to_dtype, write_outputs
 from bitsmoe_jax.run.progress import LayerProgress
@@ -117,14 +118,23 @@ def _quantize_layers(
     mesh = distributed.make_mesh(
         run.mesh_shape
     )  # per-expert stages are sharded over its "expert" axis
-    # Several processes: each reads only its devices' experts; an all-gather completes each layer.
-    layout = (
-        sharded.expert_layout(mesh, config.num_experts) if distributed.process_count() > 1 else None
+    layout = sharded.expert_layout(mesh, config.num_experts)
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    plan = plan_chunk(
+        config.hidden_size,
+        config.moe_intermediate_size,
+        config.num_experts,
+        run.num_calib_tokens,
+        run.host_memory_gb,
+        run.expert_chunk,
+        local_devices,
     )
+    chunk = min(plan.chunk, layout.per_device)
+    distributed.log(plan.describe(config.num_experts))
+    # HF directories: experts are read a chunk at a time from their bytes, never as a layer.
+    streamed = checkpoint_kind(run.model_path) == "hf"
     x = jnp.asarray(work.load_x(start - 1)) if start > 0 else None
-    for name, part in iter_model_parts(
-        run.model_path, experts=layout.local_experts() if layout else None
-    ):
+    for name, part in iter_model_parts(run.model_path, experts=() if streamed else None):
         if name == "top":
             if start == 0:
                 t = time.time()
@@ -144,28 +154,34 @@ def _quantize_layers(
             continue  # committed by an earlier run (streamed past: the checkpoint is read in order)
         t0 = time.time()
         stages = defaultdict(float)
-        if layout is not None and "experts" in part.get("mlp", {}):
-            part["mlp"]["experts"] = sharded.allgather_expert_weights(
-                layout, part["mlp"]["experts"]
-            )
-            stages["gather"] += time.time() - t0
+        source = None
+        if i in config.moe_layers:
+            if streamed:
+                source = CheckpointSource(run.model_path, i, config)
+            else:
+                held = part["mlp"].pop("experts")
+                source = ArraySource(held["gate"], held["up"], held["down"])
         layer = build_layer(config, i, part)
         resid, moe_in = attention_part(layer, x, config)
         stages["forward"] += time.time() - t0
         dense = to_dtype(strip_experts(part), run.dense_dtype)
         del part
-        packed = problem = None
+        packed = problem = scratch = None
         if layer.is_moe:
             block: MoEBlock = layer.mlp
             problem = build_problem(
                 i,
                 block,
+                source,
                 moe_in.reshape(-1, config.hidden_size),
                 run.params,
                 config,
                 stages,
                 mesh=mesh,
+                chunk=chunk,
+                store_dir=work.scratch(i),
             )
+            scratch = problem.store
             if run.budget_scope == "layer":
                 t = time.time()
                 bits, allocs = allocate_layers(
@@ -176,17 +192,17 @@ def _quantize_layers(
                 )  # one allocation (process 0's) everywhere
                 stages["allocation"] += time.time() - t
                 t = time.time()
-                qe = pack_layer(problem, bits, layout)
+                qe = pack_layer(problem, bits, layout, chunk)
                 stages["pack"] += time.time() - t
                 packed = (qe, bits, allocs, problem_summary(problem))
                 if not keep_problems:
-                    problem = (
-                        None  # units, weights, calibration copies: not needed past the packing
-                    )
-                if run.sequential:
-                    block.experts = qe
+                    problem = None  # its units and weights: not needed past the packing
+                    scratch.remove()
             # model scope: layers are only known together; later layers calibrate on the original
-            # outputs
+            # outputs (read again, a chunk at a time)
+            block.experts = (
+                qe if packed is not None and run.sequential else StreamedExperts(source, chunk)
+            )
             t = time.time()
             x = resid + block(moe_in)
         else:
@@ -198,9 +214,11 @@ def _quantize_layers(
         info = {"index": i, "wall_s": t - t0, "stage_s": dict(stages)}
         work.commit_layer(i, dense, np.asarray(x), info, packed, problem if keep_problems else None)
         distributed.barrier(f"layer_{i}_committed")
+        if scratch is not None:
+            scratch.remove()  # committed (linked into the layer) or already dropped
         stages["commit"] += time.time() - t
         bar.layer_done(i, time.time() - t0, dict(stages))
-        layer = block = problem = packed = dense = resid = moe_in = (
+        layer = block = problem = packed = dense = resid = moe_in = source = scratch = (
             None  # before the next layer is read
         )
         release_layer_executables()

@@ -30,7 +30,7 @@ from bitsmoe_jax.io.data import read_text
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.run.config_schema import RunConfig
 
-WORK_FORMAT_VERSION = 1
+WORK_FORMAT_VERSION = 2  # 2: problems keep their units in units/ (DiskUnits)
 HEAD_BYTES = 1 << 20
 BLOCK_BYTES = 1 << 16
 NUM_BLOCKS = 16
@@ -47,6 +47,8 @@ NOT_FINGERPRINTED = frozenset(
         "work_dir",
         "distributed",
         "mesh_shape",
+        "host_memory_gb",
+        "expert_chunk",
     }
 )
 

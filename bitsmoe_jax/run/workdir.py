@@ -9,6 +9,7 @@ Layout (default `<output_dir>.partial`, config `work_dir`; removed after a succe
         x.{bin,json}        calibration activations after the layer (only the newest layer keeps it)
         packed.{bin,json}   MoE, layer scope: the first budget's packed experts, bits and allocation
         problem.{bin,json}  MoE, when later budgets or model scope need it: the `LayerProblem`
+        units/              ... and its units and loss weights, per expert (`DiskUnits`)
         info.json           stage timings (never copied into a compared output file)
     outputs/bpw_2.50.json   a budget whose output directory is complete (its report)
 
@@ -21,8 +22,9 @@ Everything the final output is built from (dense params, packed layers, problems
 here by interrupted and uninterrupted runs alike, which is what makes their outputs byte-identical.
 
 Stored problems omit `stats.s_gate` / `stats.s_up` (the [E, F, r] float64 sums already folded into
-`weights`, nothing downstream reads them; they would be the largest item): a loaded problem carries
-them as empty [E, F, 0] arrays.
+the loss weights; no stage keeps them): a loaded problem carries them as empty [E, F, 0] arrays.
+A layer being worked on spills its units to `.scratch-layer_NNN-pP/` (removed once the layer is
+committed, or when the layer starts again after a kill).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from bitsmoe_jax.io import arrayfile
@@ -44,12 +47,14 @@ from bitsmoe_jax.method.calibrate import ExpertStats
 from bitsmoe_jax.method.coefficients import PROJECTIONS, Coefficients
 from bitsmoe_jax.method.error_feedback import CalibrationInputs
 from bitsmoe_jax.method.layer_problem import LayerProblem
+from bitsmoe_jax.method.unit_store import DiskUnits, UnitStore
 from bitsmoe_jax.run import faults
 from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
 
 FINGERPRINT_FILE = "fingerprint.json"
 TOP = "top"
+UNITS = "units"  # a layer's problem: its units and loss weights (`unit_store.DiskUnits`)
 
 
 class ResumeError(ValueError):
@@ -223,6 +228,9 @@ class WorkDir:
             if problem is not None:
                 tree, extra = problem_to_tree(problem)
                 arrayfile.save(d, "problem", tree, extra)
+                if not isinstance(problem.store, DiskUnits):
+                    raise TypeError("a committed problem keeps its units on disk (DiskUnits)")
+                problem.store.link_into(d / UNITS)
             arrayfile.write_text_durable(d / "info.json", json.dumps(info, indent=1))
 
         self._commit(layer_name(i), fill)
@@ -326,9 +334,17 @@ class WorkDir:
         return (self.root / layer_name(i) / "problem.json").is_file()
 
     def load_problem(self, i: int) -> LayerProblem:
-        """The stored problem, its large arrays memory-mapped (read only when used)."""
-        tree, extra = arrayfile.load(self.root / layer_name(i), "problem", mmap=True)
-        return problem_from_tree(tree, extra)
+        """The stored problem; its units and weights are read a chunk at a time when packed."""
+        d = self.root / layer_name(i)
+        tree, extra = arrayfile.load(d, "problem", mmap=True)
+        return problem_from_tree(tree, extra, DiskUnits(d / UNITS))
+
+    def scratch(self, i: int) -> Path:
+        """Where layer `i`'s units are spilled while it is worked on (this process's own; a
+        leftover of a killed run is removed when the layer starts again)."""
+        d = self.root / f".scratch-{layer_name(i)}-p{jax.process_index()}"
+        shutil.rmtree(d, ignore_errors=True)
+        return d
 
     # ------------------------------------------------------------------------------ outputs
     def output_report(self, budget: float) -> dict[str, Any] | None:
@@ -416,8 +432,6 @@ _PROBLEM_SCALARS = (
 def problem_to_tree(p: LayerProblem) -> tuple[dict[str, Any], dict[str, Any]]:
     """(arrays, JSON) of a LayerProblem; the inverse of `problem_from_tree`."""
     tree = {
-        "units": p.units,
-        "weights": p.weights,
         "loss": p.coeffs.loss,
         "cost": p.coeffs.cost,
         "bases": {q: p.bases[q] for q in PROJECTIONS if p.bases[q]},
@@ -440,7 +454,9 @@ def problem_to_tree(p: LayerProblem) -> tuple[dict[str, Any], dict[str, Any]]:
     return tree, extra
 
 
-def problem_from_tree(tree: dict[str, Any], extra: dict[str, Any]) -> LayerProblem:
+def problem_from_tree(
+    tree: dict[str, Any], extra: dict[str, Any], store: UnitStore
+) -> LayerProblem:
     e, f = tree["stats"]["c_down"].shape
     stats = ExpertStats(
         s_gate=np.zeros((e, f, 0)),
@@ -462,8 +478,7 @@ def problem_from_tree(tree: dict[str, Any], extra: dict[str, Any]) -> LayerProbl
     if "calib" in tree:
         optional["calib"] = CalibrationInputs(**tree["calib"], min_tokens=int(extra["min_tokens"]))
     return LayerProblem(
-        units=dict(tree["units"]),
-        weights=dict(tree["weights"]),
+        store=store,
         coeffs=coeffs,
         bases=bases,
         stats=stats,

@@ -36,9 +36,10 @@ import numpy as np
 from flax import nnx
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
-from bitsmoe_jax.method.layer_problem import LayerProblem, round_and_pack
+from bitsmoe_jax.method.layer_problem import LayerProblem
 from bitsmoe_jax.method.packing import PackedMatrix
 from bitsmoe_jax.method.sharded import ExpertLayout
+from bitsmoe_jax.method.streamed import round_and_pack
 from bitsmoe_jax.models.moe import RoutingPlan, combine
 from pallas_kernels import api as kernels_api
 from pallas_kernels import shared_shapes
@@ -391,8 +392,12 @@ def plan_kernel_shapes(
 
 
 def pack_layer(
-    problem: LayerProblem, bits: dict[str, np.ndarray], layout: ExpertLayout | None = None
+    problem: LayerProblem,
+    bits: dict[str, np.ndarray],
+    layout: ExpertLayout | None = None,
+    chunk: int | None = None,
 ) -> QuantizedExperts:
     """The served block of one MoE layer: its units rounded and packed at the allocated bits
-    (`method.layer_problem.round_and_pack`, which says what `layout` shards)."""
-    return QuantizedExperts(problem.num_experts, *round_and_pack(problem, bits, layout))
+    (`method.streamed.round_and_pack`, which says what `layout` shards; `chunk` experts per
+    device at a time)."""
+    return QuantizedExperts(problem.num_experts, *round_and_pack(problem, bits, layout, chunk))

@@ -1,0 +1,527 @@
+"""One MoE layer quantized a chunk of experts at a time: memory set by the chunk, not the layer.
+
+    bases:    for each projection, every chunk's Gram matrices folded into one order-fixed tree
+              (`sharded.GramAccumulator`) → eigendecomposition → quantized basis
+    problem:  for each chunk: routing statistics → factors → loss weights → coefficients L(e,k,b);
+              the factors and weights go to a `UnitStore` (disk), the coefficients stay (small)
+    packing:  after the allocation, for each chunk: error-feedback rounding → codes → packed rows;
+              the packed rows of all chunks are joined into the layer's `PackedMatrix`es
+
+A chunk is `chunk` experts of every device's block of the mesh (`sharded.Round`); an expert's
+weights are read from its `ExpertSource` when a stage needs them and dropped after. Every
+per-expert result is computed by the same per-expert program whatever the chunk, and the only sums
+over experts (the Gram matrices) keep their one pairwise tree, so the output is byte-identical for
+every chunk size and every mesh — and to the whole-layer functions of `layer_problem`,
+`calibrate` and `coefficients`, which stay as the readable reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitsmoe_jax.method import sharded
+from bitsmoe_jax.method.calibrate import ExpertStats
+from bitsmoe_jax.method.coefficients import (
+    PROJECTIONS,
+    Coefficients,
+    basis_pinv,
+    down_row_norms,
+    expert_loss_weights,
+    expert_weight_scale,
+    fit_factors,
+    sampled_loss,
+    unit_norms,
+)
+from bitsmoe_jax.method.config import MethodConfig
+from bitsmoe_jax.method.error_feedback import CalibrationInputs, feedback_layer
+from bitsmoe_jax.method.expert_source import ExpertSource
+from bitsmoe_jax.method.layer_problem import LayerProblem, bases_from_grams, dequantized_basis
+from bitsmoe_jax.method.packing import (
+    PackedMatrix,
+    PackedRows,
+    assemble_packed,
+    pack_rows,
+    quantize_units,
+)
+from bitsmoe_jax.method.quantizers import (
+    kappa_from_sample,
+    sample_indices,
+    stored_bits,
+)
+from bitsmoe_jax.method.sharded import ExpertLayout, Round
+from bitsmoe_jax.method.unit_store import DiskUnits, MemoryUnits
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.grouped_matmul import grouped_matmul
+from bitsmoe_jax.models.moe import MoEBlock, combine, make_routing_plan
+
+SAMPLED_UNITS = 1024  # units measured for κ_b in coefficient_mode="sampled"
+
+
+def _shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    d, f = config.hidden_size, config.moe_intermediate_size
+    return {"gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
+def _layout(mesh: jax.sharding.Mesh | None, num_experts: int) -> ExpertLayout:
+    return sharded.expert_layout(
+        mesh if mesh is not None else sharded.single_device_mesh(), num_experts
+    )
+
+
+def streamed_bases(
+    source: ExpertSource,
+    layout: ExpertLayout,
+    rounds: Sequence[Round],
+    params: MethodConfig,
+    config: ModelConfig,
+    x: np.ndarray,
+    timings: dict,
+) -> tuple[dict, dict]:
+    """`layer_problem.make_bases` over a streamed layer: each projection's Gram matrix is summed
+    round by round, reading only that projection of this process's experts of the round."""
+    if params.basis == "none":
+        return bases_from_grams({}, config.hidden_size, params.rank, params.basis_bits, "none")
+    shapes = _shapes(config)
+    grams = {}
+    for p in PROJECTIONS:
+        acc = sharded.GramAccumulator(layout, p == "down")
+        for rnd in rounds:
+            t = time.time()
+            local = layout.round_local(rnd)
+            mats = dict(zip(local, source.read(local, (p,))[p], strict=True))
+            timings["read"] += time.time() - t
+            acc.add_round(rnd, mats.__getitem__, shapes[p])
+            del mats
+        grams[p] = acc.result()
+    return bases_from_grams(
+        grams, config.hidden_size, params.rank, params.basis_bits, params.basis, x
+    )
+
+
+class _Routing:
+    """The layer's routing of the calibration tokens, and what every chunk needs of all experts:
+    the routed masses (after the starved-expert fallback), token counts and mass-floor scales."""
+
+    def __init__(self, block: MoEBlock, x: jax.Array, params: MethodConfig, num_experts: int):
+        logits, w, idx = block.router(x)
+        plan = make_routing_plan(idx, w, num_experts)
+        self.sizes = np.asarray(plan.group_sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.token = np.asarray(plan.token)
+        self.weight = np.asarray(plan.weight, np.float32)
+        self.idx = np.asarray(idx)
+        self.logits, self.w = logits, w
+        mass = sharded.routed_masses(self.weight, self.offsets)
+        self.starved = [e for e in range(num_experts) if self.sizes[e] < params.min_tokens]
+        routed_mean = mass[mass > 0].mean() if (mass > 0).any() else 1.0
+        for e in self.starved:
+            mass[e] = mass[e] if mass[e] > 0 else 1e-6 * routed_mean
+        self.mass = mass
+        self.scale, self.per = expert_weight_scale(
+            mass, self.sizes.astype(np.int64), params.expert_mass_floor, params.loss_weighting
+        )
+        self._probs = self._topk_sum = None
+
+    def as_if_routed(self, e: int) -> np.ndarray:
+        """A starved expert's weight for every token had it been in the top-k (`calibrate`)."""
+        if self._probs is None:
+            self._probs = np.asarray(
+                jax.nn.softmax(self.logits.astype(jnp.float32), axis=-1), np.float64
+            )
+            self._topk_sum = np.take_along_axis(self._probs, self.idx, axis=1).sum(1)
+        in_topk = (self.idx == e).any(axis=1)
+        return self._probs[:, e] / (self._topk_sum + np.where(in_topk, 0.0, self._probs[:, e]))
+
+
+def _chunk_stats(
+    layout: ExpertLayout,
+    rnd: Round,
+    routing: _Routing,
+    x: np.ndarray,
+    weights: dict[str, np.ndarray],
+    local: list[int],
+    deq: dict[str, np.ndarray],
+    shape: tuple[int, int],
+) -> dict[int, tuple[np.ndarray, ...]]:
+    """(s_gate, s_up, c_down) float64 of this process's experts of a round (`calibrate`)."""
+    st = sharded.routed_stats_round(
+        layout,
+        rnd,
+        x,
+        routing.token,
+        routing.weight,
+        routing.offsets,
+        {p: dict(zip(local, weights[p], strict=True)) for p in ("gate", "up")},
+        shape,
+        deq["gate"],
+        deq["up"],
+    )
+    starved = [e for e in local if e in routing.starved]
+    if starved:
+        pos = [local.index(e) for e in starved]
+        fg, fu, fd, fmass = sharded.all_token_stats(
+            x,
+            np.stack([routing.as_if_routed(e) for e in starved]),
+            weights["gate"][pos],
+            weights["up"][pos],
+            deq["gate"],
+            deq["up"],
+        )
+        for i, e in enumerate(starved):
+            scale = routing.mass[e] / max(float(fmass[i]), 1e-30)
+            st[e] = (scale * fg[i], scale * fu[i], scale * fd[i], routing.mass[e])
+    return {e: st[e][:3] for e in local}
+
+
+def build_problem(
+    index: int,
+    block: MoEBlock,
+    source: ExpertSource,
+    x: jax.Array,
+    params: MethodConfig,
+    config: ModelConfig,
+    timings: dict,
+    mesh: jax.sharding.Mesh | None = None,
+    chunk: int | None = None,
+    store_dir: Path | None = None,
+) -> LayerProblem:
+    """Bases, statistics, units, weights and coefficients of one MoE layer (x: MoE input [N, D]),
+    `chunk` experts per device at a time (default: a device's whole block).
+
+    The units and loss weights go to a `DiskUnits` store at `store_dir` (default: held in memory);
+    the returned problem reads them back a chunk at a time.
+    """
+    e_count = config.num_experts
+    layout = _layout(mesh, e_count)
+    rounds = layout.rounds(chunk or layout.per_device)
+    x_np = np.asarray(x, np.float32)
+    t = time.time()
+    stored, deq = streamed_bases(source, layout, rounds, params, config, x_np, timings)
+    pinv = {p: basis_pinv(deq[p]) for p in PROJECTIONS}
+    timings["basis"] += time.time() - t
+    routing = _Routing(block, x, params, e_count)
+    calib = (
+        CalibrationInputs(
+            x_np, routing.idx.astype(np.int32), np.asarray(routing.w, np.float32), params.min_tokens
+        )
+        if params.rounding == "gptq"
+        else None
+    )
+    f = config.moe_intermediate_size
+    ranks = {p: int(deq[p].shape[1]) for p in PROJECTIONS}
+    shapes = {p: (e_count, ranks[p], f) for p in PROJECTIONS}
+    store = (
+        DiskUnits(store_dir, shapes)
+        if store_dir is not None
+        else MemoryUnits(
+            {p: np.zeros(s, np.float32) for p, s in shapes.items()},
+            {p: np.zeros(s, np.float32) for p, s in shapes.items()},
+        )
+    )
+    cands = tuple(int(b) for b in params.candidate_bits)
+    exact = params.coefficient_mode == "exact"
+    if params.coefficient_mode not in ("exact", "sampled"):
+        raise ValueError(
+            f"loss coefficient mode {params.coefficient_mode!r}: choose 'exact' or 'sampled'"
+        )
+    loss = {p: np.zeros((e_count, ranks[p], len(cands)), np.float64) for p in PROJECTIONS}
+    norms = {p: np.zeros((e_count, ranks[p]), np.float32) for p in PROJECTIONS}
+    sample = {p: _Sample(e_count * ranks[p], ranks[p], f, params.seed) for p in PROJECTIONS}
+    c_down = np.zeros((e_count, f), np.float64)
+    multi = jax.process_count() > 1
+    for rnd in layout.rounds_with_experts(chunk or layout.per_device):
+        t = time.time()
+        local = layout.round_local(rnd)
+        w = source.read(local)
+        timings["read"] += time.time() - t
+        t = time.time()
+        stats = _chunk_stats(layout, rnd, routing, x_np, w, local, deq, _shapes(config)["gate"])
+        timings["calibration"] += time.time() - t
+        t = time.time()
+        units = {
+            "gate": fit_factors(deq["gate"], w["gate"], pinv=pinv["gate"]),
+            "up": fit_factors(deq["up"], w["up"], pinv=pinv["up"]),
+            "down": fit_factors(deq["down"], np.swapaxes(w["down"], 1, 2), pinv=pinv["down"]),
+        }
+        dn = down_row_norms(w["down"])
+        del w
+        timings["basis"] += time.time() - t
+        t = time.time()
+        weights = {p: np.empty_like(units[p]) for p in PROJECTIONS}
+        for j, e in enumerate(local):
+            s_gate, s_up, cd = stats.pop(e)
+            c_down[e] = cd
+            if routing.per is not None:
+                s_gate, s_up, cd = (a * routing.per[e] for a in (s_gate, s_up, cd))
+            one = expert_loss_weights(s_gate, s_up, cd, dn[j], routing.scale[e])
+            for p in PROJECTIONS:
+                weights[p][j] = one[p]
+        for p in PROJECTIONS:
+            mine_u = dict(zip(local, units[p], strict=True))
+            mine_w = dict(zip(local, weights[p], strict=True))
+            if exact:
+                errs = sharded.unit_errors_round(
+                    layout, rnd, mine_u, mine_w, (ranks[p], f), cands, params.group_size
+                )
+                for e, v in errs.items():
+                    loss[p][e] = v.astype(np.float64)
+            if multi:  # every process keeps every expert's units (see `round_and_pack`)
+                mine_u = sharded.round_gather(
+                    layout,
+                    rnd,
+                    sharded.round_array(layout, rnd, mine_u.__getitem__, (ranks[p], f), np.float32),
+                )
+                mine_w = sharded.round_gather(
+                    layout,
+                    rnd,
+                    sharded.round_array(layout, rnd, mine_w.__getitem__, (ranks[p], f), np.float32),
+                )
+            for e in mine_u:
+                store.put(p, e, mine_u[e], mine_w[e])
+                if not exact:
+                    sample[p].take(e, mine_u[e], mine_w[e])
+            if not exact:
+                for e in mine_u:
+                    norms[p][e] = unit_norms(mine_u[e], mine_w[e])
+        timings["coefficients"] += time.time() - t
+    kappa = None
+    if not exact:
+        kappa = {p: sample[p].kappa(cands, params.group_size) for p in PROJECTIONS}
+        for p in PROJECTIONS:
+            loss[p] = sampled_loss(norms[p], kappa[p])
+    coeffs = Coefficients(
+        loss=loss,
+        cost=np.array([stored_bits(f, b, params.group_size) for b in cands], np.int64),
+        candidates=cands,
+        mode=params.coefficient_mode,
+        kappa=kappa,
+    )
+    if params.super_experts == "auto":
+        supers = detect_super_experts(x, block, source, chunk, params.super_expert_threshold)
+    else:
+        supers = [
+            int(e)
+            for e in (
+                params.super_experts.get(str(index), [])
+                if isinstance(params.super_experts, dict)
+                else params.super_experts
+            )
+        ]
+    stats = ExpertStats(
+        s_gate=np.zeros((e_count, f, 0)),
+        s_up=np.zeros((e_count, f, 0)),
+        c_down=c_down,
+        mass=routing.mass,
+        tokens=routing.sizes.astype(np.int64),
+        starved=routing.starved,
+    )
+    return LayerProblem(
+        index=index,
+        num_experts=e_count,
+        hidden=config.hidden_size,
+        inter=f,
+        store=store,
+        coeffs=coeffs,
+        bases=stored,
+        basis_bits=params.basis_bits,
+        stats=stats,
+        super_experts=supers,
+        super_bits=params.super_expert_bits,
+        group_size=params.group_size,
+        calib=calib,
+    )
+
+
+class _Sample:
+    """The units `kappa_estimates` would draw from the whole layer, collected chunk by chunk."""
+
+    def __init__(self, total: int, rank: int, f: int, seed: int):
+        k = min(SAMPLED_UNITS, total)
+        self.idx = sample_indices(total, k, seed)
+        self.rank = rank
+        self.x = np.zeros((k, f), np.float32)
+        self.w = np.zeros((k, f), np.float32)
+
+    def take(self, e: int, units: np.ndarray, weights: np.ndarray) -> None:
+        lo, hi = np.searchsorted(self.idx, [e * self.rank, (e + 1) * self.rank])
+        rows = self.idx[lo:hi] - e * self.rank
+        self.x[lo:hi] = units[rows]
+        self.w[lo:hi] = weights[rows]
+
+    def kappa(self, cands: Sequence[int], group_size: int) -> np.ndarray:
+        return kappa_from_sample(jnp.asarray(self.x), jnp.asarray(self.w), cands, group_size)
+
+
+# ------------------------------------------------------------------------------------ packing
+def round_and_pack(
+    problem: LayerProblem,
+    bits: dict[str, np.ndarray],
+    layout: ExpertLayout | None = None,
+    chunk: int | None = None,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, PackedMatrix]]:
+    """(stored bases, packed factors) of a layer's units rounded and packed at the allocated bits,
+    all-zero components dropped, `chunk` experts per device at a time
+    (`serve.quantized_experts.pack_layer` makes the served block).
+
+    Several processes: each rounds (error feedback, scale search, codes) the experts of its own
+    devices, and an all-gather of each round's codes gives every process the packed layer.
+    """
+    e_count = problem.num_experts
+    if layout is None:
+        layout = _layout(None, e_count)
+    multi = jax.process_count() > 1
+    keep = {p: problem.kept(p, bits[p]) for p in PROJECTIONS}
+    deq = (
+        {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}
+        if problem.calib is not None
+        else None
+    )
+    parts: dict[str, dict[int, PackedRows]] = {p: {} for p in PROJECTIONS}
+    for rnd in layout.rounds_with_experts(chunk or layout.per_device):
+        local = layout.round_local(rnd)
+        loaded = {p: problem.store.load(p, local) for p in PROJECTIONS}
+        rounded = {p: (loaded[p][0], None) for p in PROJECTIONS}
+        if deq is not None:
+            # Error feedback over all r components (dropped ones fold into the kept), then keep.
+            rounded = feedback_layer(
+                {p: loaded[p][0] for p in PROJECTIONS},
+                {p: loaded[p][1] for p in PROJECTIONS},
+                deq,
+                problem.calib,
+                {p: bits[p][local] for p in PROJECTIONS},
+                problem.group_size,
+                ids=local,
+            )
+        for p in PROJECTIONS:
+            full, scales = rounded[p]
+            k = keep[p]
+            units = full[:, k]
+            f = units.shape[-1]
+            bpu = bits[p][local][:, k]
+            codes, qscales = quantize_units(
+                units.reshape(-1, f),
+                bpu.reshape(-1),
+                problem.group_size,
+                loaded[p][1][:, k].reshape(-1, f),
+                None if scales is None else scales[:, k].reshape(-1, scales.shape[-1]),
+            )
+            rows = {
+                "units": units,
+                "codes": codes.reshape(len(local), k.size, f),
+                "scales": qscales.reshape(len(local), k.size, -1),
+            }
+            mine = {key: dict(zip(local, v, strict=True)) for key, v in rows.items()}
+            if multi:
+                mine = {
+                    key: sharded.round_gather(
+                        layout,
+                        rnd,
+                        sharded.round_array(
+                            layout, rnd, m.__getitem__, rows[key].shape[1:], rows[key].dtype
+                        ),
+                    )
+                    for key, m in mine.items()
+                }
+            for e in mine["units"]:
+                parts[p][e] = pack_rows(
+                    mine["units"][e],
+                    bits[p][e][k],
+                    mine["codes"][e],
+                    mine["scales"][e],
+                    problem.group_size,
+                )
+        del loaded, rounded
+    packed = {
+        p: assemble_packed([parts[p][e] for e in range(e_count)], problem.inter, problem.group_size)
+        for p in PROJECTIONS
+    }
+    bases = {
+        p: {k: (v[:, keep[p]] if k == "q" else v) for k, v in problem.bases[p].items()}
+        for p in PROJECTIONS
+    }
+    return bases, packed
+
+
+# ------------------------------------------------------------------------------------ forward
+def _tile(m: int) -> int:
+    """The row tile `tiled_grouped_matmul` uses for m rows (its default 128, capped)."""
+    return max(1, min(128, 1 << (max(m, 1) - 1).bit_length()))
+
+
+def _expert_rows(
+    xs: jax.Array, sizes: np.ndarray, e0: int, e1: int, mats: dict[str, np.ndarray]
+) -> np.ndarray:
+    """The SwiGLU outputs of the sorted rows of experts [e0, e1) exactly as `grouped_swiglu` over
+    the whole layer computes them: the rows are cut from the same row tiles (aligned to the same
+    tile boundaries, other experts' rows zeroed and folded into the first / last group), so every
+    tile product is the one the whole-layer call makes."""
+    m = int(sizes.sum())
+    tile = _tile(m)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    lo, hi = int(offs[e0]), int(offs[e1])
+    row0 = (lo // tile) * tile
+    row1 = -(-hi // tile) * tile
+    row1 = max(row1, row0 + tile)
+    sub = np.zeros((row1 - row0, xs.shape[1]), np.float32)
+    sub[lo - row0 : hi - row0] = np.asarray(xs[lo:hi], np.float32)
+    g = sizes[e0:e1].astype(np.int32).copy()
+    g[0] += lo - row0
+    g[-1] += row1 - hi
+    gs = jnp.asarray(g)
+    x = jnp.asarray(sub)
+    h = jax.nn.silu(grouped_matmul(x, jnp.asarray(mats["gate"]), gs)) * grouped_matmul(
+        x, jnp.asarray(mats["up"]), gs
+    )
+    y = grouped_matmul(h, jnp.asarray(mats["down"]), gs)
+    return np.asarray(y)[lo - row0 : hi - row0]
+
+
+def sorted_expert_outputs(
+    xs: jax.Array, sizes: np.ndarray, source: ExpertSource, chunk: int | None
+) -> np.ndarray:
+    """Outputs [M, D] of the original experts for their sorted rows `xs` (group sizes `sizes`),
+    `chunk` experts at a time, identical to `grouped_swiglu` over the whole layer."""
+    out = np.zeros((xs.shape[0], xs.shape[-1]), np.float32)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    step = chunk or len(sizes)
+    for e0 in range(0, len(sizes), step):
+        e1 = min(e0 + step, len(sizes))
+        if offs[e1] > offs[e0]:
+            mats = source.read(range(e0, e1))
+            out[offs[e0] : offs[e1]] = _expert_rows(xs, sizes, e0, e1, mats)
+    return out
+
+
+class StreamedExperts:
+    """The original routed experts of a layer as the MoE block calls them (`Experts`), read from
+    their source a chunk at a time: model-scope and non-sequential runs feed the next layer these
+    outputs. Every process computes every expert's rows."""
+
+    def __init__(self, source: ExpertSource, chunk: int | None):
+        self.source, self.chunk = source, chunk
+
+    def __call__(self, x: jax.Array, plan) -> jax.Array:
+        sizes = np.asarray(plan.group_sizes)
+        y = sorted_expert_outputs(x[plan.token], sizes, self.source, self.chunk)
+        return combine(plan, jnp.asarray(y).astype(x.dtype), x.shape[0])
+
+
+def detect_super_experts(
+    x: jax.Array, block: MoEBlock, source: ExpertSource, chunk: int | None, threshold: float
+) -> list[int]:
+    """`layer_problem.detect_super_experts` over a streamed layer."""
+    plan = block.plan(x)
+    sizes = np.asarray(plan.group_sizes)
+    y = np.abs(sorted_expert_outputs(x[plan.token], sizes, source, chunk))
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    peaks = np.array(
+        [y[offs[e] : offs[e + 1]].max() if sizes[e] else 0.0 for e in range(len(sizes))]
+    )
+    med = np.median(peaks[peaks > 0]) if (peaks > 0).any() else 0.0
+    return [int(e) for e in np.flatnonzero(peaks > threshold * med)] if med > 0 else []

@@ -1,0 +1,251 @@
+"""The streamed layer (`method.streamed`) against the whole-layer reference functions.
+
+Truth here is the readable whole-layer code the streamed stages replace in the run: `make_bases`
+(one Gram sum over every expert), `collect_expert_stats`, `layer_units`, `loss_weights`,
+`loss_coefficients`, `grouped_swiglu` and `pack_segments` over the whole `[E, ...]` stacks. The
+streamed stages must give *the same bits* for every chunk size — not close values — because the
+allocation and the rounding branch on them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bitsmoe_jax.method import sharded, streamed
+from bitsmoe_jax.method.calibrate import collect_expert_stats
+from bitsmoe_jax.method.coefficients import (
+    PROJECTIONS,
+    layer_units,
+    loss_coefficients,
+    loss_weights,
+)
+from bitsmoe_jax.method.config import MethodConfig
+from bitsmoe_jax.method.error_feedback import CalibrationInputs
+from bitsmoe_jax.method.expert_source import ArraySource, plan_chunk
+from bitsmoe_jax.method.layer_problem import LayerProblem, allocate_layers, make_bases
+from bitsmoe_jax.method.packing import pack_segments
+from bitsmoe_jax.method.unit_store import DiskUnits, MemoryUnits
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.moe import MoEBlock, combine, grouped_swiglu
+
+E, D, F, N = 6, 24, 40, 300
+
+
+def _config() -> ModelConfig:
+    return ModelConfig(
+        model_type="mixtral",
+        vocab_size=128,
+        hidden_size=D,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=F,
+        moe_intermediate_size=F,
+        num_experts=E,
+        num_experts_per_tok=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """(block, x, gate, up, down): a random MoE block whose expert 5 is routed almost nothing
+    (the starved-expert fallback runs) and calibration inputs."""
+    block = MoEBlock(_config(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(D, E)).astype(np.float32)
+    kernel[0, 5] = -10.0  # with x[:, 0] = 5 below: expert 5 is starved
+    block.router.kernel[...] = jnp.asarray(kernel)
+    decay = np.exp(-np.arange(D) / 6.0)[:, None].astype(np.float32)
+    gate = (rng.normal(size=(E, D, F)) * decay).astype(np.float32)
+    up = (rng.normal(size=(E, D, F)) * decay).astype(np.float32)
+    down = (rng.normal(size=(E, F, D)) / np.sqrt(F)).astype(np.float32)
+    block.experts.gate[...] = jnp.asarray(gate)
+    block.experts.up[...] = jnp.asarray(up)
+    block.experts.down[...] = jnp.asarray(down)
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    x[:, 0] = 5.0
+    x[:3, 0] = -5.0  # ... but not quite: 3 tokens reach it
+    x = jnp.asarray(x)
+    return block, x, gate, up, down
+
+
+def _params(**kw) -> MethodConfig:
+    return MethodConfig(**({"min_tokens": 16, "candidate_bits": (0, 1, 2, 3, 4, 8)} | kw))
+
+
+def _reference(layer, params: MethodConfig):
+    """(stored bases, units, weights, loss, stats) from the whole-layer functions."""
+    block, x, gate, up, down = layer
+    stored, deq = make_bases(gate, up, down, None, params.basis_bits)
+    units = layer_units(gate, up, down, deq)
+    logits, w, idx = block.router(x)
+    stats = collect_expert_stats(
+        x, logits, idx, w, gate, up, deq["gate"], deq["up"], params.min_tokens
+    )
+    weights = loss_weights(
+        stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, params.expert_mass_floor
+    )
+    coeffs = loss_coefficients(
+        units, weights, params.candidate_bits, params.group_size, params.coefficient_mode
+    )
+    return stored, units, weights, coeffs, stats
+
+
+def _problem(layer, params, chunk, store_dir=None) -> LayerProblem:
+    block, x, gate, up, down = layer
+    return streamed.build_problem(
+        0,
+        block,
+        ArraySource(gate, up, down),
+        x,
+        params,
+        _config(),
+        defaultdict(float),
+        chunk=chunk,
+        store_dir=store_dir,
+    )
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_problem_equals_the_whole_layer_reference_for_every_chunk(layer, mode, tmp_path):
+    params = _params(coefficient_mode=mode)
+    stored, units, weights, coeffs, stats = _reference(layer, params)
+    assert stats.starved == [5]
+    for chunk in (1, 3, None):
+        store = tmp_path / f"units_{chunk}"
+        problem = _problem(layer, params, chunk, store if chunk == 3 else None)
+        assert problem.stats.starved == [5]
+        np.testing.assert_array_equal(problem.stats.mass, stats.mass)
+        np.testing.assert_array_equal(problem.stats.c_down, stats.c_down)
+        for p in PROJECTIONS:
+            np.testing.assert_array_equal(problem.bases[p]["q"], stored[p]["q"])
+            np.testing.assert_array_equal(problem.coeffs.loss[p], coeffs.loss[p])
+            u, w = problem.store.load(p, range(E))
+            np.testing.assert_array_equal(u, units[p])
+            np.testing.assert_array_equal(w, weights[p])
+        if chunk == 3:
+            assert isinstance(problem.store, DiskUnits)
+            reopened = DiskUnits(store)
+            np.testing.assert_array_equal(reopened.load("down", [4, 1])[0], units["down"][[4, 1]])
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "nearest"])
+def test_packing_is_the_same_for_every_chunk_and_equals_pack_segments(layer, rounding):
+    params = _params(rounding=rounding)
+    problem = _problem(layer, params, None)
+    bits, _ = allocate_layers([problem], 2.5, "layer", {"allocator": "greedy"})[0]
+    ref_bases, ref = streamed.round_and_pack(problem, bits)
+    for chunk in (1, 3):
+        bases, packed = streamed.round_and_pack(problem, bits, chunk=chunk)
+        for p in PROJECTIONS:
+            assert packed[p].seg_bits == ref[p].seg_bits
+            np.testing.assert_array_equal(packed[p].perm, ref[p].perm)
+            for a, b in zip(
+                packed[p].payload + packed[p].scales, ref[p].payload + ref[p].scales, strict=True
+            ):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            np.testing.assert_array_equal(bases[p]["q"], ref_bases[p]["q"])
+    if rounding == "nearest":  # no error feedback: the units as they are, packed in one call
+        for p in PROJECTIONS:
+            keep = problem.kept(p, bits[p])
+            u, w = problem.store.load(p, range(E))
+            whole = pack_segments(
+                u[:, keep].reshape(-1, F),
+                bits[p][:, keep].reshape(-1),
+                problem.group_size,
+                w[:, keep].reshape(-1, F),
+            )
+            np.testing.assert_array_equal(whole.perm, ref[p].perm)
+            for a, b in zip(whole.payload, ref[p].payload, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_gram_accumulator_is_the_one_tree_for_every_chunk():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(5, 16, 28)).astype(np.float32)
+    layout = sharded.expert_layout(sharded.single_device_mesh(), 5)
+    ref = sharded.gram_sum(
+        layout, sharded.expert_array(layout, lambda e: w[e], (16, 28), np.float32), False
+    )
+    for chunk in (1, 3, 8):
+        acc = sharded.GramAccumulator(layout, False)
+        for rnd in layout.rounds(chunk):
+            acc.add_round(rnd, lambda e: w[e], (16, 28))
+        np.testing.assert_array_equal(acc.result(), ref)
+
+
+def test_streamed_expert_outputs_equal_grouped_swiglu(layer):
+    block, x, gate, up, down = layer
+    plan = block.plan(x)
+    ref = np.asarray(grouped_swiglu(x[plan.token], plan.group_sizes, gate, up, down))
+    sizes = np.asarray(plan.group_sizes)
+    for chunk in (1, 3, None):
+        out = streamed.sorted_expert_outputs(
+            x[plan.token], sizes, ArraySource(gate, up, down), chunk
+        )
+        np.testing.assert_array_equal(out, ref)
+    streamed_block = streamed.StreamedExperts(ArraySource(gate, up, down), 2)
+    np.testing.assert_array_equal(
+        np.asarray(streamed_block(x, plan)),
+        np.asarray(combine(plan, jnp.asarray(ref), x.shape[0])),
+    )
+
+
+def test_super_expert_detection_streamed_equals_the_whole_layer(layer):
+    from bitsmoe_jax.method.layer_problem import detect_super_experts
+
+    block, x, gate, up, down = layer
+    loud = down.copy()
+    loud[2] *= 50.0
+    block.experts.down[...] = jnp.asarray(loud)
+    try:
+        want = detect_super_experts(x, block, 8.0)
+        got = streamed.detect_super_experts(x, block, ArraySource(gate, up, loud), 1, 8.0)
+    finally:
+        block.experts.down[...] = jnp.asarray(down)
+    assert got == want == [2]
+
+
+def test_memory_units_and_disk_units_agree(tmp_path):
+    rng = np.random.default_rng(1)
+    u = {p: rng.normal(size=(4, 3, 5)).astype(np.float32) for p in PROJECTIONS}
+    w = {p: rng.random(size=(4, 3, 5)).astype(np.float32) for p in PROJECTIONS}
+    disk = DiskUnits(tmp_path / "s", {p: (4, 3, 5) for p in PROJECTIONS})
+    for p in PROJECTIONS:
+        for e in (3, 0, 2, 1):
+            disk.put(p, e, u[p][e], w[p][e])
+    linked = disk.link_into(tmp_path / "committed")
+    disk.remove()
+    mem = MemoryUnits(u, w)
+    for p in PROJECTIONS:
+        for a, b in zip(linked.load(p, [2, 0]), mem.load(p, [2, 0]), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert linked.rank(p) == mem.rank(p) == 3
+
+
+def test_chunk_plan():
+    plan = plan_chunk(4096, 14336, 8, 4096, host_memory_gb=24, expert_chunk=None)
+    assert plan.chunk == 1  # a Mixtral expert's working set is far beyond a tenth of 24 GiB
+    assert plan_chunk(64, 48, 8, 1024, 24, None).chunk == 8  # tiny experts: the whole layer
+    assert plan_chunk(64, 48, 8, 1024, 24, 3).chunk == 3
+    # the chunk does not grow with the number of experts (DeepSeek-V3 dims, 16 vs 64 experts)
+    assert (
+        plan_chunk(7168, 2048, 16, 4096, 24, None).chunk
+        == plan_chunk(7168, 2048, 64, 4096, 24, None).chunk
+    )
+    assert "memory plan: 3 of 8 experts" in plan_chunk(64, 48, 8, 1024, 24, 3).describe(8)
+
+
+def test_calibration_inputs_are_kept_for_error_feedback(layer):
+    problem = _problem(layer, _params(rounding="gptq"), 2)
+    block, x, *_ = layer
+    _, w, idx = block.router(x)
+    assert isinstance(problem.calib, CalibrationInputs)
+    np.testing.assert_array_equal(problem.calib.expert_idx, np.asarray(idx))
+    np.testing.assert_array_equal(problem.calib.expert_w, np.asarray(w))
