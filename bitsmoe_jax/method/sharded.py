@@ -104,6 +104,11 @@ class ExpertLayout:
         p = self.per_device
         return [i * p + j for i in range(self.mesh.size) for j in range(rnd.lo, rnd.hi)]
 
+    @property
+    def spans_processes(self) -> bool:
+        """Devices of several processes: per-round results are all-gathered between them."""
+        return len({d.process_index for d in self.mesh.devices.flat}) > 1
+
     def rounds_with_experts(self, chunk: int) -> list[Round]:
         """`rounds` less those that hold only padding on every device (the Gram sum alone needs
         the padded experts: zeros in its tree)."""

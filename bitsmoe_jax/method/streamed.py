@@ -234,7 +234,7 @@ def build_problem(
     norms = {p: np.zeros((e_count, ranks[p]), np.float32) for p in PROJECTIONS}
     sample = {p: _Sample(e_count * ranks[p], ranks[p], f, params.seed) for p in PROJECTIONS}
     c_down = np.zeros((e_count, f), np.float64)
-    multi = jax.process_count() > 1
+    multi = layout.spans_processes
     for rnd in layout.rounds_with_experts(chunk or layout.per_device):
         t = time.time()
         local = layout.round_local(rnd)
@@ -375,7 +375,7 @@ def round_and_pack(
     e_count = problem.num_experts
     if layout is None:
         layout = _layout(None, e_count)
-    multi = jax.process_count() > 1
+    multi = layout.spans_processes
     keep = {p: problem.kept(p, bits[p]) for p in PROJECTIONS}
     deq = (
         {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}

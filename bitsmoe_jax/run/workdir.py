@@ -24,7 +24,7 @@ here by interrupted and uninterrupted runs alike, which is what makes their outp
 Stored problems omit `stats.s_gate` / `stats.s_up` (the [E, F, r] float64 sums already folded into
 the loss weights; no stage keeps them): a loaded problem carries them as empty [E, F, 0] arrays.
 A layer being worked on spills its units to `.scratch-layer_NNN-pP/` (removed once the layer is
-committed, or when the layer starts again after a kill).
+committed; a killed run's are removed when it resumes).
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ class WorkDir:
                     "then replaced) "
                     f"or delete {self.root}."
                 )
-            if self.writer:
-                for stale in self.root.glob(".tmp-*"):
+            if self.writer:  # half-written commits, and units spilled by a killed run's layer
+                for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".scratch-*")]:
                     shutil.rmtree(stale, ignore_errors=True)
             return True
         self.clear_tombstones()

@@ -4,8 +4,9 @@ Three runs of `python -m bitsmoe_jax.quantize` on the shipped reference model �
 device, 1 process × 4 forced host devices, and 2 processes × 2 devices joined through
 `jax.distributed.initialize` on localhost — must produce identical allocations and bit-identical
 packed arrays: every array file of the output is compared byte for byte, and the allocation part of
-the reports field by field. The reference for all three is the 1-device run, whose per-expert work
-is the same program on one device (nothing else in the package reduces over the mesh).
+the reports field by field — whatever the chunk of experts each device streams at a time. The
+reference for all three is the 1-device run, whose per-expert work is the same program on one device
+(nothing else in the package reduces over the mesh).
 
 The runs are short (few calibration tokens, one budget, no evaluation) and start concurrently, so
 the test costs about one run's wall time plus JAX start-up.
@@ -78,10 +79,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     dist_m = [a.replace(f"localhost:{port}", f"localhost:{port_m}") for a in dist]
     jobs = {
         "1x1": [(quantize_cmd(tmp / "1x1", calib), env_with_devices(1))],
-        "1x4": [(quantize_cmd(tmp / "1x4", calib), env_with_devices(4))],
+        # streamed: one expert per device at a time (1x4), and chunks of 3 of each device's 4
+        # expert slots (2x2: a full round and a short one) — the chunk never changes the output
+        "1x4": [(quantize_cmd(tmp / "1x4", calib, "--config.expert_chunk=1"), env_with_devices(4))],
         "2x2": [
             (
-                quantize_cmd(tmp / "2x2", calib, *dist, f"--config.distributed.process_id={i}"),
+                quantize_cmd(
+                    tmp / "2x2",
+                    calib,
+                    "--config.expert_chunk=3",
+                    *dist,
+                    f"--config.distributed.process_id={i}",
+                ),
                 env_with_devices(2),
             )
             for i in range(2)
