@@ -123,6 +123,7 @@ def real_dims(names: list[str], work: Path, extra: list[str], keep: bool) -> Non
         )
         secs = time.time() - t
         plan = [ln for ln in res["output"].splitlines() if ln.startswith("memory plan")]
+        stages = [ln for ln in res["output"].splitlines() if ln.startswith("layer 1/1 done")]
         eb = expert_bytes_bf16(dims)
         bound = 1.5 * eb + 2 * 2**30
         rows.append(
@@ -133,6 +134,7 @@ def real_dims(names: list[str], work: Path, extra: list[str], keep: bool) -> Non
                 "seconds": secs,
                 "bound_bytes": bound,
                 "plan": plan[0] if plan else "",
+                "stages": stages[0] if stages else "",
             }
         )
         print(json.dumps(rows[-1]), flush=True)

@@ -331,14 +331,15 @@ class PackedRows:
 
 
 def pack_rows(
-    units: np.ndarray,
+    units: np.ndarray | None,
     bpu: np.ndarray,
     codes: np.ndarray,
     scales: np.ndarray,
     group_size: int,
 ) -> PackedRows:
     """Pack units `[k, n]` from their codes and scales (`quantize_units`); 16-bit units are stored
-    as their bf16 values, 0-bit ones as nothing. Every row is packed on its own."""
+    as their bf16 values (`units` may be None when there are none), 0-bit ones as nothing. Every
+    row is packed on its own."""
     payload, out_scales = {}, {}
     for b in np.unique(bpu).tolist():
         idx = np.flatnonzero(bpu == b)

@@ -190,12 +190,15 @@ def build_problem(
     mesh: jax.sharding.Mesh | None = None,
     chunk: int | None = None,
     store_dir: Path | None = None,
+    gather_units: bool = True,
 ) -> LayerProblem:
     """Bases, statistics, units, weights and coefficients of one MoE layer (x: MoE input [N, D]),
     `chunk` experts per device at a time (default: a device's whole block).
 
     The units and loss weights go to a `DiskUnits` store at `store_dir` (default: held in memory);
-    the returned problem reads them back a chunk at a time.
+    the returned problem reads them back a chunk at a time. Several processes: each stores its own
+    experts' units, and with `gather_units` every expert's (a problem packed again later, at
+    another budget or by one process, needs them all).
     """
     e_count = config.num_experts
     layout = _layout(mesh, e_count)
@@ -271,7 +274,8 @@ def build_problem(
                 )
                 for e, v in errs.items():
                     loss[p][e] = v.astype(np.float64)
-            if multi:  # every process keeps every expert's units (see `round_and_pack`)
+            # a stored problem holds every expert's units; κ's sample is drawn from all of them
+            if multi and (gather_units or not exact):
                 mine_u = sharded.round_gather(
                     layout,
                     rnd,
@@ -370,7 +374,8 @@ def round_and_pack(
     (`serve.quantized_experts.pack_layer` makes the served block).
 
     Several processes: each rounds (error feedback, scale search, codes) the experts of its own
-    devices, and an all-gather of each round's codes gives every process the packed layer.
+    devices, from its own units, and an all-gather of each round's codes and scales (not of any
+    weight or unit, except 16-bit ones) gives every process the packed layer.
     """
     e_count = problem.num_experts
     if layout is None:
@@ -412,10 +417,11 @@ def round_and_pack(
                 None if scales is None else scales[:, k].reshape(-1, scales.shape[-1]),
             )
             rows = {
-                "units": units,
                 "codes": codes.reshape(len(local), k.size, f),
                 "scales": qscales.reshape(len(local), k.size, -1),
             }
+            if 16 in np.unique(bits[p]) or not multi:  # 16-bit units are stored as their values
+                rows["units"] = units
             mine = {key: dict(zip(local, v, strict=True)) for key, v in rows.items()}
             if multi:
                 mine = {
@@ -428,9 +434,9 @@ def round_and_pack(
                     )
                     for key, m in mine.items()
                 }
-            for e in mine["units"]:
+            for e in mine["codes"]:
                 parts[p][e] = pack_rows(
-                    mine["units"][e],
+                    mine["units"][e] if "units" in mine else None,
                     bits[p][e][k],
                     mine["codes"][e],
                     mine["scales"][e],

@@ -35,6 +35,7 @@ from bitsmoe_jax.run.outputs import finished_reports, strip_experts, to_dtype, w
 from bitsmoe_jax.run.progress import LayerProgress
 from bitsmoe_jax.run.workdir import WorkDir, default_work_dir
 from bitsmoe_jax.serve.quantized_experts import pack_layer
+from conversion.hf_checkpoint import HFCheckpoint
 
 
 def quantize(run: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
@@ -133,6 +134,7 @@ def _quantize_layers(
     distributed.log(plan.describe(config.num_experts))
     # HF directories: experts are read a chunk at a time from their bytes, never as a layer.
     streamed = checkpoint_kind(run.model_path) == "hf"
+    ckpt = HFCheckpoint(run.model_path) if streamed else None
     x = jnp.asarray(work.load_x(start - 1)) if start > 0 else None
     for name, part in iter_model_parts(run.model_path, experts=() if streamed else None):
         if name == "top":
@@ -157,7 +159,7 @@ def _quantize_layers(
         source = None
         if i in config.moe_layers:
             if streamed:
-                source = CheckpointSource(run.model_path, i, config)
+                source = CheckpointSource(run.model_path, i, config, ckpt)
             else:
                 held = part["mlp"].pop("experts")
                 source = ArraySource(held["gate"], held["up"], held["down"])
@@ -180,6 +182,7 @@ def _quantize_layers(
                 mesh=mesh,
                 chunk=chunk,
                 store_dir=work.scratch(i),
+                gather_units=keep_problems,
             )
             scratch = problem.store
             if run.budget_scope == "layer":

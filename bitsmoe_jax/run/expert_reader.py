@@ -18,10 +18,13 @@ class CheckpointSource:
 
     Both layouts: per-expert tensors (only the requested experts' tensors are read) and fused
     `experts.gate_up_proj` / `down_proj` (only their rows). Memory maps are released after every
-    read, so pages read for one chunk do not stay resident through the next.
+    read, so pages read for one chunk do not stay resident through the next. `ckpt`: an open
+    checkpoint to share between layers (its headers are parsed once).
     """
 
-    def __init__(self, path: str | Path, layer: int, config: ModelConfig):
+    def __init__(
+        self, path: str | Path, layer: int, config: ModelConfig, ckpt: HFCheckpoint | None = None
+    ):
         self.path = Path(path)
         self.layer = int(layer)
         self.num_experts = int(config.num_experts)
@@ -30,7 +33,7 @@ class CheckpointSource:
             "up": (config.hidden_size, config.moe_intermediate_size),
             "down": (config.moe_intermediate_size, config.hidden_size),
         }
-        self._ckpt = HFCheckpoint(self.path)
+        self._ckpt = ckpt if ckpt is not None else HFCheckpoint(self.path)
         self._keys = dict.fromkeys(self._ckpt.keys())
 
     def read(
