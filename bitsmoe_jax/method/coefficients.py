@@ -115,9 +115,8 @@ def loss_weights(
     e_count, f = dn.shape
     out = {p: np.empty((e_count, r[p], f), np.float32) for p in PROJECTIONS}
     for e in range(e_count):  # float64 products one expert at a time, stored as float32
-        one = expert_loss_weights(stats.s_gate[e], stats.s_up[e], stats.c_down[e], dn[e], scale[e])
-        for p in PROJECTIONS:
-            out[p][e] = one[p]
+        for p, stat in zip(PROJECTIONS, (stats.s_gate, stats.s_up, stats.c_down), strict=True):
+            out[p][e] = expert_loss_weights(p, stat[e], dn[e], scale[e])
     return out
 
 
@@ -139,15 +138,13 @@ def down_row_norms(down: np.ndarray) -> np.ndarray:
     return np.sum(np.asarray(down, np.float64) ** 2, axis=-1)
 
 
-def expert_loss_weights(
-    s_gate: np.ndarray, s_up: np.ndarray, c_down: np.ndarray, dn: np.ndarray, scale: float
-) -> dict[str, np.ndarray]:
-    """One expert's `loss_weights` ({p: float32 [r, F]}) from its statistics and down-row norms."""
-    return {
-        "gate": ((s_gate.T * dn[None, :]) * scale).astype(np.float32),
-        "up": ((s_up.T * dn[None, :]) * scale).astype(np.float32),
-        "down": (c_down[None, :] * scale).astype(np.float32),
-    }
+def expert_loss_weights(p: str, stat: np.ndarray, dn: np.ndarray, scale: float) -> np.ndarray:
+    """One expert's `loss_weights` of projection `p` (float32 [r, F]) from its statistic (S_gate or
+    S_up [F, r], c_down [F]; float64 products, whatever the dtype given) and down-row norms."""
+    stat = np.asarray(stat, np.float64)
+    if p == "down":
+        return (stat[None, :] * scale).astype(np.float32)
+    return ((stat.T * dn[None, :]) * scale).astype(np.float32)
 
 
 def unit_norms(units: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -474,7 +474,7 @@ def routed_stats_round(
     vg: np.ndarray,
     vu: np.ndarray,
 ) -> dict[int, tuple[np.ndarray, ...]]:
-    """`routed_stats` for one round: {expert: (s_gate, s_up, c_down, mass) float64} of this
+    """`routed_stats` for one round: {expert: (s_gate, s_up, c_down, mass) float32} of this
     process's real experts in it, from `experts` = {"gate"/"up": {expert: `shape` [D, F]}} (its
     own)."""
     counts = np.diff(offsets)
@@ -496,7 +496,10 @@ def routed_stats_round(
     )
     outs = _stats_fn(layout.mesh)(*args, jnp.asarray(vg, jnp.float32), jnp.asarray(vu, jnp.float32))
     local = [round_local_rows(layout, rnd, o) for o in outs]
-    return {e: tuple(np.asarray(o[e], np.float64) for o in local) for e in local[0]}
+    del outs
+    # float32 as computed (the float64 the statistics are used in is an exact widening, done where
+    # each is used: a layer's [F, r] sums in float64 would double the chunk's largest arrays)
+    return {e: tuple(np.array(o[e]) for o in local) for e in local[0]}
 
 
 @jax.jit

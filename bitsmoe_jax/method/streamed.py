@@ -17,8 +17,9 @@ every chunk size and every mesh — and to the whole-layer functions of `layer_p
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -46,6 +47,7 @@ from bitsmoe_jax.method.packing import (
     PackedMatrix,
     PackedRows,
     assemble_packed,
+    dequantize_packed,
     pack_rows,
     quantize_units,
 )
@@ -149,7 +151,8 @@ def _chunk_stats(
     deq: dict[str, np.ndarray],
     shape: tuple[int, int],
 ) -> dict[int, tuple[np.ndarray, ...]]:
-    """(s_gate, s_up, c_down) float64 of this process's experts of a round (`calibrate`)."""
+    """[s_gate, s_up, c_down] of this process's experts of a round (`calibrate`; float32 sums as
+    the per-expert program returns them, exact in float64 where the fallback rescales them)."""
     st = sharded.routed_stats_round(
         layout,
         rnd,
@@ -176,7 +179,7 @@ def _chunk_stats(
         for i, e in enumerate(starved):
             scale = routing.mass[e] / max(float(fmass[i]), 1e-30)
             st[e] = (scale * fg[i], scale * fu[i], scale * fd[i], routing.mass[e])
-    return {e: st[e][:3] for e in local}
+    return {e: list(st[e][:3]) for e in local}
 
 
 def build_problem(
@@ -246,28 +249,29 @@ def build_problem(
         t = time.time()
         stats = _chunk_stats(layout, rnd, routing, x_np, w, local, deq, _shapes(config)["gate"])
         timings["calibration"] += time.time() - t
-        t = time.time()
-        units = {
-            "gate": fit_factors(deq["gate"], w["gate"], pinv=pinv["gate"]),
-            "up": fit_factors(deq["up"], w["up"], pinv=pinv["up"]),
-            "down": fit_factors(deq["down"], np.swapaxes(w["down"], 1, 2), pinv=pinv["down"]),
-        }
         dn = down_row_norms(w["down"])
-        del w
-        timings["basis"] += time.time() - t
-        t = time.time()
-        weights = {p: np.empty_like(units[p]) for p in PROJECTIONS}
-        for j, e in enumerate(local):
-            s_gate, s_up, cd = stats.pop(e)
-            c_down[e] = cd
-            if routing.per is not None:
-                s_gate, s_up, cd = (a * routing.per[e] for a in (s_gate, s_up, cd))
-            one = expert_loss_weights(s_gate, s_up, cd, dn[j], routing.scale[e])
-            for p in PROJECTIONS:
-                weights[p][j] = one[p]
-        for p in PROJECTIONS:
-            mine_u = dict(zip(local, units[p], strict=True))
-            mine_w = dict(zip(local, weights[p], strict=True))
+        for e in local:
+            c_down[e] = stats[e][2]
+        # One projection at a time, each expert's matrix dropped once its factors are fitted and
+        # each statistic once folded into its weights: the live set is a projection's, not three.
+        for p, which in (("gate", 0), ("up", 1), ("down", 2)):
+            t = time.time()
+            mats = w.pop(p)
+            units = fit_factors(
+                deq[p], np.swapaxes(mats, 1, 2) if p == "down" else mats, pinv=pinv[p]
+            )
+            del mats
+            timings["basis"] += time.time() - t
+            t = time.time()
+            weights = np.empty_like(units)
+            for j, e in enumerate(local):
+                stat = stats[e][which]
+                if routing.per is not None:
+                    stat = stat * routing.per[e]
+                weights[j] = expert_loss_weights(p, stat, dn[j], routing.scale[e])
+                stats[e][which] = None
+            mine_u = dict(zip(local, units, strict=True))
+            mine_w = dict(zip(local, weights, strict=True))
             if exact:
                 errs = sharded.unit_errors_round(
                     layout, rnd, mine_u, mine_w, (ranks[p], f), cands, params.group_size
@@ -290,10 +294,10 @@ def build_problem(
                 store.put(p, e, mine_u[e], mine_w[e])
                 if not exact:
                     sample[p].take(e, mine_u[e], mine_w[e])
-            if not exact:
-                for e in mine_u:
                     norms[p][e] = unit_norms(mine_u[e], mine_w[e])
-        timings["coefficients"] += time.time() - t
+            del units, weights, mine_u, mine_w
+            timings["coefficients"] += time.time() - t
+        del stats, w
     kappa = None
     if not exact:
         kappa = {p: sample[p].kappa(cands, params.group_size) for p in PROJECTIONS}
@@ -403,17 +407,20 @@ def round_and_pack(
                 problem.group_size,
                 ids=local,
             )
+        # the rounded values replace the units; each projection's arrays go once it is packed
+        loaded = {p: (None, loaded[p][1]) for p in PROJECTIONS}
         for p in PROJECTIONS:
-            full, scales = rounded[p]
+            full, scales = rounded.pop(p)
             k = keep[p]
             units = full[:, k]
             f = units.shape[-1]
             bpu = bits[p][local][:, k]
+            del full
             codes, qscales = quantize_units(
                 units.reshape(-1, f),
                 bpu.reshape(-1),
                 problem.group_size,
-                loaded[p][1][:, k].reshape(-1, f),
+                loaded.pop(p)[1][:, k].reshape(-1, f),
                 None if scales is None else scales[:, k].reshape(-1, scales.shape[-1]),
             )
             rows = {
@@ -442,7 +449,7 @@ def round_and_pack(
                     mine["scales"][e],
                     problem.group_size,
                 )
-        del loaded, rounded
+            del units, codes, qscales, rows, mine
     packed = {
         p: assemble_packed([parts[p][e] for e in range(e_count)], problem.inter, problem.group_size)
         for p in PROJECTIONS
@@ -461,31 +468,56 @@ def _tile(m: int) -> int:
 
 
 def _expert_rows(
-    xs: jax.Array, sizes: np.ndarray, e0: int, e1: int, mats: dict[str, np.ndarray]
+    xg: jax.Array,
+    xu: jax.Array,
+    sizes: np.ndarray,
+    e0: int,
+    e1: int,
+    mats: dict[str, np.ndarray],
 ) -> np.ndarray:
-    """The SwiGLU outputs of the sorted rows of experts [e0, e1) exactly as `grouped_swiglu` over
-    the whole layer computes them: the rows are cut from the same row tiles (aligned to the same
-    tile boundaries, other experts' rows zeroed and folded into the first / last group), so every
-    tile product is the one the whole-layer call makes."""
+    """The SwiGLU outputs of the sorted rows of experts [e0, e1) — inputs `xg` to the gate, `xu` to
+    the up matrices — exactly as one grouped SwiGLU over the whole layer computes them: the rows
+    are cut from the same row tiles (aligned to the same tile boundaries, other experts' rows
+    zeroed and folded into the first / last group), so every tile product is the one the
+    whole-layer call makes."""
     m = int(sizes.sum())
     tile = _tile(m)
     offs = np.concatenate([[0], np.cumsum(sizes)])
     lo, hi = int(offs[e0]), int(offs[e1])
     row0 = (lo // tile) * tile
-    row1 = -(-hi // tile) * tile
-    row1 = max(row1, row0 + tile)
-    sub = np.zeros((row1 - row0, xs.shape[1]), np.float32)
-    sub[lo - row0 : hi - row0] = np.asarray(xs[lo:hi], np.float32)
+    row1 = max(-(-hi // tile) * tile, row0 + tile)
     g = sizes[e0:e1].astype(np.int32).copy()
     g[0] += lo - row0
     g[-1] += row1 - hi
     gs = jnp.asarray(g)
-    x = jnp.asarray(sub)
-    h = jax.nn.silu(grouped_matmul(x, jnp.asarray(mats["gate"]), gs)) * grouped_matmul(
-        x, jnp.asarray(mats["up"]), gs
-    )
+
+    def cut(xs: jax.Array) -> jax.Array:
+        sub = jnp.zeros((row1 - row0, xs.shape[1]), xs.dtype)
+        return sub.at[lo - row0 : hi - row0].set(xs[lo:hi])
+
+    a = grouped_matmul(cut(xg), jnp.asarray(mats["gate"]), gs)
+    h = jax.nn.silu(a) * grouped_matmul(cut(xu), jnp.asarray(mats["up"]), gs)
     y = grouped_matmul(h, jnp.asarray(mats["down"]), gs)
     return np.asarray(y)[lo - row0 : hi - row0]
+
+
+def _sorted_rows(
+    xg: jax.Array,
+    xu: jax.Array,
+    sizes: np.ndarray,
+    chunk: int | None,
+    read: Callable[[range], dict[str, np.ndarray]],
+    width: int,
+) -> np.ndarray:
+    """[M, width] outputs of every expert's sorted rows, `chunk` experts (`read`) at a time."""
+    out = np.zeros((xg.shape[0], width), np.float32)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    step = chunk or len(sizes)
+    for e0 in range(0, len(sizes), step):
+        e1 = min(e0 + step, len(sizes))
+        if offs[e1] > offs[e0]:
+            out[offs[e0] : offs[e1]] = _expert_rows(xg, xu, sizes, e0, e1, read(range(e0, e1)))
+    return out
 
 
 def sorted_expert_outputs(
@@ -493,15 +525,7 @@ def sorted_expert_outputs(
 ) -> np.ndarray:
     """Outputs [M, D] of the original experts for their sorted rows `xs` (group sizes `sizes`),
     `chunk` experts at a time, identical to `grouped_swiglu` over the whole layer."""
-    out = np.zeros((xs.shape[0], xs.shape[-1]), np.float32)
-    offs = np.concatenate([[0], np.cumsum(sizes)])
-    step = chunk or len(sizes)
-    for e0 in range(0, len(sizes), step):
-        e1 = min(e0 + step, len(sizes))
-        if offs[e1] > offs[e0]:
-            mats = source.read(range(e0, e1))
-            out[offs[e0] : offs[e1]] = _expert_rows(xs, sizes, e0, e1, mats)
-    return out
+    return _sorted_rows(xs, xs, sizes, chunk, source.read, xs.shape[-1])
 
 
 class StreamedExperts:
@@ -516,6 +540,59 @@ class StreamedExperts:
         sizes = np.asarray(plan.group_sizes)
         y = sorted_expert_outputs(x[plan.token], sizes, self.source, self.chunk)
         return combine(plan, jnp.asarray(y).astype(x.dtype), x.shape[0])
+
+
+def expert_factors(pm: PackedMatrix, num_experts: int, experts: Sequence[int]) -> np.ndarray:
+    """float32 [len(experts), r, n] of some experts' dequantized factors: exactly their rows of
+    `dequantize_packed(pm)` (elementwise decoding), without the other experts' ([E, r, n] float32
+    is the layer's size)."""
+    r = pm.num_units // num_experts
+    units = (np.asarray(list(experts), np.int64)[:, None] * r + np.arange(r)).reshape(-1)
+    stored = np.empty(pm.num_units, np.int64)
+    stored[np.asarray(pm.perm)] = np.arange(pm.num_units)
+    pos = stored[units]
+    out = np.zeros((units.size, pm.n), np.float32)
+    start = 0
+    for i, size in enumerate(pm.seg_sizes):
+        sel = np.flatnonzero((pos >= start) & (pos < start + size))
+        if sel.size and pm.seg_bits[i] != 0:
+            sub = dataclasses.replace(
+                pm,
+                perm=np.arange(sel.size, dtype=np.int32),
+                payload=(np.asarray(pm.payload[i])[pos[sel] - start],),
+                scales=(np.asarray(pm.scales[i])[pos[sel] - start],),
+                seg_bits=(pm.seg_bits[i],),
+                seg_sizes=(int(sel.size),),
+            )
+            out[sel] = np.asarray(dequantize_packed(sub))
+        start += size
+    return out.reshape(len(units) // r if r else 0, r, pm.n)
+
+
+class StreamedQuantizedExperts:
+    """A `QuantizedExperts` as its XLA path computes it (`backend="xla"`), with the factors
+    dequantized a chunk of experts at a time instead of all at once — for the next layer's
+    calibration input, where the layer's dense factors would be its whole float32 size."""
+
+    def __init__(self, experts, chunk: int | None):
+        self.experts, self.chunk = experts, chunk
+
+    def __call__(self, x: jax.Array, plan) -> jax.Array:
+        qe, dt = self.experts, x.dtype
+        vg, vu, ud = (qe.basis_matrix(p) for p in PROJECTIONS)
+        zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
+        zu = (x if vu is None else x @ vu.astype(dt))[plan.token]
+        pms = {p: qe.packed_matrix(p) for p in PROJECTIONS}
+
+        def read(experts: range) -> dict[str, np.ndarray]:
+            f = {p: expert_factors(pms[p], qe.num_experts, experts) for p in PROJECTIONS}
+            f["down"] = np.swapaxes(f["down"], 1, 2)
+            return {p: jnp.asarray(v).astype(dt) for p, v in f.items()}
+
+        sizes = np.asarray(plan.group_sizes)
+        acc = _sorted_rows(zg, zu, sizes, self.chunk, read, pms["down"].num_units // qe.num_experts)
+        acc = combine(plan, jnp.asarray(acc).astype(dt), x.shape[0])
+        return acc if ud is None else acc @ ud.T
 
 
 def detect_super_experts(

@@ -94,7 +94,7 @@ class DiskUnits:
                 raise ValueError(f"{kind} of expert {expert}: shape {data.shape}")
             fd = os.open(self._file(p, kind), os.O_WRONLY)
             try:
-                os.pwrite(fd, data.tobytes(), expert * self._row_bytes(p))
+                os.pwrite(fd, memoryview(data).cast("B"), expert * self._row_bytes(p))
             finally:
                 os.close(fd)
 

@@ -15,7 +15,11 @@ from bitsmoe_jax.loading import checkpoint_kind, iter_model_parts, model_config
 from bitsmoe_jax.method import sharded
 from bitsmoe_jax.method.expert_source import ArraySource, plan_chunk
 from bitsmoe_jax.method.layer_problem import allocate_layers
-from bitsmoe_jax.method.streamed import StreamedExperts, build_problem
+from bitsmoe_jax.method.streamed import (
+    StreamedExperts,
+    StreamedQuantizedExperts,
+    build_problem,
+)
 from bitsmoe_jax.models.assemble import build_layer
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import MoEBlock
@@ -203,9 +207,12 @@ def _quantize_layers(
                     scratch.remove()
             # model scope: layers are only known together; later layers calibrate on the original
             # outputs (read again, a chunk at a time)
-            block.experts = (
-                qe if packed is not None and run.sequential else StreamedExperts(source, chunk)
-            )
+            if packed is None or not run.sequential:
+                block.experts = StreamedExperts(source, chunk)
+            elif qe.resolved_backend() == "xla":  # dequantized a chunk of experts at a time
+                block.experts = StreamedQuantizedExperts(qe, chunk)
+            else:  # a kernel reads the packed factors as they are
+                block.experts = qe
             t = time.time()
             x = resid + block(moe_in)
         else:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitsmoe_jax.method import sharded, streamed
+from bitsmoe_jax.method import packing, sharded, streamed
 from bitsmoe_jax.method.calibrate import collect_expert_stats
 from bitsmoe_jax.method.coefficients import (
     PROJECTIONS,
@@ -249,3 +249,22 @@ def test_calibration_inputs_are_kept_for_error_feedback(layer):
     assert isinstance(problem.calib, CalibrationInputs)
     np.testing.assert_array_equal(problem.calib.expert_idx, np.asarray(idx))
     np.testing.assert_array_equal(problem.calib.expert_w, np.asarray(w))
+
+
+def test_quantized_forward_streamed_equals_the_packed_block(layer):
+    from bitsmoe_jax.serve.quantized_experts import pack_layer
+
+    block, x, *_ = layer
+    problem = _problem(layer, _params(), None)
+    bits, _ = allocate_layers([problem], 2.5, "layer", {"allocator": "greedy"})[0]
+    qe = pack_layer(problem, bits)
+    plan = block.plan(x)
+    want = np.asarray(qe(x, plan))
+    for chunk in (1, 4, None):
+        got = np.asarray(streamed.StreamedQuantizedExperts(qe, chunk)(x, plan))
+        np.testing.assert_array_equal(got, want)
+    dense = np.asarray(packing.dequantize_packed(qe.packed_matrix("up")))
+    np.testing.assert_array_equal(
+        streamed.expert_factors(qe.packed_matrix("up"), E, [4, 1]),
+        dense.reshape(E, -1, F)[[4, 1]],
+    )
