@@ -221,23 +221,6 @@ def round_gather(layout: ExpertLayout, rnd: Round, arr: jax.Array) -> dict[int, 
     return {e: full[j] for j, e in enumerate(ids) if e < layout.num_experts}
 
 
-def allgather_expert_weights(
-    layout: ExpertLayout, experts: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Every expert's weights on every process, from each process's own experts (`local_experts`).
-
-    A multi-process run reads from the checkpoint only the experts its devices own (the other
-    entries of these [E, ...] arrays are zeros here) and completes the layer with this all-gather,
-    an exact copy: the checkpoint is read once in total instead of once per process.
-    """
-    return {
-        k: gather_experts(
-            layout, expert_array(layout, lambda e, a=a: a[e], a.shape[1:], a.dtype)
-        ).astype(a.dtype, copy=False)
-        for k, a in experts.items()
-    }
-
-
 @functools.cache
 def _replicate_fn(mesh: Mesh) -> Callable:
     """An all-gather: the identity with a replicated output sharding (one jitted function per
