@@ -345,7 +345,12 @@ def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> lis
             )
         )
     )
-    sizes = np.asarray(plan.group_sizes)
+    return outlier_experts(y, np.asarray(plan.group_sizes), threshold)
+
+
+def outlier_experts(y: np.ndarray, sizes: np.ndarray, threshold: float) -> list[int]:
+    """Experts whose peak |output| over their sorted rows of `y` exceeds `threshold` × the median
+    expert's peak (experts with no rows are never outliers)."""
     offs = np.concatenate([[0], np.cumsum(sizes)])
     peaks = np.array(
         [y[offs[e] : offs[e + 1]].max() if sizes[e] else 0.0 for e in range(len(sizes))]

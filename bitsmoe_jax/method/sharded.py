@@ -409,6 +409,25 @@ def capacity(counts: np.ndarray) -> int:
     return -(-c // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
 
 
+def _routed_rows(
+    x: np.ndarray | None, token: np.ndarray | None, weight: np.ndarray, offsets: np.ndarray
+) -> tuple[int, Callable[[int], np.ndarray], Callable[[int], np.ndarray]]:
+    """(capacity, rows(e), weights(e)): expert e's routed inputs [cap, D] and routing weights
+    [cap], padded with zero-weight rows to the one capacity every per-expert program uses (`x`,
+    `token`: None when only the weights are wanted)."""
+    counts = np.diff(offsets)
+    cap = capacity(counts)
+
+    def rows(e: int) -> np.ndarray:
+        t = token[offsets[e] : offsets[e + 1]]
+        return np.pad(x[t], ((0, cap - len(t)), (0, 0)))
+
+    def wts(e: int) -> np.ndarray:
+        return np.pad(weight[offsets[e] : offsets[e + 1]], (0, cap - int(counts[e])))
+
+    return cap, rows, wts
+
+
 def routed_stats(
     layout: ExpertLayout,
     x: np.ndarray,
@@ -426,16 +445,8 @@ def routed_stats(
     x [N, D] MoE inputs; token / weight: the routing plan's sorted assignments and their weights;
     offsets [E+1] of each expert's run in them; gate / up: sharded [E', D, F] expert weights.
     """
-    counts = np.diff(offsets)
-    cap = capacity(counts)
+    cap, rows, wts = _routed_rows(x, token, weight, offsets)
     d = x.shape[1]
-
-    def rows(e: int) -> np.ndarray:
-        t = token[offsets[e] : offsets[e + 1]]
-        return np.pad(x[t], ((0, cap - len(t)), (0, 0)))
-
-    def wts(e: int) -> np.ndarray:
-        return np.pad(weight[offsets[e] : offsets[e + 1]], (0, cap - int(counts[e])))
 
     xs = expert_array(layout, rows, (cap, d), np.float32)
     ws = expert_array(layout, wts, (cap,), np.float32)
@@ -460,16 +471,8 @@ def routed_stats_round(
     """`routed_stats` for one round: {expert: (s_gate, s_up, c_down, mass) float32} of this
     process's real experts in it, from `experts` = {"gate"/"up": {expert: `shape` [D, F]}} (its
     own)."""
-    counts = np.diff(offsets)
-    cap = capacity(counts)
+    cap, rows, wts = _routed_rows(x, token, weight, offsets)
     d = x.shape[1]
-
-    def rows(e: int) -> np.ndarray:
-        t = token[offsets[e] : offsets[e + 1]]
-        return np.pad(x[t], ((0, cap - len(t)), (0, 0)))
-
-    def wts(e: int) -> np.ndarray:
-        return np.pad(weight[offsets[e] : offsets[e + 1]], (0, cap - int(counts[e])))
 
     args = (
         round_array(layout, rnd, rows, (cap, d), np.float32),
@@ -494,14 +497,8 @@ def routed_masses(weight: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Σ_t w_te² of every expert's routed tokens (float64 [E]), computed as the statistics program
     computes it (the same float32 sum over the padded capacity), before any statistic: the loss
     weights of a chunk need every expert's mass."""
-    counts = np.diff(offsets)
-    cap = capacity(counts)
-    ws = np.stack(
-        [
-            np.pad(weight[offsets[e] : offsets[e + 1]], (0, cap - int(counts[e])))
-            for e in range(len(counts))
-        ]
-    ).astype(np.float32)
+    _, _, wts = _routed_rows(None, None, weight, offsets)
+    ws = np.stack([wts(e) for e in range(len(offsets) - 1)]).astype(np.float32)
     return np.asarray(_masses(jnp.asarray(ws)), np.float64)
 
 

@@ -42,7 +42,12 @@ from bitsmoe_jax.method.coefficients import (
 from bitsmoe_jax.method.config import MethodConfig
 from bitsmoe_jax.method.error_feedback import CalibrationInputs, feedback_layer
 from bitsmoe_jax.method.expert_source import ExpertSource
-from bitsmoe_jax.method.layer_problem import LayerProblem, bases_from_grams, dequantized_basis
+from bitsmoe_jax.method.layer_problem import (
+    LayerProblem,
+    bases_from_grams,
+    dequantized_basis,
+    outlier_experts,
+)
 from bitsmoe_jax.method.packing import (
     PackedMatrix,
     PackedRows,
@@ -386,6 +391,7 @@ def round_and_pack(
         layout = _layout(None, e_count)
     multi = layout.spans_processes
     keep = {p: problem.kept(p, bits[p]) for p in PROJECTIONS}
+    has16 = {p: bool((bits[p] == 16).any()) for p in PROJECTIONS}
     deq = (
         {p: dequantized_basis(problem.bases[p]) for p in PROJECTIONS}
         if problem.calib is not None
@@ -427,7 +433,7 @@ def round_and_pack(
                 "codes": codes.reshape(len(local), k.size, f),
                 "scales": qscales.reshape(len(local), k.size, -1),
             }
-            if 16 in np.unique(bits[p]) or not multi:  # 16-bit units are stored as their values
+            if has16[p] or not multi:  # 16-bit units are stored as their values
                 rows["units"] = units
             mine = {key: dict(zip(local, v, strict=True)) for key, v in rows.items()}
             if multi:
@@ -602,9 +608,4 @@ def detect_super_experts(
     plan = block.plan(x)
     sizes = np.asarray(plan.group_sizes)
     y = np.abs(sorted_expert_outputs(x[plan.token], sizes, source, chunk))
-    offs = np.concatenate([[0], np.cumsum(sizes)])
-    peaks = np.array(
-        [y[offs[e] : offs[e + 1]].max() if sizes[e] else 0.0 for e in range(len(sizes))]
-    )
-    med = np.median(peaks[peaks > 0]) if (peaks > 0).any() else 0.0
-    return [int(e) for e in np.flatnonzero(peaks > threshold * med)] if med > 0 else []
+    return outlier_experts(y, sizes, threshold)
