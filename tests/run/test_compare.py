@@ -111,7 +111,9 @@ def test_compare_all_methods(compare_run):
     data, out = compare_run
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise"}
-    assert (out / "compare.md").read_text().count("| 3.00 |") == 6
+    lines = (out / "compare.md").read_text().splitlines()
+    # rows by their target column (a ratio column can also read "3.00")
+    assert sum(line.startswith("| 3.00 |") for line in lines) == 6
     assert rows["bitsmoe"]["effective_bpw_experts"] <= 3.0 + 1e-9
     assert rows["expertwise"]["effective_bpw_experts"] <= 3.0 + 1e-9
     for m in ("rtn", "gptq"):
