@@ -1,168 +1,184 @@
-"""Quantization time of one MoE layer: BitsMoE's stages against GPTQ, side by side, same machine.
+"""Quantization time of one MoE layer at real dimensions: BitsMoE against our GPTQ baseline, side by
+side in one run, on the same machine, checkpoint, calibration and thread count.
 
-    python bench/quantize_speed.py [--shapes 256x256x16 512x1024x8 1024x2048x8] [--tokens 4096]
-    [--bits 2.0]
+    python bench/quantize_speed.py [--dims qwen3-30b-a3b] [--tokens 4096] [--bits 2.0]
+        [--work /tmp/bitsmoe_speed] [--quality]
 
-For each shape DxFxE a synthetic layer (random experts with a decaying spectrum, random routing
-of `tokens` calibration tokens, top-2) is quantized by BitsMoE (bases, statistics, loss coefficients
-in exact and sampled mode, allocation, rounding with GPTQ-style error feedback (the default) or
-nearest, packing) and by GPTQ (per-expert Hessians, then GPTQ on gate, up and down at 2-bit g128).
-Each timing is taken after a warm-up run of the same shape, so compilation
-is excluded. Prints seconds per stage and the ratio GPTQ / BitsMoE.
+A synthetic one-layer checkpoint at the expert dimensions of a real model (`bench/memory.py`'s
+`REAL_DIMS`, random bf16 weights, written tensor by tensor) is quantized by the real command
+(`python -m bitsmoe_jax.quantize`), each variant in its own subprocess one after the other:
+
+* BitsMoE **default** (exact loss coefficients, GPTQ-style error-feedback rounding, MILP/greedy
+  allocation as configured);
+* BitsMoE **fast** (sampled coefficients, nearest rounding, greedy allocation: the paper's fast
+  path);
+* our **GPTQ** baseline (`--gptq-method`, default `gptq_asym`: per-expert Hessians over the routed
+  tokens, 2-bit at the group size nearest the budget), streamed a chunk of experts at a time like
+  BitsMoE.
+
+Each row is the wall time of the whole command (start-up, checkpoint reading, calibration, every
+stage, writing; compilation included for every method alike), its peak RSS, and the quantization
+stages recorded in the output's `timings.json`. The ratios are GPTQ's wall time over each BitsMoE
+variant's. No evaluation runs (it needs the unquantized model twice).
+
+`--quality` adds the other half of the speed claim on the shipped model (`configs/tiny.py`): KL to
+the unquantized model of the fast preset and of GPTQ at 2.0 and 2.5 bpw.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bitsmoe_jax.baselines.gptq import gptq_quantize_experts
-from bitsmoe_jax.method.calibrate import collect_expert_stats
-from bitsmoe_jax.method.coefficients import (
-    PROJECTIONS,
-    layer_units,
-    loss_coefficients,
-    loss_weights,
-)
-from bitsmoe_jax.method.config import MethodConfig
-from bitsmoe_jax.method.error_feedback import CalibrationInputs
-from bitsmoe_jax.method.layer_problem import LayerProblem, allocate_layers, make_bases
-from bitsmoe_jax.serve.quantized_experts import pack_layer
+from memory import REAL_DIMS, gib  # noqa: E402  (bench/memory.py: the shared synthetic layers)
+
+from bitsmoe_jax.peak_memory import measure  # noqa: E402
+from conversion.synthetic import write_random_mixtral  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "default": [],
+    "fast": [
+        "--config.coefficient_mode=sampled",
+        "--config.rounding=nearest",
+        "--config.allocator=greedy",
+    ],
+}
 
 
-def synthetic_layer(d: int, f: int, e: int, n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    decay = (1.0 / np.sqrt(1 + np.arange(d)))[:, None].astype(np.float32)
-    gate = rng.normal(size=(e, d, f)).astype(np.float32) * decay / np.sqrt(d)
-    up = rng.normal(size=(e, d, f)).astype(np.float32) * decay / np.sqrt(d)
-    down = rng.normal(size=(e, f, d)).astype(np.float32) / np.sqrt(f)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    logits = rng.normal(size=(n, e)).astype(np.float32)
-    probs = jax.nn.softmax(jnp.asarray(logits), axis=-1)
-    w, idx = jax.lax.top_k(probs, 2)
-    return (
-        gate,
-        up,
-        down,
-        jnp.asarray(x),
-        jnp.asarray(logits),
-        idx.astype(jnp.int32),
-        w / w.sum(-1, keepdims=True),
+def write_layer(dims: dict, path: Path) -> None:
+    if (path / "model.safetensors.index.json").is_file():
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    write_random_mixtral(
+        path,
+        1,
+        dims["hidden"],
+        dims["inter"],
+        dims["experts"],
+        shard_bytes=1 << 30,
+        heads=dims["heads"],
+        kv_heads=dims["kv_heads"],
+        top_k=dims["top_k"],
     )
 
 
-def bitsmoe_layer(
-    gate, up, down, x, logits, idx, w, budget: float, mode: str, rounding: str = "gptq"
-) -> dict[str, float]:
-    cfg = MethodConfig()
-    t = {}
-    s = time.perf_counter()
-    stored, deq = make_bases(gate, up, down, None, 8)
-    units = layer_units(gate, up, down, deq)
-    t["basis"] = time.perf_counter() - s
-    s = time.perf_counter()
-    stats = collect_expert_stats(
-        x,
-        logits,
-        idx,
-        w,
-        jnp.asarray(gate),
-        jnp.asarray(up),
-        jnp.asarray(deq["gate"]),
-        jnp.asarray(deq["up"]),
-        16,
-    )
-    t["statistics"] = time.perf_counter() - s
-    s = time.perf_counter()
-    weights = loss_weights(stats, down, {p: units[p].shape[1] for p in PROJECTIONS}, 0.25)
-    coeffs = loss_coefficients(units, weights, cfg.candidate_bits, cfg.group_size, mode)
-    t["coefficients"] = time.perf_counter() - s
-    calib = (
-        CalibrationInputs(np.asarray(x), np.asarray(idx), np.asarray(w))
-        if rounding == "gptq"
-        else None
-    )
-    problem = LayerProblem(
-        0,
-        gate.shape[0],
-        gate.shape[1],
-        gate.shape[2],
-        units,
-        weights,
-        coeffs,
-        stored,
-        8,
-        stats,
-        [],
-        8,
-        cfg.group_size,
-        calib,
-    )
-    s = time.perf_counter()
-    bits, _ = allocate_layers([problem], budget, "layer", {"allocator": "greedy"})[0]
-    t["allocation"] = time.perf_counter() - s
-    s = time.perf_counter()
-    pack_layer(problem, bits)
-    t["pack"] = time.perf_counter() - s
-    t["total"] = sum(t.values())
-    return t
+def run_args(model: Path, out: Path, tokens: int, bits: float, extra: list[str]) -> list[str]:
+    return [
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        f"--config.model_path={model}",
+        f"--config.output_dir={out}",
+        f"--config.budget_bits={bits}",
+        "--config.eval_text=",
+        f"--config.num_calib_tokens={tokens}",
+        "--config.seq_len=256",
+        "--config.overwrite=True",
+        *extra,
+    ]
 
 
-def gptq_layer(gate, up, down, x, idx, w) -> float:
-    s = time.perf_counter()
-    out = gptq_quantize_experts(gate, up, down, x, idx, w, bits=2, group_size=128)
-    jax.block_until_ready(out["gate"])
-    return time.perf_counter() - s
+def timed(model: Path, out: Path, tokens: int, bits: float, extra: list[str]) -> dict:
+    """One quantize command in a fresh process: wall seconds, peak RSS and recorded stage times."""
+    t = time.perf_counter()
+    res = measure(run_args(model, out, tokens, bits, extra))
+    wall = time.perf_counter() - t
+    stages = json.loads((out / "timings.json").read_text())
+    return {"wall_s": wall, "peak_rss_bytes": res["peak_rss_bytes"], "stages": stages}
+
+
+def stage_line(stages: dict) -> str:
+    keep = {k: v for k, v in stages.items() if isinstance(v, (int, float)) and v >= 0.05}
+    return ", ".join(f"{k} {v:.1f}s" for k, v in sorted(keep.items(), key=lambda kv: -kv[1]))
+
+
+def speed(args: argparse.Namespace) -> None:
+    dims = REAL_DIMS[args.dims]
+    work = Path(args.work)
+    model = work / args.dims
+    write_layer(dims, model)
+    print(
+        f"{args.dims}: D={dims['hidden']} F={dims['inter']} E={dims['experts']} top-{dims['top_k']}"
+        f", {args.tokens} calibration tokens, budget {args.bits} bpw, "
+        f"{os.cpu_count()} CPUs, one process each, one after the other",
+        flush=True,
+    )
+    rows = {}
+    for name in args.variants:
+        extra = (
+            [f"--config.method={args.gptq_method}"] if name == "gptq" else list(VARIANTS[name])
+        )
+        rows[name] = timed(model, work / f"out_{name}", args.tokens, args.bits, extra)
+        r = rows[name]
+        print(
+            f"  {name}: {r['wall_s']:.1f} s wall, peak {gib(r['peak_rss_bytes'])}; "
+            f"{stage_line(r['stages'])}",
+            flush=True,
+        )
+    print()
+    print("| variant | wall (s) | peak RSS | GPTQ / this |")
+    print("|---|---|---|---|")
+    g = rows.get("gptq")
+    for name, r in rows.items():
+        ratio = f"{g['wall_s'] / r['wall_s']:.2f}×" if g else "–"
+        print(f"| {name} | {r['wall_s']:.1f} | {gib(r['peak_rss_bytes'])} | {ratio} |")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def quality(args: argparse.Namespace) -> None:
+    """KL of the fast preset and of GPTQ on the shipped model at 2.0 and 2.5 bpw."""
+    work = Path(args.work) / "quality"
+    print("\nshipped model (configs/tiny.py), KL to the unquantized model:")
+    print("| bpw | BitsMoE fast | GPTQ |")
+    print("|---|---|---|")
+    kl: dict[str, dict[str, float]] = {}
+    for name, extra in (
+        ("fast", VARIANTS["fast"]),
+        ("gptq", [f"--config.method={args.gptq_method}"]),
+    ):
+        out = work / name
+        measure(
+            [
+                "--config",
+                str(ROOT / "configs" / "tiny.py"),
+                f"--config.output_dir={out}",
+                "--config.budget_bits=(2.0, 2.5)",
+                "--config.overwrite=True",
+                *extra,
+            ]
+        )
+        kl[name] = {
+            b: json.loads((out / f"bpw_{b}" / "report.json").read_text())["kl_divergence"]
+            for b in ("2.00", "2.50")
+        }
+    for b in ("2.00", "2.50"):
+        print(f"| {b} | {kl['fast'][b]:.5f} | {kl['gptq'][b]:.5f} |")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["256x256x16", "512x1024x8", "1024x2048x8"])
+    p.add_argument("--dims", default="qwen3-30b-a3b", choices=sorted(REAL_DIMS))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--bits", type=float, default=2.0)
+    p.add_argument("--variants", nargs="+", default=["default", "fast", "gptq"])
+    p.add_argument("--gptq-method", default="gptq_asym", choices=["gptq", "gptq_asym"])
+    p.add_argument("--work", default="/tmp/bitsmoe_speed")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    p.add_argument("--quality", action="store_true", help="also the KL check on the shipped model")
     args = p.parse_args()
-    print(
-        f"JAX {jax.__version__} on {jax.default_backend()}, {args.tokens} calibration tokens, "
-        f"budget {args.bits} bpw"
-    )
-    print(
-        "| D x F x E | BitsMoE default (s) | exact, nearest (s) | sampled, nearest (s) | GPTQ "
-        "2-bit g128 (s) "
-        "| GPTQ / default | GPTQ / exact-nearest | GPTQ / sampled-nearest |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for shape in args.shapes:
-        d, f, e = (int(v) for v in shape.split("x"))
-        layer = synthetic_layer(d, f, e, args.tokens)
-        gate, up, down, x, logits, idx, w = layer
-        variants = {
-            "default": ("exact", "gptq"),
-            "exact": ("exact", "nearest"),
-            "sampled": ("sampled", "nearest"),
-        }
-        for (
-            mode,
-            rounding,
-        ) in variants.values():  # warm-up: compile every jitted stage for this shape
-            bitsmoe_layer(*layer, args.bits, mode, rounding)
-        gptq_layer(gate, up, down, x, idx, w)
-        t = {k: bitsmoe_layer(*layer, args.bits, m, r) for k, (m, r) in variants.items()}
-        g = gptq_layer(gate, up, down, x, idx, w)
-        tot = {k: v["total"] for k, v in t.items()}
-        print(
-            f"| {shape} | {tot['default']:.2f} | {tot['exact']:.2f} | {tot['sampled']:.2f} | "
-            f"{g:.2f} | "
-            f"{g / tot['default']:.2f} | {g / tot['exact']:.2f} | {g / tot['sampled']:.2f} |",
-            flush=True,
-        )
-        print(
-            "  stages (default): " + ", ".join(f"{k} {v:.2f}s" for k, v in t["default"].items()),
-            flush=True,
-        )
+    speed(args)
+    if args.quality:
+        quality(args)
 
 
 if __name__ == "__main__":

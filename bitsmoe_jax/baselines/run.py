@@ -11,7 +11,7 @@ inputs of layer i come from layers 0..i−1 already quantized, routing from the 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from bitsmoe_jax.baselines.expertwise import expertwise_quantize
 from bitsmoe_jax.baselines.gptq import gptq_quantize_experts
 from bitsmoe_jax.baselines.kquants import kquant_experts, type_for_target
 from bitsmoe_jax.baselines.rtn import rtn_bpw, rtn_quantize
+from bitsmoe_jax.method.expert_source import ArraySource, ExpertSource
 from bitsmoe_jax.models.moe import Experts
 from bitsmoe_jax.models.transformer import attention_part
 
@@ -79,133 +80,178 @@ def _set_experts(block, gate, up, down) -> None:
         var[...] = jnp.asarray(w, var.dtype)
 
 
-def run_rtn(model, calib, setting: Setting) -> dict:
-
-    def q(i, block, x):
-        ex = block.experts
-        _set_experts(
-            block,
-            *(
-                rtn_quantize(
-                    np.asarray(w[...]),
-                    setting.bits,
-                    setting.group_size,
-                    axis=1,
-                    zero_point=setting.zero_point,
-                )
-                for w in (ex.gate, ex.up, ex.down)
-            ),
-        )
-
-    sequential_quantize(model, calib, q)
-    return {"setting": setting.label(), "effective_bpw_experts": setting.bpw}
+def local_routing(expert_idx: Any, e0: int, e1: int) -> np.ndarray:
+    """The router's choices [N, k] renumbered for the chunk of experts [e0, e1): expert e0 + j is
+    j, every other expert is -1 (a per-expert loop over the chunk sees just its routed tokens)."""
+    idx = np.asarray(expert_idx)
+    return np.where((idx >= e0) & (idx < e1), idx - e0, -1).astype(np.int32)
 
 
-def run_gptq(model, calib, setting: Setting, min_tokens: int) -> dict:
+@dataclasses.dataclass
+class BaselineQuantizer:
+    """One baseline at one budget, applied to a layer's experts a chunk at a time.
 
-    starved: dict[int, list[int]] = {}
+    Every baseline but expert-wise treats each expert on its own (its weights, the tokens routed to
+    it), so a layer can be quantized `chunk` experts at a time and the peak memory is a chunk's;
+    expert-wise ranks the experts of a layer against each other (`whole_layer`) and so takes the
+    layer as one chunk. `info()` is the run's record: setting, effective bpw, starved experts.
+    """
 
-    def q(i, block, x):
-        _, w, idx = block.router(x)
-        ex = block.experts
-        out = gptq_quantize_experts(
-            np.asarray(ex.gate[...]),
-            np.asarray(ex.up[...]),
-            np.asarray(ex.down[...]),
-            x,
-            idx,
-            w,
-            setting.bits,
-            setting.group_size,
-            min_tokens=min_tokens,
-            zero_point=setting.zero_point,
-        )
-        starved[i] = list(out["starved"])
-        _set_experts(block, out["gate"], out["up"], out["down"])
+    method: str
+    target: float
+    setting: Setting | None = None  # uniform baselines
+    kquant_type: Any = None
+    group_size: int = 128  # expert-wise
+    budget: float = 0.0  # expert-wise
+    min_tokens: int = 16
+    starved: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    expert_bits: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    bpws: list[float] = dataclasses.field(default_factory=list)
 
-    sequential_quantize(model, calib, q)
-    return {
-        "setting": setting.label(),
-        "effective_bpw_experts": setting.bpw,
-        "starved_experts": starved,
-    }
+    @property
+    def whole_layer(self) -> bool:
+        return self.method == "expertwise"
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs the layer's calibration inputs and routing (RTN and expert-wise do not)."""
+        return self.method.startswith("gptq") or self.method == "kquant"
+
+    def quantize_chunk(
+        self,
+        layer: int,
+        mats: dict[str, np.ndarray],
+        e0: int,
+        x: jnp.ndarray | None,
+        idx: Any,
+        w: Any,
+        router_kernel: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """float32 {gate, up, down} of experts [e0, e0 + n) quantized (`mats` their weights)."""
+        gate, up, down = mats["gate"], mats["up"], mats["down"]
+        n = gate.shape[0]
+        if self.method.startswith("rtn"):
+            s = self.setting
+            return {
+                p: rtn_quantize(m, s.bits, s.group_size, axis=1, zero_point=s.zero_point)
+                for p, m in mats.items()
+            }
+        if self.method == "expertwise":
+            out = expertwise_quantize(gate, up, down, router_kernel, self.budget, self.group_size)
+            self.expert_bits[layer] = [int(b) for b in out["bits"]]
+            self.bpws.append(float(out["bpw"]))
+            return {p: out[p] for p in ("gate", "up", "down")}
+        local = local_routing(idx, e0, e0 + n)
+        if self.method == "kquant":
+            out = kquant_experts(gate, up, down, x, local, w, self.kquant_type, self.min_tokens)
+        else:
+            s = self.setting
+            out = gptq_quantize_experts(
+                gate,
+                up,
+                down,
+                x,
+                local,
+                w,
+                s.bits,
+                s.group_size,
+                min_tokens=self.min_tokens,
+                zero_point=s.zero_point,
+            )
+        self.starved.setdefault(layer, []).extend(e0 + int(e) for e in out["starved"])
+        return {p: np.asarray(out[p], np.float32) for p in ("gate", "up", "down")}
+
+    def quantize_layer(
+        self,
+        layer: int,
+        source: ExpertSource,
+        chunk: int | None,
+        x: jnp.ndarray,
+        route: Callable[[jnp.ndarray], tuple[Any, Any, Any]],
+        router_kernel: Any,
+    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """(e0, e1, quantized experts [e0, e1)) for the layer, `chunk` experts at a time (all at
+        once when None or for a whole-layer method); `x` [N, D] the layer's MoE input, `route` its
+        router."""
+        idx = w = None
+        if self.calibrated:
+            _, w, idx = route(x)
+        kernel = np.asarray(router_kernel, np.float32) if self.whole_layer else None
+        num = source.num_experts
+        step = num if (chunk is None or self.whole_layer) else max(1, int(chunk))
+        self.starved.setdefault(layer, [])
+        for e0 in range(0, num, step):
+            e1 = min(e0 + step, num)
+            mats = source.read(range(e0, e1))
+            yield e0, e1, self.quantize_chunk(layer, mats, e0, x, idx, w, kernel)
+
+    def info(self) -> dict[str, Any]:
+        if self.method == "expertwise":
+            g = self.group_size
+            return {
+                "setting": f"per-expert bits g{g}",
+                "effective_bpw_experts": float(np.mean(self.bpws)),
+                "expert_bits": self.expert_bits,
+            }
+        if self.method == "kquant":
+            kt = self.kquant_type
+            out = {"setting": f"{kt.name} imatrix", "effective_bpw_experts": kt.bpw}
+        else:
+            out = {"setting": self.setting.label(), "effective_bpw_experts": self.setting.bpw}
+        if self.calibrated:
+            out["starved_experts"] = {i: sorted(v) for i, v in self.starved.items()}
+        return out
 
 
-def run_kquant(model, calib, target: float, min_tokens: int) -> dict:
-    """llama.cpp's K-quant format with at least `target` bpw (Q2_K at 2.0 and 2.5, Q3_K at 3.0, …),
-    fitted with importance from the calibration tokens routed to each expert."""
-
-    kt = type_for_target(target)
-    starved: dict[int, list[int]] = {}
-
-    def q(i, block, x):
-        _, w, idx = block.router(x)
-        ex = block.experts
-        out = kquant_experts(
-            ex.gate[...], ex.up[...], ex.down[...], x, idx, w, kt, min_tokens=min_tokens
-        )
-        starved[i] = list(out["starved"])
-        _set_experts(block, out["gate"], out["up"], out["down"])
-
-    sequential_quantize(model, calib, q)
-    return {
-        "setting": f"{kt.name} imatrix",
-        "effective_bpw_experts": kt.bpw,
-        "starved_experts": starved,
-    }
-
-
-def run_expertwise(model, calib, target: float, group_size: int) -> dict:
-    """Expert-wise bits at the target; if even 2 bits + its scales exceed it at `group_size`, the
-    largest group that fits a row is used, and if that is still too much every expert gets 2 bits
-    (the report then shows the effective bpw above the target)."""
-
-    config = model.config
-    row = min(config.hidden_size, config.moe_intermediate_size)
-    g = group_size if 2 + 16.0 / group_size <= target else row
-    budget = max(target, 2 + 16.0 / g)
-    bits, bpws = {}, []
-
-    def q(i, block, x):
-        ex = block.experts
-        out = expertwise_quantize(
-            np.asarray(ex.gate[...]),
-            np.asarray(ex.up[...]),
-            np.asarray(ex.down[...]),
-            np.asarray(block.router.kernel[...]),
-            budget,
-            group_size=g,
-        )
-        bits[i] = [int(b) for b in out["bits"]]
-        bpws.append(float(out["bpw"]))
-        _set_experts(block, out["gate"], out["up"], out["down"])
-
-    sequential_quantize(model, calib, q)
-    return {
-        "setting": f"per-expert bits g{g}",
-        "effective_bpw_experts": float(np.mean(bpws)),
-        "expert_bits": bits,
-    }
-
-
-def run_baseline(
-    method: str, model, calib: jnp.ndarray, target: float, group_size: int, min_tokens: int
-) -> dict:
-    """Quantize `model`'s routed experts in place with a baseline at `target` bpw; returns its
-    info."""
-    config = model.config
+def baseline_quantizer(
+    method: str, config: Any, target: float, group_size: int, min_tokens: int
+) -> BaselineQuantizer:
+    """The quantizer of `method` at `target` bpw for a model of `config`: uniform baselines take the
+    (bits, group) setting nearest the target; K-quants the type with at least the target;
+    expert-wise the target as its budget."""
     contraction = min(config.hidden_size, config.moe_intermediate_size)
     if method in UNIFORM_BASELINES:
         setting = nearest_setting(
             uniform_settings(contraction, zero_point=method.endswith("_asym")), target
         )
-        if method.startswith("rtn"):
-            return run_rtn(model, calib, setting)
-        return run_gptq(model, calib, setting, min_tokens)
-    if method == "expertwise":
-        return run_expertwise(model, calib, target, group_size)
+        return BaselineQuantizer(method, target, setting=setting, min_tokens=min_tokens)
     if method == "kquant":
-        return run_kquant(model, calib, target, min_tokens)
+        return BaselineQuantizer(
+            method, target, kquant_type=type_for_target(target), min_tokens=min_tokens
+        )
+    if method == "expertwise":
+        # if even 2 bits + its scales exceed the target at `group_size`, the largest group that fits
+        # a row is used, and if that is still too much every expert gets 2 bits (the report then
+        # shows the effective bpw above the target)
+        g = group_size if 2 + 16.0 / group_size <= target else contraction
+        return BaselineQuantizer(
+            method, target, group_size=g, budget=max(target, 2 + 16.0 / g), min_tokens=min_tokens
+        )
     raise ValueError(
         f"unknown baseline {method!r}; choose {', '.join(UNIFORM_BASELINES)}, expertwise or kquant"
     )
+
+
+def run_baseline(
+    method: str, model, calib: jnp.ndarray, target: float, group_size: int, min_tokens: int
+) -> dict:
+    """Quantize `model`'s routed experts in place with a baseline at `target` bpw (the whole model
+    in memory: `compare` on small models; the quantize command streams, `run.baseline_driver`);
+    returns its info."""
+    quantizer = baseline_quantizer(method, model.config, target, group_size, min_tokens)
+
+    def q(i, block, x):
+        ex = block.experts
+        source = ArraySource(*(np.asarray(v[...]) for v in (ex.gate, ex.up, ex.down)))
+        out = {
+            p: np.empty(np.shape(getattr(source, p)), np.float32) for p in ("gate", "up", "down")
+        }
+        for e0, e1, mats in quantizer.quantize_layer(
+            i, source, None, x, block.router, block.router.kernel[...]
+        ):
+            for p in out:
+                out[p][e0:e1] = mats[p]
+        _set_experts(block, out["gate"], out["up"], out["down"])
+
+    sequential_quantize(model, calib, q)
+    return quantizer.info()

@@ -9,18 +9,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from bitsmoe_jax.baselines.kquants import check_contractions
-from bitsmoe_jax.baselines.run import run_baseline
+from bitsmoe_jax.baselines.run import BaselineQuantizer, baseline_quantizer
 from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, save_tree
-from bitsmoe_jax.loading import load_model, model_config
+from bitsmoe_jax.loading import checkpoint_kind, iter_model_parts, load_model, model_config
+from bitsmoe_jax.method.expert_source import ArraySource, plan_chunk
+from bitsmoe_jax.method.streamed import StreamedExperts
+from bitsmoe_jax.models.assemble import build_layer
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.run.budgets import budget_dirs
+from bitsmoe_jax.models.moe import MoEBlock
+from bitsmoe_jax.models.transformer import attention_part
+from bitsmoe_jax.parallel import distributed
+from bitsmoe_jax.run.budgets import budget_dirs, release_layer_executables
 from bitsmoe_jax.run.config_schema import RunConfig
+from bitsmoe_jax.run.expert_reader import CheckpointSource
 from bitsmoe_jax.run.inputs import calibration_tokens
 from bitsmoe_jax.run.outputs import (
     WrittenBody,
@@ -30,6 +35,8 @@ from bitsmoe_jax.run.outputs import (
     to_dtype,
     write_output,
 )
+from bitsmoe_jax.run.progress import LayerProgress
+from conversion.hf_checkpoint import HFCheckpoint
 
 
 def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
@@ -40,6 +47,12 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
     the converted format, so `load_model` and `evaluate` read it directly; its effective bpw counts
     what the method stores (integer codes and their scales: bf16 per group, or the K-quants' integer
     sub-block scales and fp16 factors), not the float32 container.
+
+    Streamed like BitsMoE: the checkpoint is read a layer at a time and (Hugging Face directories)
+    a layer's experts a chunk at a time from their bytes; each chunk is quantized and dropped, the
+    next layer's inputs come from the quantized layer, and each layer is written as soon as it is
+    done. The one whole-layer float32 array is the layer's quantized experts, which the output
+    stores.
     """
     budgets = budget_dirs(run)
     for _, d in budgets:
@@ -53,38 +66,33 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
     calib = jnp.asarray(
         calibration_tokens(run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len)
     )
+    plan = plan_chunk(
+        config.hidden_size,
+        config.moe_intermediate_size,
+        config.num_experts,
+        run.num_calib_tokens,
+        run.host_memory_gb,
+        run.expert_chunk,
+    )
+    if progress:
+        distributed.log(plan.describe(config.num_experts))
     reports = []
     shared: dict = {}
-    expert_weights = (
-        3
-        * config.num_experts
-        * config.hidden_size
-        * config.moe_intermediate_size
-        * len(config.moe_layers)
-    )
     for budget, out_dir in budgets:
-        t0 = time.time()
-        model, _ = load_model(run.model_path)
-        info = run_baseline(
-            run.method, model, calib, budget, run.params.group_size, run.params.min_tokens
+        quantizer = baseline_quantizer(
+            run.method, config, budget, run.params.group_size, run.params.min_tokens
         )
-        qtime = time.time() - t0
-        pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        layers = pure.pop("layers")
-
         body = functools.partial(
             _write_baseline,
             run=run,
             config=config,
             budget=budget,
-            info=info,
-            qtime=qtime,
-            pure=pure,
-            layers=layers,
-            expert_weights=expert_weights,
+            quantizer=quantizer,
+            calib=calib,
+            chunk=plan.chunk,
+            progress=progress,
         )
-        report = write_output(run, out_dir, run.overwrite, shared, body)
-        reports.append(report)
+        reports.append(write_output(run, out_dir, run.overwrite, shared, body))
     return reports
 
 
@@ -93,24 +101,71 @@ def _write_baseline(
     run: RunConfig,
     config: ModelConfig,
     budget: float,
-    info: dict[str, Any],
-    qtime: float,
-    pure: dict,
-    layers: dict,
-    expert_weights: int,
+    quantizer: BaselineQuantizer,
+    calib: jnp.ndarray,
+    chunk: int,
+    progress: bool,
 ) -> WrittenBody:
-    """A baseline's output body in `tmp`: its dense params (experts as float32 values of codes ×
-    scales, in the converted format), metadata and report (`outputs.write_output` does the rest)."""
-    save_tree(tmp / "params" / "top", to_dtype(pure, run.dense_dtype))
-    dense_params = 0
-    for i in range(config.num_hidden_layers):
-        part = layers[i]
+    """A baseline's output body in `tmp`, quantized and written a layer at a time: its dense params
+    (experts as float32 values of codes × scales, in the converted format), metadata and report
+    (`outputs.write_output` does the rest)."""
+    t0 = time.time()
+    write_s = 0.0
+    streamed = checkpoint_kind(run.model_path) == "hf"
+    ckpt = HFCheckpoint(run.model_path) if streamed else None
+    bar = LayerProgress(config.num_hidden_layers, enabled=progress)
+    top_params = dense_params = expert_weights = 0
+    x = None
+    for name, part in iter_model_parts(run.model_path, experts=() if streamed else None):
+        if name == "top":
+            x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
+            top_params = num_params(part)
+            t = time.time()
+            save_tree(tmp / "params" / "top", to_dtype(part, run.dense_dtype))
+            write_s += time.time() - t
+            continue
+        i = int(name)
+        t_layer = time.time()
+        source = None
+        if i in config.moe_layers:
+            if streamed:
+                source = CheckpointSource(run.model_path, i, config, ckpt)
+            else:
+                held = part["mlp"].pop("experts")
+                source = ArraySource(held["gate"], held["up"], held["down"])
+        layer = build_layer(config, i, part)
         dense = to_dtype(strip_experts(part), run.dense_dtype)
         dense_params += num_params(dense)
-        if "mlp" in part and "experts" in part["mlp"]:
-            dense.setdefault("mlp", {})["experts"] = to_dtype(part["mlp"]["experts"], "float32")
+        del part
+        resid, moe_in = attention_part(layer, x, config)
+        if source is not None:
+            block: MoEBlock = layer.mlp
+            d, f, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+            out = {
+                "gate": np.empty((e, d, f), np.float32),
+                "up": np.empty((e, d, f), np.float32),
+                "down": np.empty((e, f, d), np.float32),
+            }
+            for e0, e1, mats in quantizer.quantize_layer(
+                i, source, chunk, moe_in.reshape(-1, d), block.router, block.router.kernel[...]
+            ):
+                for p in out:
+                    out[p][e0:e1] = mats[p]
+            expert_weights += 3 * e * d * f
+            block.experts = StreamedExperts(ArraySource(out["gate"], out["up"], out["down"]), chunk)
+            dense.setdefault("mlp", {})["experts"] = out
+            x = resid + block(moe_in)
+        else:
+            x = resid + layer.mlp(moe_in)
+        t = time.time()
         save_tree(tmp / "params" / f"layer_{i:03d}", dense)
-    top_params = num_params(pure)
+        write_s += time.time() - t
+        bar.layer_done(i, time.time() - t_layer, {})
+        layer = block = dense = out = source = resid = moe_in = None
+        release_layer_executables()
+    bar.close()
+    qtime = time.time() - t0 - write_s
+    info = quantizer.info()
     dense = dense_bits(top_params + dense_params, run.dense_dtype)
     bpw = float(info["effective_bpw_experts"])
     summary = {
