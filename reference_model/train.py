@@ -125,6 +125,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tok = train_bpe_tokenizer(read_text("shakespeare_train"), args.vocab_size)
     train_ids = tokenize_text(tok, read_text("shakespeare_train"))
     valid_ids = tokenize_text(tok, read_text("shakespeare_valid"))
+    if args.valid_tokens:
+        valid_ids = valid_ids[: args.valid_tokens]
     config = reference_config(args.vocab_size)
     model = build_model(config, seed=args.seed)
     sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.lr * 0.1)
@@ -206,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument(
+        "--valid-tokens",
+        type=int,
+        default=0,
+        help="model selection on the first N tokens of the valid split (0: all of it)",
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     args.argv = argv

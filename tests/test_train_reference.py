@@ -23,6 +23,8 @@ ARGS = [
     "2",
     "--log-every",
     "1",
+    "--valid-tokens",
+    "4096",
 ]
 
 
