@@ -115,9 +115,7 @@ def speed(args: argparse.Namespace) -> None:
     )
     rows = {}
     for name in args.variants:
-        extra = (
-            [f"--config.method={args.gptq_method}"] if name == "gptq" else list(VARIANTS[name])
-        )
+        extra = [f"--config.method={args.gptq_method}"] if name == "gptq" else list(VARIANTS[name])
         rows[name] = timed(model, work / f"out_{name}", args.tokens, args.bits, extra)
         r = rows[name]
         print(
