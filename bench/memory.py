@@ -93,7 +93,35 @@ def expert_bytes_bf16(d: dict) -> int:
     return 3 * d["experts"] * d["hidden"] * d["inter"] * 2
 
 
-def real_dims(names: list[str], work: Path, extra: list[str], keep: bool) -> None:
+def measure_processes(args: list[str], processes: int) -> list[dict]:
+    """`args` run as `processes` processes of one multi-process run on this machine (localhost
+    coordinator, one CPU device each), concurrently; each process's measurement, in process order.
+    One process: the plain command."""
+    if processes <= 1:
+        return [measure(args)]
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+
+    def one(pid: int) -> dict:
+        dist = [
+            f"--config.distributed.num_processes={processes}",
+            f"--config.distributed.process_id={pid}",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+        ]
+        return measure([*args, *dist], env=env)
+
+    with ThreadPoolExecutor(processes) as pool:
+        return list(pool.map(one, range(processes)))
+
+
+def real_dims(
+    names: list[str], work: Path, extra: list[str], keep: bool, processes: int = 1
+) -> None:
     """Quantize one synthetic layer per name; print the measurements, the bounds and the
     extrapolation to the whole model (per-layer peak; total time = layers × time per layer ×
     experts/layer-stand-in experts, since the per-expert stages dominate; per-process peak with P
@@ -118,10 +146,12 @@ def real_dims(names: list[str], work: Path, extra: list[str], keep: bool) -> Non
             )
             print(f"wrote {model} ({gib(checkpoint_bytes(model))}) in {time.time() - t:.0f} s")
         t = time.time()
-        res = measure(
-            quantize_args(model, work / f"out_{name}", ["--config.num_calib_tokens=4096", *extra])
+        runs = measure_processes(
+            quantize_args(model, work / f"out_{name}", ["--config.num_calib_tokens=4096", *extra]),
+            processes,
         )
         secs = time.time() - t
+        res = runs[0]
         plan = [ln for ln in res["output"].splitlines() if ln.startswith("memory plan")]
         stages = [ln for ln in res["output"].splitlines() if ln.startswith("layer 1/1 done")]
         eb = expert_bytes_bf16(dims)
@@ -130,7 +160,9 @@ def real_dims(names: list[str], work: Path, extra: list[str], keep: bool) -> Non
             {
                 "name": name,
                 "expert_bytes_bf16": eb,
-                "peak_rss_bytes": res["peak_rss_bytes"],
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+                "process_peaks_bytes": [r["peak_rss_bytes"] for r in runs],
+                "processes": processes,
                 "seconds": secs,
                 "bound_bytes": bound,
                 "plan": plan[0] if plan else "",
@@ -191,6 +223,13 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="more --config.field=value overrides")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="--real-dims: quantize each layer with this many processes of one run on this "
+        "machine (the peak is the largest process's)",
+    )
+    ap.add_argument(
         "--real-dims",
         nargs="*",
         choices=sorted(REAL_DIMS),
@@ -199,7 +238,7 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     if a.real_dims is not None:
-        real_dims(a.real_dims or list(REAL_DIMS), work, a.extra, a.keep)
+        real_dims(a.real_dims or list(REAL_DIMS), work, a.extra, a.keep, a.processes)
         return
     rows = []
     for layers in (2, a.layers):

@@ -91,6 +91,7 @@ class ChunkPlan:
     budget_bytes: int
     automatic: bool
     devices: int = 1
+    host_processes: int = 1  # processes of the run sharing this machine's memory
 
     @property
     def expected_peak_bytes(self) -> int:
@@ -104,7 +105,13 @@ class ChunkPlan:
             f"({self.devices} device(s) in this process; {how}), "
             f"~{self.per_expert_bytes / gib:.2f} GiB per expert in flight, expected peak "
             f"~{self.expected_peak_bytes / gib:.1f} GiB (host memory {self.budget_bytes / gib:.1f} "
-            "GiB)"
+            "GiB"
+            + (
+                f" per process: this machine's share for each of its {self.host_processes} "
+                "processes)"
+                if self.host_processes > 1
+                else ")"
+            )
         )
 
 
@@ -116,9 +123,13 @@ def plan_chunk(
     host_memory_gb: float | None,
     expert_chunk: int | None,
     local_devices: int = 1,
+    host_processes: int = 1,
 ) -> ChunkPlan:
     """Experts per device per round: `expert_chunk` if set, else as many as fit in
-    `IN_FLIGHT_FRACTION` of `host_memory_gb` (default: the memory available now), at least one.
+    `IN_FLIGHT_FRACTION` of this process's share of `host_memory_gb` (default: the memory available
+    now), at least one. The host's memory is shared by the `host_processes` processes of the run on
+    this machine, so each plans with 1 / host_processes of it: two processes on one machine each
+    hold half the experts in flight that one process would.
 
     A small fraction on purpose: the per-expert programs run one expert after another whatever the
     chunk, so larger chunks save only dispatch and read calls, while the peak grows with them; a
@@ -127,12 +138,15 @@ def plan_chunk(
     """
     per = expert_working_bytes(hidden, inter, 2 * calib_rows // max(num_experts, 1))
     fixed = (1 << 30) + 6 * calib_rows * hidden * 4
-    budget = (
+    host = (
         int(float(host_memory_gb) * (1 << 30))
         if host_memory_gb
         else int(0.9 * available_memory_bytes())
     )
+    budget = host // max(1, int(host_processes))
+    shared = max(1, int(host_processes))
     if expert_chunk:
-        return ChunkPlan(int(expert_chunk), per, fixed, budget, False, local_devices)
+        return ChunkPlan(int(expert_chunk), per, fixed, budget, False, local_devices, shared)
     fit = int(IN_FLIGHT_FRACTION * budget) // max(per * max(local_devices, 1), 1)
-    return ChunkPlan(int(max(1, min(num_experts, fit))), per, fixed, budget, True, local_devices)
+    chunk = int(max(1, min(num_experts, fit)))
+    return ChunkPlan(chunk, per, fixed, budget, True, local_devices, shared)

@@ -474,18 +474,20 @@ def _tile(m: int) -> int:
 
 
 def _expert_rows(
-    xg: jax.Array,
-    xu: jax.Array,
+    zg: jax.Array,
+    zu: jax.Array,
+    token: np.ndarray,
     sizes: np.ndarray,
     e0: int,
     e1: int,
     mats: dict[str, np.ndarray],
 ) -> np.ndarray:
-    """The SwiGLU outputs of the sorted rows of experts [e0, e1) — inputs `xg` to the gate, `xu` to
-    the up matrices — exactly as one grouped SwiGLU over the whole layer computes them: the rows
-    are cut from the same row tiles (aligned to the same tile boundaries, other experts' rows
-    zeroed and folded into the first / last group), so every tile product is the one the
-    whole-layer call makes."""
+    """The SwiGLU outputs of the sorted rows of experts [e0, e1) — row j's inputs are row
+    `token[j]` of `zg` (to the gate) and `zu` (to the up matrices) — exactly as one grouped SwiGLU
+    over the whole layer computes them: the rows are cut from the same row tiles (aligned to the
+    same tile boundaries, other experts' rows zeroed and folded into the first / last group), so
+    every tile product is the one the whole-layer call makes. Only these experts' rows are
+    gathered: the sorted inputs of a whole top-k layer are k times the tokens'."""
     m = int(sizes.sum())
     tile = _tile(m)
     offs = np.concatenate([[0], np.cumsum(sizes)])
@@ -496,33 +498,38 @@ def _expert_rows(
     g[0] += lo - row0
     g[-1] += row1 - hi
     gs = jnp.asarray(g)
+    rows = jnp.asarray(token[lo:hi])
 
-    def cut(xs: jax.Array) -> jax.Array:
-        sub = jnp.zeros((row1 - row0, xs.shape[1]), xs.dtype)
-        return sub.at[lo - row0 : hi - row0].set(xs[lo:hi])
+    def cut(zs: jax.Array) -> jax.Array:
+        sub = jnp.zeros((row1 - row0, zs.shape[1]), zs.dtype)
+        return sub.at[lo - row0 : hi - row0].set(zs[rows])
 
-    a = grouped_matmul(cut(xg), jnp.asarray(mats["gate"]), gs)
-    h = jax.nn.silu(a) * grouped_matmul(cut(xu), jnp.asarray(mats["up"]), gs)
+    a = grouped_matmul(cut(zg), jnp.asarray(mats["gate"]), gs)
+    h = jax.nn.silu(a) * grouped_matmul(cut(zu), jnp.asarray(mats["up"]), gs)
     y = grouped_matmul(h, jnp.asarray(mats["down"]), gs)
     return np.asarray(y)[lo - row0 : hi - row0]
 
 
 def _sorted_rows(
-    xg: jax.Array,
-    xu: jax.Array,
+    zg: jax.Array,
+    zu: jax.Array,
+    token: np.ndarray,
     sizes: np.ndarray,
     chunk: int | None,
     read: Callable[[range], dict[str, np.ndarray]],
     width: int,
 ) -> np.ndarray:
-    """[M, width] outputs of every expert's sorted rows, `chunk` experts (`read`) at a time."""
-    out = np.zeros((xg.shape[0], width), np.float32)
+    """[M, width] outputs of every expert's sorted rows (row j: token `token[j]` of `zg` / `zu`),
+    `chunk` experts (`read`) at a time."""
+    out = np.zeros((len(token), width), np.float32)
     offs = np.concatenate([[0], np.cumsum(sizes)])
     step = chunk or len(sizes)
     for e0 in range(0, len(sizes), step):
         e1 = min(e0 + step, len(sizes))
         if offs[e1] > offs[e0]:
-            out[offs[e0] : offs[e1]] = _expert_rows(xg, xu, sizes, e0, e1, read(range(e0, e1)))
+            out[offs[e0] : offs[e1]] = _expert_rows(
+                zg, zu, token, sizes, e0, e1, read(range(e0, e1))
+            )
     return out
 
 
@@ -531,7 +538,8 @@ def sorted_expert_outputs(
 ) -> np.ndarray:
     """Outputs [M, D] of the original experts for their sorted rows `xs` (group sizes `sizes`),
     `chunk` experts at a time, identical to `grouped_swiglu` over the whole layer."""
-    return _sorted_rows(xs, xs, sizes, chunk, source.read, xs.shape[-1])
+    token = np.arange(xs.shape[0])
+    return _sorted_rows(xs, xs, token, sizes, chunk, source.read, xs.shape[-1])
 
 
 class StreamedExperts:
@@ -543,8 +551,8 @@ class StreamedExperts:
         self.source, self.chunk = source, chunk
 
     def __call__(self, x: jax.Array, plan) -> jax.Array:
-        sizes = np.asarray(plan.group_sizes)
-        y = sorted_expert_outputs(x[plan.token], sizes, self.source, self.chunk)
+        sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
+        y = _sorted_rows(x, x, token, sizes, self.chunk, self.source.read, x.shape[-1])
         return combine(plan, jnp.asarray(y).astype(x.dtype), x.shape[0])
 
 
@@ -586,8 +594,8 @@ class StreamedQuantizedExperts:
     def __call__(self, x: jax.Array, plan) -> jax.Array:
         qe, dt = self.experts, x.dtype
         vg, vu, ud = (qe.basis_matrix(p) for p in PROJECTIONS)
-        zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
-        zu = (x if vu is None else x @ vu.astype(dt))[plan.token]
+        zg = x if vg is None else x @ vg.astype(dt)  # per token: gathered a chunk at a time
+        zu = x if vu is None else x @ vu.astype(dt)
         pms = {p: qe.packed_matrix(p) for p in PROJECTIONS}
 
         def read(experts: range) -> dict[str, np.ndarray]:
@@ -595,8 +603,9 @@ class StreamedQuantizedExperts:
             f["down"] = np.swapaxes(f["down"], 1, 2)
             return {p: jnp.asarray(v).astype(dt) for p, v in f.items()}
 
-        sizes = np.asarray(plan.group_sizes)
-        acc = _sorted_rows(zg, zu, sizes, self.chunk, read, pms["down"].num_units // qe.num_experts)
+        sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
+        width = pms["down"].num_units // qe.num_experts
+        acc = _sorted_rows(zg, zu, token, sizes, self.chunk, read, width)
         acc = combine(plan, jnp.asarray(acc).astype(dt), x.shape[0])
         return acc if ud is None else acc @ ud.T
 
@@ -606,6 +615,6 @@ def detect_super_experts(
 ) -> list[int]:
     """`layer_problem.detect_super_experts` over a streamed layer."""
     plan = block.plan(x)
-    sizes = np.asarray(plan.group_sizes)
-    y = np.abs(sorted_expert_outputs(x[plan.token], sizes, source, chunk))
+    sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
+    y = np.abs(_sorted_rows(x, x, token, sizes, chunk, source.read, x.shape[-1]))
     return outlier_experts(y, sizes, threshold)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -204,6 +205,54 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
             "is on a "
             f"different step; check every process's log ({e})"
         ) from e
+
+
+def _exchange(name: str, value: str) -> list[str]:
+    """Every process's `value` for the exchange `name`, in process order, through the coordination
+    service's key-value store (bounded by the barrier timeout, like `barrier`). Every process must
+    make the same exchanges in the same order; `[value]` in a single-process run."""
+    client = _client()
+    if client is None or process_count() <= 1:
+        return [value]
+    _STATE["exchange_count"] = _STATE.get("exchange_count", 0) + 1
+    prefix = f"bitsmoe:{name}:{_STATE['exchange_count']}"
+    client.key_value_set(f"{prefix}:{process_index()}", value)
+    timeout_ms = max(1, int(_STATE["barrier_timeout_s"] * 1000))
+    out = []
+    for i in range(process_count()):
+        try:
+            out.append(str(client.blocking_key_value_get(f"{prefix}:{i}", timeout_ms)))
+        except Exception as e:
+            raise DistributedError(
+                f"exchange {name!r}: process {i}'s value did not arrive (process {process_index()} "
+                f"of {process_count()}): another process died, hung or is on a different step ({e})"
+            ) from e
+    return out
+
+
+def host_id() -> str:
+    """This machine: its host name and boot id (containers on one machine may share a name)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def processes_on_this_host() -> int:
+    """How many processes of the run share this machine's memory (1 in a single-process run).
+
+    Computed once, at the first call, which every process must make at the same point (the
+    drivers do it before any layer)."""
+    if "host_processes" not in _STATE:
+        ids = _exchange("host", host_id())
+        _STATE["host_processes"] = max(1, ids.count(ids[process_index()]))
+    return int(_STATE["host_processes"])
+
+
+def min_over_processes(name: str, value: int) -> int:
+    """The smallest of every process's `value` (a collective of every process: see `_exchange`)."""
+    return min(int(v) for v in _exchange(name, str(int(value))))
 
 
 def _mesh_size(shape: Any, n_devices: int) -> int:

@@ -73,6 +73,7 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
         run.num_calib_tokens,
         run.host_memory_gb,
         run.expert_chunk,
+        host_processes=distributed.processes_on_this_host(),
     )
     if progress:
         distributed.log(plan.describe(config.num_experts))

@@ -166,6 +166,7 @@ def packing_chunk(run: RunConfig, problem: LayerProblem) -> int:
         run.num_calib_tokens,
         run.host_memory_gb,
         run.expert_chunk,
+        host_processes=distributed.processes_on_this_host(),
     )
     return min(problem.num_experts, plan.chunk)
 

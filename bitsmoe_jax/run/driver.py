@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -84,6 +85,7 @@ def quantize(run: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             fingerprint.compute(run, config), run.resume, fingerprint.describe_changes
         )
     distributed.barrier("work_dir_opened")
+    distributed.processes_on_this_host()  # every process, here: later memory plans read it
     try:
         if not (
             resuming and work.all_outputs_done([b for b, _ in budgets])
@@ -133,9 +135,11 @@ def _quantize_layers(
         run.host_memory_gb,
         run.expert_chunk,
         local_devices,
+        distributed.processes_on_this_host(),
     )
-    chunk = min(plan.chunk, layout.per_device)
-    distributed.log(plan.describe(config.num_experts))
+    # rounds are collective: every process takes the smallest chunk any process planned
+    chunk = distributed.min_over_processes("expert_chunk", min(plan.chunk, layout.per_device))
+    distributed.log(dataclasses.replace(plan, chunk=chunk).describe(config.num_experts))
     # HF directories: experts are read a chunk at a time from their bytes, never as a layer.
     streamed = checkpoint_kind(run.model_path) == "hf"
     ckpt = HFCheckpoint(run.model_path) if streamed else None

@@ -2,6 +2,8 @@
 
 MODE "barrier": join, then wait at barriers "after_join" and "layer_0_committed" (a 3 s deadline).
 MODE "die": join, pass "after_join", then exit at once (a crashed or preempted host).
+MODE "exchange": join, then print how many processes share this host and the smallest of every
+process's 10 + PROCESS_ID (the memory plan's two collectives).
 Exit status 0 on success; a DistributedError is printed with its message and exits 3.
 """
 
@@ -28,6 +30,10 @@ def main() -> int:
     try:
         distributed.initialize(distributed.DistributedConfig(**cfg.distributed.to_dict()))
         distributed.barrier("after_join")
+        if mode == "exchange":
+            hosts = distributed.processes_on_this_host()
+            low = distributed.min_over_processes("chunk", 10 + pid)
+            print(f"process {pid}: {hosts} on this host, min {low}", flush=True)
         if mode == "die" and pid == 1:
             os._exit(0)  # no shutdown, no goodbye: the coordinator only sees its heartbeats stop
         distributed.barrier("layer_0_committed", timeout_s=3.0)

@@ -45,3 +45,14 @@ def test_unreachable_coordinator_is_named_after_the_timeout():
     assert p.returncode == 3, out[-3000:]
     assert f"DistributedError: coordinator localhost:{port} unreachable for 3 s" in out, out[-3000:]
     assert "initialization_timeout" in out
+
+
+def test_processes_on_one_host_agree_on_their_share_and_chunk():
+    """Both processes of a localhost run see 2 processes on this host (each plans with half its
+    memory) and the same, smallest, chunk (rounds are collective)."""
+    port = free_port()
+    procs = [start(i, port, "exchange", 20) for i in range(2)]
+    outs = [p.communicate(timeout=DEADLINE_S)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, out[-3000:]
+        assert f"process {i}: 2 on this host, min 10" in out, out[-3000:]

@@ -240,6 +240,10 @@ def test_chunk_plan():
         == plan_chunk(7168, 2048, 64, 4096, 24, None).chunk
     )
     assert "memory plan: 3 of 8 experts" in plan_chunk(64, 48, 8, 1024, 24, 3).describe(8)
+    # two processes on one machine: each plans with half of it, so holds about half the experts
+    one, two = (plan_chunk(2048, 768, 128, 4096, 24, None, host_processes=n) for n in (1, 2))
+    assert two.budget_bytes == one.budget_bytes // 2 and 1 <= two.chunk <= (one.chunk + 1) // 2
+    assert "each of its 2 processes" in two.describe(128)
 
 
 def test_calibration_inputs_are_kept_for_error_feedback(layer):
