@@ -42,7 +42,7 @@ def _bitsmoe(tmp_path_factory, name: str, method: str = "bitsmoe", **overrides) 
     c.model_path = str(MODEL)
     c.output_dir = str(tmp_path_factory.mktemp("q") / name)
     c.budget_bits = (2.0,)
-    c.num_calib_tokens = 8192
+    c.num_calib_tokens = 4096
     c.seq_len = SEQ
     c.eval_max_tokens = EVAL_TOKENS
     for k, v in overrides.items():
