@@ -2,7 +2,7 @@
 side in one run, on the same machine, checkpoint, calibration and thread count.
 
     python bench/quantize_speed.py [--dims qwen3-30b-a3b] [--tokens 4096] [--bits 2.0]
-        [--work /tmp/bitsmoe_speed] [--quality]
+        [--work /tmp/bitsmoe_speed] [--quality | --quality-only]
 
 A synthetic one-layer checkpoint at the expert dimensions of a real model (`bench/memory.py`'s
 `REAL_DIMS`, random bf16 weights, written tensor by tensor) is quantized by the real command
@@ -175,9 +175,11 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bitsmoe_speed")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     p.add_argument("--quality", action="store_true", help="also the KL check on the shipped model")
+    p.add_argument("--quality-only", action="store_true", help="only the KL check")
     args = p.parse_args()
-    speed(args)
-    if args.quality:
+    if not args.quality_only:
+        speed(args)
+    if args.quality or args.quality_only:
         quality(args)
 
 
