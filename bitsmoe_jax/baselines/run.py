@@ -185,6 +185,17 @@ class BaselineQuantizer:
             mats = source.read(range(e0, e1))
             yield e0, e1, self.quantize_chunk(layer, mats, e0, x, idx, w, kernel)
 
+    def quantized_layer(self, *args: Any) -> dict[str, np.ndarray]:
+        """The layer's quantized experts as whole float32 arrays (what a baseline output stores),
+        filled a chunk at a time by `quantize_layer(*args)`."""
+        out: dict[str, np.ndarray] = {}
+        for e0, e1, mats in self.quantize_layer(*args):
+            for p, m in mats.items():
+                if p not in out:
+                    out[p] = np.empty((args[1].num_experts, *m.shape[1:]), np.float32)
+                out[p][e0:e1] = m
+        return out
+
     def info(self) -> dict[str, Any]:
         if self.method == "expertwise":
             g = self.group_size
@@ -243,14 +254,7 @@ def run_baseline(
     def q(i, block, x):
         ex = block.experts
         source = ArraySource(*(np.asarray(v[...]) for v in (ex.gate, ex.up, ex.down)))
-        out = {
-            p: np.empty(np.shape(getattr(source, p)), np.float32) for p in ("gate", "up", "down")
-        }
-        for e0, e1, mats in quantizer.quantize_layer(
-            i, source, None, x, block.router, block.router.kernel[...]
-        ):
-            for p in out:
-                out[p][e0:e1] = mats[p]
+        out = quantizer.quantized_layer(i, source, None, x, block.router, block.router.kernel[...])
         _set_experts(block, out["gate"], out["up"], out["down"])
 
     sequential_quantize(model, calib, q)

@@ -143,8 +143,8 @@ def plan_chunk(
         if host_memory_gb
         else int(0.9 * available_memory_bytes())
     )
-    budget = host // max(1, int(host_processes))
     shared = max(1, int(host_processes))
+    budget = host // shared
     if expert_chunk:
         return ChunkPlan(int(expert_chunk), per, fixed, budget, False, local_devices, shared)
     fit = int(IN_FLIGHT_FRACTION * budget) // max(per * max(local_devices, 1), 1)

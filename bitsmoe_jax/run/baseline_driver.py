@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from bitsmoe_jax.baselines.kquants import check_contractions
 from bitsmoe_jax.baselines.run import BaselineQuantizer, baseline_quantizer
@@ -25,7 +24,7 @@ from bitsmoe_jax.models.transformer import attention_part
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run.budgets import budget_dirs, release_layer_executables
 from bitsmoe_jax.run.config_schema import RunConfig
-from bitsmoe_jax.run.expert_reader import CheckpointSource
+from bitsmoe_jax.run.expert_reader import layer_source
 from bitsmoe_jax.run.inputs import calibration_tokens
 from bitsmoe_jax.run.outputs import (
     WrittenBody,
@@ -127,13 +126,7 @@ def _write_baseline(
             continue
         i = int(name)
         t_layer = time.time()
-        source = None
-        if i in config.moe_layers:
-            if streamed:
-                source = CheckpointSource(run.model_path, i, config, ckpt)
-            else:
-                held = part["mlp"].pop("experts")
-                source = ArraySource(held["gate"], held["up"], held["down"])
+        source = layer_source(run.model_path, i, config, ckpt, part)
         layer = build_layer(config, i, part)
         dense = to_dtype(strip_experts(part), run.dense_dtype)
         dense_params += num_params(dense)
@@ -142,16 +135,9 @@ def _write_baseline(
         if source is not None:
             block: MoEBlock = layer.mlp
             d, f, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
-            out = {
-                "gate": np.empty((e, d, f), np.float32),
-                "up": np.empty((e, d, f), np.float32),
-                "down": np.empty((e, f, d), np.float32),
-            }
-            for e0, e1, mats in quantizer.quantize_layer(
+            out = quantizer.quantized_layer(
                 i, source, chunk, moe_in.reshape(-1, d), block.router, block.router.kernel[...]
-            ):
-                for p in out:
-                    out[p][e0:e1] = mats[p]
+            )
             expert_weights += 3 * e * d * f
             block.experts = StreamedExperts(ArraySource(out["gate"], out["up"], out["down"]), chunk)
             dense.setdefault("mlp", {})["experts"] = out

@@ -14,7 +14,7 @@ import numpy as np
 
 from bitsmoe_jax.loading import checkpoint_kind, iter_model_parts, model_config
 from bitsmoe_jax.method import sharded
-from bitsmoe_jax.method.expert_source import ArraySource, plan_chunk
+from bitsmoe_jax.method.expert_source import plan_chunk
 from bitsmoe_jax.method.layer_problem import allocate_layers
 from bitsmoe_jax.method.streamed import (
     StreamedExperts,
@@ -34,7 +34,7 @@ from bitsmoe_jax.run.budgets import (
     release_layer_executables,
 )
 from bitsmoe_jax.run.config_schema import RunConfig
-from bitsmoe_jax.run.expert_reader import CheckpointSource
+from bitsmoe_jax.run.expert_reader import layer_source
 from bitsmoe_jax.run.inputs import calibration_tokens
 from bitsmoe_jax.run.outputs import finished_reports, strip_experts, to_dtype, write_outputs
 from bitsmoe_jax.run.progress import LayerProgress
@@ -164,13 +164,7 @@ def _quantize_layers(
             continue  # committed by an earlier run (streamed past: the checkpoint is read in order)
         t0 = time.time()
         stages = defaultdict(float)
-        source = None
-        if i in config.moe_layers:
-            if streamed:
-                source = CheckpointSource(run.model_path, i, config, ckpt)
-            else:
-                held = part["mlp"].pop("experts")
-                source = ArraySource(held["gate"], held["up"], held["down"])
+        source = layer_source(run.model_path, i, config, ckpt, part)
         layer = build_layer(config, i, part)
         resid, moe_in = attention_part(layer, x, config)
         stages["forward"] += time.time() - t0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitsmoe_jax.method.expert_source import PROJECTION_NAMES
+from bitsmoe_jax.method.expert_source import PROJECTION_NAMES, ArraySource, ExpertSource
 from bitsmoe_jax.models.config import ModelConfig
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
 from conversion.key_maps import expert_matrices
@@ -65,3 +65,18 @@ class CheckpointSource:
         finally:
             self._ckpt.release()
         return out
+
+
+def layer_source(
+    path: str | Path, index: int, config: ModelConfig, ckpt: HFCheckpoint | None, part: dict
+) -> ExpertSource | None:
+    """Where layer `index`'s routed experts are read from, or None for a dense layer: the
+    checkpoint's bytes (`ckpt` given: a Hugging Face directory streamed without its experts), or
+    the experts of the layer's params `part` (a converted checkpoint), popped so the dense params
+    are what remains."""
+    if index not in config.moe_layers:
+        return None
+    if ckpt is not None:
+        return CheckpointSource(path, index, config, ckpt)
+    held = part["mlp"].pop("experts")
+    return ArraySource(held["gate"], held["up"], held["down"])
