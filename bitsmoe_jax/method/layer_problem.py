@@ -302,31 +302,48 @@ def bases_from_grams(
     if kind == "none":
         eye = np.eye(hidden, dtype=np.float32)
         return {p: {} for p in PROJECTIONS}, {p: eye for p in PROJECTIONS}
-    grams = {p: jnp.asarray(g) for p, g in grams.items()}
-    c_half = c_inv_half = None
-    if kind == "whitened":
-        if x is None:
-            raise ValueError("the whitened basis needs the calibration inputs x")
-        c_half, c_inv_half = _whitening(x)
+    whitening = basis_whitening(kind, x)
     stored, deq = {}, {}
     for p in PROJECTIONS:
-        if c_half is not None and p != "down":
-            g = c_half @ np.asarray(grams[p], np.float64) @ c_half
-            v, _ = basis_lib.basis_from_gram(jnp.asarray(g, jnp.float32), rank)
-            # C^{-1/2}V spans, prefix by prefix, the directions that matter most for the layer
-            # output; orthonormalise it (QR keeps every leading span) so that it stores at 8 bits
-            # like the SVD basis — unnormalised, its rows span a dynamic range int8 rows cannot
-            # hold.
-            q, r = np.linalg.qr(c_inv_half @ np.asarray(v, np.float64))
-            v = jnp.asarray(q * np.sign(np.diag(r))[None, :], jnp.float32)
-        else:
-            v, _ = basis_lib.basis_from_gram(grams[p], rank)
-        st, dq = basis_lib.quantize_basis(v, basis_bits)
-        stored[p] = {"q": np.asarray(st.values)} | (
-            {"scale": np.asarray(st.scales)} if st.scales is not None else {}
-        )
-        deq[p] = np.asarray(dq, np.float32)
+        stored[p], deq[p] = projection_basis(p, grams[p], rank, basis_bits, whitening)
     return stored, deq
+
+
+def basis_whitening(kind: str, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(C^{1/2}, C^{-1/2}) for kind="whitened" (`projection_basis`), None for the other kinds."""
+    if kind != "whitened":
+        return None
+    if x is None:
+        raise ValueError("the whitened basis needs the calibration inputs x")
+    return _whitening(x)
+
+
+def projection_basis(
+    p: str,
+    gram: np.ndarray,
+    rank: int | None,
+    basis_bits: int,
+    whitening: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One projection's (stored, dequantized) basis from its Gram matrix: a streamed layer builds
+    each as soon as its Gram is summed, so only one D×D Gram is alive at a time."""
+    if whitening is not None and p != "down":
+        c_half, c_inv_half = whitening
+        g = c_half @ np.asarray(gram, np.float64) @ c_half
+        v, _ = basis_lib.basis_from_gram(jnp.asarray(g, jnp.float32), rank)
+        # C^{-1/2}V spans, prefix by prefix, the directions that matter most for the layer
+        # output; orthonormalise it (QR keeps every leading span) so that it stores at 8 bits
+        # like the SVD basis — unnormalised, its rows span a dynamic range int8 rows cannot
+        # hold.
+        q, r = np.linalg.qr(c_inv_half @ np.asarray(v, np.float64))
+        v = jnp.asarray(q * np.sign(np.diag(r))[None, :], jnp.float32)
+    else:
+        v, _ = basis_lib.basis_from_gram(jnp.asarray(gram), rank)
+    st, dq = basis_lib.quantize_basis(v, basis_bits)
+    stored = {"q": np.asarray(st.values)} | (
+        {"scale": np.asarray(st.scales)} if st.scales is not None else {}
+    )
+    return stored, np.asarray(dq, np.float32)
 
 
 def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> list[int]:

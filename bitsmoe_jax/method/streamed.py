@@ -45,8 +45,10 @@ from bitsmoe_jax.method.expert_source import ExpertSource
 from bitsmoe_jax.method.layer_problem import (
     LayerProblem,
     bases_from_grams,
+    basis_whitening,
     dequantized_basis,
     outlier_experts,
+    projection_basis,
 )
 from bitsmoe_jax.method.packing import (
     PackedMatrix,
@@ -95,7 +97,8 @@ def streamed_bases(
     if params.basis == "none":
         return bases_from_grams({}, config.hidden_size, params.rank, params.basis_bits, "none")
     shapes = _shapes(config)
-    grams = {}
+    whitening = basis_whitening(params.basis, x)
+    stored, deq = {}, {}
     for p in PROJECTIONS:
         acc = sharded.GramAccumulator(layout, p == "down")
         for rnd in rounds:
@@ -105,10 +108,12 @@ def streamed_bases(
             timings["read"] += time.time() - t
             acc.add_round(rnd, mats.__getitem__, shapes[p])
             del mats
-        grams[p] = acc.result()
-    return bases_from_grams(
-        grams, config.hidden_size, params.rank, params.basis_bits, params.basis, x
-    )
+        # This projection's basis before the next Gram: one D×D Gram alive at a time.
+        stored[p], deq[p] = projection_basis(
+            p, acc.result(), params.rank, params.basis_bits, whitening
+        )
+        del acc
+    return stored, deq
 
 
 class _Routing:
