@@ -28,6 +28,7 @@ STAGES = (
     ("bitsmoe_jax.method.streamed", "_chunk_stats"),
     ("bitsmoe_jax.method.streamed", "round_and_pack"),
     ("bitsmoe_jax.method.streamed", "_sorted_rows"),
+    ("bitsmoe_jax.method.streamed", "_combined_rows"),
     ("bitsmoe_jax.method.streamed", "detect_super_experts"),
     ("bitsmoe_jax.run.driver", "build_problem"),
     ("bitsmoe_jax.run.driver", "allocate_layers"),

@@ -50,6 +50,12 @@ class MethodConfig:
     #: seed of the sampled coefficients
     seed: int = 0
 
+    def basis_rank(self, hidden: int) -> int:
+        """Columns of each stored [D, r] shared basis (0 when there is no basis)."""
+        if self.basis == "none":
+            return 0
+        return hidden if self.rank is None else min(int(self.rank), hidden)
+
     def allocator_options(self) -> dict[str, object]:
         """Keyword arguments of `method.allocate.allocate` (and `layer_problem.allocate_layers`)."""
         return {

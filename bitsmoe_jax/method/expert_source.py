@@ -70,6 +70,13 @@ def expert_working_bytes(hidden: int, inter: int, routed_rows: int) -> int:
     return int(6.5 * one + 4 * routed_rows * (hidden + 3 * inter))
 
 
+def layer_basis_bytes(hidden: int, rank: int) -> int:
+    """Host bytes of a layer's three [D, r] bases while its experts are worked on: int8 codes (1),
+    the dequantized float32 basis (4) and the float32 inverse the factors are fitted with (4) —
+    at hidden 7168 and full rank 1.3 GiB, more than a DeepSeek-V3 expert in flight."""
+    return 3 * hidden * max(int(rank), 0) * 9
+
+
 def available_memory_bytes() -> int:
     """MemAvailable of /proc/meminfo (or the physical memory where there is none)."""
     try:
@@ -124,6 +131,7 @@ def plan_chunk(
     expert_chunk: int | None,
     local_devices: int = 1,
     host_processes: int = 1,
+    basis_rank: int = 0,
 ) -> ChunkPlan:
     """Experts per device per round: `expert_chunk` if set, else as many as fit in
     `IN_FLIGHT_FRACTION` of this process's share of `host_memory_gb` (default: the memory available
@@ -135,9 +143,12 @@ def plan_chunk(
     chunk, so larger chunks save only dispatch and read calls, while the peak grows with them; a
     chunk that does not depend on the number of experts keeps a 256-expert layer's peak at a
     16-expert layer's.
+
+    `basis_rank`: the rank of the layer's three shared bases (0: no bases, a baseline), whose
+    stored, dequantized and inverted copies are alive through the layer whatever the chunk.
     """
     per = expert_working_bytes(hidden, inter, 2 * calib_rows // max(num_experts, 1))
-    fixed = (1 << 30) + 6 * calib_rows * hidden * 4
+    fixed = (1 << 30) + 6 * calib_rows * hidden * 4 + layer_basis_bytes(hidden, basis_rank)
     host = (
         int(float(host_memory_gb) * (1 << 30))
         if host_memory_gb

@@ -167,6 +167,7 @@ def packing_chunk(run: RunConfig, problem: LayerProblem) -> int:
         run.host_memory_gb,
         run.expert_chunk,
         host_processes=distributed.processes_on_this_host(),
+        basis_rank=run.params.basis_rank(problem.hidden),
     )
     return min(problem.num_experts, plan.chunk)
 

@@ -136,6 +136,7 @@ def _quantize_layers(
         run.expert_chunk,
         local_devices,
         distributed.processes_on_this_host(),
+        basis_rank=run.params.basis_rank(config.hidden_size),
     )
     # rounds are collective: every process takes the smallest chunk any process planned
     chunk = distributed.min_over_processes("expert_chunk", min(plan.chunk, layout.per_device))
@@ -167,12 +168,16 @@ def _quantize_layers(
         source = layer_source(run.model_path, i, config, ckpt, part)
         layer = build_layer(config, i, part)
         resid, moe_in = attention_part(layer, x, config)
+        # The layer's input and its attention weights are done with: at hidden 7168 they are
+        # 0.6 GiB of float32 that would otherwise stay alive through the whole MoE layer's work.
+        is_moe, mlp = layer.is_moe, layer.mlp
+        layer = x = None
         stages["forward"] += time.time() - t0
         dense = to_dtype(strip_experts(part), run.dense_dtype)
         del part
         packed = problem = scratch = None
-        if layer.is_moe:
-            block: MoEBlock = layer.mlp
+        if is_moe:
+            block: MoEBlock = mlp
             problem = build_problem(
                 i,
                 block,
@@ -215,7 +220,7 @@ def _quantize_layers(
             x = resid + block(moe_in)
         else:
             t = time.time()
-            x = resid + layer.mlp(moe_in)
+            x = resid + mlp(moe_in)
         stages["forward"] += time.time() - t
         faults.point("layer_computed")
         t = time.time()
@@ -226,7 +231,7 @@ def _quantize_layers(
             scratch.remove()  # committed (linked into the layer) or already dropped
         stages["commit"] += time.time() - t
         bar.layer_done(i, time.time() - t0, dict(stages))
-        layer = block = problem = packed = dense = resid = moe_in = source = scratch = (
+        mlp = block = problem = packed = dense = resid = moe_in = source = scratch = (
             None  # before the next layer is read
         )
         release_layer_executables()

@@ -190,11 +190,16 @@ def test_streamed_expert_outputs_equal_grouped_swiglu(layer):
             x[plan.token], sizes, ArraySource(gate, up, down), chunk
         )
         np.testing.assert_array_equal(out, ref)
-    streamed_block = streamed.StreamedExperts(ArraySource(gate, up, down), 2)
-    np.testing.assert_array_equal(
-        np.asarray(streamed_block(x, plan)),
-        np.asarray(combine(plan, jnp.asarray(ref), x.shape[0])),
-    )
+    # the block's output, combined chunk by chunk, is combine's over all sorted rows, bit for bit
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xd = x.astype(dtype)
+        rows = grouped_swiglu(xd[plan.token], plan.group_sizes, gate, up, down)
+        want = np.asarray(combine(plan, rows.astype(dtype), x.shape[0]))
+        for chunk in (1, 2, 3, None):
+            streamed_block = streamed.StreamedExperts(ArraySource(gate, up, down), chunk)
+            np.testing.assert_array_equal(
+                np.asarray(streamed_block(xd, plan)), want, err_msg=f"{dtype} {chunk}"
+            )
 
 
 def test_super_expert_detection_streamed_equals_the_whole_layer(layer):
