@@ -196,7 +196,7 @@ def real_dims(
     print("|---|---|---|---|---|")
     for r in rows:
         layers, experts = WHOLE_MODEL[r["name"]]
-        per_layer = r["seconds"] * experts / REAL_DIMS[r["name"]]["experts"]
+        per_layer = layer_seconds(r, by, experts)
         pk = gib(r["peak_rss_bytes"])
         print(
             f"| {r['name']} | {layers} | {pk} | {layers * per_layer / 3600:.1f} h | "
@@ -204,6 +204,23 @@ def real_dims(
         )
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def layer_seconds(r: dict, by: dict[str, dict], experts: int) -> float:
+    """One whole-model layer's time from a stand-in's. With both DeepSeek-V3 stand-ins measured,
+    the time is split into a fixed part (bases' eigendecompositions and inverses, attention,
+    allocation) and a per-expert part from their difference, and extrapolated as fixed + 256 ×
+    per-expert; otherwise as if all of it grew with the experts (an upper bound)."""
+    lo, hi = by.get("deepseek-v3-e16"), by.get("deepseek-v3-e64")
+    if r["name"].startswith("deepseek-v3") and lo and hi:
+        e_lo, e_hi = (
+            REAL_DIMS["deepseek-v3-e16"]["experts"],
+            REAL_DIMS["deepseek-v3-e64"]["experts"],
+        )
+        per = max(hi["seconds"] - lo["seconds"], 0.0) / (e_hi - e_lo)
+        fixed = max(lo["seconds"] - e_lo * per, 0.0)
+        return fixed + experts * per
+    return r["seconds"] * experts / REAL_DIMS[r["name"]]["experts"]
 
 
 def gib(n: float) -> str:

@@ -1,8 +1,7 @@
 """`python -m bitsmoe_jax.quantize --config configs/<model>.py [--config.field=value ...]`.
 
 Quantizes a Hugging Face (or converted) MoE checkpoint with BitsMoE and writes, per budget, a packed
-quantized checkpoint with `report.json` / `report.md`. Every field, its default and what it does:
-docs/quantizing.md (or `bitsmoe_jax/run/config_schema.py`).
+quantized checkpoint with `report.json` / `report.md`. More on every field: docs/quantizing.md.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import sys
 from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.method.allocate import BudgetError
 from bitsmoe_jax.parallel.distributed import DistributedError
-from bitsmoe_jax.run.config_schema import run_config
+from bitsmoe_jax.run.config_schema import config_help, run_config
 from bitsmoe_jax.run.entry import run_quantization
 from bitsmoe_jax.run.evaluation import print_summary
 
@@ -20,8 +19,7 @@ from bitsmoe_jax.run.evaluation import print_summary
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
+        return _print_help(argv)
     try:
         cfg, rest = parse_config_args(argv)
         if rest:
@@ -43,6 +41,23 @@ def main(argv: list[str] | None = None) -> int:
         print(print_summary(r))
     if pareto is not None:
         print(f"Pareto table: {pareto}")
+    return 0
+
+
+def _print_help(argv: list[str]) -> int:
+    """The usage and every config field with its default (the config file's value when `--config
+    FILE` is given too, else the built-in default)."""
+    cfg, source = None, "built-in defaults"
+    if "--config" in argv:
+        try:
+            cfg, _ = parse_config_args([a for a in argv if a not in ("-h", "--help")])
+            source = f"values in {argv[argv.index('--config') + 1]}"
+        except (ValueError, FileNotFoundError, AttributeError, IndexError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print(__doc__.strip())
+    print(f"\nConfig fields (--config.field=value; shown: {source}):")
+    print(config_help(cfg))
     return 0
 
 

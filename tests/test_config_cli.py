@@ -233,3 +233,46 @@ def test_quantize_main_missing_model_exits_2(capsys, tmp_path):
 def test_quantize_main_help(capsys):
     assert quantize.main(["--help"]) == 0
     assert "--config" in capsys.readouterr().out
+
+
+def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted leaf fields of a plain nested dict (the reference for --help's field list)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _leaves(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _help_lines(capsys, *argv: str) -> dict[str, str]:
+    assert quantize.main([*argv, "--help"]) == 0
+    text = capsys.readouterr().out
+    lines: dict[str, str] = {}
+    rows = text.splitlines()
+    for i, row in enumerate(rows):
+        if row.startswith("  --config."):
+            flag, _, help_text = row.strip().partition("  ")
+            if not help_text.strip() and i + 1 < len(rows):  # a long flag: help on the next line
+                help_text = rows[i + 1]
+            lines[flag] = help_text.strip()
+    return lines
+
+
+def test_help_lists_every_field_with_its_default_and_a_line_of_help(capsys):
+    fields = _leaves(default_config().to_dict())
+    lines = _help_lines(capsys)
+    assert len(lines) == len(fields)
+    for name, value in fields.items():
+        shown = (value or "''") if isinstance(value, str) else repr(value)
+        flag = f"--config.{name}={shown}"
+        assert flag in lines, f"{flag} missing from --help"
+        assert len(lines[flag]) > 10, f"{name}: no help line"
+
+
+def test_help_with_a_config_file_shows_its_values(capsys):
+    lines = _help_lines(capsys, "--config", TINY)
+    assert "--config.budget_bits=(2.0, 2.5, 3.0)" in lines
+    assert quantize.main(["--config", "no_such_config.py", "--help"]) == 2
+    assert "no_such_config.py" in capsys.readouterr().err

@@ -100,6 +100,90 @@ def distributed_config() -> ml_collections.ConfigDict:
     return d
 
 
+# One line per field for `python -m bitsmoe_jax.quantize --help` (docs/quantizing.md says more).
+FIELD_HELP: dict[str, str] = {
+    "model_path": "Hugging Face directory (config.json, safetensors or .bin) or converted model",
+    "output_dir": "where the quantized checkpoint goes (one bpw_X.XX/ per budget when several)",
+    "overwrite": "replace an existing output directory (False: refuse to)",
+    "resume": "continue from the work directory's committed layers (False: start over)",
+    "work_dir": 'committed layers of an unfinished run ("": OUTPUT_DIR.partial)',
+    "method": "bitsmoe, or a baseline: " + ", ".join(m for m in METHODS if m != "bitsmoe"),
+    "budget_bits": "bits per original expert weight, every stored bit counted; several: one each",
+    "budget_scope": "layer (each MoE layer meets the budget) or model (one allocation overall)",
+    "calib_text": "calibration text: a .txt/.txt.gz path or a shipped name",
+    "num_calib_tokens": "calibration tokens (windows of seq_len)",
+    "seq_len": "calibration window length in tokens",
+    "sequential": "calibrate layer i on the outputs of the already quantized layers before it",
+    "min_tokens": "experts routed fewer calibration tokens are calibrated on every token",
+    "expert_mass_floor": "floor on an expert's loss weight, as a fraction of the mean expert's",
+    "candidate_bits": "bit-widths a spectral component may get (0 = dropped, 16 = bf16)",
+    "group_size": "values per bf16 scale of the factors",
+    "basis": "svd (shared basis from the weights), whitened or none (ablations)",
+    "loss_weighting": "token_sum (routing frequency counts) or expert_mean (ablation)",
+    "basis_bits": "stored precision of the shared bases: 8 (int8 + bf16 row scales) or 16",
+    "rank": "components kept in the shared bases (None: full rank)",
+    "coefficient_mode": "exact (every component at every width) or sampled (faster)",
+    "rounding": "gptq (error feedback in component space) or nearest (faster)",
+    "allocator": "auto, milp (CVXPY + HiGHS, exact) or greedy (convex hulls, certified gap)",
+    "milp_max_units": 'largest allocation "auto" gives the MILP',
+    "milp_time_limit": "seconds HiGHS may spend on one allocation",
+    "super_experts": 'experts kept at super_expert_bits: indices, {layer: indices} or "auto"',
+    "super_expert_bits": "bits of super experts: 8 or 16",
+    "super_expert_threshold": '"auto": peak |output| above this × the median expert\'s',
+    "dense_dtype": "storage of the non-expert weights: bfloat16, float16 or float32",
+    "eval_text": 'evaluation text after quantizing ("": no evaluation)',
+    "eval_max_tokens": "evaluate on at most this many tokens (None: the whole text)",
+    "eval_batch_size": "evaluation windows per forward pass",
+    "seed": "seed of the sampled coefficients",
+    "mesh_shape": "devices on the expert axis: () every device, or (n,)",
+    "host_memory_gb": "memory the expert chunks are sized by (None: available at the start)",
+    "expert_chunk": "experts per device at a time (None: sized by host_memory_gb)",
+    "distributed.auto": "TPU pod / SLURM / Open MPI: JAX detects coordinator, count and id",
+    "distributed.coordinator_address": '"host:port" of process 0 (explicit multi-process)',
+    "distributed.num_processes": "processes of the run",
+    "distributed.process_id": "this process's index",
+    "distributed.initialization_timeout": "seconds to wait for every process to join",
+    "distributed.heartbeat_timeout": "seconds of silence after which a peer is declared dead",
+    "distributed.barrier_timeout": "seconds a process waits at a barrier for a stuck peer",
+}
+
+
+def config_fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf field of `cfg` as (dotted name, value), in the config's order."""
+    out: list[tuple[str, Any]] = []
+    for key in cfg.keys():
+        value = cfg[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            out += config_fields(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
+def config_help(cfg: ml_collections.ConfigDict | None = None) -> str:
+    """`--config.field=VALUE  help` for every field of `cfg` (default: `default_config()`), VALUE
+    being the field's value there — the default a run with that config file gets."""
+    fields = config_fields(default_config() if cfg is None else cfg)
+    rows = [
+        (f"--config.{name}={_shown(value)}", FIELD_HELP.get(name, "")) for name, value in fields
+    ]
+    width = 44  # a longer flag (a path) puts its help on the next line
+    lines = []
+    for flag, text in rows:
+        if len(flag) > width:
+            lines += [f"  {flag}", f"  {'':{width}}  {text}".rstrip()]
+        else:
+            lines.append(f"  {flag:{width}}  {text}".rstrip())
+    return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A value as it is typed on the command line (strings unquoted, the empty one as '')."""
+    if isinstance(value, str):
+        return value if value else "''"
+    return repr(value)
+
+
 def _is_bits_tuple(v: Any) -> bool:
     return (
         isinstance(v, (tuple, list))
