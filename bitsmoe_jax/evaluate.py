@@ -286,7 +286,11 @@ def evaluate_paths(
                     f"the reference {ref_dir} and the model {model_dir} have different tokenizers"
                 )
 
-    tokens = data.tokenize_text(tokenizer, data.read_text(text_path))
+    try:
+        raw_text = data.read_text(text_path)
+    except ValueError as err:  # not UTF-8: the message names the file and the byte
+        raise EvaluationInputError(f"text: {err}") from None
+    tokens = data.tokenize_text(tokenizer, raw_text)
     if tokens.shape[0] < 2:
         raise EvaluationInputError(
             f"text {text_path} has {tokens.shape[0]} token(s); need at least 2"

@@ -8,6 +8,7 @@ it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,39 @@ def test_help_with_a_config_file_shows_its_values(capsys):
     assert "--config.budget_bits=(2.0, 2.5, 3.0)" in lines
     assert quantize.main(["--config", "no_such_config.py", "--help"]) == 2
     assert "no_such_config.py" in capsys.readouterr().err
+
+
+def test_non_utf8_calibration_text_is_named_and_leaves_nothing(tmp_path, capsys):
+    """A Latin-1 text: one message naming the file and the byte, exit 2, no output or work dir."""
+    calib = tmp_path / "latin1.txt"
+    calib.write_bytes("Caf\u00e9 au lait, na\u00efve r\u00e9sum\u00e9. ".encode("latin-1") * 50)
+    out = tmp_path / "out"
+    rc = quantize.main(
+        [
+            "--config",
+            TINY,
+            f"--config.calib_text={calib}",
+            f"--config.output_dir={out}",
+            "--config.eval_text=",
+            "--config.budget_bits=2.0",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(calib) in err and "not UTF-8" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt"]
+
+
+def test_calibration_text_reuse_warns_with_the_counts(tmp_path):
+    from bitsmoe_jax.io.data import load_tokenizer, tokenize_text
+    from bitsmoe_jax.run.inputs import CalibrationReuseWarning, calibration_tokens
+
+    model_path = parsed().model_path  # the shipped model
+    text = tmp_path / "short.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    n_ids = len(tokenize_text(load_tokenizer(model_path), text.read_text()))
+    with pytest.warns(CalibrationReuseWarning, match=f"has {n_ids} tokens but 2048 were asked"):
+        calibration_tokens(model_path, str(text), 2048, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a long enough text: no warning
+        calibration_tokens(model_path, str(text), 64, 64)

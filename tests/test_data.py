@@ -114,7 +114,7 @@ def test_resolve_text_errors(tmp_path) -> None:
         resolve_text(wrong)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9".encode("latin-1"))
-    with pytest.raises(UnicodeDecodeError):
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(byte 3: b'\\xe9'\)"):
         read_text(bad)
 
 

@@ -320,6 +320,16 @@ def test_missing_text(tmp_path, capsys):
     assert rc == 2 and "missing.txt" in err and "shakespeare_test" in err  # lists the shipped names
 
 
+def test_non_utf8_text_is_named(tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("na\u00efve caf\u00e9 ".encode("latin-1") * 20)
+    rc = main(["--model", str(MODEL_DIR), "--text", str(text)])
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and str(text) in err and "not UTF-8" in err and "byte 2" in err
+    )  # n, a, then ï (0xef)
+
+
 def test_missing_tokenizer(tmp_path, capsys):
     rc = main(["--model", str(_model_without_tokenizer(tmp_path)), "--text", "shakespeare_test"])
     err = capsys.readouterr().err

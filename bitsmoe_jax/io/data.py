@@ -114,7 +114,13 @@ def read_text(name_or_path: str | os.PathLike[str]) -> str:
             raw = fh.read()
     else:
         raw = path.read_bytes()
-    return raw.decode("utf-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> tokenizers.Tokenizer:

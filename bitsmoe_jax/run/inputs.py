@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,21 @@ def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int
         raise ValueError(
             f"calibration text {text!r} has {len(ids)} tokens, fewer than seq_len={seq_len}"
         )
+    if n * seq_len > len(ids):
+        warnings.warn(
+            f"calibration text {text!r} has {len(ids)} tokens but {n * seq_len} were asked for "
+            f"({n} windows of {seq_len}): the windows overlap and each token is used "
+            f"{n * seq_len / len(ids):.1f} times on average; give a longer text or lower "
+            "num_calib_tokens",
+            CalibrationReuseWarning,
+            stacklevel=2,
+        )
     starts = np.linspace(0, len(ids) - seq_len, n).astype(np.int64)
     return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32)
+
+
+class CalibrationReuseWarning(UserWarning):
+    """The calibration text is shorter than the tokens asked for: tokens are reused."""
 
 
 def evaluation_inputs(run: RunConfig) -> tuple[np.ndarray, Any]:
