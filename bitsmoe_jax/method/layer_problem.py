@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -204,14 +205,13 @@ def allocate_layers(
                 sb_col = list(group[0].coeffs.candidates).index(group[0].super_bits)
                 cheapest = np.where(fixed, cost[:, sb_col], cheapest)
             minimum = (float(cheapest.sum()) + overhead) / nw
+            # one unit throughout (bits per expert weight), not the allocator's total bits
             raise BudgetError(
                 f"budget {budget_bits} bits per expert weight is below the minimum of "
-                f"{minimum:.4f} bits per "
-                f"expert weight that layers {[p.index for p in group]} need (shared bases and "
-                "permutations "
-                f"{overhead / nw:.4f} + every unit at its cheapest bit-width "
-                f"{float(cheapest.sum()) / nw:.4f}); "
-                f"allocator: {e}"
+                f"{minimum:.4f} bits per expert weight that layers {[p.index for p in group]} "
+                f"need (shared bases and permutations {overhead / nw:.4f} + every unit at its "
+                f"cheapest bit-width {float(cheapest.sum()) / nw:.4f}); choose budget_bits >= "
+                f"{math.ceil(minimum * 1e4) / 1e4:.4f}"
             ) from e
         for _ in range(14):
             mid = 0.5 * (lo + hi)

@@ -440,6 +440,8 @@ def test_impossible_budget_exits_2_and_leaves_nothing(hf, texts, tmp_path, capsy
     # and permutations at full rank, every unit at 0 bits
     minimum = 3 * (8 * D * D + 16 * D + E * D * math.ceil(math.log2(E * D))) / (3 * E * D * F)
     assert "budget 0.01" in err and f"minimum of {minimum:.4f}" in err, err
+    assert f"choose budget_bits >= {math.ceil(minimum * 1e4) / 1e4:.4f}" in err, err
+    assert " bits (" not in err and "allocator" not in err  # bits per weight only, no totals
     assert list(parent.iterdir()) == []  # no output directory, no hidden temporary one
 
 
