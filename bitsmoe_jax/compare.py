@@ -77,7 +77,9 @@ def compare(
 
     eval_ids, reference = evaluation_inputs(run)
     calib = jnp.asarray(
-        calibration_tokens(run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len)
+        calibration_tokens(
+            run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len, run.tokenizer
+        )
     )
     rows = []
     for target in targets:

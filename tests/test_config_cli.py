@@ -313,3 +313,15 @@ def test_calibration_text_reuse_warns_with_the_counts(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a long enough text: no warning
         calibration_tokens(model_path, str(text), 64, 64)
+
+
+def test_docs_table_lists_every_field_with_its_default():
+    import re
+
+    table = (ROOT / "docs" / "quantizing.md").read_text().split("## Every config field", 1)[1]
+    rows = dict(re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", table, flags=re.M))
+    fields = _leaves(default_config().to_dict())
+    assert set(rows) == set(fields)
+    for name, value in fields.items():
+        shown = f'"{value}"' if isinstance(value, str) else repr(value)
+        assert rows[name] == shown, name

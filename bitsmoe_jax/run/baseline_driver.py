@@ -63,7 +63,9 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
     ):  # before any work: a model K-quants cannot store is an error, not a late crash
         check_contractions(config.hidden_size, config.moe_intermediate_size)
     calib = jnp.asarray(
-        calibration_tokens(run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len)
+        calibration_tokens(
+            run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len, run.tokenizer
+        )
     )
     plan = plan_chunk(
         config.hidden_size,

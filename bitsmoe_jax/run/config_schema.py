@@ -43,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
     )  # bits per original expert weight, everything stored counted; several -> one output each
     c.budget_scope = "layer"  # layer | model
     c.calib_text = "shakespeare_train"  # shipped name or path
+    # directory with the tokenizer.json the texts are tokenized with ("" = the model's own)
+    c.tokenizer = ""
     c.num_calib_tokens = 16384
     c.seq_len = 256
     c.sequential = True  # inputs of layer i come from layers < i already quantized
@@ -111,6 +113,7 @@ FIELD_HELP: dict[str, str] = {
     "budget_bits": "bits per original expert weight, every stored bit counted; several: one each",
     "budget_scope": "layer (each MoE layer meets the budget) or model (one allocation overall)",
     "calib_text": "calibration text: a .txt/.txt.gz path or a shipped name",
+    "tokenizer": 'directory with tokenizer.json for the texts ("": the model\'s own)',
     "num_calib_tokens": "calibration tokens (windows of seq_len)",
     "seq_len": "calibration window length in tokens",
     "sequential": "calibrate layer i on the outputs of the already quantized layers before it",
@@ -217,6 +220,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "a text of your model's domain (a .txt or .txt.gz path), or a shipped name "
             "(shakespeare_train, milton)",
         )
+    if c.tokenizer and not (Path(c.tokenizer).expanduser() / "tokenizer.json").is_file():
+        bad("tokenizer", 'a directory holding a tokenizer.json, or "" for the model\'s own')
     if c.method not in METHODS:
         bad("method", ", ".join(METHODS))
     budgets = c.budget_bits if isinstance(c.budget_bits, (tuple, list)) else (c.budget_bits,)
@@ -316,6 +321,7 @@ class RunConfig:
     budget_bits: tuple[float, ...]
     budget_scope: str
     calib_text: str
+    tokenizer: str
     num_calib_tokens: int
     seq_len: int
     sequential: bool

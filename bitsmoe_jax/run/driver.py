@@ -151,7 +151,11 @@ def _quantize_layers(
                 t = time.time()
                 calib = jnp.asarray(
                     calibration_tokens(
-                        run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len
+                        run.model_path,
+                        run.calib_text,
+                        run.num_calib_tokens,
+                        run.seq_len,
+                        run.tokenizer,
                     )
                 )
                 x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)

@@ -13,6 +13,7 @@ A fingerprint is a JSON dict of:
   location, evaluation, resume/work-dir, process layout: `NOT_FINGERPRINTED`) — a field added later
   is fingerprinted by default;
 * `calib_text_sha256`: the content hash of the calibration text (not its name);
+* `tokenizer_sha256`: with `tokenizer` set, the hash of that tokenizer.json (not its path);
 * `versions`: bitsmoe-jax, jax and jaxlib, whose numerics the results depend on.
 
 `describe_changes(old, new)` lists what changed in words for the refusal message.
@@ -38,6 +39,7 @@ NOT_FINGERPRINTED = frozenset(
     {
         "model_path",
         "calib_text",
+        "tokenizer",
         "output_dir",
         "overwrite",
         "eval_text",
@@ -108,7 +110,12 @@ def compute(run: RunConfig, config: ModelConfig) -> dict[str, Any]:
         "quantization_config": _jsonable(quant),
         "calib_text_sha256": hashlib.sha256(read_text(run.calib_text).encode()).hexdigest(),
         "versions": _versions(),
-    }
+    } | (
+        # a tokenizer from elsewhere: its content (the model's own is among model_files)
+        {"tokenizer_sha256": sampled_sha256(Path(run.tokenizer).expanduser() / "tokenizer.json")}
+        if run.tokenizer
+        else {}
+    )
 
 
 EVALUATION_FIELDS = ("eval_text", "eval_max_tokens", "eval_batch_size")
@@ -166,5 +173,10 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         changes.append(
             f"calibration text content (sha256 {str(old.get('calib_text_sha256'))[:12]} → "
             f"{new['calib_text_sha256'][:12]})"
+        )
+    if old.get("tokenizer_sha256") != new.get("tokenizer_sha256"):
+        changes.append(
+            f"tokenizer (sha256 {str(old.get('tokenizer_sha256'))[:12]} → "
+            f"{str(new.get('tokenizer_sha256'))[:12]})"
         )
     return changes

@@ -12,9 +12,12 @@ from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.run.config_schema import RunConfig
 
 
-def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int) -> np.ndarray:
-    """[n, seq_len] windows spread evenly over the calibration text (deterministic)."""
-    ids = tokenize_text(load_tokenizer(model_path), read_text(text))
+def calibration_tokens(
+    model_path: str, text: str, num_tokens: int, seq_len: int, tokenizer: str = ""
+) -> np.ndarray:
+    """[n, seq_len] windows spread evenly over the calibration text (deterministic), tokenized with
+    `tokenizer`'s tokenizer.json (default: the model's)."""
+    ids = tokenize_text(run_tokenizer(model_path, tokenizer), read_text(text))
     n = max(1, num_tokens // seq_len)
     if len(ids) < seq_len:
         raise ValueError(
@@ -33,13 +36,26 @@ def calibration_tokens(model_path: str, text: str, num_tokens: int, seq_len: int
     return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32)
 
 
+def run_tokenizer(model_path: str, tokenizer: str = ""):
+    """The tokenizer of a run: `tokenizer`'s tokenizer.json when set, else the model's; a model
+    without one is told about the field."""
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    try:
+        return load_tokenizer(model_path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e}; set --config.tokenizer=DIR to a directory with the model's tokenizer.json"
+        ) from None
+
+
 class CalibrationReuseWarning(UserWarning):
     """The calibration text is shorter than the tokens asked for: tokens are reused."""
 
 
 def evaluation_inputs(run: RunConfig) -> tuple[np.ndarray, Any]:
     """(token ids of `run.eval_text`, cut to `eval_max_tokens`; the unquantized reference model)."""
-    ids = tokenize_text(load_tokenizer(run.model_path), read_text(run.eval_text))
+    ids = tokenize_text(run_tokenizer(run.model_path, run.tokenizer), read_text(run.eval_text))
     return (ids[: int(run.eval_max_tokens)] if run.eval_max_tokens else ids), load_model(
         run.model_path
     )[0]

@@ -162,7 +162,7 @@ def write_output(
     The one writer of BitsMoE and the baselines, so every output has the same layout and report."""
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         body = write_body(tmp)
-        copy_tokenizer_files(run.model_path, tmp)
+        copy_tokenizer_files(run.tokenizer or run.model_path, tmp)
         finish_report(run, body.report, body.load_written, body.timings, shared)
         body.report.update(body.trailing)
         write_report(tmp, body.report)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -480,3 +481,32 @@ def test_failure_while_writing_leaves_no_directory(hf, texts, tmp_path, monkeypa
         )
     # no output and no hidden temporary directory; the work directory stays so that a rerun resumes
     assert [p.name for p in parent.iterdir()] == ["q.partial"]
+
+
+def test_tokenizer_from_another_directory(hf, texts, tmp_path, capsys):
+    """A model directory without tokenizer.json: refused with the field to set; with
+    `tokenizer=` pointing at the tokenizer, the output is the run's on the directory that has it
+    (same params, byte for byte) and carries that tokenizer."""
+    bare = tmp_path / "bare"
+    shutil.copytree(hf[0], bare)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / f).unlink()
+    args = ("--config.budget_bits=2.0", "--config.eval_text=", "--config.allocator=greedy")
+    assert quantize.main(base_args(bare, tmp_path / "refused", texts[0], *args)) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "--config.tokenizer" in err
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.partial").exists()
+    got, want = tmp_path / "got", tmp_path / "want"
+    assert quantize.main(base_args(bare, got, texts[0], *args, f"--config.tokenizer={hf[0]}")) == 0
+    assert quantize.main(base_args(hf[0], want, texts[0], *args)) == 0
+    assert (got / "tokenizer.json").read_bytes() == (hf[0] / "tokenizer.json").read_bytes()
+    params = sorted(p.relative_to(want) for p in (want / "params").rglob("*") if p.is_file())
+    assert params
+    for rel in params:
+        if rel.name not in ("_CHECKPOINT_METADATA", "commit_success.txt"):
+            assert (got / rel).read_bytes() == (want / rel).read_bytes(), rel
+    assert (
+        quantize.main(base_args(bare, tmp_path / "x", texts[0], "--config.tokenizer=/nonexistent"))
+        == 2
+    )
+    assert "config.tokenizer='/nonexistent' is invalid" in capsys.readouterr().err
