@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from bitsmoe_jax.run.baseline_driver import quantize_baseline
+from bitsmoe_jax.run.budgets import budget_dirs
 from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.run.driver import quantize
+from bitsmoe_jax.run.outputs import check_output_location
 from bitsmoe_jax.run.report import write_pareto
 
 
@@ -20,6 +22,7 @@ def run_quantization(
     run: RunConfig, progress: bool = True
 ) -> tuple[list[dict[str, Any]], Path | None]:
     """(the reports of every budget, the Pareto table's path when there are several budgets)."""
+    check_output_location(run.output_dir, [d for _, d in budget_dirs(run)])
     if run.method == "bitsmoe":
         reports = quantize(run, progress=progress)
     else:

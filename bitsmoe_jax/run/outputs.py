@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -56,6 +57,49 @@ def to_dtype(tree: Any, dtype: str) -> Any:
 
     dt = np_dtype(dtype)
     return jax.tree.map(lambda a: np.asarray(a).astype(dt), tree)
+
+
+# What an output directory of this tool holds (`write_output`), and what a multi-budget run's
+# OUTPUT_DIR holds besides its bpw_X.XX/ directories (`report.write_pareto`).
+OUTPUT_ENTRIES = frozenset(
+    {"params", checkpoint_io.QUANT_META, "config.json", "report.json", "report.md", TIMINGS_FILE}
+    | set(TOKENIZER_FILES)
+)
+MULTI_BUDGET_ENTRIES = frozenset({"pareto.json", "pareto.md", "pareto.png"})
+_BUDGET_DIR = re.compile(r"bpw_\d+\.\d\d")
+
+
+def check_output_location(output_dir: str | Path, budget_dirs: list[Path]) -> None:
+    """Refuse, before any work, output directories that hold files this tool did not write: they
+    are never written into, replaced or deleted, with or without `overwrite` (an `output_dir`
+    pointed at a home or data directory by mistake must not lose it). An empty directory is
+    fine; one of ours (its report.json or quantized.json beside nothing else) is what `overwrite`
+    replaces."""
+    out = Path(output_dir)
+    places = [(d, OUTPUT_ENTRIES, False) for d in budget_dirs]
+    if len(budget_dirs) > 1:
+        places.append((out, MULTI_BUDGET_ENTRIES, True))
+    for d, allowed, multi in places:
+        if not d.is_dir():
+            if d.exists():
+                raise FileExistsError(
+                    f"{d}: exists and is not a directory; choose another output_dir"
+                )
+            continue
+        entries = sorted(p.name for p in d.iterdir())
+        foreign = [
+            e for e in entries if e not in allowed and not (multi and _BUDGET_DIR.fullmatch(e))
+        ]
+        ours = multi or not entries or {"report.json", checkpoint_io.QUANT_META} & set(entries)
+        if foreign or not ours:
+            shown = ", ".join((foreign or entries)[:5]) + (
+                " …" if len(foreign or entries) > 5 else ""
+            )
+            raise FileExistsError(
+                f"{d}: holds files bitsmoe-jax did not write ({shown}); it never writes into, "
+                "replaces or deletes such a directory, even with overwrite=True — choose another "
+                "output_dir"
+            )
 
 
 def copy_tokenizer_files(model_path: str | Path, out: Path) -> None:

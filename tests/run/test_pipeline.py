@@ -458,6 +458,28 @@ def test_existing_output_without_overwrite_exits_2_unchanged(hf, texts, tmp_path
     assert hidden_dirs(tmp_path) == []
 
 
+def test_foreign_files_are_never_replaced_even_with_overwrite(hf, texts, tmp_path, capsys):
+    """overwrite=True replaces this tool's outputs only: a directory holding anything else (a
+    single-budget output, or a multi-budget run's OUTPUT_DIR) is refused before any work."""
+    for budgets, inner in (("2.0", None), ("(2.0,2.5)", None), ("(2.0,2.5)", "bpw_2.00")):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        where = out / inner if inner else out
+        where.mkdir(parents=True)
+        single = budgets == "2.0" or inner  # a budget's directory: ours would hold report.json
+        if single:
+            (where / "report.json").write_text("{}")  # looks like ours, but holds more
+        (where / "thesis.tex").write_text("precious")
+        args = (f"--config.budget_bits={budgets}", "--config.overwrite=True")
+        assert quantize.main(base_args(hf[0], out, texts[0], *args)) == 2
+        err = capsys.readouterr().err
+        assert f"{where}: holds files bitsmoe-jax did not write (thesis.tex)" in err, err
+        assert (where / "thesis.tex").read_text() == "precious"
+        assert sorted(p.name for p in where.iterdir()) == ["report.json"] * bool(single) + [
+            "thesis.tex"
+        ]
+        assert not (tmp_path / f"{out.name}.partial").exists() and hidden_dirs(tmp_path) == []
+
+
 def test_failure_while_writing_leaves_no_directory(hf, texts, tmp_path, monkeypatch):
     """An exception after the output started being written removes the temporary directory."""
     import bitsmoe_jax.run.outputs as outputs
