@@ -532,3 +532,34 @@ def test_tokenizer_from_another_directory(hf, texts, tmp_path, capsys):
         == 2
     )
     assert "config.tokenizer='/nonexistent' is invalid" in capsys.readouterr().err
+
+
+def test_generate_on_a_quantized_directory(main_run, capsys):
+    """The generate command on a quantized output: greedy tokens with the KV cache equal the
+    argmax of full-sequence logits recomputed token by token (no cache) on the same model."""
+    from bitsmoe_jax import generate as generate_cli
+    from bitsmoe_jax.inference import jit_logits
+    from bitsmoe_jax.io.data import load_tokenizer
+    from bitsmoe_jax.loading import load_model
+
+    qdir = main_run / "bpw_2.00"
+    tok = load_tokenizer(qdir)
+    prompt = "ROMEO:\nBut soft, what light"
+    ids = tok.encode(prompt).ids
+    model, _ = load_model(qdir)
+    logits = jit_logits(model)
+    seq = list(ids)
+    for _ in range(5):
+        seq.append(int(np.argmax(np.asarray(logits(np.asarray([seq])))[0, -1])))
+    argv = [
+        "--model",
+        str(qdir),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "5",
+        "--eos-token-id",
+        "-1",
+    ]
+    assert generate_cli.main(argv) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(seq, skip_special_tokens=True)
