@@ -463,7 +463,9 @@ def round_and_pack(
                 )
             del units, codes, qscales, rows, mine
     packed = {
-        p: assemble_packed([parts[p][e] for e in range(e_count)], problem.inter, problem.group_size)
+        p: assemble_packed(
+            [parts[p][e] for e in range(e_count)], problem.inter, problem.group_size, consume=True
+        )
         for p in PROJECTIONS
     }
     bases = {

@@ -208,3 +208,26 @@ def test_units_quantized_in_disjoint_row_sets_pack_like_one_call():
     ):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     assert not parts[0][0][4:].any() and not parts[0][1][4:].any()
+
+
+def test_rows_packed_in_pieces_and_joined_equal_one_call_consumed_or_not():
+    """Units packed a few rows at a time (`pack_rows`, as a streamed layer packs each chunk) and
+    joined (`assemble_packed`) are `pack_segments` of all of them, byte for byte — also when the
+    join empties the pieces as it copies them (`consume`, which must leave them empty)."""
+    k, n, gs = 15, 96, 32
+    x = _units(k, n, 9)
+    w = np.random.default_rng(10).gamma(0.7, size=(k, n)).astype(np.float32)
+    bits = np.array([3, 0, 16, 1, 2, 8, 3, 0, 5, 2, 4, 6, 2, 2, 16])
+    whole = pk.pack_segments(x, bits, gs, w)
+    codes, scales = pk.quantize_units(x, bits, gs, w)
+    for consume in (False, True):
+        pieces = [
+            pk.pack_rows(x[lo:hi], bits[lo:hi], codes[lo:hi], scales[lo:hi], gs)
+            for lo, hi in ((0, 4), (4, 5), (5, 11), (11, 15))
+        ]
+        joined = pk.assemble_packed(pieces, n, gs, consume=consume)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(joined), strict=True
+        ):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        assert all(not p.payload and not p.scales for p in pieces) == consume
