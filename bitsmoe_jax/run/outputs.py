@@ -66,7 +66,9 @@ OUTPUT_ENTRIES = frozenset(
     | set(TOKENIZER_FILES)
 )
 MULTI_BUDGET_ENTRIES = frozenset({"pareto.json", "pareto.md", "pareto.png"})
-_BUDGET_DIR = re.compile(r"bpw_\d+\.\d\d")
+# a budget's directory, or the temporary / replaced one `atomic_directory` keeps beside it while
+# writing (left behind by a killed run, which a rerun resumes)
+_BUDGET_DIR = re.compile(r"bpw_\d+\.\d\d|\.bpw_\d+\.\d\d\.(tmp|old)-[0-9a-f]{8}")
 
 
 def check_output_location(output_dir: str | Path, budget_dirs: list[Path]) -> None:
