@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bitsmoe_jax.io.checkpoint import atomic_directory
+from bitsmoe_jax.io.checkpoint import META_FILE, atomic_directory
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.layer_problem import (
     bits_histogram,
@@ -62,7 +62,7 @@ def to_dtype(tree: Any, dtype: str) -> Any:
 # What an output directory of this tool holds (`write_output`), and what a multi-budget run's
 # OUTPUT_DIR holds besides its bpw_X.XX/ directories (`report.write_pareto`).
 OUTPUT_ENTRIES = frozenset(
-    {"params", checkpoint_io.QUANT_META, "config.json", "report.json", "report.md", TIMINGS_FILE}
+    {"params", checkpoint_io.QUANT_META, META_FILE, "report.json", "report.md", TIMINGS_FILE}
     | set(TOKENIZER_FILES)
 )
 MULTI_BUDGET_ENTRIES = frozenset({"pareto.json", "pareto.md", "pareto.png"})

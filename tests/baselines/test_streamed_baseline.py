@@ -26,6 +26,7 @@ from bitsmoe_jax.method.expert_source import ArraySource
 from bitsmoe_jax.run.baseline_driver import quantize_baseline
 from bitsmoe_jax.run.config_schema import default_config, run_config
 from bitsmoe_jax.run.inputs import calibration_tokens
+from bitsmoe_jax.run.outputs import check_output_location
 from conversion.synthetic import write_random_mixtral
 
 
@@ -107,6 +108,8 @@ def test_streamed_command_equals_in_memory(tmp_path, method):
     assert report["starved_experts"] == info.get("starved_experts", {})
     meta = json.loads((tmp_path / "out" / META_FILE).read_text())
     assert meta["quantization"]["effective_bpw_experts"] == info["effective_bpw_experts"]
+    # a baseline's output is this tool's: the output check lets overwrite=True replace it
+    check_output_location(tmp_path / "out", [tmp_path / "out"])
     for i in config.moe_layers:
         written = load_tree(tmp_path / "out" / "params" / f"layer_{i:03d}")["mlp"]["experts"]
         ex = ref_model.layers[i].mlp.experts
