@@ -530,15 +530,22 @@ def _sorted_rows(
     """[M, width] outputs of every expert's sorted rows (row j: token `token[j]` of `zg` / `zu`),
     `chunk` experts (`read`) at a time."""
     out = np.zeros((len(token), width), np.float32)
+    for lo, hi, _, rows in _chunk_rows(zg, zu, token, sizes, chunk, read):
+        out[lo:hi] = rows
+    return out
+
+
+def _chunk_rows(zg, zu, token, sizes, chunk, read):
+    """(first row, end row, experts, their SwiGLU outputs `_expert_rows`) of each chunk of
+    `chunk` experts that has rows, in expert order — the loop `_sorted_rows` and `_combined_rows`
+    share."""
     offs = np.concatenate([[0], np.cumsum(sizes)])
     step = chunk or len(sizes)
     for e0 in range(0, len(sizes), step):
         e1 = min(e0 + step, len(sizes))
         if offs[e1] > offs[e0]:
-            out[offs[e0] : offs[e1]] = _expert_rows(
-                zg, zu, token, sizes, e0, e1, read(range(e0, e1))
-            )
-    return out
+            rows = _expert_rows(zg, zu, token, sizes, e0, e1, read(range(e0, e1)))
+            yield int(offs[e0]), int(offs[e1]), range(e0, e1), rows
 
 
 def _combined_rows(
@@ -558,20 +565,14 @@ def _combined_rows(
     (at DeepSeek-V3 dims with top-8 the sorted outputs were 0.9 GiB, twice over)."""
     sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
     weight = np.asarray(plan.weight, np.float32)
-    offs = np.concatenate([[0], np.cumsum(sizes)])
     acc = np.zeros((zg.shape[0], width), np.float32)
-    step = chunk or len(sizes)
-    for e0 in range(0, len(sizes), step):
-        e1 = min(e0 + step, len(sizes))
-        if offs[e1] == offs[e0]:
-            continue
-        rows = _expert_rows(zg, zu, token, sizes, e0, e1, read(range(e0, e1)))
+    for start, _, experts, rows in _chunk_rows(zg, zu, token, sizes, chunk, read):
         rows = np.asarray(jnp.asarray(rows).astype(dtype), np.float32)  # as combine receives them
-        for e in range(e0, e1):
-            lo, hi = int(offs[e]), int(offs[e + 1])
-            if hi > lo:
-                sl = slice(lo - int(offs[e0]), hi - int(offs[e0]))
-                acc[token[lo:hi]] += rows[sl] * weight[lo:hi, None]
+        lo = start
+        for e in experts:
+            hi = lo + int(sizes[e])
+            acc[token[lo:hi]] += rows[lo - start : hi - start] * weight[lo:hi, None]
+            lo = hi
         del rows
     return jnp.asarray(acc)
 
