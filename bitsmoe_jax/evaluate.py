@@ -61,7 +61,8 @@ __all__ = [
     "main",
 ]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# compute dtypes the command-line tools (evaluate, generate) offer
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class EvaluationInputError(Exception):
@@ -380,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=sorted(_DTYPES),
+        choices=sorted(COMPUTE_DTYPES),
         default="float32",
         help="compute dtype (default float32)",
     )
@@ -404,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             reference_path=args.reference,
             tokenizer_dir=args.tokenizer,
-            dtype=_DTYPES[args.dtype],
+            dtype=COMPUTE_DTYPES[args.dtype],
             progress=not args.no_progress,
         )
     except EvaluationInputError as err:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from bitsmoe_jax.evaluate import COMPUTE_DTYPES
 from bitsmoe_jax.inference import generate
 from bitsmoe_jax.io.data import load_tokenizer
 from bitsmoe_jax.loading import load_model
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)"
     )
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype")
+    p.add_argument(
+        "--dtype", choices=sorted(COMPUTE_DTYPES), default="float32", help="compute dtype"
+    )
     return p
 
 
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         tokenizer = load_tokenizer(args.tokenizer or model_dir)
-        model, config = load_model(model_dir, dtype=_DTYPES[args.dtype])
+        model, config = load_model(model_dir, dtype=COMPUTE_DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
