@@ -57,6 +57,15 @@ def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _no_experts_error(layer_prefix: str, which: str) -> CheckpointError:
+    return CheckpointError(
+        f"no {which} weights for the experts of {layer_prefix.rstrip('.')}: expected "
+        f"{layer_prefix}mlp.experts.0.{PER_EXPERT_NAMES[which][1]}.weight, "
+        f"{layer_prefix}block_sparse_moe.experts.0.{PER_EXPERT_NAMES[which][0]}.weight or "
+        f"{layer_prefix}mlp.experts.gate_up_proj / down_proj"
+    )
+
+
 def expert_matrices(
     layer_prefix: str,
     which: str,
@@ -117,12 +126,7 @@ def expert_matrices(
                             )
                     out[e] = m
                 return out
-    raise CheckpointError(
-        f"no {which} weights for the experts of {layer_prefix.rstrip('.')}: expected "
-        f"{layer_prefix}mlp.experts.0.{PER_EXPERT_NAMES[which][1]}.weight, "
-        f"{layer_prefix}block_sparse_moe.experts.0.{PER_EXPERT_NAMES[which][0]}.weight or "
-        f"{layer_prefix}mlp.experts.gate_up_proj / down_proj"
-    )
+    raise _no_experts_error(layer_prefix, which)
 
 
 def _expert_stack(
@@ -163,21 +167,50 @@ def read_expert_subset(
     return out
 
 
+def param_candidates(path: Path, layer_prefix: str) -> tuple[list[str], bool]:
+    """(the HF keys that may hold our non-expert parameter `path`, in order of preference;
+    whether the HF tensor is its transpose)."""
+    if path == ("mlp", "router", "kernel"):
+        return [f"{layer_prefix}{moe}.gate.weight" for moe in MOE_PREFIXES], True
+    suffix, transpose = _hf_generic(path)
+    if len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
+        return [layer_prefix + c for c in _shared_names(suffix.split("."))], transpose
+    return [layer_prefix + suffix], transpose
+
+
+def expert_tensor_shapes(
+    layer_prefix: str,
+    which: str,
+    keys: Mapping[str, object],
+    num_experts: int,
+    matrix_shape: Sequence[int],
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF key, the shape config.json implies for it) of every tensor that holds one projection of
+    a layer's experts, in the layout the checkpoint uses (the key resolution of
+    `expert_matrices`): what a pre-flight check compares the headers with, reading no values.
+
+    `matrix_shape` is one expert's matrix in our layout ([D, F] gate/up, [F, D] down).
+    """
+    rows, cols = (int(s) for s in matrix_shape)
+    for moe in MOE_PREFIXES:
+        base = f"{layer_prefix}{moe}.experts"
+        if which in ("gate", "up") and f"{base}.gate_up_proj" in keys:
+            return [(f"{base}.gate_up_proj", (num_experts, 2 * cols, rows))]
+        if which == "down" and f"{base}.down_proj" in keys:
+            return [(f"{base}.down_proj", (num_experts, cols, rows))]
+        for name in PER_EXPERT_NAMES[which]:
+            if f"{base}.0.{name}.weight" in keys:
+                return [(f"{base}.{e}.{name}.weight", (cols, rows)) for e in range(num_experts)]
+    raise _no_experts_error(layer_prefix, which)
+
+
 def read_param(
     path: Path, layer_prefix: str, keys: Mapping[str, object], get: Getter, num_experts: int
 ) -> np.ndarray:
     """Read the HF tensor(s) behind our parameter `path` (relative to a layer or the model root)."""
     if len(path) == 3 and path[:2] == ("mlp", "experts"):
         return _expert_stack(layer_prefix, path[2], keys, get, num_experts)
-    if path == ("mlp", "router", "kernel"):
-        candidates = [f"{layer_prefix}{moe}.gate.weight" for moe in MOE_PREFIXES]
-        transpose = True
-    elif len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
-        suffix, transpose = _hf_generic(path)
-        candidates = [layer_prefix + c for c in _shared_names(suffix.split("."))]
-    else:
-        suffix, transpose = _hf_generic(path)
-        candidates = [layer_prefix + suffix]
+    candidates, transpose = param_candidates(path, layer_prefix)
     for k in candidates:
         if k in keys:
             t = get(k)

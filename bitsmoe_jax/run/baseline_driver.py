@@ -34,6 +34,7 @@ from bitsmoe_jax.run.outputs import (
     to_dtype,
     write_output,
 )
+from bitsmoe_jax.run.preflight import check_checkpoint
 from bitsmoe_jax.run.progress import LayerProgress
 from conversion.hf_checkpoint import HFCheckpoint
 
@@ -62,6 +63,7 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
         run.method == "kquant"
     ):  # before any work: a model K-quants cannot store is an error, not a late crash
         check_contractions(config.hidden_size, config.moe_intermediate_size)
+    check_checkpoint(run, config, progress)
     calib = jnp.asarray(
         calibration_tokens(
             run.model_path, run.calib_text, run.num_calib_tokens, run.seq_len, run.tokenizer

@@ -25,6 +25,7 @@ SCOPES = ("layer", "model")
 COEFF_MODES = ("exact", "sampled")
 ROUNDINGS = ("gptq", "nearest")
 DENSE_DTYPES = ("bfloat16", "float16", "float32")
+PREFLIGHTS = ("values", "headers", "off")
 VALID_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
 
 
@@ -82,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (experts per device). Neither changes the output.
     c.host_memory_gb = ml_collections.FieldReference(None, field_type=float)
     c.expert_chunk = ml_collections.FieldReference(None, field_type=int)
+    # Before any work: every tensor present with the shape config.json implies ("headers"), and
+    # also free of NaN/Inf ("values": one extra read of the weight files); "off" skips it.
+    c.preflight = "values"
     c.distributed = distributed_config()
     return c
 
@@ -141,6 +145,7 @@ FIELD_HELP: dict[str, str] = {
     "mesh_shape": "devices on the expert axis: () every device, or (n,)",
     "host_memory_gb": "memory the expert chunks are sized by (None: available at the start)",
     "expert_chunk": "experts per device at a time (None: sized by host_memory_gb)",
+    "preflight": "check the checkpoint before any work: values (NaN/Inf too), headers or off",
     "distributed.auto": "TPU pod / SLURM / Open MPI: JAX detects coordinator, count and id",
     "distributed.coordinator_address": '"host:port" of process 0 (explicit multi-process)',
     "distributed.num_processes": "processes of the run",
@@ -279,6 +284,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         )
     if c.expert_chunk is not None and c.expert_chunk < 1:
         bad("expert_chunk", "None (sized by host_memory_gb) or a positive number of experts")
+    if c.preflight not in PREFLIGHTS:
+        bad("preflight", ", ".join(PREFLIGHTS))
     _validate_distributed(c.distributed)
     if c.method != "bitsmoe" and (c.distributed.auto or c.distributed.num_processes > 1):
         bad("method", "bitsmoe for a multi-process run (the baselines run in one process)")
@@ -332,6 +339,7 @@ class RunConfig:
     mesh_shape: Any
     host_memory_gb: float | None
     expert_chunk: int | None
+    preflight: str
     distributed: DistributedConfig
     params: MethodConfig
 

@@ -37,6 +37,7 @@ from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.run.expert_reader import layer_source
 from bitsmoe_jax.run.inputs import calibration_tokens
 from bitsmoe_jax.run.outputs import finished_reports, strip_experts, to_dtype, write_outputs
+from bitsmoe_jax.run.preflight import check_checkpoint
 from bitsmoe_jax.run.progress import LayerProgress
 from bitsmoe_jax.run.workdir import WorkDir, default_work_dir
 from bitsmoe_jax.serve.quantized_experts import pack_layer
@@ -80,6 +81,7 @@ def quantize(run: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
                 "(same model files, config, calibration and evaluation text): nothing to do"
             )
             return finished
+    check_checkpoint(run, config, progress)  # before the work directory: nothing to clean up
     if distributed.is_writer():
         resuming = work.open(
             fingerprint.compute(run, config), run.resume, fingerprint.describe_changes

@@ -51,6 +51,7 @@ NOT_FINGERPRINTED = frozenset(
         "mesh_shape",
         "host_memory_gb",
         "expert_chunk",
+        "preflight",
     }
 )
 

@@ -1,0 +1,27 @@
+"""The run's pre-flight step: the checkpoint checked before any work (`conversion.preflight`)."""
+
+from __future__ import annotations
+
+from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.parallel import distributed
+from bitsmoe_jax.run.config_schema import RunConfig
+from conversion.preflight import preflight
+
+
+def check_checkpoint(run: RunConfig, config: ModelConfig, progress: bool = True) -> None:
+    """Check `run.model_path` as `run.preflight` says, logging what was checked; raises
+    `CheckpointError` (naming file and tensor) before the run has written anything.
+
+    Every process checks the whole checkpoint, so that all of them stop on the same error instead
+    of one process failing while the others wait for it at a barrier.
+    """
+    if run.preflight == "off":
+        return
+    summary = preflight(
+        run.model_path,
+        config,
+        check_values=run.preflight == "values",
+        progress=progress and distributed.is_writer(),
+    )
+    if progress:
+        distributed.log(summary.describe())
