@@ -32,6 +32,7 @@ from bitsmoe_jax.loading import load_model, model_config
 from bitsmoe_jax.run.config_schema import METHODS, RunConfig, run_config
 from bitsmoe_jax.run.driver import quantize
 from bitsmoe_jax.run.inputs import calibration_tokens, evaluation_inputs
+from bitsmoe_jax.run.pareto_plot import series_from_rows, write_pareto_png
 from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
 
 TOLERANCE = 0.05
@@ -301,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     (out / "compare.md").write_text(render(rows, command, machine))
     print(f"wrote {out / 'compare.md'}")
+    plot = write_pareto_png(
+        out / "pareto.png", series_from_rows(rows), f"{Path(run.model_path).name}: every method"
+    )
+    if plot is not None:
+        print(f"wrote {plot}")
     return 0
 
 

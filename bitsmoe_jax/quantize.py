@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(print_summary(r))
     if pareto is not None:
         print(f"Pareto table: {pareto}")
+        if pareto.with_suffix(".png").is_file():
+            print(f"Pareto plot: {pareto.with_suffix('.png')}")
     return 0
 
 

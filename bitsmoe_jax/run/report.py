@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bitsmoe_jax.run.pareto_plot import series_from_rows, write_pareto_png
+
 TIMINGS_FILE = "timings.json"
 TIMING_KEYS = ("time_s", "allocation_time_s")
 
@@ -78,7 +80,8 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
 
 
 def write_pareto(output_dir: str | Path, reports: list[dict[str, Any]]) -> Path:
-    """One table over the budgets of a multi-budget run (`OUTPUT_DIR/pareto.md` and `.json`)."""
+    """One table over the budgets of a multi-budget run (`OUTPUT_DIR/pareto.md` and `.json`), and
+    its plot (`pareto.png`, KL against bpw) when the run evaluated."""
     out = Path(output_dir)
     keys = (
         "budget_bits",
@@ -99,6 +102,13 @@ def write_pareto(output_dir: str | Path, reports: list[dict[str, Any]]) -> Path:
         )
     _write_atomic(out / "pareto.json", json.dumps(rows, indent=1))
     _write_atomic(out / "pareto.md", "\n".join(lines) + "\n")
+    # the plot needs the evaluation's KL (no eval_text: the tables only)
+    model = Path(str(reports[0].get("model", ""))).name if reports else ""
+    write_pareto_png(
+        out / "pareto.png",
+        series_from_rows(reports),
+        f"{model}: {reports[0].get('method', 'bitsmoe')} at {len(reports)} budgets".lstrip(": "),
+    )
     return out / "pareto.md"
 
 

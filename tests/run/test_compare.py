@@ -16,6 +16,8 @@ import pytest
 from bitsmoe_jax import compare, evaluate, quantize
 from bitsmoe_jax.baselines.rtn import rtn_quantize
 from bitsmoe_jax.baselines.run import nearest_setting, uniform_settings
+from bitsmoe_jax.run.pareto_plot import SERIES_KEY
+from tests.run.png_reader import read_png
 from tests.run.tiny_mixtral import base_args, read_report
 
 
@@ -131,6 +133,18 @@ def test_compare_all_methods(compare_run):
     )
     counts = {r["eval_tokens"] for r in rows.values()}
     assert len(counts) == 1  # every method on the same tokens
+    # pareto.png beside the tables: every method's point, read with an independent PNG decoder
+    pixels, text = read_png(out / "pareto.png")
+    series = json.loads(text[SERIES_KEY])
+    shown = {m: s["points"] for m, s in series.items()}
+    assert shown == {
+        m: [[r["effective_bpw_experts"], r["kl_divergence"]]]
+        for m, r in rows.items()
+        if r["kl_divergence"] > 0
+    }
+    for s in series.values():
+        color = tuple(int(s["color"][i : i + 2], 16) for i in (1, 3, 5))
+        assert (pixels[..., :3] == color).all(-1).sum() > 20  # its marker is drawn
 
 
 def test_kquant_on_rows_shorter_than_a_super_block(compare_run, hf, texts, tmp_path, capsys):

@@ -29,6 +29,8 @@ import torch
 from bitsmoe_jax import evaluate, quantize
 from bitsmoe_jax.io.checkpoint import load_tree
 from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.run.pareto_plot import SERIES_KEY
+from tests.run.png_reader import read_png
 from tests.run.tiny_mixtral import (
     LAYERS,
     REPORT_KEYS,
@@ -158,10 +160,18 @@ def hidden_dirs(parent: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- tests
 def test_outputs_reports_and_pareto(main_run):
     dirs = sorted(p.name for p in main_run.iterdir())
-    assert dirs == ["bpw_2.00", "bpw_3.00", "pareto.json", "pareto.md"]
+    assert dirs == ["bpw_2.00", "bpw_3.00", "pareto.json", "pareto.md", "pareto.png"]
     pareto = (main_run / "pareto.md").read_text()
     assert "2.0000" in pareto and "3.0000" in pareto
     reports = [read_report(main_run / d) for d in ("bpw_2.00", "bpw_3.00")]
+    # the plot holds the reports' numbers, one marker per budget (png_reader: independent decoder)
+    pixels, text = read_png(main_run / "pareto.png")
+    series = json.loads(text[SERIES_KEY])
+    assert series["bitsmoe"]["points"] == [
+        [r["effective_bpw_experts"], r["kl_divergence"]] for r in reports
+    ]
+    color = tuple(int(series["bitsmoe"]["color"][i : i + 2], 16) for i in (1, 3, 5))
+    assert (pixels[..., :3] == color).all(-1).sum() > 20
     for budget, r in zip((2.0, 3.0), reports, strict=False):
         for key in REPORT_KEYS:
             assert key in r, key
