@@ -7,13 +7,14 @@ quantized checkpoint with `report.json` / `report.md`. More on every field: docs
 from __future__ import annotations
 
 import sys
+import time
 
 from bitsmoe_jax.config_cli import parse_config_args
 from bitsmoe_jax.method.allocate import BudgetError
 from bitsmoe_jax.parallel.distributed import DistributedError
 from bitsmoe_jax.run.config_schema import config_help, run_config
 from bitsmoe_jax.run.entry import run_quantization
-from bitsmoe_jax.run.evaluation import print_summary
+from bitsmoe_jax.run.evaluation import print_summary, run_time_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    t0 = time.time()
     try:
         reports, pareto = run_quantization(run)
     except (BudgetError, ValueError, FileExistsError, FileNotFoundError) as e:
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Pareto table: {pareto}")
         if pareto.with_suffix(".png").is_file():
             print(f"Pareto plot: {pareto.with_suffix('.png')}")
+    if reports:
+        print(run_time_line(reports, time.time() - t0))
     return 0
 
 

@@ -21,10 +21,46 @@ that to forbid bit-widths per unit (e.g. to pin "super experts" at 16 bits).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
+
+# What HiGHS prints from its constructor whatever its options (cvxpy makes two per solve): its
+# version banner and licence line.
+SOLVER_BANNER = ("Running HiGHS ", "Includes third-party software components")
+
+
+@contextlib.contextmanager
+def without_solver_banner() -> Iterator[None]:
+    """Keep HiGHS's banner out of the run's output.
+
+    The banner is printed by C++ code to file descriptor 1 before any option (`log_to_console`,
+    `output_flag`) can be set, so Python's `sys.stdout` cannot catch it: the descriptor is pointed
+    at a temporary file for the solve, and whatever else was written there meanwhile is passed on
+    to the real stdout afterwards, so nothing but the banner is lost.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            kept = [ln for ln in text.splitlines(True) if not ln.startswith(SOLVER_BANNER)]
+            if kept:
+                sys.stdout.write("".join(kept))
+                sys.stdout.flush()
 
 
 class BudgetError(ValueError):
@@ -516,13 +552,14 @@ def solve_milp(
     if not p.avail.all():
         constraints.append(cp.sum(cp.multiply((~p.avail).astype(np.float64), y)) == 0)
     problem = cp.Problem(cp.Minimize(cp.sum(cp.multiply(l_shift / l_scale, y))), constraints)
-    problem.solve(
-        solver=cp.HIGHS,
-        verbose=verbose,
-        time_limit=float(time_limit),
-        mip_rel_gap=float(mip_rel_gap),
-        mip_abs_gap=mip_abs_gap,
-    )
+    with contextlib.nullcontext() if verbose else without_solver_banner():
+        problem.solve(
+            solver=cp.HIGHS,
+            verbose=verbose,
+            time_limit=float(time_limit),
+            mip_rel_gap=float(mip_rel_gap),
+            mip_abs_gap=mip_abs_gap,
+        )
     solver = f"milp-highs[{problem.status}]"
     if y.value is None:  # no incumbent (e.g. time limit before the first one): cross-check answer
         choice, solver = greedy_choice, f"greedy-hull[milp {problem.status}]"

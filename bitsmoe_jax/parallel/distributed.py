@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +177,27 @@ def is_writer() -> bool:
     return process_index() == 0
 
 
+def _print_line(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# Where `log` lines go: stdout, or (while a progress bar is on the terminal) a writer that clears
+# the bar, prints the line and redraws the bar (`run.progress.LayerProgress`).
+_log_writer: Callable[[str], None] = _print_line
+
+
+def set_log_writer(writer: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Send `log` lines to `writer` (None: back to stdout); returns the previous writer."""
+    global _log_writer
+    previous, _log_writer = _log_writer, writer or _print_line
+    return previous
+
+
 def log(msg: str) -> None:
     """Print on process 0 only (the other processes do the same work; their lines would repeat
     it)."""
     if is_writer():
-        print(msg, flush=True)
+        _log_writer(msg)
 
 
 def barrier(name: str, timeout_s: float | None = None) -> None:

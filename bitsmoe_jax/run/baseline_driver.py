@@ -96,7 +96,8 @@ def quantize_baseline(run: RunConfig, progress: bool = True) -> list[dict[str, A
             chunk=plan.chunk,
             progress=progress,
         )
-        reports.append(write_output(run, out_dir, run.overwrite, shared, body))
+        log = distributed.log if progress else None
+        reports.append(write_output(run, out_dir, run.overwrite, shared, body, log))
     return reports
 
 
@@ -120,41 +121,45 @@ def _write_baseline(
     bar = LayerProgress(config.num_hidden_layers, enabled=progress)
     top_params = dense_params = expert_weights = 0
     x = None
-    for name, part in iter_model_parts(run.model_path, experts=() if streamed else None):
-        if name == "top":
-            x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
-            top_params = num_params(part)
+    try:
+        for name, part in iter_model_parts(run.model_path, experts=() if streamed else None):
+            if name == "top":
+                x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
+                top_params = num_params(part)
+                t = time.time()
+                save_tree(tmp / "params" / "top", to_dtype(part, run.dense_dtype))
+                write_s += time.time() - t
+                continue
+            i = int(name)
+            t_layer = time.time()
+            source = layer_source(run.model_path, i, config, ckpt, part)
+            layer = build_layer(config, i, part)
+            dense = to_dtype(strip_experts(part), run.dense_dtype)
+            dense_params += num_params(dense)
+            del part
+            resid, moe_in = attention_part(layer, x, config)
+            if source is not None:
+                block: MoEBlock = layer.mlp
+                d, f, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+                out = quantizer.quantized_layer(
+                    i, source, chunk, moe_in.reshape(-1, d), block.router, block.router.kernel[...]
+                )
+                expert_weights += 3 * e * d * f
+                block.experts = StreamedExperts(
+                    ArraySource(out["gate"], out["up"], out["down"]), chunk
+                )
+                dense.setdefault("mlp", {})["experts"] = out
+                x = resid + block(moe_in)
+            else:
+                x = resid + layer.mlp(moe_in)
             t = time.time()
-            save_tree(tmp / "params" / "top", to_dtype(part, run.dense_dtype))
+            save_tree(tmp / "params" / f"layer_{i:03d}", dense)
             write_s += time.time() - t
-            continue
-        i = int(name)
-        t_layer = time.time()
-        source = layer_source(run.model_path, i, config, ckpt, part)
-        layer = build_layer(config, i, part)
-        dense = to_dtype(strip_experts(part), run.dense_dtype)
-        dense_params += num_params(dense)
-        del part
-        resid, moe_in = attention_part(layer, x, config)
-        if source is not None:
-            block: MoEBlock = layer.mlp
-            d, f, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
-            out = quantizer.quantized_layer(
-                i, source, chunk, moe_in.reshape(-1, d), block.router, block.router.kernel[...]
-            )
-            expert_weights += 3 * e * d * f
-            block.experts = StreamedExperts(ArraySource(out["gate"], out["up"], out["down"]), chunk)
-            dense.setdefault("mlp", {})["experts"] = out
-            x = resid + block(moe_in)
-        else:
-            x = resid + layer.mlp(moe_in)
-        t = time.time()
-        save_tree(tmp / "params" / f"layer_{i:03d}", dense)
-        write_s += time.time() - t
-        bar.layer_done(i, time.time() - t_layer, {})
-        layer = block = dense = out = source = resid = moe_in = None
-        release_layer_executables()
-    bar.close()
+            bar.layer_done(i, time.time() - t_layer, {})
+            layer = block = dense = out = source = resid = moe_in = None
+            release_layer_executables()
+    finally:
+        bar.close()  # an error's message then starts on a line of its own
     qtime = time.time() - t0 - write_s
     info = quantizer.info()
     dense = dense_bits(top_params + dense_params, run.dense_dtype)
@@ -191,4 +196,6 @@ def _write_baseline(
         "num_calib_tokens": int(run.num_calib_tokens),
     }
     # evaluated as written (dense weights at dense_dtype)
-    return WrittenBody(report, {"quantize_total": qtime}, lambda: load_model(tmp)[0])
+    return WrittenBody(
+        report, {"quantize_total": qtime, "write": write_s}, lambda: load_model(tmp)[0]
+    )

@@ -96,7 +96,7 @@ def quantize(run: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             if distributed.process_count() > 1:
                 pack_later_budgets(run, config, budgets, work)
         reports = write_outputs(
-            run, config, budgets, work, overwrite=bool(run.overwrite or resuming)
+            run, config, budgets, work, bool(run.overwrite or resuming), progress
         )
     except BaseException:
         if work.created_now and not work.committed_layers():
@@ -124,6 +124,23 @@ def _quantize_layers(
     keep_problems = len(budgets) > 1 or run.budget_scope == "model"
     first_budget = budgets[0][0]
     bar = LayerProgress(total, start, enabled=progress)
+    try:
+        _layer_loop(run, config, budgets, work, bar, start, keep_problems, first_budget)
+    finally:
+        bar.close()  # an error's message then starts on a line of its own
+
+
+def _layer_loop(
+    run: RunConfig,
+    config: ModelConfig,
+    budgets: list[tuple[float, Path]],
+    work: WorkDir,
+    bar: LayerProgress,
+    start: int,
+    keep_problems: bool,
+    first_budget: float,
+) -> None:
+    """Quantize and commit layers `start`, `start + 1`, ... (see `_quantize_layers`)."""
     mesh = distributed.make_mesh(
         run.mesh_shape
     )  # per-expert stages are sharded over its "expert" axis
@@ -241,4 +258,3 @@ def _quantize_layers(
             None  # before the next layer is read
         )
         release_layer_executables()
-    bar.close()

@@ -159,9 +159,11 @@ def write_outputs(
     budgets: list[tuple[float, Path]],
     work: WorkDir,
     overwrite: bool,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Write every budget's output from the work directory (process 0); skip outputs already
-    written."""
+    written. With `progress`, a line says what each of these steps (allocating and packing the
+    later budgets, writing, evaluating) is doing before it starts."""
     if not distributed.is_writer():
         return []
     reports = []
@@ -180,14 +182,32 @@ def write_outputs(
         ]:
             shutil.rmtree(stale, ignore_errors=True)  # `atomic_directory` leftovers of a killed run
         timings = dict(recorded)
+        timings["shared"] = recorded["quantize_total"]  # the layers' work: every budget's
         model_solution = None
+        if progress:
+            from_work = run.budget_scope == "layer" and b == budgets[0][0]
+            distributed.log(
+                f"budget {b:.2f}: writing {out_dir}"
+                + ("" if from_work else " (allocating and packing every MoE layer at this budget)")
+                + " …"
+            )
         if run.budget_scope == "model":
             bits, records, seconds = model_allocation(run, config, b, work)
             model_solution = {i: (bits[i], records) for i in config.moe_layers}
             timings["allocation"] += seconds
         from_packed = run.budget_scope == "layer" and b == budgets[0][0]
         report = _write_output(
-            run, config, b, out_dir, work, from_packed, model_solution, timings, overwrite, shared
+            run,
+            config,
+            b,
+            out_dir,
+            work,
+            from_packed,
+            model_solution,
+            timings,
+            overwrite,
+            shared,
+            distributed.log if progress else None,
         )
         faults.point("output_renamed")
         work.mark_output_done(b, report)
@@ -201,6 +221,7 @@ def write_output(
     overwrite: bool,
     shared: dict,
     write_body: Callable[[Path], WrittenBody],
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """One output directory of any method, written atomically (`io.checkpoint.atomic_directory`):
     the method's params, metadata and report fields (`write_body(tmp)`), the tokenizer files, the
@@ -209,7 +230,7 @@ def write_output(
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         body = write_body(tmp)
         copy_tokenizer_files(run.tokenizer or run.model_path, tmp)
-        finish_report(run, body.report, body.load_written, body.timings, shared)
+        finish_report(run, body.report, body.load_written, body.timings, shared, log)
         body.report.update(body.trailing)
         write_report(tmp, body.report)
     return body.report
@@ -237,6 +258,7 @@ def _write_output(
     timings: dict,
     overwrite: bool,
     shared: dict,
+    log: Callable[[str], None] | None,
 ) -> dict:
     """One budget's checkpoint, streamed a layer at a time from the work directory, then its
     report."""
@@ -301,4 +323,4 @@ def _write_output(
             },
         )
 
-    return write_output(run, out_dir, overwrite, shared, body)
+    return write_output(run, out_dir, overwrite, shared, body, log)

@@ -12,6 +12,7 @@ resumed run does not count the layers it skipped as instantaneous.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 from bitsmoe_jax.parallel import distributed
@@ -53,10 +54,12 @@ class LayerProgress:
         self.emit = emit
         self.durations: list[float] = []
         self.bar = None
+        self._restore: Callable[[], None] | None = None
         if self.enabled and (sys.stderr.isatty() if tty is None else tty):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="quantize", unit="layer")
+            self._route_lines_around(tqdm.write)
         if self.enabled and start:
             self.emit(f"resuming at layer {start + 1}/{total} ({start} layers already committed)")
 
@@ -78,6 +81,29 @@ class LayerProgress:
             self.emit(line)
         return line
 
+    def _route_lines_around(self, write: Callable[..., None]) -> None:
+        """While the bar is drawn, log lines and warnings are written through `write` (tqdm's: it
+        clears the bar, prints the line, redraws the bar), so no line is glued to the bar."""
+        previous_log = distributed.set_log_writer(lambda msg: write(msg, file=sys.stdout))
+        previous_warn = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            text = warnings.formatwarning(message, category, filename, lineno, line)
+            write(text.rstrip("\n"), file=file or sys.stderr)
+
+        warnings.showwarning = show
+
+        def restore() -> None:
+            distributed.set_log_writer(previous_log)
+            warnings.showwarning = previous_warn
+
+        self._restore = restore
+
     def close(self) -> None:
+        """End the display (idempotent; also on an error, so the error starts on its own line)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
