@@ -24,6 +24,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from bitsmoe_jax.io.checkpoint import intify_layer_keys, load_tree
 from bitsmoe_jax.models.config import ModelConfig
 from conversion.convert import check_all_used, expected_tree, iter_leaves
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
@@ -135,8 +136,6 @@ def _check_hf(
 def _check_converted(
     path: Path, config: ModelConfig, check_values: bool, on_bytes: Callable[[int], None]
 ) -> tuple[int, int]:
-    from bitsmoe_jax.io.checkpoint import intify_layer_keys, load_tree
-
     expected = expected_tree(config)
     layers = expected.pop("layers")
     if config.tie_word_embeddings:
@@ -176,13 +175,12 @@ def preflight(
     config: ModelConfig,
     check_values: bool = True,
     progress: bool = False,
+    kind: str = "hf",
 ) -> PreflightSummary:
-    """Check the checkpoint at `path` (Hugging Face or converted) against `config` before any work:
-    raises `CheckpointError` naming file and tensor; returns what was checked."""
-    from bitsmoe_jax.loading import checkpoint_kind
-
+    """Check the checkpoint at `path` (`kind` "hf" or "converted", as `loading.checkpoint_kind`
+    says) against `config` before any work: raises `CheckpointError` naming file and tensor;
+    returns what was checked."""
     p = Path(path)
-    kind = checkpoint_kind(p)
     t0 = time.time()
     bar = None
     if progress and check_values and sys.stderr.isatty():  # log files get the summary line

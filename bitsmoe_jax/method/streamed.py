@@ -481,9 +481,23 @@ def _tile(m: int) -> int:
     return max(1, min(128, 1 << (max(m, 1) - 1).bit_length()))
 
 
+def geometric_bucket(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3·2^k) that is >= n.
+
+    Chunks of experts get different numbers of routed rows; padded to these sizes, their arrays
+    take a few shapes per layer instead of one per chunk, so the per-shape compiled programs (which
+    jit caches keep) are compiled and kept a few times, not once per chunk — at DeepSeek-V3 dims
+    with 64 experts one per chunk grew the calibration forward's memory by 2 GiB. At most 1.5× the
+    rows are computed."""
+    if n <= 2:
+        return max(n, 1)
+    p = 1 << (n - 1).bit_length()  # the power of two >= n
+    return 3 * p // 4 if 3 * p // 4 >= n else p
+
+
 def _expert_rows(
-    zg: jax.Array,
-    zu: jax.Array,
+    zg: np.ndarray,
+    zu: np.ndarray,
     token: np.ndarray,
     sizes: np.ndarray,
     e0: int,
@@ -502,15 +516,20 @@ def _expert_rows(
     lo, hi = int(offs[e0]), int(offs[e1])
     row0 = (lo // tile) * tile
     row1 = max(-(-hi // tile) * tile, row0 + tile)
+    # Whole tiles of zero rows past row1 (folded into the last group, like the other experts'
+    # rows of the edge tiles) make the row count one of a few sizes; the tiles holding these
+    # experts' rows, and so every product they take part in, are unchanged.
+    padded = tile * geometric_bucket((row1 - row0) // tile)
     g = sizes[e0:e1].astype(np.int32).copy()
     g[0] += lo - row0
-    g[-1] += row1 - hi
+    g[-1] += padded - (hi - row0)
     gs = jnp.asarray(g)
-    rows = jnp.asarray(token[lo:hi])
+    rows = token[lo:hi]
 
-    def cut(zs: jax.Array) -> jax.Array:
-        sub = jnp.zeros((row1 - row0, zs.shape[1]), zs.dtype)
-        return sub.at[lo - row0 : hi - row0].set(zs[rows])
+    def cut(zs: np.ndarray) -> jax.Array:  # host gathers: no program per chunk shape
+        sub = np.zeros((padded, zs.shape[1]), zs.dtype)
+        sub[lo - row0 : hi - row0] = zs[rows]
+        return jnp.asarray(sub)
 
     a = grouped_matmul(cut(zg), jnp.asarray(mats["gate"]), gs)
     h = jax.nn.silu(a) * grouped_matmul(cut(zu), jnp.asarray(mats["up"]), gs)
@@ -541,6 +560,7 @@ def _chunk_rows(zg, zu, token, sizes, chunk, read):
     share."""
     offs = np.concatenate([[0], np.cumsum(sizes)])
     step = chunk or len(sizes)
+    zg, zu = np.asarray(zg), (np.asarray(zg) if zu is zg else np.asarray(zu))  # gathered on host
     for e0 in range(0, len(sizes), step):
         e1 = min(e0 + step, len(sizes))
         if offs[e1] > offs[e0]:
@@ -567,7 +587,9 @@ def _combined_rows(
     weight = np.asarray(plan.weight, np.float32)
     acc = np.zeros((zg.shape[0], width), np.float32)
     for start, _, experts, rows in _chunk_rows(zg, zu, token, sizes, chunk, read):
-        rows = np.asarray(jnp.asarray(rows).astype(dtype), np.float32)  # as combine receives them
+        # as combine receives them (rounded to `dtype`); numpy's rounding to bfloat16/float16
+        # is XLA's (to nearest even), and needs no program per chunk shape
+        rows = np.asarray(rows).astype(np.dtype(dtype)).astype(np.float32)
         lo = start
         for e in experts:
             hi = lo + int(sizes[e])
@@ -612,17 +634,27 @@ def expert_factors(pm: PackedMatrix, num_experts: int, experts: Sequence[int]) -
     for i, size in enumerate(pm.seg_sizes):
         sel = np.flatnonzero((pos >= start) & (pos < start + size))
         if sel.size and pm.seg_bits[i] != 0:
+            # padded with zero units to a few sizes (`geometric_bucket`): units are decoded one
+            # by one, so the real units' values do not change, and the compiled decoders are
+            # a few per segment width instead of one per chunk
+            k = geometric_bucket(int(sel.size))
+            which = pos[sel] - start
             sub = dataclasses.replace(
                 pm,
-                perm=np.arange(sel.size, dtype=np.int32),
-                payload=(np.asarray(pm.payload[i])[pos[sel] - start],),
-                scales=(np.asarray(pm.scales[i])[pos[sel] - start],),
+                perm=np.arange(k, dtype=np.int32),
+                payload=(_padded_rows(np.asarray(pm.payload[i])[which], k),),
+                scales=(_padded_rows(np.asarray(pm.scales[i])[which], k),),
                 seg_bits=(pm.seg_bits[i],),
-                seg_sizes=(int(sel.size),),
+                seg_sizes=(k,),
             )
-            out[sel] = np.asarray(dequantize_packed(sub))
+            out[sel] = np.asarray(dequantize_packed(sub))[: sel.size]
         start += size
     return out.reshape(len(units) // r if r else 0, r, pm.n)
+
+
+def _padded_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """`a` with zero rows appended up to `rows` rows."""
+    return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
 class StreamedQuantizedExperts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bitsmoe_jax.loading import checkpoint_kind
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run.config_schema import RunConfig
@@ -22,6 +23,7 @@ def check_checkpoint(run: RunConfig, config: ModelConfig, progress: bool = True)
         config,
         check_values=run.preflight == "values",
         progress=progress and distributed.is_writer(),
+        kind=checkpoint_kind(run.model_path),
     )
     if progress:
         distributed.log(summary.describe())

@@ -277,3 +277,14 @@ def test_quantized_forward_streamed_equals_the_packed_block(layer):
         streamed.expert_factors(qe.packed_matrix("up"), E, [4, 1]),
         dense.reshape(E, -1, F)[[4, 1]],
     )
+
+
+def test_geometric_bucket_sizes():
+    """Every count gets a size at least as large, at most 1.5× larger, from a log-sized set."""
+    from bitsmoe_jax.method.streamed import geometric_bucket
+
+    sizes = [geometric_bucket(n) for n in range(1, 5000)]
+    assert all(b >= n for n, b in zip(range(1, 5000), sizes, strict=True))
+    assert all(b <= max(2, 1.5 * n) for n, b in zip(range(1, 5000), sizes, strict=True))
+    assert len(set(sizes)) <= 2 * 13 + 1  # 2^k and 3·2^k up to 8192
+    assert sorted(set(sizes))[:8] == [1, 2, 3, 4, 6, 8, 12, 16]
