@@ -97,7 +97,7 @@ def timed(model: Path, out: Path, tokens: int, bits: float, extra: list[str]) ->
 
 def stage_line(stages: dict) -> str:
     times = stages.get("time_s", {})
-    skip = ("total", "quantize_total")
+    skip = ("total", "quantize_total", "shared", "budget")  # sums, not stages
     keep = {k: v for k, v in times.items() if k not in skip and v >= 0.05}
     return ", ".join(f"{k} {v:.1f}s" for k, v in sorted(keep.items(), key=lambda kv: -kv[1]))
 
