@@ -51,6 +51,16 @@ def expected_tree(config: ModelConfig) -> dict[str, Any]:
     return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
+def expected_parts(config: ModelConfig) -> tuple[dict[str, Any], Any]:
+    """(the top-level params' expected tree — no `lm_head` when tied to the embeddings —, the
+    per-layer expected trees): what each streamed part must hold."""
+    expected = expected_tree(config)
+    layers = expected.pop("layers")
+    if config.tie_word_embeddings:
+        expected.pop("lm_head", None)
+    return expected, layers
+
+
 def iter_leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     """(path, leaf) for every leaf of a nested dict."""
     for k, v in tree.items():
@@ -170,11 +180,8 @@ def iter_parts(
     """
     config = config or ModelConfig.from_hf_dir(hf_dir)
     ckpt = HFCheckpoint(hf_dir)
-    expected = expected_tree(config)
+    expected, layers = expected_parts(config)
     dt = np_dtype(dtype)
-    layers = expected.pop("layers")
-    if config.tie_word_embeddings:
-        expected.pop("lm_head", None)
     used: set[str] = set()
     yield "top", _read_part(ckpt, config, expected, None, dt, used)
     for i in range(config.num_hidden_layers):

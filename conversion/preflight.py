@@ -26,7 +26,7 @@ import numpy as np
 
 from bitsmoe_jax.io.checkpoint import intify_layer_keys, load_tree
 from bitsmoe_jax.models.config import ModelConfig
-from conversion.convert import check_all_used, expected_tree, iter_leaves
+from conversion.convert import check_all_used, expected_parts, iter_leaves
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
 from conversion.key_maps import TOP_LEVEL, expert_tensor_shapes, param_candidates
 
@@ -54,10 +54,7 @@ def expected_hf_shapes(ckpt: HFCheckpoint, config: ModelConfig) -> dict[str, tup
     """{HF key: (what it is, its expected shape)} for every tensor the model reads from `ckpt`,
     resolved in the checkpoint's own layout; a missing tensor is an error naming it."""
     keys = dict.fromkeys(ckpt.keys())
-    expected = expected_tree(config)
-    layers = expected.pop("layers")
-    if config.tie_word_embeddings:
-        expected.pop("lm_head", None)
+    expected, layers = expected_parts(config)
     out: dict[str, tuple[str, tuple]] = {}
     for path, spec in iter_leaves(expected):
         hf_key, transpose = TOP_LEVEL[path]
@@ -136,10 +133,7 @@ def _check_hf(
 def _check_converted(
     path: Path, config: ModelConfig, check_values: bool, on_bytes: Callable[[int], None]
 ) -> tuple[int, int]:
-    expected = expected_tree(config)
-    layers = expected.pop("layers")
-    if config.tie_word_embeddings:
-        expected.pop("lm_head", None)
+    expected, layers = expected_parts(config)
     parts = [("top", expected)] + [(f"layer_{i:03d}", layers[i]) for i in range(len(layers))]
     tensors = checked = 0
     for name, spec_tree in parts:
