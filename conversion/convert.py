@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory, save_tree
+from bitsmoe_jax.models.assemble import FLOAT32_PARAMS
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.transformer import build_model
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
@@ -143,7 +144,8 @@ def _read_part(
                 f"expected from config.json for {'.'.join(map(str, path))}"
                 + ("" if layer is None else f" of layer {layer}")
             )
-        _set(out, path, np.ascontiguousarray(value.astype(dtype)))
+        keep = np.float32 if path[-1] in FLOAT32_PARAMS else dtype
+        _set(out, path, np.ascontiguousarray(value.astype(keep)))
         used.update(getter.used)
     return out
 
@@ -152,10 +154,25 @@ def _read_part(
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def check_all_used(ckpt: HFCheckpoint, used: set[str]) -> None:
+def mtp_prefixes(config: ModelConfig) -> tuple[str, ...]:
+    """Key prefixes of the multi-token-prediction layers stored after the last decoder layer
+    (`model.layers.61.*` in DeepSeek-V3): training-time heads that transformers skips on load and
+    the causal LM never runs, so conversion skips them too."""
+    n = config.num_hidden_layers
+    return tuple(f"model.layers.{n + i}." for i in range(config.num_nextn_predict_layers))
+
+
+def check_all_used(ckpt: HFCheckpoint, used: set[str], config: ModelConfig) -> None:
     """Refuse tensors the model does not use: they mean an architecture feature we would silently
-    drop."""
-    unused = sorted(k for k in ckpt.keys() if k not in used and not k.endswith(IGNORABLE_SUFFIXES))
+    drop (multi-token-prediction layers excepted, `mtp_prefixes`)."""
+    skip = mtp_prefixes(config)
+    unused = sorted(
+        k
+        for k in ckpt.keys()
+        if k not in used
+        and not k.endswith(IGNORABLE_SUFFIXES)
+        and not (skip and k.startswith(skip))
+    )
     if unused:
         more = f" (and {len(unused) - 5} more)" if len(unused) > 5 else ""
         raise CheckpointError(
@@ -187,7 +204,7 @@ def iter_parts(
     for i in range(config.num_hidden_layers):
         yield i, _read_part(ckpt, config, layers[i], i, dt, used, experts)
         ckpt.release()
-    check_all_used(ckpt, used)
+    check_all_used(ckpt, used, config)
 
 
 def convert_checkpoint(

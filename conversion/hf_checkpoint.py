@@ -31,6 +31,8 @@ _ST_DTYPES: dict[str, np.dtype] = {
     "F16": np.dtype(np.float16),
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
@@ -59,6 +61,71 @@ def all_finite(a: np.ndarray) -> bool:
         return True
     bits, mask = view
     return int(np.bitwise_and(a.view(bits), mask).max()) < mask
+
+
+# Block-scaled FP8 (DeepSeek-V3, Kimi-K2, GLM-4.5-FP8 on the hub): `X.weight` float8 [.., R, C]
+# beside `X.weight_scale_inv` float32 [.., ceil(R/b0), ceil(C/b1)]; the weight is fp8 × scale per
+# b0×b1 block (b = config.json's quantization_config.weight_block_size, 128×128 in every release).
+FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+SCALE_SUFFIX = "_scale_inv"
+DEFAULT_BLOCK = (128, 128)
+
+
+def fp8_block_size(checkpoint_dir: Path) -> tuple[int, int]:
+    """The FP8 weight block size named by config.json (128×128 when it does not say)."""
+    try:
+        qc = json.loads((checkpoint_dir / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return DEFAULT_BLOCK
+    block = (qc or {}).get("weight_block_size") if isinstance(qc, dict) else None
+    if not block:
+        return DEFAULT_BLOCK
+    if len(block) != 2 or any(int(b) < 1 for b in block):
+        raise CheckpointError(
+            f"{checkpoint_dir / 'config.json'}: quantization_config.weight_block_size {block!r} "
+            "is not two positive sizes"
+        )
+    return int(block[0]), int(block[1])
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The block-scale shape of a weight of `shape` (leading axes kept, the last two in blocks)."""
+    *lead, r, c = shape
+    return (*lead, -(-r // block[0]), -(-c // block[1]))
+
+
+def dequantize_blocks(
+    w: np.ndarray, scale: np.ndarray, block: tuple[int, int], row_offset: int = 0
+) -> np.ndarray:
+    """float32 fp8 weights × their block scales. `w` [.., R, C] may be a row slice of a 2-D
+    weight starting `row_offset` rows into the first block row of `scale`."""
+    s = np.repeat(np.repeat(scale.astype(np.float32), block[0], axis=-2), block[1], axis=-1)
+    r, c = w.shape[-2:]
+    return w.astype(np.float32) * s[..., row_offset : row_offset + r, :c]
+
+
+# MXFP4 (GPT-OSS experts): `X_blocks` uint8 [E, R, G, 16] — two e2m1 codes per byte, low nibble
+# first — and `X_scales` uint8 [E, R, G], one power of two (e8m0, bias 127) per 32 values along
+# the input axis. `X` is then [E, G·32, R] (transformers' in-memory layout: input rows, output
+# columns) with value e2m1 · 2^(scale − 127).
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
+E2M1_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    np.float32,
+)
+
+
+def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 [.., G·32, R] values of MXFP4 `blocks` [.., R, G, 16] with `scales` [.., R, G]
+    (exact: every e2m1 value times a power of two is a float32). Scale 255 is e8m0's NaN."""
+    out = np.empty((*blocks.shape[:-1], 32), np.float32)
+    out[..., 0::2] = E2M1_VALUES[blocks & 0x0F]
+    out[..., 1::2] = E2M1_VALUES[blocks >> 4]
+    exp = scales.astype(np.int32) - 127
+    mult = np.where(scales == 255, np.float32(np.nan), np.ldexp(np.float32(1), exp))
+    out *= mult[..., None].astype(np.float32)
+    out = out.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+    return np.ascontiguousarray(np.swapaxes(out, -1, -2))
 
 
 class SafetensorsFile:
@@ -266,6 +333,64 @@ class HFCheckpoint:
                     raise CheckpointError(
                         f"{f}: tensor {missing[0]!r} listed in the index is not in this shard"
                     )
+        self._find_block_scales()
+        self._find_mxfp4()
+
+    def _find_mxfp4(self) -> None:
+        """Pair `X_blocks` with `X_scales` into one virtual tensor `X` (see `decode_mxfp4`)."""
+        self._mxfp4: dict[str, tuple[str, str]] = {}
+        for k in [k for k in self._where if k.endswith(MXFP4_BLOCKS)]:
+            base = k[: -len(MXFP4_BLOCKS)]
+            sk = base + MXFP4_SCALES
+            f = self._where[k]
+            if sk not in self._where:
+                raise CheckpointError(f"{f}: MXFP4 tensor {k!r} has no scales {sk!r}")
+            bshape, sshape = self._open(f).shape(k), self._open(self._where[sk]).shape(sk)
+            if len(bshape) < 3 or bshape[-1] != 16 or tuple(sshape) != tuple(bshape[:-1]):
+                raise CheckpointError(
+                    f"{f}: MXFP4 tensor {k!r} of shape {tuple(bshape)} with scales {sk!r} of shape "
+                    f"{tuple(sshape)}: expected [..., rows, groups, 16] blocks and [..., rows, "
+                    "groups] scales"
+                )
+            self._mxfp4[base] = (k, sk)
+            self._scale_where[k] = self._where.pop(k)
+            self._scale_where[sk] = self._where.pop(sk)
+            self._where[base] = f
+
+    def _find_block_scales(self) -> None:
+        """Pair every FP8 tensor with its block scale and check the scale's shape, before any
+        work: the scales are then read with their weights and never listed as tensors."""
+        self.block = fp8_block_size(self.path)
+        self._scales: dict[str, str] = {}
+        self._scale_where: dict[str, Path] = {}
+        for k in [k for k in self._where if k.endswith(SCALE_SUFFIX)]:
+            base = k[: -len(SCALE_SUFFIX)]
+            if base not in self._where:
+                raise CheckpointError(
+                    f"{self._where[k]}: block scale {k!r} has no tensor {base!r} to scale"
+                )
+            self._scales[base] = k
+            self._scale_where[k] = self._where.pop(k)
+        for name, f in self._where.items():
+            if f.suffix != ".safetensors":
+                continue
+            dt, shape = self._open(f).entries[name][:2]
+            if dt not in FP8_DTYPES:
+                continue
+            sk = self._scales.get(name)
+            if sk is None:
+                raise CheckpointError(
+                    f"{f}: tensor {name!r} is stored in {dt} without its block scale "
+                    f"{name + SCALE_SUFFIX!r}"
+                )
+            want = scale_shape(shape, self.block) if len(shape) >= 2 else None
+            got = self._open(self._scale_where[sk]).shape(sk)
+            if want is None or tuple(got) != want:
+                raise CheckpointError(
+                    f"{self._scale_where[sk]}: block scale {sk!r} has shape {tuple(got)}, expected "
+                    f"{want} for {name!r} of shape {shape} in {self.block[0]}x{self.block[1]} "
+                    "blocks (config.json quantization_config.weight_block_size)"
+                )
 
     def _open(self, f: Path) -> SafetensorsFile | _BinFile:
         if f not in self._files:
@@ -282,11 +407,14 @@ class HFCheckpoint:
         return self._where[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._mxfp4:
+            b = self._open(self._where[name]).shape(self._mxfp4[name][0])
+            return (*b[:-3], b[-2] * 32, b[-3])
         return self._open(self._where[name]).shape(name)
 
     def get(self, name: str, check_finite: bool = True) -> np.ndarray:
-        """The tensor `name` as stored (bf16/fp16/fp32); NaN/Inf is an error naming tensor and
-        file."""
+        """The tensor `name` as stored (bf16/fp16/fp32), block-scaled FP8 as float32 values;
+        NaN/Inf is an error naming tensor and file."""
         return self._read(name, None, check_finite)
 
     def get_rows(self, name: str, start: int, stop: int, check_finite: bool = True) -> np.ndarray:
@@ -297,18 +425,44 @@ class HFCheckpoint:
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         f = self._where[name]
-        if rows is None:
-            a = self._open(f).get(name)
-        else:
-            shape = self._open(f).shape(name)
+        if rows is not None:
+            shape = self.shape(name)
             if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
                 raise CheckpointError(
                     f"{f}: tensor {name!r} of shape {shape} has no rows [{rows[0]}, {rows[1]})"
                 )
+        if name in self._mxfp4:
+            a = self._read_mxfp4(name, rows)
+        elif rows is None:
+            a = self._open(f).get(name)
+        else:
             a = self._open(f).get_rows(name, *rows)
+        if name in self._scales:
+            a = self._dequantize(name, a, rows)
         if check_finite and not all_finite(a):
             raise CheckpointError(f"{f}: tensor {name!r} contains NaN or Inf values")
         return a
+
+    def _read_mxfp4(self, name: str, rows: tuple[int, int] | None) -> np.ndarray:
+        """Decoded MXFP4 values; `rows` index the leading (expert) axis."""
+        bk, sk = self._mxfp4[name]
+        fb, fs = self._open(self._scale_where[bk]), self._open(self._scale_where[sk])
+        if rows is None:
+            return decode_mxfp4(fb.get(bk), fs.get(sk))
+        return decode_mxfp4(fb.get_rows(bk, *rows), fs.get_rows(sk, *rows))
+
+    def _dequantize(self, name: str, w: np.ndarray, rows: tuple[int, int] | None) -> np.ndarray:
+        """float32 values of an FP8 tensor (or rows of it), reading only the scales they use."""
+        sk = self._scales[name]
+        sf = self._open(self._scale_where[sk])
+        b0 = self.block[0]
+        if rows is None:
+            return dequantize_blocks(w, sf.get(sk), self.block)
+        if w.ndim >= 3:  # rows of a fused [E, R, C] tensor are whole experts
+            return dequantize_blocks(w, sf.get_rows(sk, *rows), self.block)
+        first = rows[0] // b0
+        scale = sf.get_rows(sk, first, -(-rows[1] // b0))
+        return dequantize_blocks(w, scale, self.block, rows[0] - first * b0)
 
     def release(self) -> None:
         """Drop memory maps / loaded .bin shards (called between layers to bound memory)."""

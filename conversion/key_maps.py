@@ -6,7 +6,8 @@ The exceptions are the MoE pieces, handled explicitly:
 
 - MoE prefix: `mlp.` (Qwen, DeepSeek, transformers-5 Mixtral in memory) or `block_sparse_moe.`
   (Mixtral files).
-- router: HF `{moe}.gate.weight` [E, D] -> our `mlp.router.kernel` [D, E].
+- router: HF `{moe}.gate.weight` [E, D] -> our `mlp.router.kernel` [D, E]; sigmoid routers'
+  `mlp.gate.e_score_correction_bias` [E] -> `mlp.router.e_score_correction_bias` (kept float32).
 - routed experts, per-expert files: `{moe}.experts.{e}.{w1|gate_proj}` (gate), `{w3|up_proj}` (up),
   `{w2|down_proj}` (down); fused files: `{moe}.experts.gate_up_proj` [E, 2F, D] (gate rows first)
   and
@@ -44,6 +45,28 @@ def _hf_generic(path: Path) -> tuple[str, bool]:
 def _shared_names(path: Path) -> list[str]:
     rest = ".".join(path[2:])
     return [f"mlp.shared_expert.{rest}", f"mlp.shared_experts.{rest}"]
+
+
+# GPT-OSS keeps its experts fused and transposed: `experts.gate_up_proj` [E, D, 2F] with gate and
+# up in *interleaved* columns (gate 0::2, up 1::2), `experts.down_proj` [E, F, D], and biases
+# `experts.gate_up_proj_bias` [E, 2F] (interleaved alike) and `experts.down_proj_bias` [E, D].
+# Its files are recognised by that bias; the MXFP4 release stores the weights as `X_blocks` +
+# `X_scales`, decoded by the reader into the same [E, D, 2F] / [E, F, D] tensors.
+GPT_OSS_BIAS = {
+    "gate": ("gate_up_proj_bias", slice(0, None, 2)),
+    "up": ("gate_up_proj_bias", slice(1, None, 2)),
+    "down": ("down_proj_bias", slice(None)),
+}
+
+
+def expert_bias_key(layer_prefix: str, which: str) -> tuple[str, slice]:
+    """(HF key, column slice) of GPT-OSS's expert bias `which` (gate | up | down)."""
+    name, cols = GPT_OSS_BIAS[which]
+    return f"{layer_prefix}mlp.experts.{name}", cols
+
+
+def _is_gpt_oss(base: str, keys: Mapping[str, object]) -> bool:
+    return f"{base}.gate_up_proj_bias" in keys
 
 
 def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
@@ -84,6 +107,14 @@ def expert_matrices(
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
         fused = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"
+        if fused in keys and _is_gpt_oss(base, keys):
+            out = {}
+            for a, b in _runs(wanted):
+                t = get_rows(fused, a, b) if get_rows else get(fused)[a:b]
+                for j in range(t.shape[0]):
+                    m = t[j] if which == "down" else t[j][:, GPT_OSS_BIAS[which][1]]
+                    out[a + j] = np.ascontiguousarray(m)
+            return out
         if fused in keys:
             out: dict[int, np.ndarray] = {}
             blocks = (
@@ -171,7 +202,10 @@ def param_candidates(path: Path, layer_prefix: str) -> tuple[list[str], bool]:
     """(the HF keys that may hold our non-expert parameter `path`, in order of preference;
     whether the HF tensor is its transpose)."""
     if path == ("mlp", "router", "kernel"):
-        return [f"{layer_prefix}{moe}.gate.weight" for moe in MOE_PREFIXES], True
+        gates = [f"{layer_prefix}{moe}.gate.weight" for moe in MOE_PREFIXES]
+        return [*gates, f"{layer_prefix}mlp.router.weight"], True  # GPT-OSS: mlp.router
+    if path == ("mlp", "router", "e_score_correction_bias"):
+        return [f"{layer_prefix}mlp.gate.e_score_correction_bias"], False
     suffix, transpose = _hf_generic(path)
     if len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
         return [layer_prefix + c for c in _shared_names(suffix.split("."))], transpose
@@ -194,6 +228,10 @@ def expert_tensor_shapes(
     rows, cols = (int(s) for s in matrix_shape)
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
+        if _is_gpt_oss(base, keys):
+            if which == "down":
+                return [(f"{base}.down_proj", (num_experts, rows, cols))]
+            return [(f"{base}.gate_up_proj", (num_experts, rows, 2 * cols))]
         if which in ("gate", "up") and f"{base}.gate_up_proj" in keys:
             return [(f"{base}.gate_up_proj", (num_experts, 2 * cols, rows))]
         if which == "down" and f"{base}.down_proj" in keys:
@@ -210,6 +248,11 @@ def read_param(
     """Read the HF tensor(s) behind our parameter `path` (relative to a layer or the model root)."""
     if len(path) == 3 and path[:2] == ("mlp", "experts"):
         return _expert_stack(layer_prefix, path[2], keys, get, num_experts)
+    if len(path) == 3 and path[:2] == ("mlp", "expert_bias"):
+        key, cols = expert_bias_key(layer_prefix, path[2])
+        if key not in keys:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint")
+        return np.ascontiguousarray(get(key)[:, cols])
     candidates, transpose = param_candidates(path, layer_prefix)
     for k in candidates:
         if k in keys:
@@ -222,6 +265,11 @@ def write_param(
     path: Path, layer_prefix: str, value: np.ndarray, family: str
 ) -> dict[str, np.ndarray]:
     """Our parameter -> HF tensors in the per-expert layout transformers writes (for export)."""
+    if family == "gpt_oss":
+        raise CheckpointError(
+            "exporting gpt_oss to Hugging Face files is not supported (its experts are stored "
+            "fused with interleaved gate/up columns)"
+        )
     if len(path) == 3 and path[:2] == ("mlp", "experts"):
         moe, names = ("block_sparse_moe", 0) if family == "mixtral" else ("mlp", 1)
         name = PER_EXPERT_NAMES[path[2]][names]
@@ -232,6 +280,8 @@ def write_param(
     if path == ("mlp", "router", "kernel"):
         moe = "block_sparse_moe" if family == "mixtral" else "mlp"
         return {f"{layer_prefix}{moe}.gate.weight": np.ascontiguousarray(value.T)}
+    if path == ("mlp", "router", "e_score_correction_bias"):
+        return {f"{layer_prefix}mlp.gate.e_score_correction_bias": value}
     suffix, transpose = _hf_generic(path)
     if len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
         suffix = _shared_names(suffix.split("."))[0 if family == "qwen2_moe" else 1]

@@ -28,7 +28,7 @@ from bitsmoe_jax.io.checkpoint import intify_layer_keys, load_tree
 from bitsmoe_jax.models.config import ModelConfig
 from conversion.convert import check_all_used, expected_parts, iter_leaves
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
-from conversion.key_maps import TOP_LEVEL, expert_tensor_shapes, param_candidates
+from conversion.key_maps import TOP_LEVEL, expert_bias_key, expert_tensor_shapes, param_candidates
 
 SLICE_BYTES = 64 << 20  # values are read this much at a time: the check's own memory
 
@@ -75,6 +75,15 @@ def expected_hf_shapes(ckpt: HFCheckpoint, config: ModelConfig) -> dict[str, tup
                         )
                     out[k] = (what, shape)
                 continue
+            if path[:2] == ("mlp", "expert_bias"):  # GPT-OSS: gate/up interleaved in one
+                k, _ = expert_bias_key(prefix, path[2])
+                e, n = spec.shape
+                out[k] = (what, (e, n if path[2] == "down" else 2 * n))
+                if k not in keys:
+                    raise CheckpointError(
+                        f"{ckpt.path}: tensor {k!r} is missing from the checkpoint"
+                    )
+                continue
             candidates, transpose = param_candidates(path, prefix)
             found = next((k for k in candidates if k in keys), None)
             if found is None:
@@ -94,7 +103,7 @@ def _check_headers(ckpt: HFCheckpoint, config: ModelConfig) -> dict[str, tuple[s
                 f"{ckpt.file_of(k)}: tensor {k!r} has shape {got}, expected {tuple(shape)} from "
                 f"config.json ({what})"
             )
-    check_all_used(ckpt, set(wanted))
+    check_all_used(ckpt, set(wanted), config)
     return wanted
 
 

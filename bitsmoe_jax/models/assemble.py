@@ -16,6 +16,20 @@ from bitsmoe_jax.io.checkpoint import intify_layer_keys
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.transformer import DecoderLayer, MoETransformer, build_model
 
+# Parameters that keep float32 in a model of any dtype, as transformers keeps them: the sigmoid
+# router's selection bias decides the top-k among scores that differ in the 3rd-4th digit.
+FLOAT32_PARAMS = ("e_score_correction_bias",)
+
+
+def cast_params(tree: Any, dtype: Any) -> Any:
+    """Every array of a param tree as a jax array of `dtype`, but `FLOAT32_PARAMS` in float32."""
+
+    def cast(path: tuple, a: Any) -> jax.Array:
+        name = getattr(path[-1], "key", None) if path else None
+        return jnp.asarray(a, dtype=jnp.float32 if name in FLOAT32_PARAMS else dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
 
 def model_from_parts(
     config: ModelConfig,
@@ -34,8 +48,7 @@ def model_from_parts(
     graphdef, state = nnx.split(model)
     pure: dict[Any, Any] = dict(parts["top"])
     pure["layers"] = {i: parts[i] for i in range(config.num_hidden_layers)}
-    pure = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(pure))
-    nnx.replace_by_pure_dict(state, pure)
+    nnx.replace_by_pure_dict(state, cast_params(intify_layer_keys(pure), dtype))
     return nnx.merge(graphdef, state)
 
 
@@ -45,7 +58,5 @@ def build_layer(
     """One decoder layer with the given params (used by layer-by-layer calibration)."""
     layer = nnx.eval_shape(lambda: DecoderLayer(config, index, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(layer)
-    nnx.replace_by_pure_dict(
-        state, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), intify_layer_keys(params))
-    )
+    nnx.replace_by_pure_dict(state, cast_params(intify_layer_keys(params), dtype))
     return nnx.merge(graphdef, state)

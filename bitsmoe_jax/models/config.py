@@ -15,7 +15,22 @@ import math
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")
+SUPPORTED_MODEL_TYPES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+)
+# model_type spellings of checkpoints whose architecture is one of ours under another name:
+# Kimi-K2 ships `"model_type": "kimi_k2"` with `DeepseekV3ForCausalLM` (remote code, same weights).
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# Families routing with sigmoid scores + a learned selection bias (DeepSeek-V3's "noaux_tc") and
+# making every layer from `first_k_dense_replace` on an MoE layer.
+NOAUX_MODEL_TYPES = ("deepseek_v3", "glm4_moe")
 
 
 class ConfigError(ValueError):
@@ -46,8 +61,8 @@ class ModelConfig:
     hidden_act: str = "silu"
     # routing
     norm_topk_prob: bool = True
-    router_scoring: str = "softmax"
-    topk_method: str = "greedy"  # deepseek: greedy | group_limited_greedy
+    router_scoring: str = "softmax"  # softmax | sigmoid (deepseek_v3, glm4_moe)
+    topk_method: str = "greedy"  # deepseek_v2: greedy | group_limited_greedy; v3: noaux_tc
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -56,7 +71,9 @@ class ModelConfig:
     n_shared_experts: int = 0  # deepseek_v2: shared experts of width n * moe_intermediate_size
     # attention details
     attention_bias: bool = False  # q/k/v biases (qwen2_moe)
-    qk_norm: bool = False  # RMSNorm on q and k per head (qwen3_moe)
+    qk_norm: bool = False  # RMSNorm on q and k per head (qwen3_moe, glm4_moe use_qk_norm)
+    partial_rotary_factor: float = 1.0  # glm4_moe: RoPE rotates the first half of each head
+    rope_interleave: bool = True  # deepseek MLA: RoPE on interleaved pairs (V3's flag; V2 always)
     # which layers are MoE
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
@@ -68,18 +85,31 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # gpt_oss: router and expert biases, clamped SwiGLU, attention sinks, per-layer windows
+    router_bias: bool = False
+    expert_bias: bool = False  # gate/up [E, F] and down [E, D] biases of the routed experts
+    swiglu_limit: float = 0.0  # > 0: GPT-OSS's activation (up + 1)·g·σ(α·g), clamped at the limit
+    swiglu_alpha: float = 1.0
+    attention_sinks: bool = False  # a learned per-head logit every query may attend to instead
+    layer_types: tuple[str, ...] = ()  # "sliding_attention" | "full_attention" per layer
+    # multi-token-prediction layers stored after the last decoder layer (DeepSeek-V3, GLM-4.5):
+    # not part of the causal LM, skipped by conversion as transformers skips them.
+    num_nextn_predict_layers: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
     # ------------------------------------------------------------------ derived
     @property
     def is_mla(self) -> bool:
-        return self.model_type == "deepseek_v2"
+        return self.model_type in MLA_MODEL_TYPES
 
     @property
     def rope_dim(self) -> int:
-        """Dimension RoPE rotates: the decoupled rope part for MLA, the full head otherwise."""
-        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+        """Dimension RoPE rotates: the decoupled rope part for MLA, the rotary fraction of the head
+        otherwise (all of it but for GLM-4.5's partial rotary)."""
+        if self.is_mla:
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -101,7 +131,18 @@ class ModelConfig:
                 and layer >= self.first_k_dense_replace
                 and layer % self.moe_layer_freq == 0
             )
+        if self.model_type == "gpt_oss":
+            return True
+        if self.model_type in NOAUX_MODEL_TYPES:
+            return self.num_experts > 0 and layer >= self.first_k_dense_replace
         raise ConfigError(f"unknown model_type {self.model_type!r}")
+
+    def window_of(self, layer: int) -> int | None:
+        """Sliding-window size of layer `layer`'s attention (None: full causal attention)."""
+        if self.layer_types:
+            kind = self.layer_types[layer]
+            return self.sliding_window if kind == "sliding_attention" else None
+        return self.sliding_window
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -112,10 +153,20 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Parse a Hugging Face config dict (transformers 4.x hub style or 5.x style)."""
         model_type = hf.get("model_type")
+        model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{source}: unsupported model_type {model_type!r}; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{', '.join(SUPPORTED_MODEL_TYPES + tuple(MODEL_TYPE_ALIASES))}"
+            )
+
+        qc = hf.get("quantization_config")
+        shipped = "mxfp4" if model_type == "gpt_oss" else "fp8"  # how the releases are stored
+        if isinstance(qc, dict) and qc.get("quant_method", "fp8") not in ("fp8", shipped):
+            raise ConfigError(
+                f"{source}: the checkpoint is already quantized (quantization_config.quant_method "
+                f"{qc.get('quant_method')!r}); BitsMoE reads original weights: bf16/fp16/fp32, the "
+                "block-scaled fp8 the DeepSeek-V3 family ships, or GPT-OSS's mxfp4 experts"
             )
 
         def need(*names: str) -> Any:
@@ -134,7 +185,11 @@ class ModelConfig:
         rope_theta = float(hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
         scaling = hf.get("rope_scaling")
         if scaling is None and rope_params and rope_params.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+            scaling = {
+                k: v
+                for k, v in rope_params.items()
+                if k not in ("rope_theta", "partial_rotary_factor")
+            }
         if scaling is not None:
             scaling = dict(scaling)
             if "type" in scaling and "rope_type" not in scaling:
@@ -212,7 +267,25 @@ class ModelConfig:
                 mlp_only_layers=tuple(int(i) for i in opt("mlp_only_layers", [])),
                 **extra,
             )
-        # deepseek_v2
+        if model_type == "gpt_oss":
+            return cls._gpt_oss(hf, source, common, need, opt)
+        if model_type == "glm4_moe":
+            # transformers' Glm4MoeConfig defaults the rotary fraction to 0.5 when absent
+            partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor"))
+            return cls(
+                **common,
+                intermediate_size=int(need("intermediate_size")),
+                moe_intermediate_size=int(need("moe_intermediate_size")),
+                num_experts=int(need("n_routed_experts", "num_local_experts")),
+                n_shared_experts=int(opt("n_shared_experts", 0)),
+                first_k_dense_replace=int(opt("first_k_dense_replace", 0)),
+                **_noaux_routing(hf, source, opt),
+                attention_bias=bool(opt("attention_bias", False)),
+                qk_norm=bool(opt("use_qk_norm", False)),
+                partial_rotary_factor=float(0.5 if partial is None else partial),
+                num_nextn_predict_layers=int(opt("num_nextn_predict_layers", 0)),
+            )
+        # deepseek_v2 / deepseek_v3 (MLA)
         if hf.get("mlp_bias"):
             raise ConfigError(
                 f"{source}: mlp_bias=true is unsupported for deepseek_v2 (MLP biases would be "
@@ -220,6 +293,27 @@ class ModelConfig:
             )
         q_lora = hf.get("q_lora_rank")
         common["head_dim"] = int(need("qk_rope_head_dim"))  # HF's head_dim for V2 is the rope dim
+        mla: dict[str, Any] = dict(
+            intermediate_size=int(need("intermediate_size")),
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            num_experts=int(need("n_routed_experts", "num_local_experts")),
+            n_shared_experts=int(opt("n_shared_experts", 0)),
+            first_k_dense_replace=int(opt("first_k_dense_replace", 0)),
+            attention_bias=bool(opt("attention_bias", False)),
+            q_lora_rank=int(q_lora) if q_lora else None,
+            kv_lora_rank=int(need("kv_lora_rank")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+        )
+        if model_type == "deepseek_v3":
+            return cls(
+                **common,
+                **mla,
+                **_noaux_routing(hf, source, opt),
+                rope_interleave=bool(opt("rope_interleave", True)),
+                num_nextn_predict_layers=int(opt("num_nextn_predict_layers", 0)),
+            )
         topk_method = str(opt("topk_method", "greedy"))
         if topk_method not in ("greedy", "group_limited_greedy"):
             raise ConfigError(
@@ -228,23 +322,13 @@ class ModelConfig:
             )
         return cls(
             **common,
-            intermediate_size=int(need("intermediate_size")),
-            moe_intermediate_size=int(need("moe_intermediate_size")),
-            num_experts=int(need("n_routed_experts")),
-            n_shared_experts=int(opt("n_shared_experts", 0)),
-            first_k_dense_replace=int(opt("first_k_dense_replace", 0)),
+            **mla,
             moe_layer_freq=int(opt("moe_layer_freq", 1)),
             norm_topk_prob=False,
             topk_method=topk_method,
             n_group=int(opt("n_group", 1)),
             topk_group=int(opt("topk_group", 1)),
             routed_scaling_factor=float(opt("routed_scaling_factor", 1.0)),
-            attention_bias=bool(opt("attention_bias", False)),
-            q_lora_rank=int(q_lora) if q_lora else None,
-            kv_lora_rank=int(need("kv_lora_rank")),
-            qk_nope_head_dim=int(need("qk_nope_head_dim")),
-            qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -302,6 +386,52 @@ class ModelConfig:
                 )
             else:
                 d.update(attention_bias=self.attention_bias)
+        elif self.model_type == "gpt_oss":
+            d.update(
+                architectures=["GptOssForCausalLM"],
+                head_dim=self.head_dim,
+                intermediate_size=self.moe_intermediate_size,
+                num_local_experts=self.num_experts,
+                attention_bias=self.attention_bias,
+                swiglu_limit=self.swiglu_limit,
+                swiglu_alpha=self.swiglu_alpha,
+                sliding_window=self.sliding_window,
+                layer_types=list(self.layer_types),
+            )
+        elif self.model_type == "glm4_moe":
+            d.update(
+                architectures=["Glm4MoeForCausalLM"],
+                head_dim=self.head_dim,
+                intermediate_size=self.intermediate_size,
+                moe_intermediate_size=self.moe_intermediate_size,
+                n_routed_experts=self.num_experts,
+                n_shared_experts=self.n_shared_experts,
+                first_k_dense_replace=self.first_k_dense_replace,
+                **self._noaux_hf(),
+                attention_bias=self.attention_bias,
+                use_qk_norm=self.qk_norm,
+                partial_rotary_factor=self.partial_rotary_factor,
+                num_nextn_predict_layers=self.num_nextn_predict_layers,
+            )
+            d["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+        elif self.model_type == "deepseek_v3":
+            d.update(
+                architectures=["DeepseekV3ForCausalLM"],
+                intermediate_size=self.intermediate_size,
+                moe_intermediate_size=self.moe_intermediate_size,
+                n_routed_experts=self.num_experts,
+                n_shared_experts=self.n_shared_experts,
+                first_k_dense_replace=self.first_k_dense_replace,
+                **self._noaux_hf(),
+                q_lora_rank=self.q_lora_rank,
+                kv_lora_rank=self.kv_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
+                v_head_dim=self.v_head_dim,
+                attention_bias=self.attention_bias,
+                rope_interleave=self.rope_interleave,
+                num_nextn_predict_layers=self.num_nextn_predict_layers,
+            )
         else:
             d.update(
                 architectures=["DeepseekV2ForCausalLM"],
@@ -324,6 +454,70 @@ class ModelConfig:
             )
         return d
 
+    @classmethod
+    def _gpt_oss(
+        cls, hf: dict[str, Any], source: str, common: dict[str, Any], need: Any, opt: Any
+    ) -> ModelConfig:
+        """GPT-OSS: every layer MoE, experts of width intermediate_size with biases and the
+        clamped SwiGLU, a biased router whose top-k logits are softmaxed (= softmax then
+        renormalised top-k), q/k/v/o biases, attention sinks, sliding and full layers."""
+        n = int(common["num_hidden_layers"])
+        layer_types = tuple(
+            opt(
+                "layer_types",
+                ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
+            )
+        )
+        if len(layer_types) != n or set(layer_types) - {"sliding_attention", "full_attention"}:
+            raise ConfigError(
+                f"{source}: layer_types must give sliding_attention or full_attention for each of "
+                f"the {n} layers, got {list(layer_types)}"
+            )
+        if (
+            common["rope_scaling"] is None
+            and not hf.get("rope_scaling")
+            and not (hf.get("rope_parameters") or {}).get("rope_type")
+        ):
+            # transformers' GptOssConfig default when the config names no rope scaling
+            common["rope_scaling"] = tuple(
+                sorted(
+                    {
+                        "rope_type": "yarn",
+                        "factor": 32.0,
+                        "beta_fast": 32.0,
+                        "beta_slow": 1.0,
+                        "truncate": False,
+                        "original_max_position_embeddings": 4096,
+                    }.items()
+                )
+            )
+        f = int(need("intermediate_size"))
+        return cls(
+            **{**common, "sliding_window": int(opt("sliding_window", 128))},
+            intermediate_size=f,
+            moe_intermediate_size=f,
+            num_experts=int(need("num_local_experts", "num_experts")),
+            norm_topk_prob=True,
+            attention_bias=bool(opt("attention_bias", True)),
+            router_bias=True,
+            expert_bias=True,
+            swiglu_limit=float(opt("swiglu_limit", 7.0)),
+            swiglu_alpha=float(opt("swiglu_alpha", 1.702)),
+            attention_sinks=True,
+            layer_types=layer_types,
+        )
+
+    def _noaux_hf(self) -> dict[str, Any]:
+        """The routing fields of DeepSeek-V3 / GLM-4.5 configs, as the hub spells them."""
+        return dict(
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+        )
+
     # ------------------------------------------------------------------ own JSON
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -338,6 +532,7 @@ class ModelConfig:
         if raw.get("rope_scaling"):
             raw["rope_scaling"] = tuple(tuple(kv) for kv in raw["rope_scaling"])
         raw["mlp_only_layers"] = tuple(raw.get("mlp_only_layers", ()))
+        raw["layer_types"] = tuple(raw.get("layer_types", ()))
         return cls(**raw)
 
     @classmethod
@@ -353,6 +548,36 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+
+def _noaux_routing(hf: dict[str, Any], source: str, opt: Any) -> dict[str, Any]:
+    """Routing fields of the sigmoid + correction-bias router (DeepSeek-V3, Kimi-K2, GLM-4.5).
+
+    transformers implements only this router for these families and ignores `topk_method` /
+    `scoring_func`; a config naming another one describes a model it (and we) would run wrongly.
+    """
+    method = opt("topk_method", "noaux_tc")
+    scoring = opt("scoring_func", "sigmoid")
+    if method != "noaux_tc" or scoring != "sigmoid":
+        raise ConfigError(
+            f"{source}: topk_method {method!r} with scoring_func {scoring!r} is unsupported for "
+            f"{hf.get('model_type')}; only noaux_tc with sigmoid (the released checkpoints') is"
+        )
+    n_experts = int(hf.get("n_routed_experts") or hf.get("num_local_experts") or 0)
+    n_group, topk_group = int(opt("n_group", 1)), int(opt("topk_group", 1))
+    if n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group:
+        raise ConfigError(
+            f"{source}: n_group={n_group} must divide n_routed_experts={n_experts} and "
+            f"1 <= topk_group={topk_group} <= n_group"
+        )
+    return dict(
+        router_scoring="sigmoid",
+        topk_method="noaux_tc",
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=bool(opt("norm_topk_prob", True)),
+        routed_scaling_factor=float(opt("routed_scaling_factor", 1.0)),
+    )
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

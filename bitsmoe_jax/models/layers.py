@@ -164,17 +164,30 @@ def attention_mask(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """q [B,Tq,H,d], k [B,Tk,Hkv,d], v [B,Tk,Hkv,dv], mask [B,Tq,Tk] -> [B,Tq,H,dv]; GQA by grouping
-    heads."""
+    heads. `sinks` [H] (GPT-OSS): one more logit per head in the softmax, attached to no value, so
+    a query can put weight on nothing."""
     b, tq, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
     qg = q.reshape(b, tq, hkv, g, d)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k).astype(jnp.float32) * scale
     s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    if sinks is None:
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    else:
+        sink = jnp.broadcast_to(
+            sinks.astype(jnp.float32).reshape(1, hkv, g, 1, 1), (*s.shape[:-1], 1)
+        )
+        p = jax.nn.softmax(jnp.concatenate([s, sink], axis=-1), axis=-1)[..., :-1]
+        p = p.astype(v.dtype)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v)
     return o.reshape(b, tq, h, v.shape[-1])
 
@@ -196,27 +209,32 @@ def attend(
     cache: KVLayerCache | None,
     scale: float,
     window: int | None,
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, KVLayerCache | None]:
     """Causal attention over the new tokens, or over the KV cache after writing them into it."""
     if cache is None:
         mask = attention_mask(positions, positions, None, window)
-        return dot_product_attention(q, k, v, mask, scale), None
+        return dot_product_attention(q, k, v, mask, scale, sinks), None
     start = positions[0, 0]
     cache, k, v = update_cache(cache, k, v, start)
     s = k.shape[1]
     k_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (q.shape[0], s))
     valid = k_pos < start + q.shape[1]
     mask = attention_mask(positions, k_pos, valid, window)
-    return dot_product_attention(q, k, v, mask, scale), cache
+    return dot_product_attention(q, k, v, mask, scale, sinks), cache
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE; optional q/k/v biases (Qwen2-MoE) and q/k RMSNorm
-    (Qwen3-MoE)."""
+    """Grouped-query attention with RoPE; optional q/k/v biases (Qwen2-MoE, GLM-4.5, GPT-OSS), q/k
+    RMSNorm (Qwen3-MoE, GLM-4.5's use_qk_norm), partial rotary (GLM-4.5), sinks and a window per
+    layer (GPT-OSS's alternating sliding and full layers)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, layer: int = 0
+    ):
         c = config
         self.config = c
+        self.window = c.window_of(layer)
         hd = c.head_dim
         self.q_proj = Linear(
             c.hidden_size, c.num_attention_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
@@ -228,7 +246,8 @@ class Attention(nnx.Module):
             c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
         )
         # Qwen3-MoE's attention_bias also puts a bias on o_proj (Qwen2-MoE's qkv_bias does not).
-        o_bias = c.attention_bias and c.model_type == "qwen3_moe"
+        # (GPT-OSS's too.)
+        o_bias = c.attention_bias and c.model_type in ("qwen3_moe", "gpt_oss")
         self.o_proj = Linear(
             c.num_attention_heads * hd, c.hidden_size, bias=o_bias, rngs=rngs, dtype=dtype
         )
@@ -237,6 +256,9 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
         else:
             self.q_norm = self.k_norm = None
+        self.sinks = (
+            nnx.Param(jnp.zeros((c.num_attention_heads,), dtype)) if c.attention_sinks else None
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype: Any) -> KVLayerCache:
         c = self.config
@@ -258,6 +280,12 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o, cache = attend(q, k, v, positions, cache, c.head_dim**-0.5, c.sliding_window)
+        r = cos.shape[-1]
+        if r == c.head_dim:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # partial rotary (GLM-4.5): the first r dims of each head rotate, the rest pass
+            q = jnp.concatenate([apply_rope(q[..., :r], cos, sin), q[..., r:]], axis=-1)
+            k = jnp.concatenate([apply_rope(k[..., :r], cos, sin), k[..., r:]], axis=-1)
+        sinks = None if self.sinks is None else self.sinks[...]
+        o, cache = attend(q, k, v, positions, cache, c.head_dim**-0.5, self.window, sinks)
         return self.o_proj(o.reshape(b, t, -1)), cache

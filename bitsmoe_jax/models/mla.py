@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA), DeepSeek-V2's attention, with the same contract as
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3's attention, with the same contract as
 `layers.Attention`.
 
 Per token x [D]:
@@ -13,9 +13,11 @@ Per token x [D]:
 
 RoPE is applied as transformers' DeepSeek-V2 does it: to *interleaved* pairs (x[2i], x[2i+1]) seen
 as complex numbers multiplied by `attention_scaling · e^{i·pos·inv_freq_i}`, not with `rotate_half`
-on the two halves. The cos/sin handed in are `layers.rope_cos_sin`'s (`cat(freqs, freqs)` layout,
-already times YaRN's attention factor), so their first half holds the per-pair values. Only the rope
-parts rotate.
+on the two halves. DeepSeek-V3's transformers code returns the rotated pairs de-interleaved
+(evens then odds) for q and k alike, which permutes both the same way and leaves every q·k
+unchanged; `rope_interleave: false` in a V3 config means `rotate_half`. The cos/sin handed in
+are `layers.rope_cos_sin`'s (`cat(freqs, freqs)` layout, already times YaRN's attention factor),
+so their first half holds the per-pair values. Only the rope parts rotate.
 
 Softmax scale: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)² when the rope scaling is not
 the default one and names a non-zero `mscale_all_dim` (DeepSeek's YaRN checkpoints; exactly
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bitsmoe_jax.models.config import ModelConfig, yarn_get_mscale
-from bitsmoe_jax.models.layers import KVLayerCache, Linear, RMSNorm, attend
+from bitsmoe_jax.models.layers import KVLayerCache, Linear, RMSNorm, apply_rope, attend
 
 MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers' DeepseekV2RMSNorm default
 
@@ -157,8 +159,9 @@ class MLAAttention(nnx.Module):
         k_nope, v = kv[..., :nope], kv[..., nope:]
 
         cos, sin = cos_sin
-        q_pe = apply_rope_interleaved(q_pe, cos, sin)
-        k_pe = apply_rope_interleaved(k_pe.reshape(b, t, 1, rope), cos, sin)
+        rotate = apply_rope_interleaved if c.rope_interleave else apply_rope
+        q_pe = rotate(q_pe, cos, sin)
+        k_pe = rotate(k_pe.reshape(b, t, 1, rope), cos, sin)
 
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, t, h, rope))], axis=-1)

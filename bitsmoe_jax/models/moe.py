@@ -60,13 +60,20 @@ def combine(plan: RoutingPlan, y_sorted: jax.Array, num_tokens: int) -> jax.Arra
     return jnp.zeros((num_tokens, y.shape[-1]), jnp.float32).at[plan.token].add(y)
 
 
-def route(config: ModelConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+def route(
+    config: ModelConfig, logits: jax.Array, bias: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Router logits [N, E] (float32) -> (top-k weights [N, k] float32, expert indices [N, k]
     int32).
 
     softmax → (group-limited) top-k → renormalise if `norm_topk_prob` → × routed_scaling_factor.
     Mixtral always renormalises; DeepSeek-V2 never does (its config flag is ignored, as in HF).
+    Sigmoid routing (DeepSeek-V3, Kimi-K2, GLM-4.5, "noaux_tc"): `sigmoid_route`.
     """
+    if config.router_scoring == "sigmoid":
+        if bias is None:
+            raise ValueError("sigmoid routing needs the router's e_score_correction_bias")
+        return sigmoid_route(config, logits, bias)
     k = config.num_experts_per_tok
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     if config.topk_method == "group_limited_greedy" and config.model_type == "deepseek_v2":
@@ -82,44 +89,160 @@ def route(config: ModelConfig, logits: jax.Array) -> tuple[jax.Array, jax.Array]
     return w * config.routed_scaling_factor, idx.astype(jnp.int32)
 
 
+def sigmoid_route(
+    config: ModelConfig, logits: jax.Array, bias: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek-V3's router: experts are *chosen* by sigmoid score + a learned per-expert bias
+    (load balancing without an auxiliary loss), but *weighted* by the unbiased sigmoid score.
+
+    Choice is group-limited: each of `n_group` groups is scored by the sum of its two best biased
+    scores, the best `topk_group` groups are kept, and the top-k experts are taken from those.
+    Then weights are renormalised (`norm_topk_prob`, +1e-20 as transformers) and scaled by
+    `routed_scaling_factor`. The bias only moves the choice, so it must stay exact (float32).
+    """
+    k = config.num_experts_per_tok
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    choice = scores + bias.astype(jnp.float32)
+    n, e = choice.shape
+    g = config.n_group
+    if config.topk_group < g:
+        top2, _ = jax.lax.top_k(choice.reshape(n, g, e // g), 2)
+        _, group_idx = jax.lax.top_k(top2.sum(axis=-1), config.topk_group)
+        group_mask = jnp.zeros((n, g), bool).at[jnp.arange(n)[:, None], group_idx].set(True)
+        choice = jnp.where(jnp.repeat(group_mask, e // g, axis=1), choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, k)
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    if config.norm_topk_prob:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    return w * config.routed_scaling_factor, idx.astype(jnp.int32)
+
+
 class Router(nnx.Module):
-    """Linear router; kernel [D, E]. Logits are computed in float32 for stable top-k ties."""
+    """Linear router; kernel [D, E]. Logits are computed in float32 for stable top-k ties.
+
+    Sigmoid routers (DeepSeek-V3, GLM-4.5) also hold `e_score_correction_bias` [E], always float32
+    (transformers keeps it so: it decides the top-k among near-equal scores).
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         self.config = config
         self.kernel = nnx.Param(_init(rngs, (config.hidden_size, config.num_experts), dtype))
+        self.e_score_correction_bias = (
+            nnx.Param(jnp.zeros((config.num_experts,), jnp.float32))
+            if config.router_scoring == "sigmoid"
+            else None
+        )
+        # GPT-OSS: logits = x·W + b
+        self.bias = (
+            nnx.Param(jnp.zeros((config.num_experts,), dtype)) if config.router_bias else None
+        )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [N, D] -> (logits [N, E], weights [N, k], indices [N, k])."""
         logits = x.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
-        w, idx = route(self.config, logits)
+        if self.bias is not None:
+            logits = logits + self.bias[...].astype(jnp.float32)
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias[...]
+        w, idx = route(self.config, logits, bias)
         return logits, w, idx
 
 
+@dataclasses.dataclass(frozen=True)
+class GluActivation:
+    """The experts' gated activation h = act(g, u) of the gate and up projections.
+
+    limit = 0: SwiGLU, silu(g)·u (every family but GPT-OSS). limit > 0: GPT-OSS's clamped form,
+    g' = min(g, limit), u' = clip(u, ±limit), h = (u' + 1)·g'·σ(α·g').
+    """
+
+    limit: float = 0.0
+    alpha: float = 1.0
+
+    def __call__(self, g: jax.Array, u: jax.Array) -> jax.Array:
+        if not self.limit:
+            return jax.nn.silu(g) * u
+        g = jnp.minimum(g, self.limit)
+        u = jnp.clip(u, -self.limit, self.limit)
+        return (u + 1) * (g * jax.nn.sigmoid(g * self.alpha))
+
+
+SWIGLU = GluActivation()
+
+
+def expert_activation(config: ModelConfig) -> GluActivation:
+    return (
+        GluActivation(config.swiglu_limit, config.swiglu_alpha) if config.swiglu_limit else SWIGLU
+    )
+
+
+def expert_of_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """[M] the expert of each row of a group-sorted [M, ...] array."""
+    e = group_sizes.shape[0]
+    return jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=num_rows)
+
+
 def grouped_swiglu(
-    xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array
+    xs: jax.Array,
+    group_sizes: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    act: GluActivation = SWIGLU,
+    bias: dict[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """Expert SwiGLU over sorted tokens xs [M, D] with weights gate/up [E, D, F], down [E, F, D]."""
+    """Expert SwiGLU over sorted tokens xs [M, D] with weights gate/up [E, D, F], down [E, F, D]
+    (and GPT-OSS's biases gate/up [E, F], down [E, D], added per row's expert)."""
     g = grouped_matmul(xs, gate, group_sizes)
     u = grouped_matmul(xs, up, group_sizes)
-    h = jax.nn.silu(g) * u
-    return grouped_matmul(h, down, group_sizes)
+    if bias is not None:
+        rows = expert_of_rows(group_sizes, xs.shape[0])
+        g = g + bias["gate"][rows].astype(g.dtype)
+        u = u + bias["up"][rows].astype(u.dtype)
+    y = grouped_matmul(act(g, u), down, group_sizes)
+    if bias is not None:
+        y = y + bias["down"][rows].astype(y.dtype)
+    return y
+
+
+class ExpertBias(nnx.Module):
+    """GPT-OSS's expert biases, gate/up [E, F] and down [E, D]: kept beside the experts (not in
+    them) so that the quantizer, which replaces `mlp.experts`, keeps them exact."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, *, dtype: Any = jnp.float32):
+        self.gate = nnx.Param(jnp.zeros((num_experts, inter), dtype))
+        self.up = nnx.Param(jnp.zeros((num_experts, inter), dtype))
+        self.down = nnx.Param(jnp.zeros((num_experts, hidden), dtype))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {"gate": self.gate[...], "up": self.up[...], "down": self.down[...]}
 
 
 class Experts(nnx.Module):
     """E SwiGLU experts held as stacked tensors: gate/up [E, D, F], down [E, F, D]."""
 
     def __init__(
-        self, num_experts: int, hidden: int, inter: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
+        self,
+        num_experts: int,
+        hidden: int,
+        inter: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        act: GluActivation = SWIGLU,
     ):
         self.gate = nnx.Param(_init(rngs, (num_experts, hidden, inter), dtype))
         self.up = nnx.Param(_init(rngs, (num_experts, hidden, inter), dtype))
         self.down = nnx.Param(_init(rngs, (num_experts, inter, hidden), dtype))
+        self.act = act
 
-    def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, plan: RoutingPlan, bias: dict[str, jax.Array] | None = None
+    ) -> jax.Array:
         """x [N, D] -> weighted sum of routed expert outputs [N, D] (float32)."""
         xs = x[plan.token]
-        y = grouped_swiglu(xs, plan.group_sizes, self.gate[...], self.up[...], self.down[...])
+        y = grouped_swiglu(
+            xs, plan.group_sizes, self.gate[...], self.up[...], self.down[...], self.act, bias
+        )
         return combine(plan, y, x.shape[0])
 
 
@@ -127,7 +250,7 @@ class MoEBlock(nnx.Module):
     """Routed experts plus the family's shared experts.
 
     Qwen2-MoE: one shared expert scaled by sigmoid(shared_expert_gate · x).
-    DeepSeek-V2: `n_shared_experts` fused into one MLP of width n·F, added unscaled.
+    DeepSeek-V2/V3, GLM-4.5: `n_shared_experts` fused into one MLP of width n·F, added unscaled.
     The routed-expert part is `self.experts`, which the quantizer swaps for a quantized module with
     the same call signature (x, plan) -> [N, D].
     """
@@ -137,7 +260,17 @@ class MoEBlock(nnx.Module):
         self.config = c
         self.router = Router(c, rngs=rngs, dtype=dtype)
         self.experts: nnx.Module = Experts(
-            c.num_experts, c.hidden_size, c.moe_intermediate_size, rngs=rngs, dtype=dtype
+            c.num_experts,
+            c.hidden_size,
+            c.moe_intermediate_size,
+            rngs=rngs,
+            dtype=dtype,
+            act=expert_activation(c),
+        )
+        self.expert_bias = (
+            ExpertBias(c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype=dtype)
+            if c.expert_bias
+            else None
         )
         shared, shared_gate = None, None
         if c.model_type == "qwen2_moe" and c.shared_expert_intermediate_size > 0:
@@ -145,7 +278,7 @@ class MoEBlock(nnx.Module):
                 c.hidden_size, c.shared_expert_intermediate_size, rngs=rngs, dtype=dtype
             )
             shared_gate = Linear(c.hidden_size, 1, rngs=rngs, dtype=dtype)
-        elif c.model_type == "deepseek_v2" and c.n_shared_experts > 0:
+        elif c.model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe") and c.n_shared_experts:
             shared = DenseMLP(
                 c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, rngs=rngs, dtype=dtype
             )
@@ -159,7 +292,12 @@ class MoEBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
-        y = self.experts(x2d, self.plan(x2d)).astype(x.dtype)
+        plan = self.plan(x2d)
+        if self.expert_bias is None:
+            y = self.experts(x2d, plan)
+        else:
+            y = self.experts(x2d, plan, bias=self.expert_bias.arrays())
+        y = y.astype(x.dtype)
         if self.shared_expert is not None:
             s = self.shared_expert(x2d)
             if self.shared_expert_gate is not None:

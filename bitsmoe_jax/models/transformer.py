@@ -1,7 +1,7 @@
 """The decoder-only MoE transformer used for every family.
 
 Family differences live in `ModelConfig` flags and in three places only: the attention module (GQA,
-or MLA for DeepSeek-V2), which layers are MoE (`ModelConfig.is_moe_layer`), and the MoE block's
+or MLA for DeepSeek-V2/V3), which layers are MoE (`ModelConfig.is_moe_layer`), and the MoE block's
 router / shared experts. Calling contract (relied on by evaluation, quantization and users):
 
     logits = model(input_ids) # int32 [B, T] -> float32 [B, T, V] cache = model.init_cache(B,
@@ -24,12 +24,12 @@ from bitsmoe_jax.models.moe import MoEBlock
 Cache = dict[str, Any]  # {"layers": [per-layer kv dict], "length": int32 scalar}
 
 
-def make_attention(config: ModelConfig, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
+def make_attention(config: ModelConfig, rngs: nnx.Rngs, dtype: Any, layer: int) -> nnx.Module:
     if config.is_mla:
         from bitsmoe_jax.models.mla import MLAAttention
 
         return MLAAttention(config, rngs=rngs, dtype=dtype)
-    return Attention(config, rngs=rngs, dtype=dtype)
+    return Attention(config, rngs=rngs, dtype=dtype, layer=layer)
 
 
 class DecoderLayer(nnx.Module):
@@ -38,7 +38,7 @@ class DecoderLayer(nnx.Module):
     ):
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.self_attn = make_attention(c, rngs, dtype)
+        self.self_attn = make_attention(c, rngs, dtype, layer)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.is_moe = c.is_moe_layer(layer)
         if self.is_moe:
@@ -65,7 +65,8 @@ class Embed(nnx.Module):
 
 
 class MoETransformer(nnx.Module):
-    """A causal MoE language model (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2) in Flax NNX."""
+    """A causal MoE language model (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, GLM-4.5) in
+    Flax NNX."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         c = config

@@ -28,8 +28,8 @@ from bitsmoe_jax.run.expert_reader import layer_source
 from bitsmoe_jax.run.inputs import calibration_tokens
 from bitsmoe_jax.run.outputs import (
     WrittenBody,
-    dense_bits,
     num_params,
+    stored_bits,
     strip_experts,
     to_dtype,
     write_output,
@@ -119,7 +119,7 @@ def _write_baseline(
     streamed = checkpoint_kind(run.model_path) == "hf"
     ckpt = HFCheckpoint(run.model_path) if streamed else None
     bar = LayerProgress(config.num_hidden_layers, enabled=progress)
-    top_params = dense_params = expert_weights = 0
+    top_params = dense_params = expert_weights = dense_stored = 0
     x = None
     try:
         for name, part in iter_model_parts(run.model_path, experts=() if streamed else None):
@@ -127,7 +127,9 @@ def _write_baseline(
                 x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
                 top_params = num_params(part)
                 t = time.time()
-                save_tree(tmp / "params" / "top", to_dtype(part, run.dense_dtype))
+                top = to_dtype(part, run.dense_dtype)
+                dense_stored += stored_bits(top)
+                save_tree(tmp / "params" / "top", top)
                 write_s += time.time() - t
                 continue
             i = int(name)
@@ -136,6 +138,7 @@ def _write_baseline(
             layer = build_layer(config, i, part)
             dense = to_dtype(strip_experts(part), run.dense_dtype)
             dense_params += num_params(dense)
+            dense_stored += stored_bits(dense)
             del part
             resid, moe_in = attention_part(layer, x, config)
             if source is not None:
@@ -162,7 +165,7 @@ def _write_baseline(
         bar.close()  # an error's message then starts on a line of its own
     qtime = time.time() - t0 - write_s
     info = quantizer.info()
-    dense = dense_bits(top_params + dense_params, run.dense_dtype)
+    dense = dense_stored
     bpw = float(info["effective_bpw_experts"])
     summary = {
         "budget_bits": budget,

@@ -20,6 +20,7 @@ from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.layer_problem import (
     bits_histogram,
 )
+from bitsmoe_jax.models.assemble import FLOAT32_PARAMS
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run import faults, fingerprint
@@ -54,9 +55,14 @@ def strip_experts(layer_params: dict) -> dict:
 
 
 def to_dtype(tree: Any, dtype: str) -> Any:
-
+    """A dense param tree as stored in outputs: `dtype`, but `FLOAT32_PARAMS` kept float32."""
     dt = np_dtype(dtype)
-    return jax.tree.map(lambda a: np.asarray(a).astype(dt), tree)
+
+    def cast(path: tuple, a: Any) -> np.ndarray:
+        name = getattr(path[-1], "key", None) if path else None
+        return np.asarray(a).astype(np.float32 if name in FLOAT32_PARAMS else dt)
+
+    return jax.tree_util.tree_map_with_path(cast, tree)
 
 
 # What an output directory of this tool holds (`write_output`), and what a multi-budget run's
@@ -112,9 +118,10 @@ def copy_tokenizer_files(model_path: str | Path, out: Path) -> None:
             shutil.copy(src / f, out / f)
 
 
-def dense_bits(num_params: int, dense_dtype: str) -> int:
-    """Stored bits of `num_params` non-expert parameters at `dense_dtype`."""
-    return num_params * (16 if dense_dtype in ("bfloat16", "float16") else 32)
+def stored_bits(tree: Any) -> int:
+    """Bits of every array of a (dense) param tree as stored: the dense dtype, and float32 for
+    the parameters kept exact (`FLOAT32_PARAMS`, the sigmoid routers' selection bias)."""
+    return int(sum(np.asarray(a).nbytes * 8 for a in jax.tree.leaves(tree)))
 
 
 def num_params(tree: Any) -> int:
@@ -265,18 +272,20 @@ def _write_output(
 
     def body(tmp: Path) -> WrittenBody:
         t_write = time.time()
-        expert_bits = expert_weights = dense_params = 0
+        expert_bits = expert_weights = dense_params = dense_stored = 0
         layers_meta: dict[int, Any] = {}
         layer_summary: dict[str, Any] = {}
         allocation_time: dict[str, list[float]] = {}
         moe = set(config.moe_layers)
         top = work.load_top()
         dense_params += num_params(top)
+        dense_stored += stored_bits(top)
         checkpoint_io.save_top(tmp, top)
         del top
         for i in range(config.num_hidden_layers):
             dense = work.load_dense(i)
             dense_params += num_params(dense)
+            dense_stored += stored_bits(dense)
             if i not in moe:
                 checkpoint_io.save_layer(tmp, i, dense, None, None)
                 continue
@@ -303,7 +312,7 @@ def _write_output(
                 # report
                 "allocation": [{k: v for k, v in a.items() if k != "time_s"} for a in allocs],
             }
-        dense = dense_bits(dense_params, run.dense_dtype)
+        dense = dense_stored
         summary = {
             "budget_bits": budget,
             "effective_bpw_experts": expert_bits / max(expert_weights, 1),

@@ -35,7 +35,19 @@ def config_file(name: str):
     return mod.get_config()
 
 
-@pytest.mark.parametrize("name", ["tiny", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_lite"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "deepseek_v2_lite",
+        "deepseek_v3",
+        "kimi_k2",
+        "glm4_moe",
+    ],
+)
 @pytest.mark.parametrize("overrides", [{}, OVERRIDES], ids=["as_shipped", "overridden"])
 def test_to_dict_is_the_config_dicts_own(name, overrides):
     c = with_fields(
