@@ -41,6 +41,7 @@ import numpy as np
 
 from bitsmoe_jax.method.packing import PackedMatrix
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
+from bitsmoe_jax.models.moe import SWIGLU, GluActivation
 from pallas_kernels import shared_shapes
 from pallas_kernels.mosaic_tpu.layout import (
     PlaneTiles,
@@ -256,9 +257,13 @@ def swiglu_experts(
     interpret: Any = None,
     tm: int | None = None,
     splits: int | None = None,
+    act: GluActivation = SWIGLU,
+    gate_bias: jax.Array | None = None,
+    up_bias: jax.Array | None = None,
 ) -> jax.Array:
     """Rows sorted by expert ``zg [M, r_g]``, ``zu [M, r_u]`` (bf16 or f32) -> ``acc [M, r_d]``
-    float32 (see the module docstring).
+    float32 (see the module docstring). ``act``, ``gate_bias``/``up_bias`` ``[E, F]``: GPT-OSS's
+    clamped activation and expert biases, on the ``"reference"`` and ``"xla"`` backends.
 
     ``backend``: one of `BACKENDS`, or ``"auto"``: the backend ``kern`` was built for. It must match
     the layout (``"reference"`` and ``"xla"`` share theirs). Kernel backends only: ``interpret``
@@ -278,12 +283,18 @@ def swiglu_experts(
             f"build_expert_kernels(..., backend={backend!r})"
         )
     _check_inputs(zg, zu, group_sizes, kern)
+    glu = (act, gate_bias, up_bias)
     if backend == "reference":
         ag, au, bd = (p.dense() for p in kern.parts())
-        return swiglu_experts_reference(zg, zu, group_sizes, ag, au, bd)
+        return swiglu_experts_reference(zg, zu, group_sizes, ag, au, bd, *glu)
     if backend == "xla":
         ag, au, bd = (p.dense().astype(zg.dtype) for p in kern.parts())
-        return swiglu_experts_xla(zg, zu, group_sizes, ag, au, bd).astype(jnp.float32)
+        return swiglu_experts_xla(zg, zu, group_sizes, ag, au, bd, *glu).astype(jnp.float32)
+    if act != SWIGLU or gate_bias is not None or up_bias is not None:
+        raise ValueError(
+            f"the {backend!r} kernels compute bias-free silu(g)·u experts; GPT-OSS's biased, "
+            "clamped experts run on the 'xla' (or 'reference') backend"
+        )
     interpret = _interpret_mode(interpret, backend)
     tm = tm or row_tile(zg.shape[0], kern.num_experts, backend)
     return _kernel_experts(

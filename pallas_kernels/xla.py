@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from bitsmoe_jax.method.packing import PackedMatrix, dequantize_packed
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
+from bitsmoe_jax.models.moe import SWIGLU, GluActivation
+from pallas_kernels.routing import expert_of_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +54,18 @@ def swiglu_experts_xla(
     ag: jax.Array,
     au: jax.Array,
     bd: jax.Array,
+    act: GluActivation = SWIGLU,
+    gate_bias: jax.Array | None = None,
+    up_bias: jax.Array | None = None,
 ) -> jax.Array:
     """``acc [M, r_d]`` in the activation dtype from dense factors ``[E, r, F]`` in that dtype:
-    three grouped matmuls, the SiLU gating between them."""
+    three grouped matmuls, the SiLU gating (or GPT-OSS's ``act``, after its ``[E, F]`` biases)
+    between them."""
     g = grouped_matmul(zg, ag, group_sizes)
     u = grouped_matmul(zu, au, group_sizes)
-    h = jax.nn.silu(g) * u
+    if gate_bias is not None or up_bias is not None:
+        e = expert_of_rows(group_sizes, zg.shape[0])
+        g = g if gate_bias is None else g + gate_bias.astype(g.dtype)[e]
+        u = u if up_bias is None else u + up_bias.astype(u.dtype)[e]
+    h = act(g, u)
     return grouped_matmul(h, jnp.swapaxes(bd, 1, 2), group_sizes)

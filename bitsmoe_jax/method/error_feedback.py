@@ -44,6 +44,7 @@ import numpy as np
 
 from bitsmoe_jax.method import quantizers as qz
 from bitsmoe_jax.method.inverse_factor import upper_inverse_cholesky
+from bitsmoe_jax.models.moe import PLAIN, ExpertFn, GluActivation
 
 HI = jax.lax.Precision.HIGHEST
 # Rows rounded one at a time within a block, whose errors then reach all later rows in one matmul
@@ -296,6 +297,12 @@ def _hidden(zg: jax.Array, zu: jax.Array, ag: jax.Array, au: jax.Array) -> jax.A
     return jax.nn.silu(jnp.matmul(zg, ag, precision=HI)) * jnp.matmul(zu, au, precision=HI)
 
 
+@functools.partial(jax.jit, static_argnames=("act",))
+def _hidden_glu(zg, zu, ag, au, bg, bu, act: GluActivation) -> jax.Array:
+    """`_hidden` of GPT-OSS's experts: biases [F] before the clamped activation."""
+    return act(jnp.matmul(zg, ag, precision=HI) + bg, jnp.matmul(zu, au, precision=HI) + bu)
+
+
 # ---------------------------------------------------------------------------------------- a layer
 def feedback_layer(
     units: dict[str, np.ndarray],
@@ -307,6 +314,7 @@ def feedback_layer(
     damp: float = 0.01,
     experts: Sequence[int] | None = None,
     ids: Sequence[int] | None = None,
+    fn: ExpertFn = PLAIN,
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Compensated units of a layer: ``{p: (values [E, r, F], down scales [E, r, ng] or None)}``.
 
@@ -315,7 +323,8 @@ def feedback_layer(
     time. ``experts``: compensate only these (the others' entries are zeros) — a multi-process run
     gives each process its own experts and all-gathers the results; every expert's result depends on
     that expert's inputs only, so it is the same whichever process computes it. ``ids``: the
-    experts the rows of ``units`` are (a streamed chunk; default: row e is expert e).
+    experts the rows of ``units`` are (a streamed chunk; default: row e is expert e). ``fn``: the
+    experts' activation and biases, which the down projection's inputs go through (GPT-OSS).
     """
     x = jnp.asarray(calib.x, jnp.float32)
     z = {
@@ -343,12 +352,22 @@ def feedback_layer(
             out[p][e] = compensate_rows(
                 units[p][e], bits[p][e], hz, group_size, weights[p][e], damp
             )
-        h = _hidden(
+        hidden_in = (
             z["gate"][keep],
             z["up"][keep],
             jnp.asarray(units["gate"][e]),
             jnp.asarray(units["up"][e]),
         )
+        if fn.plain:
+            h = _hidden(*hidden_in)
+        else:
+            eid = np.asarray([e if ids is None else int(ids[e])])
+            f_width = np.shape(units["gate"])[-1]
+            bg, bu = (
+                np.zeros(f_width, np.float32) if fn.bias is None else fn.rows(p, eid)[0]
+                for p in ("gate", "up")
+            )
+            h = _hidden_glu(*hidden_in, jnp.asarray(bg), jnp.asarray(bu), act=fn.act)
         hd = np.asarray(_weighted_gram(h, w2k))
         vals, sc = compensate_columns(
             units["down"][e], bits["down"][e], hd, group_size, weights["down"][e], damp

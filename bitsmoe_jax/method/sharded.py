@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bitsmoe_jax.method.quantizers import unit_errors
+from bitsmoe_jax.models.moe import PLAIN, ExpertFn, GluActivation
 from bitsmoe_jax.parallel.distributed import EXPERT_AXIS, DistributedError
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -384,11 +385,27 @@ def _expert_stats_one(x, w, gate, up, vg, vu):
     a_gate = w2 * (dsilu * u) ** 2
     a_up = w2 * silu**2
     a_down = w2 * (silu * u) ** 2
+    return _stat_sums(x, w2, a_gate, a_up, a_down, vg, vu)
+
+
+def _stat_sums(x, w2, a_gate, a_up, a_down, vg, vu):
+    """The sums of `_expert_stats_one` from its per-token activation weights."""
     zg2 = jnp.dot(x, vg.astype(jnp.float32), precision=_HIGHEST) ** 2
     zu2 = jnp.dot(x, vu.astype(jnp.float32), precision=_HIGHEST) ** 2
     s_gate = jnp.dot(a_gate.T, zg2, precision=_HIGHEST)
     s_up = jnp.dot(a_up.T, zu2, precision=_HIGHEST)
     return s_gate, s_up, jnp.sum(a_down, axis=0), jnp.sum(w2)
+
+
+def _expert_stats_glu(x, w, gate, up, bg, bu, vg, vu, act: GluActivation):
+    """`_expert_stats_one` for GPT-OSS's experts: gate/up biases bg / bu [F] added before the
+    clamped activation `act`, whose derivatives (0 where clamped) weight the gate and up loss."""
+    x = x.astype(jnp.float32)
+    g = jnp.dot(x, gate.astype(jnp.float32), precision=_HIGHEST) + bg.astype(jnp.float32)
+    u = jnp.dot(x, up.astype(jnp.float32), precision=_HIGHEST) + bu.astype(jnp.float32)
+    h, dh_dg, dh_du = act.with_grads(g, u)
+    w2 = (w.astype(jnp.float32) ** 2)[:, None]
+    return _stat_sums(x, w2, w2 * dh_dg**2, w2 * dh_du**2, w2 * h**2, vg, vu)
 
 
 def _map_experts(xs, ws, gate, up, vg, vu):
@@ -401,6 +418,15 @@ def _stats_fn(mesh: Mesh) -> Callable:
     return jax.jit(
         shard_map(_map_experts, mesh, in_specs=(e, e, e, e, P(), P()), out_specs=(e, e, e, e))
     )
+
+
+@functools.cache
+def _glu_stats_fn(mesh: Mesh, act: GluActivation) -> Callable:
+    def body(xs, ws, gate, up, bg, bu, vg, vu):
+        return jax.lax.map(lambda a: _expert_stats_glu(*a, vg, vu, act), (xs, ws, gate, up, bg, bu))
+
+    e = P(EXPERT_AXIS)
+    return jax.jit(shard_map(body, mesh, in_specs=(e,) * 6 + (P(), P()), out_specs=(e, e, e, e)))
 
 
 def capacity(counts: np.ndarray) -> int:
@@ -467,10 +493,11 @@ def routed_stats_round(
     shape: tuple[int, int],
     vg: np.ndarray,
     vu: np.ndarray,
+    fn: ExpertFn = PLAIN,
 ) -> dict[int, tuple[np.ndarray, ...]]:
     """`routed_stats` for one round: {expert: (s_gate, s_up, c_down, mass) float32} of this
     process's real experts in it, from `experts` = {"gate"/"up": {expert: `shape` [D, F]}} (its
-    own)."""
+    own); `fn`: the experts' activation and biases (GPT-OSS)."""
     cap, rows, wts = _routed_rows(x, token, weight, offsets)
     d = x.shape[1]
 
@@ -480,7 +507,22 @@ def routed_stats_round(
         round_array(layout, rnd, experts["gate"].__getitem__, shape, np.float32),
         round_array(layout, rnd, experts["up"].__getitem__, shape, np.float32),
     )
-    outs = _stats_fn(layout.mesh)(*args, jnp.asarray(vg, jnp.float32), jnp.asarray(vu, jnp.float32))
+    basis = (jnp.asarray(vg, jnp.float32), jnp.asarray(vu, jnp.float32))
+    if fn.plain:
+        outs = _stats_fn(layout.mesh)(*args, *basis)
+    else:
+        zero = np.zeros(shape[1], np.float32)
+        biases = tuple(
+            round_array(
+                layout,
+                rnd,
+                (lambda e, p=p: zero if fn.bias is None else fn.bias[p][e]),
+                (shape[1],),
+                np.float32,
+            )
+            for p in ("gate", "up")
+        )
+        outs = _glu_stats_fn(layout.mesh, fn.act)(*args, *biases, *basis)
     local = [round_local_rows(layout, rnd, o) for o in outs]
     del outs
     # float32 as computed (the float64 the statistics are used in is an exact widening, done where
@@ -507,6 +549,11 @@ def _all_token_map(x, ws, gate, up, vg, vu):
     return jax.lax.map(lambda a: _expert_stats_one(x, *a, vg, vu), (ws, gate, up))
 
 
+@functools.partial(jax.jit, static_argnames=("act",))
+def _all_token_map_glu(x, ws, gate, up, bg, bu, vg, vu, act):
+    return jax.lax.map(lambda a: _expert_stats_glu(x, *a, vg, vu, act), (ws, gate, up, bg, bu))
+
+
 def all_token_stats(
     x: np.ndarray,
     weights: np.ndarray,
@@ -514,14 +561,26 @@ def all_token_stats(
     up: np.ndarray,
     vg: np.ndarray,
     vu: np.ndarray,
+    fn: ExpertFn = PLAIN,
+    experts: Sequence[int] = (),
 ) -> tuple[np.ndarray, ...]:
     """The same per-expert program over every token (the starved-expert fallback), for a few
     experts.
 
-    x [N, D]; weights [S, N] per listed expert; gate / up [S, D, F]. Runs unsharded on this
-    process's first device: the starved set is small, and this program is the same on every mesh.
+    x [N, D]; weights [S, N] per listed expert; gate / up [S, D, F]; `fn` with `experts` (their
+    ids, for the biases): GPT-OSS's experts. Runs unsharded on this process's first device: the
+    starved set is small, and this program is the same on every mesh.
     """
-    outs = _all_token_map(*(jnp.asarray(a, jnp.float32) for a in (x, weights, gate, up, vg, vu)))
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    if fn.plain:
+        outs = _all_token_map(*(f32(a) for a in (x, weights, gate, up, vg, vu)))
+    else:
+        ids = np.asarray(list(experts), np.int64)
+        zero = np.zeros((len(ids), np.shape(gate)[-1]), np.float32)
+        bg, bu = (zero if fn.bias is None else fn.bias[p][ids] for p in ("gate", "up"))
+        outs = _all_token_map_glu(
+            *(f32(a) for a in (x, weights, gate, up, bg, bu, vg, vu)), act=fn.act
+        )
     return tuple(np.asarray(o, np.float64) for o in outs)
 
 

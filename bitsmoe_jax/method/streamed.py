@@ -68,7 +68,16 @@ from bitsmoe_jax.method.sharded import ExpertLayout, Round
 from bitsmoe_jax.method.unit_store import DiskUnits, MemoryUnits
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
-from bitsmoe_jax.models.moe import MoEBlock, make_routing_plan
+from bitsmoe_jax.models.moe import (
+    PLAIN,
+    SWIGLU,
+    ExpertFn,
+    GluActivation,
+    MoEBlock,
+    block_expert_fn,
+    down_bias_term,
+    make_routing_plan,
+)
 
 SAMPLED_UNITS = 1024  # units measured for κ_b in coefficient_mode="sampled"
 
@@ -161,6 +170,7 @@ def _chunk_stats(
     local: list[int],
     deq: dict[str, np.ndarray],
     shape: tuple[int, int],
+    fn: ExpertFn = PLAIN,
 ) -> dict[int, tuple[np.ndarray, ...]]:
     """[s_gate, s_up, c_down] of this process's experts of a round (`calibrate`; float32 sums as
     the per-expert program returns them, exact in float64 where the fallback rescales them)."""
@@ -175,6 +185,7 @@ def _chunk_stats(
         shape,
         deq["gate"],
         deq["up"],
+        fn,
     )
     starved = [e for e in local if e in routing.starved]
     if starved:
@@ -186,6 +197,8 @@ def _chunk_stats(
             weights["up"][pos],
             deq["gate"],
             deq["up"],
+            fn,
+            starved,
         )
         for i, e in enumerate(starved):
             scale = routing.mass[e] / max(float(fmass[i]), 1e-30)
@@ -223,6 +236,7 @@ def build_problem(
     pinv = {p: basis_pinv(deq[p]) for p in PROJECTIONS}
     timings["basis"] += time.time() - t
     routing = _Routing(block, x, params, e_count)
+    fn = block_expert_fn(block)
     calib = (
         CalibrationInputs(
             x_np, routing.idx.astype(np.int32), np.asarray(routing.w, np.float32), params.min_tokens
@@ -258,7 +272,7 @@ def build_problem(
         w = source.read(local)
         timings["read"] += time.time() - t
         t = time.time()
-        stats = _chunk_stats(layout, rnd, routing, x_np, w, local, deq, _shapes(config)["gate"])
+        stats = _chunk_stats(layout, rnd, routing, x_np, w, local, deq, _shapes(config)["gate"], fn)
         timings["calibration"] += time.time() - t
         dn = down_row_norms(w["down"])
         for e in local:
@@ -322,7 +336,7 @@ def build_problem(
         kappa=kappa,
     )
     if params.super_experts == "auto":
-        supers = detect_super_experts(x, block, source, chunk, params.super_expert_threshold)
+        supers = detect_super_experts(x, block, source, chunk, params.super_expert_threshold, fn)
     else:
         supers = [
             int(e)
@@ -383,6 +397,7 @@ def round_and_pack(
     bits: dict[str, np.ndarray],
     layout: ExpertLayout | None = None,
     chunk: int | None = None,
+    fn: ExpertFn = PLAIN,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, PackedMatrix]]:
     """(stored bases, packed factors) of a layer's units rounded and packed at the allocated bits,
     all-zero components dropped, `chunk` experts per device at a time
@@ -418,6 +433,7 @@ def round_and_pack(
                 {p: bits[p][local] for p in PROJECTIONS},
                 problem.group_size,
                 ids=local,
+                fn=fn,
             )
         # the rounded values replace the units; each projection's arrays go once it is packed
         loaded = {p: (None, loaded[p][1]) for p in PROJECTIONS}
@@ -503,6 +519,7 @@ def _expert_rows(
     e0: int,
     e1: int,
     mats: dict[str, np.ndarray],
+    fn: ExpertFn = PLAIN,
 ) -> np.ndarray:
     """The SwiGLU outputs of the sorted rows of experts [e0, e1) — row j's inputs are row
     `token[j]` of `zg` (to the gate) and `zu` (to the up matrices) — exactly as one grouped SwiGLU
@@ -532,7 +549,15 @@ def _expert_rows(
         return jnp.asarray(sub)
 
     a = grouped_matmul(cut(zg), jnp.asarray(mats["gate"]), gs)
-    h = jax.nn.silu(a) * grouped_matmul(cut(zu), jnp.asarray(mats["up"]), gs)
+    if fn.plain:
+        h = jax.nn.silu(a) * grouped_matmul(cut(zu), jnp.asarray(mats["up"]), gs)
+    else:  # GPT-OSS: gate/up biases of each row's expert, then the clamped activation
+        u = grouped_matmul(cut(zu), jnp.asarray(mats["up"]), gs)
+        if fn.bias is not None:
+            ex = np.repeat(np.arange(e0, e1), g)
+            a = a + jnp.asarray(fn.rows("gate", ex)).astype(a.dtype)
+            u = u + jnp.asarray(fn.rows("up", ex)).astype(u.dtype)
+        h = fn.act(a, u)
     y = grouped_matmul(h, jnp.asarray(mats["down"]), gs)
     return np.asarray(y)[lo - row0 : hi - row0]
 
@@ -545,16 +570,17 @@ def _sorted_rows(
     chunk: int | None,
     read: Callable[[range], dict[str, np.ndarray]],
     width: int,
+    fn: ExpertFn = PLAIN,
 ) -> np.ndarray:
     """[M, width] outputs of every expert's sorted rows (row j: token `token[j]` of `zg` / `zu`),
-    `chunk` experts (`read`) at a time."""
+    `chunk` experts (`read`) at a time (before any down bias)."""
     out = np.zeros((len(token), width), np.float32)
-    for lo, hi, _, rows in _chunk_rows(zg, zu, token, sizes, chunk, read):
+    for lo, hi, _, rows in _chunk_rows(zg, zu, token, sizes, chunk, read, fn):
         out[lo:hi] = rows
     return out
 
 
-def _chunk_rows(zg, zu, token, sizes, chunk, read):
+def _chunk_rows(zg, zu, token, sizes, chunk, read, fn: ExpertFn = PLAIN):
     """(first row, end row, experts, their SwiGLU outputs `_expert_rows`) of each chunk of
     `chunk` experts that has rows, in expert order — the loop `_sorted_rows` and `_combined_rows`
     share."""
@@ -564,7 +590,7 @@ def _chunk_rows(zg, zu, token, sizes, chunk, read):
     for e0 in range(0, len(sizes), step):
         e1 = min(e0 + step, len(sizes))
         if offs[e1] > offs[e0]:
-            rows = _expert_rows(zg, zu, token, sizes, e0, e1, read(range(e0, e1)))
+            rows = _expert_rows(zg, zu, token, sizes, e0, e1, read(range(e0, e1)), fn)
             yield int(offs[e0]), int(offs[e1]), range(e0, e1), rows
 
 
@@ -576,6 +602,7 @@ def _combined_rows(
     read: Callable[[range], dict[str, np.ndarray]],
     width: int,
     dtype: Any,
+    fn: ExpertFn = PLAIN,
 ) -> jax.Array:
     """`combine(plan, _sorted_rows(...).astype(dtype), N)` without the [N·k, width] sorted outputs:
     each chunk's rows are weighted and added into the [N, width] float32 result as soon as they
@@ -586,7 +613,7 @@ def _combined_rows(
     sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
     weight = np.asarray(plan.weight, np.float32)
     acc = np.zeros((zg.shape[0], width), np.float32)
-    for start, _, experts, rows in _chunk_rows(zg, zu, token, sizes, chunk, read):
+    for start, _, experts, rows in _chunk_rows(zg, zu, token, sizes, chunk, read, fn):
         # as combine receives them (rounded to `dtype`); numpy's rounding to bfloat16/float16
         # is XLA's (to nearest even), and needs no program per chunk shape
         rows = np.asarray(rows).astype(np.dtype(dtype)).astype(np.float32)
@@ -608,6 +635,15 @@ def sorted_expert_outputs(
     return _sorted_rows(xs, xs, token, sizes, chunk, source.read, xs.shape[-1])
 
 
+def call_expert_fn(bias: dict | None, act: GluActivation) -> ExpertFn:
+    """The `ExpertFn` of a routed-expert call's `bias` / `act` arguments (numpy biases)."""
+    if bias is None and act == SWIGLU:
+        return PLAIN
+    return ExpertFn(
+        act, None if bias is None else {k: np.asarray(v, np.float32) for k, v in bias.items()}
+    )
+
+
 class StreamedExperts:
     """The original routed experts of a layer as the MoE block calls them (`Experts`), read from
     their source a chunk at a time: model-scope and non-sequential runs feed the next layer these
@@ -616,8 +652,12 @@ class StreamedExperts:
     def __init__(self, source: ExpertSource, chunk: int | None):
         self.source, self.chunk = source, chunk
 
-    def __call__(self, x: jax.Array, plan) -> jax.Array:
-        return _combined_rows(x, x, plan, self.chunk, self.source.read, x.shape[-1], x.dtype)
+    def __call__(
+        self, x: jax.Array, plan, bias: dict | None = None, act: GluActivation = SWIGLU
+    ) -> jax.Array:
+        fn = call_expert_fn(bias, act)
+        y = _combined_rows(x, x, plan, self.chunk, self.source.read, x.shape[-1], x.dtype, fn)
+        return y if bias is None else y + down_bias_term(plan, bias["down"], x.shape[0])
 
 
 def expert_factors(pm: PackedMatrix, num_experts: int, experts: Sequence[int]) -> np.ndarray:
@@ -665,8 +705,11 @@ class StreamedQuantizedExperts:
     def __init__(self, experts, chunk: int | None):
         self.experts, self.chunk = experts, chunk
 
-    def __call__(self, x: jax.Array, plan) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, plan, bias: dict | None = None, act: GluActivation = SWIGLU
+    ) -> jax.Array:
         qe, dt = self.experts, x.dtype
+        fn = call_expert_fn(bias, act)
         vg, vu, ud = (qe.basis_matrix(p) for p in PROJECTIONS)
         zg = x if vg is None else x @ vg.astype(dt)  # per token: gathered a chunk at a time
         zu = x if vu is None else x @ vu.astype(dt)
@@ -678,15 +721,24 @@ class StreamedQuantizedExperts:
             return {p: jnp.asarray(v).astype(dt) for p, v in f.items()}
 
         width = pms["down"].num_units // qe.num_experts
-        acc = _combined_rows(zg, zu, plan, self.chunk, read, width, dt)
-        return acc if ud is None else acc @ ud.T
+        acc = _combined_rows(zg, zu, plan, self.chunk, read, width, dt, fn)
+        y = acc if ud is None else acc @ ud.T
+        return y if bias is None else y + down_bias_term(plan, bias["down"], x.shape[0])
 
 
 def detect_super_experts(
-    x: jax.Array, block: MoEBlock, source: ExpertSource, chunk: int | None, threshold: float
+    x: jax.Array,
+    block: MoEBlock,
+    source: ExpertSource,
+    chunk: int | None,
+    threshold: float,
+    fn: ExpertFn = PLAIN,
 ) -> list[int]:
     """`layer_problem.detect_super_experts` over a streamed layer."""
     plan = block.plan(x)
     sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
-    y = np.abs(_sorted_rows(x, x, token, sizes, chunk, source.read, x.shape[-1]))
+    y = _sorted_rows(x, x, token, sizes, chunk, source.read, x.shape[-1], fn)
+    if fn.bias is not None:
+        y += fn.rows("down", np.repeat(np.arange(len(sizes)), sizes))
+    y = np.abs(y)
     return outlier_experts(y, sizes, threshold)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bitsmoe_jax.models.config import ModelConfig
@@ -165,6 +166,22 @@ class GluActivation:
         u = jnp.clip(u, -self.limit, self.limit)
         return (u + 1) * (g * jax.nn.sigmoid(g * self.alpha))
 
+    def with_grads(self, g: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(h, ∂h/∂g, ∂h/∂u) elementwise: what the activation-aware loss weights need (the
+        clamped form's derivatives are 0 where the clamp holds)."""
+        if not self.limit:
+            sig = jax.nn.sigmoid(g)
+            silu = g * sig
+            return silu * u, sig * (1 + g * (1 - sig)) * u, silu
+        gc = jnp.minimum(g, self.limit)
+        uc = jnp.clip(u, -self.limit, self.limit)
+        sig = jax.nn.sigmoid(gc * self.alpha)
+        glu = gc * sig
+        dglu = sig * (1 + self.alpha * gc * (1 - sig))
+        dh_dg = jnp.where(g < self.limit, (uc + 1) * dglu, 0.0)
+        dh_du = jnp.where(jnp.abs(u) < self.limit, glu, 0.0)
+        return (uc + 1) * glu, dh_dg, dh_du
+
 
 SWIGLU = GluActivation()
 
@@ -173,6 +190,43 @@ def expert_activation(config: ModelConfig) -> GluActivation:
     return (
         GluActivation(config.swiglu_limit, config.swiglu_alpha) if config.swiglu_limit else SWIGLU
     )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExpertFn:
+    """What a layer's experts do besides their three matrices: the gated activation and (GPT-OSS)
+    biases gate/up [E, F], down [E, D] (float32 numpy). `plain`: bias-free SwiGLU, every family
+    but GPT-OSS — the code paths built for it run unchanged."""
+
+    act: GluActivation = SWIGLU
+    bias: dict[str, np.ndarray] | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.act == SWIGLU and self.bias is None
+
+    def rows(self, which: str, experts: np.ndarray) -> np.ndarray | None:
+        """The bias `which` of each row's expert (None without biases)."""
+        return None if self.bias is None else self.bias[which][experts]
+
+
+PLAIN = ExpertFn()
+
+
+def block_expert_fn(block: MoEBlock) -> ExpertFn:
+    """The `ExpertFn` of an MoE block (its config's activation, its bias parameters)."""
+    bias = block.expert_bias
+    return ExpertFn(
+        expert_activation(block.config),
+        None if bias is None else {k: np.asarray(v, np.float32) for k, v in bias.arrays().items()},
+    )
+
+
+def down_bias_term(plan: RoutingPlan, down_bias: jax.Array, num_tokens: int) -> jax.Array:
+    """Σ over a token's routed experts of weight · down bias [N, D] float32 (added after
+    `combine`, so that rank-space accumulations (quantized experts) can take it too)."""
+    rows = expert_of_rows(plan.group_sizes, plan.token.shape[0])
+    return combine(plan, jnp.asarray(down_bias)[rows].astype(jnp.float32), num_tokens)
 
 
 def expert_of_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -191,17 +245,14 @@ def grouped_swiglu(
     bias: dict[str, jax.Array] | None = None,
 ) -> jax.Array:
     """Expert SwiGLU over sorted tokens xs [M, D] with weights gate/up [E, D, F], down [E, F, D]
-    (and GPT-OSS's biases gate/up [E, F], down [E, D], added per row's expert)."""
+    (and GPT-OSS's gate/up biases [E, F], added per row's expert, and its activation)."""
     g = grouped_matmul(xs, gate, group_sizes)
     u = grouped_matmul(xs, up, group_sizes)
-    if bias is not None:
+    if bias is not None:  # gate/up only: the down bias is added per token (`down_bias_term`)
         rows = expert_of_rows(group_sizes, xs.shape[0])
-        g = g + bias["gate"][rows].astype(g.dtype)
-        u = u + bias["up"][rows].astype(u.dtype)
-    y = grouped_matmul(act(g, u), down, group_sizes)
-    if bias is not None:
-        y = y + bias["down"][rows].astype(y.dtype)
-    return y
+        g = g + jnp.asarray(bias["gate"])[rows].astype(g.dtype)
+        u = u + jnp.asarray(bias["up"])[rows].astype(u.dtype)
+    return grouped_matmul(act(g, u), down, group_sizes)
 
 
 class ExpertBias(nnx.Module):
@@ -228,22 +279,28 @@ class Experts(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
-        act: GluActivation = SWIGLU,
     ):
         self.gate = nnx.Param(_init(rngs, (num_experts, hidden, inter), dtype))
         self.up = nnx.Param(_init(rngs, (num_experts, hidden, inter), dtype))
         self.down = nnx.Param(_init(rngs, (num_experts, inter, hidden), dtype))
-        self.act = act
 
     def __call__(
-        self, x: jax.Array, plan: RoutingPlan, bias: dict[str, jax.Array] | None = None
+        self,
+        x: jax.Array,
+        plan: RoutingPlan,
+        bias: dict[str, jax.Array] | None = None,
+        act: GluActivation = SWIGLU,
     ) -> jax.Array:
-        """x [N, D] -> weighted sum of routed expert outputs [N, D] (float32)."""
+        """x [N, D] -> weighted sum of routed expert outputs [N, D] (float32). Every routed-expert
+        module (quantized, streamed) takes the same call; `bias` and `act` only for GPT-OSS."""
         xs = x[plan.token]
         y = grouped_swiglu(
-            xs, plan.group_sizes, self.gate[...], self.up[...], self.down[...], self.act, bias
+            xs, plan.group_sizes, self.gate[...], self.up[...], self.down[...], act, bias
         )
-        return combine(plan, y, x.shape[0])
+        out = combine(plan, y, x.shape[0])
+        if bias is not None:
+            out = out + down_bias_term(plan, bias["down"], x.shape[0])
+        return out
 
 
 class MoEBlock(nnx.Module):
@@ -265,8 +322,8 @@ class MoEBlock(nnx.Module):
             c.moe_intermediate_size,
             rngs=rngs,
             dtype=dtype,
-            act=expert_activation(c),
         )
+        self.act = expert_activation(c)
         self.expert_bias = (
             ExpertBias(c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype=dtype)
             if c.expert_bias
@@ -293,10 +350,11 @@ class MoEBlock(nnx.Module):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         plan = self.plan(x2d)
-        if self.expert_bias is None:
+        if self.expert_bias is None and self.act == SWIGLU:
             y = self.experts(x2d, plan)
         else:
-            y = self.experts(x2d, plan, bias=self.expert_bias.arrays())
+            bias = None if self.expert_bias is None else self.expert_bias.arrays()
+            y = self.experts(x2d, plan, bias=bias, act=self.act)
         y = y.astype(x.dtype)
         if self.shared_expert is not None:
             s = self.shared_expert(x2d)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from bitsmoe_jax.loading import model_config
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.expert_source import plan_chunk
 from bitsmoe_jax.method.layer_problem import (
@@ -17,6 +18,7 @@ from bitsmoe_jax.method.layer_problem import (
 )
 from bitsmoe_jax.method.packing import dequantize_packed
 from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.moe import PLAIN, SWIGLU, ExpertFn, expert_activation
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.run.workdir import WorkDir, allocation_records
@@ -137,6 +139,18 @@ def layer_result(
     return pack_at_budget(run, work, i, budget, model_solution, timings)
 
 
+def dense_expert_fn(config: ModelConfig, dense: dict) -> ExpertFn:
+    """The `ExpertFn` of MoE layer params as stored (GPT-OSS's expert biases at the dense dtype,
+    as the quantized checkpoint holds and runs them)."""
+    bias = dense.get("mlp", {}).get("expert_bias")
+    act = expert_activation(config)
+    if bias is None and act == SWIGLU:
+        return PLAIN
+    return ExpertFn(
+        act, None if bias is None else {k: np.asarray(v, np.float32) for k, v in bias.items()}
+    )
+
+
 def pack_at_budget(
     run: RunConfig, work: WorkDir, i: int, budget: float, model_solution, timings: dict
 ):
@@ -145,6 +159,7 @@ def pack_at_budget(
     problem; (experts, bits, allocation records, problem summary), stage seconds added to
     `timings`."""
     problem = work.load_problem(i)
+    fn = dense_expert_fn(model_config(run.model_path), work.load_dense(i))
     t = time.time()
     bits, allocs = (
         model_solution
@@ -152,7 +167,7 @@ def pack_at_budget(
     )[i]
     timings["allocation"] += time.time() - t
     t = time.time()
-    qe = pack_layer(problem, bits, chunk=packing_chunk(run, problem))
+    qe = pack_layer(problem, bits, chunk=packing_chunk(run, problem), fn=fn)
     timings["pack"] += time.time() - t
     return qe, bits, allocation_records(allocs), problem_summary(problem)
 

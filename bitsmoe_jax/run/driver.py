@@ -29,6 +29,7 @@ from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run import faults, fingerprint
 from bitsmoe_jax.run.budgets import (
     budget_dirs,
+    dense_expert_fn,
     pack_later_budgets,
     problem_summary,
     release_layer_executables,
@@ -201,6 +202,10 @@ def _layer_loop(
         packed = problem = scratch = None
         if is_moe:
             block: MoEBlock = mlp
+            fn = dense_expert_fn(config, dense)
+            if fn.bias is not None:  # the expert biases as stored: what the quantized model runs
+                for k, v in fn.bias.items():
+                    getattr(block.expert_bias, k)[...] = jnp.asarray(v)
             problem = build_problem(
                 i,
                 block,
@@ -225,7 +230,7 @@ def _layer_loop(
                 )  # one allocation (process 0's) everywhere
                 stages["allocation"] += time.time() - t
                 t = time.time()
-                qe = pack_layer(problem, bits, layout, chunk)
+                qe = pack_layer(problem, bits, layout, chunk, fn)
                 stages["pack"] += time.time() - t
                 packed = (qe, bits, allocs, problem_summary(problem))
                 if not keep_problems:

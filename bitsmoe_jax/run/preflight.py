@@ -8,15 +8,18 @@ from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run.config_schema import RunConfig
 from conversion.preflight import preflight
 
+# Methods that model GPT-OSS's biased, clamped experts: BitsMoE (its statistics, error feedback
+# and forward take the biases and the activation) and round-to-nearest (which needs no statistics).
+GLU_METHODS = ("bitsmoe", "rtn", "rtn_asym")
 
-def check_quantizable(config: ModelConfig) -> None:
-    """Refuse, before any work, an architecture whose experts the quantizers do not model."""
-    if config.expert_bias or config.swiglu_limit:
+
+def check_quantizable(config: ModelConfig, method: str) -> None:
+    """Refuse, before any work, a method whose statistics do not model the experts' activation."""
+    if (config.expert_bias or config.swiglu_limit) and method not in GLU_METHODS:
         raise ValueError(
-            f"model_type {config.model_type!r}: quantizing experts with biases and the clamped "
-            "SwiGLU (GPT-OSS) is not supported yet — the calibration statistics, error feedback "
-            "and quantized forward assume bias-free silu(g)·u experts. The model loads, "
-            "converts, generates and evaluates (python -m conversion, bitsmoe_jax.load_model)."
+            f"method {method!r} on model_type {config.model_type!r}: its calibration statistics "
+            "assume bias-free silu(g)·u experts, not GPT-OSS's biased, clamped ones; use one of "
+            f"{', '.join(GLU_METHODS)}"
         )
 
 
@@ -27,7 +30,7 @@ def check_checkpoint(run: RunConfig, config: ModelConfig, progress: bool = True)
     Every process checks the whole checkpoint, so that all of them stop on the same error instead
     of one process failing while the others wait for it at a barrier.
     """
-    check_quantizable(config)
+    check_quantizable(config, run.method)
     if run.preflight == "off":
         return
     summary = preflight(

@@ -40,7 +40,15 @@ from bitsmoe_jax.method.layer_problem import LayerProblem
 from bitsmoe_jax.method.packing import PackedMatrix
 from bitsmoe_jax.method.sharded import ExpertLayout
 from bitsmoe_jax.method.streamed import round_and_pack
-from bitsmoe_jax.models.moe import RoutingPlan, combine
+from bitsmoe_jax.models.moe import (
+    PLAIN,
+    SWIGLU,
+    ExpertFn,
+    GluActivation,
+    RoutingPlan,
+    combine,
+    down_bias_term,
+)
 from pallas_kernels import api as kernels_api
 from pallas_kernels import shared_shapes
 
@@ -239,9 +247,28 @@ class QuantizedExperts(nnx.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
-        dt = x.dtype
+    def __call__(
+        self,
+        x: jax.Array,
+        plan: RoutingPlan,
+        bias: dict[str, jax.Array] | None = None,
+        act: GluActivation = SWIGLU,
+    ) -> jax.Array:
+        """x [N, D] -> float32 [N, D], as `models.moe.Experts`; GPT-OSS's `bias` (gate/up [E, F],
+        down [E, D]) and clamped `act` run on the "xla" backend unless "reference" is chosen."""
         backend = self.resolved_backend()
+        glu = {} if bias is None and act == SWIGLU else {"act": act}
+        if bias is not None:
+            glu.update(gate_bias=bias["gate"], up_bias=bias["up"])
+        if glu and backend != "reference" and self.backend == "auto":
+            backend = "xla"
+        out = self._routed(x, plan, backend, glu)
+        if bias is not None:
+            out = out + down_bias_term(plan, bias["down"], x.shape[0])
+        return out
+
+    def _routed(self, x: jax.Array, plan: RoutingPlan, backend: str, glu: dict) -> jax.Array:
+        dt = x.dtype
         if backend != "xla":
             kern = self.kernels.get_value() if backend != "reference" else self.packed_factors()
             # a layout padded to a shared shape may have a larger rank: zero columns in, extra
@@ -255,6 +282,7 @@ class QuantizedExperts(nnx.Module):
                 kern,
                 backend=backend,
                 interpret=self.kernel_interpret,
+                **glu,
             )
             acc_sorted = acc_sorted[:, : self.rank("down")]
             return self._basis_out(combine(plan, acc_sorted, x.shape[0]), dt)
@@ -262,7 +290,7 @@ class QuantizedExperts(nnx.Module):
         zg = (x if vg is None else x @ vg.astype(dt))[plan.token]
         zu = (x if vu is None else x @ vu.astype(dt))[plan.token]
         acc_sorted = kernels_api.swiglu_experts(
-            zg, zu, plan.group_sizes, self.packed_factors(), backend="xla"
+            zg, zu, plan.group_sizes, self.packed_factors(), backend="xla", **glu
         ).astype(dt)  # the op returns float32; XLA's grouped matmul computed it in dt
         acc = combine(plan, acc_sorted, x.shape[0])
         return acc if ud is None else acc @ ud.T
@@ -396,8 +424,9 @@ def pack_layer(
     bits: dict[str, np.ndarray],
     layout: ExpertLayout | None = None,
     chunk: int | None = None,
+    fn: ExpertFn = PLAIN,
 ) -> QuantizedExperts:
     """The served block of one MoE layer: its units rounded and packed at the allocated bits
     (`method.streamed.round_and_pack`, which says what `layout` shards; `chunk` experts per
     device at a time)."""
-    return QuantizedExperts(problem.num_experts, *round_and_pack(problem, bits, layout, chunk))
+    return QuantizedExperts(problem.num_experts, *round_and_pack(problem, bits, layout, chunk, fn))

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 E4M3_MAX = 448.0
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 
 def quantize_fp8_blocks(
@@ -45,6 +46,22 @@ def dequantize_fp8_blocks(
     r, c = q.shape[-2:]
     s = scale.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
     return q.float() * s[..., :r, :c]
+
+
+def encode_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, in, out] -> (blocks uint8 [E, out, in/32, 16], scales uint8 [E, out, in/32]): the
+    hub's layout, a power-of-two scale per 32 inputs mapping the group's max to ≤ 6, nearest
+    e2m1 code, low nibble first."""
+    t = w.transpose(1, 2).float()  # [E, out, in]
+    e, o, i = t.shape
+    groups = t.reshape(e, o, i // 32, 32)
+    amax = groups.abs().amax(-1).clamp(min=1e-30)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    values = groups / torch.exp2(exp)[..., None]
+    table = torch.tensor(E2M1)
+    codes = (values[..., None] - table).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8).contiguous()
 
 
 def is_fp8_linear(key: str, value: torch.Tensor) -> bool:

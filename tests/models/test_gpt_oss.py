@@ -30,6 +30,7 @@ from bitsmoe_jax.inference import greedy_generate, jit_logits  # noqa: E402
 from bitsmoe_jax.models import ModelConfig, build_model  # noqa: E402
 from bitsmoe_jax.models.transformer import count_params  # noqa: E402
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint  # noqa: E402
+from tests.models.hub_files import encode_mxfp4  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -52,7 +53,6 @@ TINY = dict(
     pad_token_id=0,
 )
 SEQ_LEN, BATCH, PROMPT_LEN, NEW_TOKENS = 40, 2, 12, 8
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 # openai/gpt-oss-20b and -120b config.json as published (without the layer_types list, which
 # alternates sliding and full starting with sliding, as transformers' default).
@@ -121,22 +121,6 @@ def _hf_model() -> torch.nn.Module:
                 noise = noise * 20  # sinks that take a real share of the attention
             p.copy_(noise)
     return model
-
-
-def encode_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, in, out] -> (blocks uint8 [E, out, in/32, 16], scales uint8 [E, out, in/32]): the
-    hub's layout, a power-of-two scale per 32 inputs mapping the group's max to ≤ 6, nearest
-    e2m1 code, low nibble first."""
-    t = w.transpose(1, 2).float()  # [E, out, in]
-    e, o, i = t.shape
-    groups = t.reshape(e, o, i // 32, 32)
-    amax = groups.abs().amax(-1).clamp(min=1e-30)
-    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
-    values = groups / torch.exp2(exp)[..., None]
-    table = torch.tensor(E2M1)
-    codes = (values[..., None] - table).abs().argmin(-1).to(torch.uint8)
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), (exp + 127).to(torch.uint8).contiguous()
 
 
 @pytest.fixture(scope="module")
@@ -281,17 +265,44 @@ def test_released_configs_build_abstract_models(hub, billions):
     assert math.isclose(ours / 1e9, billions, abs_tol=0.05)
 
 
-def test_quantizing_gpt_oss_is_refused_before_any_work(dirs, tmp_path, capsys):
-    """Until the quantizers model biased, clamped experts: one error line, nothing written."""
+def test_baselines_without_its_activation_are_refused(dirs, tmp_path, capsys):
+    """GPTQ's Hessians assume silu(g)·u experts: one error line before any work, nothing
+    written."""
     from bitsmoe_jax import quantize
     from tests.run.tiny_mixtral import TINY_CONFIG
 
     plain, _, _, _ = dirs
     out = tmp_path / "out"
     code = quantize.main(
-        ["--config", TINY_CONFIG, f"--config.model_path={plain}", f"--config.output_dir={out}"]
+        [
+            "--config",
+            TINY_CONFIG,
+            f"--config.model_path={plain}",
+            f"--config.output_dir={out}",
+            "--config.method=gptq",
+        ]
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "clamped SwiGLU (GPT-OSS) is not supported yet" in err and "Traceback" not in err
-    assert not out.exists() and not list(tmp_path.glob("out*"))
+    assert "biased, clamped" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_activation_derivatives_equal_autodiff():
+    """The loss weights' ∂h/∂g, ∂h/∂u of both activations against jax.grad."""
+    import jax.numpy as jnp
+
+    from bitsmoe_jax.models.moe import SWIGLU, GluActivation
+
+    rng = np.random.default_rng(0)
+    g = jnp.asarray(rng.normal(0, 3, 4096), jnp.float32)
+    u = jnp.asarray(rng.normal(0, 3, 4096), jnp.float32)
+    for act in (SWIGLU, GluActivation(7.0 / 3, 1.702)):
+        h, dg, du = act.with_grads(g, u)
+        np.testing.assert_allclose(h, act(g, u), rtol=1e-6, atol=1e-6)
+        grad_g = jax.vmap(jax.grad(act))(g, u)
+        grad_u = jax.vmap(jax.grad(act, argnums=1))(g, u)
+        np.testing.assert_allclose(dg, grad_g, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(du, grad_u, rtol=1e-5, atol=1e-6)
+    clamped = GluActivation(7.0 / 3, 1.702).with_grads(g, u)
+    assert (np.asarray(clamped[1]) == 0).mean() > 0.1  # the clamp bites in this sample

@@ -46,6 +46,7 @@ def config_file(name: str):
         "deepseek_v3",
         "kimi_k2",
         "glm4_moe",
+        "gpt_oss",
     ],
 )
 @pytest.mark.parametrize("overrides", [{}, OVERRIDES], ids=["as_shipped", "overridden"])

@@ -1,5 +1,7 @@
-"""End to end on the newest families: `python -m bitsmoe_jax.quantize` on tiny DeepSeek-V3 and
-GLM-4.5 models stored as the hub ships them (fp8 e4m3 block-scaled, an MTP layer, two shards).
+"""End to end on the newest families: `python -m bitsmoe_jax.quantize` on tiny DeepSeek-V3,
+GLM-4.5 and GPT-OSS models stored as the hub ships them (DeepSeek/GLM: fp8 e4m3 block-scaled, an
+MTP layer, two shards; GPT-OSS: MXFP4 experts with bf16 biases, its clamp biting on a fifth of the
+activations).
 
 Independent references: the quantized model's KL to the unquantized one (the weights the FP8 files
 hold) against round-to-nearest 2-bit with a scale per 32 weights (`apply_rtn`: 2.5 bpw, the same
@@ -14,6 +16,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,7 +31,7 @@ from bitsmoe_jax.io.checkpoint import load_tree  # noqa: E402
 from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text  # noqa: E402
 from bitsmoe_jax.loading import load_model  # noqa: E402
 from conversion.hf_checkpoint import HFCheckpoint  # noqa: E402
-from tests.models.hub_files import write_fp8_hub_checkpoint  # noqa: E402
+from tests.models.hub_files import encode_mxfp4, write_fp8_hub_checkpoint  # noqa: E402
 from tests.run.tiny_mixtral import REF_TOKENIZER, SEQ, VOCAB, base_args  # noqa: E402
 
 BUDGET = 2.5
@@ -49,6 +52,15 @@ COMMON = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
+GPT_OSS_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 FAMILIES = {
     "deepseek_v3": (
         "DeepseekV3ForCausalLM",
@@ -61,6 +73,18 @@ FAMILIES = {
             qk_nope_head_dim=32,
             qk_rope_head_dim=16,
             v_head_dim=32,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_local_experts=8,
+            sliding_window=16,
+            swiglu_limit=0.7,
         ),
     ),
     "glm4_moe": (
@@ -82,7 +106,8 @@ def family(request, tmp_path_factory):
     name = request.param
     model_cls, config_cls, extra = FAMILIES[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    common = COMMON if name != "gpt_oss" else {**GPT_OSS_COMMON}
+    config = getattr(transformers, config_cls)(**common, **extra)
     config._attn_implementation = "eager"
     model = getattr(transformers, model_cls)(config).eval()
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +120,10 @@ def family(request, tmp_path_factory):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
     root = tmp_path_factory.mktemp(name)
     hub = root / "hub"
-    write_fp8_hub_checkpoint(model, hub, root / "reference", block=(32, 64))
+    if name == "gpt_oss":
+        write_mxfp4_hub_checkpoint(model, hub)
+    else:
+        write_fp8_hub_checkpoint(model, hub, root / "reference", block=(32, 64))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(REF_TOKENIZER / f, hub / f)
     calib = root / "calib.txt"
@@ -134,7 +162,9 @@ def _dense(part) -> dict:
 
 
 def test_router_bias_is_written_exactly(family):
-    _, hub, out = family
+    name, hub, out = family
+    if name == "gpt_oss":
+        pytest.skip("GPT-OSS's router has a plain bias, no selection bias")
     want = HFCheckpoint(hub).get("model.layers.1.mlp.gate.e_score_correction_bias")
     assert want.dtype == np.float32
     got = np.asarray(
@@ -153,3 +183,40 @@ def test_dense_bits_count_the_float32_bias(family):
     params = sum(np.asarray(a).size for t in parts for a in jax.tree.leaves(t))
     want = (report["expert_stored_bits"] + bits) / (report["expert_weights"] + params)
     assert report["effective_bpw_model"] == pytest.approx(want, rel=1e-12)
+
+
+def write_mxfp4_hub_checkpoint(model, out_dir) -> None:
+    """`model` as openai/gpt-oss-* ships: experts MXFP4, everything else bf16."""
+    from safetensors.torch import load_file, save_file
+
+    plain = out_dir.parent / "plain"
+    model.save_pretrained(plain)
+    tensors = {}
+    for k, v in load_file(plain / "model.safetensors").items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[k + "_blocks"], tensors[k + "_scales"] = encode_mxfp4(v)
+        else:
+            tensors[k] = v.to(torch.bfloat16)
+    out_dir.mkdir()
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def test_gpt_oss_layer_on_the_xla_backend_equals_the_reference(family):
+    """The quantized GPT-OSS layer's forward (biases, clamp) on the "xla" backend against the
+    op's float32 per-row reference."""
+    name, _, out = family
+    if name != "gpt_oss":
+        pytest.skip("GPT-OSS only")
+    model, _ = load_model(out)
+    block = model.layers[1].mlp
+    x = jax.random.normal(jax.random.key(0), (64, 128), jnp.float32)
+    plan = block.plan(x)
+    bias = block.expert_bias.arrays()
+    xla = block.experts(x, plan, bias=bias, act=block.act)
+    block.experts.set_backend("reference")
+    ref = block.experts(x, plan, bias=bias, act=block.act)
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(ref), rtol=1e-4, atol=1e-5)
+    assert float(np.abs(np.asarray(ref)).max()) > 0.1
