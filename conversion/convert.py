@@ -25,7 +25,10 @@ from bitsmoe_jax.models.assemble import FLOAT32_PARAMS
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.transformer import build_model
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
-from conversion.key_maps import TOP_LEVEL, read_expert_subset, read_param
+from conversion.key_maps import TOP_LEVEL, pairs_to_halves, read_expert_subset, read_param
+
+# Llama 4's q/k projections, whose RoPE pairs are reordered on reading (`pairs_to_halves`)
+ROTARY_KERNELS = (("self_attn", "q_proj", "kernel"), ("self_attn", "k_proj", "kernel"))
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -138,6 +141,8 @@ def _read_part(
             value = value.T if transpose else value
         else:
             value = read_param(path, f"model.layers.{layer}.", keys, getter, config.num_experts)
+            if config.model_type == "llama4_text" and path in ROTARY_KERNELS:
+                value = pairs_to_halves(value, config.head_dim)
         if tuple(value.shape) != tuple(spec.shape):
             raise CheckpointError(
                 f"{getter.where()}: shape {tuple(value.shape)} does not match {tuple(spec.shape)} "

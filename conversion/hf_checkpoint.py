@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -186,6 +186,10 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def rename(self, fn: Callable[[str], str | None]) -> None:
+        """List tensors under `fn(name)`, dropping those it maps to None (`text_model_name`)."""
+        self.entries = {n: e for k, e in self.entries.items() if (n := fn(k)) is not None}
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
@@ -256,6 +260,13 @@ class _BinFile:
     def __init__(self, path: Path):
         self.path = path
         self._sd = None
+        self._stored: dict[str, str] | None = None  # our name -> the pickle's (after `rename`)
+
+    def rename(self, fn: Callable[[str], str | None]) -> None:
+        self._stored = {n: k for k in self._load().keys() if (n := fn(k)) is not None}
+
+    def _key(self, name: str) -> str:
+        return name if self._stored is None else self._stored[name]
 
     def _load(self):
         if self._sd is None:
@@ -275,15 +286,15 @@ class _BinFile:
         return self._sd
 
     def keys(self) -> list[str]:
-        return list(self._load().keys())
+        return list(self._load().keys()) if self._stored is None else list(self._stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._load()[name].shape)
+        return tuple(self._load()[self._key(name)].shape)
 
     def get(self, name: str) -> np.ndarray:
         import torch
 
-        t = self._load()[name]
+        t = self._load()[self._key(name)]
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
         return t.numpy().copy()
@@ -295,8 +306,28 @@ class _BinFile:
         self._sd = None
 
 
+# Image-text checkpoints (the hub's Llama 4) hold the language model under `language_model.` and a
+# vision tower and projector beside it; conversion reads the language model only.
+TEXT_MODEL_PREFIX = "language_model."
+NON_TEXT_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+def text_model_name(name: str) -> str | None:
+    """A multimodal checkpoint's tensor name as the text-only model's (None: not the text model's;
+    unknown names are kept so that conversion reports them as unused)."""
+    if name.startswith(TEXT_MODEL_PREFIX):
+        return name[len(TEXT_MODEL_PREFIX) :]
+    if name.startswith(NON_TEXT_PREFIXES):
+        return None
+    return name
+
+
 class HFCheckpoint:
-    """All tensors of a checkpoint directory, by name, read one at a time on demand."""
+    """All tensors of a checkpoint directory, by name, read one at a time on demand.
+
+    Multimodal checkpoints are read as their language model (`text_model_name`); the vision
+    tensors are listed in `skipped`.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -304,6 +335,8 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: not a directory")
         self._where: dict[str, Path] = {}
         self._files: dict[Path, SafetensorsFile | _BinFile] = {}
+        self._rename: Callable[[str], str | None] | None = None
+        self.skipped: list[str] = []
         st_index = self.path / "model.safetensors.index.json"
         bin_index = self.path / "pytorch_model.bin.index.json"
         if st_index.is_file() or bin_index.is_file():
@@ -333,6 +366,8 @@ class HFCheckpoint:
                     raise CheckpointError(
                         f"{f}: tensor {missing[0]!r} listed in the index is not in this shard"
                     )
+        if any(k.startswith(TEXT_MODEL_PREFIX) for k in self._where):
+            self._read_as_text_model()
         self._find_block_scales()
         self._find_mxfp4()
 
@@ -392,9 +427,25 @@ class HFCheckpoint:
                     "blocks (config.json quantization_config.weight_block_size)"
                 )
 
+    def _read_as_text_model(self) -> None:
+        where: dict[str, Path] = {}
+        for k, f in self._where.items():
+            n = text_model_name(k)
+            if n is None:
+                self.skipped.append(k)
+            else:
+                where[n] = f
+        self._where = where
+        self._rename = text_model_name
+        for sf in self._files.values():
+            sf.rename(text_model_name)
+
     def _open(self, f: Path) -> SafetensorsFile | _BinFile:
         if f not in self._files:
-            self._files[f] = SafetensorsFile(f) if f.suffix == ".safetensors" else _BinFile(f)
+            sf = SafetensorsFile(f) if f.suffix == ".safetensors" else _BinFile(f)
+            if self._rename is not None:
+                sf.rename(self._rename)
+            self._files[f] = sf
         return self._files[f]
 
     def keys(self) -> list[str]:

@@ -27,7 +27,12 @@ from conversion.hf_checkpoint import CheckpointError
 Path = tuple[str, ...]
 Getter = Callable[[str], np.ndarray]
 RowGetter = Callable[[str, int, int], np.ndarray]  # rows [start, stop) of a tensor's first axis
-MOE_PREFIXES = ("mlp", "block_sparse_moe")
+# `feed_forward.` is Llama 4's, whose experts are always fused and transposed (`LLAMA4_MOE`).
+MOE_PREFIXES = ("mlp", "block_sparse_moe", "feed_forward")
+# Llama 4: `feed_forward.experts.gate_up_proj` [E, D, 2F] (gate the first F columns) and
+# `feed_forward.experts.down_proj` [E, F, D] (ours already); router `feed_forward.router`, shared
+# expert `feed_forward.shared_expert.*`, dense layers `feed_forward.{gate,up,down}_proj`.
+LLAMA4_MOE = "feed_forward"
 PER_EXPERT_NAMES = {
     "gate": ("w1", "gate_proj"),
     "up": ("w3", "up_proj"),
@@ -107,6 +112,21 @@ def expert_matrices(
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
         fused = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"
+        if fused in keys and moe == LLAMA4_MOE:
+            out = {}
+            for a, b in _runs(wanted):
+                t = get_rows(fused, a, b) if get_rows else get(fused)[a:b]
+                for j in range(t.shape[0]):
+                    f2 = t.shape[2]
+                    m = (
+                        t[j]
+                        if which == "down"
+                        else t[j][:, : f2 // 2]
+                        if which == "gate"
+                        else t[j][:, f2 // 2 :]
+                    )
+                    out[a + j] = np.ascontiguousarray(m)
+            return out
         if fused in keys and _is_gpt_oss(base, keys):
             out = {}
             for a, b in _runs(wanted):
@@ -202,13 +222,19 @@ def param_candidates(path: Path, layer_prefix: str) -> tuple[list[str], bool]:
     """(the HF keys that may hold our non-expert parameter `path`, in order of preference;
     whether the HF tensor is its transpose)."""
     if path == ("mlp", "router", "kernel"):
-        gates = [f"{layer_prefix}{moe}.gate.weight" for moe in MOE_PREFIXES]
-        return [*gates, f"{layer_prefix}mlp.router.weight"], True  # GPT-OSS: mlp.router
+        gates = [f"{layer_prefix}{moe}.gate.weight" for moe in MOE_PREFIXES[:2]]
+        routers = [f"{layer_prefix}{moe}.router.weight" for moe in ("mlp", LLAMA4_MOE)]
+        return [*gates, *routers], True  # GPT-OSS: mlp.router; Llama 4: feed_forward.router
     if path == ("mlp", "router", "e_score_correction_bias"):
         return [f"{layer_prefix}mlp.gate.e_score_correction_bias"], False
     suffix, transpose = _hf_generic(path)
     if len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
-        return [layer_prefix + c for c in _shared_names(suffix.split("."))], transpose
+        names = _shared_names(suffix.split("."))
+        return [layer_prefix + c for c in names] + [
+            f"{layer_prefix}{LLAMA4_MOE}.{c.split('.', 1)[1]}" for c in names[:1]
+        ], transpose
+    if path[0] == "mlp":  # dense MLP layers: Llama 4 names them feed_forward
+        return [layer_prefix + suffix, f"{layer_prefix}{LLAMA4_MOE}.{suffix[4:]}"], transpose
     return [layer_prefix + suffix], transpose
 
 
@@ -228,6 +254,10 @@ def expert_tensor_shapes(
     rows, cols = (int(s) for s in matrix_shape)
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
+        if moe == LLAMA4_MOE and f"{base}.gate_up_proj" in keys:
+            if which == "down":
+                return [(f"{base}.down_proj", (num_experts, rows, cols))]
+            return [(f"{base}.gate_up_proj", (num_experts, rows, 2 * cols))]
         if _is_gpt_oss(base, keys):
             if which == "down":
                 return [(f"{base}.down_proj", (num_experts, rows, cols))]
@@ -240,6 +270,17 @@ def expert_tensor_shapes(
             if f"{base}.0.{name}.weight" in keys:
                 return [(f"{base}.{e}.{name}.weight", (cols, rows)) for e in range(num_experts)]
     raise _no_experts_error(layer_prefix, which)
+
+
+def pairs_to_halves(kernel: np.ndarray, head_dim: int) -> np.ndarray:
+    """q/k kernel [D, H·d] whose heads rotate interleaved pairs (Llama 4's complex RoPE: dims 2j,
+    2j+1 by frequency j) -> the same heads in rotate-half order (dims j, j+d/2), which our RoPE
+    uses. Attention scores are unchanged: q and k are permuted alike, and Llama 4's weightless
+    q/k norm is permutation-invariant."""
+    d, hd = kernel.shape[0], head_dim
+    return np.ascontiguousarray(
+        kernel.reshape(d, -1, hd // 2, 2).transpose(0, 1, 3, 2).reshape(kernel.shape)
+    )
 
 
 def read_param(
@@ -265,10 +306,10 @@ def write_param(
     path: Path, layer_prefix: str, value: np.ndarray, family: str
 ) -> dict[str, np.ndarray]:
     """Our parameter -> HF tensors in the per-expert layout transformers writes (for export)."""
-    if family == "gpt_oss":
+    if family in ("gpt_oss", "llama4_text"):
         raise CheckpointError(
-            "exporting gpt_oss to Hugging Face files is not supported (its experts are stored "
-            "fused with interleaved gate/up columns)"
+            f"exporting {family} to Hugging Face files is not supported (its experts are stored "
+            "fused and transposed)"
         )
     if len(path) == 3 and path[:2] == ("mlp", "experts"):
         moe, names = ("block_sparse_moe", 0) if family == "mixtral" else ("mlp", 1)

@@ -349,8 +349,7 @@ def projection_basis(
 def detect_super_experts(x: jax.Array, block: MoEBlock, threshold: float) -> list[int]:
     """Experts whose routed outputs carry extreme outliers: max|y| above `threshold` × the median
     expert's."""
-    plan = block.plan(x)
-
+    x, plan = block.expert_inputs(x)
     y = np.abs(
         np.asarray(
             grouped_swiglu(

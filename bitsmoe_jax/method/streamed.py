@@ -74,6 +74,7 @@ from bitsmoe_jax.models.moe import (
     ExpertFn,
     GluActivation,
     MoEBlock,
+    RoutingPlan,
     block_expert_fn,
     down_bias_term,
     make_routing_plan,
@@ -131,8 +132,10 @@ class _Routing:
     the routed masses (after the starved-expert fallback), token counts and mass-floor scales."""
 
     def __init__(self, block: MoEBlock, x: jax.Array, params: MethodConfig, num_experts: int):
-        logits, w, idx = block.router(x)
-        plan = make_routing_plan(idx, w, num_experts)
+        # x_in: what the routed experts see (x itself, but score · x for Llama 4)
+        self.x_in, logits, w, idx = block.route_tokens(x)
+        self.unit_weight = block.config.router_scales_input
+        self.plan = plan = make_routing_plan(idx, w, num_experts)
         self.sizes = np.asarray(plan.group_sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.token = np.asarray(plan.token)
@@ -151,7 +154,11 @@ class _Routing:
         self._probs = self._topk_sum = None
 
     def as_if_routed(self, e: int) -> np.ndarray:
-        """A starved expert's weight for every token had it been in the top-k (`calibrate`)."""
+        """A starved expert's weight for every token had it been in the top-k (`calibrate`).
+        Llama 4 weights every output by 1 (its scores scale the inputs; a starved expert's
+        statistics then use the inputs as the chosen experts saw them)."""
+        if self.unit_weight:
+            return np.ones(len(self.idx), np.float64)
         if self._probs is None:
             self._probs = np.asarray(
                 jax.nn.softmax(self.logits.astype(jnp.float32), axis=-1), np.float64
@@ -230,12 +237,13 @@ def build_problem(
     e_count = config.num_experts
     layout = _layout(mesh, e_count)
     rounds = layout.rounds(chunk or layout.per_device)
+    routing = _Routing(block, x, params, e_count)
+    x = routing.x_in  # from here on: the experts' input
     x_np = np.asarray(x, np.float32)
     t = time.time()
     stored, deq = streamed_bases(source, layout, rounds, params, config, x_np, timings)
     pinv = {p: basis_pinv(deq[p]) for p in PROJECTIONS}
     timings["basis"] += time.time() - t
-    routing = _Routing(block, x, params, e_count)
     fn = block_expert_fn(block)
     calib = (
         CalibrationInputs(
@@ -336,7 +344,9 @@ def build_problem(
         kappa=kappa,
     )
     if params.super_experts == "auto":
-        supers = detect_super_experts(x, block, source, chunk, params.super_expert_threshold, fn)
+        supers = detect_super_experts(
+            x, routing.plan, source, chunk, params.super_expert_threshold, fn
+        )
     else:
         supers = [
             int(e)
@@ -728,14 +738,13 @@ class StreamedQuantizedExperts:
 
 def detect_super_experts(
     x: jax.Array,
-    block: MoEBlock,
+    plan: RoutingPlan,
     source: ExpertSource,
     chunk: int | None,
     threshold: float,
     fn: ExpertFn = PLAIN,
 ) -> list[int]:
-    """`layer_problem.detect_super_experts` over a streamed layer."""
-    plan = block.plan(x)
+    """`layer_problem.detect_super_experts` over a streamed layer (x: the experts' input)."""
     sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
     y = _sorted_rows(x, x, token, sizes, chunk, source.read, x.shape[-1], fn)
     if fn.bias is not None:

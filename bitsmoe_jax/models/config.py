@@ -23,14 +23,19 @@ SUPPORTED_MODEL_TYPES = (
     "deepseek_v3",
     "glm4_moe",
     "gpt_oss",
+    "llama4_text",
 )
 # model_type spellings of checkpoints whose architecture is one of ours under another name:
 # Kimi-K2 ships `"model_type": "kimi_k2"` with `DeepseekV3ForCausalLM` (remote code, same weights).
-MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3", "llama4": "llama4_text"}
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 # Families routing with sigmoid scores + a learned selection bias (DeepSeek-V3's "noaux_tc") and
 # making every layer from `first_k_dense_replace` on an MoE layer.
 NOAUX_MODEL_TYPES = ("deepseek_v3", "glm4_moe")
+
+
+# rope_scaling kinds computed as transformers does (`layers.rope_inv_freq`)
+ROPE_TYPES = ("linear", "yarn", "llama3")
 
 
 class ConfigError(ValueError):
@@ -92,6 +97,16 @@ class ModelConfig:
     swiglu_alpha: float = 1.0
     attention_sinks: bool = False  # a learned per-head logit every query may attend to instead
     layer_types: tuple[str, ...] = ()  # "sliding_attention" | "full_attention" per layer
+    # llama4_text: the router's sigmoid score scales the expert's *input* (top-1 routing), MoE
+    # layers listed, NoPE layers (no RoPE, attention temperature tuned by position), chunked
+    # attention on the RoPE layers (`layer_types` "chunked_attention"), weightless q/k L2 norm
+    moe_layer_list: tuple[int, ...] = ()
+    no_rope_layers: tuple[int, ...] = ()  # per layer: 1 uses RoPE, 0 is a NoPE layer
+    attention_chunk_size: int | None = None
+    qk_l2_norm: bool = False
+    attn_temperature_tuning: bool = False
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
     # multi-token-prediction layers stored after the last decoder layer (DeepSeek-V3, GLM-4.5):
     # not part of the causal LM, skipped by conversion as transformers skips them.
     num_nextn_predict_layers: int = 0
@@ -135,7 +150,25 @@ class ModelConfig:
             return True
         if self.model_type in NOAUX_MODEL_TYPES:
             return self.num_experts > 0 and layer >= self.first_k_dense_replace
+        if self.model_type == "llama4_text":
+            return layer in self.moe_layer_list
         raise ConfigError(f"unknown model_type {self.model_type!r}")
+
+    @property
+    def router_scales_input(self) -> bool:
+        """Llama 4: experts see `score · x` and their outputs are summed unweighted."""
+        return self.model_type == "llama4_text"
+
+    def uses_rope(self, layer: int) -> bool:
+        """False for Llama 4's NoPE layers (no rotary embedding, temperature-tuned queries)."""
+        return not self.no_rope_layers or bool(self.no_rope_layers[layer])
+
+    def chunk_of(self, layer: int) -> int | None:
+        """Llama 4's chunked attention: a query sees only keys of its own `attention_chunk_size`
+        block of absolute positions (None: no chunking)."""
+        if self.layer_types and self.layer_types[layer] == "chunked_attention":
+            return self.attention_chunk_size
+        return None
 
     def window_of(self, layer: int) -> int | None:
         """Sliding-window size of layer `layer`'s attention (None: full causal attention)."""
@@ -152,6 +185,13 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Parse a Hugging Face config dict (transformers 4.x hub style or 5.x style)."""
+        if hf.get("model_type") == "llama4":
+            # the hub's Llama 4 checkpoints are image-text models: the language model's
+            # hyper-parameters are in `text_config` (the vision tower is not converted)
+            if not isinstance(hf.get("text_config"), dict):
+                raise ConfigError(f"{source}: model_type 'llama4' without a text_config object")
+            outer = {k: hf[k] for k in ("quantization_config",) if k in hf}
+            hf = {**hf["text_config"], **outer, "model_type": "llama4_text"}
         model_type = hf.get("model_type")
         model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -196,10 +236,10 @@ class ModelConfig:
                 scaling["rope_type"] = scaling.pop("type")
             if scaling.get("rope_type", "default") == "default":
                 scaling = None
-        if scaling and scaling.get("rope_type") not in ("linear", "yarn"):
+        if scaling and scaling.get("rope_type") not in ROPE_TYPES:
             raise ConfigError(
                 f"{source}: rope_scaling rope_type {scaling.get('rope_type')!r} is not supported "
-                "(default, linear and yarn are)"
+                f"(default, {', '.join(ROPE_TYPES)} are)"
             )
         rope_scaling = tuple(sorted(scaling.items())) if scaling else None
 
@@ -269,6 +309,8 @@ class ModelConfig:
             )
         if model_type == "gpt_oss":
             return cls._gpt_oss(hf, source, common, need, opt)
+        if model_type == "llama4_text":
+            return cls._llama4(hf, source, common, need, opt)
         if model_type == "glm4_moe":
             # transformers' Glm4MoeConfig defaults the rotary fraction to 0.5 when absent
             partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor"))
@@ -398,6 +440,22 @@ class ModelConfig:
                 sliding_window=self.sliding_window,
                 layer_types=list(self.layer_types),
             )
+        elif self.model_type == "llama4_text":
+            d.update(
+                architectures=["Llama4ForCausalLM"],
+                head_dim=self.head_dim,
+                intermediate_size=self.moe_intermediate_size,
+                intermediate_size_mlp=self.intermediate_size,
+                num_local_experts=self.num_experts,
+                moe_layers=list(self.moe_layer_list),
+                no_rope_layers=list(self.no_rope_layers),
+                layer_types=list(self.layer_types),
+                attention_chunk_size=self.attention_chunk_size,
+                use_qk_norm=self.qk_l2_norm,
+                attn_temperature_tuning=self.attn_temperature_tuning,
+                floor_scale=self.floor_scale,
+                attn_scale=self.attn_scale,
+            )
         elif self.model_type == "glm4_moe":
             d.update(
                 architectures=["Glm4MoeForCausalLM"],
@@ -507,6 +565,67 @@ class ModelConfig:
             layer_types=layer_types,
         )
 
+    @classmethod
+    def _llama4(
+        cls, hf: dict[str, Any], source: str, common: dict[str, Any], need: Any, opt: Any
+    ) -> ModelConfig:
+        """Llama 4 (text): HF's `intermediate_size` is the expert (and shared expert) width,
+        `intermediate_size_mlp` the dense layers'; layer lists defaulted as Llama4TextConfig
+        does."""
+        n = int(common["num_hidden_layers"])
+        if common["num_experts_per_tok"] != 1:
+            raise ConfigError(
+                f"{source}: num_experts_per_tok {common['num_experts_per_tok']} for llama4_text: "
+                "only top-1 routing (every released Llama 4) is supported — the router's score "
+                "scales the expert's input, which the calibration models for one expert per token"
+            )
+        step = int(opt("interleave_moe_layer_step", 1))
+        moe = opt("moe_layers", None)
+        moe = tuple(int(i) for i in (range(step - 1, n, step) if moe is None else moe))
+        interval = int(opt("no_rope_layer_interval", 4))
+        no_rope = tuple(
+            int(v)
+            for v in (
+                opt("no_rope_layers", None) or [int((i + 1) % interval != 0) for i in range(n)]
+            )
+        )
+        chunk = hf.get("attention_chunk_size", 8192)
+        layer_types = tuple(
+            opt(
+                "layer_types",
+                [
+                    "chunked_attention" if r and chunk is not None else "full_attention"
+                    for r in no_rope
+                ],
+            )
+        )
+        for name, seq in (("no_rope_layers", no_rope), ("layer_types", layer_types)):
+            if len(seq) < n:
+                raise ConfigError(f"{source}: {name} has {len(seq)} entries for {n} layers")
+        if set(layer_types[:n]) - {"chunked_attention", "full_attention"}:
+            raise ConfigError(
+                f"{source}: layer_types must give chunked_attention or full_attention per layer, "
+                f"got {sorted(set(layer_types))}"
+            )
+        if any(not 0 <= i < n for i in moe):
+            raise ConfigError(f"{source}: moe_layers {list(moe)} outside 0..{n - 1}")
+        if hf.get("attention_bias"):
+            raise ConfigError(f"{source}: attention_bias=true is not supported for llama4_text")
+        return cls(
+            **common,
+            intermediate_size=int(opt("intermediate_size_mlp", 16384)),
+            moe_intermediate_size=int(need("intermediate_size")),
+            num_experts=int(need("num_local_experts")),
+            moe_layer_list=moe,
+            no_rope_layers=no_rope[:n],
+            layer_types=layer_types[:n],
+            attention_chunk_size=None if chunk is None else int(chunk),
+            qk_l2_norm=bool(opt("use_qk_norm", True)),
+            attn_temperature_tuning=bool(opt("attn_temperature_tuning", True)),
+            floor_scale=float(opt("floor_scale", 8192)),
+            attn_scale=float(opt("attn_scale", 0.1)),
+        )
+
     def _noaux_hf(self) -> dict[str, Any]:
         """The routing fields of DeepSeek-V3 / GLM-4.5 configs, as the hub spells them."""
         return dict(
@@ -532,7 +651,8 @@ class ModelConfig:
         if raw.get("rope_scaling"):
             raw["rope_scaling"] = tuple(tuple(kv) for kv in raw["rope_scaling"])
         raw["mlp_only_layers"] = tuple(raw.get("mlp_only_layers", ()))
-        raw["layer_types"] = tuple(raw.get("layer_types", ()))
+        for name in ("layer_types", "moe_layer_list", "no_rope_layers"):
+            raw[name] = tuple(raw.get(name, ()))
         return cls(**raw)
 
     @classmethod

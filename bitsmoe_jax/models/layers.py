@@ -123,9 +123,27 @@ def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
         inv_interp = 1.0 / (factor * pos)
         inv = inv_interp * (1 - extrap) + inv * extrap
         return inv.astype(np.float32), float(attn)
+    if kind == "llama3":
+        return _llama3_inv_freq(inv, scaling), 1.0
     raise ConfigError(
-        f"rope_scaling.rope_type {kind!r} is not supported (default, linear and yarn are)"
+        f"rope_scaling.rope_type {kind!r} is not supported (default, linear, yarn and llama3 are)"
     )
+
+
+def _llama3_inv_freq(inv: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """Llama 3.1 / Llama 4 frequency scaling: wavelengths longer than the original context divided
+    by `factor`, shorter than `original / high_freq_factor` kept, smoothly blended in between
+    (transformers' order of float32 operations)."""
+    factor = np.float32(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = (np.float32(2 * math.pi) / inv).astype(np.float32)
+    out = np.where(wavelen > old / low, inv / factor, inv).astype(np.float32)
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    if medium.any():  # empty when low == high (Llama 4 Scout), where the blend divides by zero
+        smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+        out = np.where(medium, (1 - smooth) * out / factor + smooth * out, out)
+    return out.astype(np.float32)
 
 
 def rope_cos_sin(
@@ -151,13 +169,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # -----------------------------------------------------------------------------------------
 # attention
 def attention_mask(
-    q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None, window: int | None
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    k_valid: jax.Array | None,
+    window: int | None,
+    chunk: int | None = None,
 ) -> jax.Array:
-    """Boolean [B, Tq, Tk]: causal, optionally sliding-window, optionally limited to filled cache
-    slots."""
+    """Boolean [B, Tq, Tk]: causal, optionally sliding-window or chunked (Llama 4: keys of the
+    query's own block of `chunk` absolute positions), optionally limited to filled cache slots."""
     m = k_pos[:, None, :] <= q_pos[:, :, None]
     if window is not None:
         m &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    if chunk is not None:
+        m &= k_pos[:, None, :] // chunk == q_pos[:, :, None] // chunk
     if k_valid is not None:
         m &= k_valid[:, None, :]
     return m
@@ -210,24 +234,39 @@ def attend(
     scale: float,
     window: int | None,
     sinks: jax.Array | None = None,
+    chunk: int | None = None,
 ) -> tuple[jax.Array, KVLayerCache | None]:
     """Causal attention over the new tokens, or over the KV cache after writing them into it."""
     if cache is None:
-        mask = attention_mask(positions, positions, None, window)
+        mask = attention_mask(positions, positions, None, window, chunk)
         return dot_product_attention(q, k, v, mask, scale, sinks), None
     start = positions[0, 0]
     cache, k, v = update_cache(cache, k, v, start)
     s = k.shape[1]
     k_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (q.shape[0], s))
     valid = k_pos < start + q.shape[1]
-    mask = attention_mask(positions, k_pos, valid, window)
+    mask = attention_mask(positions, k_pos, valid, window, chunk)
     return dot_product_attention(q, k, v, mask, scale, sinks), cache
+
+
+def l2_norm(x: jax.Array, eps: float) -> jax.Array:
+    """Llama 4's weightless RMS norm of q and k per head (computed in float32)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def temperature_scale(config: ModelConfig, positions: jax.Array) -> jax.Array:
+    """Llama 4's query scale on NoPE layers, [B, T]: 1 + attn_scale·log(1 + ⌊(pos+1)/floor⌋),
+    growing with the absolute position so long contexts keep attention sharp."""
+    p = positions.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((p + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
 
 
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE; optional q/k/v biases (Qwen2-MoE, GLM-4.5, GPT-OSS), q/k
     RMSNorm (Qwen3-MoE, GLM-4.5's use_qk_norm), partial rotary (GLM-4.5), sinks and a window per
-    layer (GPT-OSS's alternating sliding and full layers)."""
+    layer (GPT-OSS's alternating sliding and full layers), Llama 4's NoPE layers with tuned
+    temperature, chunked attention and weightless q/k norm after RoPE."""
 
     def __init__(
         self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, layer: int = 0
@@ -235,6 +274,8 @@ class Attention(nnx.Module):
         c = config
         self.config = c
         self.window = c.window_of(layer)
+        self.chunk = c.chunk_of(layer)
+        self.use_rope = c.uses_rope(layer)
         hd = c.head_dim
         self.q_proj = Linear(
             c.hidden_size, c.num_attention_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
@@ -281,11 +322,18 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         r = cos.shape[-1]
-        if r == c.head_dim:
+        if not self.use_rope:  # Llama 4 NoPE layer
+            if c.attn_temperature_tuning:
+                q = (q * temperature_scale(c, positions)[:, :, None, None]).astype(q.dtype)
+        elif r == c.head_dim:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:  # partial rotary (GLM-4.5): the first r dims of each head rotate, the rest pass
             q = jnp.concatenate([apply_rope(q[..., :r], cos, sin), q[..., r:]], axis=-1)
             k = jnp.concatenate([apply_rope(k[..., :r], cos, sin), k[..., r:]], axis=-1)
+        if c.qk_l2_norm and self.use_rope:
+            q, k = l2_norm(q, c.rms_norm_eps), l2_norm(k, c.rms_norm_eps)
         sinks = None if self.sinks is None else self.sinks[...]
-        o, cache = attend(q, k, v, positions, cache, c.head_dim**-0.5, self.window, sinks)
+        o, cache = attend(
+            q, k, v, positions, cache, c.head_dim**-0.5, self.window, sinks, self.chunk
+        )
         return self.o_proj(o.reshape(b, t, -1)), cache

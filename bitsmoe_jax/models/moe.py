@@ -69,8 +69,12 @@ def route(
 
     softmax → (group-limited) top-k → renormalise if `norm_topk_prob` → × routed_scaling_factor.
     Mixtral always renormalises; DeepSeek-V2 never does (its config flag is ignored, as in HF).
-    Sigmoid routing (DeepSeek-V3, Kimi-K2, GLM-4.5, "noaux_tc"): `sigmoid_route`.
+    Sigmoid routing (DeepSeek-V3, Kimi-K2, GLM-4.5, "noaux_tc"): `sigmoid_route`. Llama 4:
+    sigmoid of the top-k logits (they scale the experts' inputs, `MoEBlock.expert_inputs`).
     """
+    if config.router_scales_input:  # Llama 4: top-k logits, each squashed by a sigmoid
+        top, idx = jax.lax.top_k(logits.astype(jnp.float32), config.num_experts_per_tok)
+        return jax.nn.sigmoid(top), idx.astype(jnp.int32)
     if config.router_scoring == "sigmoid":
         if bias is None:
             raise ValueError("sigmoid routing needs the router's e_score_correction_bias")
@@ -308,6 +312,7 @@ class MoEBlock(nnx.Module):
 
     Qwen2-MoE: one shared expert scaled by sigmoid(shared_expert_gate · x).
     DeepSeek-V2/V3, GLM-4.5: `n_shared_experts` fused into one MLP of width n·F, added unscaled.
+    Llama 4: one shared expert of width F, added unscaled.
     The routed-expert part is `self.experts`, which the quantizer swaps for a quantized module with
     the same call signature (x, plan) -> [N, D].
     """
@@ -339,22 +344,44 @@ class MoEBlock(nnx.Module):
             shared = DenseMLP(
                 c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, rngs=rngs, dtype=dtype
             )
+        elif c.model_type == "llama4_text":  # one shared expert of the routed experts' width
+            shared = DenseMLP(c.hidden_size, c.moe_intermediate_size, rngs=rngs, dtype=dtype)
         self.shared_expert = shared
         self.shared_expert_gate = shared_gate
 
+    def route_tokens(self, x2d: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(the routed experts' input [N, D], router logits [N, E], combine weights [N, k],
+        expert indices [N, k]).
+
+        Every family but Llama 4 weights the experts' outputs: the input is x and the weights are
+        the router's. Llama 4 scales the input instead — expert(score · x), summed unweighted —
+        which for its top-1 routing is a per-token scaling of x with weight 1. Quantization
+        calibrates on exactly these inputs and weights, so the statistics see what the experts do.
+        """
+        logits, w, idx = self.router(x2d)
+        if self.config.router_scales_input:
+            return (x2d * w.astype(x2d.dtype)).astype(x2d.dtype), logits, jnp.ones_like(w), idx
+        return x2d, logits, w, idx
+
     def plan(self, x2d: jax.Array) -> RoutingPlan:
-        _, w, idx = self.router(x2d)
-        return make_routing_plan(idx, w, self.config.num_experts)
+        """The routing plan alone (the experts' input is x2d itself but for Llama 4: see
+        `expert_inputs`)."""
+        return self.expert_inputs(x2d)[1]
+
+    def expert_inputs(self, x2d: jax.Array) -> tuple[jax.Array, RoutingPlan]:
+        """(the routed experts' input, the routing plan) of MoE input rows x2d [N, D]."""
+        x_in, _, w, idx = self.route_tokens(x2d)
+        return x_in, make_routing_plan(idx, w, self.config.num_experts)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
-        plan = self.plan(x2d)
+        x_in, plan = self.expert_inputs(x2d)
         if self.expert_bias is None and self.act == SWIGLU:
-            y = self.experts(x2d, plan)
+            y = self.experts(x_in, plan)
         else:
             bias = None if self.expert_bias is None else self.expert_bias.arrays()
-            y = self.experts(x2d, plan, bias=bias, act=self.act)
+            y = self.experts(x_in, plan, bias=bias, act=self.act)
         y = y.astype(x.dtype)
         if self.shared_expert is not None:
             s = self.shared_expert(x2d)

@@ -8,18 +8,28 @@ from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run.config_schema import RunConfig
 from conversion.preflight import preflight
 
-# Methods that model GPT-OSS's biased, clamped experts: BitsMoE (its statistics, error feedback
-# and forward take the biases and the activation) and round-to-nearest (which needs no statistics).
+# Methods that model GPT-OSS's biased, clamped experts and Llama 4's input-scaling router: BitsMoE
+# (its statistics, error feedback and forward take the biases, the activation and the experts'
+# actual inputs) and round-to-nearest (which needs no statistics).
 GLU_METHODS = ("bitsmoe", "rtn", "rtn_asym")
 
 
 def check_quantizable(config: ModelConfig, method: str) -> None:
-    """Refuse, before any work, a method whose statistics do not model the experts' activation."""
-    if (config.expert_bias or config.swiglu_limit) and method not in GLU_METHODS:
+    """Refuse, before any work, a method whose statistics do not model the experts' activation or
+    routing."""
+    if method in GLU_METHODS:
+        return
+    if config.expert_bias or config.swiglu_limit:
         raise ValueError(
             f"method {method!r} on model_type {config.model_type!r}: its calibration statistics "
             "assume bias-free silu(g)·u experts, not GPT-OSS's biased, clamped ones; use one of "
             f"{', '.join(GLU_METHODS)}"
+        )
+    if config.router_scales_input:
+        raise ValueError(
+            f"method {method!r} on model_type {config.model_type!r}: its calibration statistics "
+            "assume routers that weight the experts' outputs, not Llama 4's, whose scores scale "
+            f"the experts' inputs; use one of {', '.join(GLU_METHODS)}"
         )
 
 

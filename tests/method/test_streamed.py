@@ -211,7 +211,7 @@ def test_super_expert_detection_streamed_equals_the_whole_layer(layer):
     block.experts.down[...] = jnp.asarray(loud)
     try:
         want = detect_super_experts(x, block, 8.0)
-        got = streamed.detect_super_experts(x, block, ArraySource(gate, up, loud), 1, 8.0)
+        got = streamed.detect_super_experts(x, block.plan(x), ArraySource(gate, up, loud), 1, 8.0)
     finally:
         block.experts.down[...] = jnp.asarray(down)
     assert got == want == [2]

@@ -1,7 +1,8 @@
 """End to end on the newest families: `python -m bitsmoe_jax.quantize` on tiny DeepSeek-V3,
-GLM-4.5 and GPT-OSS models stored as the hub ships them (DeepSeek/GLM: fp8 e4m3 block-scaled, an
-MTP layer, two shards; GPT-OSS: MXFP4 experts with bf16 biases, its clamp biting on a fifth of the
-activations).
+GLM-4.5, GPT-OSS and Llama 4 models stored as the hub ships them (DeepSeek/GLM: fp8 e4m3
+block-scaled, an MTP layer, two shards; GPT-OSS: MXFP4 experts with bf16 biases, its clamp biting
+on a fifth of the activations; Llama 4: an image-text bf16 checkpoint, input-scaling top-1 router,
+a chunked RoPE layer and a NoPE layer).
 
 Independent references: the quantized model's KL to the unquantized one (the weights the FP8 files
 hold) against round-to-nearest 2-bit with a scale per 32 weights (`apply_rtn`: 2.5 bpw, the same
@@ -52,6 +53,16 @@ COMMON = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
+LLAMA4_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=96,
+    intermediate_size_mlp=192,
+    num_hidden_layers=2,
+    num_experts_per_tok=1,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 GPT_OSS_COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=128,
@@ -87,6 +98,20 @@ FAMILIES = {
             swiglu_limit=0.7,
         ),
     ),
+    "llama4_text": (
+        "Llama4ForCausalLM",
+        "Llama4TextConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_local_experts=8,
+            interleave_moe_layer_step=2,
+            no_rope_layers=[1, 0],  # a chunked RoPE layer, then a NoPE layer
+            attention_chunk_size=16,
+            floor_scale=16,
+        ),
+    ),
     "glm4_moe": (
         "Glm4MoeForCausalLM",
         "Glm4MoeConfig",
@@ -106,7 +131,7 @@ def family(request, tmp_path_factory):
     name = request.param
     model_cls, config_cls, extra = FAMILIES[name]
     torch.manual_seed(0)
-    common = COMMON if name != "gpt_oss" else {**GPT_OSS_COMMON}
+    common = {"gpt_oss": GPT_OSS_COMMON, "llama4_text": LLAMA4_COMMON}.get(name, COMMON)
     config = getattr(transformers, config_cls)(**common, **extra)
     config._attn_implementation = "eager"
     model = getattr(transformers, model_cls)(config).eval()
@@ -122,6 +147,8 @@ def family(request, tmp_path_factory):
     hub = root / "hub"
     if name == "gpt_oss":
         write_mxfp4_hub_checkpoint(model, hub)
+    elif name == "llama4_text":
+        write_image_text_hub_checkpoint(model, hub)
     else:
         write_fp8_hub_checkpoint(model, hub, root / "reference", block=(32, 64))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -163,8 +190,8 @@ def _dense(part) -> dict:
 
 def test_router_bias_is_written_exactly(family):
     name, hub, out = family
-    if name == "gpt_oss":
-        pytest.skip("GPT-OSS's router has a plain bias, no selection bias")
+    if name in ("gpt_oss", "llama4_text"):
+        pytest.skip(f"{name}'s router has no selection bias")
     want = HFCheckpoint(hub).get("model.layers.1.mlp.gate.e_score_correction_bias")
     assert want.dtype == np.float32
     got = np.asarray(
@@ -202,6 +229,26 @@ def write_mxfp4_hub_checkpoint(model, out_dir) -> None:
     cfg = json.loads((plain / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4"}
     (out_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def write_image_text_hub_checkpoint(model, out_dir) -> None:
+    """`model` (a Llama4ForCausalLM) as meta-llama/Llama-4-* ships: an image-text bf16
+    checkpoint, the language model under `language_model.`, a vision tower beside it."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.models.test_llama4 import hub_config
+
+    plain = out_dir.parent / "plain"
+    model.save_pretrained(plain)
+    tensors = {
+        f"language_model.{k}": v.to(torch.bfloat16)
+        for k, v in load_file(plain / "model.safetensors").items()
+    }
+    tensors["vision_model.patch_embedding.linear.weight"] = torch.zeros(8, 4, dtype=torch.bfloat16)
+    out_dir.mkdir()
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    text = json.loads((plain / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps(hub_config(text)))
 
 
 def test_gpt_oss_layer_on_the_xla_backend_equals_the_reference(family):

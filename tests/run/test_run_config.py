@@ -47,6 +47,7 @@ def config_file(name: str):
         "kimi_k2",
         "glm4_moe",
         "gpt_oss",
+        "llama4",
     ],
 )
 @pytest.mark.parametrize("overrides", [{}, OVERRIDES], ids=["as_shipped", "overridden"])
