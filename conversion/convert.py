@@ -162,9 +162,11 @@ IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 def mtp_prefixes(config: ModelConfig) -> tuple[str, ...]:
     """Key prefixes of the multi-token-prediction layers stored after the last decoder layer
     (`model.layers.61.*` in DeepSeek-V3): training-time heads that transformers skips on load and
-    the causal LM never runs, so conversion skips them too."""
+    the causal LM never runs, so conversion skips them too. Qwen3-Next stores its head under
+    `mtp.` (transformers ignores those keys on load)."""
     n = config.num_hidden_layers
-    return tuple(f"model.layers.{n + i}." for i in range(config.num_nextn_predict_layers))
+    extra = ("mtp.",) if config.model_type == "qwen3_next" else ()
+    return extra + tuple(f"model.layers.{n + i}." for i in range(config.num_nextn_predict_layers))
 
 
 def check_all_used(ckpt: HFCheckpoint, used: set[str], config: ModelConfig) -> None:

@@ -325,7 +325,7 @@ def write_param(
         return {f"{layer_prefix}mlp.gate.e_score_correction_bias": value}
     suffix, transpose = _hf_generic(path)
     if len(path) > 2 and path[:2] == ("mlp", "shared_expert"):
-        suffix = _shared_names(suffix.split("."))[0 if family == "qwen2_moe" else 1]
+        suffix = _shared_names(suffix.split("."))[0 if family in ("qwen2_moe", "qwen3_next") else 1]
     return {layer_prefix + suffix: np.ascontiguousarray(value.T) if transpose else value}
 
 

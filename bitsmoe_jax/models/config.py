@@ -24,6 +24,7 @@ SUPPORTED_MODEL_TYPES = (
     "glm4_moe",
     "gpt_oss",
     "llama4_text",
+    "qwen3_next",
 )
 # model_type spellings of checkpoints whose architecture is one of ours under another name:
 # Kimi-K2 ships `"model_type": "kimi_k2"` with `DeepseekV3ForCausalLM` (remote code, same weights).
@@ -107,6 +108,15 @@ class ModelConfig:
     attn_temperature_tuning: bool = False
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    # qwen3_next: Gated DeltaNet linear-attention layers (`layer_types` "linear_attention") beside
+    # full attention whose output is gated per channel; RMSNorm weights stored zero-centred
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    attn_output_gate: bool = False
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): 1 for Qwen3-Next
     # multi-token-prediction layers stored after the last decoder layer (DeepSeek-V3, GLM-4.5):
     # not part of the causal LM, skipped by conversion as transformers skips them.
     num_nextn_predict_layers: int = 0
@@ -134,7 +144,7 @@ class ModelConfig:
         """Whether decoder layer `layer` holds routed experts (family rules, as in transformers)."""
         if self.model_type == "mixtral":
             return True
-        if self.model_type in ("qwen2_moe", "qwen3_moe"):
+        if self.model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
             return (
                 layer not in self.mlp_only_layers
                 and self.num_experts > 0
@@ -158,6 +168,10 @@ class ModelConfig:
     def router_scales_input(self) -> bool:
         """Llama 4: experts see `score · x` and their outputs are summed unweighted."""
         return self.model_type == "llama4_text"
+
+    def is_linear_attention(self, layer: int) -> bool:
+        """Qwen3-Next's Gated DeltaNet layers (three of four)."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
 
     def uses_rope(self, layer: int) -> bool:
         """False for Llama 4's NoPE layers (no rotary embedding, temperature-tuned queries)."""
@@ -311,6 +325,8 @@ class ModelConfig:
             return cls._gpt_oss(hf, source, common, need, opt)
         if model_type == "llama4_text":
             return cls._llama4(hf, source, common, need, opt)
+        if model_type == "qwen3_next":
+            return cls._qwen3_next(hf, source, common, need, opt, rope_params)
         if model_type == "glm4_moe":
             # transformers' Glm4MoeConfig defaults the rotary fraction to 0.5 when absent
             partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor"))
@@ -440,6 +456,26 @@ class ModelConfig:
                 sliding_window=self.sliding_window,
                 layer_types=list(self.layer_types),
             )
+        elif self.model_type == "qwen3_next":
+            d.update(
+                architectures=["Qwen3NextForCausalLM"],
+                head_dim=self.head_dim,
+                intermediate_size=self.intermediate_size,
+                moe_intermediate_size=self.moe_intermediate_size,
+                num_experts=self.num_experts,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers),
+                shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                partial_rotary_factor=self.partial_rotary_factor,
+                layer_types=list(self.layer_types),
+                linear_conv_kernel_dim=self.linear_conv_kernel_dim,
+                linear_key_head_dim=self.linear_key_head_dim,
+                linear_value_head_dim=self.linear_value_head_dim,
+                linear_num_key_heads=self.linear_num_key_heads,
+                linear_num_value_heads=self.linear_num_value_heads,
+            )
+            d["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
         elif self.model_type == "llama4_text":
             d.update(
                 architectures=["Llama4ForCausalLM"],
@@ -624,6 +660,67 @@ class ModelConfig:
             attn_temperature_tuning=bool(opt("attn_temperature_tuning", True)),
             floor_scale=float(opt("floor_scale", 8192)),
             attn_scale=float(opt("attn_scale", 0.1)),
+        )
+
+    @classmethod
+    def _qwen3_next(
+        cls,
+        hf: dict[str, Any],
+        source: str,
+        common: dict[str, Any],
+        need: Any,
+        opt: Any,
+        rope_params: dict[str, Any],
+    ) -> ModelConfig:
+        """Qwen3-Next: Qwen's MoE (softmax top-k, a sigmoid-gated shared expert) under a hybrid
+        of Gated DeltaNet layers and gated full attention (every `full_attention_interval`-th),
+        partial rotary (a quarter of each head by default), zero-centred RMSNorm weights."""
+        n = int(common["num_hidden_layers"])
+        interval = int(opt("full_attention_interval", 4))
+        layer_types = tuple(
+            opt(
+                "layer_types",
+                ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n)],
+            )
+        )
+        if len(layer_types) != n or set(layer_types) - {"linear_attention", "full_attention"}:
+            raise ConfigError(
+                f"{source}: layer_types must give linear_attention or full_attention for each of "
+                f"the {n} layers, got {list(layer_types)}"
+            )
+        if hf.get("attention_bias"):
+            raise ConfigError(f"{source}: attention_bias=true is not supported for qwen3_next")
+        partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor"))
+        heads = {
+            name: int(need(name))
+            for name in (
+                "linear_key_head_dim",
+                "linear_value_head_dim",
+                "linear_num_key_heads",
+                "linear_num_value_heads",
+            )
+        }
+        if heads["linear_num_value_heads"] % heads["linear_num_key_heads"]:
+            raise ConfigError(
+                f"{source}: linear_num_value_heads {heads['linear_num_value_heads']} is not a "
+                f"multiple of linear_num_key_heads {heads['linear_num_key_heads']}"
+            )
+        return cls(
+            **common,
+            intermediate_size=int(need("intermediate_size")),
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            num_experts=int(need("num_experts", "num_local_experts")),
+            norm_topk_prob=bool(opt("norm_topk_prob", True)),
+            decoder_sparse_step=int(opt("decoder_sparse_step", 1)),
+            mlp_only_layers=tuple(int(i) for i in opt("mlp_only_layers", [])),
+            shared_expert_intermediate_size=int(opt("shared_expert_intermediate_size", 0)),
+            qk_norm=True,
+            partial_rotary_factor=float(0.25 if partial is None else partial),
+            layer_types=layer_types,
+            linear_conv_kernel_dim=int(opt("linear_conv_kernel_dim", 4)),
+            **heads,
+            attn_output_gate=True,
+            norm_offset=1.0,
         )
 
     def _noaux_hf(self) -> dict[str, Any]:

@@ -26,15 +26,22 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02)
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32, cast back, then scaled (HF's order, which matters in bf16)."""
+    """RMSNorm computed in float32, cast back, then scaled (HF's order, which matters in bf16).
 
-    def __init__(self, dim: int, eps: float, *, dtype: Any = jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    `offset` 1 (Qwen3-Next): the weight is stored zero-centred and the scale is (1 + weight),
+    applied in float32 before the cast back, as transformers does for that family.
+    """
+
+    def __init__(self, dim: int, eps: float, *, dtype: Any = jnp.float32, offset: float = 0.0):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * xf.astype(x.dtype)
 
 
@@ -266,7 +273,8 @@ class Attention(nnx.Module):
     """Grouped-query attention with RoPE; optional q/k/v biases (Qwen2-MoE, GLM-4.5, GPT-OSS), q/k
     RMSNorm (Qwen3-MoE, GLM-4.5's use_qk_norm), partial rotary (GLM-4.5), sinks and a window per
     layer (GPT-OSS's alternating sliding and full layers), Llama 4's NoPE layers with tuned
-    temperature, chunked attention and weightless q/k norm after RoPE."""
+    temperature, chunked attention and weightless q/k norm after RoPE, Qwen3-Next's sigmoid output
+    gate."""
 
     def __init__(
         self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, layer: int = 0
@@ -277,9 +285,9 @@ class Attention(nnx.Module):
         self.chunk = c.chunk_of(layer)
         self.use_rope = c.uses_rope(layer)
         hd = c.head_dim
-        self.q_proj = Linear(
-            c.hidden_size, c.num_attention_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
-        )
+        # Qwen3-Next: q_proj also yields a per-channel output gate (each head's q then gate)
+        q_out = c.num_attention_heads * hd * (2 if c.attn_output_gate else 1)
+        self.q_proj = Linear(c.hidden_size, q_out, bias=c.attention_bias, rngs=rngs, dtype=dtype)
         self.k_proj = Linear(
             c.hidden_size, c.num_key_value_heads * hd, bias=c.attention_bias, rngs=rngs, dtype=dtype
         )
@@ -293,8 +301,8 @@ class Attention(nnx.Module):
             c.num_attention_heads * hd, c.hidden_size, bias=o_bias, rngs=rngs, dtype=dtype
         )
         if c.qk_norm:
-            self.q_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype)
+            self.q_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype, offset=c.norm_offset)
+            self.k_norm = RMSNorm(hd, c.rms_norm_eps, dtype=dtype, offset=c.norm_offset)
         else:
             self.q_norm = self.k_norm = None
         self.sinks = (
@@ -315,7 +323,12 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, KVLayerCache | None]:
         c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_dim)
+        gate = None
+        if c.attn_output_gate:
+            qg = self.q_proj(x).reshape(b, t, c.num_attention_heads, 2 * c.head_dim)
+            q, gate = qg[..., : c.head_dim], qg[..., c.head_dim :].reshape(b, t, -1)
+        else:
+            q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_dim)
         k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         if self.q_norm is not None:
@@ -336,4 +349,7 @@ class Attention(nnx.Module):
         o, cache = attend(
             q, k, v, positions, cache, c.head_dim**-0.5, self.window, sinks, self.chunk
         )
-        return self.o_proj(o.reshape(b, t, -1)), cache
+        o = o.reshape(b, t, -1)
+        if gate is not None:
+            o = o * jax.nn.sigmoid(gate)
+        return self.o_proj(o), cache

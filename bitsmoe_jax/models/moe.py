@@ -310,7 +310,7 @@ class Experts(nnx.Module):
 class MoEBlock(nnx.Module):
     """Routed experts plus the family's shared experts.
 
-    Qwen2-MoE: one shared expert scaled by sigmoid(shared_expert_gate · x).
+    Qwen2-MoE, Qwen3-Next: one shared expert scaled by sigmoid(shared_expert_gate · x).
     DeepSeek-V2/V3, GLM-4.5: `n_shared_experts` fused into one MLP of width n·F, added unscaled.
     Llama 4: one shared expert of width F, added unscaled.
     The routed-expert part is `self.experts`, which the quantizer swaps for a quantized module with
@@ -335,7 +335,7 @@ class MoEBlock(nnx.Module):
             else None
         )
         shared, shared_gate = None, None
-        if c.model_type == "qwen2_moe" and c.shared_expert_intermediate_size > 0:
+        if c.model_type in ("qwen2_moe", "qwen3_next") and c.shared_expert_intermediate_size > 0:
             shared = DenseMLP(
                 c.hidden_size, c.shared_expert_intermediate_size, rngs=rngs, dtype=dtype
             )

@@ -1,7 +1,8 @@
 """The decoder-only MoE transformer used for every family.
 
 Family differences live in `ModelConfig` flags and in three places only: the attention module (GQA,
-or MLA for DeepSeek-V2/V3), which layers are MoE (`ModelConfig.is_moe_layer`), and the MoE block's
+MLA for DeepSeek-V2/V3, Gated DeltaNet on Qwen3-Next's linear layers), which layers are MoE
+(`ModelConfig.is_moe_layer`), and the MoE block's
 router / shared experts. Calling contract (relied on by evaluation, quantization and users):
 
     logits = model(input_ids) # int32 [B, T] -> float32 [B, T, V] cache = model.init_cache(B,
@@ -25,6 +26,10 @@ Cache = dict[str, Any]  # {"layers": [per-layer kv dict], "length": int32 scalar
 
 
 def make_attention(config: ModelConfig, rngs: nnx.Rngs, dtype: Any, layer: int) -> nnx.Module:
+    if config.is_linear_attention(layer):
+        from bitsmoe_jax.models.linear_attention import GatedDeltaNet
+
+        return GatedDeltaNet(config, rngs=rngs, dtype=dtype)
     if config.is_mla:
         from bitsmoe_jax.models.mla import MLAAttention
 
@@ -37,17 +42,27 @@ class DecoderLayer(nnx.Module):
         self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
     ):
         c = config
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.self_attn = make_attention(c, rngs, dtype, layer)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        norm = dict(dtype=dtype, offset=c.norm_offset)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **norm)
+        # the token mixer, named as transformers names it (Qwen3-Next: `linear_attn` on its
+        # Gated DeltaNet layers); `mixer` is whichever the layer has
+        mixer = make_attention(c, rngs, dtype, layer)
+        linear = c.is_linear_attention(layer)
+        self.self_attn = None if linear else mixer
+        self.linear_attn = mixer if linear else None
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **norm)
         self.is_moe = c.is_moe_layer(layer)
         if self.is_moe:
             self.mlp: nnx.Module = MoEBlock(c, rngs=rngs, dtype=dtype)
         else:
             self.mlp = DenseMLP(c.hidden_size, c.intermediate_size, rngs=rngs, dtype=dtype)
 
+    @property
+    def mixer(self) -> nnx.Module:
+        return self.self_attn if self.linear_attn is None else self.linear_attn
+
     def __call__(self, x, positions, cos_sin, cache):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, cos_sin, cache)
+        h, cache = self.mixer(self.input_layernorm(x), positions, cos_sin, cache)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
@@ -76,7 +91,7 @@ class MoETransformer(nnx.Module):
         self.layers = nnx.List(
             [DecoderLayer(c, i, rngs=rngs, dtype=dtype) for i in range(c.num_hidden_layers)]
         )
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, offset=c.norm_offset)
         self.lm_head = (
             None
             if c.tie_word_embeddings
@@ -87,7 +102,7 @@ class MoETransformer(nnx.Module):
         """An empty KV cache for `max_len` positions (prompt + generated tokens)."""
         dt = dtype or self.dtype
         return {
-            "layers": [layer.self_attn.init_cache(batch, max_len, dt) for layer in self.layers],
+            "layers": [layer.mixer.init_cache(batch, max_len, dt) for layer in self.layers],
             "length": jnp.zeros((), jnp.int32),
         }
 
@@ -145,6 +160,6 @@ def attention_part(
     decoder layer that layer-by-layer calibration runs before the experts."""
     b, t, _ = x.shape
     pos = layer_positions(b, t)
-    h, _ = layer.self_attn(layer.input_layernorm(x), pos, rope_cos_sin(config, pos, x.dtype), None)
+    h, _ = layer.mixer(layer.input_layernorm(x), pos, rope_cos_sin(config, pos, x.dtype), None)
     r = x + h
     return r, layer.post_attention_layernorm(r)

@@ -8,6 +8,7 @@ with transformers' parameter count, and to size benchmarks; no weights.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 FP8_128 = {
@@ -170,3 +171,14 @@ PUBLISHED_BILLIONS = {
     "zai-org/GLM-4.5": 355,
     "zai-org/GLM-4.5-Air": 106,
 }
+
+
+def llama4_image_text_config(text: dict) -> dict:
+    """The image-text config.json around a text config, as the hub's Llama 4 repos have it."""
+    return {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": copy.deepcopy(text),
+        "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 1408},
+        "image_token_index": 200092,
+    }

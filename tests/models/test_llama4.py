@@ -32,6 +32,7 @@ from bitsmoe_jax.models.config import ConfigError  # noqa: E402
 from bitsmoe_jax.models.layers import rope_inv_freq  # noqa: E402
 from bitsmoe_jax.models.transformer import count_params  # noqa: E402
 from conversion.hf_checkpoint import HFCheckpoint  # noqa: E402
+from tests.models.hub_configs import llama4_image_text_config as hub_config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -116,17 +117,6 @@ MAVERICK_TEXT = {
     "rope_scaling": None,
     "use_qk_norm": False,
 }
-
-
-def hub_config(text: dict) -> dict:
-    """The image-text config.json around a text config, as the hub's Llama 4 repos have it."""
-    return {
-        "architectures": ["Llama4ForConditionalGeneration"],
-        "model_type": "llama4",
-        "text_config": copy.deepcopy(text),
-        "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 1408},
-        "image_token_index": 200092,
-    }
 
 
 def _hf_model() -> torch.nn.Module:

@@ -63,6 +63,18 @@ LLAMA4_COMMON = dict(
     max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
+QWEN3_NEXT_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=192,
+    moe_intermediate_size=96,
+    shared_expert_intermediate_size=96,
+    num_hidden_layers=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 GPT_OSS_COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=128,
@@ -112,6 +124,20 @@ FAMILIES = {
             floor_scale=16,
         ),
     ),
+    "qwen3_next": (
+        "Qwen3NextForCausalLM",
+        "Qwen3NextConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            layer_types=["linear_attention", "full_attention"],
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+        ),
+    ),
     "glm4_moe": (
         "Glm4MoeForCausalLM",
         "Glm4MoeConfig",
@@ -131,7 +157,11 @@ def family(request, tmp_path_factory):
     name = request.param
     model_cls, config_cls, extra = FAMILIES[name]
     torch.manual_seed(0)
-    common = {"gpt_oss": GPT_OSS_COMMON, "llama4_text": LLAMA4_COMMON}.get(name, COMMON)
+    common = {
+        "gpt_oss": GPT_OSS_COMMON,
+        "llama4_text": LLAMA4_COMMON,
+        "qwen3_next": QWEN3_NEXT_COMMON,
+    }.get(name, COMMON)
     config = getattr(transformers, config_cls)(**common, **extra)
     config._attn_implementation = "eager"
     model = getattr(transformers, model_cls)(config).eval()
@@ -139,7 +169,12 @@ def family(request, tmp_path_factory):
     with torch.no_grad():
         for pname, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=gen) * 0.05
-            p.copy_(1.0 + noise if pname.endswith("norm.weight") else noise)
+            zero_centred = name == "qwen3_next" and not pname.endswith("linear_attn.norm.weight")
+            if pname.endswith("norm.weight") and not zero_centred:
+                noise = noise + 1.0
+            elif pname.endswith("A_log"):  # per-token decays of 0.9–0.99
+                noise = torch.log(torch.empty(p.shape).uniform_(0.02, 0.2, generator=gen))
+            p.copy_(noise)
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
@@ -149,6 +184,8 @@ def family(request, tmp_path_factory):
         write_mxfp4_hub_checkpoint(model, hub)
     elif name == "llama4_text":
         write_image_text_hub_checkpoint(model, hub)
+    elif name == "qwen3_next":
+        write_bf16_hub_checkpoint(model, hub)
     else:
         write_fp8_hub_checkpoint(model, hub, root / "reference", block=(32, 64))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -190,7 +227,7 @@ def _dense(part) -> dict:
 
 def test_router_bias_is_written_exactly(family):
     name, hub, out = family
-    if name in ("gpt_oss", "llama4_text"):
+    if name in ("gpt_oss", "llama4_text", "qwen3_next"):
         pytest.skip(f"{name}'s router has no selection bias")
     want = HFCheckpoint(hub).get("model.layers.1.mlp.gate.e_score_correction_bias")
     assert want.dtype == np.float32
@@ -231,12 +268,26 @@ def write_mxfp4_hub_checkpoint(model, out_dir) -> None:
     (out_dir / "config.json").write_text(json.dumps(cfg))
 
 
+def write_bf16_hub_checkpoint(model, out_dir) -> None:
+    """`model` (Qwen3NextForCausalLM) as Qwen/Qwen3-Next-* ships: bf16, per-expert tensors, a
+    multi-token-prediction head under `mtp.`."""
+    from safetensors.torch import load_file, save_file
+
+    plain = out_dir.parent / "plain"
+    model.save_pretrained(plain)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(plain / "model.safetensors").items()}
+    tensors["mtp.fc.weight"] = torch.zeros(8, 8, dtype=torch.bfloat16)
+    out_dir.mkdir()
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(plain / "config.json", out_dir / "config.json")
+
+
 def write_image_text_hub_checkpoint(model, out_dir) -> None:
     """`model` (a Llama4ForCausalLM) as meta-llama/Llama-4-* ships: an image-text bf16
     checkpoint, the language model under `language_model.`, a vision tower beside it."""
     from safetensors.torch import load_file, save_file
 
-    from tests.models.test_llama4 import hub_config
+    from tests.models.hub_configs import llama4_image_text_config as hub_config
 
     plain = out_dir.parent / "plain"
     model.save_pretrained(plain)

@@ -48,6 +48,7 @@ def config_file(name: str):
         "glm4_moe",
         "gpt_oss",
         "llama4",
+        "qwen3_next",
     ],
 )
 @pytest.mark.parametrize("overrides", [{}, OVERRIDES], ids=["as_shipped", "overridden"])
