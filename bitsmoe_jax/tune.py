@@ -28,8 +28,8 @@ from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.io.checkpoint import atomic_directory, load_tree, save_tree
 from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.serve.scale_tuning import TuneConfig, calibration_windows, tune_scales
 from bitsmoe_jax.serve.quantized_checkpoint import QUANT_META, load_quantized, read_meta
+from bitsmoe_jax.serve.scale_tuning import TuneConfig, calibration_windows, tune_scales
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,8 +19,8 @@ from bitsmoe_jax.inference import jit_logits
 from bitsmoe_jax.io.checkpoint import load_tree
 from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.serve.scale_tuning import calibration_windows
 from bitsmoe_jax.serve.quantized_checkpoint import load_quantized
+from bitsmoe_jax.serve.scale_tuning import calibration_windows
 
 SEQ = 128
 TUNE_ARGS = ["--windows", "48", "--steps", "30", "--batch-size", "4", "--eval-every", "10"]
