@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,13 +128,13 @@ class BitsMoELM(TemplateLM):
             for r, i in enumerate(idx):
                 inp = rows[i][0][:-1]
                 batch[r, : len(inp)] = inp
-            logp = np.asarray(
-                jnp.asarray(self._logits(jnp.asarray(batch)), jnp.float32), np.float64
-            )
+            # log-softmax on device in float32, as `evaluate` computes it; sums in float64
+            logits = jnp.asarray(self._logits(jnp.asarray(batch)), jnp.float32)
+            logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
             for r, i in enumerate(idx):
                 ids, n = rows[i]
                 pos = np.arange(len(ids) - 1 - n, len(ids) - 1)
-                lp = logp[r, pos] - _logsumexp(logp[r, pos])
+                lp = logp[r, pos]
                 target = np.asarray(ids[-n:])
                 out[i] = (
                     float(lp[np.arange(n), target].sum()),
@@ -220,11 +221,6 @@ class BitsMoELM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             results.append(text)
         return results
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
