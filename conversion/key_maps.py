@@ -74,6 +74,19 @@ def _is_gpt_oss(base: str, keys: Mapping[str, object]) -> bool:
     return f"{base}.gate_up_proj_bias" in keys
 
 
+def _transposed_gate_up_columns(
+    moe: str, base: str, keys: Mapping[str, object]
+) -> Callable[[int], dict[str, slice]] | None:
+    """For the layouts that fuse experts transposed — `gate_up_proj` [E, D, 2F], `down_proj`
+    [E, F, D] (ours) — the gate and up columns of a 2F-wide `gate_up_proj`: interleaved for GPT-OSS
+    (recognised by its bias), halves for Llama 4 (`feed_forward.`). None for other layouts."""
+    if _is_gpt_oss(base, keys):
+        return lambda f2: {w: GPT_OSS_BIAS[w][1] for w in ("gate", "up")}
+    if moe == LLAMA4_MOE and f"{base}.gate_up_proj" in keys:
+        return lambda f2: {"gate": slice(0, f2 // 2), "up": slice(f2 // 2, None)}
+    return None
+
+
 def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
     """Ascending expert ids as maximal [start, stop) runs of consecutive ids."""
     runs: list[tuple[int, int]] = []
@@ -112,27 +125,13 @@ def expert_matrices(
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
         fused = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"
-        if fused in keys and moe == LLAMA4_MOE:
+        cols = _transposed_gate_up_columns(moe, base, keys)
+        if fused in keys and cols is not None:
             out = {}
             for a, b in _runs(wanted):
                 t = get_rows(fused, a, b) if get_rows else get(fused)[a:b]
                 for j in range(t.shape[0]):
-                    f2 = t.shape[2]
-                    m = (
-                        t[j]
-                        if which == "down"
-                        else t[j][:, : f2 // 2]
-                        if which == "gate"
-                        else t[j][:, f2 // 2 :]
-                    )
-                    out[a + j] = np.ascontiguousarray(m)
-            return out
-        if fused in keys and _is_gpt_oss(base, keys):
-            out = {}
-            for a, b in _runs(wanted):
-                t = get_rows(fused, a, b) if get_rows else get(fused)[a:b]
-                for j in range(t.shape[0]):
-                    m = t[j] if which == "down" else t[j][:, GPT_OSS_BIAS[which][1]]
+                    m = t[j] if which == "down" else t[j][:, cols(t.shape[2])[which]]
                     out[a + j] = np.ascontiguousarray(m)
             return out
         if fused in keys:
@@ -254,11 +253,7 @@ def expert_tensor_shapes(
     rows, cols = (int(s) for s in matrix_shape)
     for moe in MOE_PREFIXES:
         base = f"{layer_prefix}{moe}.experts"
-        if moe == LLAMA4_MOE and f"{base}.gate_up_proj" in keys:
-            if which == "down":
-                return [(f"{base}.down_proj", (num_experts, rows, cols))]
-            return [(f"{base}.gate_up_proj", (num_experts, rows, 2 * cols))]
-        if _is_gpt_oss(base, keys):
+        if _transposed_gate_up_columns(moe, base, keys) is not None:
             if which == "down":
                 return [(f"{base}.down_proj", (num_experts, rows, cols))]
             return [(f"{base}.gate_up_proj", (num_experts, rows, 2 * cols))]
