@@ -645,15 +645,6 @@ def sorted_expert_outputs(
     return _sorted_rows(xs, xs, token, sizes, chunk, source.read, xs.shape[-1])
 
 
-def call_expert_fn(bias: dict | None, act: GluActivation) -> ExpertFn:
-    """The `ExpertFn` of a routed-expert call's `bias` / `act` arguments (numpy biases)."""
-    if bias is None and act == SWIGLU:
-        return PLAIN
-    return ExpertFn(
-        act, None if bias is None else {k: np.asarray(v, np.float32) for k, v in bias.items()}
-    )
-
-
 class StreamedExperts:
     """The original routed experts of a layer as the MoE block calls them (`Experts`), read from
     their source a chunk at a time: model-scope and non-sequential runs feed the next layer these
@@ -665,7 +656,7 @@ class StreamedExperts:
     def __call__(
         self, x: jax.Array, plan, bias: dict | None = None, act: GluActivation = SWIGLU
     ) -> jax.Array:
-        fn = call_expert_fn(bias, act)
+        fn = ExpertFn.of(act, bias)
         y = _combined_rows(x, x, plan, self.chunk, self.source.read, x.shape[-1], x.dtype, fn)
         return y if bias is None else y + down_bias_term(plan, bias["down"], x.shape[0])
 
@@ -719,7 +710,7 @@ class StreamedQuantizedExperts:
         self, x: jax.Array, plan, bias: dict | None = None, act: GluActivation = SWIGLU
     ) -> jax.Array:
         qe, dt = self.experts, x.dtype
-        fn = call_expert_fn(bias, act)
+        fn = ExpertFn.of(act, bias)
         vg, vu, ud = (qe.basis_matrix(p) for p in PROJECTIONS)
         zg = x if vg is None else x @ vg.astype(dt)  # per token: gathered a chunk at a time
         zu = x if vu is None else x @ vu.astype(dt)

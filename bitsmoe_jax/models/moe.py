@@ -209,6 +209,16 @@ class ExpertFn:
     def plain(self) -> bool:
         return self.act == SWIGLU and self.bias is None
 
+    @classmethod
+    def of(cls, act: GluActivation, bias: dict[str, Any] | None) -> ExpertFn:
+        """From an activation and (GPT-OSS) bias arrays of any array type: `PLAIN` when there is
+        nothing besides SwiGLU, else the biases as float32 numpy."""
+        if bias is None and act == SWIGLU:
+            return PLAIN
+        return cls(
+            act, None if bias is None else {k: np.asarray(v, np.float32) for k, v in bias.items()}
+        )
+
     def rows(self, which: str, experts: np.ndarray) -> np.ndarray | None:
         """The bias `which` of each row's expert (None without biases)."""
         return None if self.bias is None else self.bias[which][experts]
@@ -219,11 +229,7 @@ PLAIN = ExpertFn()
 
 def block_expert_fn(block: MoEBlock) -> ExpertFn:
     """The `ExpertFn` of an MoE block (its config's activation, its bias parameters)."""
-    bias = block.expert_bias
-    return ExpertFn(
-        expert_activation(block.config),
-        None if bias is None else {k: np.asarray(v, np.float32) for k, v in bias.arrays().items()},
-    )
+    return ExpertFn.of(block.act, None if block.expert_bias is None else block.expert_bias.arrays())
 
 
 def down_bias_term(plan: RoutingPlan, down_bias: jax.Array, num_tokens: int) -> jax.Array:

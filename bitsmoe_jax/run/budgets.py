@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from bitsmoe_jax.loading import model_config
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.expert_source import plan_chunk
 from bitsmoe_jax.method.layer_problem import (
@@ -18,7 +17,7 @@ from bitsmoe_jax.method.layer_problem import (
 )
 from bitsmoe_jax.method.packing import dequantize_packed
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.models.moe import PLAIN, SWIGLU, ExpertFn, expert_activation
+from bitsmoe_jax.models.moe import ExpertFn, expert_activation
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.run.workdir import WorkDir, allocation_records
@@ -92,7 +91,8 @@ def pack_later_budgets(
             if j % count != me or work.has_budget_layer(b, i):
                 continue
             seconds = {"allocation": 0.0, "pack": 0.0}
-            packed = pack_at_budget(run, work, i, b, model_solution, seconds)
+            fn = dense_expert_fn(config, work.load_dense(i))
+            packed = pack_at_budget(run, work, i, b, model_solution, seconds, fn)
             work.commit_budget_layer(b, i, packed, seconds)
             packed = None
             release_layer_executables()
@@ -126,9 +126,10 @@ def layer_result(
     from_packed: bool,
     model_solution,
     timings: dict,
+    fn: ExpertFn,
 ):
     """(experts, bits, allocation records, problem summary) of MoE layer `i` at `budget`, from the
-    work dir."""
+    work dir (`fn`: the layer's `dense_expert_fn`, if it has to be packed here)."""
     if from_packed:
         return work.load_packed(i)
     if work.has_budget_layer(budget, i):  # packed by the process that owns the layer
@@ -136,30 +137,29 @@ def layer_result(
         timings["allocation"] += seconds["allocation"]
         timings["pack"] += seconds["pack"]
         return qe, bits, (model_solution[i][1] if model_solution else allocs), summary
-    return pack_at_budget(run, work, i, budget, model_solution, timings)
+    return pack_at_budget(run, work, i, budget, model_solution, timings, fn)
 
 
 def dense_expert_fn(config: ModelConfig, dense: dict) -> ExpertFn:
     """The `ExpertFn` of MoE layer params as stored (GPT-OSS's expert biases at the dense dtype,
     as the quantized checkpoint holds and runs them)."""
-    bias = dense.get("mlp", {}).get("expert_bias")
-    act = expert_activation(config)
-    if bias is None and act == SWIGLU:
-        return PLAIN
-    return ExpertFn(
-        act, None if bias is None else {k: np.asarray(v, np.float32) for k, v in bias.items()}
-    )
+    return ExpertFn.of(expert_activation(config), dense.get("mlp", {}).get("expert_bias"))
 
 
 def pack_at_budget(
-    run: RunConfig, work: WorkDir, i: int, budget: float, model_solution, timings: dict
+    run: RunConfig,
+    work: WorkDir,
+    i: int,
+    budget: float,
+    model_solution,
+    timings: dict,
+    fn: ExpertFn,
 ):
     """Allocate (unless `model_solution` has the layer's bits) and pack MoE layer `i` from its
     stored
     problem; (experts, bits, allocation records, problem summary), stage seconds added to
-    `timings`."""
+    `timings`; `fn`: the layer's `dense_expert_fn`."""
     problem = work.load_problem(i)
-    fn = dense_expert_fn(model_config(run.model_path), work.load_dense(i))
     t = time.time()
     bits, allocs = (
         model_solution

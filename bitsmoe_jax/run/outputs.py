@@ -24,7 +24,12 @@ from bitsmoe_jax.models.assemble import FLOAT32_PARAMS
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run import faults, fingerprint
-from bitsmoe_jax.run.budgets import layer_result, model_allocation, release_layer_executables
+from bitsmoe_jax.run.budgets import (
+    dense_expert_fn,
+    layer_result,
+    model_allocation,
+    release_layer_executables,
+)
 from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.run.evaluation import bitsmoe_report, finish_report
 from bitsmoe_jax.run.report import TIMINGS_FILE, write_report
@@ -289,8 +294,9 @@ def _write_output(
             if i not in moe:
                 checkpoint_io.save_layer(tmp, i, dense, None, None)
                 continue
+            fn = dense_expert_fn(config, dense)
             qe, bits, allocs, problem = layer_result(
-                run, work, i, budget, from_packed, model_solution, timings
+                run, work, i, budget, from_packed, model_solution, timings, fn
             )
             layers_meta[i] = checkpoint_io.save_layer(tmp, i, dense, qe, bits)
             release_layer_executables()
