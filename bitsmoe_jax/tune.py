@@ -28,7 +28,12 @@ from bitsmoe_jax.evaluate import evaluate_model
 from bitsmoe_jax.io.checkpoint import atomic_directory, load_tree, save_tree
 from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
-from bitsmoe_jax.serve.quantized_checkpoint import QUANT_META, load_quantized, read_meta
+from bitsmoe_jax.serve.quantized_checkpoint import (
+    QUANT_META,
+    json_default,
+    load_quantized,
+    read_meta,
+)
 from bitsmoe_jax.serve.scale_tuning import TuneConfig, calibration_windows, tune_scales
 
 
@@ -147,20 +152,12 @@ def write_tuned(src: Path, out: Path, model, config, tuning: dict, overwrite: bo
             save_tree(item, tree)
         meta = json.loads((tmp / QUANT_META).read_text())
         meta["tuning"] = {k: v for k, v in tuning.items() if k != "evaluation"}
-        (tmp / QUANT_META).write_text(json.dumps(meta, indent=1, default=_plain))
+        (tmp / QUANT_META).write_text(json.dumps(meta, indent=1, default=json_default))
         report_path = tmp / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text())
             report["tuning"] = tuning
-            report_path.write_text(json.dumps(report, indent=1, default=_plain))
-
-
-def _plain(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+            report_path.write_text(json.dumps(report, indent=1, default=json_default))
 
 
 if __name__ == "__main__":

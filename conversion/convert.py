@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bitsmoe_jax.io.checkpoint import FORMAT_CONVERTED, META_FILE, atomic_directory, save_tree
-from bitsmoe_jax.models.assemble import FLOAT32_PARAMS
+from bitsmoe_jax.models.assemble import leaf_dtype
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.transformer import build_model
 from conversion.hf_checkpoint import CheckpointError, HFCheckpoint
@@ -149,8 +149,7 @@ def _read_part(
                 f"expected from config.json for {'.'.join(map(str, path))}"
                 + ("" if layer is None else f" of layer {layer}")
             )
-        keep = np.float32 if path[-1] in FLOAT32_PARAMS else dtype
-        _set(out, path, np.ascontiguousarray(value.astype(keep)))
+        _set(out, path, np.ascontiguousarray(value.astype(leaf_dtype(path, dtype))))
         used.update(getter.used)
     return out
 

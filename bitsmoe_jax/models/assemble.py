@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bitsmoe_jax.io.checkpoint import intify_layer_keys
@@ -21,14 +22,18 @@ from bitsmoe_jax.models.transformer import DecoderLayer, MoETransformer, build_m
 FLOAT32_PARAMS = ("e_score_correction_bias",)
 
 
+def leaf_dtype(path: tuple, dtype: Any) -> Any:
+    """The dtype a param is held or stored in: `dtype`, but float32 for `FLOAT32_PARAMS`.
+    `path`: a jax key path or a tuple of names."""
+    name = getattr(path[-1], "key", path[-1]) if path else None
+    return np.float32 if name in FLOAT32_PARAMS else dtype
+
+
 def cast_params(tree: Any, dtype: Any) -> Any:
-    """Every array of a param tree as a jax array of `dtype`, but `FLOAT32_PARAMS` in float32."""
-
-    def cast(path: tuple, a: Any) -> jax.Array:
-        name = getattr(path[-1], "key", None) if path else None
-        return jnp.asarray(a, dtype=jnp.float32 if name in FLOAT32_PARAMS else dtype)
-
-    return jax.tree_util.tree_map_with_path(cast, tree)
+    """Every array of a param tree as a jax array of `leaf_dtype`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.asarray(a, dtype=leaf_dtype(path, dtype)), tree
+    )
 
 
 def model_from_parts(

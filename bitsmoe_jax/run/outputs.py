@@ -20,7 +20,7 @@ from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.layer_problem import (
     bits_histogram,
 )
-from bitsmoe_jax.models.assemble import FLOAT32_PARAMS
+from bitsmoe_jax.models.assemble import leaf_dtype
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run import faults, fingerprint
@@ -62,12 +62,9 @@ def strip_experts(layer_params: dict) -> dict:
 def to_dtype(tree: Any, dtype: str) -> Any:
     """A dense param tree as stored in outputs: `dtype`, but `FLOAT32_PARAMS` kept float32."""
     dt = np_dtype(dtype)
-
-    def cast(path: tuple, a: Any) -> np.ndarray:
-        name = getattr(path[-1], "key", None) if path else None
-        return np.asarray(a).astype(np.float32 if name in FLOAT32_PARAMS else dt)
-
-    return jax.tree_util.tree_map_with_path(cast, tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: np.asarray(a).astype(leaf_dtype(path, dt)), tree
+    )
 
 
 # What an output directory of this tool holds (`write_output`), and what a multi-budget run's

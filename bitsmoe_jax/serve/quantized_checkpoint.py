@@ -86,10 +86,11 @@ def write_meta(
         "summary": summary,
         "package_versions": package_versions(),
     }
-    (root / QUANT_META).write_text(json.dumps(meta, indent=1, default=_json_default))
+    (root / QUANT_META).write_text(json.dumps(meta, indent=1, default=json_default))
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """`json.dumps`'s `default` for the numpy scalars and arrays our metadata holds."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
