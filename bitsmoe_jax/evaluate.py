@@ -288,7 +288,7 @@ def evaluate_paths(
                 )
 
     try:
-        raw_text = data.read_text(text_path)
+        raw_text = data.read_text(text)
     except ValueError as err:  # not UTF-8: the message names the file and the byte
         raise EvaluationInputError(f"text: {err}") from None
     tokens = data.tokenize_text(tokenizer, raw_text)

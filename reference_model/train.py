@@ -32,6 +32,9 @@ from bitsmoe_jax.models.layers import rope_cos_sin
 from bitsmoe_jax.models.transformer import MoETransformer, build_model
 from reference_model.tokenizer import save_hf_tokenizer, train_bpe_tokenizer
 
+#: Texts a reference model can be trained on (each has shipped _train and _valid splits).
+CORPORA = ("shakespeare", "milton")
+
 
 def reference_config(vocab_size: int = 2048) -> ModelConfig:
     """The shipped model: 3 layers, hidden 256, 16 experts of width 256, top-2 (≈11.1M params, 22 MB
@@ -122,9 +125,10 @@ def valid_loss(model: MoETransformer, tokens: np.ndarray, seq_len: int, batch: i
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    tok = train_bpe_tokenizer(read_text("shakespeare_train"), args.vocab_size)
-    train_ids = tokenize_text(tok, read_text("shakespeare_train"))
-    valid_ids = tokenize_text(tok, read_text("shakespeare_valid"))
+    corpus = getattr(args, "corpus", "shakespeare")
+    tok = train_bpe_tokenizer(read_text(f"{corpus}_train"), args.vocab_size)
+    train_ids = tokenize_text(tok, read_text(f"{corpus}_train"))
+    valid_ids = tokenize_text(tok, read_text(f"{corpus}_valid"))
     if args.valid_tokens:
         valid_ids = valid_ids[: args.valid_tokens]
     config = reference_config(args.vocab_size)
@@ -165,6 +169,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ]
     record = {
         "command": "python -m reference_model.train " + " ".join(args.argv),
+        "corpus": corpus,
         "seed": args.seed,
         "steps": args.steps,
         "best_step": best[1],
@@ -197,7 +202,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m reference_model.train", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--out", default=str(REFERENCE_DIR))
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: the shipped model's, Shakespeare only)",
+    )
+    p.add_argument(
+        "--corpus",
+        choices=CORPORA,
+        default="shakespeare",
+        help="the text trained on: its _train split, with the _valid split choosing the step "
+        "(milton: Paradise Lost cut 90/5/5 by lines, for a second model on different text)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--steps", type=int, default=900)
@@ -216,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    if args.out is None:
+        if args.corpus != "shakespeare":
+            p.error(
+                f"--corpus {args.corpus} needs --out (the default is the shipped Shakespeare model)"
+            )
+        args.out = str(REFERENCE_DIR)
     args.argv = argv
     rec = train(args)
     print(json.dumps({k: v for k, v in rec.items() if k != "history"}, indent=1))

@@ -103,10 +103,28 @@ def test_resolve_text_names_and_paths(tmp_path) -> None:
     assert read_text(str(zipped)) == "Zipped text\n"
 
 
+def test_milton_splits_cut_the_text_by_lines_in_order() -> None:
+    full = read_text("milton")
+    lines = full.splitlines(keepends=True)
+    parts = [read_text(f"milton_{s}") for s in ("train", "valid", "test")]
+    assert "".join(parts) == full  # disjoint, in order, nothing lost
+    sizes = [len(p.splitlines()) for p in parts]
+    assert sizes == [
+        int(0.9 * len(lines)),
+        int(0.95 * len(lines)) - int(0.9 * len(lines)),
+        len(lines) - int(0.95 * len(lines)),
+    ]
+    assert "Of Mans First Disobedience" in parts[0]
+    # the poem's last line is in the test split only
+    assert "Through EDEN took thir solitarie way" in parts[2]
+    assert "Through EDEN took thir solitarie way" not in parts[0] + parts[1]
+    assert resolve_text("milton_test") == SHIPPED_TEXTS["milton"]  # the file it is cut from
+
+
 def test_resolve_text_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError) as excinfo:
         resolve_text("shakespear_test")
-    for name in SHIPPED_TEXTS:
+    for name in (*SHIPPED_TEXTS, "milton_train", "milton_test"):
         assert repr(name) in str(excinfo.value)
     wrong = tmp_path / "data.bin"
     wrong.write_bytes(b"x")

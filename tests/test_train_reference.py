@@ -43,3 +43,30 @@ def test_same_seed_same_weights_other_seed_different(tmp_path):
     assert np.isfinite(np.asarray(model(np.zeros((1, 8), np.int32)))).all()
     for f in ("tokenizer.json", "tokenizer_config.json", "training.json", "config.json"):
         assert (tmp_path / "a" / f).is_file()
+
+
+def test_corpus_milton_trains_on_its_own_split(tmp_path):
+    """`--corpus milton`: the tokenizer and the model are trained on Paradise Lost's train split,
+    so Milton's held-out text takes fewer tokens with its tokenizer than with Shakespeare's."""
+    import json
+
+    from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
+
+    main(ARGS + ["--out", str(tmp_path / "m"), "--corpus", "milton"])
+    record = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert record["corpus"] == "milton"
+    assert record["train_tokens"] == len(
+        tokenize_text(load_tokenizer(tmp_path / "m"), read_text("milton_train"))
+    )
+    test = read_text("milton_test")
+    ours = len(tokenize_text(load_tokenizer(tmp_path / "m"), test))
+    shakespeare = len(tokenize_text(load_tokenizer(REFERENCE_DIR), test))
+    assert ours < 0.95 * shakespeare
+
+
+def test_corpus_other_than_shakespeare_needs_out():
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(ARGS + ["--corpus", "milton"])
+    assert e.value.code == 2

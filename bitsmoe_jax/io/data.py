@@ -69,6 +69,19 @@ SHIPPED_SHA256: Mapping[str, str] = MappingProxyType(
 )
 
 
+#: Train/valid/test splits of a shipped text, by name: (text, first, last fraction of its lines).
+#: Milton's are for a second reference model trained the same way on different text
+#: (`python -m reference_model.train --corpus milton`): Paradise Lost cut 90/5/5 by lines, in order,
+#: so the test split (the end of Book XII) is text the model never saw.
+TEXT_SPLITS: Mapping[str, tuple[str, float, float]] = MappingProxyType(
+    {
+        "milton_train": ("milton", 0.0, 0.9),
+        "milton_valid": ("milton", 0.9, 0.95),
+        "milton_test": ("milton", 0.95, 1.0),
+    }
+)
+
+
 def resolve_text(name_or_path: str | os.PathLike[str]) -> Path:
     """Return the file behind a shipped corpus name or a filesystem path.
 
@@ -82,6 +95,8 @@ def resolve_text(name_or_path: str | os.PathLike[str]) -> Path:
         FileNotFoundError: neither a known name nor an existing file; the message lists the names.
         ValueError: an existing file whose name does not end in ``.txt`` or ``.txt.gz``.
     """
+    if isinstance(name_or_path, str) and name_or_path in TEXT_SPLITS:
+        name_or_path = TEXT_SPLITS[name_or_path][0]  # a split: the file it is cut from
     if isinstance(name_or_path, str) and name_or_path in SHIPPED_TEXTS:
         path = SHIPPED_TEXTS[name_or_path]
         if not path.is_file():
@@ -92,7 +107,7 @@ def resolve_text(name_or_path: str | os.PathLike[str]) -> Path:
         return path
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        valid = ", ".join(repr(k) for k in SHIPPED_TEXTS)
+        valid = ", ".join(repr(k) for k in (*SHIPPED_TEXTS, *TEXT_SPLITS))
         raise FileNotFoundError(
             f"{str(name_or_path)!r} is neither a shipped text name ({valid}) "
             "nor an existing .txt / .txt.gz file"
@@ -106,8 +121,13 @@ def read_text(name_or_path: str | os.PathLike[str]) -> str:
     """Read a shipped corpus or a ``.txt``/``.txt.gz`` file as UTF-8, gunzipping transparently.
 
     Decoding is strict: a wrongly encoded file should fail loudly, not be tokenized with
-    replacement characters that no tokenizer saw in training.
+    replacement characters that no tokenizer saw in training. A split name (`TEXT_SPLITS`) reads
+    its lines of the shipped text.
     """
+    if isinstance(name_or_path, str) and name_or_path in TEXT_SPLITS:
+        source, lo, hi = TEXT_SPLITS[name_or_path]
+        lines = read_text(source).splitlines(keepends=True)
+        return "".join(lines[int(lo * len(lines)) : int(hi * len(lines))])
     path = resolve_text(name_or_path)
     if path.name.endswith(".gz"):
         with gzip.open(path, "rb") as fh:
