@@ -77,6 +77,7 @@ def quantize_args(model: Path, out: Path, extra: list[str]) -> list[str]:
 REAL_DIMS = {
     "mixtral-8x7b": dict(hidden=4096, inter=14336, experts=8, top_k=2, heads=32, kv_heads=8),
     "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, top_k=8, heads=32, kv_heads=4),
+    "qwen3-235b-a22b": dict(hidden=4096, inter=1536, experts=128, top_k=8, heads=64, kv_heads=4),
     "deepseek-v3-e16": dict(hidden=7168, inter=2048, experts=16, top_k=8, heads=56, kv_heads=8),
     "deepseek-v3-e64": dict(hidden=7168, inter=2048, experts=64, top_k=8, heads=56, kv_heads=8),
 }
@@ -84,6 +85,7 @@ REAL_DIMS = {
 WHOLE_MODEL = {
     "mixtral-8x7b": (32, 8),
     "qwen3-30b-a3b": (48, 128),
+    "qwen3-235b-a22b": (94, 128),
     "deepseek-v3-e16": (58, 256),
     "deepseek-v3-e64": (58, 256),
 }

@@ -35,6 +35,7 @@ from bitsmoe_jax.run.evaluation import bitsmoe_report, finish_report
 from bitsmoe_jax.run.report import TIMINGS_FILE, write_report
 from bitsmoe_jax.run.workdir import WorkDir
 from bitsmoe_jax.serve import quantized_checkpoint as checkpoint_io
+from bitsmoe_jax.serve.read_bytes import layer_read_bytes, per_token_bytes
 from conversion.convert import TOKENIZER_FILES, np_dtype
 
 # stages whose seconds the reports record (timings.json), in the order they run
@@ -278,6 +279,7 @@ def _write_output(
         layers_meta: dict[int, Any] = {}
         layer_summary: dict[str, Any] = {}
         allocation_time: dict[str, list[float]] = {}
+        decode_total: dict[str, dict[str, float]] = {}
         moe = set(config.moe_layers)
         top = work.load_top()
         dense_params += num_params(top)
@@ -299,6 +301,16 @@ def _write_output(
             release_layer_executables()
             faults.point("output_write")
             sb = qe.stored_bits()
+            decode = per_token_bytes(
+                *layer_read_bytes(*qe.to_tree()),
+                problem["num_weights"] // qe.num_experts,
+                config.num_experts_per_tok,
+            )
+            for b, row in decode.items():  # the MoE layers' sum: what a decoded token reads
+                for name, v in row.items():
+                    if name != "distinct_experts":
+                        decode_total.setdefault(b, {}).setdefault(name, 0.0)
+                        decode_total[b][name] += v
             expert_bits += sb
             expert_weights += problem["num_weights"]
             allocation_time[str(i)] = [a["time_s"] for a in allocs]
@@ -307,6 +319,7 @@ def _write_output(
                 "stored_bits": sb,
                 "bpw": sb / problem["num_weights"],
                 "bits_histogram": bits_histogram(bits, run.params.candidate_bits),
+                "decode_bytes_per_token": decode,
                 "kept_components": {
                     q: sum(m.seg_sizes) // qe.num_experts
                     for q, m in zip(PROJECTIONS, qe.meta, strict=False)
@@ -322,6 +335,9 @@ def _write_output(
             "effective_bpw_model": (expert_bits + dense) / (dense_params + expert_weights),
             "expert_stored_bits": expert_bits,
             "expert_weights": expert_weights,
+            # bytes the MoE layers read per decoded token (ours from the written arrays; the
+            # expert-wise layouts at these dims), by batch size: serve/read_bytes.py
+            "decode_bytes_per_token": decode_total,
         }
         checkpoint_io.write_meta(tmp, config, run.to_dict(), layers_meta, summary)
         timings["write"] = time.time() - t_write

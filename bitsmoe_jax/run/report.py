@@ -32,6 +32,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| effective bpw (experts, bases included) | {_fmt(r['effective_bpw_experts'])} |",
         f"| effective bpw (whole model) | {_fmt(r['effective_bpw_model'])} |",
     ]
+    for batch, row in r.get("decode_bytes_per_token", {}).items():
+        lines.append(
+            f"| MoE bytes read per decoded token, batch {batch} | "
+            f"{row['bitsmoe'] / 2**20:.3f} MiB (GPTQ w2g128 layout: "
+            f"{row['GPTQ w2g128'] / 2**20:.3f} MiB, bf16: {row['bf16'] / 2**20:.3f} MiB) |"
+        )
     for k, label in (
         ("perplexity_fp", "perplexity, unquantized"),
         ("perplexity_q", "perplexity, quantized"),
