@@ -136,6 +136,11 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("expert_mass_floor 1", {"expert_mass_floor": 1.0}),
     ("sampled coefficients (kappa_b)", {"coefficient_mode": "sampled"}),
     ("whole-model budget", {"budget_scope": "model"}),
+    ("per-expert scale tuning, 50 steps", {"scale_tuning_steps": 50}),
+    (
+        "whole-model budget + per-expert scale tuning, 50 steps",
+        {"budget_scope": "model", "scale_tuning_steps": 50},
+    ),
     ("super experts (auto, 8 bits)", {"super_experts": "auto"}),
     ("bf16 bases", {"basis_bits": 16}),
     ("calibrated on Milton, floor 0.25", {"calib_text": "milton"}),

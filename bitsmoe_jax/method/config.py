@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from bitsmoe_jax.method.expert_scale_tuning import ScaleTuning
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
@@ -49,12 +51,22 @@ class MethodConfig:
     expert_mass_floor: float = 0.25
     #: seed of the sampled coefficients
     seed: int = 0
+    #: Adam steps fitting each expert's factor scales to its output after rounding (0: off)
+    scale_tuning_steps: int = 0
+    #: their learning rate, on log-scales
+    scale_tuning_lr: float = 0.01
 
     def basis_rank(self, hidden: int) -> int:
         """Columns of each stored [D, r] shared basis (0 when there is no basis)."""
         if self.basis == "none":
             return 0
         return hidden if self.rank is None else min(int(self.rank), hidden)
+
+    def scale_tuning(self) -> ScaleTuning | None:
+        """The per-expert scale fit after rounding, or None when it is off."""
+        if not self.scale_tuning_steps:
+            return None
+        return ScaleTuning(int(self.scale_tuning_steps), float(self.scale_tuning_lr))
 
     def allocator_options(self) -> dict[str, object]:
         """Keyword arguments of `method.allocate.allocate` (and `layer_problem.allocate_layers`)."""

@@ -42,6 +42,12 @@ from bitsmoe_jax.method.coefficients import (
 )
 from bitsmoe_jax.method.config import MethodConfig
 from bitsmoe_jax.method.error_feedback import CalibrationInputs, feedback_layer
+from bitsmoe_jax.method.expert_scale_tuning import (
+    ScaleTuning,
+    TuningStats,
+    tune_round,
+    tuning_inputs,
+)
 from bitsmoe_jax.method.expert_source import ExpertSource
 from bitsmoe_jax.method.layer_problem import (
     LayerProblem,
@@ -408,10 +414,15 @@ def round_and_pack(
     layout: ExpertLayout | None = None,
     chunk: int | None = None,
     fn: ExpertFn = PLAIN,
+    tuning: ScaleTuning | None = None,
+    stats: TuningStats | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, PackedMatrix]]:
     """(stored bases, packed factors) of a layer's units rounded and packed at the allocated bits,
     all-zero components dropped, `chunk` experts per device at a time
     (`serve.quantized_experts.pack_layer` makes the served block).
+
+    `tuning`: each expert's factor group scales are then fitted to its output error with the
+    codes fixed (`expert_scale_tuning`; needs the calibration inputs; `stats` sums what it did).
 
     Several processes: each rounds (error feedback, scale search, codes) the experts of its own
     devices, from its own units, and an all-gather of each round's codes and scales (not of any
@@ -428,7 +439,12 @@ def round_and_pack(
         if problem.calib is not None
         else None
     )
+    tune = tuning is not None and deq is not None
+    if tune:
+        z, down_gram = tuning_inputs(problem.calib.x, deq)
+        stats = stats if stats is not None else TuningStats()
     parts: dict[str, dict[int, PackedRows]] = {p: {} for p in PROJECTIONS}
+    tuning_records: dict[int, np.ndarray] = {}
     for rnd in layout.rounds_with_experts(chunk or layout.per_device):
         local = layout.round_local(rnd)
         loaded = {p: problem.store.load(p, local) for p in PROJECTIONS}
@@ -445,8 +461,11 @@ def round_and_pack(
                 ids=local,
                 fn=fn,
             )
+        # the unquantized units are the tuning's reference; otherwise they go now
+        reference = {p: loaded[p][0] for p in PROJECTIONS} if tune else None
         # the rounded values replace the units; each projection's arrays go once it is packed
         loaded = {p: (None, loaded[p][1]) for p in PROJECTIONS}
+        rows: dict[str, dict[str, np.ndarray]] = {}
         for p in PROJECTIONS:
             full, scales = rounded.pop(p)
             k = keep[p]
@@ -461,33 +480,49 @@ def round_and_pack(
                 loaded.pop(p)[1][:, k].reshape(-1, f),
                 None if scales is None else scales[:, k].reshape(-1, scales.shape[-1]),
             )
-            rows = {
+            rows[p] = {
                 "codes": codes.reshape(len(local), k.size, f),
                 "scales": qscales.reshape(len(local), k.size, -1),
             }
             if has16[p] or not multi:  # 16-bit units are stored as their values
-                rows["units"] = units
-            mine = {key: dict(zip(local, v, strict=True)) for key, v in rows.items()}
+                rows[p]["units"] = units
+            del units, codes, qscales
+        if tune:  # the round's scales fitted in place; its records gathered with the codes
+            rows["gate"]["tuning"] = tune_round(
+                tuning, z, down_gram, problem.calib, local, reference, keep, bits, rows,
+                problem.group_size, fn, stats,
+            )  # fmt: skip
+            del reference
+        for p in PROJECTIONS:
+            mine = {key: dict(zip(local, v, strict=True)) for key, v in rows[p].items()}
             if multi:
                 mine = {
                     key: sharded.round_gather(
                         layout,
                         rnd,
                         sharded.round_array(
-                            layout, rnd, m.__getitem__, rows[key].shape[1:], rows[key].dtype
+                            layout,
+                            rnd,
+                            m.__getitem__,
+                            rows[p][key].shape[1:],
+                            rows[p][key].dtype,
                         ),
                     )
                     for key, m in mine.items()
                 }
+            if "tuning" in mine:
+                tuning_records.update(mine.pop("tuning"))
             for e in mine["codes"]:
                 parts[p][e] = pack_rows(
                     mine["units"][e] if "units" in mine else None,
-                    bits[p][e][k],
+                    bits[p][e][keep[p]],
                     mine["codes"][e],
                     mine["scales"][e],
                     problem.group_size,
                 )
-            del units, codes, qscales, rows, mine
+            del rows[p], mine
+    for e in sorted(tuning_records):
+        stats.add(tuning_records[e])
     packed = {
         p: assemble_packed(
             [parts[p][e] for e in range(e_count)], problem.inter, problem.group_size, consume=True

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.expert_scale_tuning import TuningStats
 from bitsmoe_jax.method.expert_source import plan_chunk
 from bitsmoe_jax.method.layer_problem import (
     LayerProblem,
@@ -107,8 +108,11 @@ def pack_later_budgets(
     distributed.barrier("later_budgets_packed")
 
 
-def problem_summary(p: LayerProblem) -> dict[str, Any]:
+def problem_summary(p: LayerProblem, tuning: TuningStats | None = None) -> dict[str, Any]:
+    """The layer's record in the report (with what the scale tuning did, when it ran)."""
+    extra = {"scale_tuning": tuning.to_json()} if tuning is not None and tuning.experts else {}
     return {
+        **extra,
         "starved_experts": [int(e) for e in p.stats.starved],
         "tokens_per_expert": np.asarray(p.stats.tokens).tolist(),
         "super_experts": [int(e) for e in p.super_experts],
@@ -167,9 +171,15 @@ def pack_at_budget(
     )[i]
     timings["allocation"] += time.time() - t
     t = time.time()
-    qe = pack_layer(problem, bits, chunk=packing_chunk(run, problem), fn=fn)
-    timings["pack"] += time.time() - t
-    return qe, bits, allocation_records(allocs), problem_summary(problem)
+    stats = TuningStats()
+    tuning = run.params.scale_tuning()
+    qe = pack_layer(
+        problem, bits, chunk=packing_chunk(run, problem), fn=fn, tuning=tuning, stats=stats
+    )
+    timings["pack"] += time.time() - t - stats.seconds
+    if tuning is not None:
+        timings["scale_tuning"] = timings.get("scale_tuning", 0.0) + stats.seconds
+    return qe, bits, allocation_records(allocs), problem_summary(problem, stats)
 
 
 def packing_chunk(run: RunConfig, problem: LayerProblem) -> int:

@@ -63,6 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
     # gptq: gate/up factor rows rounded with GPTQ error feedback in component space (same bits, same
     # format; method/error_feedback.py); nearest: every unit rounded on its own.
     c.rounding = "gptq"
+    # Adam steps fitting each expert's factor group scales to its routed output after rounding
+    # (codes and bits fixed; 0 = off); method/expert_scale_tuning.py
+    c.scale_tuning_steps = 0
+    c.scale_tuning_lr = 0.01
     c.allocator = "auto"
     c.milp_max_units = 10000
     c.milp_time_limit = 60.0
@@ -142,6 +146,9 @@ FIELD_HELP: dict[str, str] = {
     "eval_max_tokens": "evaluate on at most this many tokens (None: the whole text)",
     "eval_batch_size": "evaluation windows per forward pass",
     "seed": "seed of the sampled coefficients",
+    "scale_tuning_steps": "Adam steps fitting each expert's scales to its output after rounding "
+    "(0: off)",
+    "scale_tuning_lr": "learning rate of that fit, on log-scales",
     "mesh_shape": "devices on the expert axis: () every device, or (n,)",
     "host_memory_gb": "memory the expert chunks are sized by (None: available at the start)",
     "expert_chunk": "experts per device at a time (None: sized by host_memory_gb)",
@@ -271,6 +278,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("expert_mass_floor", "a number >= 0 (fraction of the mean expert mass)")
     if c.rank is not None and c.rank < 1:
         bad("rank", "None (full) or a positive integer")
+    if not (isinstance(c.scale_tuning_steps, int) and c.scale_tuning_steps >= 0):
+        bad("scale_tuning_steps", "an integer >= 0 (0: no tuning)")
+    if not c.scale_tuning_lr > 0:
+        bad("scale_tuning_lr", "a positive number")
     ms = c.mesh_shape
     if not (
         ms in ((), None)

@@ -14,6 +14,7 @@ import numpy as np
 
 from bitsmoe_jax.loading import checkpoint_kind, iter_model_parts, model_config
 from bitsmoe_jax.method import sharded
+from bitsmoe_jax.method.expert_scale_tuning import TuningStats
 from bitsmoe_jax.method.expert_source import plan_chunk
 from bitsmoe_jax.method.layer_problem import allocate_layers
 from bitsmoe_jax.method.streamed import (
@@ -230,9 +231,12 @@ def _layer_loop(
                 )  # one allocation (process 0's) everywhere
                 stages["allocation"] += time.time() - t
                 t = time.time()
-                qe = pack_layer(problem, bits, layout, chunk, fn)
-                stages["pack"] += time.time() - t
-                packed = (qe, bits, allocs, problem_summary(problem))
+                tuned = TuningStats()
+                qe = pack_layer(problem, bits, layout, chunk, fn, run.params.scale_tuning(), tuned)
+                stages["pack"] += time.time() - t - tuned.seconds
+                if tuned.experts:
+                    stages["scale_tuning"] += tuned.seconds
+                packed = (qe, bits, allocs, problem_summary(problem, tuned))
                 if not keep_problems:
                     problem = None  # its units and weights: not needed past the packing
                     scratch.remove()

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.expert_scale_tuning import ScaleTuning, TuningStats
 from bitsmoe_jax.method.layer_problem import LayerProblem
 from bitsmoe_jax.method.packing import PackedMatrix
 from bitsmoe_jax.method.sharded import ExpertLayout
@@ -425,8 +426,12 @@ def pack_layer(
     layout: ExpertLayout | None = None,
     chunk: int | None = None,
     fn: ExpertFn = PLAIN,
+    tuning: ScaleTuning | None = None,
+    stats: TuningStats | None = None,
 ) -> QuantizedExperts:
     """The served block of one MoE layer: its units rounded and packed at the allocated bits
     (`method.streamed.round_and_pack`, which says what `layout` shards; `chunk` experts per
-    device at a time)."""
-    return QuantizedExperts(problem.num_experts, *round_and_pack(problem, bits, layout, chunk, fn))
+    device at a time; `tuning`: the experts' scales fitted after rounding)."""
+    return QuantizedExperts(
+        problem.num_experts, *round_and_pack(problem, bits, layout, chunk, fn, tuning, stats)
+    )

@@ -49,6 +49,9 @@ def quantize_cmd(out: Path, calib: Path, *extra: str) -> list[str]:
         "--config.min_tokens=24",
         "--config.rank=64",
         "--config.allocator=greedy",
+        # the per-expert scale fit after rounding runs in every run too: its outputs must be as
+        # byte-identical across meshes, processes and chunks as the rounding's
+        "--config.scale_tuning_steps=4",
         *extra,
     ]
 
@@ -159,10 +162,11 @@ def allocation_summary(out: Path) -> dict:
         "stored_bits",
         "starved_experts",
         "tokens_per_expert",
+        "scale_tuning",  # summed in expert order from the all-gathered records: equal too
     )
     return {
         i: {
-            **{k: layer[k] for k in keep},
+            **{k: layer.get(k) for k in keep},
             "allocation": [
                 {k: a[k] for k in ("solver", "objective", "lower_bound")}
                 for a in layer["allocation"]

@@ -1,0 +1,330 @@
+"""Each expert's stored factor scales fitted to its output error, with every integer code fixed.
+
+Why: rounding chooses the codes well (error feedback), but each group scale is then picked alone,
+for its own group's weighted error. With the codes fixed, a factor value is (2·code + 1)·s, linear
+in its group's scale s, so the scales can be fitted jointly to what the layer computes: the
+expert's output on the calibration tokens routed to it, each weighted by its squared routing weight
+— the allocation's loss — against the same expert with its unquantized factors (all components,
+the dequantized bases that the factors were fitted to). Only bf16 scales that are stored anyway
+change, so the format and every counted bit stay as they are.
+
+How: each scale is s₀·exp(θ) (θ = 0 is the untuned expert), Adam on θ over the expert's
+training tokens, one block of calibration tokens in ten held out (`holdout_mask`); the θ with the
+lowest held-out error is rounded to bf16 and kept only if the rounded scales beat the untuned ones
+on the held-out tokens. Every expert is fitted on its own from its own inputs, so the result does
+not depend on the chunk, the mesh or the process that computes it (byte-identical outputs), and
+the memory is one expert's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.error_feedback import CalibrationInputs
+from bitsmoe_jax.models.moe import ExpertFn, GluActivation
+
+HI = jax.lax.Precision.HIGHEST
+#: one block of calibration tokens in `HOLDOUT_EVERY` is held out; blocks of `HOLDOUT_BLOCK`
+#: tokens, fewer when the calibration is short (so that at least two blocks are held out)
+HOLDOUT_BLOCK = 128
+HOLDOUT_EVERY = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleTuning:
+    """Adam steps and learning rate (on log-scales) of the per-expert scale fit."""
+
+    steps: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not self.lr > 0:
+            raise ValueError(f"scale tuning needs steps >= 1 and lr > 0, got {self}")
+
+
+def holdout_mask(num_tokens: int) -> np.ndarray:
+    """True for the held-out calibration tokens: the last of every `HOLDOUT_EVERY` blocks."""
+    block = max(1, min(HOLDOUT_BLOCK, num_tokens // (2 * HOLDOUT_EVERY)))
+    return (np.arange(num_tokens) // block) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+def _factors(scales, mult, fixed, group_size: int):
+    """Each projection's kept rows [k, F] of an expert: fixed values (16-bit units) plus
+    mult·scale (packed units; mult = 2·code + 1, zero for the others)."""
+    out = {}
+    for p in PROJECTIONS:
+        f = mult[p].shape[-1]
+        s_full = jnp.repeat(scales[p], min(group_size, f), axis=-1)[:, :f]
+        out[p] = fixed[p] + mult[p] * s_full
+    return out
+
+
+def _hidden(zg, zu, ag, au, bg, bu, act: GluActivation):
+    return act(jnp.matmul(zg, ag, precision=HI) + bg, jnp.matmul(zu, au, precision=HI) + bu)
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "lr", "group_size", "act"))
+def _fit(
+    s0, mult, fixed, rows, ref, zg, zu, bg, bu, gram, w_train, w_hold, *, steps, lr, group_size,
+    act,
+):  # fmt: skip
+    """(scales to store, held-out error untuned, held-out error stored) of one expert.
+
+    The error of a token is ‖(a − a_ref)·Ũᵀ‖², a = h·B_downᵀ in the down basis's coordinates
+    (`gram` = ŨᵀŨ); the quantized expert computes on its kept components only (the dropped ones
+    are zero), the reference on all of them."""
+    a_ref = jnp.matmul(
+        _hidden(zg, zu, ref["gate"], ref["up"], bg, bu, act), ref["down"].T, precision=HI
+    )
+    zg_kept, zu_kept = zg[:, rows["gate"]], zu[:, rows["up"]]
+
+    def errors(scales):
+        f = _factors(scales, mult, fixed, group_size)
+        h = _hidden(zg_kept, zu_kept, f["gate"], f["up"], bg, bu, act)
+        a = jnp.zeros_like(a_ref).at[:, rows["down"]].set(jnp.matmul(h, f["down"].T, precision=HI))
+        d = a - a_ref
+        return jnp.sum(jnp.matmul(d, gram, precision=HI) * d, axis=-1)
+
+    def losses(theta):
+        e = errors(jax.tree.map(lambda s, t: s * jnp.exp(t), s0, theta))
+        return jnp.sum(w_train * e), jnp.sum(w_hold * e)
+
+    opt = optax.adam(lr)
+
+    def step(carry, _):
+        theta, state, best, best_hold = carry
+        (_, hold), grad = jax.value_and_grad(losses, has_aux=True)(theta)
+        better = hold < best_hold
+        best = jax.tree.map(lambda b, t: jnp.where(better, t, b), best, theta)
+        best_hold = jnp.where(better, hold, best_hold)
+        updates, state = opt.update(grad, state, theta)
+        return (optax.apply_updates(theta, updates), state, best, best_hold), None
+
+    theta0 = jax.tree.map(jnp.zeros_like, s0)
+    carry = (theta0, opt.init(theta0), theta0, jnp.asarray(jnp.inf, jnp.float32))
+    (_, _, best, _), _ = jax.lax.scan(step, carry, None, length=steps)
+    stored = jax.tree.map(
+        lambda s, t: (s * jnp.exp(t)).astype(jnp.bfloat16).astype(jnp.float32), s0, best
+    )
+    return stored, jnp.sum(w_hold * errors(s0)), jnp.sum(w_hold * errors(stored))
+
+
+@dataclasses.dataclass
+class TuningStats:
+    """What the fit did over a layer's experts (for the run's log and report)."""
+
+    experts: int = 0
+    kept: int = 0
+    holdout_before: float = 0.0  # summed over the experts, routing-weighted
+    holdout_after: float = 0.0
+    seconds: float = 0.0  # a run timing: not in the report
+
+    def add(self, record: np.ndarray) -> None:
+        """Count one expert's `tune_expert_scales` record; add them in expert order, so the sums
+        are the same on any mesh."""
+        before, after, kept = (float(v) for v in record)
+        if np.isnan(before):  # not fitted (nothing packed, or no held-out tokens)
+            return
+        self.experts += 1
+        self.kept += int(kept)
+        self.holdout_before += before
+        self.holdout_after += after if kept else before
+
+    def to_json(self) -> dict[str, float | int]:
+        """The report's record (the time goes to the run's timings)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "seconds"}
+
+
+def tune_expert_scales(
+    tuning: ScaleTuning,
+    z: dict[str, jax.Array],
+    w2: np.ndarray,
+    reference: dict[str, np.ndarray],
+    kept: dict[str, np.ndarray],
+    bits: dict[str, np.ndarray],
+    codes: dict[str, np.ndarray],
+    scales: dict[str, np.ndarray],
+    values16: dict[str, np.ndarray | None],
+    down_gram: np.ndarray,
+    group_size: int,
+    act: GluActivation,
+    bias: tuple[np.ndarray, np.ndarray] | None,
+    stats: TuningStats,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(One expert's fitted scales {p: [k_p, groups]} (float32, bf16 values), or its `scales`
+    unchanged when the fit does not beat them on the held-out tokens; its record for
+    `TuningStats.add`: float32 [held-out error before, after, kept], NaN when not fitted).
+    `stats` gets the seconds.
+
+    z: the calibration tokens through the dequantized gate/up bases [N, r]; w2 [N]: the expert's
+    token weights (`CalibrationInputs.token_weights`); reference {p: [r, F]}: its unquantized
+    factors, all components; kept {p}: the component rows stored; bits/codes/scales {p}: the kept
+    rows' widths [k], codes [k, F] and scales [k, groups]; values16 {p}: the kept rows' values
+    (read for 16-bit rows); down_gram: ŨᵀŨ of the dequantized down basis [r, r]; bias: GPT-OSS's
+    gate/up biases [F] each.
+    """
+    t0 = time.time()
+    try:
+        return _tune(
+            tuning,
+            z,
+            w2,
+            reference,
+            kept,
+            bits,
+            codes,
+            scales,
+            values16,
+            down_gram,
+            group_size,
+            act,
+            bias,
+        )
+    finally:
+        stats.seconds += time.time() - t0
+
+
+NOT_FITTED = np.full(3, np.nan, np.float32)
+
+
+def _tune(
+    tuning, z, w2, reference, kept, bits, codes, scales, values16, down_gram, group_size, act,
+    bias,
+):  # fmt: skip
+    routed = np.flatnonzero(w2 > 0)
+    if routed.size == 0 or not any(((b >= 1) & (b <= 8)).any() for b in bits.values()):
+        return scales, NOT_FITTED
+    hold = holdout_mask(len(w2))[routed]
+    if hold.all() or not hold.any():  # too few tokens to hold some out: leave it untuned
+        return scales, NOT_FITTED
+    # pad to a power of two with zero-weight tokens: one program per size bucket, not per expert
+    bucket = 1 << max(int(routed.size) - 1, 0).bit_length()
+    idx = np.concatenate([routed, np.zeros(bucket - routed.size, routed.dtype)])
+    w = np.zeros(bucket, np.float64)
+    w[: routed.size] = w2[routed]
+    ho = np.zeros(bucket, bool)
+    ho[: routed.size] = hold
+    w_train = np.where(ho, 0.0, w)
+    w_hold = np.where(ho, w, 0.0)
+    w_train /= w_train.sum()
+    w_hold /= w_hold.sum()
+    f_width = codes["gate"].shape[-1]
+    mult, fixed = {}, {}
+    for p in PROJECTIONS:
+        packed = ((bits[p] >= 1) & (bits[p] <= 8))[:, None]
+        mult[p] = np.where(packed, 2.0 * codes[p].astype(np.float32) + 1.0, 0.0).astype(np.float32)
+        v16 = values16[p]
+        fixed[p] = (
+            np.zeros(codes[p].shape, np.float32)
+            if v16 is None
+            else np.where(
+                (bits[p] == 16)[:, None],
+                np.asarray(v16, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32),
+                0.0,
+            )
+        )
+    bg, bu = (np.zeros(f_width, np.float32),) * 2 if bias is None else bias
+    stored, before, after = _fit(
+        {p: jnp.asarray(scales[p], jnp.float32) for p in PROJECTIONS},
+        {p: jnp.asarray(mult[p]) for p in PROJECTIONS},
+        {p: jnp.asarray(fixed[p]) for p in PROJECTIONS},
+        {p: jnp.asarray(kept[p], jnp.int32) for p in PROJECTIONS},
+        {p: jnp.asarray(reference[p], jnp.float32) for p in PROJECTIONS},
+        z["gate"][idx],
+        z["up"][idx],
+        jnp.asarray(bg, jnp.float32),
+        jnp.asarray(bu, jnp.float32),
+        jnp.asarray(down_gram, jnp.float32),
+        jnp.asarray(w_train, jnp.float32),
+        jnp.asarray(w_hold, jnp.float32),
+        steps=tuning.steps,
+        lr=tuning.lr,
+        group_size=group_size,
+        act=act,
+    )
+    # the record as every process sees it after the all-gather: float32
+    record = np.asarray([before, after, 0.0], np.float32)
+    if not record[1] < record[0]:
+        return scales, record
+    record[2] = 1.0
+    return {p: np.asarray(stored[p], np.float32) for p in PROJECTIONS}, record
+
+
+def tune_round(
+    tuning: ScaleTuning,
+    z: dict[str, jax.Array],
+    down_gram: np.ndarray,
+    calib: CalibrationInputs,
+    local: Sequence[int],
+    reference: dict[str, np.ndarray],
+    keep: dict[str, np.ndarray],
+    bits: dict[str, np.ndarray],
+    rows: dict[str, dict[str, np.ndarray]],
+    group_size: int,
+    fn: ExpertFn,
+    stats: TuningStats,
+) -> np.ndarray:
+    """Fit the scales of a round of experts in place: `rows[p]["scales"][j]` of expert
+    `local[j]` (its codes `rows[p]["codes"][j]`, its 16-bit values `rows[p]["units"][j]` when
+    stored; `reference[p][j]` its unquantized units, all components; `keep[p]` the stored
+    components; `bits[p]` [E, r] every expert's widths). Returns the experts' records [n, 3]."""
+    records = np.zeros((len(local), 3), np.float32)
+    for j, e in enumerate(local):
+        fitted, records[j] = tune_expert_scales(
+            tuning,
+            z,
+            calib.token_weights(int(e)),
+            {p: reference[p][j] for p in PROJECTIONS},
+            keep,
+            {p: bits[p][e][keep[p]] for p in PROJECTIONS},
+            {p: rows[p]["codes"][j] for p in PROJECTIONS},
+            {p: rows[p]["scales"][j] for p in PROJECTIONS},
+            {p: rows[p]["units"][j] if "units" in rows[p] else None for p in PROJECTIONS},
+            down_gram,
+            group_size,
+            fn.act,
+            None if fn.bias is None else (fn.bias["gate"][e], fn.bias["up"][e]),
+            stats,
+        )
+        for p in PROJECTIONS:
+            rows[p]["scales"][j] = fitted[p]
+    return records
+
+
+def tuning_inputs(
+    x: np.ndarray, bases: dict[str, np.ndarray | None]
+) -> tuple[dict[str, jax.Array], np.ndarray]:
+    """(the calibration tokens through the dequantized gate/up bases, ŨᵀŨ of the down basis):
+    computed once per layer, shared by its experts."""
+    xj = jnp.asarray(x, jnp.float32)
+    z = {
+        p: xj if bases[p] is None else jnp.matmul(xj, jnp.asarray(bases[p]), precision=HI)
+        for p in ("gate", "up")
+    }
+    ud = bases["down"]
+    gram = (
+        np.eye(np.shape(x)[1], dtype=np.float32)
+        if ud is None
+        else np.asarray(jnp.matmul(jnp.asarray(ud).T, jnp.asarray(ud), precision=HI))
+    )
+    return z, gram
+
+
+__all__: Sequence[str] = [
+    "ScaleTuning",
+    "TuningStats",
+    "holdout_mask",
+    "tune_expert_scales",
+    "tune_round",
+    "tuning_inputs",
+]

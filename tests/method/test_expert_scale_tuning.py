@@ -1,0 +1,137 @@
+"""The per-expert scale fit after rounding (`method.expert_scale_tuning`, `scale_tuning_steps`).
+
+Truth: the experts' outputs computed here from the dense weights of the packed block and from the
+original expert weights (not from the tuning's own loss), on the held-out calibration tokens; and
+the untuned packing, whose codes, permutation and bases the tuned one must keep bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bitsmoe_jax import quantize
+from bitsmoe_jax.io.checkpoint import load_tree
+from bitsmoe_jax.method import streamed
+from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.expert_scale_tuning import ScaleTuning, TuningStats, holdout_mask
+from bitsmoe_jax.method.layer_problem import allocate_layers
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
+from tests.method.random_layer import E, N, build_layer_problem, make_layer, method_params
+
+TUNING = ScaleTuning(steps=40, lr=0.02)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return make_layer()
+
+
+@pytest.fixture(scope="module")
+def packed(layer):
+    problem = build_layer_problem(layer, method_params(), None)
+    bits, _ = allocate_layers([problem], 2.5, "layer", {"allocator": "greedy"})[0]
+    untuned = streamed.round_and_pack(problem, bits)
+    stats = TuningStats()
+    tuned = streamed.round_and_pack(problem, bits, tuning=TUNING, stats=stats)
+    return problem, bits, untuned, tuned, stats
+
+
+def test_only_scales_change_and_every_chunk_gives_the_same_bytes(packed):
+    problem, bits, (ub, up), (tb, tp), stats = packed
+    assert stats.experts == E and stats.kept >= 1
+    changed = 0
+    for p in PROJECTIONS:
+        np.testing.assert_array_equal(tp[p].perm, up[p].perm)
+        assert tp[p].seg_bits == up[p].seg_bits
+        for a, b in zip(tp[p].payload, up[p].payload, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(tp[p].scales, up[p].scales, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            changed += int((np.asarray(a) != np.asarray(b)).sum())
+        for k in ub[p]:
+            np.testing.assert_array_equal(tb[p][k], ub[p][k])
+    assert changed > 0
+    for chunk in (1, 4):
+        _, again = streamed.round_and_pack(problem, bits, chunk=chunk, tuning=TUNING)
+        for p in PROJECTIONS:
+            for a, b in zip(again[p].scales, tp[p].scales, strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _held_out_errors(layer, bases, packed_factors) -> np.ndarray:
+    """Per expert: Σ over its held-out routed tokens of (routing weight)² · ‖y_q − y‖², y from the
+    original expert weights, y_q from the packed block's dense weights."""
+    block, x, gate, up, down = layer
+    w = QuantizedExperts(E, bases, packed_factors).dense_weights()
+    _, weights, idx = block.router(x)
+    hold = holdout_mask(N)
+    xs = np.asarray(x, np.float64)
+    out = np.zeros(E)
+    for e in range(E):
+        routed = (np.asarray(idx) == e).any(1)
+        w2 = np.where(np.asarray(idx) == e, np.asarray(weights), 0.0).sum(1) ** 2
+        if routed.sum() < 16:  # starved: every token with one weight (CalibrationInputs)
+            w2 = np.ones(N)
+        t = hold & (w2 > 0)
+
+        def y(g, u, d, t=t):
+            a = xs[t] @ g
+            return (a / (1 + np.exp(-a)) * (xs[t] @ u)) @ d
+
+        ref = y(gate[e], up[e], down[e])
+        q = y(*(np.asarray(w[k][e], np.float64) for k in ("gate", "up", "down")))
+        out[e] = float((w2[t] * ((q - ref) ** 2).sum(1)).sum())
+    return out
+
+
+def test_held_out_error_is_never_above_the_untuned(layer, packed):
+    _, _, untuned, tuned, _ = packed
+    before = _held_out_errors(layer, *untuned)
+    after = _held_out_errors(layer, *tuned)
+    assert (after <= before * (1 + 1e-4)).all(), (before, after)
+    assert after.sum() < 0.97 * before.sum(), (before, after)
+
+
+def test_scale_tuning_fields_are_checked(tmp_path, capsys):
+    for field, value in (("scale_tuning_steps", -1), ("scale_tuning_lr", 0.0)):
+        code = quantize.main(
+            ["--config", "configs/tiny.py", f"--config.output_dir={tmp_path / 'o'}",
+             f"--config.{field}={value}"]
+        )  # fmt: skip
+        assert code == 2
+        assert field in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+
+
+def test_quantize_with_scale_tuning_end_to_end(tmp_path):
+    """The run's switch: layer 0 (the same calibration inputs in both runs) differs from the
+    untuned run in its factor scales only; the report says what the fit did per layer."""
+    common = [
+        "--config", "configs/tiny.py", "--config.budget_bits=2.0", "--config.eval_text=",
+        "--config.num_calib_tokens=2048", "--config.seq_len=128",
+    ]  # fmt: skip
+    out = {}
+    for steps in (0, 10):
+        out[steps] = tmp_path / f"s{steps}"
+        args = [
+            *common,
+            f"--config.output_dir={out[steps]}",
+            f"--config.scale_tuning_steps={steps}",
+        ]
+        assert quantize.main(args) == 0
+    report = json.loads((out[10] / "report.json").read_text())
+    for s in report["layers"].values():
+        assert s["scale_tuning"]["experts"] == 16
+        assert s["scale_tuning"]["holdout_after"] <= s["scale_tuning"]["holdout_before"]
+    assert "scale_tuning" not in json.loads((out[0] / "report.json").read_text())["layers"]["0"]
+    assert "scale_tuning" in json.loads((out[10] / "timings.json").read_text())["time_s"]
+    a, b = (load_tree(out[s] / "params" / "layer_000")["experts_q"] for s in (0, 10))
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(a))
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(b))
+    assert flat_a.keys() == flat_b.keys()
+    differ = [jax.tree_util.keystr(k) for k in flat_a if not np.array_equal(flat_a[k], flat_b[k])]
+    assert differ and all("'scales'" in k for k in differ), differ
