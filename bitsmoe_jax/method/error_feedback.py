@@ -298,9 +298,31 @@ def _hidden(zg: jax.Array, zu: jax.Array, ag: jax.Array, au: jax.Array) -> jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("act",))
-def _hidden_glu(zg, zu, ag, au, bg, bu, act: GluActivation) -> jax.Array:
-    """`_hidden` of GPT-OSS's experts: biases [F] before the clamped activation."""
+def hidden_glu(zg, zu, ag, au, bg, bu, act: GluActivation) -> jax.Array:
+    """`_hidden` with biases [F] before any gated activation (GPT-OSS's clamped one too)."""
     return act(jnp.matmul(zg, ag, precision=HI) + bg, jnp.matmul(zu, au, precision=HI) + bu)
+
+
+def basis_inputs(
+    x: np.ndarray | jax.Array, bases: dict[str, np.ndarray | None]
+) -> dict[str, jax.Array]:
+    """The calibration tokens [N, D] through the dequantized gate/up bases ([N, r]; x itself
+    without a basis): what every expert's gate/up statistics start from, computed once a layer."""
+    xj = jnp.asarray(x, jnp.float32)
+    return {
+        p: xj
+        if bases[p] is None
+        else jnp.matmul(xj, jnp.asarray(bases[p], jnp.float32), precision=HI)
+        for p in ("gate", "up")
+    }
+
+
+def routed_rows(w2_all: np.ndarray) -> tuple[np.ndarray, int]:
+    """(The tokens that reach an expert — all, if starved — padded with token 0 to a power of two
+    so that programs compile once per size bucket, not once per expert; how many are real)."""
+    keep = np.flatnonzero(w2_all > 0)
+    bucket = 1 << max(int(keep.size) - 1, 0).bit_length()
+    return np.concatenate([keep, np.zeros(bucket - keep.size, keep.dtype)]), int(keep.size)
 
 
 # ---------------------------------------------------------------------------------------- a layer
@@ -315,6 +337,7 @@ def feedback_layer(
     experts: Sequence[int] | None = None,
     ids: Sequence[int] | None = None,
     fn: ExpertFn = PLAIN,
+    z: dict[str, jax.Array] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Compensated units of a layer: ``{p: (values [E, r, F], down scales [E, r, ng] or None)}``.
 
@@ -325,28 +348,18 @@ def feedback_layer(
     that expert's inputs only, so it is the same whichever process computes it. ``ids``: the
     experts the rows of ``units`` are (a streamed chunk; default: row e is expert e). ``fn``: the
     experts' activation and biases, which the down projection's inputs go through (GPT-OSS).
+    ``z``: `basis_inputs` of the calibration tokens, when the caller has them (one per layer).
     """
-    x = jnp.asarray(calib.x, jnp.float32)
-    z = {
-        p: x
-        if bases[p] is None
-        else jnp.matmul(x, jnp.asarray(bases[p], jnp.float32), precision=HI)
-        for p in ("gate", "up")
-    }
+    if z is None:
+        z = basis_inputs(calib.x, bases)
     e_count = units["gate"].shape[0]
     out = {p: np.zeros(np.shape(units[p]), np.float32) for p in ("gate", "up", "down")}
     down_scales = None
     for e in range(e_count) if experts is None else experts:
         w2_all = calib.token_weights(e if ids is None else int(ids[e]))
-        # Only the tokens that reach the expert (all, if starved), padded with zero-weight tokens to
-        # a power of two so the Gram programs compile once per size bucket, not once per expert.
-        keep = np.flatnonzero(w2_all > 0)
-        bucket = 1 << max(int(keep.size) - 1, 0).bit_length()
-        keep = np.concatenate([keep, np.zeros(bucket - keep.size, keep.dtype)])
-        w2k = jnp.asarray(
-            np.where(np.arange(bucket) < np.count_nonzero(w2_all > 0), w2_all[keep], 0.0),
-            jnp.float32,
-        )
+        # Only the tokens that reach the expert, the padding weighted zero.
+        keep, real = routed_rows(w2_all)
+        w2k = jnp.asarray(np.where(np.arange(keep.size) < real, w2_all[keep], 0.0), jnp.float32)
         for p in ("gate", "up"):
             hz = np.asarray(_weighted_gram(z[p][keep], w2k))
             out[p][e] = compensate_rows(
@@ -367,7 +380,7 @@ def feedback_layer(
                 np.zeros(f_width, np.float32) if fn.bias is None else fn.rows(p, eid)[0]
                 for p in ("gate", "up")
             )
-            h = _hidden_glu(*hidden_in, jnp.asarray(bg), jnp.asarray(bu), act=fn.act)
+            h = hidden_glu(*hidden_in, jnp.asarray(bg), jnp.asarray(bu), act=fn.act)
         hd = np.asarray(_weighted_gram(h, w2k))
         vals, sc = compensate_columns(
             units["down"][e], bits["down"][e], hd, group_size, weights["down"][e], damp
@@ -386,4 +399,12 @@ def feedback_layer(
     }
 
 
-__all__ = ["CalibrationInputs", "compensate_rows", "compensate_columns", "feedback_layer"]
+__all__ = [
+    "CalibrationInputs",
+    "basis_inputs",
+    "compensate_rows",
+    "compensate_columns",
+    "feedback_layer",
+    "hidden_glu",
+    "routed_rows",
+]

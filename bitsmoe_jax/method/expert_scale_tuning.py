@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
-from bitsmoe_jax.method.error_feedback import CalibrationInputs
+from bitsmoe_jax.method.error_feedback import CalibrationInputs, hidden_glu, routed_rows
 from bitsmoe_jax.models.moe import ExpertFn, GluActivation
 
 HI = jax.lax.Precision.HIGHEST
@@ -69,10 +69,6 @@ def _factors(scales, mult, fixed, group_size: int):
     return out
 
 
-def _hidden(zg, zu, ag, au, bg, bu, act: GluActivation):
-    return act(jnp.matmul(zg, ag, precision=HI) + bg, jnp.matmul(zu, au, precision=HI) + bu)
-
-
 @functools.partial(jax.jit, static_argnames=("steps", "lr", "group_size", "act"))
 def _fit(
     s0, mult, fixed, rows, ref, zg, zu, bg, bu, gram, w_train, w_hold, *, steps, lr, group_size,
@@ -84,13 +80,13 @@ def _fit(
     (`gram` = ŨᵀŨ); the quantized expert computes on its kept components only (the dropped ones
     are zero), the reference on all of them."""
     a_ref = jnp.matmul(
-        _hidden(zg, zu, ref["gate"], ref["up"], bg, bu, act), ref["down"].T, precision=HI
+        hidden_glu(zg, zu, ref["gate"], ref["up"], bg, bu, act), ref["down"].T, precision=HI
     )
     zg_kept, zu_kept = zg[:, rows["gate"]], zu[:, rows["up"]]
 
     def errors(scales):
         f = _factors(scales, mult, fixed, group_size)
-        h = _hidden(zg_kept, zu_kept, f["gate"], f["up"], bg, bu, act)
+        h = hidden_glu(zg_kept, zu_kept, f["gate"], f["up"], bg, bu, act)
         a = jnp.zeros_like(a_ref).at[:, rows["down"]].set(jnp.matmul(h, f["down"].T, precision=HI))
         d = a - a_ref
         return jnp.sum(jnp.matmul(d, gram, precision=HI) * d, axis=-1)
@@ -201,19 +197,16 @@ def _tune(
     tuning, z, w2, reference, kept, bits, codes, scales, values16, down_gram, group_size, act,
     bias,
 ):  # fmt: skip
-    routed = np.flatnonzero(w2 > 0)
-    if routed.size == 0 or not any(((b >= 1) & (b <= 8)).any() for b in bits.values()):
+    idx, real = routed_rows(w2)  # the padding weighted zero
+    if real == 0 or not any(((b >= 1) & (b <= 8)).any() for b in bits.values()):
         return scales, NOT_FITTED
-    hold = holdout_mask(len(w2))[routed]
+    hold = holdout_mask(len(w2))[idx[:real]]
     if hold.all() or not hold.any():  # too few tokens to hold some out: leave it untuned
         return scales, NOT_FITTED
-    # pad to a power of two with zero-weight tokens: one program per size bucket, not per expert
-    bucket = 1 << max(int(routed.size) - 1, 0).bit_length()
-    idx = np.concatenate([routed, np.zeros(bucket - routed.size, routed.dtype)])
-    w = np.zeros(bucket, np.float64)
-    w[: routed.size] = w2[routed]
-    ho = np.zeros(bucket, bool)
-    ho[: routed.size] = hold
+    w = np.zeros(idx.size, np.float64)
+    w[:real] = w2[idx[:real]]
+    ho = np.zeros(idx.size, bool)
+    ho[:real] = hold
     w_train = np.where(ho, 0.0, w)
     w_hold = np.where(ho, w, 0.0)
     w_train /= w_train.sum()
@@ -301,23 +294,13 @@ def tune_round(
     return records
 
 
-def tuning_inputs(
-    x: np.ndarray, bases: dict[str, np.ndarray | None]
-) -> tuple[dict[str, jax.Array], np.ndarray]:
-    """(the calibration tokens through the dequantized gate/up bases, ŨᵀŨ of the down basis):
-    computed once per layer, shared by its experts."""
-    xj = jnp.asarray(x, jnp.float32)
-    z = {
-        p: xj if bases[p] is None else jnp.matmul(xj, jnp.asarray(bases[p]), precision=HI)
-        for p in ("gate", "up")
-    }
-    ud = bases["down"]
-    gram = (
-        np.eye(np.shape(x)[1], dtype=np.float32)
-        if ud is None
-        else np.asarray(jnp.matmul(jnp.asarray(ud).T, jnp.asarray(ud), precision=HI))
-    )
-    return z, gram
+def down_basis_gram(ud: np.ndarray | None, rank: int) -> np.ndarray:
+    """ŨᵀŨ of the dequantized down basis [D, r] (the identity without a basis): the output error
+    measured in the basis's coordinates, computed once a layer."""
+    if ud is None:
+        return np.eye(rank, dtype=np.float32)
+    u = jnp.asarray(ud, jnp.float32)
+    return np.asarray(jnp.matmul(u.T, u, precision=HI))
 
 
 __all__: Sequence[str] = [
@@ -326,5 +309,5 @@ __all__: Sequence[str] = [
     "holdout_mask",
     "tune_expert_scales",
     "tune_round",
-    "tuning_inputs",
+    "down_basis_gram",
 ]

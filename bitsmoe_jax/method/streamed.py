@@ -41,12 +41,12 @@ from bitsmoe_jax.method.coefficients import (
     unit_norms,
 )
 from bitsmoe_jax.method.config import MethodConfig
-from bitsmoe_jax.method.error_feedback import CalibrationInputs, feedback_layer
+from bitsmoe_jax.method.error_feedback import CalibrationInputs, basis_inputs, feedback_layer
 from bitsmoe_jax.method.expert_scale_tuning import (
     ScaleTuning,
     TuningStats,
+    down_basis_gram,
     tune_round,
-    tuning_inputs,
 )
 from bitsmoe_jax.method.expert_source import ExpertSource
 from bitsmoe_jax.method.layer_problem import (
@@ -439,9 +439,11 @@ def round_and_pack(
         if problem.calib is not None
         else None
     )
+    # the tokens through the gate/up bases: once a layer, for the error feedback and the tuning
+    z = basis_inputs(problem.calib.x, deq) if deq is not None else None
     tune = tuning is not None and deq is not None
     if tune:
-        z, down_gram = tuning_inputs(problem.calib.x, deq)
+        down_gram = down_basis_gram(deq["down"], problem.rank("down"))
         stats = stats if stats is not None else TuningStats()
     parts: dict[str, dict[int, PackedRows]] = {p: {} for p in PROJECTIONS}
     tuning_records: dict[int, np.ndarray] = {}
@@ -460,6 +462,7 @@ def round_and_pack(
                 problem.group_size,
                 ids=local,
                 fn=fn,
+                z=z,
             )
         # the unquantized units are the tuning's reference; otherwise they go now
         reference = {p: loaded[p][0] for p in PROJECTIONS} if tune else None
