@@ -125,7 +125,7 @@ def valid_loss(model: MoETransformer, tokens: np.ndarray, seq_len: int, batch: i
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    corpus = getattr(args, "corpus", "shakespeare")
+    corpus = args.corpus
     tok = train_bpe_tokenizer(read_text(f"{corpus}_train"), args.vocab_size)
     train_ids = tokenize_text(tok, read_text(f"{corpus}_train"))
     valid_ids = tokenize_text(tok, read_text(f"{corpus}_valid"))

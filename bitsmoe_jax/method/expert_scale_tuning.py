@@ -141,6 +141,10 @@ class TuningStats:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "seconds"}
 
 
+#: the record of an expert left untuned
+NOT_FITTED = np.full(3, np.nan, np.float32)
+
+
 def tune_expert_scales(
     tuning: ScaleTuning,
     z: dict[str, jax.Array],
@@ -155,12 +159,10 @@ def tune_expert_scales(
     group_size: int,
     act: GluActivation,
     bias: tuple[np.ndarray, np.ndarray] | None,
-    stats: TuningStats,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(One expert's fitted scales {p: [k_p, groups]} (float32, bf16 values), or its `scales`
     unchanged when the fit does not beat them on the held-out tokens; its record for
     `TuningStats.add`: float32 [held-out error before, after, kept], NaN when not fitted).
-    `stats` gets the seconds.
 
     z: the calibration tokens through the dequantized gate/up bases [N, r]; w2 [N]: the expert's
     token weights (`CalibrationInputs.token_weights`); reference {p: [r, F]}: its unquantized
@@ -169,34 +171,6 @@ def tune_expert_scales(
     (read for 16-bit rows); down_gram: ŨᵀŨ of the dequantized down basis [r, r]; bias: GPT-OSS's
     gate/up biases [F] each.
     """
-    t0 = time.time()
-    try:
-        return _tune(
-            tuning,
-            z,
-            w2,
-            reference,
-            kept,
-            bits,
-            codes,
-            scales,
-            values16,
-            down_gram,
-            group_size,
-            act,
-            bias,
-        )
-    finally:
-        stats.seconds += time.time() - t0
-
-
-NOT_FITTED = np.full(3, np.nan, np.float32)
-
-
-def _tune(
-    tuning, z, w2, reference, kept, bits, codes, scales, values16, down_gram, group_size, act,
-    bias,
-):  # fmt: skip
     idx, real = routed_rows(w2)  # the padding weighted zero
     if real == 0 or not any(((b >= 1) & (b <= 8)).any() for b in bits.values()):
         return scales, NOT_FITTED
@@ -270,7 +244,9 @@ def tune_round(
     """Fit the scales of a round of experts in place: `rows[p]["scales"][j]` of expert
     `local[j]` (its codes `rows[p]["codes"][j]`, its 16-bit values `rows[p]["units"][j]` when
     stored; `reference[p][j]` its unquantized units, all components; `keep[p]` the stored
-    components; `bits[p]` [E, r] every expert's widths). Returns the experts' records [n, 3]."""
+    components; `bits[p]` [E, r] every expert's widths). Returns the experts' records [n, 3];
+    `stats` gets the seconds."""
+    t0 = time.time()
     records = np.zeros((len(local), 3), np.float32)
     for j, e in enumerate(local):
         fitted, records[j] = tune_expert_scales(
@@ -287,10 +263,10 @@ def tune_round(
             group_size,
             fn.act,
             None if fn.bias is None else (fn.bias["gate"][e], fn.bias["up"][e]),
-            stats,
         )
         for p in PROJECTIONS:
             rows[p]["scales"][j] = fitted[p]
+    stats.seconds += time.time() - t0
     return records
 
 

@@ -302,7 +302,7 @@ def _write_output(
             faults.point("output_write")
             sb = qe.stored_bits()
             decode = per_token_bytes(
-                *layer_read_bytes(*qe.to_tree()),
+                *layer_read_bytes(qe.stored_arrays(), qe.tree_meta()),
                 problem["num_weights"] // qe.num_experts,
                 config.num_experts_per_tok,
             )

@@ -330,29 +330,30 @@ class QuantizedExperts(nnx.Module):
             total += self.packed_matrix(p).stored_bits()
         return total
 
-    def to_tree(self) -> tuple[dict, dict]:
-        """(arrays for orbax, JSON metadata) — the inverse of `from_tree`."""
-        arrays = {
-            "basis": {
-                p: {k: np.asarray(v[...]) for k, v in self.basis[p].items()} for p in PROJECTIONS
-            },
+    def stored_arrays(self) -> dict:
+        """The stored arrays where they live (device arrays), in `to_tree`'s structure."""
+        return {
+            "basis": {p: {k: v[...] for k, v in self.basis[p].items()} for p in PROJECTIONS},
             "factors": {
                 p: {
-                    "perm": np.asarray(self.factors[p]["perm"][...]),
-                    "payload": {
-                        str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["payload"])
-                    },
-                    "scales": {
-                        str(i): np.asarray(a[...]) for i, a in enumerate(self.factors[p]["scales"])
-                    },
+                    "perm": self.factors[p]["perm"][...],
+                    "payload": {str(i): a[...] for i, a in enumerate(self.factors[p]["payload"])},
+                    "scales": {str(i): a[...] for i, a in enumerate(self.factors[p]["scales"])},
                 }
                 for p in PROJECTIONS
             },
         }
-        return arrays, {
+
+    def tree_meta(self) -> dict:
+        """`to_tree`'s JSON metadata."""
+        return {
             "num_experts": self.num_experts,
             "factors": {p: m.to_json() for p, m in zip(PROJECTIONS, self.meta, strict=False)},
         }
+
+    def to_tree(self) -> tuple[dict, dict]:
+        """(arrays for orbax, JSON metadata) — the inverse of `from_tree`."""
+        return jax.tree.map(np.asarray, self.stored_arrays()), self.tree_meta()
 
     @classmethod
     def from_tree(cls, arrays: dict, meta: dict, backend: str = "auto") -> QuantizedExperts:

@@ -28,13 +28,14 @@ def distinct_experts(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
 
 
-def _row_bytes(a: np.ndarray) -> int:
-    return int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+def _row_bytes(a: Any) -> int:
+    return int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
 
 
 def layer_read_bytes(arrays: dict[str, Any], meta: dict[str, Any]) -> tuple[int, np.ndarray]:
     """(bytes of the shared bases, bytes of each expert's stored factors [E]) of one MoE layer's
-    written `experts_q` arrays and its `quantized.json` layer entry.
+    written `experts_q` arrays (or `QuantizedExperts.stored_arrays()`: only the permutations are
+    read, the rest by shape) and its `quantized.json` layer entry.
 
     Each projection's units are expert-major before packing (expert e owns units e·r ... e·r+r−1);
     `perm` lists, segment after segment, which unit each stored row is, so an expert's rows of a
@@ -45,7 +46,7 @@ def layer_read_bytes(arrays: dict[str, Any], meta: dict[str, Any]) -> tuple[int,
     experts = np.zeros(e_count, np.int64)
     for p in PROJECTIONS:
         for a in arrays.get("basis", {}).get(p, {}).values():
-            bases += np.asarray(a).nbytes
+            bases += int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
         f, m = arrays["factors"][p], meta["factors"][p]
         perm = np.asarray(f["perm"])
         rank = len(perm) // e_count
@@ -55,9 +56,7 @@ def layer_read_bytes(arrays: dict[str, Any], meta: dict[str, Any]) -> tuple[int,
         start = 0
         for i, size in enumerate(m["seg_sizes"]):
             rows = np.bincount(owner[start : start + size], minlength=e_count)
-            per_row = _row_bytes(np.asarray(f["payload"][str(i)])) + _row_bytes(
-                np.asarray(f["scales"][str(i)])
-            )
+            per_row = _row_bytes(f["payload"][str(i)]) + _row_bytes(f["scales"][str(i)])
             experts += rows * per_row
             start += size
     return bases, experts
