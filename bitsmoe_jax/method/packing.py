@@ -401,6 +401,26 @@ def assemble_packed(
     )
 
 
+def as_rows(pm: PackedMatrix) -> PackedRows:
+    """A `PackedMatrix`'s units as `PackedRows` (its segments are already the rows of each width
+    in unit order), so that `assemble_packed` can join several matrices' units: the packed shards
+    of consecutive experts written by the processes of a run join into the layer's matrix, the
+    same bytes as if one process had packed every expert (`merge_shards`)."""
+    return PackedRows(
+        pm.bits_per_unit(),
+        {b: np.asarray(a) for b, a in zip(pm.seg_bits, pm.payload, strict=True)},
+        {b: np.asarray(a) for b, a in zip(pm.seg_bits, pm.scales, strict=True)},
+    )
+
+
+def merge_shards(shards: Sequence[PackedMatrix]) -> PackedMatrix:
+    """One `PackedMatrix` of the units of `shards` in order (each the packed units of some
+    consecutive experts)."""
+    if not shards:
+        raise ValueError("no packed shards to merge")
+    return assemble_packed([as_rows(s) for s in shards], shards[0].n, shards[0].group_size)
+
+
 def _dequantize_segment(pm: PackedMatrix, i: int) -> jax.Array:
     b, size, n = pm.seg_bits[i], pm.seg_sizes[i], pm.n
     if b == 0:
@@ -439,5 +459,7 @@ __all__ = [
     "PackedRows",
     "pack_rows",
     "assemble_packed",
+    "as_rows",
+    "merge_shards",
     "dequantize_packed",
 ]

@@ -128,6 +128,22 @@ class ExpertLayout:
                 out.extend(e for e in range(i * p + rnd.lo, i * p + rnd.hi) if e < self.num_experts)
         return sorted(out)
 
+    def process_ranges(self) -> list[tuple[int, int, int]]:
+        """(first expert, end, process) of each run of consecutive real experts held by one
+        process's devices, in expert order (one per process on the usual meshes, whose devices
+        are ordered by process)."""
+        out: list[tuple[int, int, int]] = []
+        p = self.per_device
+        for i, d in enumerate(self.mesh.devices.flat):
+            lo, hi = i * p, min((i + 1) * p, self.num_experts)
+            if lo >= hi:
+                continue
+            if out and out[-1][2] == d.process_index and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi, d.process_index)
+            else:
+                out.append((lo, hi, d.process_index))
+        return out
+
     def local_experts(self) -> list[int]:
         """The real experts whose block lives on one of this process's devices (ascending)."""
         me = jax.process_index()

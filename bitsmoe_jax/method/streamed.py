@@ -85,6 +85,7 @@ from bitsmoe_jax.models.moe import (
     down_bias_term,
     make_routing_plan,
 )
+from bitsmoe_jax.parallel.distributed import broadcast_from
 
 SAMPLED_UNITS = 1024  # units measured for κ_b in coefficient_mode="sampled"
 
@@ -416,6 +417,7 @@ def round_and_pack(
     fn: ExpertFn = PLAIN,
     tuning: ScaleTuning | None = None,
     stats: TuningStats | None = None,
+    own_only: bool = False,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, PackedMatrix]]:
     """(stored bases, packed factors) of a layer's units rounded and packed at the allocated bits,
     all-zero components dropped, `chunk` experts per device at a time
@@ -425,13 +427,17 @@ def round_and_pack(
     codes fixed (`expert_scale_tuning`; needs the calibration inputs; `stats` sums what it did).
 
     Several processes: each rounds (error feedback, scale search, codes) the experts of its own
-    devices, from its own units, and an all-gather of each round's codes and scales (not of any
-    weight or unit, except 16-bit ones) gives every process the packed layer.
+    devices, from its own units. With `own_only` the packed factors are this process's experts'
+    only (`layout.local_experts()`, in order: a shard that `merge_packed_shards` joins with the
+    others' into the layer's); otherwise an all-gather of each round's codes and scales (not of
+    any weight or unit, except 16-bit ones) gives every process the packed layer. The scale fit's
+    per-expert records are gathered either way (a few numbers per expert, for the report).
     """
     e_count = problem.num_experts
     if layout is None:
         layout = _layout(None, e_count)
     multi = layout.spans_processes
+    gather = multi and not own_only
     keep = {p: problem.kept(p, bits[p]) for p in PROJECTIONS}
     has16 = {p: bool((bits[p] == 16).any()) for p in PROJECTIONS}
     deq = (
@@ -487,7 +493,7 @@ def round_and_pack(
                 "codes": codes.reshape(len(local), k.size, f),
                 "scales": qscales.reshape(len(local), k.size, -1),
             }
-            if has16[p] or not multi:  # 16-bit units are stored as their values
+            if has16[p] or not gather:  # 16-bit units are stored as their values
                 rows[p]["units"] = units
             del units, codes, qscales
         if tune:  # the round's scales fitted in place; its records gathered with the codes
@@ -511,6 +517,8 @@ def round_and_pack(
                             rows[p][key].dtype,
                         ),
                     )
+                    if gather or key == "tuning"
+                    else m
                     for key, m in mine.items()
                 }
             if "tuning" in mine:
@@ -528,7 +536,7 @@ def round_and_pack(
         stats.add(tuning_records[e])
     packed = {
         p: assemble_packed(
-            [parts[p][e] for e in range(e_count)], problem.inter, problem.group_size, consume=True
+            [parts[p][e] for e in sorted(parts[p])], problem.inter, problem.group_size, consume=True
         )
         for p in PROJECTIONS
     }
@@ -628,17 +636,49 @@ def _sorted_rows(
     return out
 
 
-def _chunk_rows(zg, zu, token, sizes, chunk, read, fn: ExpertFn = PLAIN):
+@dataclasses.dataclass(frozen=True)
+class Owners:
+    """Who computes which experts' rows of a forward shared by several processes: `ranges` are
+    (first expert, end, process) in expert order (`ExpertLayout.process_ranges`); the rows are
+    `width` wide, of `dtype`."""
+
+    ranges: tuple[tuple[int, int, int], ...]
+    width: int
+    dtype: Any
+
+
+def _chunk_rows(zg, zu, token, sizes, chunk, read, fn: ExpertFn = PLAIN, owners=None):
     """(first row, end row, experts, their SwiGLU outputs `_expert_rows`) of each chunk of
     `chunk` experts that has rows, in expert order — the loop `_sorted_rows` and `_combined_rows`
-    share."""
+    share.
+
+    `owners` (an `Owners`; several processes, each holding only its experts): a chunk's rows are
+    computed by the process that owns its experts (`read` is asked for those only) and broadcast
+    to the others, chunk by chunk in expert order — activations, never weights — so that every
+    process adds every row in the same order as one process computing all of them."""
     offs = np.concatenate([[0], np.cumsum(sizes)])
     step = chunk or len(sizes)
     zg, zu = np.asarray(zg), (np.asarray(zg) if zu is zg else np.asarray(zu))  # gathered on host
-    for e0 in range(0, len(sizes), step):
-        e1 = min(e0 + step, len(sizes))
-        if offs[e1] > offs[e0]:
-            rows = _expert_rows(zg, zu, token, sizes, e0, e1, read(range(e0, e1)), fn)
+    me = jax.process_index()
+    for lo, hi, src in owners.ranges if owners is not None else ((0, len(sizes), None),):
+        for e0 in range(lo, hi, step):
+            e1 = min(e0 + step, hi)
+            if offs[e1] <= offs[e0]:
+                continue
+            mine = src is None or src == me
+            rows = (
+                _expert_rows(zg, zu, token, sizes, e0, e1, read(range(e0, e1)), fn)
+                if mine
+                else None
+            )
+            if src is not None:
+                # padded to a few row counts: one broadcast program per size, not per chunk
+                n = int(offs[e1] - offs[e0])
+                shape = (geometric_bucket(n), owners.width)
+                rows = broadcast_from(
+                    src, _padded_rows(np.asarray(rows), shape[0]) if mine else None, shape,
+                    owners.dtype,
+                )[:n]  # fmt: skip
             yield int(offs[e0]), int(offs[e1]), range(e0, e1), rows
 
 
@@ -651,17 +691,22 @@ def _combined_rows(
     width: int,
     dtype: Any,
     fn: ExpertFn = PLAIN,
+    ranges: Sequence[tuple[int, int, int]] | None = None,
 ) -> jax.Array:
     """`combine(plan, _sorted_rows(...).astype(dtype), N)` without the [N·k, width] sorted outputs:
     each chunk's rows are weighted and added into the [N, width] float32 result as soon as they
     are computed. combine's scatter-add adds a token's rows in sorted order (expert order) one
     after another, and one expert's rows hold each token at most once, so adding expert by expert
     in order is the same sequence of float32 additions — the same bits — at 1/k of the memory
-    (at DeepSeek-V3 dims with top-8 the sorted outputs were 0.9 GiB, twice over)."""
+    (at DeepSeek-V3 dims with top-8 the sorted outputs were 0.9 GiB, twice over).
+
+    `ranges` (several processes, each holding only its own experts: `Owners`): each chunk's rows
+    come from the process that owns it, and every process adds them in the same order."""
     sizes, token = np.asarray(plan.group_sizes), np.asarray(plan.token)
     weight = np.asarray(plan.weight, np.float32)
     acc = np.zeros((zg.shape[0], width), np.float32)
-    for start, _, experts, rows in _chunk_rows(zg, zu, token, sizes, chunk, read, fn):
+    owners = None if ranges is None else Owners(tuple(ranges), width, np.dtype(dtype))
+    for start, _, experts, rows in _chunk_rows(zg, zu, token, sizes, chunk, read, fn, owners):
         # as combine receives them (rounded to `dtype`); numpy's rounding to bfloat16/float16
         # is XLA's (to nearest even), and needs no program per chunk shape
         rows = np.asarray(rows).astype(np.dtype(dtype)).astype(np.float32)
@@ -739,10 +784,22 @@ def _padded_rows(a: np.ndarray, rows: int) -> np.ndarray:
 class StreamedQuantizedExperts:
     """A `QuantizedExperts` as its XLA path computes it (`backend="xla"`), with the factors
     dequantized a chunk of experts at a time instead of all at once — for the next layer's
-    calibration input, where the layer's dense factors would be its whole float32 size."""
+    calibration input, where the layer's dense factors would be its whole float32 size.
 
-    def __init__(self, experts, chunk: int | None):
-        self.experts, self.chunk = experts, chunk
+    `ranges` (several processes): `experts` is this process's shard (`pack_layer(own_only=True)`),
+    the experts [first, end) of its entry in `ranges` ((first, end, process) of every process,
+    `ExpertLayout.process_ranges`); each process computes its experts' rows and receives the
+    others' (`_chunk_rows`), so no process holds another's packed factors."""
+
+    def __init__(
+        self,
+        experts,
+        chunk: int | None,
+        ranges: Sequence[tuple[int, int, int]] | None = None,
+    ):
+        self.experts, self.chunk, self.ranges = experts, chunk, ranges
+        me = jax.process_index()
+        self.first = next((lo for lo, _, q in ranges or () if q == me), 0)
 
     def __call__(
         self, x: jax.Array, plan, bias: dict | None = None, act: GluActivation = SWIGLU
@@ -755,12 +812,18 @@ class StreamedQuantizedExperts:
         pms = {p: qe.packed_matrix(p) for p in PROJECTIONS}
 
         def read(experts: range) -> dict[str, np.ndarray]:
-            f = {p: expert_factors(pms[p], qe.num_experts, experts) for p in PROJECTIONS}
+            mine = range(experts.start - self.first, experts.stop - self.first)
+            f = {p: expert_factors(pms[p], qe.num_experts, mine) for p in PROJECTIONS}
             f["down"] = np.swapaxes(f["down"], 1, 2)
             return {p: jnp.asarray(v).astype(dt) for p, v in f.items()}
 
-        width = pms["down"].num_units // qe.num_experts
-        acc = _combined_rows(zg, zu, plan, self.chunk, read, width, dt, fn)
+        # components per expert (a process holding only padding experts has none to count)
+        width = (
+            pms["down"].num_units // qe.num_experts
+            if qe.num_experts
+            else (x.shape[-1] if ud is None else ud.shape[1])
+        )
+        acc = _combined_rows(zg, zu, plan, self.chunk, read, width, dt, fn, self.ranges)
         y = acc if ud is None else acc @ ud.T
         return y if bias is None else y + down_bias_term(plan, bias["down"], x.shape[0])
 

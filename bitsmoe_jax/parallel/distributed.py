@@ -327,3 +327,25 @@ def broadcast_from_writer(tree: Any) -> Any:
 
     got = multihost_utils.broadcast_one_to_all(tree)
     return jax.tree.map(lambda ref, a: np.asarray(a).astype(np.asarray(ref).dtype), tree, got)
+
+
+def broadcast_from(source: int, value: np.ndarray | None, shape: tuple, dtype: Any) -> np.ndarray:
+    """Process `source`'s array (of `shape` and `dtype`, known to every process) on every
+    process; the others pass None.
+
+    Bit-exact: JAX's broadcast sums the source's array with zeros from every other process, and
+    x + 0 is x for every float but −0 (which becomes +0). The one caller, the quantized layer's
+    forward, multiplies the rows by routing weights and adds them to sums that are never −0, so
+    the result is the same either way. Every process calls it with the same `source`, shape and
+    dtype (a collective)."""
+    if process_count() <= 1:
+        if value is None:
+            raise ValueError("broadcast_from: one process, no value")
+        return np.asarray(value)
+    from jax.experimental import multihost_utils
+
+    mine = process_index() == source
+    arr = np.asarray(value, dtype) if mine else np.zeros(shape, dtype)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"broadcast_from: got shape {arr.shape}, every process expects {shape}")
+    return np.asarray(multihost_utils.broadcast_one_to_all(arr, is_source=mine))

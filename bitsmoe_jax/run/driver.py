@@ -161,6 +161,17 @@ def _layer_loop(
     )
     # rounds are collective: every process takes the smallest chunk any process planned
     chunk = distributed.min_over_processes("expert_chunk", min(plan.chunk, layout.per_device))
+    # Several processes, one budget, per-layer scope: each holds, forwards and commits only its
+    # own experts' packed factors (a stored problem packed again later needs them all instead).
+    own_only = layout.spans_processes and not keep_problems
+    if own_only:
+        distributed.log(
+            "expert-parallel: each process reads, packs, forwards and commits only its experts ("
+            + "; ".join(
+                f"process {q}: experts {lo}-{hi - 1}" for lo, hi, q in layout.process_ranges()
+            )
+            + ")"
+        )
     distributed.log(dataclasses.replace(plan, chunk=chunk).describe(config.num_experts))
     # HF directories: experts are read a chunk at a time from their bytes, never as a layer.
     streamed = checkpoint_kind(run.model_path) == "hf"
@@ -232,7 +243,9 @@ def _layer_loop(
                 stages["allocation"] += time.time() - t
                 t = time.time()
                 tuned = TuningStats()
-                qe = pack_layer(problem, bits, layout, chunk, fn, run.params.scale_tuning(), tuned)
+                qe = pack_layer(
+                    problem, bits, layout, chunk, fn, run.params.scale_tuning(), tuned, own_only
+                )
                 stages["pack"] += time.time() - t - tuned.seconds
                 if tuned.experts:
                     stages["scale_tuning"] += tuned.seconds
@@ -244,6 +257,8 @@ def _layer_loop(
             # outputs (read again, a chunk at a time)
             if packed is None or not run.sequential:
                 block.experts = StreamedExperts(source, chunk)
+            elif own_only:  # each process its experts' rows, broadcast to the others
+                block.experts = StreamedQuantizedExperts(qe, chunk, layout.process_ranges())
             elif qe.resolved_backend() == "xla":  # dequantized a chunk of experts at a time
                 block.experts = StreamedQuantizedExperts(qe, chunk)
             else:  # a kernel reads the packed factors as they are
@@ -257,6 +272,11 @@ def _layer_loop(
         faults.point("layer_computed")
         t = time.time()
         info = {"index": i, "wall_s": t - t0, "stage_s": dict(stages)}
+        if own_only and packed is not None:
+            if layout.local_experts():  # a process may hold only padding experts
+                work.stage_shard(i, packed[0], layout.local_experts()[0])
+            distributed.barrier(f"layer_{i}_shards_staged")
+            packed = (None, *packed[1:])  # process 0's commit moves every shard in
         work.commit_layer(i, dense, np.asarray(x), info, packed, problem if keep_problems else None)
         distributed.barrier(f"layer_{i}_committed")
         if scratch is not None:

@@ -50,7 +50,7 @@ from bitsmoe_jax.method.layer_problem import LayerProblem
 from bitsmoe_jax.method.unit_store import DiskUnits, UnitStore
 from bitsmoe_jax.run import faults
 from bitsmoe_jax.run.config_schema import RunConfig
-from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
+from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, merge_expert_shards
 
 FINGERPRINT_FILE = "fingerprint.json"
 TOP = "top"
@@ -218,13 +218,27 @@ class WorkDir:
         | None = None,
         problem: LayerProblem | None = None,
     ) -> None:
-        """Commit everything layer `i` produced; then drop the previous layer's activations."""
+        """Commit everything layer `i` produced; then drop the previous layer's activations.
+
+        `packed` may hold no experts (None in its first slot): every process then staged its own
+        experts' shard (`stage_shard`) before this commit, and the shards are moved into the
+        layer, to be joined when it is read (`load_packed`)."""
 
         def fill(d: Path) -> None:
             arrayfile.save(d, "dense", dense)
             arrayfile.save(d, "x", {"x": np.asarray(x)})
             if packed is not None:
                 _save_packed(d, packed)
+                if packed[0] is None:
+                    staged = sorted(self.root.glob(f".shard-{layer_name(i)}-p*"))
+                    if not staged:
+                        raise FileNotFoundError(
+                            f"{self.root}: layer {i}'s expert shards are missing"
+                        )
+                    for k, shard in enumerate(staged):
+                        for suffix in ("bin", "json"):
+                            os.rename(shard / f"shard.{suffix}", d / f"shard_{k:04d}.{suffix}")
+                        shard.rmdir()
             if problem is not None:
                 tree, extra = problem_to_tree(problem)
                 arrayfile.save(d, "problem", tree, extra)
@@ -241,6 +255,21 @@ class WorkDir:
                 (prev / f).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------ reads
+    def stage_shard(self, i: int, experts: QuantizedExperts, first: int) -> None:
+        """Write this process's packed experts of layer `i` (experts `first`, `first` + 1, ...;
+        `pack_layer(own_only=True)`) where process 0's commit of the layer will pick them up:
+        durable before the barrier that precedes the commit. A leftover of a killed run is
+        replaced."""
+        d = self.root / f".shard-{layer_name(i)}-p{jax.process_index():05d}"
+        shutil.rmtree(d, ignore_errors=True)
+        tmp = self.root / f".tmp-shard-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        arrays, meta = experts.to_tree()
+        arrayfile.save(tmp, "shard", arrays, {"meta": meta, "first": int(first)})
+        arrayfile.fsync_path(tmp)
+        os.rename(tmp, d)
+        arrayfile.fsync_path(self.root)
+
     def load_top(self) -> dict:
         return arrayfile.load(self.root / TOP, "params")[0]
 
@@ -373,9 +402,13 @@ def _save_packed(
 ) -> None:
     """A packed layer (experts, bits, allocations, problem summary) as `packed.bin/.json` in `d`."""
     qe, bits, allocs, summary = packed
-    arrays, meta = qe.to_tree()
-    extra = {"meta": meta, "allocations": allocation_records(allocs), "summary": summary, **more}
-    arrayfile.save(d, "packed", {"experts_q": arrays, "bits": bits}, extra)
+    tree: dict[str, Any] = {"bits": bits}
+    extra = {"allocations": allocation_records(allocs), "summary": summary, **more}
+    if qe is not None:
+        tree["experts_q"], extra["meta"] = qe.to_tree()
+    else:  # the experts are the processes' shards, moved in beside this file (`commit_layer`)
+        extra["sharded"] = True
+    arrayfile.save(d, "packed", tree, extra)
 
 
 def _load_packed(
@@ -386,8 +419,18 @@ def _load_packed(
     """What `_save_packed` wrote: (experts, bits, allocation records, problem summary, the whole
     extra)."""
     tree, extra = arrayfile.load(d, "packed")
+    if extra.get("sharded"):
+        shards = [arrayfile.load(d, f.stem) for f in sorted(d.glob("shard_*.json"))]
+        if not shards:
+            raise ValueError(f"{d}: a sharded packed layer without its shards")
+        shards.sort(key=lambda t: t[1]["first"])
+        experts = merge_expert_shards(
+            [QuantizedExperts.from_tree(arrays, e["meta"]) for arrays, e in shards]
+        )
+    else:
+        experts = QuantizedExperts.from_tree(tree["experts_q"], extra["meta"])
     return (
-        QuantizedExperts.from_tree(tree["experts_q"], extra["meta"]),
+        experts,
         tree["bits"],
         extra["allocations"],
         extra["summary"],

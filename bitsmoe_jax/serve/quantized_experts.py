@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ from flax import nnx
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.expert_scale_tuning import ScaleTuning, TuningStats
 from bitsmoe_jax.method.layer_problem import LayerProblem
-from bitsmoe_jax.method.packing import PackedMatrix
+from bitsmoe_jax.method.packing import PackedMatrix, merge_shards
 from bitsmoe_jax.method.sharded import ExpertLayout
 from bitsmoe_jax.method.streamed import round_and_pack
 from bitsmoe_jax.models.moe import (
@@ -429,10 +430,30 @@ def pack_layer(
     fn: ExpertFn = PLAIN,
     tuning: ScaleTuning | None = None,
     stats: TuningStats | None = None,
+    own_only: bool = False,
 ) -> QuantizedExperts:
     """The served block of one MoE layer: its units rounded and packed at the allocated bits
     (`method.streamed.round_and_pack`, which says what `layout` shards; `chunk` experts per
-    device at a time; `tuning`: the experts' scales fitted after rounding)."""
-    return QuantizedExperts(
-        problem.num_experts, *round_and_pack(problem, bits, layout, chunk, fn, tuning, stats)
-    )
+    device at a time; `tuning`: the experts' scales fitted after rounding).
+
+    `own_only` (several processes): the block of this process's experts only
+    (`layout.local_experts()`, consecutive), a shard that `merge_expert_shards` joins with the
+    other processes' into the layer's block."""
+    bases, packed = round_and_pack(problem, bits, layout, chunk, fn, tuning, stats, own_only)
+    count = problem.num_experts
+    if own_only and layout is not None and layout.spans_processes:
+        count = len(layout.local_experts())
+    return QuantizedExperts(count, bases, packed)
+
+
+def merge_expert_shards(
+    shards: Sequence[QuantizedExperts], backend: str = "auto"
+) -> QuantizedExperts:
+    """One layer's block from the blocks of its consecutive experts' shards, in expert order
+    (`pack_layer(own_only=True)` on each process): the same arrays as one process packing every
+    expert. The shared bases are every shard's; the first's are kept."""
+    if not shards:
+        raise ValueError("no expert shards to merge")
+    packed = {p: merge_shards([s.packed_matrix(p) for s in shards]) for p in PROJECTIONS}
+    bases = {p: {k: np.asarray(v[...]) for k, v in shards[0].basis[p].items()} for p in PROJECTIONS}
+    return QuantizedExperts(sum(s.num_experts for s in shards), bases, packed, backend)

@@ -80,6 +80,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     while port_m == port:
         port_m = free_port()
     dist_m = [a.replace(f"localhost:{port}", f"localhost:{port_m}") for a in dist]
+    port_s = free_port()
+    while port_s in (port, port_m):
+        port_s = free_port()
+    dist_s = [a.replace(f"localhost:{port}", f"localhost:{port_s}") for a in dist]
     jobs = {
         "1x1": [(quantize_cmd(tmp / "1x1", calib), env_with_devices(1))],
         # streamed: one expert per device at a time (1x4), and chunks of 3 of each device's 4
@@ -92,6 +96,22 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                     calib,
                     "--config.expert_chunk=3",
                     *dist,
+                    f"--config.distributed.process_id={i}",
+                ),
+                env_with_devices(2),
+            )
+            for i in range(2)
+        ],
+        # one budget, per-layer scope: each process holds, forwards and commits only its own
+        # experts' packed factors (expert-parallel); the output is the same
+        "2x2s": [
+            (
+                quantize_cmd(
+                    tmp / "2x2s",
+                    calib,
+                    "--config.budget_bits=2.5",
+                    "--config.expert_chunk=3",
+                    *dist_s,
                     f"--config.distributed.process_id={i}",
                 ),
                 env_with_devices(2),
@@ -136,7 +156,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         if p.returncode != 0:
             failures.append(f"run {name} process {i} exited {p.returncode}:\n{out[-3000:]}")
     assert not failures, "\n\n".join(failures)
-    return {f"{name}/{b}": tmp / name / b for name in jobs for b in BUDGETS}
+    # a run of one budget writes its checkpoint into the output directory itself
+    return {f"{name}/{b}": tmp / name / b for name in jobs if name != "2x2s" for b in BUDGETS} | {
+        "2x2s/bpw_2.50": tmp / "2x2s"
+    }
 
 
 def array_files(out: Path) -> dict[str, bytes]:
@@ -179,7 +202,8 @@ def allocation_summary(out: Path) -> dict:
 def test_runs_write_one_checkpoint_each(runs):
     for name, out in runs.items():
         assert (out / "report.json").is_file(), name
-        assert not list(out.parent.parent.glob(f"{out.parent.name}.partial*")), (
+        run_dir = out.parent if out.name in BUDGETS else out
+        assert not list(run_dir.parent.glob(f"{run_dir.name}.partial*")), (
             f"{name}: work directory left behind"
         )
     layers = json.loads((runs["1x1/bpw_2.50"] / "report.json").read_text())["layers"]
@@ -196,6 +220,21 @@ def test_runs_write_one_checkpoint_each(runs):
         "3.00",
     ):  # model scope: every budget's layers are packed at output time, spread
         assert f"budget {b}: MoE layers packed by 2 processes" in LOGS[("2x2m", 0)]
+    # one budget: expert-parallel (the runs of two budgets keep every expert's units instead)
+    owners = "process 0: experts 0-7; process 1: experts 8-15"
+    assert f"only its experts ({owners})" in LOGS[("2x2s", 0)]
+    assert "expert-parallel" not in LOGS[("2x2", 0)]
+
+
+def test_expert_parallel_run_bit_identical_to_one_device(runs):
+    """The one-budget 2-process run — each process packing, forwarding and committing only its
+    experts, the next layer's input built from rows each process computes for its own — writes
+    the 1-device run's arrays of that budget byte for byte."""
+    ref, got = array_files(runs["1x1/bpw_2.50"]), array_files(runs["2x2s/bpw_2.50"])
+    assert len(ref) > 50 and sorted(ref) == sorted(got)
+    differ = [k for k in ref if ref[k] != got[k]]
+    assert not differ, f"{len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
+    assert allocation_summary(runs["2x2s/bpw_2.50"]) == allocation_summary(runs["1x1/bpw_2.50"])
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -213,6 +252,39 @@ def test_sharded_runs_bit_identical_to_one_device(runs, name, budget):
     )
 
 
+def start_pair(
+    out: Path, calib: Path, cwd: Path, faults: dict[int, str], *extra: str
+) -> list[tuple[int, str]]:
+    """The two processes of one run (`faults`: BITSMOE_FAULT of a process), awaited with a
+    deadline: [(exit code, output)] in process order."""
+    port = free_port()
+    dist = [
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        "--config.distributed.initialization_timeout=60",
+        "--config.distributed.heartbeat_timeout=10",
+        "--config.distributed.barrier_timeout=120",
+    ]
+    procs = []
+    for i in range(2):
+        env = env_with_devices(2) | ({"BITSMOE_FAULT": faults[i]} if i in faults else {})
+        cmd = quantize_cmd(out, calib, *extra, *dist, f"--config.distributed.process_id={i}")
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    results = []
+    for p in procs:
+        try:
+            results.append((p.communicate(timeout=TIMEOUT_S)[0], p.returncode))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a process did not finish in {TIMEOUT_S} s (a hang)")
+    return [(rc, text) for text, rc in results]
+
+
 def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
     """kill -9 of process 1 during the layer pass, then again while it commits a later-budget layer
     of
@@ -225,37 +297,7 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
     out, work = tmp_path / "2x2", tmp_path / "2x2.partial"
 
     def start(faults: dict[int, str]) -> list[tuple[int, str]]:
-        port = free_port()
-        dist = [
-            "--config.distributed.num_processes=2",
-            f"--config.distributed.coordinator_address=localhost:{port}",
-            "--config.distributed.initialization_timeout=60",
-            "--config.distributed.heartbeat_timeout=10",
-            "--config.distributed.barrier_timeout=120",
-        ]
-        procs = []
-        for i in range(2):
-            env = env_with_devices(2) | ({"BITSMOE_FAULT": faults[i]} if i in faults else {})
-            cmd = quantize_cmd(out, calib, *dist, f"--config.distributed.process_id={i}")
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env=env,
-                    cwd=tmp_path,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        results = []
-        for p in procs:
-            try:
-                results.append((p.communicate(timeout=TIMEOUT_S)[0], p.returncode))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                pytest.fail(f"a process did not finish in {TIMEOUT_S} s (a hang)")
-        return [(rc, text) for text, rc in results]
+        return start_pair(out, calib, tmp_path, faults)
 
     (rc0, log0), (rc1, _) = start({1: "layer_computed:2"})  # process 1 dies after computing layer 1
     assert rc1 == -9 and rc0 != 0, log0[-3000:]
@@ -280,3 +322,25 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
             f"{b}: arrays differ after the resume"
         )
         assert allocation_summary(out / b) == allocation_summary(runs[f"1x1/{b}"])
+
+
+def test_expert_parallel_run_killed_then_resumed(runs, tmp_path):
+    """kill -9 of process 1 after it computed layer 1 of the one-budget run (layer 0 committed
+    from both processes' shards, layer 1's shard of process 0 possibly staged); the rerun resumes
+    at layer 1 and writes the 1-device run's arrays byte for byte."""
+    from bitsmoe_jax.io.data import read_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(read_text("shakespeare_train")[:20000])
+    out, work = tmp_path / "2x2s", tmp_path / "2x2s.partial"
+    one = "--config.budget_bits=2.5"
+    (rc0, log0), (rc1, _) = start_pair(out, calib, tmp_path, {1: "layer_computed:2"}, one)
+    assert rc1 == -9 and rc0 != 0, log0[-3000:]
+    assert sorted(p.name for p in work.glob("layer_*")) == ["layer_000"]
+    assert len(list((work / "layer_000").glob("shard_*.bin"))) == 2
+    (rc0, log0), (rc1, log1) = start_pair(out, calib, tmp_path, {}, one)
+    assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
+    assert "resum" in log0.lower(), log0[-3000:]
+    assert not work.exists()
+    ref, got = array_files(runs["1x1/bpw_2.50"]), array_files(out)
+    assert sorted(ref) == sorted(got) and all(ref[k] == got[k] for k in ref)

@@ -231,3 +231,28 @@ def test_rows_packed_in_pieces_and_joined_equal_one_call_consumed_or_not():
         ):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
         assert all(not p.payload and not p.scales for p in pieces) == consume
+
+
+def test_shards_of_consecutive_units_merge_to_the_whole_matrix():
+    """What a run of several processes commits: each packs its consecutive experts' units into a
+    matrix of their own (`pack_segments` of its rows), and the shards joined (`merge_shards`) are
+    `pack_segments` of all the units, byte for byte; decoded, each shard is its rows of the whole
+    matrix's reconstruction. Some shards lack widths others have (16 bits only in the last)."""
+    k, n, gs = 18, 96, 32
+    x = _units(k, n, 11)
+    w = np.random.default_rng(12).gamma(0.7, size=(k, n)).astype(np.float32)
+    bits = np.array([3, 0, 1, 2, 8, 3, 0, 5, 2, 4, 6, 2, 2, 1, 16, 3, 0, 16])
+    whole = pk.pack_segments(x, bits, gs, w)
+    cuts = ((0, 5), (5, 6), (6, 12), (12, 18))
+    shards = [pk.pack_segments(x[lo:hi], bits[lo:hi], gs, w[lo:hi]) for lo, hi in cuts]
+    merged = pk.merge_shards(shards)
+    assert merged.seg_bits == whole.seg_bits and merged.seg_sizes == whole.seg_sizes
+    for a, b in zip(
+        jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(merged), strict=True
+    ):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    dense = np.asarray(pk.dequantize_packed(whole))
+    for (lo, hi), s in zip(cuts, shards, strict=True):
+        assert np.array_equal(np.asarray(pk.dequantize_packed(s)), dense[lo:hi])
+    with pytest.raises(ValueError, match="no packed shards"):
+        pk.merge_shards([])
