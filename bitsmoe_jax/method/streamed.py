@@ -428,7 +428,7 @@ def round_and_pack(
 
     Several processes: each rounds (error feedback, scale search, codes) the experts of its own
     devices, from its own units. With `own_only` the packed factors are this process's experts'
-    only (`layout.local_experts()`, in order: a shard that `merge_packed_shards` joins with the
+    only (`layout.local_experts()`, in order: a shard that `merge_expert_shards` joins with the
     others' into the layer's); otherwise an all-gather of each round's codes and scales (not of
     any weight or unit, except 16-bit ones) gives every process the packed layer. The scale fit's
     per-expert records are gathered either way (a few numbers per expert, for the report).

@@ -80,10 +80,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     while port_m == port:
         port_m = free_port()
     dist_m = [a.replace(f"localhost:{port}", f"localhost:{port_m}") for a in dist]
-    port_s = free_port()
-    while port_s in (port, port_m):
-        port_s = free_port()
-    dist_s = [a.replace(f"localhost:{port}", f"localhost:{port_s}") for a in dist]
     jobs = {
         "1x1": [(quantize_cmd(tmp / "1x1", calib), env_with_devices(1))],
         # streamed: one expert per device at a time (1x4), and chunks of 3 of each device's 4
@@ -96,22 +92,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                     calib,
                     "--config.expert_chunk=3",
                     *dist,
-                    f"--config.distributed.process_id={i}",
-                ),
-                env_with_devices(2),
-            )
-            for i in range(2)
-        ],
-        # one budget, per-layer scope: each process holds, forwards and commits only its own
-        # experts' packed factors (expert-parallel); the output is the same
-        "2x2s": [
-            (
-                quantize_cmd(
-                    tmp / "2x2s",
-                    calib,
-                    "--config.budget_bits=2.5",
-                    "--config.expert_chunk=3",
-                    *dist_s,
                     f"--config.distributed.process_id={i}",
                 ),
                 env_with_devices(2),
@@ -156,10 +136,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         if p.returncode != 0:
             failures.append(f"run {name} process {i} exited {p.returncode}:\n{out[-3000:]}")
     assert not failures, "\n\n".join(failures)
-    # a run of one budget writes its checkpoint into the output directory itself
-    return {f"{name}/{b}": tmp / name / b for name in jobs if name != "2x2s" for b in BUDGETS} | {
-        "2x2s/bpw_2.50": tmp / "2x2s"
-    }
+    return {f"{name}/{b}": tmp / name / b for name in jobs for b in BUDGETS}
 
 
 def array_files(out: Path) -> dict[str, bytes]:
@@ -202,8 +179,7 @@ def allocation_summary(out: Path) -> dict:
 def test_runs_write_one_checkpoint_each(runs):
     for name, out in runs.items():
         assert (out / "report.json").is_file(), name
-        run_dir = out.parent if out.name in BUDGETS else out
-        assert not list(run_dir.parent.glob(f"{run_dir.name}.partial*")), (
+        assert not list(out.parent.parent.glob(f"{out.parent.name}.partial*")), (
             f"{name}: work directory left behind"
         )
     layers = json.loads((runs["1x1/bpw_2.50"] / "report.json").read_text())["layers"]
@@ -220,21 +196,8 @@ def test_runs_write_one_checkpoint_each(runs):
         "3.00",
     ):  # model scope: every budget's layers are packed at output time, spread
         assert f"budget {b}: MoE layers packed by 2 processes" in LOGS[("2x2m", 0)]
-    # one budget: expert-parallel (the runs of two budgets keep every expert's units instead)
-    owners = "process 0: experts 0-7; process 1: experts 8-15"
-    assert f"only its experts ({owners})" in LOGS[("2x2s", 0)]
+    # two budgets: every process keeps every expert's units, so not expert-parallel
     assert "expert-parallel" not in LOGS[("2x2", 0)]
-
-
-def test_expert_parallel_run_bit_identical_to_one_device(runs):
-    """The one-budget 2-process run — each process packing, forwarding and committing only its
-    experts, the next layer's input built from rows each process computes for its own — writes
-    the 1-device run's arrays of that budget byte for byte."""
-    ref, got = array_files(runs["1x1/bpw_2.50"]), array_files(runs["2x2s/bpw_2.50"])
-    assert len(ref) > 50 and sorted(ref) == sorted(got)
-    differ = [k for k in ref if ref[k] != got[k]]
-    assert not differ, f"{len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
-    assert allocation_summary(runs["2x2s/bpw_2.50"]) == allocation_summary(runs["1x1/bpw_2.50"])
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -325,22 +288,30 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
 
 
 def test_expert_parallel_run_killed_then_resumed(runs, tmp_path):
-    """kill -9 of process 1 after it computed layer 1 of the one-budget run (layer 0 committed
-    from both processes' shards, layer 1's shard of process 0 possibly staged); the rerun resumes
-    at layer 1 and writes the 1-device run's arrays byte for byte."""
+    """One budget, per-layer scope: each process packs, forwards and commits only its own experts
+    (expert-parallel), the next layer's input built from rows each process computes for its own.
+    kill -9 of process 1 after it computed layer 1 (layer 0 committed from both processes'
+    shards, layer 1's shard of process 0 possibly staged); the rerun resumes at layer 1 and writes
+    the 1-device run's arrays of that budget byte for byte."""
     from bitsmoe_jax.io.data import read_text
 
     calib = tmp_path / "calib.txt"
     calib.write_text(read_text("shakespeare_train")[:20000])
     out, work = tmp_path / "2x2s", tmp_path / "2x2s.partial"
-    one = "--config.budget_bits=2.5"
-    (rc0, log0), (rc1, _) = start_pair(out, calib, tmp_path, {1: "layer_computed:2"}, one)
+    one = ("--config.budget_bits=2.5", "--config.expert_chunk=3")
+    (rc0, log0), (rc1, _) = start_pair(out, calib, tmp_path, {1: "layer_computed:2"}, *one)
     assert rc1 == -9 and rc0 != 0, log0[-3000:]
+    owners = "process 0: experts 0-7; process 1: experts 8-15"
+    assert f"commits only its experts ({owners})" in log0, log0[-3000:]
     assert sorted(p.name for p in work.glob("layer_*")) == ["layer_000"]
     assert len(list((work / "layer_000").glob("shard_*.bin"))) == 2
-    (rc0, log0), (rc1, log1) = start_pair(out, calib, tmp_path, {}, one)
+    (rc0, log0), (rc1, log1) = start_pair(out, calib, tmp_path, {}, *one)
     assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
-    assert "resum" in log0.lower(), log0[-3000:]
+    assert "resuming at layer 2/3" in log0, log0[-3000:]
     assert not work.exists()
+    # a run of one budget writes its checkpoint into the output directory itself
     ref, got = array_files(runs["1x1/bpw_2.50"]), array_files(out)
-    assert sorted(ref) == sorted(got) and all(ref[k] == got[k] for k in ref)
+    assert len(ref) > 50 and sorted(ref) == sorted(got)
+    differ = [k for k in ref if ref[k] != got[k]]
+    assert not differ, f"{len(differ)} array files differ from the 1-device run, e.g. {differ[:5]}"
+    assert allocation_summary(out) == allocation_summary(runs["1x1/bpw_2.50"])
