@@ -55,6 +55,8 @@ class MethodConfig:
     scale_tuning_steps: int = 0
     #: their learning rate, on log-scales
     scale_tuning_lr: float = 0.01
+    #: an expert's training tokens per step of that fit (0: all of them every step)
+    scale_tuning_batch: int = 512
 
     def basis_rank(self, hidden: int) -> int:
         """Columns of each stored [D, r] shared basis (0 when there is no basis)."""
@@ -66,7 +68,11 @@ class MethodConfig:
         """The per-expert scale fit after rounding, or None when it is off."""
         if not self.scale_tuning_steps:
             return None
-        return ScaleTuning(int(self.scale_tuning_steps), float(self.scale_tuning_lr))
+        return ScaleTuning(
+            int(self.scale_tuning_steps),
+            float(self.scale_tuning_lr),
+            int(self.scale_tuning_batch),
+        )
 
     def allocator_options(self) -> dict[str, object]:
         """Keyword arguments of `method.allocate.allocate` (and `layer_problem.allocate_layers`)."""

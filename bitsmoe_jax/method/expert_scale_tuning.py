@@ -9,7 +9,8 @@ the dequantized bases that the factors were fitted to). Only bf16 scales that ar
 change, so the format and every counted bit stay as they are.
 
 How: each scale is s₀·exp(θ) (θ = 0 is the untuned expert), Adam on θ over the expert's
-training tokens, one block of calibration tokens in ten held out (`holdout_mask`); the θ with the
+training tokens (a batch of them per step, `token_batches`), one block of calibration tokens in
+ten held out (`holdout_mask`) and measured whole every step; the θ with the
 lowest held-out error is rounded to bf16 and kept only if the rounded scales beat the untuned ones
 on the held-out tokens. Every expert is fitted on its own from its own inputs, so the result does
 not depend on the chunk, the mesh or the process that computes it (byte-identical outputs), and
@@ -31,6 +32,7 @@ import optax
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.error_feedback import CalibrationInputs, hidden_glu, routed_rows
+from bitsmoe_jax.method.shape_buckets import geometric_bucket
 from bitsmoe_jax.models.moe import ExpertFn, GluActivation
 
 HI = jax.lax.Precision.HIGHEST
@@ -42,14 +44,18 @@ HOLDOUT_EVERY = 10
 
 @dataclasses.dataclass(frozen=True)
 class ScaleTuning:
-    """Adam steps and learning rate (on log-scales) of the per-expert scale fit."""
+    """Adam steps, learning rate (on log-scales) and training tokens per step of the per-expert
+    scale fit."""
 
     steps: int
     lr: float
+    batch_tokens: int = 0  # training tokens per step (0: all of the expert's)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or not self.lr > 0:
-            raise ValueError(f"scale tuning needs steps >= 1 and lr > 0, got {self}")
+        if self.steps < 1 or not self.lr > 0 or self.batch_tokens < 0:
+            raise ValueError(
+                f"scale tuning needs steps >= 1, lr > 0 and batch_tokens >= 0, got {self}"
+            )
 
 
 def holdout_mask(num_tokens: int) -> np.ndarray:
@@ -71,48 +77,80 @@ def _factors(scales, mult, fixed, group_size: int):
 
 @functools.partial(jax.jit, static_argnames=("steps", "lr", "group_size", "act"))
 def _fit(
-    s0, mult, fixed, rows, ref, zg, zu, bg, bu, gram, w_train, w_hold, *, steps, lr, group_size,
-    act,
+    s0, mult, fixed, rows, ref, train, hold, bg, bu, gram, *, steps, lr, group_size, act,
 ):  # fmt: skip
     """(scales to store, held-out error untuned, held-out error stored) of one expert.
 
-    The error of a token is ‖(a − a_ref)·Ũᵀ‖², a = h·B_downᵀ in the down basis's coordinates
+    train = (zg [nb, b, r], zu [nb, b, r], w [nb, b]): the training tokens in nb batches, step s
+    on batch s mod nb; hold = (zg [h, r], zu [h, r], w [h]): the held-out tokens, measured every
+    step. The error of a token is ‖(a − a_ref)·Ũᵀ‖², a = h·B_downᵀ in the down basis's coordinates
     (`gram` = ŨᵀŨ); the quantized expert computes on its kept components only (the dropped ones
     are zero), the reference on all of them."""
-    a_ref = jnp.matmul(
-        hidden_glu(zg, zu, ref["gate"], ref["up"], bg, bu, act), ref["down"].T, precision=HI
-    )
-    zg_kept, zu_kept = zg[:, rows["gate"]], zu[:, rows["up"]]
 
-    def errors(scales):
+    def reference(zg, zu):
+        g = hidden_glu(zg, zu, ref["gate"], ref["up"], bg, bu, act)
+        return jnp.matmul(g, ref["down"].T, precision=HI)
+
+    def errors(scales, zg, zu, a_ref):
         f = _factors(scales, mult, fixed, group_size)
-        h = hidden_glu(zg_kept, zu_kept, f["gate"], f["up"], bg, bu, act)
+        h = hidden_glu(zg[:, rows["gate"]], zu[:, rows["up"]], f["gate"], f["up"], bg, bu, act)
         a = jnp.zeros_like(a_ref).at[:, rows["down"]].set(jnp.matmul(h, f["down"].T, precision=HI))
         d = a - a_ref
         return jnp.sum(jnp.matmul(d, gram, precision=HI) * d, axis=-1)
 
-    def losses(theta):
-        e = errors(jax.tree.map(lambda s, t: s * jnp.exp(t), s0, theta))
-        return jnp.sum(w_train * e), jnp.sum(w_hold * e)
+    tz_g, tz_u, tw = train
+    hz_g, hz_u, hw = hold
+    t_ref = jax.vmap(reference)(tz_g, tz_u)
+    h_ref = reference(hz_g, hz_u)
+
+    def held_out(scales):
+        return jnp.sum(hw * errors(scales, hz_g, hz_u, h_ref))
+
+    def losses(theta, i):
+        scales = jax.tree.map(lambda s, t: s * jnp.exp(t), s0, theta)
+        e = errors(scales, tz_g[i], tz_u[i], t_ref[i])
+        return jnp.sum(tw[i] * e), held_out(scales)
 
     opt = optax.adam(lr)
+    nb = tw.shape[0]
 
-    def step(carry, _):
+    def step(carry, s):
         theta, state, best, best_hold = carry
-        (_, hold), grad = jax.value_and_grad(losses, has_aux=True)(theta)
-        better = hold < best_hold
+        (_, hold_err), grad = jax.value_and_grad(losses, has_aux=True)(theta, s % nb)
+        better = hold_err < best_hold
         best = jax.tree.map(lambda b, t: jnp.where(better, t, b), best, theta)
-        best_hold = jnp.where(better, hold, best_hold)
+        best_hold = jnp.where(better, hold_err, best_hold)
         updates, state = opt.update(grad, state, theta)
         return (optax.apply_updates(theta, updates), state, best, best_hold), None
 
     theta0 = jax.tree.map(jnp.zeros_like, s0)
     carry = (theta0, opt.init(theta0), theta0, jnp.asarray(jnp.inf, jnp.float32))
-    (_, _, best, _), _ = jax.lax.scan(step, carry, None, length=steps)
+    (_, _, best, _), _ = jax.lax.scan(step, carry, jnp.arange(steps))
     stored = jax.tree.map(
         lambda s, t: (s * jnp.exp(t)).astype(jnp.bfloat16).astype(jnp.float32), s0, best
     )
-    return stored, jnp.sum(w_hold * errors(s0)), jnp.sum(w_hold * errors(stored))
+    return stored, held_out(s0), held_out(stored)
+
+
+def token_batches(
+    rows: np.ndarray, weights: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids [nb, b], weights [nb, b]) of the training tokens in batches of at most `batch`
+    (0: one batch of all), padded with token 0 at weight 0 to few shapes (`geometric_bucket`).
+    The tokens are dealt to the batches in turn (batch j: tokens j, j + nb, ...), so every batch
+    spans the calibration text; weights are normalised to sum to 1 per batch on average."""
+    n = max(int(rows.size), 1)
+    nb = 1 if not batch or n <= batch else geometric_bucket(-(-n // batch))
+    b = geometric_bucket(-(-n // nb))
+    ids = np.zeros((nb, b), np.int64)
+    w = np.zeros((nb, b), np.float64)
+    for j in range(nb):
+        part = slice(j, rows.size, nb)
+        k = rows[part].size
+        ids[j, :k] = rows[part]
+        w[j, :k] = weights[part]
+    total = w.sum()
+    return ids, (w * (nb / total) if total > 0 else w)
 
 
 @dataclasses.dataclass
@@ -177,14 +215,13 @@ def tune_expert_scales(
     hold = holdout_mask(len(w2))[idx[:real]]
     if hold.all() or not hold.any():  # too few tokens to hold some out: leave it untuned
         return scales, NOT_FITTED
-    w = np.zeros(idx.size, np.float64)
-    w[:real] = w2[idx[:real]]
-    ho = np.zeros(idx.size, bool)
-    ho[:real] = hold
-    w_train = np.where(ho, 0.0, w)
-    w_hold = np.where(ho, w, 0.0)
-    w_train /= w_train.sum()
-    w_hold /= w_hold.sum()
+    routed = idx[:real]
+    t_ids, t_w = token_batches(routed[~hold], w2[routed[~hold]], tuning.batch_tokens)
+    h_rows = routed[hold]
+    h_ids = np.zeros(geometric_bucket(h_rows.size), np.int64)
+    h_ids[: h_rows.size] = h_rows
+    h_w = np.zeros(h_ids.size, np.float64)
+    h_w[: h_rows.size] = w2[h_rows] / w2[h_rows].sum()
     f_width = codes["gate"].shape[-1]
     mult, fixed = {}, {}
     for p in PROJECTIONS:
@@ -207,13 +244,11 @@ def tune_expert_scales(
         {p: jnp.asarray(fixed[p]) for p in PROJECTIONS},
         {p: jnp.asarray(kept[p], jnp.int32) for p in PROJECTIONS},
         {p: jnp.asarray(reference[p], jnp.float32) for p in PROJECTIONS},
-        z["gate"][idx],
-        z["up"][idx],
+        (z["gate"][t_ids], z["up"][t_ids], jnp.asarray(t_w, jnp.float32)),
+        (z["gate"][h_ids], z["up"][h_ids], jnp.asarray(h_w, jnp.float32)),
         jnp.asarray(bg, jnp.float32),
         jnp.asarray(bu, jnp.float32),
         jnp.asarray(down_gram, jnp.float32),
-        jnp.asarray(w_train, jnp.float32),
-        jnp.asarray(w_hold, jnp.float32),
         steps=tuning.steps,
         lr=tuning.lr,
         group_size=group_size,

@@ -70,6 +70,7 @@ from bitsmoe_jax.method.quantizers import (
     sample_indices,
     stored_bits,
 )
+from bitsmoe_jax.method.shape_buckets import geometric_bucket
 from bitsmoe_jax.method.sharded import ExpertLayout, Round
 from bitsmoe_jax.method.unit_store import DiskUnits, MemoryUnits
 from bitsmoe_jax.models.config import ModelConfig
@@ -551,20 +552,6 @@ def round_and_pack(
 def _tile(m: int) -> int:
     """The row tile `tiled_grouped_matmul` uses for m rows (its default 128, capped)."""
     return max(1, min(128, 1 << (max(m, 1) - 1).bit_length()))
-
-
-def geometric_bucket(n: int) -> int:
-    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3·2^k) that is >= n.
-
-    Chunks of experts get different numbers of routed rows; padded to these sizes, their arrays
-    take a few shapes per layer instead of one per chunk, so the per-shape compiled programs (which
-    jit caches keep) are compiled and kept a few times, not once per chunk — at DeepSeek-V3 dims
-    with 64 experts one per chunk grew the calibration forward's memory by 2 GiB. At most 1.5× the
-    rows are computed."""
-    if n <= 2:
-        return max(n, 1)
-    p = 1 << (n - 1).bit_length()  # the power of two >= n
-    return 3 * p // 4 if 3 * p // 4 >= n else p
 
 
 def _expert_rows(

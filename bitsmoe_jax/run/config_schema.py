@@ -67,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     # (codes and bits fixed; 0 = off); method/expert_scale_tuning.py
     c.scale_tuning_steps = 0
     c.scale_tuning_lr = 0.01
+    c.scale_tuning_batch = 512
     c.allocator = "auto"
     c.milp_max_units = 10000
     c.milp_time_limit = 60.0
@@ -149,6 +150,7 @@ FIELD_HELP: dict[str, str] = {
     "scale_tuning_steps": "Adam steps fitting each expert's scales to its output after rounding "
     "(0: off)",
     "scale_tuning_lr": "learning rate of that fit, on log-scales",
+    "scale_tuning_batch": "an expert's training tokens per step of that fit (0: all, every step)",
     "mesh_shape": "devices on the expert axis: () every device, or (n,)",
     "host_memory_gb": "memory the expert chunks are sized by (None: available at the start)",
     "expert_chunk": "experts per device at a time (None: sized by host_memory_gb)",
@@ -282,6 +284,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("scale_tuning_steps", "an integer >= 0 (0: no tuning)")
     if not c.scale_tuning_lr > 0:
         bad("scale_tuning_lr", "a positive number")
+    if not (isinstance(c.scale_tuning_batch, int) and c.scale_tuning_batch >= 0):
+        bad("scale_tuning_batch", "an integer >= 0 (0: every training token each step)")
     ms = c.mesh_shape
     if not (
         ms in ((), None)

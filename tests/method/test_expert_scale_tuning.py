@@ -7,6 +7,7 @@ the untuned packing, whose codes, permutation and bases the tuned one must keep 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -17,7 +18,12 @@ from bitsmoe_jax import quantize
 from bitsmoe_jax.io.checkpoint import load_tree
 from bitsmoe_jax.method import streamed
 from bitsmoe_jax.method.coefficients import PROJECTIONS
-from bitsmoe_jax.method.expert_scale_tuning import ScaleTuning, TuningStats, holdout_mask
+from bitsmoe_jax.method.expert_scale_tuning import (
+    ScaleTuning,
+    TuningStats,
+    holdout_mask,
+    token_batches,
+)
 from bitsmoe_jax.method.layer_problem import allocate_layers
 from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
 from tests.method.random_layer import E, N, build_layer_problem, make_layer, method_params
@@ -38,6 +44,15 @@ def packed(layer):
     stats = TuningStats()
     tuned = streamed.round_and_pack(problem, bits, tuning=TUNING, stats=stats)
     return problem, bits, untuned, tuned, stats
+
+
+@pytest.fixture(scope="module")
+def batched(layer, packed):
+    """The same layer fitted on 16 training tokens per step (`scale_tuning_batch`)."""
+    problem, bits, *_ = packed
+    return streamed.round_and_pack(
+        problem, bits, tuning=dataclasses.replace(TUNING, batch_tokens=16)
+    )
 
 
 def test_only_scales_change_and_every_chunk_gives_the_same_bytes(packed):
@@ -88,16 +103,43 @@ def _held_out_errors(layer, bases, packed_factors) -> np.ndarray:
     return out
 
 
-def test_held_out_error_is_never_above_the_untuned(layer, packed):
+def test_held_out_error_is_never_above_the_untuned(layer, packed, batched):
+    """Fitted on every training token each step, or on 16 of them per step: either way never
+    worse on the held-out tokens, and better in sum."""
     _, _, untuned, tuned, _ = packed
     before = _held_out_errors(layer, *untuned)
-    after = _held_out_errors(layer, *tuned)
-    assert (after <= before * (1 + 1e-4)).all(), (before, after)
-    assert after.sum() < 0.97 * before.sum(), (before, after)
+    for fitted in (tuned, batched):
+        after = _held_out_errors(layer, *fitted)
+        assert (after <= before * (1 + 1e-4)).all(), (before, after)
+        assert after.sum() < 0.97 * before.sum(), (before, after)
+
+
+def test_token_batches_deal_every_training_token_once():
+    rows = np.arange(100, 1100, 3)  # 334 tokens
+    weights = np.random.default_rng(0).uniform(0.1, 1.0, rows.size)
+    for batch in (0, 16, 100, 334, 1000):
+        ids, w = token_batches(rows, weights, batch)
+        nb, b = ids.shape
+        assert (nb == 1) == (batch == 0 or batch >= rows.size)
+        if batch:  # at most `batch` real tokens a step; padding below 1.5× of the tokens
+            assert ((w > 0).sum(1) <= batch).all()
+        assert nb * b <= 1.5 * 1.5 * rows.size
+        real = w > 0
+        assert sorted(ids[real].tolist()) == rows.tolist()  # each once, none invented
+        np.testing.assert_allclose(w.sum(), nb)  # one unit of weight per batch on average
+        # weights stay proportional to the tokens' own
+        order = np.argsort(ids[real])
+        np.testing.assert_allclose(w[real][order] / weights, w[real][order][0] / weights[0])
+        if nb > 1:  # dealt in turn: every batch spans the whole range of tokens
+            assert all(ids[j][w[j] > 0].max() > 900 for j in range(nb))
 
 
 def test_scale_tuning_fields_are_checked(tmp_path, capsys):
-    for field, value in (("scale_tuning_steps", -1), ("scale_tuning_lr", 0.0)):
+    for field, value in (
+        ("scale_tuning_steps", -1),
+        ("scale_tuning_lr", 0.0),
+        ("scale_tuning_batch", -1),
+    ):
         code = quantize.main(
             ["--config", "configs/tiny.py", f"--config.output_dir={tmp_path / 'o'}",
              f"--config.{field}={value}"]

@@ -237,7 +237,7 @@ def test_quantized_forward_streamed_equals_the_packed_block(layer):
 
 def test_geometric_bucket_sizes():
     """Every count gets a size at least as large, at most 1.5× larger, from a log-sized set."""
-    from bitsmoe_jax.method.streamed import geometric_bucket
+    from bitsmoe_jax.method.shape_buckets import geometric_bucket
 
     sizes = [geometric_bucket(n) for n in range(1, 5000)]
     assert all(b >= n for n, b in zip(range(1, 5000), sizes, strict=True))
