@@ -32,7 +32,7 @@ import optax
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.error_feedback import CalibrationInputs, hidden_glu, routed_rows
-from bitsmoe_jax.method.shape_buckets import geometric_bucket
+from bitsmoe_jax.method.shape_buckets import geometric_bucket, power_of_two
 from bitsmoe_jax.models.moe import ExpertFn, GluActivation
 
 HI = jax.lax.Precision.HIGHEST
@@ -136,12 +136,14 @@ def token_batches(
     rows: np.ndarray, weights: np.ndarray, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(token ids [nb, b], weights [nb, b]) of the training tokens in batches of at most `batch`
-    (0: one batch of all), padded with token 0 at weight 0 to few shapes (`geometric_bucket`).
+    (0: one batch of all), padded with token 0 at weight 0 to few shapes (the number of batches
+    to `geometric_bucket`s, their length to a power of two: each shape is a compilation of the
+    fit, which costs more than the padded tokens).
     The tokens are dealt to the batches in turn (batch j: tokens j, j + nb, ...), so every batch
     spans the calibration text; weights are normalised to sum to 1 per batch on average."""
     n = max(int(rows.size), 1)
     nb = 1 if not batch or n <= batch else geometric_bucket(-(-n // batch))
-    b = geometric_bucket(-(-n // nb))
+    b = power_of_two(-(-n // nb))
     ids = np.zeros((nb, b), np.int64)
     w = np.zeros((nb, b), np.float64)
     for j in range(nb):
@@ -218,7 +220,7 @@ def tune_expert_scales(
     routed = idx[:real]
     t_ids, t_w = token_batches(routed[~hold], w2[routed[~hold]], tuning.batch_tokens)
     h_rows = routed[hold]
-    h_ids = np.zeros(geometric_bucket(h_rows.size), np.int64)
+    h_ids = np.zeros(power_of_two(h_rows.size), np.int64)
     h_ids[: h_rows.size] = h_rows
     h_w = np.zeros(h_ids.size, np.float64)
     h_w[: h_rows.size] = w2[h_rows] / w2[h_rows].sum()

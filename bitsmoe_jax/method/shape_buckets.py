@@ -15,3 +15,9 @@ def geometric_bucket(n: int) -> int:
         return max(n, 1)
     p = 1 << (n - 1).bit_length()  # the power of two >= n
     return 3 * p // 4 if 3 * p // 4 >= n else p
+
+
+def power_of_two(n: int) -> int:
+    """The smallest power of two >= n (at least 1): coarser than `geometric_bucket`, for
+    programs whose compilation costs more than up to 2× the rows."""
+    return 1 << max(int(n) - 1, 0).bit_length()

@@ -230,7 +230,13 @@ class WorkDir:
             if packed is not None:
                 _save_packed(d, packed)
                 if packed[0] is None:
-                    staged = sorted(self.root.glob(f".shard-{layer_name(i)}-p*"))
+                    # this run's processes' shards only: a killed earlier attempt with more
+                    # processes may have left others (a process without real experts has none)
+                    staged = [
+                        shard
+                        for k in range(jax.process_count())
+                        if (shard := self._shard_dir(i, k)).is_dir()
+                    ]
                     if not staged:
                         raise FileNotFoundError(
                             f"{self.root}: layer {i}'s expert shards are missing"
@@ -260,7 +266,7 @@ class WorkDir:
         `pack_layer(own_only=True)`) where process 0's commit of the layer will pick them up:
         durable before the barrier that precedes the commit. A leftover of a killed run is
         replaced."""
-        d = self.root / f".shard-{layer_name(i)}-p{jax.process_index():05d}"
+        d = self._shard_dir(i, jax.process_index())
         shutil.rmtree(d, ignore_errors=True)
         tmp = self.root / f".tmp-shard-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -269,6 +275,9 @@ class WorkDir:
         arrayfile.fsync_path(tmp)
         os.rename(tmp, d)
         arrayfile.fsync_path(self.root)
+
+    def _shard_dir(self, i: int, process: int) -> Path:
+        return self.root / f".shard-{layer_name(i)}-p{process:05d}"
 
     def load_top(self) -> dict:
         return arrayfile.load(self.root / TOP, "params")[0]
@@ -424,6 +433,19 @@ def _load_packed(
         if not shards:
             raise ValueError(f"{d}: a sharded packed layer without its shards")
         shards.sort(key=lambda t: t[1]["first"])
+        start = 0
+        for _, e in shards:  # consecutive experts from 0, none twice or missing
+            if e["first"] != start:
+                raise ValueError(
+                    f"{d}: expert shards do not join (one starts at expert {e['first']}, the "
+                    f"experts before it end at {start})"
+                )
+            start += int(e["meta"]["num_experts"])
+        if start != len(tree["bits"]["gate"]):
+            raise ValueError(
+                f"{d}: expert shards hold {start} experts, the layer has "
+                f"{len(tree['bits']['gate'])}"
+            )
         experts = merge_expert_shards(
             [QuantizedExperts.from_tree(arrays, e["meta"]) for arrays, e in shards]
         )
