@@ -257,10 +257,12 @@ def _layer_loop(
             # outputs (read again, a chunk at a time)
             if packed is None or not run.sequential:
                 block.experts = StreamedExperts(source, chunk)
-            elif own_only:  # each process its experts' rows, broadcast to the others
-                block.experts = StreamedQuantizedExperts(qe, chunk, layout.process_ranges())
-            elif qe.resolved_backend() == "xla":  # dequantized a chunk of experts at a time
-                block.experts = StreamedQuantizedExperts(qe, chunk)
+            elif own_only or qe.resolved_backend() == "xla":
+                # dequantized a chunk of experts at a time; expert-parallel: each process its
+                # experts' rows, broadcast to the others (a fresh block has no kernel layout, so
+                # "auto" is XLA here on every platform and mesh)
+                ranges = layout.process_ranges() if own_only else None
+                block.experts = StreamedQuantizedExperts(qe, chunk, ranges)
             else:  # a kernel reads the packed factors as they are
                 block.experts = qe
             t = time.time()
