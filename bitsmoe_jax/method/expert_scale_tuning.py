@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
-from bitsmoe_jax.method.error_feedback import CalibrationInputs, hidden_glu, routed_rows
+from bitsmoe_jax.method.error_feedback import CalibrationInputs, hidden_glu
 from bitsmoe_jax.method.shape_buckets import geometric_bucket, power_of_two
 from bitsmoe_jax.models.moe import ExpertFn, GluActivation
 
@@ -211,19 +211,14 @@ def tune_expert_scales(
     (read for 16-bit rows); down_gram: ŨᵀŨ of the dequantized down basis [r, r]; bias: GPT-OSS's
     gate/up biases [F] each.
     """
-    idx, real = routed_rows(w2)  # the padding weighted zero
-    if real == 0 or not any(((b >= 1) & (b <= 8)).any() for b in bits.values()):
+    routed = np.flatnonzero(w2 > 0)
+    if routed.size == 0 or not any(((b >= 1) & (b <= 8)).any() for b in bits.values()):
         return scales, NOT_FITTED
-    hold = holdout_mask(len(w2))[idx[:real]]
+    hold = holdout_mask(len(w2))[routed]
     if hold.all() or not hold.any():  # too few tokens to hold some out: leave it untuned
         return scales, NOT_FITTED
-    routed = idx[:real]
     t_ids, t_w = token_batches(routed[~hold], w2[routed[~hold]], tuning.batch_tokens)
-    h_rows = routed[hold]
-    h_ids = np.zeros(power_of_two(h_rows.size), np.int64)
-    h_ids[: h_rows.size] = h_rows
-    h_w = np.zeros(h_ids.size, np.float64)
-    h_w[: h_rows.size] = w2[h_rows] / w2[h_rows].sum()
+    (h_ids,), (h_w,) = token_batches(routed[hold], w2[routed[hold]], 0)  # one batch, every step
     f_width = codes["gate"].shape[-1]
     mult, fixed = {}, {}
     for p in PROJECTIONS:

@@ -275,8 +275,8 @@ def _layer_loop(
         t = time.time()
         info = {"index": i, "wall_s": t - t0, "stage_s": dict(stages)}
         if own_only and packed is not None:
-            if layout.local_experts():  # a process may hold only padding experts
-                work.stage_shard(i, packed[0], layout.local_experts()[0])
+            if mine := layout.local_experts():  # a process may hold only padding experts
+                work.stage_shard(i, packed[0], mine[0])
             distributed.barrier(f"layer_{i}_shards_staged")
             packed = (None, *packed[1:])  # process 0's commit moves every shard in
         work.commit_layer(i, dense, np.asarray(x), info, packed, problem if keep_problems else None)
