@@ -2,7 +2,7 @@
 llama.cpp IQ2_XXS / Q2_K and bf16 experts.
 
     python bench/decode_bytes.py DIR [DIR ...] [--batch 1 64] [--json OUT]
-    python bench/decode_bytes.py --layout deepseek-v3:7168:2048:256:8:2.14   # no checkpoint
+    python bench/decode_bytes.py --layout deepseek-v3:7168:2048:256:8:2.14[:4]   # no checkpoint
 
 Why: decode is bound by the bytes it reads, and storage bpw hides what a step reads. A BitsMoE
 layer reads its shared bases whole for every step (every token uses them) plus the packed factors
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from bitsmoe_jax.io.checkpoint import load_tree
+from bitsmoe_jax.method.decompose import basis_stored_bits
 from bitsmoe_jax.serve.quantized_checkpoint import read_meta
 from bitsmoe_jax.serve.read_bytes import LAYOUT_BPW, layer_read_bytes, per_token_bytes
 
@@ -71,16 +72,18 @@ def checkpoint_rows(path: Path, batches: list[int]) -> dict[str, Any]:
 
 def layout_row(spec: str, batches: list[int]) -> dict[str, Any]:
     """Our bytes per token from the layout alone, for dims with no written checkpoint:
-    spec "NAME:D:F:E:K:BPW". The stored bits are BPW × E × 3·D·F (the effective bpw counts the
-    permutation at ceil(log2 K) bits an entry; a step reads its int32 container); the bases are
-    full rank, 8-bit codes and a bf16 scale per row (an upper bound: dropped components shrink
-    them); the rest is spread evenly over the experts."""
+    spec "NAME:D:F:E:K:BPW[:BASIS_BITS]" (basis bits 4 by default, the run's default). The stored
+    bits are BPW × E × 3·D·F (the effective bpw counts the permutation at ceil(log2 K) bits an
+    entry; a step reads its int32 container); the bases are full rank, stored as
+    `decompose.basis_stored_bits` counts them (an upper bound: dropped components shrink them);
+    the rest is spread evenly over the experts."""
     name, *nums = spec.split(":")
     d, f, e_count, k = (int(v) for v in nums[:4])
     bpw = float(nums[4])
+    basis_bits = int(nums[5]) if len(nums) > 5 else 4
     rank = min(d, e_count * f)
     units = e_count * rank  # per projection
-    bases = 3 * (d * rank + 2 * d)
+    bases = 3 * basis_stored_bits(d, rank, basis_bits) / 8
     perm_excess = 3 * units * (32 - int(np.ceil(np.log2(units)))) / 8
     experts_total = bpw * e_count * 3 * d * f / 8 - bases + perm_excess
     per_expert = np.full(e_count, experts_total / e_count)

@@ -124,7 +124,7 @@ def compare(
 
 ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
-        "BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 8-bit "
+        "BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 4-bit "
         "bases, GPTQ-style rounding)",
         {},
     ),
@@ -142,6 +142,8 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
         {"budget_scope": "model", "scale_tuning_steps": 50},
     ),
     ("super experts (auto, 8 bits)", {"super_experts": "auto"}),
+    ("6-bit bases", {"basis_bits": 6}),
+    ("8-bit bases (the default before 2026-12)", {"basis_bits": 8}),
     ("bf16 bases", {"basis_bits": 16}),
     ("calibrated on Milton, floor 0.25", {"calib_text": "milton"}),
     ("calibrated on Milton, floor 0", {"calib_text": "milton", "expert_mass_floor": 0.0}),

@@ -7,8 +7,8 @@ Vg, Vu, U ([D, r], stored quantized, used dequantized as Ṽ):
     down[e] ≈ Bd[e]ᵀ @ Ũᵀ       Bd[e] = pinv(Ũ) @ down[e]ᵀ          [r, F]
 
 so every projection's units are rows of an [E, r, F] array (unit (e, k) = row k, length F).
-Factors are fitted to the *dequantized* bases (least squares), so 8-bit bases cost nothing at full
-rank: Ṽ is square and invertible and the fit is exact.
+Factors are fitted to the *dequantized* bases (least squares), so quantized bases (4 bits by
+default) lose nothing at full rank: Ṽ is square and invertible and the fit is exact.
 
 Per-element loss weights (see calibration.py for S and c):
     gate:  W[e, k, f] = S_gate[e][f, k] · ‖down[e][f, :]‖²

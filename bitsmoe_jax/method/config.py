@@ -25,8 +25,13 @@ class MethodConfig:
     basis: str = "svd"
     #: "token_sum" keeps routing frequency in the loss; "expert_mean" (ablation) drops it
     loss_weighting: str = "token_sum"
-    #: stored precision of the shared bases: 8 (int8 per row + bf16 scale) or 16 (bf16)
-    basis_bits: int = 8
+    #: stored precision of the shared bases: 4 or 6 (bit-plane words) or 8 (int8), each with one
+    #: bf16 scale per row; or 16 (bf16). 4 by default: the factors are fitted to the dequantized
+    #: basis, so the bits a coarse basis saves buy more than its error costs (docs/quantizing.md)
+    basis_bits: int = 4
+    #: precisions each layer's bases are chosen from by the allocation's predicted loss at the
+    #: layer's share of the first budget (empty: `basis_bits` everywhere); run/basis_precision.py
+    basis_bits_choices: tuple[int, ...] = ()
     #: components kept in the bases (None = full rank)
     rank: int | None = None
     #: "exact" (every unit at every width) or "sampled" (kappa_b * ||unit||^2)

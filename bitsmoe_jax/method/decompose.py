@@ -24,12 +24,14 @@ of the weights') cannot afford.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from bitsmoe_jax.method.packing import pack_bitplanes, unpack_bitplanes_jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -96,41 +98,55 @@ def expert_factors_cols(w: jax.Array, u: jax.Array) -> jax.Array:
     )
 
 
+#: Stored precisions of a shared basis: symmetric integer codes with one bf16 scale per row of
+#: ``V`` (4, 6, 8 bits) or bf16 values (16). The expert factors are fitted to the dequantized basis,
+#: so a coarser basis costs fidelity only through the factors it leaves to quantize; at equal bits
+#: per weight its saved bits buy more factor bits (docs/quantizing.md, "Basis precision").
+BASIS_BITS = (4, 6, 8, 16)
+
+
 class QuantizedBasis(NamedTuple):
-    """A stored basis: ``values`` int8 ``[D, r]`` with bf16 ``scales [D]`` (8 bits), or bf16
-    ``values`` and ``scales=None`` (16 bits)."""
+    """A quantized basis: ``values`` int8 codes ``[D, r]`` in ``[-(2**(b-1)-1), 2**(b-1)-1]`` with
+    bf16 ``scales [D]`` (4, 6, 8 bits), or bf16 ``values`` and ``scales=None`` (16 bits)."""
 
     values: jax.Array
     scales: jax.Array | None
     bits: int
 
 
-def quantize_basis(v: jax.Array, bits: int = 8) -> tuple[QuantizedBasis, jax.Array]:
-    """Store the shared basis at 8 or 16 bits; returns ``(stored, dequantized float32 [D, r])``.
+def _check_basis_bits(bits: int) -> int:
+    if int(bits) not in BASIS_BITS:
+        raise ValueError(f"basis bits must be one of {BASIS_BITS}, got {bits}")
+    return int(bits)
 
-    8 bits: symmetric int8 in ``[-127, 127]`` with one bf16 scale per row of ``V`` (per hidden-dim
-    index). Per row because that is where the scale folds away at inference: ``z = Vᵀx`` becomes
-    ``Qᵀ(s ⊙ x)`` and ``y = U acc`` becomes ``s ⊙ (Q acc)`` — one elementwise multiply on a
-    D-vector, then a plain int8 matmul. The scale is rounded *up* to a bf16 value before the
-    codes are computed, so the row maximum never clips and the dequantized basis is exactly
-    ``codes · stored scale``. The orthonormal columns of ``V`` have comparable entries, so
-    max-abs scaling at 255 levels is what the design measured as lossless.
-    16 bits: bf16 values.
+
+def quantize_basis(v: jax.Array, bits: int = 8) -> tuple[QuantizedBasis, jax.Array]:
+    """Quantize the shared basis; returns ``(quantized, dequantized float32 [D, r])``.
+
+    4, 6, 8 bits: symmetric codes in ``[-(2**(b-1)-1), 2**(b-1)-1]`` with one bf16 scale per row
+    of ``V`` (per hidden-dim index). Per row because that is where the scale folds away at
+    inference: ``z = Vᵀx`` becomes ``Qᵀ(s ⊙ x)`` and ``y = U acc`` becomes ``s ⊙ (Q acc)`` — one
+    elementwise multiply on a D-vector, then a plain integer-code matmul. The scale is rounded *up*
+    to a bf16 value before the codes are computed, so the row maximum never clips and the
+    dequantized basis is exactly ``codes · stored scale``. The orthonormal columns of ``V`` have
+    comparable entries, so max-abs scaling is what the design measured as lossless at 8 bits; at
+    4 or 6 bits the basis is no longer orthonormal, but it stays full rank and the factors are
+    fitted to exactly this dequantized basis. 16 bits: bf16 values.
     """
+    bits = _check_basis_bits(bits)
     v = jnp.asarray(v).astype(jnp.float32)
     if bits == 16:
         stored = v.astype(jnp.bfloat16)
         return QuantizedBasis(stored, None, 16), jnp.asarray(np.asarray(stored).astype(np.float32))
-    if bits != 8:
-        raise ValueError(f"basis bits must be 8 or 16, got {bits}")
+    qmax = np.float32(2 ** (bits - 1) - 1)
     vn = np.asarray(v)
     row_max = np.abs(vn).max(axis=1) if vn.size else np.zeros(vn.shape[0], np.float32)
-    scale = _bf16_ceil(row_max / np.float32(127.0))
+    scale = _bf16_ceil(row_max / qmax)
     safe = np.where(scale > 0, scale, np.float32(1.0))
-    codes = np.clip(np.rint(vn / safe[:, None]), -127, 127).astype(np.int8)
+    codes = np.clip(np.rint(vn / safe[:, None]), -qmax, qmax).astype(np.int8)
     deq = codes.astype(np.float32) * scale[:, None]
     return (
-        QuantizedBasis(jnp.asarray(codes), jnp.asarray(scale.astype(ml_dtypes.bfloat16)), 8),
+        QuantizedBasis(jnp.asarray(codes), jnp.asarray(scale.astype(ml_dtypes.bfloat16)), bits),
         jnp.asarray(deq),
     )
 
@@ -148,13 +164,51 @@ def _bf16_ceil(x: np.ndarray) -> np.ndarray:
 
 
 def basis_stored_bits(d: int, r: int, bits: int = 8) -> int:
-    """Bits to store a ``[D, r]`` basis: ``8·D·r + 16·D`` (int8 + per-row bf16 scales) or
-    ``16·D·r``."""
-    if bits == 8:
-        return 8 * int(d) * int(r) + 16 * int(d)
+    """Bits to store a ``[D, r]`` basis as :func:`stored_basis_arrays` lays it out: ``8·D·r`` int8
+    codes, or ``b·ceil(D/32)·32·r`` bit-plane words for 4 and 6 bits (each of the ``r`` columns
+    packed over D, padded to whole 32-value blocks), plus ``16·D`` for the row scales; or
+    ``16·D·r`` (bf16)."""
+    bits = _check_basis_bits(bits)
+    d, r = int(d), int(r)
     if bits == 16:
-        return 16 * int(d) * int(r)
-    raise ValueError(f"basis bits must be 8 or 16, got {bits}")
+        return 16 * d * r
+    rows = d if bits == 8 else -(-d // 32) * 32
+    return bits * rows * r + 16 * d
+
+
+def stored_basis_arrays(codes: np.ndarray, scale: np.ndarray | None, bits: int) -> dict:
+    """The arrays a checkpoint stores for a basis: ``{"q": int8 [D, r], "scale": bf16 [D]}`` at 8
+    bits, ``{"q": bf16 [D, r]}`` at 16, and at 4 or 6 bits ``{"planes": uint32 [r, ceil(D/32)·b],
+    "scale": bf16 [D]}``: the codes' transpose in `packing.pack_bitplanes`' bit-plane layout —
+    packed along D, which real models make a multiple of 32, so that no column pads."""
+    bits = _check_basis_bits(bits)
+    if bits in (8, 16):
+        return {"q": codes} | ({"scale": scale} if scale is not None else {})
+    planes = pack_bitplanes(np.ascontiguousarray(np.asarray(codes).T), bits)
+    return {"planes": planes, "scale": scale}
+
+
+def basis_codes(arrays: dict) -> jax.Array:
+    """The ``[D, r]`` codes (or bf16 values) of a stored basis, whatever its layout (jnp: inside
+    the served forward a packed basis is unpacked where it is read)."""
+    if "planes" not in arrays:
+        return arrays["q"][...]
+    d = int(arrays["scale"][...].shape[0])
+    return unpack_bitplanes_jnp(arrays["planes"][...], basis_bits_of(arrays), d).T
+
+
+def has_basis(arrays: Any) -> bool:
+    """Whether stored basis arrays hold a basis (the "no basis" ablation stores none)."""
+    return "q" in arrays or "planes" in arrays
+
+
+def basis_bits_of(arrays: dict) -> int:
+    """The stored precision of a basis from its arrays (8: int8 codes, 16: bf16 values, else the
+    bit-plane count)."""
+    if "planes" in arrays:
+        d = int(arrays["scale"][...].shape[0])
+        return int(arrays["planes"][...].shape[-1]) // -(-d // 32)
+    return 8 if "scale" in arrays else 16
 
 
 __all__ = [
@@ -163,7 +217,12 @@ __all__ = [
     "basis_from_gram",
     "expert_factors_rows",
     "expert_factors_cols",
+    "BASIS_BITS",
     "QuantizedBasis",
     "quantize_basis",
     "basis_stored_bits",
+    "stored_basis_arrays",
+    "basis_codes",
+    "basis_bits_of",
+    "has_basis",
 ]

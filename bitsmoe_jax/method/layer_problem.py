@@ -64,6 +64,9 @@ class LayerProblem:
     # The layer's calibration inputs and routing, for GPTQ-style rounding (rounding="gptq"); None =
     # nearest.
     calib: CalibrationInputs | None = None
+    # With several basis precisions to choose from: the predicted loss of the layer's allocation
+    # at each ({str(bits): loss}; `run/basis_precision.py`); None when the precision was fixed.
+    basis_choice: dict[str, float] | None = None
 
     @property
     def num_weights(self) -> int:
@@ -327,6 +330,16 @@ def projection_basis(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One projection's (stored, dequantized) basis from its Gram matrix: a streamed layer builds
     each as soon as its Gram is summed, so only one D×D Gram is alive at a time."""
+    return quantized_basis(projection_vectors(p, gram, rank, whitening), basis_bits)
+
+
+def projection_vectors(
+    p: str,
+    gram: np.ndarray,
+    rank: int | None,
+    whitening: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """One projection's float32 basis ``[D, r]`` before quantization (`projection_basis`)."""
     if whitening is not None and p != "down":
         c_half, c_inv_half = whitening
         g = c_half @ np.asarray(gram, np.float64) @ c_half
@@ -339,7 +352,12 @@ def projection_basis(
         v = jnp.asarray(q * np.sign(np.diag(r))[None, :], jnp.float32)
     else:
         v, _ = basis_lib.basis_from_gram(jnp.asarray(gram), rank)
-    st, dq = basis_lib.quantize_basis(v, basis_bits)
+    return np.asarray(v, np.float32)
+
+
+def quantized_basis(v: np.ndarray, basis_bits: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(stored codes and scales — the problem's form, unpacked —, dequantized float32 basis)."""
+    st, dq = basis_lib.quantize_basis(jnp.asarray(v, jnp.float32), basis_bits)
     stored = {"q": np.asarray(st.values)} | (
         {"scale": np.asarray(st.scales)} if st.scales is not None else {}
     )

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitsmoe_jax.method import decompose as basis_lib
 from bitsmoe_jax.method import sharded
 from bitsmoe_jax.method.calibrate import ExpertStats
 from bitsmoe_jax.method.coefficients import (
@@ -55,7 +56,8 @@ from bitsmoe_jax.method.layer_problem import (
     basis_whitening,
     dequantized_basis,
     outlier_experts,
-    projection_basis,
+    projection_vectors,
+    quantized_basis,
 )
 from bitsmoe_jax.method.packing import (
     PackedMatrix,
@@ -110,28 +112,33 @@ def streamed_bases(
     config: ModelConfig,
     x: np.ndarray,
     timings: dict,
+    vectors: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict]:
     """`layer_problem.make_bases` over a streamed layer: each projection's Gram matrix is summed
-    round by round, reading only that projection of this process's experts of the round."""
+    round by round, reading only that projection of this process's experts of the round.
+
+    `vectors` caches the float bases across calls on one layer (bases of several precisions
+    quantize the same vectors): filled when empty, read instead of the Gram sums when not."""
     if params.basis == "none":
         return bases_from_grams({}, config.hidden_size, params.rank, params.basis_bits, "none")
     shapes = _shapes(config)
     whitening = basis_whitening(params.basis, x)
+    vectors = {} if vectors is None else vectors
     stored, deq = {}, {}
     for p in PROJECTIONS:
-        acc = sharded.GramAccumulator(layout, p == "down")
-        for rnd in rounds:
-            t = time.time()
-            local = layout.round_local(rnd)
-            mats = dict(zip(local, source.read(local, (p,))[p], strict=True))
-            timings["read"] += time.time() - t
-            acc.add_round(rnd, mats.__getitem__, shapes[p])
-            del mats
-        # This projection's basis before the next Gram: one D×D Gram alive at a time.
-        stored[p], deq[p] = projection_basis(
-            p, acc.result(), params.rank, params.basis_bits, whitening
-        )
-        del acc
+        if p not in vectors:
+            acc = sharded.GramAccumulator(layout, p == "down")
+            for rnd in rounds:
+                t = time.time()
+                local = layout.round_local(rnd)
+                mats = dict(zip(local, source.read(local, (p,))[p], strict=True))
+                timings["read"] += time.time() - t
+                acc.add_round(rnd, mats.__getitem__, shapes[p])
+                del mats
+            # This projection's basis before the next Gram: one D×D Gram alive at a time.
+            vectors[p] = projection_vectors(p, acc.result(), params.rank, whitening)
+            del acc
+        stored[p], deq[p] = quantized_basis(vectors[p], params.basis_bits)
     return stored, deq
 
 
@@ -233,6 +240,7 @@ def build_problem(
     chunk: int | None = None,
     store_dir: Path | None = None,
     gather_units: bool = True,
+    vectors: dict[str, np.ndarray] | None = None,
 ) -> LayerProblem:
     """Bases, statistics, units, weights and coefficients of one MoE layer (x: MoE input [N, D]),
     `chunk` experts per device at a time (default: a device's whole block).
@@ -240,7 +248,8 @@ def build_problem(
     The units and loss weights go to a `DiskUnits` store at `store_dir` (default: held in memory);
     the returned problem reads them back a chunk at a time. Several processes: each stores its own
     experts' units, and with `gather_units` every expert's (a problem packed again later, at
-    another budget or by one process, needs them all).
+    another budget or by one process, needs them all). `vectors`: the float bases, shared by the
+    problems of one layer at several basis precisions (`streamed_bases`).
     """
     e_count = config.num_experts
     layout = _layout(mesh, e_count)
@@ -249,7 +258,7 @@ def build_problem(
     x = routing.x_in  # from here on: the experts' input
     x_np = np.asarray(x, np.float32)
     t = time.time()
-    stored, deq = streamed_bases(source, layout, rounds, params, config, x_np, timings)
+    stored, deq = streamed_bases(source, layout, rounds, params, config, x_np, timings, vectors)
     pinv = {p: basis_pinv(deq[p]) for p in PROJECTIONS}
     timings["basis"] += time.time() - t
     fn = block_expert_fn(block)
@@ -541,8 +550,13 @@ def round_and_pack(
         )
         for p in PROJECTIONS
     }
+    # kept components only; at 4 or 6 bits the codes are packed into bit-plane words here
     bases = {
-        p: {k: (v[:, keep[p]] if k == "q" else v) for k, v in problem.bases[p].items()}
+        p: basis_lib.stored_basis_arrays(
+            problem.bases[p]["q"][:, keep[p]], problem.bases[p].get("scale"), problem.basis_bits
+        )
+        if problem.bases[p]
+        else {}
         for p in PROJECTIONS
     }
     return bases, packed

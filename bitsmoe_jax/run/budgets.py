@@ -111,8 +111,11 @@ def pack_later_budgets(
 def problem_summary(p: LayerProblem, tuning: TuningStats | None = None) -> dict[str, Any]:
     """The layer's record in the report (with what the scale tuning did, when it ran)."""
     extra = {"scale_tuning": tuning.to_json()} if tuning is not None and tuning.experts else {}
+    if p.basis_choice is not None:
+        extra["basis_choice"] = {"predicted_loss": dict(p.basis_choice)}
     return {
         **extra,
+        "basis_bits": int(p.basis_bits),
         "starved_experts": [int(e) for e in p.stats.starved],
         "tokens_per_expert": np.asarray(p.stats.tokens).tolist(),
         "super_experts": [int(e) for e in p.super_experts],

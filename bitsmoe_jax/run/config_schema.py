@@ -17,6 +17,7 @@ import ml_collections
 
 from bitsmoe_jax.method.config import FIELDS as METHOD_FIELDS
 from bitsmoe_jax.method.config import MethodConfig
+from bitsmoe_jax.method.decompose import BASIS_BITS
 from bitsmoe_jax.parallel.distributed import DistributedConfig
 
 METHODS = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise", "kquant")
@@ -57,7 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss_weighting = (
         "token_sum"  # token_sum | expert_mean (ablation: per-expert means drop routing frequency)
     )
-    c.basis_bits = 8  # 8 (int8 per row + bf16 scale) or 16 (bf16)
+    c.basis_bits = 4  # 4, 6 (bit-plane words), 8 (int8) with bf16 row scales; or 16 (bf16)
+    # e.g. (4, 6, 8): each layer's bases at the precision whose allocation predicts the least loss
+    c.basis_bits_choices = ()
     c.rank = ml_collections.FieldReference(None, field_type=int)  # None = full rank
     c.coefficient_mode = "exact"  # exact | sampled (kappa_b * ||unit||^2)
     # gptq: gate/up factor rows rounded with GPTQ error feedback in component space (same bits, same
@@ -132,7 +135,13 @@ FIELD_HELP: dict[str, str] = {
     "group_size": "values per bf16 scale of the factors",
     "basis": "svd (shared basis from the weights), whitened or none (ablations)",
     "loss_weighting": "token_sum (routing frequency counts) or expert_mean (ablation)",
-    "basis_bits": "stored precision of the shared bases: 8 (int8 + bf16 row scales) or 16",
+    "basis_bits": (
+        "stored precision of the shared bases: 4, 6 or 8 (integer codes + bf16 row scales) or 16"
+    ),
+    "basis_bits_choices": (
+        "precisions each layer's bases are chosen from, by the predicted loss of the layer's "
+        "allocation at the first budget (empty: basis_bits)"
+    ),
     "rank": "components kept in the shared bases (None: full rank)",
     "coefficient_mode": "exact (every component at every width) or sampled (faster)",
     "rounding": "gptq (error feedback in component space) or nearest (faster)",
@@ -262,8 +271,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("basis", "svd, whitened, none")
     if c.loss_weighting not in ("token_sum", "expert_mean"):
         bad("loss_weighting", "token_sum, expert_mean")
-    if c.basis_bits not in (8, 16):
-        bad("basis_bits", "8 or 16")
+    choices = c.basis_bits_choices
+    if not isinstance(choices, (tuple, list)) or any(b not in BASIS_BITS for b in choices):
+        bad("basis_bits_choices", f"() or a tuple from {BASIS_BITS}")
+    if len(set(choices)) != len(choices):
+        bad("basis_bits_choices", "distinct precisions")
+    if c.basis_bits not in BASIS_BITS:
+        bad("basis_bits", ", ".join(str(b) for b in BASIS_BITS[:-1]) + f" or {BASIS_BITS[-1]}")
     if not _is_bits_tuple(c.candidate_bits) or 0 not in c.candidate_bits:
         bad("candidate_bits", f"a tuple from {VALID_BITS} that includes 0")
     if c.super_expert_bits not in (8, 16):

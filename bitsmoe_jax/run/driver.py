@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +29,7 @@ from bitsmoe_jax.models.moe import MoEBlock
 from bitsmoe_jax.models.transformer import attention_part
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run import faults, fingerprint
+from bitsmoe_jax.run.basis_precision import build_with_basis_choice
 from bitsmoe_jax.run.budgets import (
     budget_dirs,
     dense_expert_fn,
@@ -218,28 +220,35 @@ def _layer_loop(
             if fn.bias is not None:  # the expert biases as stored: what the quantized model runs
                 for k, v in fn.bias.items():
                     getattr(block.expert_bias, k)[...] = jnp.asarray(v)
-            problem = build_problem(
+            problem, chosen = build_with_basis_choice(
                 i,
-                block,
-                source,
-                moe_in.reshape(-1, config.hidden_size),
                 run.params,
-                config,
+                functools.partial(
+                    build_problem,
+                    i,
+                    block,
+                    source,
+                    moe_in.reshape(-1, config.hidden_size),
+                    config=config,
+                    timings=stages,
+                    mesh=mesh,
+                    chunk=chunk,
+                    gather_units=keep_problems,
+                ),
+                functools.partial(work.scratch, i),
+                first_budget,
                 stages,
-                mesh=mesh,
-                chunk=chunk,
-                store_dir=work.scratch(i),
-                gather_units=keep_problems,
             )
             scratch = problem.store
             if run.budget_scope == "layer":
                 t = time.time()
-                bits, allocs = allocate_layers(
-                    [problem], first_budget, "layer", run.params.allocator_options()
-                )[i]
-                bits = distributed.broadcast_from_writer(
-                    bits
-                )  # one allocation (process 0's) everywhere
+                if chosen is None:
+                    chosen = allocate_layers(
+                        [problem], first_budget, "layer", run.params.allocator_options()
+                    )[i]
+                    # one allocation (process 0's) everywhere
+                    chosen = (distributed.broadcast_from_writer(chosen[0]), chosen[1])
+                bits, allocs = chosen
                 stages["allocation"] += time.time() - t
                 t = time.time()
                 tuned = TuningStats()

@@ -377,10 +377,11 @@ class WorkDir:
         tree, extra = arrayfile.load(d, "problem", mmap=True)
         return problem_from_tree(tree, extra, DiskUnits(d / UNITS))
 
-    def scratch(self, i: int) -> Path:
+    def scratch(self, i: int, tag: str = "") -> Path:
         """Where layer `i`'s units are spilled while it is worked on (this process's own; a
-        leftover of a killed run is removed when the layer starts again)."""
-        d = self.root / f".scratch-{layer_name(i)}-p{jax.process_index()}"
+        leftover of a killed run is removed when the layer starts again). `tag`: one of several
+        stores of the layer (its problems at several basis precisions)."""
+        d = self.root / f".scratch-{layer_name(i)}-p{jax.process_index()}{'-' + tag if tag else ''}"
         shutil.rmtree(d, ignore_errors=True)
         return d
 
@@ -515,6 +516,8 @@ def problem_to_tree(p: LayerProblem) -> tuple[dict[str, Any], dict[str, Any]]:
         "min_tokens": int(calib.min_tokens) if calib is not None else 0,
         "stats_fields": [f.name for f in dataclasses.fields(ExpertStats)],
     }
+    if p.basis_choice is not None:
+        extra["basis_choice"] = dict(p.basis_choice)
     extra["super_experts"] = [int(e) for e in extra["super_experts"]]
     return tree, extra
 
@@ -542,6 +545,8 @@ def problem_from_tree(
     optional: dict[str, Any] = {}
     if "calib" in tree:
         optional["calib"] = CalibrationInputs(**tree["calib"], min_tokens=int(extra["min_tokens"]))
+    if "basis_choice" in extra:
+        optional["basis_choice"] = {str(k): float(v) for k, v in extra["basis_choice"].items()}
     return LayerProblem(
         store=store,
         coeffs=coeffs,

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bitsmoe_jax.method import decompose as basis_lib
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.expert_scale_tuning import ScaleTuning, TuningStats
 from bitsmoe_jax.method.layer_problem import LayerProblem
@@ -155,11 +156,10 @@ class QuantizedExperts(nnx.Module):
         """Dequantized basis [D, r], or None for the identity (the "no basis" ablation stores
         none)."""
         b = self.basis[p]
-        if "q" not in b:
+        if not basis_lib.has_basis(b):
             return None
-        if "scale" in b:
-            return b["q"][...].astype(jnp.float32) * b["scale"][...].astype(jnp.float32)[:, None]
-        return b["q"][...].astype(jnp.float32)
+        q = basis_lib.basis_codes(b).astype(jnp.float32)
+        return q * b["scale"][...].astype(jnp.float32)[:, None] if "scale" in b else q
 
     def factor_matrix(self, p: str) -> jax.Array:
         """Dequantized factors [E, r, F]."""
@@ -302,19 +302,20 @@ class QuantizedExperts(nnx.Module):
         (x⊙s)·Q``), so no float copy of the ``[D, r]`` basis is made per call (decode reads it every
         token)."""
         b = self.basis[p]
-        if "q" not in b:
+        if not basis_lib.has_basis(b):
             return x
         if "scale" in b:
             x = x * b["scale"][...].astype(x.dtype)
-        return x @ b["q"][...].astype(x.dtype)
+        return x @ basis_lib.basis_codes(b).astype(x.dtype)
 
     def _basis_out(self, acc: jax.Array, dt: Any) -> jax.Array:
         """``acc·Ũᵀ`` (float32) with ``Ũ = Q⊙s`` applied as ``(acc·Qᵀ)⊙s``, operands in the
         activation dtype."""
         b = self.basis["down"]
-        if "q" not in b:
+        if not basis_lib.has_basis(b):
             return acc
-        y = jnp.matmul(acc.astype(dt), b["q"][...].astype(dt).T, preferred_element_type=jnp.float32)
+        q = basis_lib.basis_codes(b).astype(dt)
+        y = jnp.matmul(acc.astype(dt), q.T, preferred_element_type=jnp.float32)
         return y * b["scale"][...].astype(jnp.float32) if "scale" in b else y
 
     # ------------------------------------------------------------------ accounting / I/O
@@ -323,11 +324,9 @@ class QuantizedExperts(nnx.Module):
         permutation)."""
         total = 0
         for p in PROJECTIONS:
-            b = self.basis[p]
-            if "q" in b:
-                total += int(np.prod(b["q"].shape)) * (8 if "scale" in b else 16)
-            if "scale" in b:
-                total += int(np.prod(b["scale"].shape)) * 16
+            # codes, bit-plane words, bf16 values and row scales: every byte stored
+            for a in self.basis[p].values():
+                total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize * 8
             total += self.packed_matrix(p).stored_bits()
         return total
 

@@ -2,7 +2,7 @@
 
 Why: rounding picks the codes well (error feedback), but each group scale is then chosen alone, for
 its own group's weighted error. The numbers that go with the codes — the factors' bf16 group
-scales and the 8-bit bases' per-row scales — can instead be fitted jointly to what matters: the
+scales and the bases' per-row scales — can instead be fitted jointly to what matters: the
 quantized model's next-token distribution against the unquantized one's. Only floats that are
 already stored change, at their stored dtype and shape, so the format and every counted bit stay
 as they are.

@@ -126,8 +126,44 @@ def test_quantize_basis():
     )
     assert bs.basis_stored_bits(24, 24, 8) == codes.size * 8 + scales.size * 16
     assert bs.basis_stored_bits(2048, 2048, 16) == 2048 * 2048 * 16
-    with pytest.raises(ValueError):
-        bs.quantize_basis(v, 4)
+    for bad in (3, 5, 7):
+        with pytest.raises(ValueError, match="basis bits"):
+            bs.quantize_basis(v, bad)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("d", [24, 64])  # D not / a multiple of 32: padded / whole plane blocks
+def test_low_bit_basis_codes_words_and_bits(bits, d):
+    """4- and 6-bit bases: symmetric codes, row maxima never clipped, the stored bit-plane words
+    decode (numpy, bit by bit) to exactly the codes, and the stored bits are the arrays' bytes."""
+    rng = np.random.default_rng(bits + d)
+    v, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    v = v[:, : d - 5].astype(np.float32)  # truncated rank: r differs from D
+    stored, deq = bs.quantize_basis(v, bits)
+    codes, s32 = np.asarray(stored.values).astype(int), np.asarray(stored.scales).astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    assert stored.bits == bits and np.abs(codes).max() == qmax  # every row maximum at ±qmax
+    assert np.all(np.abs(codes).max(axis=1) == qmax)
+    np.testing.assert_array_equal(np.asarray(deq), codes.astype(np.float32) * s32[:, None])
+    assert np.all(np.abs(np.asarray(deq) - v) <= 0.5 * s32[:, None] * (1 + 1e-6))
+    arrays = bs.stored_basis_arrays(np.asarray(stored.values), np.asarray(stored.scales), bits)
+    assert set(arrays) == {"planes", "scale"} and arrays["planes"].dtype == np.uint32
+    words = arrays["planes"]  # [r, ceil(D/32)·b]: column c's D codes, 32 per block, plane-major
+    nb = -(-d // 32)
+    assert words.shape == (d - 5, nb * bits)
+    decoded = np.zeros((d - 5, nb * 32), np.int64)
+    for blk in range(nb):
+        for p in range(bits):
+            w = words[:, blk * bits + p].astype(np.int64)
+            for i in range(32):
+                decoded[:, blk * 32 + i] |= ((w >> i) & 1) << p
+    decoded = decoded[:, :d] - 2 ** (bits - 1)  # offset binary, the factors' convention
+    np.testing.assert_array_equal(decoded.T, codes)
+    np.testing.assert_array_equal(np.asarray(bs.basis_codes(arrays)), codes)
+    assert bs.basis_bits_of(arrays) == bits and bs.has_basis(arrays)
+    stored_bits = sum(a.size * a.dtype.itemsize * 8 for a in arrays.values())
+    assert bs.basis_stored_bits(d, d - 5, bits) == stored_bits
+    assert stored_bits == nb * 32 * (d - 5) * bits + 16 * d
 
 
 _SHARDED_SCRIPT = textwrap.dedent(

@@ -71,10 +71,10 @@ def stored_expert_bits(qdir: Path) -> tuple[int, int]:
         q = tree["experts_q"]
         for p in PROJECTIONS:
             b = q["basis"][p]
-            expert_bits += b["q"].size * b["q"].dtype.itemsize * 8  # int8 codes (or bf16 values)
-            if "scale" in b:
-                assert b["scale"].dtype.itemsize == 2
-                expert_bits += b["scale"].size * 16
+            # int8 codes, bit-plane words (4/6-bit bases) or bf16 values, and bf16 row scales
+            assert set(b) in ({"q", "scale"}, {"q"}, {"planes", "scale"}), set(b)
+            assert b.get("scale", np.zeros(0, jnp.bfloat16)).dtype.itemsize == 2
+            expert_bits += sum(a.size * a.dtype.itemsize * 8 for a in b.values())
             f = q["factors"][p]
             for a in f["payload"].values():
                 assert a.dtype in (np.uint32, jnp.bfloat16), a.dtype
@@ -431,6 +431,34 @@ def test_budget_scope_model(hf, texts, tmp_path):
     print("model scope: per-layer bpw", per_layer)
 
 
+def test_six_bit_bases_end_to_end(hf, texts, tmp_path):
+    """`basis_bits=6`: the bases are stored as bit-plane words at the bits the report counts, the
+    budget holds from the files, and the reported metrics are those of the written checkpoint
+    (recomputed from its logits against PyTorch's)."""
+    from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
+
+    out = tmp_path / "out"
+    code = quantize.main(
+        base_args(hf[0], out, texts[0], "--config.budget_bits=2.0", "--config.basis_bits=6")
+    )
+    assert code == 0
+    r = read_report(out)
+    expert_bits, _ = stored_expert_bits(out)
+    assert r["effective_bpw_experts"] == pytest.approx(
+        expert_bits / (3 * E * D * F * LAYERS), rel=1e-12
+    )
+    assert 0.9 * 2.0 < r["effective_bpw_experts"] <= 2.0
+    for i in range(LAYERS):
+        basis = load_tree(out / "params" / f"layer_{i:03d}")["experts_q"]["basis"]
+        kept = r["layers"][str(i)]["kept_components"]
+        for p in PROJECTIONS:
+            assert basis[p]["planes"].shape == (kept[p], -(-D // 32) * 6)
+    tokens = tokenize_text(load_tokenizer(hf[0]), read_text("shakespeare_test"))[:1024]
+    m = metrics_from_logits(tokens, quantized_logits_fn(out), lambda ids: torch_logits(hf[1], ids))
+    assert r["kl_divergence"] == pytest.approx(m["kl_divergence"], rel=1e-3, abs=1e-6)
+    assert abs(r["top1_agreement"] - m["top1_agreement"]) <= 2 / m["tokens"]
+
+
 def test_impossible_budget_exits_2_and_leaves_nothing(hf, texts, tmp_path, capsys):
     parent = tmp_path / "outputs"
     parent.mkdir()
@@ -447,9 +475,10 @@ def test_impossible_budget_exits_2_and_leaves_nothing(hf, texts, tmp_path, capsy
     )
     assert code == 2
     err = capsys.readouterr().err
-    # the minimum this layer needs: its three shared 8-bit bases (int8 codes + a bf16 scale per row)
-    # and permutations at full rank, every unit at 0 bits
-    minimum = 3 * (8 * D * D + 16 * D + E * D * math.ceil(math.log2(E * D))) / (3 * E * D * F)
+    # the minimum this layer needs: its three shared 4-bit bases (bit-plane words, D a multiple of
+    # 32, + a bf16 scale per row) and permutations at full rank, every unit at 0 bits
+    assert D % 32 == 0
+    minimum = 3 * (4 * D * D + 16 * D + E * D * math.ceil(math.log2(E * D))) / (3 * E * D * F)
     assert "budget 0.01" in err and f"minimum of {minimum:.4f}" in err, err
     assert f"choose budget_bits >= {math.ceil(minimum * 1e4) / 1e4:.4f}" in err, err
     assert " bits (" not in err and "allocator" not in err  # bits per weight only, no totals

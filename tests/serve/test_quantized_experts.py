@@ -4,7 +4,8 @@
   fake-quantized on its own by `quantizers.quantize_dequantize` (no packing, no permutation);
 * the block's forward against `models.moe.Experts` holding those dense weights, and against a
   float64 numpy loop over tokens and routed experts — bit mixes 0/1/2/3/4/8/16, experts with no
-  tokens, whole experts and whole projections at 0 bits, 8- and 16-bit bases, truncated rank;
+  tokens, whole experts and whole projections at 0 bits, 4-, 6-, 8- and 16-bit bases, truncated
+  rank;
 * `MoEBlock` with the experts swapped vs with dense dequantized experts;
 * `to_tree`/`from_tree` through `checkpoint.save_tree`/`load_tree`: bit-identical, zero-size arrays
   included;
@@ -64,8 +65,10 @@ def build(seed, ranks=None, basis_bits=None, bits=None, e=E, d=D, f=F, g=G):
         stored, deq = basis_lib.quantize_basis(
             jnp.asarray(orthonormal(rng, d, r), jnp.float32), basis_bits[p]
         )
-        bases[p] = {"q": np.asarray(stored.values)} | (
-            {"scale": np.asarray(stored.scales)} if stored.scales is not None else {}
+        bases[p] = basis_lib.stored_basis_arrays(
+            np.asarray(stored.values),
+            None if stored.scales is None else np.asarray(stored.scales),
+            basis_bits[p],
         )
         units = (rng.standard_normal((e, r, f)) * rng.uniform(0.2, 2.0, size=(e, r, 1))).astype(
             np.float32
@@ -130,6 +133,8 @@ def assert_close(a, b, rtol=2e-5):
 CASES = {
     "mix0": dict(seed=0),
     "mix1": dict(seed=1, basis_bits={"gate": 16, "up": 8, "down": 16}),
+    # bases at 4 and 6 bits: codes in bit-plane words, unpacked where the forward reads them
+    "lowbasis": dict(seed=2, basis_bits={"gate": 4, "up": 6, "down": 4}),
     # expert 1 entirely dropped, down entirely at 0 bits, up all at 16 bits
     "zeros": dict(
         seed=3,
@@ -213,7 +218,8 @@ def _flat(tree, prefix=""):
 def test_tree_round_trip_through_checkpoint_is_bit_identical(tmp_path):
     qe, _, _, _ = build_case("zeros")
     qe_mix, _, _, _ = build_case("mix1")
-    for name, q in (("zeros", qe), ("mix", qe_mix)):
+    qe_low, _, _, _ = build_case("lowbasis")
+    for name, q in (("zeros", qe), ("mix", qe_mix), ("low", qe_low)):
         arrays, meta = q.to_tree()
         save_tree(tmp_path / name, arrays)
         loaded = load_tree(tmp_path / name)
@@ -221,9 +227,8 @@ def test_tree_round_trip_through_checkpoint_is_bit_identical(tmp_path):
         q2 = QuantizedExperts.from_tree(loaded, meta2)
         a, b = _flat(arrays), _flat(q2.to_tree()[0])
         assert a.keys() == b.keys()
-        assert any(
-            v.size == 0 for v in a.values()
-        )  # 0-bit segments / 16-bit scales: zero-size arrays
+        if name != "low":  # 0-bit segments / 16-bit scales: zero-size arrays
+            assert any(v.size == 0 for v in a.values())
         for k in a:
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
             assert a[k].tobytes() == b[k].tobytes(), k
@@ -236,7 +241,7 @@ def test_tree_round_trip_through_checkpoint_is_bit_identical(tmp_path):
         assert q2.stored_bits() == q.stored_bits()
 
 
-@pytest.mark.parametrize("case", ["mix0", "mix1", "zeros"])
+@pytest.mark.parametrize("case", ["mix0", "mix1", "lowbasis", "zeros"])
 def test_stored_bits_hand_count(case):
     spec = CASES[case]
     qe, _, unit_bits, bases = build_case(case)
@@ -245,7 +250,13 @@ def test_stored_bits_hand_count(case):
     hand = 0
     for p in PROJECTIONS:
         r = ranks[p]
-        hand += D * r * 8 + D * 16 if basis_bits[p] == 8 else D * r * 16
+        bb = basis_bits[p]
+        if bb == 16:  # bf16 values
+            hand += D * r * 16
+        elif bb == 8:  # int8 codes + bf16 row scales
+            hand += D * r * 8 + D * 16
+        else:  # bit-plane words, each column packed over D in 32-value blocks + bf16 row scales
+            hand += -(-D // 32) * 32 * r * bb + D * 16
         hand += sum(quantizers.stored_bits(F, int(b), G) for b in unit_bits[p].ravel())
         hand += permutation_bits(E * r)
     assert qe.stored_bits() == hand
@@ -255,9 +266,13 @@ def test_stored_bits_hand_count(case):
     from_arrays = 0
     for p in PROJECTIONS:
         b = arrays["basis"][p]
-        from_arrays += b["q"].size * b["q"].dtype.itemsize * 8 + (
-            b["scale"].size * 16 if "scale" in b else 0
+        assert (
+            set(b)
+            == {4: {"planes", "scale"}, 6: {"planes", "scale"}, 8: {"q", "scale"}, 16: {"q"}}[
+                basis_bits[p]
+            ]
         )
+        from_arrays += sum(a.size * a.dtype.itemsize * 8 for a in b.values())
         f = arrays["factors"][p]
         from_arrays += sum(a.size * a.dtype.itemsize * 8 for a in f["payload"].values())
         from_arrays += sum(a.size * 16 for a in f["scales"].values())

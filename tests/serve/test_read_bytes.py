@@ -16,15 +16,15 @@ from bitsmoe_jax.serve.synthetic_experts import quantized_from_dense
 E, D, F = 6, 64, 96
 
 
-@pytest.fixture(scope="module")
-def block():
+@pytest.fixture(scope="module", params=[4, 8])  # bases as bit-plane words / int8 codes
+def block(request):
     rng = np.random.default_rng(0)
     gate, up = (rng.normal(size=(E, D, F)).astype(np.float32) for _ in range(2))
     down = rng.normal(size=(E, F, D)).astype(np.float32)
     # every storage kind: dropped (0), packed widths, 16-bit values; experts with different mixes
     bits = {p: rng.choice([0, 1, 2, 3, 4, 8, 16], size=(E, D)) for p in PROJECTIONS}
     bits["gate"][2] = 0  # an expert with nothing stored in one projection
-    return quantized_from_dense(gate, up, down, bits, rng, group_size=32)
+    return quantized_from_dense(gate, up, down, bits, rng, group_size=32, basis_bits=request.param)
 
 
 def _sliced_bytes(qe, experts: list[int]) -> int:
