@@ -43,8 +43,18 @@ def predicted_loss(problem: LayerProblem, bits: dict[str, np.ndarray]) -> float:
     return float(loss[free, cols].sum())
 
 
+def allocate_layer(
+    problem: LayerProblem, budget: float, params: MethodConfig
+) -> tuple[dict, list[Allocation]]:
+    """The layer's allocation at `budget` with its own (per-layer) budget: process 0's bits on
+    every process (a MILP with a time limit may stop at another incumbent on each host)."""
+    bits, allocs = allocate_layers([problem], budget, "layer", params.allocator_options())[
+        problem.index
+    ]
+    return distributed.broadcast_from_writer(bits), allocs
+
+
 def build_with_basis_choice(
-    index: int,
     params: MethodConfig,
     build: ProblemBuilder,
     scratch: Callable[[str], Path],
@@ -75,16 +85,13 @@ def build_with_basis_choice(
         )
         t = time.time()
         try:
-            bits, allocs = allocate_layers([problem], budget, "layer", params.allocator_options())[
-                index
-            ]
+            bits, allocs = allocate_layer(problem, budget, params)
         except BudgetError as e:
             error = error or e
             _drop(problem)
             continue
         finally:
             timings["allocation"] += time.time() - t
-        bits = distributed.broadcast_from_writer(bits)  # one allocation (process 0's) everywhere
         tried.append((predicted_loss(problem, bits), b, problem, bits, allocs))
     if not tried:
         assert error is not None

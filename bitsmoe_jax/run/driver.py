@@ -17,7 +17,6 @@ from bitsmoe_jax.loading import checkpoint_kind, iter_model_parts, model_config
 from bitsmoe_jax.method import sharded
 from bitsmoe_jax.method.expert_scale_tuning import TuningStats
 from bitsmoe_jax.method.expert_source import plan_chunk
-from bitsmoe_jax.method.layer_problem import allocate_layers
 from bitsmoe_jax.method.streamed import (
     StreamedExperts,
     StreamedQuantizedExperts,
@@ -29,7 +28,7 @@ from bitsmoe_jax.models.moe import MoEBlock
 from bitsmoe_jax.models.transformer import attention_part
 from bitsmoe_jax.parallel import distributed
 from bitsmoe_jax.run import faults, fingerprint
-from bitsmoe_jax.run.basis_precision import build_with_basis_choice
+from bitsmoe_jax.run.basis_precision import allocate_layer, build_with_basis_choice
 from bitsmoe_jax.run.budgets import (
     budget_dirs,
     dense_expert_fn,
@@ -221,7 +220,6 @@ def _layer_loop(
                 for k, v in fn.bias.items():
                     getattr(block.expert_bias, k)[...] = jnp.asarray(v)
             problem, chosen = build_with_basis_choice(
-                i,
                 run.params,
                 functools.partial(
                     build_problem,
@@ -242,13 +240,7 @@ def _layer_loop(
             scratch = problem.store
             if run.budget_scope == "layer":
                 t = time.time()
-                if chosen is None:
-                    chosen = allocate_layers(
-                        [problem], first_budget, "layer", run.params.allocator_options()
-                    )[i]
-                    # one allocation (process 0's) everywhere
-                    chosen = (distributed.broadcast_from_writer(chosen[0]), chosen[1])
-                bits, allocs = chosen
+                bits, allocs = chosen or allocate_layer(problem, first_budget, run.params)
                 stages["allocation"] += time.time() - t
                 t = time.time()
                 tuned = TuningStats()
