@@ -197,6 +197,14 @@ def basis_codes(arrays: dict) -> jax.Array:
     return unpack_bitplanes_jnp(arrays["planes"][...], basis_bits_of(arrays), d).T
 
 
+def basis_nbytes(arrays: Any) -> int:
+    """Bytes of a stored basis's arrays — codes, bit-plane words, bf16 values, row scales: what it
+    costs on disk and what a decode step reads of it (shape and dtype only; nothing is loaded)."""
+    return sum(
+        int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in arrays.values()
+    )
+
+
 def has_basis(arrays: Any) -> bool:
     """Whether stored basis arrays hold a basis (the "no basis" ablation stores none)."""
     return "q" in arrays or "planes" in arrays
@@ -225,4 +233,5 @@ __all__ = [
     "basis_codes",
     "basis_bits_of",
     "has_basis",
+    "basis_nbytes",
 ]

@@ -31,6 +31,10 @@ class UnitStore(Protocol):
         """(units, weights), float32 `[len(experts), r, F]`, in the order of `experts`."""
         ...
 
+    def remove(self) -> None:
+        """Drop what the store holds on disk (a problem no longer needed)."""
+        ...
+
 
 class MemoryUnits:
     """Whole `[E, r, F]` arrays per projection."""
@@ -44,6 +48,9 @@ class MemoryUnits:
     def put(self, p: str, expert: int, units: np.ndarray, weights: np.ndarray) -> None:
         self.units[p][expert] = units
         self.weights[p][expert] = weights
+
+    def remove(self) -> None:
+        """Nothing on disk: the arrays go with the store."""
 
     def load(self, p: str, experts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(list(experts), np.int64)

@@ -88,7 +88,7 @@ def build_with_basis_choice(
             bits, allocs = allocate_layer(problem, budget, params)
         except BudgetError as e:
             error = error or e
-            _drop(problem)
+            problem.store.remove()
             continue
         finally:
             timings["allocation"] += time.time() - t
@@ -100,13 +100,7 @@ def build_with_basis_choice(
     best = int(distributed.broadcast_from_writer(np.array([best]))[0])
     for j, candidate in enumerate(tried):
         if j != best:
-            _drop(candidate[2])
+            candidate[2].store.remove()
     _, _, problem, bits, allocs = tried[best]
     problem.basis_choice = {str(b): loss for loss, b, *_ in tried}
     return problem, (bits, allocs)
-
-
-def _drop(problem: LayerProblem) -> None:
-    remove = getattr(problem.store, "remove", None)
-    if remove is not None:
-        remove()

@@ -324,9 +324,7 @@ class QuantizedExperts(nnx.Module):
         permutation)."""
         total = 0
         for p in PROJECTIONS:
-            # codes, bit-plane words, bf16 values and row scales: every byte stored
-            for a in self.basis[p].values():
-                total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize * 8
+            total += 8 * basis_lib.basis_nbytes(self.basis[p])
             total += self.packed_matrix(p).stored_bits()
         return total
 

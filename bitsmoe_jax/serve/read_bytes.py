@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
+from bitsmoe_jax.method.decompose import basis_nbytes
 
 #: Bits per weight of the expert-wise layouts compared against.
 LAYOUT_BPW = {
@@ -45,8 +46,7 @@ def layer_read_bytes(arrays: dict[str, Any], meta: dict[str, Any]) -> tuple[int,
     bases = 0
     experts = np.zeros(e_count, np.int64)
     for p in PROJECTIONS:
-        for a in arrays.get("basis", {}).get(p, {}).values():
-            bases += int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        bases += basis_nbytes(arrays.get("basis", {}).get(p, {}))
         f, m = arrays["factors"][p], meta["factors"][p]
         perm = np.asarray(f["perm"])
         rank = len(perm) // e_count
