@@ -32,6 +32,10 @@ class MethodConfig:
     #: precisions each layer's bases are chosen from by the allocation's predicted loss at the
     #: layer's share of the first budget (empty: `basis_bits` everywhere); run/basis_precision.py
     basis_bits_choices: tuple[int, ...] = ()
+    #: what budget_bits counts: "stored" (every stored bit over the expert weights) or "decode"
+    #: (the bits a batch-1 decode step reads per routed expert weight, uniform routing: the bases
+    #: count E/k times, so components are kept by their read cost; method/component_selection.py)
+    budget_counts: str = "stored"
     #: components kept in the bases (None = full rank)
     rank: int | None = None
     #: "exact" (every unit at every width) or "sampled" (kappa_b * ||unit||^2)

@@ -36,6 +36,7 @@ from bitsmoe_jax.method.coefficients import (
     PROJECTIONS,
     Coefficients,
 )
+from bitsmoe_jax.method.component_selection import select_components
 from bitsmoe_jax.method.error_feedback import CalibrationInputs
 from bitsmoe_jax.method.packing import (
     permutation_bits,
@@ -67,6 +68,10 @@ class LayerProblem:
     # With several basis precisions to choose from: the predicted loss of the layer's allocation
     # at each ({str(bits): loss}; `run/basis_precision.py`); None when the precision was fixed.
     basis_choice: dict[str, float] | None = None
+    # What the budget counts (`MethodConfig.budget_counts`): "stored" bits, or the bits a batch-1
+    # decode step reads per routed expert weight, with `top_k` experts routed per token.
+    budget_counts: str = "stored"
+    top_k: int = 1
 
     @property
     def num_weights(self) -> int:
@@ -99,18 +104,50 @@ class LayerProblem:
             off += n
         return out
 
-    def overhead_bits(self, bits: dict[str, np.ndarray]) -> int:
-        """Bases (kept components only) + permutations for an allocation."""
-        return sum(self._overhead(p, self.kept(p, bits[p]).size) for p in PROJECTIONS)
+    def overhead_bits(self, bits: dict[str, np.ndarray]) -> float:
+        """Bases (kept components only) + permutations for an allocation, in budget bits."""
+        return sum(self.overhead(p, self.kept(p, bits[p]).size) for p in PROJECTIONS)
 
-    def full_overhead_bits(self) -> int:
-        return sum(self._overhead(p, self.rank(p)) for p in PROJECTIONS)
+    def full_overhead_bits(self) -> float:
+        return sum(self.overhead(p, self.rank(p)) for p in PROJECTIONS)
 
-    def _overhead(self, p: str, kept: int) -> int:
+    def overhead(self, p: str, kept: int) -> float:
+        """Budget bits of projection `p`'s basis and permutation with `kept` components.
+
+        Stored: the bits written. Decode: what a batch-1 step reads, scaled like the units (whose
+        stored bits a step reads for one token in E/k): the basis whole for every token, so E/k
+        times its stored bits, and an expert's permutation entries in their int32 container.
+        """
         basis = (
             basis_lib.basis_stored_bits(self.hidden, kept, self.basis_bits) if self.bases[p] else 0
         )
+        if self.budget_counts == "decode":
+            return basis * self.num_experts / self.top_k + 32 * self.num_experts * kept
         return basis + permutation_bits(self.num_experts * kept)
+
+    def kept_overhead(self, keep: np.ndarray) -> float:
+        """Budget bits of the bases and permutations keeping the components `keep` marks (bool,
+        numbered as in `components`); a projection keeping none still stores one (`kept`)."""
+        total, off = 0.0, 0
+        for p in PROJECTIONS:
+            r = self.rank(p)
+            total += self.overhead(p, max(int(keep[off : off + r].sum()), 1))
+            off += r
+        return total
+
+    def components(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(each unit's component [U] (numbered projection after projection), each component's
+        charge [n]: the budget bits of keeping it, the budget bits of keeping none [3]) — what
+        `component_selection` needs; only for a decode budget, whose overhead is linear in the
+        components kept."""
+        ids, charge, base, off = [], [], [], 0
+        for p in PROJECTIONS:
+            r = self.rank(p)
+            ids.append(off + np.tile(np.arange(r), self.num_experts))
+            base.append(self.overhead(p, 0))
+            charge.append(np.full(r, self.overhead(p, 1) - base[-1]))
+            off += r
+        return np.concatenate(ids), np.concatenate(charge), np.array(base)
 
     def kept(self, p: str, bits: np.ndarray) -> np.ndarray:
         """Components stored: those with bits in some expert (all of them without a basis to
@@ -128,10 +165,11 @@ def solve_units(
     candidates: Sequence[int],
     super_bits: int,
     budget: float,
+    zero: np.ndarray | None = None,
     **kw: Any,
 ) -> tuple[np.ndarray, Allocation | None]:
     """Allocate bits to the free units under `budget`; fixed (super-expert) units get
-    `super_bits`."""
+    `super_bits`, units of dropped components (`zero`) get 0."""
     cands = list(candidates)
     bits = np.zeros(loss.shape[0], np.int64)
     fixed_cost = 0.0
@@ -143,7 +181,7 @@ def solve_units(
         ci = cands.index(super_bits)
         bits[fixed] = super_bits
         fixed_cost = float(cost[fixed, ci].sum())
-    free = ~fixed
+    free = ~fixed if zero is None else ~fixed & ~zero
     if not free.any():
         return bits, None
     alloc = allocate(loss[free], cost[free], budget - fixed_cost, **kw)
@@ -156,6 +194,7 @@ def _attempt(
     loss: np.ndarray,
     cost: np.ndarray,
     fixed: np.ndarray,
+    zero: np.ndarray | None,
     unit_budget: float,
     kw: dict,
 ) -> tuple[float, list[dict], Allocation | None]:
@@ -163,7 +202,7 @@ def _attempt(
     `unit_budget` bits; the spent bits count the layers' overheads at the bits found."""
     cands, sb = group[0].coeffs.candidates, group[0].super_bits
     col_of = {b: i for i, b in enumerate(cands)}
-    flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, **kw)
+    flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, zero, **kw)
     per_layer, off = [], 0
     for p in group:
         n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
@@ -176,16 +215,45 @@ def _attempt(
     return spent, per_layer, alloc
 
 
+def _dropped_units(
+    group: list[LayerProblem], loss: np.ndarray, cost: np.ndarray, fixed: np.ndarray, total: float
+) -> tuple[np.ndarray | None, float]:
+    """Under a decode budget: (units of the components `component_selection` drops [U], budget
+    bits of the kept components' bases and permutations). Under a stored budget: (None, the
+    full-rank overhead), the allocation dropping only what every expert gives 0 bits."""
+    with_bases = all(p.bases[q] for p in group for q in PROJECTIONS)
+    if group[0].budget_counts != "decode" or not with_bases:
+        return None, sum(p.full_overhead_bits() for p in group)
+    cands = list(group[0].coeffs.candidates)
+    if 0 not in cands:
+        raise ValueError("budget_counts='decode' needs 0 among candidate_bits (to drop components)")
+    parts = [p.components() for p in group]
+    offsets = np.cumsum([0] + [len(charge) for _, charge, _ in parts])
+    component = np.concatenate(
+        [ids + off for (ids, _, _), off in zip(parts, offsets[:-1], strict=True)]
+    )
+    charge = np.concatenate([c for _, c, _ in parts])
+    base = float(sum(b.sum() for _, _, b in parts))
+    fixed_col = np.where(fixed, cands.index(group[0].super_bits) if fixed.any() else -1, -1)
+    keep = select_components(loss, cost, fixed_col, component, charge, total - base, cands.index(0))
+    overhead = sum(
+        p.kept_overhead(keep[start:end])
+        for p, start, end in zip(group, offsets[:-1], offsets[1:], strict=True)
+    )
+    return ~keep[component], overhead
+
+
 def allocate_layers(
     problems: list[LayerProblem], budget_bits: float, scope: str, alloc_kw: dict
 ) -> dict[int, tuple[dict, list[Allocation]]]:
     """Bits per unit for each layer under a per-layer or whole-model budget.
 
     The bases' cost depends on the allocation (components with 0 bits in every expert are not
-    stored), so the budget left for the units is searched: start from the budget minus the full-rank
-    bases (always feasible), then bisect on the units' budget with the fast greedy for the largest
-    one whose units + kept bases + permutations still fit; the configured allocator then solves at
-    that budget (its answer is used only if it also fits).
+    stored), so the budget left for the units is searched: start from the budget minus the
+    bases of the components allowed (always feasible), then bisect on the units' budget with the
+    fast greedy for the largest one whose units + kept bases + permutations still fit; the
+    configured allocator then solves at that budget (its answer is used only if it also fits).
+    Under a decode budget the components allowed are chosen first (`component_selection`).
     """
     groups = [[p] for p in problems] if scope == "layer" else [problems]
     out: dict[int, tuple[dict, list[Allocation]]] = {}
@@ -196,8 +264,14 @@ def allocate_layers(
         fixed = np.concatenate([a[2] for a in arrays])
         nw = sum(p.num_weights for p in group)
         total = budget_bits * nw
-        overhead = sum(p.full_overhead_bits() for p in group)
-        attempt = functools.partial(_attempt, group, loss, cost, fixed)
+        try:
+            zero, overhead = _dropped_units(group, loss, cost, fixed, total)
+        except BudgetError as e:
+            raise BudgetError(
+                f"budget {budget_bits} bits read per routed expert weight is too small for layers "
+                f"{[p.index for p in group]} (budget_counts='decode'): {e}"
+            ) from e
+        attempt = functools.partial(_attempt, group, loss, cost, fixed, zero)
 
         lo, hi = total - overhead, total
         try:

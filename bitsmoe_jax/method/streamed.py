@@ -395,6 +395,8 @@ def build_problem(
         super_bits=params.super_expert_bits,
         group_size=params.group_size,
         calib=calib,
+        budget_counts=params.budget_counts,
+        top_k=config.num_experts_per_tok,
     )
 
 

@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.basis_bits = 4  # 4, 6 (bit-plane words), 8 (int8) with bf16 row scales; or 16 (bf16)
     # e.g. (4, 6, 8): each layer's bases at the precision whose allocation predicts the least loss
     c.basis_bits_choices = ()
+    # stored: budget_bits counts every stored bit; decode: the bits a batch-1 decode step reads per
+    # routed expert weight (bases count E/k times; storage is then below the budget too)
+    c.budget_counts = "stored"
     c.rank = ml_collections.FieldReference(None, field_type=int)  # None = full rank
     c.coefficient_mode = "exact"  # exact | sampled (kappa_b * ||unit||^2)
     # gptq: gate/up factor rows rounded with GPTQ error feedback in component space (same bits, same
@@ -142,6 +145,8 @@ FIELD_HELP: dict[str, str] = {
         "precisions each layer's bases are chosen from, by the predicted loss of the layer's "
         "allocation at the first budget (empty: basis_bits)"
     ),
+    "budget_counts": "stored (every stored bit) or decode (bits a batch-1 decode step reads per "
+    "routed expert weight)",
     "rank": "components kept in the shared bases (None: full rank)",
     "coefficient_mode": "exact (every component at every width) or sampled (faster)",
     "rounding": "gptq (error feedback in component space) or nearest (faster)",
@@ -259,6 +264,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         )
     if c.budget_scope not in SCOPES:
         bad("budget_scope", ", ".join(SCOPES))
+    if c.budget_counts not in ("stored", "decode"):
+        bad("budget_counts", "stored, decode")
     if c.allocator not in ALLOCATORS:
         bad("allocator", ", ".join(ALLOCATORS))
     if c.coefficient_mode not in COEFF_MODES:
@@ -296,6 +303,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("rank", "None (full) or a positive integer")
     if not (isinstance(c.scale_tuning_steps, int) and c.scale_tuning_steps >= 0):
         bad("scale_tuning_steps", "an integer >= 0 (0: no tuning)")
+    if c.scale_tuning_steps and c.rounding != "gptq":
+        bad(
+            "scale_tuning_steps",
+            "0 with rounding='nearest' (the fit runs on the calibration inputs the error feedback "
+            "keeps; set --config.scale_tuning_steps=0 or --config.rounding=gptq)",
+        )
     if not c.scale_tuning_lr > 0:
         bad("scale_tuning_lr", "a positive number")
     if not (isinstance(c.scale_tuning_batch, int) and c.scale_tuning_batch >= 0):

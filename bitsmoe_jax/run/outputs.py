@@ -331,6 +331,8 @@ def _write_output(
         dense = dense_stored
         summary = {
             "budget_bits": budget,
+            # what the budget counts: "stored" bits, or "decode" (read by a batch-1 step)
+            "budget_counts": run.params.budget_counts,
             "effective_bpw_experts": expert_bits / max(expert_weights, 1),
             "effective_bpw_model": (expert_bits + dense) / (dense_params + expert_weights),
             "expert_stored_bits": expert_bits,

@@ -24,8 +24,12 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# BitsMoE quantization report — {r['model']}",
         "",
-        f"Method `{r['method']}`, budget {r['budget_bits']} bits per expert weight (everything "
-        "stored counted).",
+        f"Method `{r['method']}`, budget {r['budget_bits']} bits per expert weight ("
+        + (
+            "what a batch-1 decode step reads per routed expert weight)."
+            if r.get("budget_counts") == "decode"
+            else "everything stored counted)."
+        ),
         "",
         "| metric | value |",
         "|---|---|",

@@ -489,6 +489,8 @@ _PROBLEM_SCALARS = (
     "hidden",
     "inter",
     "basis_bits",
+    "budget_counts",
+    "top_k",
     "super_experts",
     "super_bits",
     "group_size",

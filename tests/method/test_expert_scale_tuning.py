@@ -135,17 +135,20 @@ def test_token_batches_deal_every_training_token_once():
 
 
 def test_scale_tuning_fields_are_checked(tmp_path, capsys):
-    for field, value in (
+    for field, value, *more in (
         ("scale_tuning_steps", -1),
         ("scale_tuning_lr", 0.0),
         ("scale_tuning_batch", -1),
+        # nearest rounding keeps no calibration inputs to fit on: an error, not a silent no-op
+        ("scale_tuning_steps", 5, "--config.rounding=nearest"),
     ):
         code = quantize.main(
             ["--config", "configs/tiny.py", f"--config.output_dir={tmp_path / 'o'}",
-             f"--config.{field}={value}"]
+             f"--config.{field}={value}", *more]
         )  # fmt: skip
         assert code == 2
-        assert field in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert field in err and (not more or "rounding" in err)
         assert not (tmp_path / "o").exists()
 
 
