@@ -64,6 +64,7 @@ def quantize_args(model: Path, out: Path, extra: list[str]) -> list[str]:
         "--config.allocator=greedy",
         "--config.coefficient_mode=sampled",
         "--config.rounding=nearest",
+        "--config.scale_tuning_steps=0",
         "--config.num_calib_tokens=2048",
         "--config.seq_len=256",
         "--config.overwrite=True",

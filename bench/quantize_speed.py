@@ -49,6 +49,7 @@ VARIANTS = {
     "fast": [
         "--config.coefficient_mode=sampled",
         "--config.rounding=nearest",
+        "--config.scale_tuning_steps=0",
         "--config.allocator=greedy",
     ],
 }

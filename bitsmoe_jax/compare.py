@@ -125,10 +125,14 @@ def compare(
 ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
         "BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 4-bit "
-        "bases, GPTQ-style rounding)",
+        "bases, GPTQ-style rounding, per-expert scale fit 50 steps)",
         {},
     ),
-    ("nearest rounding (no error feedback)", {"rounding": "nearest"}),
+    # the scale fit runs on the error feedback's calibration inputs: off with nearest rounding
+    (
+        "nearest rounding (no error feedback, no scale fit)",
+        {"rounding": "nearest", "scale_tuning_steps": 0},
+    ),
     ("activation-whitened basis", {"basis": "whitened"}),
     ("no basis (original weight columns)", {"basis": "none"}),
     ("per-expert means (no routing frequency)", {"loss_weighting": "expert_mean"}),
@@ -136,11 +140,7 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("expert_mass_floor 1", {"expert_mass_floor": 1.0}),
     ("sampled coefficients (kappa_b)", {"coefficient_mode": "sampled"}),
     ("whole-model budget", {"budget_scope": "model"}),
-    ("per-expert scale tuning, 50 steps", {"scale_tuning_steps": 50}),
-    (
-        "whole-model budget + per-expert scale tuning, 50 steps",
-        {"budget_scope": "model", "scale_tuning_steps": 50},
-    ),
+    ("no per-expert scale fit (the default before 2026-12)", {"scale_tuning_steps": 0}),
     ("super experts (auto, 8 bits)", {"super_experts": "auto"}),
     ("6-bit bases", {"basis_bits": 6}),
     ("8-bit bases (the default before 2026-12)", {"basis_bits": 8}),

@@ -60,10 +60,11 @@ class MethodConfig:
     expert_mass_floor: float = 0.25
     #: seed of the sampled coefficients
     seed: int = 0
-    #: Adam steps fitting each expert's factor scales to its output after rounding (0: off)
-    scale_tuning_steps: int = 0
+    #: Adam steps fitting each expert's factor scales to its output after rounding (0: off; needs
+    #: rounding="gptq", whose calibration inputs it fits on)
+    scale_tuning_steps: int = 50
     #: their learning rate, on log-scales
-    scale_tuning_lr: float = 0.01
+    scale_tuning_lr: float = 0.02
     #: an expert's training tokens per step of that fit (0: all of them every step)
     scale_tuning_batch: int = 512
 

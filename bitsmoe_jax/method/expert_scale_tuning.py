@@ -77,15 +77,15 @@ def _factors(scales, mult, fixed, group_size: int):
 
 @functools.partial(jax.jit, static_argnames=("steps", "lr", "group_size", "act"))
 def _fit(
-    s0, mult, fixed, rows, ref, train, hold, bg, bu, gram, *, steps, lr, group_size, act,
+    s0, mult, fixed, rows, ref, train, nb, hold, bg, bu, gram, *, steps, lr, group_size, act,
 ):  # fmt: skip
     """(scales to store, held-out error untuned, held-out error stored) of one expert.
 
-    train = (zg [nb, b, r], zu [nb, b, r], w [nb, b]): the training tokens in nb batches, step s
-    on batch s mod nb; hold = (zg [h, r], zu [h, r], w [h]): the held-out tokens, measured every
-    step. The error of a token is ‖(a − a_ref)·Ũᵀ‖², a = h·B_downᵀ in the down basis's coordinates
-    (`gram` = ŨᵀŨ); the quantized expert computes on its kept components only (the dropped ones
-    are zero), the reference on all of them."""
+    train = (zg [B, b, r], zu [B, b, r], w [B, b]): the training tokens in nb ≤ B batches (the
+    rest padding), step s on batch s mod nb; hold = (zg [h, r], zu [h, r], w [h]): the held-out
+    tokens, measured every step. The error of a token is ‖(a − a_ref)·Ũᵀ‖², a = h·B_downᵀ in the
+    down basis's coordinates (`gram` = ŨᵀŨ); the quantized expert computes on its kept
+    components only (the dropped ones are zero), the reference on all of them."""
 
     def reference(zg, zu):
         g = hidden_glu(zg, zu, ref["gate"], ref["up"], bg, bu, act)
@@ -112,7 +112,6 @@ def _fit(
         return jnp.sum(tw[i] * e), held_out(scales)
 
     opt = optax.adam(lr)
-    nb = tw.shape[0]
 
     def step(carry, s):
         theta, state, best, best_hold = carry
@@ -130,6 +129,35 @@ def _fit(
         lambda s, t: (s * jnp.exp(t)).astype(jnp.bfloat16).astype(jnp.float32), s0, best
     )
     return stored, held_out(s0), held_out(stored)
+
+
+def layer_fit_sizes(
+    tuning: ScaleTuning, calib: CalibrationInputs, num_experts: int
+) -> tuple[int, int]:
+    """(training batches, held-out tokens) that every expert's fit of a layer is padded to.
+
+    Why: each shape of the fit's arrays is a compilation (about a second), and the experts'
+    token counts give many shapes: padded to the layer's largest, the fits of a layer share one
+    program per batch length. Padding batches are never stepped on, padding tokens weigh 0, so
+    only the held-out evaluation computes more. Starved experts (fitted on every token) are left
+    out of the maxima and keep their own sizes. From the whole layer's routing: the same on
+    every mesh and chunk."""
+    idx = np.asarray(calib.expert_idx)
+    batches = held = 1
+    for e in range(num_experts):
+        if (idx == e).any(1).sum() < calib.min_tokens:
+            continue
+        routed = np.flatnonzero(calib.token_weights(e) > 0)
+        hold = holdout_mask(len(idx))[routed]
+        n = int((~hold).sum())
+        if tuning.batch_tokens and n > tuning.batch_tokens:
+            batches = max(batches, geometric_bucket(-(-n // tuning.batch_tokens)))
+        held = max(held, power_of_two(int(hold.sum())))
+    return batches, held
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    return np.pad(a, [(0, max(rows - a.shape[0], 0))] + [(0, 0)] * (a.ndim - 1))
 
 
 def token_batches(
@@ -199,6 +227,7 @@ def tune_expert_scales(
     group_size: int,
     act: GluActivation,
     bias: tuple[np.ndarray, np.ndarray] | None,
+    sizes: tuple[int, int] = (1, 1),
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(One expert's fitted scales {p: [k_p, groups]} (float32, bf16 values), or its `scales`
     unchanged when the fit does not beat them on the held-out tokens; its record for
@@ -209,7 +238,8 @@ def tune_expert_scales(
     factors, all components; kept {p}: the component rows stored; bits/codes/scales {p}: the kept
     rows' widths [k], codes [k, F] and scales [k, groups]; values16 {p}: the kept rows' values
     (read for 16-bit rows); down_gram: ŨᵀŨ of the dequantized down basis [r, r]; bias: GPT-OSS's
-    gate/up biases [F] each.
+    gate/up biases [F] each; sizes: the layer's (training batches, held-out tokens) to pad to
+    (`layer_fit_sizes`; an expert needing more keeps its own).
     """
     routed = np.flatnonzero(w2 > 0)
     if routed.size == 0 or not any(((b >= 1) & (b <= 8)).any() for b in bits.values()):
@@ -219,6 +249,9 @@ def tune_expert_scales(
         return scales, NOT_FITTED
     t_ids, t_w = token_batches(routed[~hold], w2[routed[~hold]], tuning.batch_tokens)
     (h_ids,), (h_w,) = token_batches(routed[hold], w2[routed[hold]], 0)  # one batch, every step
+    nb = len(t_ids)
+    t_ids, t_w = _pad_rows(t_ids, sizes[0]), _pad_rows(t_w, sizes[0])
+    h_ids, h_w = _pad_rows(h_ids, sizes[1]), _pad_rows(h_w, sizes[1])
     f_width = codes["gate"].shape[-1]
     mult, fixed = {}, {}
     for p in PROJECTIONS:
@@ -242,6 +275,7 @@ def tune_expert_scales(
         {p: jnp.asarray(kept[p], jnp.int32) for p in PROJECTIONS},
         {p: jnp.asarray(reference[p], jnp.float32) for p in PROJECTIONS},
         (z["gate"][t_ids], z["up"][t_ids], jnp.asarray(t_w, jnp.float32)),
+        jnp.asarray(nb, jnp.int32),
         (z["gate"][h_ids], z["up"][h_ids], jnp.asarray(h_w, jnp.float32)),
         jnp.asarray(bg, jnp.float32),
         jnp.asarray(bu, jnp.float32),
@@ -272,12 +306,13 @@ def tune_round(
     group_size: int,
     fn: ExpertFn,
     stats: TuningStats,
+    sizes: tuple[int, int] = (1, 1),
 ) -> np.ndarray:
     """Fit the scales of a round of experts in place: `rows[p]["scales"][j]` of expert
     `local[j]` (its codes `rows[p]["codes"][j]`, its 16-bit values `rows[p]["units"][j]` when
     stored; `reference[p][j]` its unquantized units, all components; `keep[p]` the stored
-    components; `bits[p]` [E, r] every expert's widths). Returns the experts' records [n, 3];
-    `stats` gets the seconds."""
+    components; `bits[p]` [E, r] every expert's widths; `sizes`: `layer_fit_sizes`). Returns the
+    experts' records [n, 3]; `stats` gets the seconds."""
     t0 = time.time()
     records = np.zeros((len(local), 3), np.float32)
     for j, e in enumerate(local):
@@ -295,6 +330,7 @@ def tune_round(
             group_size,
             fn.act,
             None if fn.bias is None else (fn.bias["gate"][e], fn.bias["up"][e]),
+            sizes,
         )
         for p in PROJECTIONS:
             rows[p]["scales"][j] = fitted[p]
@@ -315,6 +351,7 @@ __all__: Sequence[str] = [
     "ScaleTuning",
     "TuningStats",
     "holdout_mask",
+    "layer_fit_sizes",
     "tune_expert_scales",
     "tune_round",
     "down_basis_gram",

@@ -47,6 +47,7 @@ from bitsmoe_jax.method.expert_scale_tuning import (
     ScaleTuning,
     TuningStats,
     down_basis_gram,
+    layer_fit_sizes,
     tune_round,
 )
 from bitsmoe_jax.method.expert_source import ExpertSource
@@ -462,6 +463,7 @@ def round_and_pack(
     tune = tuning is not None and deq is not None
     if tune:
         down_gram = down_basis_gram(deq["down"], problem.rank("down"))
+        fit_sizes = layer_fit_sizes(tuning, problem.calib, e_count)
         stats = stats if stats is not None else TuningStats()
     parts: dict[str, dict[int, PackedRows]] = {p: {} for p in PROJECTIONS}
     tuning_records: dict[int, np.ndarray] = {}
@@ -511,7 +513,7 @@ def round_and_pack(
         if tune:  # the round's scales fitted in place; its records gathered with the codes
             rows["gate"]["tuning"] = tune_round(
                 tuning, z, down_gram, problem.calib, local, reference, keep, bits, rows,
-                problem.group_size, fn, stats,
+                problem.group_size, fn, stats, fit_sizes,
             )  # fmt: skip
             del reference
         for p in PROJECTIONS:

@@ -70,9 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
     # format; method/error_feedback.py); nearest: every unit rounded on its own.
     c.rounding = "gptq"
     # Adam steps fitting each expert's factor group scales to its routed output after rounding
-    # (codes and bits fixed; 0 = off); method/expert_scale_tuning.py
-    c.scale_tuning_steps = 0
-    c.scale_tuning_lr = 0.01
+    # (codes and bits fixed; 0 = off; needs rounding=gptq); method/expert_scale_tuning.py
+    c.scale_tuning_steps = 50
+    c.scale_tuning_lr = 0.02
     c.scale_tuning_batch = 512
     c.allocator = "auto"
     c.milp_max_units = 10000

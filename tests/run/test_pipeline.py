@@ -50,7 +50,9 @@ from tests.run.tiny_mixtral import (
 @pytest.fixture(scope="module")
 def main_run(hf, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "out"
-    code = quantize.main(base_args(hf[0], out, texts[0], "--config.budget_bits=(2.0,3.0)"))
+    code = quantize.main(
+        base_args(hf[0], out, texts[0], "--config.budget_bits=(2.0,3.0)", scale_fit=True)
+    )
     assert code == 0
     return out
 

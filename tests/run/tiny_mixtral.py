@@ -40,7 +40,10 @@ STAGES = (
 )
 
 
-def base_args(model_dir, out_dir, calib, *extra):
+def base_args(model_dir, out_dir, calib, *extra, scale_fit=False):
+    """The command line quantizing the tiny model; without the per-expert scale fit (on by
+    default) unless `scale_fit`: the fit has its own end-to-end tests (test_expert_scale_tuning,
+    the multi-host runs, test_pipeline's default run) and would only add time elsewhere."""
     return [
         "--config",
         TINY_CONFIG,
@@ -51,6 +54,7 @@ def base_args(model_dir, out_dir, calib, *extra):
         "--config.eval_max_tokens=1024",
         "--config.group_size=64",
         f"--config.calib_text={calib}",
+        *([] if scale_fit else ["--config.scale_tuning_steps=0"]),
         *extra,
     ]
 
