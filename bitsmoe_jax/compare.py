@@ -145,6 +145,11 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("6-bit bases", {"basis_bits": 6}),
     ("8-bit bases (the default before 2026-12)", {"basis_bits": 8}),
     ("bf16 bases", {"basis_bits": 16}),
+    ("basis precision chosen per layer from 4, 6, 8 bits", {"basis_bits_choices": (4, 6, 8)}),
+    (
+        "decode budget (counts what a batch-1 step reads: bases E/k times)",
+        {"budget_counts": "decode"},
+    ),
     ("calibrated on Milton, floor 0.25", {"calib_text": "milton"}),
     ("calibrated on Milton, floor 0", {"calib_text": "milton", "expert_mass_floor": 0.0}),
     ("calibrated on Milton, floor 1", {"calib_text": "milton", "expert_mass_floor": 1.0}),

@@ -69,14 +69,16 @@ class CalibrationInputs:
                 f"[N={np.shape(self.x)[0]}, k]"
             )
 
+    def starved(self, expert: int) -> bool:
+        """Routed fewer than `min_tokens` tokens: calibrated on every token instead."""
+        return int((np.asarray(self.expert_idx) == expert).any(1).sum()) < self.min_tokens
+
     def token_weights(self, expert: int) -> np.ndarray:
         """Squared routing weight of every token for `expert` ([N], float64), with the starved
         fallback."""
         idx, w = np.asarray(self.expert_idx), np.asarray(self.expert_w, np.float64)
-        routed = idx == expert
-        w2 = np.where(routed, w, 0.0).sum(1) ** 2
-        if routed.any(1).sum() >= self.min_tokens:
-            return w2
+        if not self.starved(expert):
+            return np.where(idx == expert, w, 0.0).sum(1) ** 2
         per_expert = [np.where(idx == e, w, 0.0).sum(1) ** 2 for e in np.unique(idx)]
         masses = [float(m.sum()) for m in per_expert if (m > 0).sum() >= self.min_tokens]
         target = float(np.mean(masses)) if masses else 1.0

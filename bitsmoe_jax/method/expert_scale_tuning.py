@@ -142,13 +142,12 @@ def layer_fit_sizes(
     only the held-out evaluation computes more. Starved experts (fitted on every token) are left
     out of the maxima and keep their own sizes. From the whole layer's routing: the same on
     every mesh and chunk."""
-    idx = np.asarray(calib.expert_idx)
     batches = held = 1
     for e in range(num_experts):
-        if (idx == e).any(1).sum() < calib.min_tokens:
+        if calib.starved(e):
             continue
-        routed = np.flatnonzero(calib.token_weights(e) > 0)
-        hold = holdout_mask(len(idx))[routed]
+        w2 = calib.token_weights(e)
+        hold = holdout_mask(len(w2))[w2 > 0]
         n = int((~hold).sum())
         if tuning.batch_tokens and n > tuning.batch_tokens:
             batches = max(batches, geometric_bucket(-(-n // tuning.batch_tokens)))
