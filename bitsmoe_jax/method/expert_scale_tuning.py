@@ -148,11 +148,14 @@ def layer_fit_sizes(
             continue
         w2 = calib.token_weights(e)
         hold = holdout_mask(len(w2))[w2 > 0]
-        n = int((~hold).sum())
-        if tuning.batch_tokens and n > tuning.batch_tokens:
-            batches = max(batches, geometric_bucket(-(-n // tuning.batch_tokens)))
+        batches = max(batches, _batch_count(int((~hold).sum()), tuning.batch_tokens))
         held = max(held, power_of_two(int(hold.sum())))
     return batches, held
+
+
+def _batch_count(n: int, batch: int) -> int:
+    """Batches `token_batches` deals `n` training tokens into (`batch` 0: one)."""
+    return 1 if not batch or n <= batch else geometric_bucket(-(-n // batch))
 
 
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
@@ -169,7 +172,7 @@ def token_batches(
     The tokens are dealt to the batches in turn (batch j: tokens j, j + nb, ...), so every batch
     spans the calibration text; weights are normalised to sum to 1 per batch on average."""
     n = max(int(rows.size), 1)
-    nb = 1 if not batch or n <= batch else geometric_bucket(-(-n // batch))
+    nb = _batch_count(n, batch)
     b = power_of_two(-(-n // nb))
     ids = np.zeros((nb, b), np.int64)
     w = np.zeros((nb, b), np.float64)
