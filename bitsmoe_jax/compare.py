@@ -139,7 +139,7 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("expert_mass_floor 0", {"expert_mass_floor": 0.0}),
     ("expert_mass_floor 1", {"expert_mass_floor": 1.0}),
     ("sampled coefficients (kappa_b)", {"coefficient_mode": "sampled"}),
-    ("whole-model budget", {"budget_scope": "model"}),
+    ("per-layer budget (the default before 2026-12)", {"budget_scope": "layer"}),
     ("no per-expert scale fit (the default before 2026-12)", {"scale_tuning_steps": 0}),
     ("super experts (auto, 8 bits)", {"super_experts": "auto"}),
     ("6-bit bases", {"basis_bits": 6}),

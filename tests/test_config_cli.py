@@ -135,7 +135,7 @@ def test_valid_config_passes():
     validate(
         valid_config(
             budget_bits="(2.0,2.5)",
-            budget_scope="model",
+            budget_scope="layer",
             allocator="greedy",
             basis_bits=16,
             candidate_bits="(0,1,2,16)",

@@ -75,7 +75,7 @@ from bitsmoe_jax.method.quantizers import (
 )
 from bitsmoe_jax.method.shape_buckets import geometric_bucket
 from bitsmoe_jax.method.sharded import ExpertLayout, Round
-from bitsmoe_jax.method.unit_store import DiskUnits, MemoryUnits
+from bitsmoe_jax.method.unit_store import DiskUnits, MemoryUnits, NoUnits
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.grouped_matmul import grouped_matmul
 from bitsmoe_jax.models.moe import (
@@ -242,6 +242,8 @@ def build_problem(
     store_dir: Path | None = None,
     gather_units: bool = True,
     vectors: dict[str, np.ndarray] | None = None,
+    keep: str = "all",
+    bases: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> LayerProblem:
     """Bases, statistics, units, weights and coefficients of one MoE layer (x: MoE input [N, D]),
     `chunk` experts per device at a time (default: a device's whole block).
@@ -250,7 +252,11 @@ def build_problem(
     the returned problem reads them back a chunk at a time. Several processes: each stores its own
     experts' units, and with `gather_units` every expert's (a problem packed again later, at
     another budget or by one process, needs them all). `vectors`: the float bases, shared by the
-    problems of one layer at several basis precisions (`streamed_bases`).
+    problems of one layer at several basis precisions (`streamed_bases`). `keep`: "all"; "tables"
+    (the units are dropped once their loss tables are made: a `NoUnits` store, allocatable, not
+    packable); "units" (no loss tables, zeros in their place: the layer's bits are already chosen,
+    by the whole-model allocation of `run/model_scope.py`). `bases`: stored bases to build on
+    instead of computing them (that allocation's, so that its bits mean the same units).
     """
     e_count = config.num_experts
     layout = _layout(mesh, e_count)
@@ -259,7 +265,12 @@ def build_problem(
     x = routing.x_in  # from here on: the experts' input
     x_np = np.asarray(x, np.float32)
     t = time.time()
-    stored, deq = streamed_bases(source, layout, rounds, params, config, x_np, timings, vectors)
+    if bases is None:
+        stored, deq = streamed_bases(source, layout, rounds, params, config, x_np, timings, vectors)
+    else:
+        stored = {p: {k: np.asarray(v) for k, v in bases[p].items()} for p in PROJECTIONS}
+        eye = np.eye(config.hidden_size, dtype=np.float32)  # basis="none": nothing stored
+        deq = {p: eye if (d := dequantized_basis(stored[p])) is None else d for p in PROJECTIONS}
     pinv = {p: basis_pinv(deq[p]) for p in PROJECTIONS}
     timings["basis"] += time.time() - t
     fn = block_expert_fn(block)
@@ -273,8 +284,13 @@ def build_problem(
     f = config.moe_intermediate_size
     ranks = {p: int(deq[p].shape[1]) for p in PROJECTIONS}
     shapes = {p: (e_count, ranks[p], f) for p in PROJECTIONS}
+    if keep not in ("all", "tables", "units"):
+        raise ValueError(f"keep={keep!r}: choose 'all', 'tables' or 'units'")
+    tables = keep != "units"
     store = (
-        DiskUnits(store_dir, shapes)
+        NoUnits(ranks)
+        if keep == "tables"
+        else DiskUnits(store_dir, shapes)
         if store_dir is not None
         else MemoryUnits(
             {p: np.zeros(s, np.float32) for p, s in shapes.items()},
@@ -323,14 +339,14 @@ def build_problem(
                 stats[e][which] = None
             mine_u = dict(zip(local, units, strict=True))
             mine_w = dict(zip(local, weights, strict=True))
-            if exact:
+            if exact and tables:
                 errs = sharded.unit_errors_round(
                     layout, rnd, mine_u, mine_w, (ranks[p], f), cands, params.group_size
                 )
                 for e, v in errs.items():
                     loss[p][e] = v.astype(np.float64)
             # a stored problem holds every expert's units; κ's sample is drawn from all of them
-            if multi and (gather_units or not exact):
+            if multi and ((gather_units and keep != "tables") or (tables and not exact)):
                 mine_u = sharded.round_gather(
                     layout,
                     rnd,
@@ -343,14 +359,14 @@ def build_problem(
                 )
             for e in mine_u:
                 store.put(p, e, mine_u[e], mine_w[e])
-                if not exact:
+                if tables and not exact:
                     sample[p].take(e, mine_u[e], mine_w[e])
                     norms[p][e] = unit_norms(mine_u[e], mine_w[e])
             del units, weights, mine_u, mine_w
             timings["coefficients"] += time.time() - t
         del stats, w
     kappa = None
-    if not exact:
+    if tables and not exact:
         kappa = {p: sample[p].kappa(cands, params.group_size) for p in PROJECTIONS}
         for p in PROJECTIONS:
             loss[p] = sampled_loss(norms[p], kappa[p])

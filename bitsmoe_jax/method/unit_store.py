@@ -60,6 +60,30 @@ class MemoryUnits:
         )
 
 
+class NoUnits:
+    """The ranks of a problem whose units are not kept: enough to allocate it (its loss tables and
+    costs live in the problem), not to pack it. The first pass of a whole-model budget
+    (`run/model_scope.py`) keeps only this, so a layer's units never reach the disk there."""
+
+    def __init__(self, ranks: dict[str, int]):
+        self.ranks = {p: int(r) for p, r in ranks.items()}
+
+    def rank(self, p: str) -> int:
+        return self.ranks[p]
+
+    def put(self, p: str, expert: int, units: np.ndarray, weights: np.ndarray) -> None:
+        """Dropped: only the loss tables made from them are kept."""
+
+    def load(self, p: str, experts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        raise RuntimeError(
+            "this problem kept its loss tables only (the first pass of budget_scope='model'): "
+            "its units were never stored, so it can be allocated but not packed"
+        )
+
+    def remove(self) -> None:
+        """Nothing held."""
+
+
 class DiskUnits:
     """One raw float32 file per projection and kind, `[E, r, F]` in C order, expert by expert.
 

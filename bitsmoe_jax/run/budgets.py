@@ -70,7 +70,7 @@ def pack_later_budgets(
     """
     me, count = distributed.process_index(), distributed.process_count()
     moe = list(config.moe_layers)
-    todo = budgets[1:] if run.budget_scope == "layer" else budgets
+    todo = budgets[1:]  # the first budget is packed by the layer pass, whatever the scope
     for b, _ in todo:
         if work.output_report(b) is not None:
             continue

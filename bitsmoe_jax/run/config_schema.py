@@ -22,7 +22,7 @@ from bitsmoe_jax.parallel.distributed import DistributedConfig
 
 METHODS = ("bitsmoe", "rtn", "rtn_asym", "gptq", "gptq_asym", "expertwise", "kquant")
 ALLOCATORS = ("auto", "milp", "greedy")
-SCOPES = ("layer", "model")
+SCOPES = ("auto", "model", "layer")
 COEFF_MODES = ("exact", "sampled")
 ROUNDINGS = ("gptq", "nearest")
 DENSE_DTYPES = ("bfloat16", "float16", "float32")
@@ -43,7 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.budget_bits = (
         2.0,
     )  # bits per original expert weight, everything stored counted; several -> one output each
-    c.budget_scope = "layer"  # layer | model
+    # model: one allocation over every MoE layer (two passes over the layers, run/model_scope.py);
+    # layer: each MoE layer meets the budget on its own; auto: model when that one allocation is
+    # small enough to hold (run/model_scope.resolve_scope: by the model's size alone), else layer
+    c.budget_scope = "auto"
     c.calib_text = "shakespeare_train"  # shipped name or path
     # directory with the tokenizer.json the texts are tokenized with ("" = the model's own)
     c.tokenizer = ""
@@ -126,7 +129,10 @@ FIELD_HELP: dict[str, str] = {
     "work_dir": 'committed layers of an unfinished run ("": OUTPUT_DIR.partial)',
     "method": "bitsmoe, or a baseline: " + ", ".join(m for m in METHODS if m != "bitsmoe"),
     "budget_bits": "bits per original expert weight, every stored bit counted; several: one each",
-    "budget_scope": "layer (each MoE layer meets the budget) or model (one allocation overall)",
+    "budget_scope": (
+        "model (one allocation overall), layer (each MoE layer meets the budget) or auto (model "
+        "when its allocation is small enough, else layer)"
+    ),
     "calib_text": "calibration text: a .txt/.txt.gz path or a shipped name",
     "tokenizer": 'directory with tokenizer.json for the texts ("": the model\'s own)',
     "num_calib_tokens": "calibration tokens (windows of seq_len)",

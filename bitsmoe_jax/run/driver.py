@@ -27,7 +27,7 @@ from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.moe import MoEBlock
 from bitsmoe_jax.models.transformer import attention_part
 from bitsmoe_jax.parallel import distributed
-from bitsmoe_jax.run import faults, fingerprint
+from bitsmoe_jax.run import faults, fingerprint, model_scope
 from bitsmoe_jax.run.basis_precision import allocate_layer, build_with_basis_choice
 from bitsmoe_jax.run.budgets import (
     budget_dirs,
@@ -63,6 +63,11 @@ def quantize(run: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     config = model_config(run.model_path)
     if not config.moe_layers:
         raise ValueError(f"{run.model_path}: the model has no MoE layers to quantize")
+    if run.budget_scope == "auto":
+        scope, why = model_scope.resolve_scope(run.budget_scope, run.params, config)
+        if progress:
+            distributed.log(why)
+        run = dataclasses.replace(run, budget_scope=scope)  # what the work dir and report say
     budgets = budget_dirs(run)
     work = WorkDir(default_work_dir(run), writer=distributed.is_writer())
     resuming = bool(run.resume) and work.root.exists()
@@ -124,11 +129,52 @@ def _quantize_layers(
     start = work.next_layer()
     if start >= total:
         return
-    keep_problems = len(budgets) > 1 or run.budget_scope == "model"
+    keep_problems = len(budgets) > 1  # later budgets pack the layers' stored problems again
     first_budget = budgets[0][0]
-    bar = LayerProgress(total, start, enabled=progress)
+    fixed = None
+    # two passes (`model_scope.py`): the tables, then the layers; with one MoE layer the model's
+    # allocation is the layer's own, made in the layer pass
+    if run.budget_scope == "model" and len(config.moe_layers) > 1:
+        tables = model_scope.tables_dir(work)
+        if not work.has_model_allocation(first_budget):
+            if progress:
+                distributed.log(
+                    "whole-model budget (budget_scope='model'): pass 1 of 2 makes every MoE "
+                    "layer's loss tables on the unquantized model, then one allocation over all "
+                    "layers chooses the bits; pass 2 quantizes each layer at its bits"
+                )
+            _run_pass(
+                run, config, tables, tables.next_layer(), False, first_budget, progress,
+                tables_only=True,
+            )  # fmt: skip
+            distributed.barrier("scope_tables_done")
+            model_scope.allocate(run.params, config, first_budget, work, tables)
+            distributed.barrier("model_allocation_committed")
+        fixed = model_scope.FirstBudgetBits(work, tables, first_budget)
+    _run_pass(run, config, work, start, keep_problems, first_budget, progress, fixed=fixed)
+
+
+def _run_pass(
+    run: RunConfig,
+    config: ModelConfig,
+    work: WorkDir,
+    start: int,
+    keep_problems: bool,
+    first_budget: float,
+    progress: bool,
+    tables_only: bool = False,
+    fixed: model_scope.FirstBudgetBits | None = None,
+) -> None:
+    """One pass of the layer loop from layer `start` on, with its progress display."""
+    total = config.num_hidden_layers
+    if start >= total:
+        return
+    label = "pass 1 of 2 (loss tables)" if tables_only else ""
+    if fixed is not None:
+        label = "pass 2 of 2 (quantize)"
+    bar = LayerProgress(total, start, enabled=progress, label=label)
     try:
-        _layer_loop(run, config, budgets, work, bar, start, keep_problems, first_budget)
+        _layer_loop(run, config, work, bar, start, keep_problems, first_budget, tables_only, fixed)
     finally:
         bar.close()  # an error's message then starts on a line of its own
 
@@ -136,14 +182,19 @@ def _quantize_layers(
 def _layer_loop(
     run: RunConfig,
     config: ModelConfig,
-    budgets: list[tuple[float, Path]],
     work: WorkDir,
     bar: LayerProgress,
     start: int,
     keep_problems: bool,
     first_budget: float,
+    tables_only: bool = False,
+    fixed: model_scope.FirstBudgetBits | None = None,
 ) -> None:
-    """Quantize and commit layers `start`, `start + 1`, ... (see `_quantize_layers`)."""
+    """Quantize and commit layers `start`, `start + 1`, ... (see `_quantize_layers`).
+
+    `tables_only`: the tables pass of a whole-model budget — each MoE layer's loss tables are
+    committed, nothing is packed and the next layer is calibrated on the unquantized layer.
+    `fixed`: each MoE layer's bits come from the whole-model allocation instead of its own."""
     mesh = distributed.make_mesh(
         run.mesh_shape
     )  # per-expert stages are sharded over its "expert" axis
@@ -164,7 +215,7 @@ def _layer_loop(
     chunk = distributed.min_over_processes("expert_chunk", min(plan.chunk, layout.per_device))
     # Several processes, one budget, per-layer scope: each holds, forwards and commits only its
     # own experts' packed factors (a stored problem packed again later needs them all instead).
-    own_only = layout.spans_processes and not keep_problems
+    own_only = layout.spans_processes and not keep_problems and not tables_only
     if own_only:
         distributed.log(
             "expert-parallel: each process reads, packs, forwards and commits only its experts ("
@@ -192,7 +243,7 @@ def _layer_loop(
                     )
                 )
                 x = jnp.take(jnp.asarray(part["embed_tokens"]["embedding"]), calib, axis=0)
-                if not work.has_top():
+                if not (tables_only or work.has_top()):
                     work.commit_top(
                         to_dtype(part, run.dense_dtype), {"tokenize_s": time.time() - t}
                     )
@@ -219,8 +270,14 @@ def _layer_loop(
             if fn.bias is not None:  # the expert biases as stored: what the quantized model runs
                 for k, v in fn.bias.items():
                     getattr(block.expert_bias, k)[...] = jnp.asarray(v)
+            keep, params, table = ("tables" if tables_only else "all"), run.params, None
+            if fixed is not None:  # built on its tables' bases, packed at the model's bits
+                table = fixed.table(i)
+                params = fixed.params(table, params)
+                if not keep_problems:
+                    keep = "units"  # no loss tables to make
             problem, chosen = build_with_basis_choice(
-                run.params,
+                params,
                 functools.partial(
                     build_problem,
                     i,
@@ -232,15 +289,22 @@ def _layer_loop(
                     mesh=mesh,
                     chunk=chunk,
                     gather_units=keep_problems,
+                    keep=keep,
+                    bases=None if table is None else table.bases,
                 ),
                 functools.partial(work.scratch, i),
                 first_budget,
                 stages,
             )
             scratch = problem.store
-            if run.budget_scope == "layer":
+            if tables_only:
+                problem = dataclasses.replace(problem, calib=None)  # committed: tables only
+            else:
                 t = time.time()
-                bits, allocs = chosen or allocate_layer(problem, first_budget, run.params)
+                if fixed is not None:
+                    bits, allocs = fixed.take(table, problem)
+                else:
+                    bits, allocs = chosen or allocate_layer(problem, first_budget, run.params)
                 stages["allocation"] += time.time() - t
                 t = time.time()
                 tuned = TuningStats()
@@ -254,7 +318,7 @@ def _layer_loop(
                 if not keep_problems:
                     problem = None  # its units and weights: not needed past the packing
                     scratch.remove()
-            # model scope: layers are only known together; later layers calibrate on the original
+            # the tables pass, or not sequential: the next layer calibrates on the original
             # outputs (read again, a chunk at a time)
             if packed is None or not run.sequential:
                 block.experts = StreamedExperts(source, chunk)
@@ -280,7 +344,14 @@ def _layer_loop(
                 work.stage_shard(i, packed[0], mine[0])
             distributed.barrier(f"layer_{i}_shards_staged")
             packed = (None, *packed[1:])  # process 0's commit moves every shard in
-        work.commit_layer(i, dense, np.asarray(x), info, packed, problem if keep_problems else None)
+        work.commit_layer(
+            i,
+            {} if tables_only else dense,
+            np.asarray(x),
+            info,
+            packed,
+            problem if keep_problems or tables_only else None,
+        )
         distributed.barrier(f"layer_{i}_committed")
         if scratch is not None:
             scratch.remove()  # committed (linked into the layer) or already dropped

@@ -31,7 +31,7 @@ from bitsmoe_jax.io.data import read_text
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.run.config_schema import RunConfig
 
-WORK_FORMAT_VERSION = 2  # 2: problems keep their units in units/ (DiskUnits)
+WORK_FORMAT_VERSION = 3  # 2: problems keep their units in units/ (DiskUnits); 3: scope_tables/
 HEAD_BYTES = 1 << 20
 BLOCK_BYTES = 1 << 16
 NUM_BLOCKS = 16

@@ -23,7 +23,7 @@ from bitsmoe_jax.method.layer_problem import (
 from bitsmoe_jax.models.assemble import leaf_dtype
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.parallel import distributed
-from bitsmoe_jax.run import faults, fingerprint
+from bitsmoe_jax.run import faults, fingerprint, model_scope
 from bitsmoe_jax.run.budgets import (
     dense_expert_fn,
     layer_result,
@@ -141,6 +141,12 @@ def recorded_timings(work: WorkDir, config: ModelConfig) -> dict[str, float]:
         for k, v in info["stage_s"].items():
             timings[k] = timings.get(k, 0.0) + float(v)
         total += float(info["wall_s"])
+    tables = work.root / model_scope.TABLES
+    if tables.is_dir():  # a whole-model budget's first pass: its own stage, all of it
+        timings["tables_pass"] = sum(
+            float(WorkDir(tables).layer_info(i)["wall_s"]) for i in range(config.num_hidden_layers)
+        )
+        total += timings["tables_pass"]
     timings["quantize_total"] = total
     return timings
 
@@ -194,18 +200,23 @@ def write_outputs(
         timings = dict(recorded)
         timings["shared"] = recorded["quantize_total"]  # the layers' work: every budget's
         model_solution = None
+        from_packed = b == budgets[0][0]  # packed by the layer pass, whatever the scope
         if progress:
-            from_work = run.budget_scope == "layer" and b == budgets[0][0]
             distributed.log(
                 f"budget {b:.2f}: writing {out_dir}"
-                + ("" if from_work else " (allocating and packing every MoE layer at this budget)")
+                + (
+                    ""
+                    if from_packed
+                    else " (allocating and packing every MoE layer at this budget)"
+                )
                 + " …"
             )
-        if run.budget_scope == "model":
+        if run.budget_scope == "model" and not from_packed:
             bits, records, seconds = model_allocation(run, config, b, work)
             model_solution = {i: (bits[i], records) for i in config.moe_layers}
             timings["allocation"] += seconds
-        from_packed = run.budget_scope == "layer" and b == budgets[0][0]
+        elif work.has_model_allocation(b):  # the first budget's, solved between the two passes
+            timings["allocation"] += work.load_model_allocation(b)[2]
         report = _write_output(
             run,
             config,

@@ -47,7 +47,9 @@ class LayerProgress:
         enabled: bool = True,
         tty: bool | None = None,
         emit: Callable[[str], None] = distributed.log,
+        label: str = "",
     ):
+        self.label = label  # which pass of the layers this is, when a run makes several
         self.total = total
         self.start = start
         self.enabled = enabled and distributed.is_writer()
@@ -58,7 +60,7 @@ class LayerProgress:
         if self.enabled and (sys.stderr.isatty() if tty is None else tty):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="quantize", unit="layer")
+            self.bar = tqdm(total=total, initial=start, desc=label or "quantize", unit="layer")
             self._route_lines_around(tqdm.write)
         if self.enabled and start:
             self.emit(f"resuming at layer {start + 1}/{total} ({start} layers already committed)")
@@ -72,6 +74,8 @@ class LayerProgress:
         """Record layer `index` (took `seconds`, split into `stages`); return its progress line."""
         self.durations.append(seconds)
         line = layer_line(index, self.total, seconds, stages, self.eta(index))
+        if self.label:
+            line = f"{self.label}: {line}"
         if not self.enabled:
             return line
         if self.bar is not None:

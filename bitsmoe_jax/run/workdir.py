@@ -7,10 +7,13 @@ Layout (default `<output_dir>.partial`, config `work_dir`; removed after a succe
     layer_003/              one per finished decoder layer, committed in order:
         dense.{bin,json}    the layer's non-expert params at `dense_dtype`
         x.{bin,json}        calibration activations after the layer (only the newest layer keeps it)
-        packed.{bin,json}   MoE, layer scope: the first budget's packed experts, bits and allocation
-        problem.{bin,json}  MoE, when later budgets or model scope need it: the `LayerProblem`
+        packed.{bin,json}   MoE: the first budget's packed experts, bits and allocation
+        problem.{bin,json}  MoE, when later budgets need it: the `LayerProblem`
         units/              ... and its units and loss weights, per expert (`DiskUnits`)
         info.json           stage timings (never copied into a compared output file)
+    scope_tables/           budget_scope="model": the tables pass (`model_scope.py`), laid out
+                            alike, each layer's problem without its units (loss tables only)
+    bpw_2.00_model_allocation/  budget_scope="model": the bits of every MoE layer at a budget
     outputs/bpw_2.50.json   a budget whose output directory is complete (its report)
 
 A commit writes a hidden `.tmp-*` sibling, fsyncs every file and the directory, renames it into
@@ -47,7 +50,7 @@ from bitsmoe_jax.method.calibrate import ExpertStats
 from bitsmoe_jax.method.coefficients import PROJECTIONS, Coefficients
 from bitsmoe_jax.method.error_feedback import CalibrationInputs
 from bitsmoe_jax.method.layer_problem import LayerProblem
-from bitsmoe_jax.method.unit_store import DiskUnits, UnitStore
+from bitsmoe_jax.method.unit_store import DiskUnits, NoUnits, UnitStore
 from bitsmoe_jax.run import faults
 from bitsmoe_jax.run.config_schema import RunConfig
 from bitsmoe_jax.serve.quantized_experts import QuantizedExperts, merge_expert_shards
@@ -248,9 +251,12 @@ class WorkDir:
             if problem is not None:
                 tree, extra = problem_to_tree(problem)
                 arrayfile.save(d, "problem", tree, extra)
-                if not isinstance(problem.store, DiskUnits):
-                    raise TypeError("a committed problem keeps its units on disk (DiskUnits)")
-                problem.store.link_into(d / UNITS)
+                if isinstance(problem.store, DiskUnits):
+                    problem.store.link_into(d / UNITS)
+                elif not isinstance(problem.store, NoUnits):
+                    raise TypeError(
+                        "a committed problem keeps its units on disk (DiskUnits) or none (NoUnits)"
+                    )
             arrayfile.write_text_durable(d / "info.json", json.dumps(info, indent=1))
 
         self._commit(layer_name(i), fill)
@@ -375,7 +381,12 @@ class WorkDir:
         """The stored problem; its units and weights are read a chunk at a time when packed."""
         d = self.root / layer_name(i)
         tree, extra = arrayfile.load(d, "problem", mmap=True)
-        return problem_from_tree(tree, extra, DiskUnits(d / UNITS))
+        store = (
+            DiskUnits(d / UNITS)
+            if extra.get("units_kept", True)
+            else NoUnits({q: tree["loss"][q].shape[1] for q in PROJECTIONS})
+        )
+        return problem_from_tree(tree, extra, store)
 
     def scratch(self, i: int, tag: str = "") -> Path:
         """Where layer `i`'s units are spilled while it is worked on (this process's own; a
@@ -517,6 +528,8 @@ def problem_to_tree(p: LayerProblem) -> tuple[dict[str, Any], dict[str, Any]]:
         "starved": list(p.stats.starved),
         "min_tokens": int(calib.min_tokens) if calib is not None else 0,
         "stats_fields": [f.name for f in dataclasses.fields(ExpertStats)],
+        # False: loss tables only (the tables pass of a whole-model budget, `model_scope.py`)
+        "units_kept": not isinstance(p.store, NoUnits),
     }
     if p.basis_choice is not None:
         extra["basis_choice"] = dict(p.basis_choice)

@@ -98,17 +98,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             )
             for i in range(2)
         ],
-        # one allocation over all layers (budget_scope="model"): solved by process 0, every layer
-        # packed at output time
-        "1x1m": [
-            (quantize_cmd(tmp / "1x1m", calib, "--config.budget_scope=model"), env_with_devices(1))
+        # per-layer budgets (budget_scope="layer"; the default is one allocation over all
+        # layers, in two passes): one pass, each layer allocated on its own
+        "1x1l": [
+            (quantize_cmd(tmp / "1x1l", calib, "--config.budget_scope=layer"), env_with_devices(1))
         ],
-        "2x2m": [
+        "2x2l": [
             (
                 quantize_cmd(
-                    tmp / "2x2m",
+                    tmp / "2x2l",
                     calib,
-                    "--config.budget_scope=model",
+                    "--config.budget_scope=layer",
                     *dist_m,
                     f"--config.distributed.process_id={i}",
                 ),
@@ -191,19 +191,18 @@ def test_runs_write_one_checkpoint_each(runs):
         "budget 3.00: MoE layers packed by 2 processes (process 0: layers [0, 2]; process 1: "
         "layers [1])" in LOGS[("2x2", 0)]
     )
-    for b in (
-        "2.50",
-        "3.00",
-    ):  # model scope: every budget's layers are packed at output time, spread
-        assert f"budget {b}: MoE layers packed by 2 processes" in LOGS[("2x2m", 0)]
+    assert "budget 3.00: MoE layers packed by 2 processes" in LOGS[("2x2l", 0)]
+    # the whole-model budget (default) makes its tables first; per-layer budgets need none
+    assert "pass 1 of 2 (loss tables): layer 3/3" in LOGS[("2x2", 0)]
+    assert "pass 1 of 2" not in LOGS[("2x2l", 0)]
     # two budgets: every process keeps every expert's units, so not expert-parallel
     assert "expert-parallel" not in LOGS[("2x2", 0)]
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("name", ["1x4", "2x2", "2x2m"])
+@pytest.mark.parametrize("name", ["1x4", "2x2", "2x2l"])
 def test_sharded_runs_bit_identical_to_one_device(runs, name, budget):
-    one = "1x1m" if name.endswith("m") else "1x1"
+    one = "1x1l" if name.endswith("l") else "1x1"
     ref, got = array_files(runs[f"{one}/{budget}"]), array_files(runs[f"{name}/{budget}"])
     assert len(ref) > 50 and sorted(ref) == sorted(got)
     differ = [k for k in ref if ref[k] != got[k]]
@@ -262,7 +261,8 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
     def start(faults: dict[int, str]) -> list[tuple[int, str]]:
         return start_pair(out, calib, tmp_path, faults)
 
-    (rc0, log0), (rc1, _) = start({1: "layer_computed:2"})  # process 1 dies after computing layer 1
+    # process 1 dies after computing layer 1 of the layer pass (its fifth: three in the tables pass)
+    (rc0, log0), (rc1, _) = start({1: "layer_computed:5"})
     assert rc1 == -9 and rc0 != 0, log0[-3000:]
     assert "another process died" in log0 or "heartbeat" in log0.lower(), log0[-3000:]
     assert (work / "layer_000").is_dir() and not out.exists()
@@ -288,26 +288,28 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
 
 
 def test_expert_parallel_run_killed_then_resumed(runs, tmp_path):
-    """One budget, per-layer scope: each process packs, forwards and commits only its own experts
-    (expert-parallel), the next layer's input built from rows each process computes for its own.
-    kill -9 of process 1 after it computed layer 1 (layer 0 committed from both processes'
-    shards, layer 1's shard of process 0 possibly staged); the rerun resumes at layer 1 and writes
-    the 1-device run's arrays of that budget byte for byte."""
+    """One budget, whole-model scope (the default): after the tables pass, each process packs,
+    forwards and commits only its own experts (expert-parallel), the next layer's input built from
+    rows each process computes for its own. kill -9 of process 1 after it computed layer 1 of the
+    second pass (its fifth layer computed; layer 0 committed from both processes' shards, layer
+    1's shard of process 0 possibly staged); the rerun skips the tables pass, resumes at layer 1
+    and writes the 1-device run's arrays of that budget byte for byte."""
     from bitsmoe_jax.io.data import read_text
 
     calib = tmp_path / "calib.txt"
     calib.write_text(read_text("shakespeare_train")[:20000])
     out, work = tmp_path / "2x2s", tmp_path / "2x2s.partial"
     one = ("--config.budget_bits=2.5", "--config.expert_chunk=3")
-    (rc0, log0), (rc1, _) = start_pair(out, calib, tmp_path, {1: "layer_computed:2"}, *one)
+    (rc0, log0), (rc1, _) = start_pair(out, calib, tmp_path, {1: "layer_computed:5"}, *one)
     assert rc1 == -9 and rc0 != 0, log0[-3000:]
     owners = "process 0: experts 0-7; process 1: experts 8-15"
     assert f"commits only its experts ({owners})" in log0, log0[-3000:]
     assert sorted(p.name for p in work.glob("layer_*")) == ["layer_000"]
     assert len(list((work / "layer_000").glob("shard_*.bin"))) == 2
+    assert len(list((work / "scope_tables").glob("layer_*"))) == 3
     (rc0, log0), (rc1, log1) = start_pair(out, calib, tmp_path, {}, *one)
     assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
-    assert "resuming at layer 2/3" in log0, log0[-3000:]
+    assert "resuming at layer 2/3" in log0 and "pass 1 of 2" not in log0, log0[-3000:]
     assert not work.exists()
     # a run of one budget writes its checkpoint into the output directory itself
     ref, got = array_files(runs["1x1/bpw_2.50"]), array_files(out)

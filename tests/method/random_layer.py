@@ -61,7 +61,7 @@ def method_params(**kw) -> MethodConfig:
     return MethodConfig(**({"min_tokens": 16, "candidate_bits": (0, 1, 2, 3, 4, 8)} | kw))
 
 
-def build_layer_problem(layer, params, chunk, store_dir=None) -> LayerProblem:
+def build_layer_problem(layer, params, chunk, store_dir=None, **kw) -> LayerProblem:
     block, x, gate, up, down = layer
     return streamed.build_problem(
         0,
@@ -73,4 +73,5 @@ def build_layer_problem(layer, params, chunk, store_dir=None) -> LayerProblem:
         defaultdict(float),
         chunk=chunk,
         store_dir=store_dir,
+        **kw,
     )

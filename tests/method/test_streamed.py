@@ -46,8 +46,8 @@ def _params(**kw) -> MethodConfig:
     return method_params(**kw)
 
 
-def _problem(layer, params, chunk, store_dir=None) -> LayerProblem:
-    return build_layer_problem(layer, params, chunk, store_dir)
+def _problem(layer, params, chunk, store_dir=None, **kw) -> LayerProblem:
+    return build_layer_problem(layer, params, chunk, store_dir, **kw)
 
 
 def _reference(layer, params: MethodConfig):
@@ -89,6 +89,39 @@ def test_problem_equals_the_whole_layer_reference_for_every_chunk(layer, mode, t
             assert isinstance(problem.store, DiskUnits)
             reopened = DiskUnits(store)
             np.testing.assert_array_equal(reopened.load("down", [4, 1])[0], units["down"][[4, 1]])
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_the_two_passes_of_a_whole_model_budget_split_one_problem(layer, mode):
+    """`keep="tables"` (first pass) has the whole-layer reference's loss tables and no units;
+    `keep="units"` on the first pass's stored bases (second pass) has the same units and packs, at
+    the same bits, exactly what the full problem packs — so the bits chosen on the first pass's
+    tables mean the same units."""
+    params = _params(coefficient_mode=mode, basis_bits=6)
+    _, units, _, coeffs, _ = _reference(layer, params)
+    tables = _problem(layer, params, 3, keep="tables")
+    again = _problem(layer, params, 3, keep="units", bases=tables.bases)
+    full = _problem(layer, params, 3)
+    for p in PROJECTIONS:
+        np.testing.assert_array_equal(tables.coeffs.loss[p], coeffs.loss[p])
+        assert tables.rank(p) == full.rank(p) == units[p].shape[1]
+        np.testing.assert_array_equal(again.store.load(p, range(E))[0], units[p])
+        assert not again.coeffs.loss[p].any()
+    with pytest.raises(RuntimeError, match="loss tables only"):
+        tables.store.load("gate", [0])
+    bits, _ = allocate_layers([tables], 2.0, "layer", {"allocator": "greedy"})[0]
+    ref_bases, ref = streamed.round_and_pack(full, bits)
+    bases, packed = streamed.round_and_pack(again, bits)
+    for p in PROJECTIONS:
+        np.testing.assert_array_equal(packed[p].perm, ref[p].perm)
+        for a, b in zip(
+            packed[p].payload + packed[p].scales, ref[p].payload + ref[p].scales, strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for k in ref_bases[p]:
+            np.testing.assert_array_equal(bases[p][k], ref_bases[p][k])
+    with pytest.raises(ValueError, match="keep="):
+        _problem(layer, params, 3, keep="some")
 
 
 @pytest.mark.parametrize("rounding", ["gptq", "nearest"])

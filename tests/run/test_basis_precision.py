@@ -28,6 +28,7 @@ def _flat(tree, prefix=""):
 
 def test_basis_precision_is_the_least_predicted_loss(hf, texts, tmp_path):
     common = ["--config.budget_bits=2.0", "--config.eval_text=", "--config.allocator=greedy"]
+    common.append("--config.budget_scope=layer")  # the choice is per layer: compared per layer
     runs = {
         "4": ["--config.basis_bits=4"],
         "8": ["--config.basis_bits=8"],

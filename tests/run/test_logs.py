@@ -45,9 +45,12 @@ def test_a_run_says_what_it_does_and_its_times_add_up(tmp_path, capfd):
     lines = out.splitlines()
     expected_order = [
         "pre-flight check:",
+        "whole-model budget (budget_scope='model'): pass 1 of 2",
         "memory plan:",
-        "layer 1/3 done",
-        "layer 3/3 done",
+        "pass 1 of 2 (loss tables): layer 1/3 done",
+        "pass 1 of 2 (loss tables): layer 3/3 done",
+        "pass 2 of 2 (quantize): layer 1/3 done",
+        "pass 2 of 2 (quantize): layer 3/3 done",
         "budget 2.00: writing",
         "budget 2.00: evaluating",
         "budget 3.00: writing",  # the later budget's allocation and packing happen here
@@ -58,7 +61,7 @@ def test_a_run_says_what_it_does_and_its_times_add_up(tmp_path, capfd):
     ]
     found = [next(i for i, ln in enumerate(lines) if ln.startswith(p)) for p in expected_order]
     assert found == sorted(found), lines
-    assert "allocating and packing" in lines[found[6]]
+    assert "allocating and packing" in lines[found[9]]
     # done in W s: shared S s + budgets A + B s + start-up R s — the parts sum to W, W <= wall
     done = lines[found[-1]]
     numbers = [float(x) for x in re.findall(r"(\d+\.\d) s", done.replace(" + ", " s + "))]

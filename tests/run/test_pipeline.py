@@ -222,7 +222,8 @@ def test_effective_bits_recounted_from_files(main_run, hf, budget):
     )
     for layer in r["layers"].values():
         assert layer["num_weights"] == 3 * E * D * F
-        assert layer["bpw"] <= budget + 1e-9  # layer scope: every layer within the budget
+        # the whole-model budget (the default): layers may differ, their sum is within it
+        assert 0.5 * budget < layer["bpw"] < 2 * budget
         assert (
             layer["basis_bits"] == 4
         )  # the default: bit-plane words, read back by the tests below

@@ -59,6 +59,9 @@ def args_for(model: Path, out: Path, calib: Path, *extra: str) -> list[str]:
         f"--config.calib_text={calib}",
         "--config.num_calib_tokens=256",
         "--config.seq_len=64",
+        # the fault counts below are of the one layer pass; the whole-model budget's two passes
+        # are killed and resumed in test_model_scope.py
+        "--config.budget_scope=layer",
         *extra,
     ]
 
