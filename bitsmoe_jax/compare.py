@@ -124,8 +124,8 @@ def compare(
 
 ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
-        "BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, per-layer, 4-bit "
-        "bases, GPTQ-style rounding, per-expert scale fit 50 steps)",
+        "BitsMoE (defaults: SVD basis, token-sum output loss, floor 0.25, exact, whole-model "
+        "budget, 4-bit bases, GPTQ-style rounding, per-expert scale fit 50 steps)",
         {},
     ),
     # the scale fit runs on the error feedback's calibration inputs: off with nearest rounding

@@ -201,14 +201,15 @@ def _attempt(
     """(bits spent, per-layer bits, allocation) of one solve of `group`'s units within
     `unit_budget` bits; the spent bits count the layers' overheads at the bits found."""
     cands, sb = group[0].coeffs.candidates, group[0].super_bits
-    col_of = {b: i for i, b in enumerate(cands)}
+    col_of = np.zeros(max(cands) + 1, np.int64)  # bit-width -> its column of the tables
+    col_of[list(cands)] = np.arange(len(cands))
     flat, alloc = solve_units(loss, cost, fixed, cands, sb, unit_budget, zero, **kw)
     per_layer, off = [], 0
     for p in group:
         n = sum(p.num_experts * p.rank(q) for q in PROJECTIONS)
         per_layer.append(p.split(flat[off : off + n]))
         off += n
-    cols = np.fromiter((col_of[int(b)] for b in flat), np.int64, len(flat))
+    cols = col_of[flat]
     spent = float(cost[np.arange(len(flat)), cols].sum()) + sum(
         p.overhead_bits(b) for p, b in zip(group, per_layer, strict=False)
     )

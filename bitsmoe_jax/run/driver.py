@@ -144,9 +144,15 @@ def _quantize_layers(
                     "layers chooses the bits; pass 2 quantizes each layer at its bits"
                 )
             _run_pass(
-                run, config, tables, tables.next_layer(), False, first_budget, progress,
+                run,
+                config,
+                tables,
+                tables.next_layer(),
+                keep_problems=False,
+                first_budget=first_budget,
+                progress=progress,
                 tables_only=True,
-            )  # fmt: skip
+            )
             distributed.barrier("scope_tables_done")
             model_scope.allocate(run.params, config, first_budget, work, tables)
             distributed.barrier("model_allocation_committed")
@@ -213,8 +219,9 @@ def _layer_loop(
     )
     # rounds are collective: every process takes the smallest chunk any process planned
     chunk = distributed.min_over_processes("expert_chunk", min(plan.chunk, layout.per_device))
-    # Several processes, one budget, per-layer scope: each holds, forwards and commits only its
-    # own experts' packed factors (a stored problem packed again later needs them all instead).
+    # Several processes, one budget (the layer pass of either scope): each holds, forwards and
+    # commits only its own experts' packed factors (a stored problem packed again later needs them
+    # all instead; the tables pass packs nothing).
     own_only = layout.spans_processes and not keep_problems and not tables_only
     if own_only:
         distributed.log(

@@ -45,8 +45,8 @@ TABLES = "scope_tables"
 
 #: `budget_scope="auto"` takes the whole-model budget up to this many units over all MoE layers.
 #: The one allocation holds about 0.8 KiB a unit at its peak (loss and cost tables, convex hulls)
-#: and takes ~20 µs a unit here: measured 1.2 GiB / 25 s for 1.6 M units, 4.9 GiB / 122 s for
-#: 6.3 M (random tables, greedy allocator, this 2-core CPU). 8 M units: ~6.5 GiB, ~3 minutes —
+#: and takes ~7 µs a unit: measured 4.9 GiB above the tables' owner and 45 s for 6.3 M units
+#: (random tables, greedy allocator, an idle 2-core CPU). 8 M units: ~6.5 GiB, ~1 minute —
 #: Mixtral-8x7B (3.1 M units) is within it, DeepSeek-V2-Lite (10 M), Qwen3-30B-A3B (38 M) and
 #: DeepSeek-V3 (319 M) are not. A constant, not the host's memory, so that a resumed run on
 #: another machine makes the same choice.
