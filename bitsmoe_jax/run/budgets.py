@@ -34,15 +34,20 @@ def budget_dirs(run: RunConfig) -> list[tuple[float, Path]]:
 
 
 def model_allocation(
-    run: RunConfig, config: ModelConfig, budget: float, work: WorkDir
+    run: RunConfig,
+    config: ModelConfig,
+    budget: float,
+    work: WorkDir,
+    tables: WorkDir | None = None,
 ) -> tuple[dict, list[dict[str, Any]], float]:
     """(bits per MoE layer, allocation records, seconds) of a model-scope budget: solved once by
-    process 0 over every layer's loss tables (the units stay on disk, memory-mapped) and committed,
-    or read back from the work directory."""
+    process 0 over every layer's loss tables (memory-mapped; of the problems the layer pass stored,
+    or those of the whole-model budget's tables pass in `tables`) and committed, or read back from
+    the work directory."""
     if not work.has_model_allocation(budget):
         t = time.time()
         solution = allocate_layers(
-            [work.load_problem(i) for i in config.moe_layers],
+            [(tables or work).load_problem(i) for i in config.moe_layers],
             budget,
             "model",
             run.params.allocator_options(),

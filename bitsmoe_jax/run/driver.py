@@ -32,6 +32,7 @@ from bitsmoe_jax.run.basis_precision import allocate_layer, build_with_basis_cho
 from bitsmoe_jax.run.budgets import (
     budget_dirs,
     dense_expert_fn,
+    model_allocation,
     pack_later_budgets,
     problem_summary,
     release_layer_executables,
@@ -154,7 +155,8 @@ def _quantize_layers(
                 tables_only=True,
             )
             distributed.barrier("scope_tables_done")
-            model_scope.allocate(run.params, config, first_budget, work, tables)
+            if distributed.is_writer():
+                model_allocation(run, config, first_budget, work, tables)
             distributed.barrier("model_allocation_committed")
         fixed = model_scope.FirstBudgetBits(work, tables, first_budget)
     _run_pass(run, config, work, start, keep_problems, first_budget, progress, fixed=fixed)

@@ -2,17 +2,17 @@
 
 One allocation over every MoE layer needs every layer's loss tables before any layer's bits are
 known. Keeping every layer's problem until then (its units and loss weights: float32, twice the
-experts' bf16 bytes — ~180 GB for Mixtral-8x7B) would tie the work directory's size to the model's,
-calibrate every layer on the unquantized model's activations, and keep every expert's units on
-every process. Instead:
+experts' bf16 bytes each — ~360 GB for Mixtral-8x7B) would tie the work directory's size to the
+model's, calibrate every layer on the unquantized model's activations, and keep every expert's
+units on every process. Instead:
 
 1. **Tables pass.** Each layer's problem is built on the unquantized model's activations and only
    what the allocation reads is committed, to `scope_tables/` in the work directory: its loss
    tables and costs, ranks, the bases (their stored size is part of the budget), super experts and
    basis precision (`streamed.build_problem(keep="tables")`: the units are dropped chunk by chunk,
    never written).
-2. **One allocation** over every layer's tables at the first budget, committed (so every process
-   and every rerun packs the same bits).
+2. **One allocation** over every layer's tables at the first budget (`budgets.model_allocation`),
+   committed (so every process and every rerun packs the same bits).
 3. **The layer pass** as with a per-layer budget — built again, on the activations of the layers
    before it *quantized* (`sequential`), rounded with error feedback, fitted, packed,
    expert-parallel over processes — but each layer packed at its bits from (2), on the bases its
@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from typing import Any
 
 import numpy as np
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.config import MethodConfig
-from bitsmoe_jax.method.layer_problem import LayerProblem, allocate_layers
+from bitsmoe_jax.method.layer_problem import LayerProblem
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.run.workdir import WorkDir, allocation_records
+from bitsmoe_jax.run.workdir import WorkDir
 
 TABLES = "scope_tables"
 
@@ -87,21 +86,6 @@ def tables_dir(work: WorkDir) -> WorkDir:
         for stale in [*tables.root.glob(".tmp-*"), *tables.root.glob(".scratch-*")]:
             shutil.rmtree(stale, ignore_errors=True)
     return tables
-
-
-def allocate(
-    run_params: MethodConfig, config: ModelConfig, budget: float, work: WorkDir, tables: WorkDir
-) -> None:
-    """Solve and commit the whole-model allocation at `budget` from the committed tables (process
-    0; a no-op when it is committed already)."""
-    if not work.writer or work.has_model_allocation(budget):
-        return
-    t = time.time()
-    problems = [tables.load_problem(i) for i in config.moe_layers]
-    solution = allocate_layers(problems, budget, "model", run_params.allocator_options())
-    bits = {i: solution[i][0] for i in config.moe_layers}
-    records = allocation_records(solution[config.moe_layers[0]][1])
-    work.commit_model_allocation(budget, bits, records, time.time() - t)
 
 
 @dataclasses.dataclass
