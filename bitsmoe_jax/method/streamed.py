@@ -751,17 +751,29 @@ def sorted_expert_outputs(
 
 class StreamedExperts:
     """The original routed experts of a layer as the MoE block calls them (`Experts`), read from
-    their source a chunk at a time: model-scope and non-sequential runs feed the next layer these
-    outputs. Every process computes every expert's rows."""
+    their source a chunk at a time: the whole-model budget's tables pass and non-sequential runs
+    feed the next layer these outputs.
 
-    def __init__(self, source: ExpertSource, chunk: int | None):
-        self.source, self.chunk = source, chunk
+    `ranges` (several processes: (first, end, process) of each, `ExpertLayout.process_ranges`):
+    each process reads and computes only its own experts' rows and receives the others' rows
+    (`_chunk_rows`, the same float32 additions in the same order as one process computing all);
+    without, every process reads and computes every expert."""
+
+    def __init__(
+        self,
+        source: ExpertSource,
+        chunk: int | None,
+        ranges: Sequence[tuple[int, int, int]] | None = None,
+    ):
+        self.source, self.chunk, self.ranges = source, chunk, ranges
 
     def __call__(
         self, x: jax.Array, plan, bias: dict | None = None, act: GluActivation = SWIGLU
     ) -> jax.Array:
         fn = ExpertFn.of(act, bias)
-        y = _combined_rows(x, x, plan, self.chunk, self.source.read, x.shape[-1], x.dtype, fn)
+        y = _combined_rows(
+            x, x, plan, self.chunk, self.source.read, x.shape[-1], x.dtype, fn, self.ranges
+        )
         return y if bias is None else y + down_bias_term(plan, bias["down"], x.shape[0])
 
 

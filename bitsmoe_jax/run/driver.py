@@ -329,8 +329,9 @@ def _layer_loop(
                     scratch.remove()
             # the tables pass, or not sequential: the next layer calibrates on the original
             # outputs (read again, a chunk at a time)
-            if packed is None or not run.sequential:
-                block.experts = StreamedExperts(source, chunk)
+            if packed is None or not run.sequential:  # each process its experts' rows
+                ranges = layout.process_ranges() if layout.spans_processes else None
+                block.experts = StreamedExperts(source, chunk, ranges)
             elif own_only or qe.resolved_backend() == "xla":
                 # dequantized a chunk of experts at a time; expert-parallel: each process its
                 # experts' rows, broadcast to the others (a fresh block has no kernel layout, so
