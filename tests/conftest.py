@@ -281,3 +281,35 @@ def flax_logits(model: Any, ids: np.ndarray) -> np.ndarray:
     import jax.numpy as jnp
 
     return np.asarray(model(jnp.asarray(ids, jnp.int32)))
+
+
+# The test files that take longest (about a minute or more on the 2 CI cores), longest first.
+# `pytest -n 2 --dist loadfile` hands whole files to the two workers in collection order, so a long
+# file collected last (the top-level tests/test_*.py are) runs alone at the end while the other
+# worker idles; starting with the longest files (longest-processing-time-first) keeps both busy to
+# the end. Only the order changes: every test still runs, each file on one worker.
+LONGEST_FIRST = (
+    "tests/distributed/test_multihost.py",
+    "tests/run/test_quality_bar.py",
+    "tests/run/test_new_families_quantize.py",
+    "tests/kernels/test_backends.py",
+    "tests/run/test_pipeline.py",
+    "tests/test_tune.py",
+    "tests/test_lm_eval.py",
+    "tests/run/test_resume.py",
+    "tests/kernels/test_model_paths.py",
+    "tests/kernels/test_ref_bounds.py",
+    "tests/models/test_noaux_families.py",
+    "tests/method/test_expert_scale_tuning.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).resolve().parents[1]
+
+    def rank(item: pytest.Item) -> int:
+        path = Path(str(item.fspath)).resolve()
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        return LONGEST_FIRST.index(rel) if rel in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: files keep their tests' order, the rest their collection order

@@ -205,6 +205,10 @@ def test_a_quantized_directory_runs_through_the_adapter(tasks, tmp_path, ours):
         num_calib_tokens=1024,
         seq_len=128,
         eval_text="",
+        # what is tested is the adapter on a written directory, not the method's settings: the
+        # one-pass per-layer budget and no scale fit keep the run short
+        budget_scope="layer",
+        scale_tuning_steps=0,
     )
     quantized = _evaluate("bitsmoe", f"path={out}", tasks, 8, [MC])
     q, fp = _choice_logprobs(quantized), _choice_logprobs(ours)

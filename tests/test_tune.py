@@ -35,11 +35,13 @@ def quantized(tmp_path_factory):
             "configs/tiny.py",
             f"--config.output_dir={out}",
             "--config.budget_bits=2.0",
-            "--config.num_calib_tokens=8192",
+            "--config.num_calib_tokens=2048",
             f"--config.seq_len={SEQ}",
             "--config.eval_text=",
             # the post-pass tunes what the run did not: without the in-run scale fit
             "--config.scale_tuning_steps=0",
+            # one pass (per-layer budgets): the tuner reads the written files whatever the scope
+            "--config.budget_scope=layer",
         ]
     )
     assert code == 0

@@ -118,6 +118,15 @@ def streamed_bases(
     """`layer_problem.make_bases` over a streamed layer: each projection's Gram matrix is summed
     round by round, reading only that projection of this process's experts of the round.
 
+    Several processes split the eigendecompositions (`basis_owners`): the projections go in waves
+    of one per process; each wave's Gram sums are reduced over every process, each process keeps
+    the one it owns and decomposes it while the others decompose theirs, and each projection's
+    vectors then reach every process bit for bit from its owner. The bases are the same bytes as
+    one process computing all three (the same program on the same sum); each process runs one
+    (three processes or more) or at most two (two processes) of the three eigendecompositions —
+    at hidden 7168 the most expensive step of the stage — where every process used to run all
+    three.
+
     `vectors` caches the float bases across calls on one layer (bases of several precisions
     quantize the same vectors): filled when empty, read instead of the Gram sums when not."""
     if params.basis == "none":
@@ -125,9 +134,10 @@ def streamed_bases(
     shapes = _shapes(config)
     whitening = basis_whitening(params.basis, x)
     vectors = {} if vectors is None else vectors
-    stored, deq = {}, {}
-    for p in PROJECTIONS:
-        if p not in vectors:
+    waves = basis_owners([p for p in PROJECTIONS if p not in vectors], layout)
+    for wave in waves:
+        mine: dict[str, np.ndarray] = {}
+        for p, owner in wave:
             acc = sharded.GramAccumulator(layout, p == "down")
             for rnd in rounds:
                 t = time.time()
@@ -136,11 +146,44 @@ def streamed_bases(
                 timings["read"] += time.time() - t
                 acc.add_round(rnd, mats.__getitem__, shapes[p])
                 del mats
-            # This projection's basis before the next Gram: one D×D Gram alive at a time.
-            vectors[p] = projection_vectors(p, acc.result(), params.rank, whitening)
+            gram = acc.result()  # a reduction over every process: each one calls it
             del acc
+            if owner == jax.process_index():
+                mine[p] = gram
+            del gram
+        # This process's basis of the wave before the next Grams: one D×D Gram per process of the
+        # wave alive at a time (two while the owner sums the wave's next projection).
+        for p in list(mine):
+            mine[p] = projection_vectors(p, mine.pop(p), params.rank, whitening)
+        for p, owner in wave:
+            if not layout.spans_processes:  # this process's mesh: it computed every projection
+                vectors[p] = mine[p]
+                continue
+            shape = (config.hidden_size, params.basis_rank(config.hidden_size))
+            vectors[p] = _exact_from(owner, mine.get(p), shape)
+    stored, deq = {}, {}
+    for p in PROJECTIONS:
         stored[p], deq[p] = quantized_basis(vectors[p], params.basis_bits)
     return stored, deq
+
+
+def basis_owners(projections: Sequence[str], layout: ExpertLayout) -> list[list[tuple[str, int]]]:
+    """Waves of (projection, process that eigendecomposes it): one projection per process of the
+    layout's mesh a wave, in projection order; one process (or a mesh of one process's devices)
+    gets every projection, one per wave — the order of a run without processes."""
+    procs = sorted({d.process_index for d in layout.mesh.devices.flat})
+    n = len(procs)
+    return [
+        [(p, procs[i % n]) for i, p in enumerate(projections[w : w + n], start=w)]
+        for w in range(0, len(projections), n)
+    ]
+
+
+def _exact_from(source: int, value: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """`source`'s float32 array on every process, bit for bit (sent as its int32 bit patterns:
+    a broadcast adds zeros, which would turn a −0.0 into +0.0)."""
+    bits = None if value is None else np.asarray(value, np.float32).view(np.int32)
+    return broadcast_from(source, bits, shape, np.int32).view(np.float32)
 
 
 class _Routing:

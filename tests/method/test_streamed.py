@@ -279,3 +279,35 @@ def test_geometric_bucket_sizes():
     assert all(b <= max(2, 1.5 * n) for n, b in zip(range(1, 5000), sizes, strict=True))
     assert len(set(sizes)) <= 2 * 13 + 1  # 2^k and 3·2^k up to 8192
     assert sorted(set(sizes))[:8] == [1, 2, 3, 4, 6, 8, 12, 16]
+
+
+def _mesh_of_processes(n: int, devices_each: int = 2):
+    """A stand-in layout whose mesh holds `devices_each` devices of each of `n` processes (all
+    `basis_owners` reads of it)."""
+    from types import SimpleNamespace
+
+    devs = np.array(
+        [SimpleNamespace(process_index=i) for i in range(n) for _ in range(devices_each)]
+    )
+    return SimpleNamespace(mesh=SimpleNamespace(devices=devs))
+
+
+@pytest.mark.parametrize(
+    ("processes", "expected"),
+    [
+        (1, [[("gate", 0)], [("up", 0)], [("down", 0)]]),
+        (2, [[("gate", 0), ("up", 1)], [("down", 0)]]),
+        (3, [[("gate", 0), ("up", 1), ("down", 2)]]),
+        (4, [[("gate", 0), ("up", 1), ("down", 2)]]),
+    ],
+)
+def test_eigendecompositions_split_over_the_processes(processes, expected):
+    """Each process eigendecomposes ⌈3 / processes⌉ projections at most, one per wave; one process
+    keeps the order of a run without processes (Gram, basis, next Gram). The bases' bytes on
+    several processes are checked against one device's in tests/distributed/test_multihost.py."""
+    waves = streamed.basis_owners(list(streamed.PROJECTIONS), _mesh_of_processes(processes))
+    assert waves == expected
+    per_process = [sum(owner == i for wave in waves for _, owner in wave) for i in range(processes)]
+    assert max(per_process) == -(-3 // processes)
+    # a layer whose gate/up vectors are cached (another basis precision) decomposes down only
+    assert streamed.basis_owners(["down"], _mesh_of_processes(processes)) == [[("down", 0)]]
