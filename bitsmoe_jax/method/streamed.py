@@ -160,7 +160,7 @@ def streamed_bases(
                 vectors[p] = mine[p]
                 continue
             shape = (config.hidden_size, params.basis_rank(config.hidden_size))
-            vectors[p] = _exact_from(owner, mine.get(p), shape)
+            vectors[p] = broadcast_from(owner, mine.get(p), shape, np.float32)
     stored, deq = {}, {}
     for p in PROJECTIONS:
         stored[p], deq[p] = quantized_basis(vectors[p], params.basis_bits)
@@ -177,13 +177,6 @@ def basis_owners(projections: Sequence[str], layout: ExpertLayout) -> list[list[
         [(p, procs[i % n]) for i, p in enumerate(projections[w : w + n], start=w)]
         for w in range(0, len(projections), n)
     ]
-
-
-def _exact_from(source: int, value: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    """`source`'s float32 array on every process, bit for bit (sent as its int32 bit patterns:
-    a broadcast adds zeros, which would turn a −0.0 into +0.0)."""
-    bits = None if value is None else np.asarray(value, np.float32).view(np.int32)
-    return broadcast_from(source, bits, shape, np.int32).view(np.float32)
 
 
 class _Routing:

@@ -333,19 +333,22 @@ def broadcast_from(source: int, value: np.ndarray | None, shape: tuple, dtype: A
     """Process `source`'s array (of `shape` and `dtype`, known to every process) on every
     process; the others pass None.
 
-    Bit-exact: JAX's broadcast sums the source's array with zeros from every other process, and
-    x + 0 is x for every float but −0 (which becomes +0). The one caller, the quantized layer's
-    forward, multiplies the rows by routing weights and adds them to sums that are never −0, so
-    the result is the same either way. Every process calls it with the same `source`, shape and
-    dtype (a collective)."""
+    Bit-exact for every dtype: JAX's broadcast sums the source's array with zeros from every other
+    process, and a float x + 0 is x except for −0 (which becomes +0), so the array travels as its
+    bytes (uint8, the same size) and is viewed back. Callers: the quantized layer's forward (rows
+    of activations) and the shared bases' vectors (`streamed_bases`). Every process calls it with
+    the same `source`, shape and dtype (a collective)."""
     if process_count() <= 1:
         if value is None:
             raise ValueError("broadcast_from: one process, no value")
         return np.asarray(value)
     from jax.experimental import multihost_utils
 
+    dtype = np.dtype(dtype)
     mine = process_index() == source
-    arr = np.asarray(value, dtype) if mine else np.zeros(shape, dtype)
+    arr = np.ascontiguousarray(value, dtype) if mine else np.zeros(shape, dtype)
     if arr.shape != tuple(shape):
         raise ValueError(f"broadcast_from: got shape {arr.shape}, every process expects {shape}")
-    return np.asarray(multihost_utils.broadcast_one_to_all(arr, is_source=mine))
+    raw = arr.reshape(-1).view(np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(raw, is_source=mine))
+    return got.view(dtype).reshape(shape)
