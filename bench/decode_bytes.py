@@ -36,7 +36,7 @@ import numpy as np
 
 from bitsmoe_jax.io.checkpoint import load_tree
 from bitsmoe_jax.method.decompose import basis_stored_bits
-from bitsmoe_jax.serve.quantized_checkpoint import read_meta
+from bitsmoe_jax.serve.quantized_checkpoint import load_layer_experts, read_meta
 from bitsmoe_jax.serve.read_bytes import LAYOUT_BPW, layer_read_bytes, per_token_bytes
 
 
@@ -51,7 +51,10 @@ def checkpoint_rows(path: Path, batches: list[int]) -> dict[str, Any]:
     bases, per_layer = [], []
     for i in layers:
         tree = load_tree(path / "params" / f"layer_{i:03d}")
-        b, per_expert = layer_read_bytes(tree["experts_q"], meta["layers"][str(i)])
+        b, per_expert = layer_read_bytes(
+            load_layer_experts(path, i, tree["experts_q"], meta["layers"][str(i)]),
+            meta["layers"][str(i)],
+        )
         bases.append(b)
         per_layer.append(per_token_bytes(b, per_expert, 3 * d * f, k, tuple(batches)))
     return {

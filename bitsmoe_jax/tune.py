@@ -25,14 +25,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bitsmoe_jax.evaluate import evaluate_model
-from bitsmoe_jax.io.checkpoint import atomic_directory, load_tree, save_tree
+from bitsmoe_jax.io.checkpoint import atomic_directory, load_tree
 from bitsmoe_jax.io.data import load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.serve.quantized_checkpoint import (
+    FORMAT_VERSION,
     QUANT_META,
     json_default,
     load_quantized,
     read_meta,
+    save_layer,
 )
 from bitsmoe_jax.serve.scale_tuning import TuneConfig, calibration_windows, tune_scales
 
@@ -144,13 +146,22 @@ def write_tuned(src: Path, out: Path, model, config, tuning: dict, overwrite: bo
     tuning recorded in quantized.json and report.json — atomically."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        meta = json.loads((tmp / QUANT_META).read_text())
         for i in config.moe_layers:
             item = tmp / "params" / f"layer_{i:03d}"
             tree = load_tree(item)
-            tree["experts_q"], _ = model.layers[i].mlp.experts.to_tree()
-            shutil.rmtree(item)
-            save_tree(item, tree)
-        meta = json.loads((tmp / QUANT_META).read_text())
+            for old in [item, *item.parent.glob(f"{item.name}_experts_*")]:
+                shutil.rmtree(old)
+            experts = model.layers[i].mlp.experts
+            meta["layers"][str(i)] = save_layer(
+                tmp,
+                i,
+                tree["dense"],
+                experts,
+                tree.get("allocation"),
+                meta["layers"][str(i)].get("expert_group_size"),
+            )
+        meta["version"] = FORMAT_VERSION
         meta["tuning"] = {k: v for k, v in tuning.items() if k != "evaluation"}
         (tmp / QUANT_META).write_text(json.dumps(meta, indent=1, default=json_default))
         report_path = tmp / "report.json"

@@ -9,6 +9,7 @@ the scales of the same dtype and shape); the stored bits recounted on both loade
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from bitsmoe_jax import quantize, tune
 from bitsmoe_jax.inference import jit_logits
+from bitsmoe_jax.io import arrayfile
 from bitsmoe_jax.io.checkpoint import load_tree
 from bitsmoe_jax.io.data import REFERENCE_DIR, load_tokenizer, read_text, tokenize_text
 from bitsmoe_jax.loading import load_model
@@ -55,6 +57,19 @@ def tuned(quantized):
     return out
 
 
+def _parts(root: Path) -> dict[str, dict]:
+    """Every stored item of a quantized checkpoint by name: the orbax items and the groups of
+    experts (`io.arrayfile` files)."""
+    out = {}
+    for item in sorted((root / "params").iterdir()):
+        if item.name.endswith("_experts"):
+            for g in sorted(item.glob("group_*.json")):
+                out[f"{item.name}/{g.stem}"] = arrayfile.load(item, g.stem)[0]
+        else:
+            out[item.name] = load_tree(item)
+    return out
+
+
 def _leaves(tree) -> dict[str, np.ndarray]:
     return {
         jax.tree_util.keystr(k): np.asarray(v)
@@ -72,11 +87,10 @@ def _holdout_kl(model_dir, windows) -> float:
 
 def test_only_scales_change(quantized, tuned):
     changed = 0
-    for part in sorted(p.name for p in (quantized / "params").iterdir()):
-        a, b = (
-            _leaves(load_tree(quantized / "params" / part)),
-            _leaves(load_tree(tuned / "params" / part)),
-        )
+    before, after = _parts(quantized), _parts(tuned)
+    assert before.keys() == after.keys()
+    for part in before:
+        a, b = _leaves(before[part]), _leaves(after[part])
         assert a.keys() == b.keys()
         for k, v in a.items():
             assert v.dtype == b[k].dtype and v.shape == b[k].shape, k
@@ -113,11 +127,10 @@ def test_no_gain_keeps_the_untuned_scales(quantized, tmp_path):
     out = tmp_path / "same"
     args = ["--model", str(quantized), "--out", str(out), *TUNE_ARGS, "--lr", "0", "--steps", "2"]
     assert tune.main(args) == 0
-    for part in ("layer_000", "layer_001", "layer_002"):
-        a, b = (
-            _leaves(load_tree(quantized / "params" / part)),
-            _leaves(load_tree(out / "params" / part)),
-        )
+    before, after = _parts(quantized), _parts(out)
+    assert before.keys() == after.keys()
+    for part in before:
+        a, b = _leaves(before[part]), _leaves(after[part])
         assert all(np.array_equal(v.view(np.uint8), b[k].view(np.uint8)) for k, v in a.items())
     assert not json.loads((out / "report.json").read_text())["tuning"]["kept"]
 

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,15 @@ def unpack_bitplanes_jnp(words: jax.Array, bits: int, n: int) -> jax.Array:
     return u.astype(jnp.int32) + jnp.int32(qz.code_range(bits)[0])
 
 
+def unit_bits(perm: Any, seg_bits: Sequence[int], seg_sizes: Sequence[int]) -> np.ndarray:
+    """Bit-width of every unit in the original order, from a `PackedMatrix`'s permutation and
+    segments (only these are needed: a writer can count a layer's rows without its payload)."""
+    stored = np.repeat(np.asarray(seg_bits, np.int64), np.asarray(seg_sizes, np.int64))
+    out = np.empty(len(stored), np.int64)
+    out[np.asarray(perm)] = stored
+    return out
+
+
 def permutation_bits(k: int) -> int:
     """Bits to store a permutation of ``k`` entries: ``k * ceil(log2 k)`` (0 for ``k <= 1``)."""
     k = int(k)
@@ -164,12 +174,7 @@ class PackedMatrix:
 
     def bits_per_unit(self) -> np.ndarray:
         """Bit-width of every unit, in the original order."""
-        stored = np.repeat(
-            np.asarray(self.seg_bits, np.int64), np.asarray(self.seg_sizes, np.int64)
-        )
-        out = np.empty(self.num_units, np.int64)
-        out[np.asarray(self.perm)] = stored
-        return out
+        return unit_bits(self.perm, self.seg_bits, self.seg_sizes)
 
     def stored_bits(self) -> int:
         """Every stored bit, measured from the arrays themselves.
@@ -413,6 +418,24 @@ def as_rows(pm: PackedMatrix) -> PackedRows:
     )
 
 
+def unit_rows(
+    pm: PackedMatrix, start: int, stop: int, bits: np.ndarray | None = None
+) -> PackedRows:
+    """The packed rows of units [start, stop) of `pm`, by width, in unit order: a slice of each
+    segment (a segment holds the rows of its width in unit order, so the units of a range are
+    consecutive rows of it). `bits`: `pm.bits_per_unit()`, if already computed. Joined again by
+    `assemble_packed` (the written checkpoint stores a layer's factors as such slices, a group of
+    experts each: `serve.quantized_checkpoint`)."""
+    bpu = pm.bits_per_unit() if bits is None else bits
+    payload, scales = {}, {}
+    for i, b in enumerate(pm.seg_bits):
+        lo, hi = np.searchsorted(np.flatnonzero(bpu == b), [start, stop])
+        if hi > lo:
+            payload[b] = np.asarray(pm.payload[i][lo:hi])
+            scales[b] = np.asarray(pm.scales[i][lo:hi])
+    return PackedRows(bpu[start:stop], payload, scales)
+
+
 def merge_shards(shards: Sequence[PackedMatrix]) -> PackedMatrix:
     """One `PackedMatrix` of the units of `shards` in order (each the packed units of some
     consecutive experts)."""
@@ -460,6 +483,8 @@ __all__ = [
     "pack_rows",
     "assemble_packed",
     "as_rows",
+    "unit_bits",
+    "unit_rows",
     "merge_shards",
     "dequantize_packed",
 ]

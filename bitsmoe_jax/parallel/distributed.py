@@ -247,6 +247,12 @@ def _exchange(name: str, value: str) -> list[str]:
     return out
 
 
+def text_from_writer(name: str, text: str) -> str:
+    """Process 0's `text` on every process (the others' `text` is ignored): a collective of every
+    process, like `_exchange`."""
+    return _exchange(name, text)[0]
+
+
 def host_id() -> str:
     """This machine: its host name and boot id (containers on one machine may share a name)."""
     try:

@@ -7,7 +7,9 @@ process sends itself SIGKILL: no `finally`, no `atexit`, exactly what a preempti
 
 Points: `layer_computed` (a layer quantized, nothing of it committed), `commit_before_rename`
 (a commit's files written and fsynced, not yet renamed), `layer_committed` (right after a layer's
-commit), `output_write` (an output directory half written), `output_renamed` (an output in place,
+commit), `output_write` (an output directory half written), `output_groups` (a process other
+than 0 has written one more layer's groups of experts into the output being written),
+`output_renamed` (an output in place,
 not yet recorded as done in the work directory), `cleanup` (the finished run's work directory
 partly deleted, one visit per deleted entry), `tombstone` (the emptied work directory renamed to its
 tombstone and not yet deleted; `pareto.md` not yet written).
@@ -24,6 +26,7 @@ POINTS = (
     "commit_before_rename",
     "layer_committed",
     "output_write",
+    "output_groups",
     "output_renamed",
     "cleanup",
     "tombstone",

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from bitsmoe_jax.io.checkpoint import META_FILE, atomic_directory
+from bitsmoe_jax.method import sharded
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.method.layer_problem import (
     bits_histogram,
@@ -35,6 +36,8 @@ from bitsmoe_jax.run.evaluation import bitsmoe_report, finish_report
 from bitsmoe_jax.run.report import TIMINGS_FILE, write_report
 from bitsmoe_jax.run.workdir import WorkDir
 from bitsmoe_jax.serve import quantized_checkpoint as checkpoint_io
+from bitsmoe_jax.serve.quantized_checkpoint import ExpertShard, LayerHead
+from bitsmoe_jax.serve.quantized_experts import packed_from_tree
 from bitsmoe_jax.serve.read_bytes import layer_read_bytes, per_token_bytes
 from conversion.convert import TOKENIZER_FILES, np_dtype
 
@@ -177,17 +180,34 @@ def write_outputs(
     overwrite: bool,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Write every budget's output from the work directory (process 0); skip outputs already
-    written. With `progress`, a line says what each of these steps (allocating and packing the
-    later budgets, writing, evaluating) is doing before it starts."""
+    """Write every budget's output from the work directory; skip outputs already written. With
+    `progress`, a line says what each of these steps (allocating and packing the later budgets,
+    writing, evaluating) is doing before it starts.
+
+    Process 0 writes and evaluates; in a run of several processes every process calls this: the
+    first budget's expert-parallel layers (each process's experts packed into its own shard) are
+    written by the processes that packed them, each its own groups of experts
+    (`serve.quantized_checkpoint`), into process 0's temporary output directory — so no process
+    reads another's packed experts."""
+    groups = GroupWriters.of(run, config)
     if not distributed.is_writer():
+        out = distributed.text_from_writer("output_dir", "")
+        if out:  # process 0 is writing the first budget and has expert-parallel layers
+            for i in config.moe_layers:
+                if (index := work.packed_shards(i)) is not None:
+                    write_shard_groups(Path(out), work, i, index, groups)
+                    faults.point("output_groups")
+            distributed.barrier("output_groups_written")
         return []
     reports = []
     shared: dict = {}  # evaluation tokens and reference model, read once for all budgets
     recorded = None  # read from the layers' records only when an output is still to be written
     for b, out_dir in budgets:
+        from_packed = b == budgets[0][0]  # packed by the layer pass, whatever the scope
         done = work.output_report(b)
         if done is not None:
+            if from_packed:
+                distributed.text_from_writer("output_dir", "")  # nothing for the others to write
             reports.append(done)
             continue
         if recorded is None:
@@ -200,7 +220,6 @@ def write_outputs(
         timings = dict(recorded)
         timings["shared"] = recorded["quantize_total"]  # the layers' work: every budget's
         model_solution = None
-        from_packed = b == budgets[0][0]  # packed by the layer pass, whatever the scope
         if progress:
             distributed.log(
                 f"budget {b:.2f}: writing {out_dir}"
@@ -228,6 +247,7 @@ def write_outputs(
             timings,
             overwrite,
             shared,
+            groups,
             distributed.log if progress else None,
         )
         faults.point("output_renamed")
@@ -279,19 +299,25 @@ def _write_output(
     timings: dict,
     overwrite: bool,
     shared: dict,
+    groups: GroupWriters,
     log: Callable[[str], None] | None,
 ) -> dict:
     """One budget's checkpoint, streamed a layer at a time from the work directory, then its
-    report."""
+    report. The first budget's expert-parallel layers: this process writes their heads and its
+    own groups; the other processes theirs (`write_outputs`)."""
+    moe = set(config.moe_layers)
+    shards = {i: work.packed_shards(i) for i in moe} if from_packed else {}
+    helped = from_packed and any(v is not None for v in shards.values())
 
     def body(tmp: Path) -> WrittenBody:
+        if from_packed:
+            distributed.text_from_writer("output_dir", str(tmp) if helped else "")
         t_write = time.time()
         expert_bits = expert_weights = dense_params = dense_stored = 0
         layers_meta: dict[int, Any] = {}
         layer_summary: dict[str, Any] = {}
         allocation_time: dict[str, list[float]] = {}
         decode_total: dict[str, dict[str, float]] = {}
-        moe = set(config.moe_layers)
         top = work.load_top()
         dense_params += num_params(top)
         dense_stored += stored_bits(top)
@@ -304,17 +330,32 @@ def _write_output(
             if i not in moe:
                 checkpoint_io.save_layer(tmp, i, dense, None, None)
                 continue
-            fn = dense_expert_fn(config, dense)
-            qe, bits, allocs, problem = layer_result(
-                run, work, i, budget, from_packed, model_solution, timings, fn
-            )
-            layers_meta[i] = checkpoint_io.save_layer(tmp, i, dense, qe, bits)
-            release_layer_executables()
+            if (index := shards.get(i)) is not None:  # expert-parallel: each its own groups
+                bits, allocs, problem = work.load_packed_record(i)
+                head = sharded_head(work, i, index)
+                layers_meta[i] = checkpoint_io.save_layer_head(
+                    tmp, i, dense, head, bits, groups.size
+                )
+                write_shard_groups(tmp, work, i, index, groups)
+            else:
+                fn = dense_expert_fn(config, dense)
+                qe, bits, allocs, problem = layer_result(
+                    run, work, i, budget, from_packed, model_solution, timings, fn
+                )
+                head = LayerHead.of(qe)
+                layers_meta[i] = checkpoint_io.save_layer_head(
+                    tmp, i, dense, head, bits, groups.size
+                )
+                checkpoint_io.save_expert_groups(
+                    tmp, i, qe.num_experts, groups.size, [ExpertShard.whole(qe)]
+                )
+                qe = None
+                release_layer_executables()
             faults.point("output_write")
-            sb = qe.stored_bits()
+            sb = head.stored_bits()
             decode = per_token_bytes(
-                *layer_read_bytes(qe.stored_arrays(), qe.tree_meta()),
-                problem["num_weights"] // qe.num_experts,
+                *layer_read_bytes(head.stored_arrays(), layers_meta[i]),
+                problem["num_weights"] // head.num_experts,
                 config.num_experts_per_tok,
             )
             for b, row in decode.items():  # the MoE layers' sum: what a decoded token reads
@@ -332,8 +373,7 @@ def _write_output(
                 "bits_histogram": bits_histogram(bits, run.params.candidate_bits),
                 "decode_bytes_per_token": decode,
                 "kept_components": {
-                    q: sum(m.seg_sizes) // qe.num_experts
-                    for q, m in zip(PROJECTIONS, qe.meta, strict=False)
+                    q: sum(head.factors[q].seg_sizes) // head.num_experts for q in PROJECTIONS
                 },
                 # solver times are run timings: they go to timings.json, not into the compared
                 # report
@@ -353,6 +393,8 @@ def _write_output(
             "decode_bytes_per_token": decode_total,
         }
         checkpoint_io.write_meta(tmp, config, run.to_dict(), layers_meta, summary)
+        if helped:  # every process's groups written before the checkpoint is read or renamed
+            distributed.barrier("output_groups_written")
         timings["write"] = time.time() - t_write
         return WrittenBody(
             bitsmoe_report(run, budget, summary, layer_summary),
@@ -365,3 +407,59 @@ def _write_output(
         )
 
     return write_output(run, out_dir, overwrite, shared, body, log)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupWriters:
+    """How this run writes a layer's packed experts: `size` experts per group, and the process
+    that holds each group's experts (`owner[k]`, from the run's mesh) — the one that writes the
+    group of an expert-parallel layer."""
+
+    size: int
+    owner: tuple[int, ...]
+
+    @classmethod
+    def of(cls, run: RunConfig, config: ModelConfig) -> GroupWriters:
+        layout = sharded.expert_layout(distributed.make_mesh(run.mesh_shape), config.num_experts)
+        ranges = layout.process_ranges()
+        size = checkpoint_io.expert_group_size(config.num_experts, [lo for lo, _, _ in ranges])
+        spans = checkpoint_io.expert_groups(config.num_experts, size)
+        owner = tuple(next(q for lo, hi, q in ranges if lo <= g < hi) for g, _ in spans)
+        return cls(size, owner)
+
+    def mine(self) -> list[int]:
+        return [k for k, q in enumerate(self.owner) if q == jax.process_index()]
+
+
+def sharded_head(work: WorkDir, i: int, index: list[tuple[int, int, str]]) -> LayerHead:
+    """The head of expert-parallel layer `i` from its shards' permutations and metadata (only
+    these are read: the packed rows stay where they are)."""
+    heads, bases = [], {}
+    for k, (_, _, name) in enumerate(index):
+        arrays, meta = work.load_shard(i, name)
+        if k == 0:
+            bases = {
+                p: {n: np.array(v) for n, v in arrays.get("basis", {}).get(p, {}).items()}
+                for p in PROJECTIONS
+            }
+        heads.append(({p: np.array(arrays["factors"][p]["perm"]) for p in PROJECTIONS}, meta))
+    return LayerHead.of_shards(bases, heads)
+
+
+def write_shard_groups(
+    out: Path, work: WorkDir, i: int, index: list[tuple[int, int, str]], groups: GroupWriters
+) -> None:
+    """This process's groups of expert-parallel layer `i`, from the shards (memory-mapped) that
+    hold their experts — its own, when the layer was packed on this run's mesh."""
+    mine = groups.mine()
+    if not mine:
+        return
+    e_count = index[-1][0] + index[-1][1]
+    spans = checkpoint_io.expert_groups(e_count, groups.size)
+    lo, hi = spans[mine[0]][0], spans[mine[-1]][1]
+    parts = [
+        ExpertShard(first, count, packed_from_tree(*work.load_shard(i, name)))
+        for first, count, name in index
+        if first < hi and lo < first + count
+    ]
+    checkpoint_io.save_expert_groups(out, i, e_count, groups.size, parts, mine)

@@ -309,6 +309,28 @@ class WorkDir:
         """(experts, bits per unit, allocation records, problem summary) of the first budget."""
         return _load_packed(self.root / layer_name(i))[:4]
 
+    def packed_shards(self, i: int) -> list[tuple[int, int, str]] | None:
+        """(first expert, count, name) of each process's shard of layer `i`'s packed experts (an
+        expert-parallel layer pass), in expert order; None if the layer's experts are whole."""
+        d = self.root / layer_name(i)
+        if not arrayfile.load(d, "packed", mmap=True)[1].get("sharded"):
+            return None
+        return _shard_index(d)
+
+    def load_shard(self, i: int, name: str) -> tuple[dict, dict[str, Any]]:
+        """One shard of `packed_shards` (arrays memory-mapped: only what is sliced is read) and its
+        `QuantizedExperts.tree_meta()`."""
+        arrays, extra = arrayfile.load(self.root / layer_name(i), name, mmap=True)
+        return arrays, extra["meta"]
+
+    def load_packed_record(
+        self, i: int
+    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
+        """(bits per unit, allocation records, problem summary) of the first budget's layer `i`,
+        without its experts."""
+        tree, extra = arrayfile.load(self.root / layer_name(i), "packed")
+        return tree["bits"], extra["allocations"], extra["summary"]
+
     # ------------------------------------------------------------- model-scope allocations
     def has_model_allocation(self, budget: float) -> bool:
         return (self.root / f"{budget_name(budget)}_model_allocation" / "bits.json").is_file()
@@ -432,6 +454,30 @@ def _save_packed(
     arrayfile.save(d, "packed", tree, extra)
 
 
+def _shard_index(d: Path) -> list[tuple[int, int, str]]:
+    """(first expert, count, file stem) of each expert shard of the sharded packed layer in `d`, in
+    expert order — checked to join: consecutive experts from 0 to the layer's count, none twice."""
+    index = []
+    for f in sorted(d.glob("shard_*.json")):
+        e = json.loads(f.read_text())["extra"]
+        index.append((int(e["first"]), int(e["meta"]["num_experts"]), f.stem))
+    if not index:
+        raise ValueError(f"{d}: a sharded packed layer without its shards")
+    index.sort()
+    start = 0
+    for first, count, _ in index:  # consecutive experts from 0, none twice or missing
+        if first != start:
+            raise ValueError(
+                f"{d}: expert shards do not join (one starts at expert {first}, the experts "
+                f"before it end at {start})"
+            )
+        start += count
+    experts = len(arrayfile.load(d, "packed", mmap=True)[0]["bits"]["gate"])
+    if start != experts:
+        raise ValueError(f"{d}: expert shards hold {start} experts, the layer has {experts}")
+    return index
+
+
 def _load_packed(
     d: Path,
 ) -> tuple[
@@ -441,23 +487,7 @@ def _load_packed(
     extra)."""
     tree, extra = arrayfile.load(d, "packed")
     if extra.get("sharded"):
-        shards = [arrayfile.load(d, f.stem) for f in sorted(d.glob("shard_*.json"))]
-        if not shards:
-            raise ValueError(f"{d}: a sharded packed layer without its shards")
-        shards.sort(key=lambda t: t[1]["first"])
-        start = 0
-        for _, e in shards:  # consecutive experts from 0, none twice or missing
-            if e["first"] != start:
-                raise ValueError(
-                    f"{d}: expert shards do not join (one starts at expert {e['first']}, the "
-                    f"experts before it end at {start})"
-                )
-            start += int(e["meta"]["num_experts"])
-        if start != len(tree["bits"]["gate"]):
-            raise ValueError(
-                f"{d}: expert shards hold {start} experts, the layer has "
-                f"{len(tree['bits']['gate'])}"
-            )
+        shards = [arrayfile.load(d, stem) for _, _, stem in _shard_index(d)]
         experts = merge_expert_shards(
             [QuantizedExperts.from_tree(arrays, e["meta"]) for arrays, e in shards]
         )

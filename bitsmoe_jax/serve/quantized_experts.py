@@ -355,25 +355,32 @@ class QuantizedExperts(nnx.Module):
 
     @classmethod
     def from_tree(cls, arrays: dict, meta: dict, backend: str = "auto") -> QuantizedExperts:
-        packed = {}
-        for p in PROJECTIONS:
-            m, f = meta["factors"][p], arrays["factors"][p]
-            nseg = len(m["seg_bits"])
-            packed[p] = PackedMatrix(
-                perm=np.asarray(f["perm"]),
-                payload=tuple(np.asarray(f["payload"][str(i)]) for i in range(nseg)),
-                scales=tuple(np.asarray(f["scales"][str(i)]) for i in range(nseg)),
-                n=int(m["n"]),
-                group_size=int(m["group_size"]),
-                seg_bits=tuple(int(b) for b in m["seg_bits"]),
-                seg_sizes=tuple(int(s) for s in m["seg_sizes"]),
-            )
+        packed = packed_from_tree(arrays, meta)
         # A model without shared bases ("none") stores empty dicts, which some tree formats drop.
         bases = {
             p: {k: np.asarray(v) for k, v in arrays.get("basis", {}).get(p, {}).items()}
             for p in PROJECTIONS
         }
         return cls(int(meta["num_experts"]), bases, packed, backend)
+
+
+def packed_from_tree(arrays: dict, meta: dict) -> dict[str, PackedMatrix]:
+    """Each projection's `PackedMatrix` of `to_tree`'s (arrays, metadata), on the host as given
+    (memory-mapped arrays stay mapped: a writer slicing some experts' rows reads only those)."""
+    packed = {}
+    for p in PROJECTIONS:
+        m, f = meta["factors"][p], arrays["factors"][p]
+        nseg = len(m["seg_bits"])
+        packed[p] = PackedMatrix(
+            perm=np.asarray(f["perm"]),
+            payload=tuple(f["payload"][str(i)] for i in range(nseg)),
+            scales=tuple(f["scales"][str(i)] for i in range(nseg)),
+            n=int(m["n"]),
+            group_size=int(m["group_size"]),
+            seg_bits=tuple(int(b) for b in m["seg_bits"]),
+            seg_sizes=tuple(int(s) for s in m["seg_sizes"]),
+        )
+    return packed
 
 
 def _pad_columns(z: jax.Array, width: int) -> jax.Array:

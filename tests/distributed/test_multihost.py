@@ -126,7 +126,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def array_files(out: Path) -> dict[str, bytes]:
-    """Every stored array's chunks and zarr header, by relative path (params/<part>/<array>/<file>).
+    """Every stored array's chunks and zarr header, by relative path (params/<part>/<array>/<file>),
+    and the groups of experts' files (params/layer_<i>_experts/group_<k>.bin/.json).
 
     Orbax's per-item bookkeeping (`_CHECKPOINT_METADATA` timestamps, `commit_success.txt`) sits one
     level up and is left out.
@@ -134,7 +135,11 @@ def array_files(out: Path) -> dict[str, bytes]:
     return {
         str(f.relative_to(out)): f.read_bytes()
         for f in sorted((out / "params").rglob("*"))
-        if f.is_file() and len(f.relative_to(out).parts) == 4
+        if f.is_file()
+        and (
+            len(f.relative_to(out).parts) == 4
+            or (f.parent.name.endswith("_experts") and f.name.startswith("group_"))
+        )
     }
 
 
@@ -276,8 +281,9 @@ def test_expert_parallel_run_killed_then_resumed(runs, tmp_path):
     forwards and commits only its own experts (expert-parallel), the next layer's input built from
     rows each process computes for its own. kill -9 of process 1 after it computed layer 1 of the
     second pass (its fifth layer computed; layer 0 committed from both processes' shards, layer
-    1's shard of process 0 possibly staged); the rerun skips the tables pass, resumes at layer 1
-    and writes the 1-device run's arrays of that budget byte for byte."""
+    1's shard of process 0 possibly staged); the rerun skips the tables pass and resumes at layer 1;
+    killed again while process 1 writes its groups of experts into the output, then finishing, it
+    writes the 1-device run's arrays of that budget byte for byte."""
     from bitsmoe_jax.io.data import read_text
 
     calib = tmp_path / "calib.txt"
@@ -291,9 +297,15 @@ def test_expert_parallel_run_killed_then_resumed(runs, tmp_path):
     assert sorted(p.name for p in work.glob("layer_*")) == ["layer_000"]
     assert len(list((work / "layer_000").glob("shard_*.bin"))) == 2
     assert len(list((work / "scope_tables").glob("layer_*"))) == 3
+    # process 1 writes its own groups of experts into the output: killed after its second layer's,
+    # process 0 stops instead of renaming an incomplete output into place
+    (rc0, log0), (rc1, _) = start_pair(out, calib, tmp_path, {1: "output_groups:2"}, *one)
+    assert rc1 == -9 and rc0 != 0, log0[-3000:]
+    assert "resuming at layer 2/3" in log0 and "pass 1 of 2" not in log0, log0[-3000:]
+    assert "output_groups_written" in log0, log0[-3000:]
+    assert not out.exists() and work.exists()
     (rc0, log0), (rc1, log1) = start_pair(out, calib, tmp_path, {}, *one)
     assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
-    assert "resuming at layer 2/3" in log0 and "pass 1 of 2" not in log0, log0[-3000:]
     assert not work.exists()
     # a run of one budget writes its checkpoint into the output directory itself
     ref, got = array_files(runs["1x1/bpw_2.50"]), array_files(out)

@@ -25,6 +25,7 @@ from bitsmoe_jax.method.expert_scale_tuning import (
     token_batches,
 )
 from bitsmoe_jax.method.layer_problem import allocate_layers
+from bitsmoe_jax.serve.quantized_checkpoint import load_layer_experts, read_meta
 from bitsmoe_jax.serve.quantized_experts import QuantizedExperts
 from tests.method.random_layer import E, N, build_layer_problem, make_layer, method_params
 
@@ -174,7 +175,15 @@ def test_quantize_with_scale_tuning_end_to_end(tmp_path):
         assert s["scale_tuning"]["holdout_after"] <= s["scale_tuning"]["holdout_before"]
     assert "scale_tuning" not in json.loads((out[0] / "report.json").read_text())["layers"]["0"]
     assert "scale_tuning" in json.loads((out[10] / "timings.json").read_text())["time_s"]
-    a, b = (load_tree(out[s] / "params" / "layer_000")["experts_q"] for s in (0, 10))
+    a, b = (
+        load_layer_experts(
+            out[s],
+            0,
+            load_tree(out[s] / "params" / "layer_000")["experts_q"],
+            read_meta(out[s])["layers"]["0"],
+        )
+        for s in (0, 10)
+    )
     flat_a = dict(jax.tree_util.tree_leaves_with_path(a))
     flat_b = dict(jax.tree_util.tree_leaves_with_path(b))
     assert flat_a.keys() == flat_b.keys()

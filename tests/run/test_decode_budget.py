@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitsmoe_jax import quantize
+from bitsmoe_jax.io import arrayfile
 from bitsmoe_jax.io.checkpoint import load_tree
 from tests.run.tiny_mixtral import LAYERS, D, E, F, base_args, read_report
 
@@ -38,7 +39,10 @@ def test_decode_budget_bounds_the_bytes_a_token_reads(hf, texts, tmp_path):
     for i in range(LAYERS):
         experts_q = load_tree(out / "params" / f"layer_{i:03d}")["experts_q"]
         bases = _nbytes(experts_q["basis"])
-        factors = _nbytes(experts_q["factors"])
+        groups = out / "params" / f"layer_{i:03d}_experts"
+        factors = _nbytes(experts_q["factors"]) + sum(  # permutations + the groups' rows
+            _nbytes(arrayfile.load(groups, g.stem)[0]) for g in groups.glob("group_*.json")
+        )
         read = bases + TOP_K / E * factors
         reads.append(read)
         layer = report["layers"][str(i)]

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from bitsmoe_jax import evaluate, quantize
+from bitsmoe_jax.io import arrayfile
 from bitsmoe_jax.io.checkpoint import load_tree
 from bitsmoe_jax.method.coefficients import PROJECTIONS
 from bitsmoe_jax.run.pareto_plot import SERIES_KEY
@@ -65,6 +66,17 @@ def stored_expert_bits(qdir: Path) -> tuple[int, int]:
     expert_bits = 0
     dense_bits = 0
     for item in sorted((qdir / "params").iterdir()):
+        if item.name.endswith("_experts"):  # groups of experts' packed rows (format 2)
+            for group in sorted(item.glob("group_*.json")):
+                tree = arrayfile.load(item, group.stem)[0]
+                for p in PROJECTIONS:
+                    for a in tree[p].get("payload", {}).values():
+                        assert a.dtype in (np.uint32, jnp.bfloat16), a.dtype
+                        expert_bits += a.size * a.dtype.itemsize * 8
+                    for a in tree[p].get("scales", {}).values():
+                        assert a.dtype.itemsize == 2
+                        expert_bits += a.size * 16
+            continue
         tree = load_tree(item)
         dense = tree if item.name == "top" else tree["dense"]
         dense_bits += sum(a.size * a.dtype.itemsize * 8 for a in jax.tree.leaves(dense))
@@ -78,14 +90,7 @@ def stored_expert_bits(qdir: Path) -> tuple[int, int]:
             assert b.get("scale", np.zeros(0, jnp.bfloat16)).dtype.itemsize == 2
             expert_bits += sum(a.size * a.dtype.itemsize * 8 for a in b.values())
             f = q["factors"][p]
-            for a in f["payload"].values():
-                assert a.dtype in (np.uint32, jnp.bfloat16), a.dtype
-                expert_bits += (
-                    a.size * a.dtype.itemsize * 8
-                )  # uint32 words at 32, bf16 values at 16
-            for a in f["scales"].values():
-                assert a.dtype.itemsize == 2
-                expert_bits += a.size * 16
+            assert set(f) == {"perm"}  # format 2: the rows are in the groups
             k = f["perm"].size
             assert sorted(f["perm"].tolist()) == list(range(k))
             expert_bits += k * math.ceil(math.log2(k)) if k > 1 else 0
