@@ -9,6 +9,10 @@ than in orbax items because it needs three things orbax does not give it:
   open every layer's problem and touch only the small loss tables, not the units;
 * bit-exact round trips of every dtype we use (bfloat16 included) with no per-item metadata files.
 
+The quantized checkpoint stores its groups of experts' packed factors in this format too
+(`serve.quantized_checkpoint`): every process of a run writes its own groups, and orbax writes numpy
+arrays from process 0 only.
+
 Layout of `<name>`: `<name>.bin` (the arrays' bytes, back to back, 64-byte aligned) and
 `<name>.json` ({"arrays": {"a/b/c": {"dtype", "shape", "offset"}}, "extra": <any JSON>}).
 Keys are joined with "/" and must not contain it.
@@ -104,7 +108,7 @@ def load(directory: Path, name: str, mmap: bool = False) -> tuple[dict[str, Any]
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: unreadable work-directory index ({e})") from e
+        raise ValueError(f"{meta_path}: unreadable array-file index ({e})") from e
     bin_path = directory / f"{name}.bin"
     size = bin_path.stat().st_size
     buf = (
