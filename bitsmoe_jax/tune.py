@@ -31,6 +31,7 @@ from bitsmoe_jax.loading import load_model
 from bitsmoe_jax.serve.quantized_checkpoint import (
     FORMAT_VERSION,
     QUANT_META,
+    groups_dir,
     json_default,
     load_quantized,
     read_meta,
@@ -150,8 +151,8 @@ def write_tuned(src: Path, out: Path, model, config, tuning: dict, overwrite: bo
         for i in config.moe_layers:
             item = tmp / "params" / f"layer_{i:03d}"
             tree = load_tree(item)
-            for old in [item, *item.parent.glob(f"{item.name}_experts_*")]:
-                shutil.rmtree(old)
+            shutil.rmtree(item)
+            shutil.rmtree(groups_dir(tmp, i), ignore_errors=True)  # format 1 has none
             experts = model.layers[i].mlp.experts
             meta["layers"][str(i)] = save_layer(
                 tmp,
