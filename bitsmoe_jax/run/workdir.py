@@ -313,9 +313,8 @@ class WorkDir:
         """(first expert, count, name) of each process's shard of layer `i`'s packed experts (an
         expert-parallel layer pass), in expert order; None if the layer's experts are whole."""
         d = self.root / layer_name(i)
-        if not arrayfile.load(d, "packed", mmap=True)[1].get("sharded"):
-            return None
-        return _shard_index(d)
+        tree, extra = arrayfile.load(d, "packed", mmap=True)
+        return _shard_index(d, len(tree["bits"]["gate"])) if extra.get("sharded") else None
 
     def load_shard(self, i: int, name: str) -> tuple[dict, dict[str, Any]]:
         """One shard of `packed_shards` (arrays memory-mapped: only what is sliced is read) and its
@@ -454,9 +453,10 @@ def _save_packed(
     arrayfile.save(d, "packed", tree, extra)
 
 
-def _shard_index(d: Path) -> list[tuple[int, int, str]]:
+def _shard_index(d: Path, experts: int) -> list[tuple[int, int, str]]:
     """(first expert, count, file stem) of each expert shard of the sharded packed layer in `d`, in
-    expert order — checked to join: consecutive experts from 0 to the layer's count, none twice."""
+    expert order — checked to join: consecutive experts from 0 to the layer's count `experts`, none
+    twice."""
     index = []
     for f in sorted(d.glob("shard_*.json")):
         e = json.loads(f.read_text())["extra"]
@@ -472,7 +472,6 @@ def _shard_index(d: Path) -> list[tuple[int, int, str]]:
                 f"before it end at {start})"
             )
         start += count
-    experts = len(arrayfile.load(d, "packed", mmap=True)[0]["bits"]["gate"])
     if start != experts:
         raise ValueError(f"{d}: expert shards hold {start} experts, the layer has {experts}")
     return index
@@ -487,7 +486,8 @@ def _load_packed(
     extra)."""
     tree, extra = arrayfile.load(d, "packed")
     if extra.get("sharded"):
-        shards = [arrayfile.load(d, stem) for _, _, stem in _shard_index(d)]
+        index = _shard_index(d, len(tree["bits"]["gate"]))
+        shards = [arrayfile.load(d, stem) for _, _, stem in index]
         experts = merge_expert_shards(
             [QuantizedExperts.from_tree(arrays, e["meta"]) for arrays, e in shards]
         )

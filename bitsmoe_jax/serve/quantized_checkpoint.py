@@ -221,15 +221,10 @@ class LayerHead:
     def stored_arrays(self) -> dict:
         """`QuantizedExperts.stored_arrays()`'s structure with stand-ins for the packed rows (for
         `read_bytes.layer_read_bytes`, which reads only the permutations)."""
-        out: dict = {"basis": self.bases, "factors": {}}
-        for p in PROJECTIONS:
-            pm = self.shape_only(p)
-            out["factors"][p] = {
-                "perm": pm.perm,
-                "payload": {str(i): a for i, a in enumerate(pm.payload)},
-                "scales": {str(i): a for i, a in enumerate(pm.scales)},
-            }
-        return out
+        return {
+            "basis": self.bases,
+            "factors": {p: _factor_tree(self.shape_only(p)) for p in PROJECTIONS},
+        }
 
     def meta(self, group_size: int) -> dict[str, Any]:
         """The layer's `quantized.json` entry."""
@@ -286,13 +281,12 @@ def save_expert_groups(
             ]
             if sum(len(r.bits) for r in parts) == 0:
                 raise ValueError(f"layer {index}: no packed rows for experts {lo}-{hi - 1}")
-            widths = sorted({b for r in parts for b in r.payload})
+            # the group's rows of each width, in unit order: the segments of its units' matrix
+            first = shards[0].packed[p]
+            pm = assemble_packed(parts, first.n, first.group_size)
             tree[p] = {
-                field: {
-                    str(b): np.concatenate([getattr(r, field)[b] for r in parts if b in r.payload])
-                    for b in widths
-                }
-                for field in ("payload", "scales")
+                "payload": dict(zip(map(str, pm.seg_bits), pm.payload, strict=True)),
+                "scales": dict(zip(map(str, pm.seg_bits), pm.scales, strict=True)),
             }
         d = groups_dir(root, index)
         d.mkdir(parents=True, exist_ok=True)
@@ -342,19 +336,22 @@ def load_layer_experts(root: str | Path, index: int, experts_q: dict, meta: dict
         for (lo, hi), part, k in zip(spans, parts, range(len(spans)), strict=True):
             counts = {int(b): int((part.bits == b).sum()) for b in np.unique(part.bits)}
             if counts != {b: len(a) for b, a in part.payload.items()}:
+                held = {b: len(a) for b, a in part.payload.items()}
                 raise ValueError(
                     f"{groups_dir(root, index) / _group_name(k)}.bin: {p} rows by width {counts} "
-                    f"expected for "
-                    f"experts {lo}-{hi - 1}, the group holds "
-                    f"{ {b: len(a) for b, a in part.payload.items()} }"
+                    f"expected for experts {lo}-{hi - 1}, the group holds {held}"
                 )
-        pm = assemble_packed(parts, int(m["n"]), int(m["group_size"]))
-        factors[p] = {
-            "perm": perm,
-            "payload": {str(i): a for i, a in enumerate(pm.payload)},
-            "scales": {str(i): a for i, a in enumerate(pm.scales)},
-        }
+        factors[p] = _factor_tree(assemble_packed(parts, int(m["n"]), int(m["group_size"])))
     return {"basis": experts_q.get("basis", {}), "factors": factors}
+
+
+def _factor_tree(pm: PackedMatrix) -> dict:
+    """A projection's entry of `QuantizedExperts.to_tree()`'s "factors"."""
+    return {
+        "perm": pm.perm,
+        "payload": {str(i): a for i, a in enumerate(pm.payload)},
+        "scales": {str(i): a for i, a in enumerate(pm.scales)},
+    }
 
 
 def save_top(root: Path, top: dict) -> None:
