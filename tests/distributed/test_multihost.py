@@ -298,11 +298,15 @@ def test_expert_parallel_run_killed_then_resumed(runs, tmp_path):
     assert len(list((work / "layer_000").glob("shard_*.bin"))) == 2
     assert len(list((work / "scope_tables").glob("layer_*"))) == 3
     # process 1 writes its own groups of experts into the output: killed after its second layer's,
-    # process 0 stops instead of renaming an incomplete output into place
+    # process 0 stops instead of renaming an incomplete output into place — at the barrier that
+    # waits for every process's groups, or earlier, while it writes its own, when the coordination
+    # service misses process 1's heartbeats first (which of the two comes first is timing)
     (rc0, log0), (rc1, _) = start_pair(out, calib, tmp_path, {1: "output_groups:2"}, *one)
     assert rc1 == -9 and rc0 != 0, log0[-3000:]
     assert "resuming at layer 2/3" in log0 and "pass 1 of 2" not in log0, log0[-3000:]
-    assert "output_groups_written" in log0, log0[-3000:]
+    assert f"budget 2.50: writing {out}" in log0, log0[-3000:]
+    stopped = ("output_groups_written", "another process died", "stopped sending heartbeats")
+    assert any(s in log0 for s in stopped), log0[-3000:]
     assert not out.exists() and work.exists()
     (rc0, log0), (rc1, log1) = start_pair(out, calib, tmp_path, {}, *one)
     assert rc0 == 0 and rc1 == 0, log0[-3000:] + log1[-3000:]
