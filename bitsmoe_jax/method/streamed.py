@@ -51,6 +51,7 @@ from bitsmoe_jax.method.expert_scale_tuning import (
     tune_round,
 )
 from bitsmoe_jax.method.expert_source import ExpertSource
+from bitsmoe_jax.method.heap import release_freed_memory
 from bitsmoe_jax.method.layer_problem import (
     LayerProblem,
     bases_from_grams,
@@ -140,6 +141,7 @@ def streamed_bases(
         for p, owner in wave:
             acc = sharded.GramAccumulator(layout, p == "down")
             for rnd in rounds:
+                release_freed_memory()
                 t = time.time()
                 local = layout.round_local(rnd)
                 mats = dict(zip(local, source.read(local, (p,))[p], strict=True))
@@ -345,6 +347,7 @@ def build_problem(
     c_down = np.zeros((e_count, f), np.float64)
     multi = layout.spans_processes
     for rnd in layout.rounds_with_experts(chunk or layout.per_device):
+        release_freed_memory()  # the previous chunk's weights, statistics and factors
         t = time.time()
         local = layout.round_local(rnd)
         w = source.read(local)
@@ -520,6 +523,7 @@ def round_and_pack(
     parts: dict[str, dict[int, PackedRows]] = {p: {} for p in PROJECTIONS}
     tuning_records: dict[int, np.ndarray] = {}
     for rnd in layout.rounds_with_experts(chunk or layout.per_device):
+        release_freed_memory()  # the previous chunk's units, rounding and codes
         local = layout.round_local(rnd)
         loaded = {p: problem.store.load(p, local) for p in PROJECTIONS}
         rounded = {p: (loaded[p][0], None) for p in PROJECTIONS}
@@ -722,6 +726,7 @@ def _chunk_rows(zg, zu, token, sizes, chunk, read, fn: ExpertFn = PLAIN, owners=
             e1 = min(e0 + step, hi)
             if offs[e1] <= offs[e0]:
                 continue
+            release_freed_memory()  # the previous chunk's arrays: freed, not resident
             mine = src is None or src == me
             rows = (
                 _expert_rows(zg, zu, token, sizes, e0, e1, read(range(e0, e1)), fn)
