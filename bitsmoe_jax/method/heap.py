@@ -2,19 +2,22 @@
 
 Every chunk of a streamed layer allocates and frees the same large float32 arrays (a chunk's
 weights, statistics, factors, routed rows; numpy's and XLA's CPU buffers both come from glibc's
-`malloc`). glibc returns an allocation of 128 KiB or more to the system when it is freed only while
-it was `mmap`ped, and it raises that threshold up to 32 MiB each time such a block is freed — so
-after the first chunk most of these arrays live in the heap, and the heap's freed pages stay
-resident. A process's resident memory then creeps through a layer towards the sum of what its
-chunks ever allocated, not what one chunk holds: measured at Qwen3-30B-A3B dims, two processes of
-one run peaked at 1.78 GiB each, 1.38 GiB with the allocator kept from growing the threshold.
+`malloc`). glibc serves an allocation by `mmap`, and gives it back to the system when it is freed,
+only if it is at least its mmap threshold (128 KiB at first), and it raises that threshold, up to
+32 MiB, each time such a block is freed — so after the first chunk most of these arrays live in the
+heap, and the heap's freed pages stay resident. A process's resident memory then creeps up through a
+layer instead of staying near what one chunk holds: measured at
+Qwen3-30B-A3B dims (`bench/memory.py --real-dims qwen3-30b-a3b --processes 2`), two processes of
+one run peaked at 1.71 / 1.81 GiB, 1.51 / 1.56 GiB with this call before every chunk.
 
-`release_freed_memory()` calls glibc's `malloc_trim(0)`, which hands every free page of every
-arena back (`MADV_DONTNEED`) without moving anything: called at the end of each chunk, the
-resident set starts every chunk from what is live. It costs a pass over the heaps' free lists
-(well under a millisecond per call here) and nothing on the allocation path, unlike a lower
-`mmap` threshold, which made the same run 40 % slower in page faults. Where there is no glibc
-(macOS, musl) it does nothing.
+`release_freed_memory()` calls glibc's `malloc_trim(0)`, which hands every free page of every arena
+back (`MADV_DONTNEED`) without moving anything: called before each chunk, the resident set starts
+every chunk from what is live. It costs a pass over the heaps' free lists (0.04 ms after freeing 50
+MB of small arrays, measured here) and the page faults of touching those pages again, nothing on
+the allocation path: the runs above took 93–100 s with it and 96–97 s without, while a fixed 1 MiB
+`mmap` threshold (`MALLOC_MMAP_THRESHOLD_`), which lowered the two-process peak further (1.38 GiB,
+sampled), made them 40 % slower in page faults. Where there is no glibc (macOS, musl) it does
+nothing.
 """
 
 from __future__ import annotations
