@@ -32,6 +32,7 @@ version 1 (the whole `PackedMatrix` in the layer item) still loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
@@ -140,11 +141,16 @@ class ExpertShard:
             {p: jax.tree.map(np.asarray, experts.packed_matrix(p)) for p in PROJECTIONS},
         )
 
+    @functools.cached_property
+    def _bits(self) -> dict[str, np.ndarray]:
+        """Each projection's bits per unit: computed once, not per group written."""
+        return {p: pm.bits_per_unit() for p, pm in self.packed.items()}
+
     def rows(self, p: str, lo: int, hi: int) -> PackedRows:
         """Projection `p`'s packed rows of experts [lo, hi) (within this shard)."""
         pm = self.packed[p]
         r = pm.num_units // self.count
-        return unit_rows(pm, (lo - self.first) * r, (hi - self.first) * r)
+        return unit_rows(pm, (lo - self.first) * r, (hi - self.first) * r, self._bits[p])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +339,7 @@ def load_layer_experts(root: str | Path, index: int, experts_q: dict, meta: dict
             )
             for (lo, hi), g in zip(spans, groups, strict=True)
         ]
-        for (lo, hi), part, k in zip(spans, parts, range(len(spans)), strict=True):
+        for k, ((lo, hi), part) in enumerate(zip(spans, parts, strict=True)):
             counts = {int(b): int((part.bits == b).sum()) for b in np.unique(part.bits)}
             if counts != {b: len(a) for b, a in part.payload.items()}:
                 held = {b: len(a) for b, a in part.payload.items()}
