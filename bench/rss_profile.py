@@ -31,7 +31,12 @@ STAGES = (
     ("bitsmoe_jax.method.streamed", "_combined_rows"),
     ("bitsmoe_jax.method.streamed", "detect_super_experts"),
     ("bitsmoe_jax.run.driver", "build_problem"),
-    ("bitsmoe_jax.run.driver", "allocate_layers"),
+    ("bitsmoe_jax.run.budgets", "allocate_layers"),
+    ("bitsmoe_jax.method.streamed", "fit_factors"),
+    ("bitsmoe_jax.method.streamed", "sampled_loss"),
+    ("bitsmoe_jax.method.sharded", "round_gather"),
+    ("bitsmoe_jax.method.layer_problem", "_dropped_units"),
+    ("bitsmoe_jax.method.layer_problem", "solve_units"),
     ("bitsmoe_jax.run.driver", "pack_layer"),
     ("bitsmoe_jax.run.driver", "attention_part"),
     ("bitsmoe_jax.run.driver", "calibration_tokens"),
@@ -142,9 +147,13 @@ def main() -> int:
     for name, r in sorted(rec.stage_peaks().items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {r / gib:.2f} GiB |")
     if args.timeline:
+        print("     time  at event  max since the previous event")
+        last = 0.0
         for when, kind, name in rec.events:
             r = min(rec.samples, key=lambda s: abs(s[0] - when))[1]
-            print(f"{when:9.1f} s {r / gib:6.2f} GiB {kind:5s} {name}")
+            between = max((m for t, m in rec.samples if last <= t <= when), default=r)
+            print(f"{when:9.1f} s {r / gib:6.2f} GiB {between / gib:6.2f} GiB {kind:5s} {name}")
+            last = when
     return rc
 
 

@@ -272,9 +272,9 @@ def _fix_up(
         cost = p.cost if units is None else p.cost[units]
         loss = p.loss if units is None else p.loss[units]
         ch = choice if units is None else choice[units]
-        sel = np.arange(cost.shape[0]) * cost.shape[1] + ch
-        dc = cost - cost.reshape(-1)[sel][:, None]
-        dl = loss - loss.reshape(-1)[sel][:, None]
+        rows = np.arange(cost.shape[0])  # (not a flat index: the costs may be a broadcast view)
+        dc = cost - cost[rows, ch][:, None]
+        dl = loss - loss[rows, ch][:, None]
         uu, cc = np.nonzero((dl < 0) & (dc <= leftover))  # unavailable entries are inf: excluded
         return (uu if units is None else units[uu]), cc, dc[uu, cc], dl[uu, cc]
 
@@ -357,7 +357,11 @@ def _greedy_core(p: _Problem, fix_up: bool) -> tuple[np.ndarray, float]:
     base_loss = float(p.loss[rows, start].sum())
     slack = p.budget - float(p.cost[rows, start].sum())
     finite = np.isfinite(hull.eff)
-    lam = _boundary_efficiency(hull.eff[finite], hull.dcost[finite], slack)
+    if finite.all():  # the usual convex tables: the arrays themselves, not [U, C-1] copies
+        lam = _boundary_efficiency(hull.eff.reshape(-1), hull.dcost.reshape(-1), slack)
+    else:
+        lam = _boundary_efficiency(hull.eff[finite], hull.dcost[finite], slack)
+    del finite
 
     above = hull.eff > lam
     spent = float(np.sum(hull.dcost, where=above))

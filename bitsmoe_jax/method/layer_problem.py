@@ -85,7 +85,8 @@ class LayerProblem:
         [U]."""
         c = len(self.coeffs.candidates)
         loss = np.concatenate([self.coeffs.loss[p].reshape(-1, c) for p in PROJECTIONS])
-        cost = np.broadcast_to(self.coeffs.cost, loss.shape).astype(np.float64)
+        # every unit has the same costs: a read-only view, not a [U, C] float64 copy
+        cost = np.broadcast_to(self.coeffs.cost.astype(np.float64), loss.shape)
         fixed = np.zeros(loss.shape[0], bool)
         if self.super_experts:
             off = 0
@@ -184,7 +185,14 @@ def solve_units(
     free = ~fixed if zero is None else ~fixed & ~zero
     if not free.any():
         return bits, None
-    alloc = allocate(loss[free], cost[free], budget - fixed_cost, **kw)
+    if not free.all():  # (a boolean index copies the [U, C] tables)
+        loss = loss[free]
+        cost = (
+            np.broadcast_to(cost[0], (int(free.sum()), cost.shape[1]))
+            if cost.strides[0] == 0  # one cost row for every unit: stays a view
+            else cost[free]
+        )
+    alloc = allocate(loss, cost, budget - fixed_cost, **kw)
     bits[free] = np.asarray(cands)[alloc.choice]
     return bits, alloc
 
@@ -244,6 +252,15 @@ def _dropped_units(
     return ~keep[component], overhead
 
 
+def _joined_costs(costs: list[np.ndarray]) -> np.ndarray:
+    """The layers' [U, C] cost tables one after the other: still a broadcast view when every
+    layer has the same per-candidate costs (the usual case: one group size and width per run)."""
+    first = costs[0][0] if costs[0].shape[0] else None
+    if first is not None and all(c.shape[0] and np.array_equal(c[0], first) for c in costs):
+        return np.broadcast_to(first, (sum(c.shape[0] for c in costs), first.shape[0]))
+    return np.concatenate(costs)
+
+
 def allocate_layers(
     problems: list[LayerProblem], budget_bits: float, scope: str, alloc_kw: dict
 ) -> dict[int, tuple[dict, list[Allocation]]]:
@@ -260,9 +277,10 @@ def allocate_layers(
     out: dict[int, tuple[dict, list[Allocation]]] = {}
     for group in groups:
         arrays = [p.unit_arrays() for p in group]
-        loss = np.concatenate([a[0] for a in arrays])
-        cost = np.concatenate([a[1] for a in arrays])
+        loss = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
+        cost = _joined_costs([a[1] for a in arrays])
         fixed = np.concatenate([a[2] for a in arrays])
+        del arrays
         nw = sum(p.num_weights for p in group)
         total = budget_bits * nw
         try:

@@ -539,6 +539,7 @@ def routed_stats_round(
             for p in ("gate", "up")
         )
         outs = _glu_stats_fn(layout.mesh, fn.act)(*args, *biases, *basis)
+    del args  # the round's inputs and weights: not kept while the outputs are copied out
     local = [round_local_rows(layout, rnd, o) for o in outs]
     del outs
     # float32 as computed (the float64 the statistics are used in is an exact widening, done where

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -384,8 +384,13 @@ def build_problem(
                 )
                 for e, v in errs.items():
                     loss[p][e] = v.astype(np.float64)
-            # a stored problem holds every expert's units; κ's sample is drawn from all of them
-            if multi and ((gather_units and keep != "tables") or (tables and not exact)):
+            if tables and not exact:  # this process's experts; shared after the last chunk
+                for e in local:
+                    sample[p].take(e, mine_u[e], mine_w[e])
+                    norms[p][e] = unit_norms(mine_u[e], mine_w[e])
+            # a stored problem packed again later (any budget, any process) holds every expert's
+            # units
+            if multi and gather_units and keep != "tables":
                 mine_u = sharded.round_gather(
                     layout,
                     rnd,
@@ -398,14 +403,14 @@ def build_problem(
                 )
             for e in mine_u:
                 store.put(p, e, mine_u[e], mine_w[e])
-                if tables and not exact:
-                    sample[p].take(e, mine_u[e], mine_w[e])
-                    norms[p][e] = unit_norms(mine_u[e], mine_w[e])
             del units, weights, mine_u, mine_w
             timings["coefficients"] += time.time() - t
         del stats, w
     kappa = None
     if tables and not exact:
+        if multi:
+            for p in PROJECTIONS:
+                _share_owned(layout, norms[p], sample[p])
         kappa = {p: sample[p].kappa(cands, params.group_size) for p in PROJECTIONS}
         for p in PROJECTIONS:
             loss[p] = sampled_loss(norms[p], kappa[p])
@@ -454,6 +459,23 @@ def build_problem(
         budget_counts=params.budget_counts,
         top_k=config.num_experts_per_tok,
     )
+
+
+def _share_owned(layout: ExpertLayout, norms: np.ndarray, sample: _Sample) -> None:
+    """Every process's experts' unit norms [E, r] and κ sample rows, filled in on every process
+    from their owners (each process computed its own experts' only: the units themselves never
+    travel). A copy of the owner's bytes, so the tables equal one process's."""
+    rank = norms.shape[1]
+    for lo, hi, owner in layout.process_ranges():
+        mine = owner == jax.process_index()
+        norms[lo:hi] = broadcast_from(
+            owner, norms[lo:hi] if mine else None, (hi - lo, rank), np.float32
+        )
+        a, b = np.searchsorted(sample.idx, [lo * rank, hi * rank])
+        if b > a:
+            for rows in (sample.x, sample.w):
+                shape = (int(b - a), rows.shape[1])
+                rows[a:b] = broadcast_from(owner, rows[a:b] if mine else None, shape, np.float32)
 
 
 class _Sample:
@@ -635,7 +657,7 @@ def _expert_rows(
     sizes: np.ndarray,
     e0: int,
     e1: int,
-    mats: dict[str, np.ndarray],
+    mats: Mapping[str, Any],
     fn: ExpertFn = PLAIN,
 ) -> np.ndarray:
     """The SwiGLU outputs of the sorted rows of experts [e0, e1) — row j's inputs are row
@@ -855,6 +877,25 @@ def _padded_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
+class _FactorsOnDemand(Mapping):
+    """A chunk's dequantized factors {projection: [n, D, F]-like}, each decoded when the forward
+    asks for it and not kept: `_expert_rows` takes gate, up and down one after another, so one
+    projection's float32 factors (and their device copy) are alive at a time, not three."""
+
+    def __init__(self, pms: dict[str, PackedMatrix], num_experts: int, mine: range, dtype: Any):
+        self.pms, self.num_experts, self.mine, self.dtype = pms, num_experts, mine, dtype
+
+    def __getitem__(self, p: str) -> jax.Array:
+        f = expert_factors(self.pms[p], self.num_experts, self.mine)
+        return jnp.asarray(np.swapaxes(f, 1, 2) if p == "down" else f).astype(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PROJECTIONS)
+
+    def __len__(self) -> int:
+        return len(PROJECTIONS)
+
+
 class StreamedQuantizedExperts:
     """A `QuantizedExperts` as its XLA path computes it (`backend="xla"`), with the factors
     dequantized a chunk of experts at a time instead of all at once — for the next layer's
@@ -885,11 +926,9 @@ class StreamedQuantizedExperts:
         zu = x if vu is None else x @ vu.astype(dt)
         pms = {p: qe.packed_matrix(p) for p in PROJECTIONS}
 
-        def read(experts: range) -> dict[str, np.ndarray]:
+        def read(experts: range) -> _FactorsOnDemand:
             mine = range(experts.start - self.first, experts.stop - self.first)
-            f = {p: expert_factors(pms[p], qe.num_experts, mine) for p in PROJECTIONS}
-            f["down"] = np.swapaxes(f["down"], 1, 2)
-            return {p: jnp.asarray(v).astype(dt) for p, v in f.items()}
+            return _FactorsOnDemand(pms, qe.num_experts, mine, dt)
 
         # components per expert (a process holding only padding experts has none to count)
         width = (

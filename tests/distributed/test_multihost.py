@@ -8,7 +8,9 @@ the reports field by field — whatever the chunk of experts each device streams
 reference is the 1-device run, whose per-expert work is the same program on one device (nothing
 else in the package reduces over the mesh). The whole-model budget (the default) is compared on
 all three meshes in the fixture; per-layer budgets on 2 × 2 through the kill-and-resume test, and
-the expert-parallel path (one budget) through the other kill test.
+the expert-parallel path (one budget) through the other kill test. The per-layer runs use the
+sampled loss tables (`coefficient_mode="sampled"`), whose unit norms each process measures for its
+own experts only.
 
 The fixture's runs are short (few calibration tokens, two budgets, no evaluation) and start
 concurrently, so it costs about one run's wall time plus JAX start-up.
@@ -59,6 +61,7 @@ def quantize_cmd(out: Path, calib: Path, *extra: str) -> list[str]:
 
 
 LOGS: dict[tuple[str, int], str] = {}  # (run, process) -> its output
+PER_LAYER = ("--config.budget_scope=layer", "--config.coefficient_mode=sampled")
 BUDGETS = ("bpw_2.50", "bpw_3.00")
 
 
@@ -97,11 +100,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             for i in range(2)
         ],
         # per-layer budgets (budget_scope="layer"; the default is one allocation over all
-        # layers, in two passes): one pass, each layer allocated on its own. Its 2-process
-        # counterpart is the kill-and-resume test below, which compares its resumed output to this.
-        "1x1l": [
-            (quantize_cmd(tmp / "1x1l", calib, "--config.budget_scope=layer"), env_with_devices(1))
-        ],
+        # layers, in two passes): one pass, each layer allocated on its own; and the sampled loss
+        # tables (each process measures its own experts' unit norms and κ sample rows, shared
+        # after the layer's last chunk). Its 2-process counterpart is the kill-and-resume test
+        # below, which compares its resumed output to this.
+        "1x1l": [(quantize_cmd(tmp / "1x1l", calib, *PER_LAYER), env_with_devices(1))],
     }
     procs = {
         (name, i): subprocess.Popen(
@@ -235,7 +238,8 @@ def start_pair(
 
 
 def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
-    """Per-layer budgets (`budget_scope="layer"`, one pass), two budgets, 2 processes × 2 devices:
+    """Per-layer budgets (`budget_scope="layer"`, one pass) and sampled loss tables, two budgets,
+    2 processes × 2 devices:
     kill -9 of process 1 during the layer pass, then again while it commits a later-budget layer of
     its own; each time process 0 stops with an error instead of hanging. The third start of the same
     two commands resumes and writes the 1-device per-layer run's arrays byte for byte (this is the
@@ -247,7 +251,7 @@ def test_two_process_run_killed_twice_then_resumed(runs, tmp_path):
     out, work = tmp_path / "2x2l", tmp_path / "2x2l.partial"
 
     def start(faults: dict[int, str]) -> list[tuple[int, str]]:
-        return start_pair(out, calib, tmp_path, faults, "--config.budget_scope=layer")
+        return start_pair(out, calib, tmp_path, faults, *PER_LAYER)
 
     # process 1 dies after computing layer 1 (its second: per-layer budgets have no tables pass)
     (rc0, log0), (rc1, _) = start({1: "layer_computed:2"})

@@ -227,3 +227,29 @@ def test_milp_time_limit_never_returns_worse_than_greedy():
     _check_feasible(res, loss, cost, budget)
     assert res.objective <= greedy.objective
     assert res.lower_bound >= greedy.lower_bound * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("nonconvex", [False, True])
+def test_one_cost_row_for_every_unit_may_be_a_read_only_view(nonconvex):
+    """A layer's units all cost the same per candidate, so the layer passes its [U, C] costs as a
+    broadcast of one row (no float64 copy per unit). The allocation must be the one the same
+    table gets as a real array — the same choice, objective and bound, greedy and MILP — and
+    still the LP relaxation's bound (computed independently)."""
+    loss, full = _instance(120, 8, 11, nonconvex)
+    row = full[np.argmax(full[:, -1])]
+    full = np.tile(row, (loss.shape[0], 1))
+    view = np.broadcast_to(row, full.shape)
+    assert not view.flags.writeable and view.strides[0] == 0
+    for frac in (0.1, 0.4):
+        budget = _budget(full, frac)
+        for solve in (al.solve_greedy, al.solve_milp):
+            a, b = solve(loss, full, budget), solve(loss, view, budget)
+            np.testing.assert_array_equal(a.choice, b.choice)
+            assert (a.objective, a.lower_bound, a.total_cost) == (
+                b.objective,
+                b.lower_bound,
+                b.total_cost,
+            )
+            _check_feasible(b, loss, full, budget)
+        lp = _lp_relaxation(loss, full, budget)
+        assert al.solve_greedy(loss, view, budget).lower_bound == pytest.approx(lp, rel=1e-7)
