@@ -8,8 +8,10 @@ every `--interval-ms` from a thread, and records when each stage function of the
 pipeline starts and ends (bases, statistics chunks, problem, allocation, packing, the forward of
 the next layer's calibration input). Prints the peak, the innermost stages running at the peak, and
 per stage the largest RSS seen while it ran; `--timeline` also prints every stage boundary with
-the RSS at that moment. The peak RSS of the whole process (VmHWM) is what `bench/memory.py`
-reports; this script says which stage sets it.
+the RSS at that moment, the largest sampled since the previous boundary, and the kernel's VmHWM
+(marked where it rose by more than 8 MiB since the previous boundary: the stage that set the
+true peak, which sampling can miss). The peak RSS of the whole process (VmHWM) is what
+`bench/memory.py` reports; this script says which stage sets it.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ STAGES = (
 )
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -60,6 +62,7 @@ class Recorder:
         self.t0 = time.perf_counter()
         self.samples: list[tuple[float, int]] = []
         self.events: list[tuple[float, str, str]] = []  # (time, "start" | "end", stage)
+        self.hwm: list[int] = []  # VmHWM at each event: the true peak so far (no sampling gaps)
         self.interval_s = interval_s
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -82,10 +85,12 @@ class Recorder:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             self.events.append((self.now(), "start", name))
+            self.hwm.append(rss_bytes("VmHWM"))
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.events.append((self.now(), "end", name))
+                self.hwm.append(rss_bytes("VmHWM"))
 
         return wrapper
 
@@ -147,13 +152,17 @@ def main() -> int:
     for name, r in sorted(rec.stage_peaks().items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {r / gib:.2f} GiB |")
     if args.timeline:
-        print("     time  at event  max since the previous event")
-        last = 0.0
-        for when, kind, name in rec.events:
+        print("     time  at event  max since the previous event  VmHWM (* where it rose)")
+        last, last_hwm = 0.0, 0
+        for (when, kind, name), hwm in zip(rec.events, rec.hwm, strict=True):
             r = min(rec.samples, key=lambda s: abs(s[0] - when))[1]
             between = max((m for t, m in rec.samples if last <= t <= when), default=r)
-            print(f"{when:9.1f} s {r / gib:6.2f} GiB {between / gib:6.2f} GiB {kind:5s} {name}")
-            last = when
+            rose = "*" if hwm > last_hwm + (8 << 20) else " "
+            print(
+                f"{when:9.1f} s {r / gib:6.2f} GiB {between / gib:6.2f} GiB "
+                f"{hwm / gib:6.3f} GiB{rose} {kind:5s} {name}"
+            )
+            last, last_hwm = when, max(last_hwm, hwm)
     return rc
 
 

@@ -256,6 +256,9 @@ def _lower_hulls(p: _Problem) -> _Hull:
     return _Hull(perm, hard, hard_verts, dcost, dloss, eff)
 
 
+_MOVE_BLOCK = 1 << 18  # units whose candidate moves `_fix_up` lists at a time
+
+
 def _fix_up(
     p: _Problem, choice: np.ndarray, leftover: float, max_moves: int = 100_000
 ) -> tuple[np.ndarray, float]:
@@ -267,18 +270,21 @@ def _fix_up(
     """
     choice = choice.copy()
 
-    def moves_for(units: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        # units=None means all units; it avoids copying the full [U, C] arrays.
-        cost = p.cost if units is None else p.cost[units]
-        loss = p.loss if units is None else p.loss[units]
-        ch = choice if units is None else choice[units]
-        rows = np.arange(cost.shape[0])  # (not a flat index: the costs may be a broadcast view)
+    def moves_in(lo: int, hi: int) -> tuple[np.ndarray, ...]:
+        """The moves of units [lo, hi), in row-major order (the order of one `np.nonzero` over all
+        units, so that ties in the argmin below resolve as they would over the whole table)."""
+        cost, loss, ch = p.cost[lo:hi], p.loss[lo:hi], choice[lo:hi]
+        rows = np.arange(hi - lo)  # (not a flat index: the costs may be a broadcast view)
         dc = cost - cost[rows, ch][:, None]
         dl = loss - loss[rows, ch][:, None]
         uu, cc = np.nonzero((dl < 0) & (dc <= leftover))  # unavailable entries are inf: excluded
-        return (uu if units is None else units[uu]), cc, dc[uu, cc], dl[uu, cc]
+        return uu + lo, cc, dc[uu, cc], dl[uu, cc]
 
-    mu, mc, mdc, mdl = moves_for(None)
+    # every unit's moves, a block of units at a time: the differences are [U, C] float64 twice
+    n = p.loss.shape[0]
+    parts = [moves_in(lo, min(lo + _MOVE_BLOCK, n)) for lo in range(0, n, _MOVE_BLOCK)]
+    mu, mc, mdc, mdl = (np.concatenate(x) for x in zip(*parts, strict=True))
+    del parts
     for _ in range(max_moves):
         if mu.size == 0:
             break
@@ -287,7 +293,7 @@ def _fix_up(
         leftover -= float(mdc[k])
         choice[u] = c
         keep = (mu != u) & (mdc <= leftover)
-        nu, nc, ndc, ndl = moves_for(np.array([u]))
+        nu, nc, ndc, ndl = moves_in(u, u + 1)
         mu = np.concatenate([mu[keep], nu])
         mc = np.concatenate([mc[keep], nc])
         mdc = np.concatenate([mdc[keep], ndc])

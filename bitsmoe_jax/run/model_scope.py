@@ -43,13 +43,16 @@ from bitsmoe_jax.run.workdir import WorkDir
 TABLES = "scope_tables"
 
 #: `budget_scope="auto"` takes the whole-model budget up to this many units over all MoE layers.
-#: The one allocation holds about 0.8 KiB a unit at its peak (loss and cost tables, convex hulls)
-#: and takes ~7 µs a unit: measured 4.9 GiB above the tables' owner and 45 s for 6.3 M units
-#: (random tables, greedy allocator, an idle 2-core CPU). 8 M units: ~6.5 GiB, ~1 minute —
+#: The one allocation holds about 0.35 KiB a unit at its peak above the layers' tables (the joined
+#: loss table, the convex hulls, a block of candidate moves) and takes ~9 µs a unit: measured
+#: 2.09 GiB and 54 s for 6.3 M units by `python bench/allocation_memory.py` (random tables, greedy
+#: allocator, an idle 2-core CPU; 4.76 GiB and 80 s, 0.8 KiB a unit, before the cost table became
+#: a broadcast view and the candidate moves were listed by blocks). 8 M units: ~2.7 GiB, ~70 s —
 #: Mixtral-8x7B (3.1 M units) is within it, DeepSeek-V2-Lite (10 M), Qwen3-30B-A3B (38 M) and
 #: DeepSeek-V3 (319 M) are not. A constant, not the host's memory, so that a resumed run on
 #: another machine makes the same choice.
 AUTO_MAX_UNITS = 8_000_000
+UNIT_BYTES = 360  # the allocation's peak bytes a unit, as measured above
 
 
 def model_units(params: MethodConfig, config: ModelConfig) -> int:
@@ -71,8 +74,8 @@ def resolve_scope(scope: str, params: MethodConfig, config: ModelConfig) -> tupl
         )
     return "layer", (
         f"budget scope: layer (auto: one allocation over all {units:,} units of the "
-        f"{len(config.moe_layers)} MoE layers would need ~{units * 820 / 2**30:.0f} GiB; the "
-        f"whole-model budget is taken up to {AUTO_MAX_UNITS:,} units — set "
+        f"{len(config.moe_layers)} MoE layers would need ~{units * UNIT_BYTES / 2**30:.0f} GiB; "
+        f"the whole-model budget is taken up to {AUTO_MAX_UNITS:,} units — set "
         "--config.budget_scope=model to force it)"
     )
 
