@@ -18,6 +18,7 @@ import gc
 import time
 
 import numpy as np
+from rss_profile import rss_bytes  # bench/, beside this script
 
 from bitsmoe_jax.method.coefficients import PROJECTIONS, Coefficients
 from bitsmoe_jax.method.heap import release_freed_memory
@@ -27,14 +28,6 @@ from bitsmoe_jax.method.unit_store import NoUnits
 
 CANDS = (0, 1, 2, 3, 4, 5, 6, 8)
 KAPPA = np.array([1.0, 0.36, 0.12, 0.035, 0.009, 0.0023, 0.0006, 0.00004])
-
-
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def layer(index: int, experts: int, rank: int, hidden: int, inter: int, seed: int) -> LayerProblem:
@@ -77,11 +70,11 @@ def main() -> None:
     units = args.layers * args.experts * 3 * args.rank
     gc.collect()
     release_freed_memory()
-    before = status("VmRSS")
+    before = rss_bytes("VmRSS")
     t = time.perf_counter()
     out = allocate_layers(problems, args.budget, "model", {"allocator": "greedy"})
     secs = time.perf_counter() - t
-    added = status("VmHWM") - before
+    added = rss_bytes("VmHWM") - before
     gap = out[0][1][0].gap if out[0][1] else 0.0
     print(
         f"{units:,} units ({args.layers} layers × {args.experts} experts × 3 × {args.rank}): "
