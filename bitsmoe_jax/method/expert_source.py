@@ -88,6 +88,14 @@ def available_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def host_memory_bytes(host_memory_gb: float | None) -> int:
+    """The host memory a run plans with: `host_memory_gb` if set, else 90 % of what is available
+    now."""
+    if host_memory_gb:
+        return int(float(host_memory_gb) * (1 << 30))
+    return int(0.9 * available_memory_bytes())
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
     """How many experts each device works on at a time, and what that is expected to cost."""
@@ -149,11 +157,7 @@ def plan_chunk(
     """
     per = expert_working_bytes(hidden, inter, 2 * calib_rows // max(num_experts, 1))
     fixed = (1 << 30) + 6 * calib_rows * hidden * 4 + layer_basis_bytes(hidden, basis_rank)
-    host = (
-        int(float(host_memory_gb) * (1 << 30))
-        if host_memory_gb
-        else int(0.9 * available_memory_bytes())
-    )
+    host = host_memory_bytes(host_memory_gb)
     shared = max(1, int(host_processes))
     budget = host // shared
     if expert_chunk:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from bitsmoe_jax.loading import checkpoint_kind
-from bitsmoe_jax.method.expert_source import available_memory_bytes
+from bitsmoe_jax.method.expert_source import host_memory_bytes
 from bitsmoe_jax.models.config import ModelConfig
 from bitsmoe_jax.models.transformer import build_model, count_params
 from bitsmoe_jax.parallel import distributed
+from bitsmoe_jax.run.budgets import budget_dirs
 from bitsmoe_jax.run.config_schema import RunConfig
 from conversion.preflight import preflight
 
@@ -59,15 +60,8 @@ def check_evaluation_fits(run: RunConfig, config: ModelConfig) -> None:
         return
     msg = ""
     if distributed.is_writer():
-        budgets = (
-            run.budget_bits if isinstance(run.budget_bits, (tuple, list)) else [run.budget_bits]
-        )
-        ref, quant = evaluation_bytes(config, max(float(b) for b in budgets))
-        host = (
-            int(float(run.host_memory_gb) * (1 << 30))
-            if run.host_memory_gb
-            else int(0.9 * available_memory_bytes())
-        )
+        ref, quant = evaluation_bytes(config, max(b for b, _ in budget_dirs(run)))
+        host = host_memory_bytes(run.host_memory_gb)
         source = "host_memory_gb" if run.host_memory_gb else "available now"
         if ref + quant > host:
             gib = 1 << 30
