@@ -94,7 +94,11 @@ def _fit(
     def errors(scales, zg, zu, a_ref):
         f = _factors(scales, mult, fixed, group_size)
         h = hidden_glu(zg[:, rows["gate"]], zu[:, rows["up"]], f["gate"], f["up"], bg, bu, act)
-        a = jnp.zeros_like(a_ref).at[:, rows["down"]].set(jnp.matmul(h, f["down"].T, precision=HI))
+        a = (
+            jnp.zeros_like(a_ref)
+            .at[:, rows["down"]]
+            .set(jnp.matmul(h, f["down"].T, precision=HI), mode="drop")
+        )
         d = a - a_ref
         return jnp.sum(jnp.matmul(d, gram, precision=HI) * d, axis=-1)
 
@@ -270,11 +274,16 @@ def tune_expert_scales(
             )
         )
     bg, bu = (np.zeros(f_width, np.float32),) * 2 if bias is None else bias
+    k = {p: len(kept[p]) for p in PROJECTIONS}
+    # the kept rows padded to a few counts: one compilation per bucket, not per expert
+    s_pad, m_pad, f_pad, r_pad = _padded_kept_rows(
+        scales, mult, fixed, kept, len(reference["down"])
+    )
     stored, before, after = _fit(
-        {p: jnp.asarray(scales[p], jnp.float32) for p in PROJECTIONS},
-        {p: jnp.asarray(mult[p]) for p in PROJECTIONS},
-        {p: jnp.asarray(fixed[p]) for p in PROJECTIONS},
-        {p: jnp.asarray(kept[p], jnp.int32) for p in PROJECTIONS},
+        s_pad,
+        m_pad,
+        f_pad,
+        r_pad,
         {p: jnp.asarray(reference[p], jnp.float32) for p in PROJECTIONS},
         (z["gate"][t_ids], z["up"][t_ids], jnp.asarray(t_w, jnp.float32)),
         jnp.asarray(nb, jnp.int32),
@@ -292,7 +301,30 @@ def tune_expert_scales(
     if not record[1] < record[0]:
         return scales, record
     record[2] = 1.0
-    return {p: np.asarray(stored[p], np.float32) for p in PROJECTIONS}, record
+    return {p: np.asarray(stored[p], np.float32)[: k[p]] for p in PROJECTIONS}, record
+
+
+def _padded_kept_rows(scales, mult, fixed, kept, rank: int) -> tuple[dict, ...]:
+    """`_fit`'s per-row inputs {p: ...} with each projection's kept rows padded at the end to a
+    `geometric_bucket` of rows: the fit is a compilation per shape, and the kept counts differ from
+    expert to expert (a quick run of the shipped model's 48 experts compiled it 20 times, ~0.9 s
+    each, 13 times with this; a model with more layers and experts, once per combination of
+    counts). A padded row is inert: its factor row is zero (mult and fixed 0, scale
+    1), so it adds exact zeros at the end of each sum over rows and its log-scale's gradient is 0;
+    it reads component 0 in the gate/up gathers and writes nowhere in the down scatter (index
+    `rank`, dropped). The fitted scales of the real rows are the first rows of the result."""
+    out: tuple[dict, dict, dict, dict] = ({}, {}, {}, {})
+    for p in PROJECTIONS:
+        k = len(kept[p])
+        pad = geometric_bucket(k) - k
+        rows = np.asarray(kept[p], np.int32)
+        spare = rank if p == "down" else 0
+        s_p = np.asarray(scales[p], np.float32)
+        out[0][p] = jnp.asarray(np.pad(s_p, [(0, pad), (0, 0)], constant_values=1.0))
+        out[1][p] = jnp.asarray(np.pad(mult[p], [(0, pad), (0, 0)]))
+        out[2][p] = jnp.asarray(np.pad(fixed[p], [(0, pad), (0, 0)]))
+        out[3][p] = jnp.asarray(np.pad(rows, (0, pad), constant_values=spare))
+    return out
 
 
 def tune_round(

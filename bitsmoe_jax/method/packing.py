@@ -456,6 +456,14 @@ def _dequantize_segment(pm: PackedMatrix, i: int) -> jax.Array:
     )
 
 
+def _dequantize(pm: PackedMatrix) -> jax.Array:
+    parts = [_dequantize_segment(pm, i) for i in range(len(pm.seg_bits))]
+    if not parts:
+        return jnp.zeros((0, pm.n), jnp.float32)
+    stored = jnp.concatenate(parts, axis=0)
+    return jnp.zeros_like(stored).at[jnp.asarray(pm.perm)].set(stored)
+
+
 @jax.jit
 def dequantize_packed(pm: PackedMatrix) -> jax.Array:
     """Float32 ``[K, n]`` reconstruction in the original unit order (0-bit units are zeros).
@@ -463,11 +471,15 @@ def dequantize_packed(pm: PackedMatrix) -> jax.Array:
     jnp only and jitted (the segment structure is static pytree metadata), so it also runs inside
     an outer ``jax.jit`` — the pure-XLA reference path of the kernels.
     """
-    parts = [_dequantize_segment(pm, i) for i in range(len(pm.seg_bits))]
-    if not parts:
-        return jnp.zeros((0, pm.n), jnp.float32)
-    stored = jnp.concatenate(parts, axis=0)
-    return jnp.zeros_like(stored).at[jnp.asarray(pm.perm)].set(stored)
+    return _dequantize(pm)
+
+
+#: `dequantize_packed` compiled separately for matrices of one segment padded to a
+#: `geometric_bucket` of units (`streamed.expert_factors`). The same program (same function, same
+#: shapes), so the same values; but its shapes recur from layer to layer and run to run, so its
+#: cache is kept when a layer's own `dequantize_packed` programs are dropped (which are one per
+#: allocation-dependent shape and reused by no later layer).
+dequantize_bucket = jax.jit(_dequantize)
 
 
 __all__ = [
@@ -487,4 +499,5 @@ __all__ = [
     "unit_rows",
     "merge_shards",
     "dequantize_packed",
+    "dequantize_bucket",
 ]

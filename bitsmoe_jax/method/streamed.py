@@ -65,7 +65,7 @@ from bitsmoe_jax.method.packing import (
     PackedMatrix,
     PackedRows,
     assemble_packed,
-    dequantize_packed,
+    dequantize_bucket,
     pack_rows,
     quantize_units,
 )
@@ -867,7 +867,7 @@ def expert_factors(pm: PackedMatrix, num_experts: int, experts: Sequence[int]) -
                 seg_bits=(pm.seg_bits[i],),
                 seg_sizes=(k,),
             )
-            out[sel] = np.asarray(dequantize_packed(sub))[: sel.size]
+            out[sel] = np.asarray(dequantize_bucket(sub))[: sel.size]
         start += size
     return out.reshape(len(units) // r if r else 0, r, pm.n)
 

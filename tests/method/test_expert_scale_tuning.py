@@ -189,3 +189,36 @@ def test_quantize_with_scale_tuning_end_to_end(tmp_path):
     assert flat_a.keys() == flat_b.keys()
     differ = [jax.tree_util.keystr(k) for k in flat_a if not np.array_equal(flat_a[k], flat_b[k])]
     assert differ and all("'scales'" in k for k in differ), differ
+
+
+def test_padded_kept_rows_fit_as_the_unpadded():
+    """Kept-row counts padded to a bucket (one compilation per bucket, not per expert) give the
+    fit of the rows as they are: the same stored scales of the real rows, the same held-out
+    errors. A padded down row that wrote into component 0, or a padded row that moved, would not."""
+    from bitsmoe_jax.method.expert_scale_tuning import _fit, _padded_kept_rows
+    from bitsmoe_jax.models.moe import GluActivation
+
+    rng = np.random.default_rng(0)
+    r, f, gs, b, h = 12, 16, 8, 32, 16
+    kept = {"gate": np.array([0, 2, 3, 5, 9]), "up": np.array([1, 4, 7]),
+            "down": np.array([0, 1, 2, 4, 6, 8, 11])}  # fmt: skip
+    codes = {p: rng.integers(-2, 2, (len(k), f)) for p, k in kept.items()}
+    mult = {p: (2.0 * c + 1.0).astype(np.float32) for p, c in codes.items()}
+    fixed = {p: np.zeros(c.shape, np.float32) for p, c in codes.items()}
+    scales = {p: rng.uniform(0.05, 0.2, (len(k), f // gs)).astype(np.float32)
+              for p, k in kept.items()}  # fmt: skip
+    ref = {p: rng.normal(0, 0.3, (r, f)).astype(np.float32) for p in PROJECTIONS}
+    z = lambda *s: rng.normal(0, 1, s).astype(np.float32)  # noqa: E731
+    train = (z(1, b, r), z(1, b, r), rng.uniform(0, 1, (1, b)).astype(np.float32))
+    hold = (z(h, r), z(h, r), rng.uniform(0, 1, h).astype(np.float32))
+    gram = np.eye(r, dtype=np.float32) + 0.1
+    rest = (ref, train, np.int32(1), hold, np.zeros(f, np.float32), np.zeros(f, np.float32), gram)
+    kw = dict(steps=20, lr=0.05, group_size=gs, act=GluActivation())
+    want = _fit(scales, mult, fixed, {p: k.astype(np.int32) for p, k in kept.items()}, *rest, **kw)
+    padded = _padded_kept_rows(scales, mult, fixed, kept, r)
+    assert {p: len(v) for p, v in padded[3].items()} == {"gate": 6, "up": 3, "down": 8}
+    got = _fit(*padded, *rest, **kw)
+    for p in PROJECTIONS:
+        np.testing.assert_allclose(np.asarray(got[0][p])[: len(kept[p])], want[0][p], rtol=1e-6)
+    np.testing.assert_allclose([got[1], got[2]], [want[1], want[2]], rtol=1e-6)
+    assert float(want[2]) < float(want[1])  # the fit did something
