@@ -309,21 +309,22 @@ def _padded_kept_rows(scales, mult, fixed, kept, rank: int) -> tuple[dict, ...]:
     `geometric_bucket` of rows: the fit is a compilation per shape, and the kept counts differ from
     expert to expert (a quick run of the shipped model's 48 experts compiled it 20 times, ~0.9 s
     each, 13 times with this; a model with more layers and experts, once per combination of
-    counts). A padded row is inert: its factor row is zero (mult and fixed 0, scale
-    1), so it adds exact zeros at the end of each sum over rows and its log-scale's gradient is 0;
-    it reads component 0 in the gate/up gathers and writes nowhere in the down scatter (index
-    `rank`, dropped). The fitted scales of the real rows are the first rows of the result."""
+    counts). A padded row is inert: its factor row is zero (mult and fixed 0, scale 1), so it adds
+    exact zeros at the end of each sum over rows and its log-scale's gradient is 0; it reads
+    component 0 in the gate/up gathers and writes nowhere in the down scatter (index `rank`,
+    dropped). The fitted scales of the real rows are the first rows of the result."""
     out: tuple[dict, dict, dict, dict] = ({}, {}, {}, {})
     for p in PROJECTIONS:
         k = len(kept[p])
         pad = geometric_bucket(k) - k
-        rows = np.asarray(kept[p], np.int32)
-        spare = rank if p == "down" else 0
         s_p = np.asarray(scales[p], np.float32)
         out[0][p] = jnp.asarray(np.pad(s_p, [(0, pad), (0, 0)], constant_values=1.0))
-        out[1][p] = jnp.asarray(np.pad(mult[p], [(0, pad), (0, 0)]))
-        out[2][p] = jnp.asarray(np.pad(fixed[p], [(0, pad), (0, 0)]))
-        out[3][p] = jnp.asarray(np.pad(rows, (0, pad), constant_values=spare))
+        out[1][p] = jnp.asarray(_pad_rows(mult[p], k + pad))
+        out[2][p] = jnp.asarray(_pad_rows(fixed[p], k + pad))
+        spare = rank if p == "down" else 0
+        out[3][p] = jnp.asarray(
+            np.pad(np.asarray(kept[p], np.int32), (0, pad), constant_values=spare)
+        )
     return out
 
 
