@@ -15,6 +15,7 @@ from flax import nnx
 
 from bitsmoe_jax.io.checkpoint import intify_layer_keys
 from bitsmoe_jax.models.config import ModelConfig
+from bitsmoe_jax.models.layers import shapes_only
 from bitsmoe_jax.models.transformer import DecoderLayer, MoETransformer, build_model
 
 # Parameters that keep float32 in a model of any dtype, as transformers keeps them: the sigmoid
@@ -61,7 +62,8 @@ def build_layer(
     config: ModelConfig, index: int, params: dict, dtype: Any = jnp.float32
 ) -> DecoderLayer:
     """One decoder layer with the given params (used by layer-by-layer calibration)."""
-    layer = nnx.eval_shape(lambda: DecoderLayer(config, index, rngs=nnx.Rngs(0), dtype=dtype))
+    with shapes_only():
+        layer = nnx.eval_shape(lambda: DecoderLayer(config, index, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(layer)
     nnx.replace_by_pure_dict(state, cast_params(intify_layer_keys(params), dtype))
     return nnx.merge(graphdef, state)

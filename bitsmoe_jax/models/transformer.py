@@ -19,7 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bitsmoe_jax.models.config import ModelConfig
-from bitsmoe_jax.models.layers import Attention, DenseMLP, Linear, RMSNorm, _init, rope_cos_sin
+from bitsmoe_jax.models.layers import (
+    Attention,
+    DenseMLP,
+    Linear,
+    RMSNorm,
+    _init,
+    rope_cos_sin,
+    shapes_only,
+)
 from bitsmoe_jax.models.moe import MoEBlock
 
 Cache = dict[str, Any]  # {"layers": [per-layer kv dict], "length": int32 scalar}
@@ -140,7 +148,8 @@ def build_model(
     """A randomly initialised model, or with `abstract=True` one whose params are shape structs
     only."""
     if abstract:
-        return nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype))
+        with shapes_only():
+            return nnx.eval_shape(lambda: MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype))
     return MoETransformer(config, rngs=nnx.Rngs(seed), dtype=dtype)
 
 
