@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from bitsmoe_jax import quantize, tune
 from bitsmoe_jax.inference import jit_logits
@@ -145,3 +146,36 @@ def test_bad_inputs_are_one_line_and_write_nothing(quantized, tmp_path, capsys):
     assert tune.main(bad) == 2
     assert "holdout-fraction" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_compiled_programs_hold_no_model_weights(quantized, monkeypatch):
+    """Every array reaches the tuner's compiled functions as an argument: a closed-over array is
+    a constant of the program, and the tuner's functions would otherwise hold both whole models
+    (at real sizes, gigabytes of constants in every program). Each call's lowered program is read
+    (public `jax.jit(...).lower(...).as_text()`) and must be far smaller than the weights."""
+    from bitsmoe_jax.serve.scale_tuning import TuneConfig, tune_scales
+
+    real_jit = jax.jit
+    sizes: list[int] = []
+
+    def spying_jit(fun=None, **kw):
+        if fun is None:  # used as functools.partial(jax.jit, ...)
+            return lambda f: spying_jit(f, **kw)
+        jitted = real_jit(fun, **kw)
+
+        def call(*args, **kwargs):
+            sizes.append(len(jitted.lower(*args, **kwargs).as_text()))
+            return jitted(*args, **kwargs)
+
+        return call
+
+    model, _ = load_quantized(quantized, backend="xla")
+    reference, _ = load_model(REFERENCE_DIR)
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(reference)))
+    tokens = tokenize_text(load_tokenizer(REFERENCE_DIR), read_text("shakespeare_train"))
+    windows, holdout = calibration_windows(tokens, SEQ, 8, 0.25, 0)
+    monkeypatch.setattr(jax, "jit", spying_jit)
+    tune_scales(model, reference, windows, holdout, TuneConfig(steps=2, batch_size=2, eval_every=1))
+    assert len(sizes) >= 4  # teacher, held-out KL (two kinds), step
+    # a program holding the weights as constants prints them in hex: over 2 × their bytes
+    assert max(sizes) < weights / 10, (max(sizes), weights)

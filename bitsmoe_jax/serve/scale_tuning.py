@@ -106,37 +106,54 @@ def tune_scales(
     s0 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), scales)
     theta0 = jax.tree.map(jnp.zeros_like, s0)
 
-    def scaled(theta, stored: bool):
+    # Every array reaches the compiled functions as an argument, never through a closure: a
+    # closed-over array is embedded in the program as a constant, and these close over whole
+    # models (the reference's weights, the quantized model's packed factors). Only the graph
+    # definitions, dtypes and the optimizer (static Python objects) are closed over.
+    ref_graphdef, ref_state = nnx.split(reference)
+
+    def scaled(s0, theta, stored: bool):
         out = jax.tree.map(lambda a, t: a * jnp.exp(t), s0, theta)
         if stored:  # as written: rounded to the stored dtype
             out = jax.tree.map(lambda a, d: a.astype(d).astype(jnp.float32), out, dtypes)
         return out
 
-    def student_logits(theta, ids, stored=False):
-        return nnx.merge(graphdef, scaled(theta, stored), rest)(ids)
+    def student_logits(s0, rest, theta, ids, stored=False):
+        return nnx.merge(graphdef, scaled(s0, theta, stored), rest)(ids)
 
-    teacher = jax.jit(lambda ids: jax.nn.log_softmax(reference(ids).astype(jnp.float32), -1))
+    @jax.jit
+    def teacher_logp(state, ids):
+        logits = nnx.merge(ref_graphdef, state)(ids)
+        return jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+
+    def teacher(ids):
+        return teacher_logp(ref_state, ids)
+
     hold_teacher = [
         teacher(jnp.asarray(holdout[i : i + cfg.batch_size]))
         for i in range(0, len(holdout), cfg.batch_size)
     ]
 
     @functools.partial(jax.jit, static_argnames="stored")
-    def batch_kl(theta, ids, tlp, stored):
-        return kl_to_teacher(student_logits(theta, ids, stored), tlp)
+    def batch_kl(theta, s0, rest, ids, tlp, stored):
+        return kl_to_teacher(student_logits(s0, rest, theta, ids, stored), tlp)
 
     def holdout_kl(theta, stored: bool) -> float:
         total = 0.0
         for j, i in enumerate(range(0, len(holdout), cfg.batch_size)):
             ids = jnp.asarray(holdout[i : i + cfg.batch_size])
-            total += float(batch_kl(theta, ids, hold_teacher[j], stored=stored)) * len(ids)
+            kl = batch_kl(theta, s0, rest, ids, hold_teacher[j], stored=stored)
+            total += float(kl) * len(ids)
         return total / len(holdout)
 
     opt = optax.adam(cfg.lr)
 
     @jax.jit
-    def step(theta, state, ids, tlp):
-        loss, grad = jax.value_and_grad(lambda t: kl_to_teacher(student_logits(t, ids), tlp))(theta)
+    def step(theta, state, s0, rest, ids, tlp):
+        def loss_fn(t):
+            return kl_to_teacher(student_logits(s0, rest, t, ids), tlp)
+
+        loss, grad = jax.value_and_grad(loss_fn)(theta)
         updates, state = opt.update(grad, state, theta)
         return optax.apply_updates(theta, updates), state, loss
 
@@ -151,7 +168,7 @@ def tune_scales(
     for k in range(1, cfg.steps + 1):
         idx = rng.choice(len(windows), batch, replace=False)
         ids = jnp.asarray(windows[idx])
-        theta, state, loss = step(theta, state, ids, teacher(ids))
+        theta, state, loss = step(theta, state, s0, rest, ids, teacher(ids))
         if k % cfg.eval_every == 0 or k == cfg.steps:
             h = holdout_kl(theta, stored=False)
             history.append({"step": k, "train_kl": float(loss), "holdout_kl": h})
@@ -163,7 +180,7 @@ def tune_scales(
     final = best_theta if kept else theta0
     nnx.update(
         model,
-        jax.tree.map(lambda a, d: a.astype(d), scaled(final, stored=False), dtypes),
+        jax.tree.map(lambda a, d: a.astype(d), scaled(s0, final, stored=False), dtypes),
     )
     result = TuneResult(
         holdout_kl_before=before,
