@@ -158,9 +158,7 @@ def test_compiled_programs_hold_no_model_weights(quantized, monkeypatch):
     real_jit = jax.jit
     sizes: list[int] = []
 
-    def spying_jit(fun=None, **kw):
-        if fun is None:  # used as functools.partial(jax.jit, ...)
-            return lambda f: spying_jit(f, **kw)
+    def spying_jit(fun, **kw):
         jitted = real_jit(fun, **kw)
 
         def call(*args, **kwargs):
